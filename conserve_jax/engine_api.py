@@ -1,0 +1,174 @@
+"""The engine contract: the types that cross between the serving layer and the engine.
+
+A small interface in the spirit of JetStream's `engine_api.py`. The gRPC server, the
+offline `LLM` API and tests talk to an engine only through `EngineAPI`; `MockEngine`
+(conserve_jax/mock_engine.py) implements it deterministically for CPU-fast tests.
+
+Threading: every `EngineAPI` method may be called from any thread. Outputs for one
+request are delivered in order through its `RequestStream`.
+"""
+from __future__ import annotations
+
+import abc
+import enum
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence
+
+from conserve_jax.sampling_params import SamplingParams
+
+
+class RequestClass(enum.Enum):
+    ONLINE = "online"  # latency objectives; never preempted for offline work
+    OFFLINE = "offline"  # harvests idle capacity; preemptible
+
+
+@dataclass(frozen=True)
+class SLO:
+    """Latency objectives of an online request, in seconds. None means: server default."""
+
+    ttft_s: Optional[float] = None
+    tpot_s: Optional[float] = None
+
+
+@dataclass
+class GenerationRequest:
+    """One request handed to `EngineAPI.submit`. `prompt_token_ids` is already tokenized."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    request_class: RequestClass = RequestClass.ONLINE
+    slo: SLO = field(default_factory=SLO)
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # top-n alternatives
+
+
+@dataclass
+class RequestOutput:
+    """A delta for one request: tokens generated since the previous delta.
+
+    The final delta has `finished=True` and a `finish_reason` of "stop" (EOS, stop token
+    or stop string), "length" (max_tokens or context), "cancelled" or "error" (then
+    `error` holds the message).
+    """
+
+    request_id: str
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: Optional[str] = None
+    error: Optional[str] = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    ttft_s: Optional[float] = None  # set on the final delta
+    mean_tpot_s: Optional[float] = None  # set on the final delta
+
+
+class RequestStream:
+    """Ordered, thread-safe delivery of `RequestOutput` deltas for one request.
+
+    The engine's step-loop thread calls `put`; any consumer thread iterates. Iteration
+    ends after the finished delta. `get(timeout)` raises queue.Empty on timeout.
+    """
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self._q: "queue.Queue[RequestOutput]" = queue.Queue()
+        self.done = threading.Event()
+
+    def put(self, out: RequestOutput) -> None:
+        self._q.put(out)
+        if out.finished:
+            self.done.set()
+
+    def get(self, timeout: Optional[float] = None) -> RequestOutput:
+        return self._q.get(timeout=timeout)
+
+    def __iter__(self) -> Iterator[RequestOutput]:
+        while True:
+            out = self._q.get()
+            yield out
+            if out.finished:
+                return
+
+
+@dataclass
+class EngineStats:
+    """A snapshot for `GetServerStats` and benchmarks. Counters are cumulative."""
+
+    online_waiting: int = 0
+    online_running: int = 0
+    offline_waiting: int = 0
+    offline_running: int = 0
+    kv_blocks_total: int = 0
+    kv_blocks_online: int = 0
+    kv_blocks_offline: int = 0
+    host_pool_slots_total: int = 0
+    host_pool_slots_used: int = 0
+    online_tokens_per_s: float = 0.0
+    offline_tokens_per_s: float = 0.0
+    online_tokens_total: int = 0
+    offline_tokens_total: int = 0
+    preemptions: int = 0
+    preempted_tokens_discarded: int = 0
+    evictions: int = 0
+    recomputed_tokens: int = 0
+    restored_tokens: int = 0
+    iterations: int = 0
+
+
+class EngineAPI(abc.ABC):
+    """What the serving layer may ask of an engine."""
+
+    @property
+    @abc.abstractmethod
+    def tokenizer(self):
+        """A `conserve_jax.tokenizer.Tokenizer` (encode/decode/apply_chat_template)."""
+
+    @property
+    @abc.abstractmethod
+    def max_model_len(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def vocab_size(self) -> int: ...
+
+    @abc.abstractmethod
+    def submit(self, request: GenerationRequest) -> RequestStream:
+        """Validate and enqueue; raises ValueError naming the field for bad input."""
+
+    @abc.abstractmethod
+    def cancel(self, request_id: str) -> None:
+        """Stop a request and free its KV at once; its stream ends with "cancelled".
+        Unknown or finished ids are ignored."""
+
+    @abc.abstractmethod
+    def stats(self) -> EngineStats: ...
+
+    @abc.abstractmethod
+    def shutdown(self, drain_timeout_s: float = 0.0) -> None:
+        """Stop admitting; wait up to drain_timeout_s for running work; stop the loop.
+        Unfinished requests end with finish_reason "cancelled"."""
+
+
+def validate_prompt(token_ids: Sequence[int], vocab_size: int, max_model_len: int,
+                    field_name: str = "prompt") -> None:
+    """Raise ValueError naming `field_name` if the prompt is empty, too long or has
+    token ids outside the vocabulary. Shared by every engine and the server."""
+    if len(token_ids) == 0:
+        raise ValueError(f"{field_name} is empty")
+    if len(token_ids) >= max_model_len:
+        raise ValueError(
+            f"{field_name} has {len(token_ids)} tokens; the context is {max_model_len} "
+            f"and at least one token must be generated")
+    bad = [t for t in token_ids if not (isinstance(t, (int,)) and 0 <= t < vocab_size)]
+    if bad:
+        raise ValueError(f"{field_name} has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
