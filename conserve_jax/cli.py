@@ -1,0 +1,46 @@
+"""`conserve-jax` command line: generate, serve, profile, loadtest.
+
+Each subcommand lives in its own module, which exposes `add_arguments(parser)` and
+`run(args) -> int`; this file only dispatches and configures logging (the entry point's
+job, never done at import).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+SUBCOMMANDS = {
+    "generate": ("conserve_jax.cli_generate", "generate text for a prompt with a local model"),
+    "serve": ("server.main", "run the gRPC server"),
+    "profile": ("conserve_jax.scheduling.profile_cli", "fit the iteration latency model"),
+    "loadtest": ("conserve_jax.loadtest.cli", "load-test a running server"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="conserve-jax")
+    parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    modules = {}
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:  # a subcommand whose module is missing should not break the rest
+            p.set_defaults(_missing=f"{name} is unavailable: {e}")
+            continue
+        module.add_arguments(p)
+        modules[name] = module
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if getattr(args, "_missing", None):
+        print(args._missing, file=sys.stderr)
+        return 2
+    return int(modules[args.command].run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
