@@ -1,0 +1,211 @@
+"""Engine: the step loop that ties scheduler, runner and output streams together.
+
+Threading contract: `submit`, `cancel`, `stats` and `shutdown` may be called from any
+thread; they only touch the intake queue (under `_lock`) and wake the loop. Everything
+else — scheduler, KV bookkeeping, runner, caches, output states — belongs to the single
+step-loop thread started by the constructor. An exception inside an iteration fails the
+requests of that iteration (finish_reason "error") and the loop goes on; it never kills
+the process.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from typing import Optional
+
+import numpy as np
+
+from conserve_jax.config import EngineConfig
+from conserve_jax.engine_api import (EngineAPI, EngineStats, GenerationRequest, RequestOutput,
+                                     RequestStream, validate_prompt)
+from conserve_jax.kv.kv_manager import KVManager
+from conserve_jax.output_processor import OutputProcessor, OutputState
+from conserve_jax.runtime.compile_cache import enable_compilation_cache
+from conserve_jax.scheduling.policies import make_policy
+from conserve_jax.scheduling.scheduler import Scheduler, ScheduledStep
+from conserve_jax.scheduling.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+
+class Engine(EngineAPI):
+    def __init__(self, config: EngineConfig, loaded=None, warmup: bool = False) -> None:
+        enable_compilation_cache(config.compilation_cache_dir)
+        if loaded is None:
+            from conserve_jax.models.loader import load_model
+            loaded = load_model(config.model, seed=config.seed)
+        from conserve_jax.runtime.model_runner import ModelRunner
+
+        self.config = config
+        self.model_config = loaded.config
+        self._tokenizer = loaded.tokenizer
+        self._max_model_len = min(config.max_model_len, loaded.config.max_position_embeddings)
+        self.runner = ModelRunner(loaded.config, loaded.params, config)
+        if warmup:
+            self.runner.warmup()
+        self.kv = KVManager(self.runner.num_blocks, config.cache.block_size)
+        self.policy = make_policy(config)
+        self.scheduler = Scheduler(config, self.kv, self.policy)
+        self.outputs = OutputProcessor(self._tokenizer, self._max_model_len)
+        self._rng = np.random.default_rng(config.seed)
+        self._lock = threading.Condition()
+        self._intake: list[Sequence] = []
+        self._cancels: list[str] = []
+        self._seqs: dict[str, tuple[Sequence, OutputState]] = {}
+        self._accepting = True
+        self._stop = False
+        self._history: collections.deque = collections.deque(maxlen=512)  # (t, online, offline)
+        self._totals = [0, 0]
+        self._iterations = 0
+        self._thread = threading.Thread(target=self._loop, name="engine-step-loop", daemon=True)
+        self._thread.start()
+
+    # ---- EngineAPI ----------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        return self._tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model_config.vocab_size
+
+    def submit(self, request: GenerationRequest) -> RequestStream:
+        validate_prompt(request.prompt_token_ids, self.vocab_size, self._max_model_len)
+        request.sampling.validate(self.config.max_logprobs, self.vocab_size)
+        if not self.policy.accepts(request):
+            raise ValueError(f"policy {self.policy.name} does not accept "
+                             f"{request.request_class.value} requests")
+        stream = RequestStream(request.request_id)
+        seed = request.sampling.seed
+        if seed is None:
+            seed = int(self._rng.integers(0, 2**31 - 1))
+        ids = [int(t) for t in request.prompt_token_ids]
+        seq = Sequence(request, stream, seed, token_ids=list(ids), prompt_len=len(ids))
+        with self._lock:
+            if not self._accepting:
+                raise RuntimeError("the engine is shutting down")
+            if request.request_id in self._seqs or any(
+                    s.request_id == request.request_id for s in self._intake):
+                raise ValueError(f"request_id {request.request_id!r} is already in use")
+            self._intake.append(seq)
+            self._lock.notify_all()
+        return stream
+
+    def cancel(self, request_id: str) -> None:
+        with self._lock:
+            self._cancels.append(request_id)
+            self._lock.notify_all()
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            hist = list(self._history)
+            totals = list(self._totals)
+            iterations = self._iterations
+        sch, kv = self.scheduler, self.kv
+        running = list(sch.running)
+        now = time.monotonic()
+        recent = [h for h in hist if now - h[0] <= 10.0]
+        span = max(1e-9, now - recent[0][0]) if len(recent) > 1 else 1.0
+        c = sch.counters
+        st = EngineStats(
+            online_waiting=len(sch.waiting_online), offline_waiting=len(sch.waiting_offline),
+            online_running=sum(s.online for s in running),
+            offline_running=sum(not s.online for s in running),
+            kv_blocks_total=kv.capacity, kv_blocks_online=kv.used_online,
+            kv_blocks_offline=kv.used_offline,
+            online_tokens_per_s=sum(h[1] for h in recent) / span if recent else 0.0,
+            offline_tokens_per_s=sum(h[2] for h in recent) / span if recent else 0.0,
+            online_tokens_total=totals[0], offline_tokens_total=totals[1],
+            preemptions=c.preemptions, preempted_tokens_discarded=c.preempted_tokens_discarded,
+            evictions=c.evictions, recomputed_tokens=c.recomputed_tokens, iterations=iterations)
+        self.policy.fill_stats(st)
+        return st
+
+    def shutdown(self, drain_timeout_s: float = 0.0) -> None:
+        with self._lock:
+            self._accepting = False
+        deadline = time.monotonic() + drain_timeout_s
+        while time.monotonic() < deadline and (self._seqs or self._intake):
+            time.sleep(0.02)
+        with self._lock:
+            self._stop = True
+            self._lock.notify_all()
+        self._thread.join(timeout=30)
+
+    # ---- step loop ----------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stop and not self._intake and not self._cancels \
+                        and not self.scheduler.has_work:
+                    self._lock.wait(timeout=0.5)
+                if self._stop:
+                    break
+                new, self._intake = self._intake, []
+                cancels, self._cancels = self._cancels, []
+            for seq in new:
+                self._seqs[seq.request_id] = (seq, self.outputs.new_state())
+                self.scheduler.add(seq)
+                self.policy.on_arrival(seq)
+            for rid in cancels:
+                if rid in self._seqs:
+                    self._finish(self._seqs[rid][0], "cancelled")
+            if self.scheduler.has_work:
+                self._iterate()
+        for seq, _ in list(self._seqs.values()):
+            self._finish(seq, "cancelled")
+
+    def _iterate(self) -> None:
+        step = self.scheduler.schedule()
+        if step.empty:
+            time.sleep(0.001)  # nothing fits now (e.g. memory); new intake may change that
+            return
+        try:
+            t0 = time.perf_counter()
+            result = self.runner.execute(step.plan, self.policy.safepoint(step, self))
+            elapsed = time.perf_counter() - t0
+        except Exception as e:  # report, fail the iteration's requests, keep serving
+            log.exception("iteration failed")
+            for e_ in step.entries:
+                self._finish(e_.seq, "error", error=f"{type(e).__name__}: {e}")
+            return
+        if result is None:
+            self.scheduler.abandon(step)
+            self.policy.on_abandoned(step, self)
+            return
+        self.policy.on_step_done(step, elapsed, self)
+        sampled = self.scheduler.commit(step, result)
+        counts = [0, 0]
+        for seq, tok in sampled:
+            counts[0 if seq.online else 1] += 1
+            state = self._seqs[seq.request_id][1]
+            reason = self.outputs.on_token(seq, state, tok)
+            if reason is not None:
+                self._finish(seq, reason)
+            else:
+                seq.stream.put(self.outputs.delta(seq, state, finished=False))
+        with self._lock:
+            self._iterations += 1
+            self._totals[0] += counts[0]
+            self._totals[1] += counts[1]
+            self._history.append((time.monotonic(), counts[0], counts[1]))
+
+    def _finish(self, seq: Sequence, reason: str, error: Optional[str] = None) -> None:
+        entry = self._seqs.pop(seq.request_id, None)
+        self.scheduler.remove(seq)
+        self.policy.on_finished(seq)
+        if entry is None:
+            return
+        out: RequestOutput = self.outputs.delta(seq, entry[1], finished=True)
+        out.finished, out.finish_reason, out.error = True, reason, error
+        if seq.first_token_time is not None:
+            out.ttft_s = seq.first_token_time - seq.arrival
+            if seq.num_generated > 1 and seq.last_token_time is not None:
+                out.mean_tpot_s = (seq.last_token_time - seq.first_token_time) / (seq.num_generated - 1)
+        seq.stream.put(out)

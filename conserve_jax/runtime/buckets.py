@@ -1,0 +1,57 @@
+"""Shape buckets: every array shape that reaches jitted code is one of a small set.
+
+Pure functions of the engine configuration; the runner pads to them and the warm-up
+compiles them all, so serving never compiles after warm-up.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+def powers_of_two(lo: int, hi: int) -> list[int]:
+    """lo, 2lo, 4lo, ... up to the first value >= hi (hi itself if not a power)."""
+    out, v = [], lo
+    while v < hi:
+        out.append(v)
+        v *= 2
+    out.append(hi)
+    return sorted(set(out))
+
+
+def bucket_for(n: int, buckets: list[int]) -> int:
+    for b in buckets:
+        if n <= b:
+            return b
+    raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
+
+
+@dataclass(frozen=True)
+class BucketSet:
+    decode: list[int]  # decode sequences per iteration (0 = none)
+    prefill_tokens: list[int]  # prefill tokens per iteration (0 = none)
+    prefill_seqs: list[int]  # sequences the prefill tokens come from
+    context_blocks: list[int]  # blocks gathered per sequence
+    sample_rows: list[int]  # rows of logits sampled per iteration
+
+    @classmethod
+    def build(cls, max_num_seqs: int, max_prefill_tokens: int, max_prefill_seqs: int,
+              max_blocks_per_seq: int) -> "BucketSet":
+        return cls(
+            decode=[0] + powers_of_two(1, max_num_seqs),
+            prefill_tokens=[0] + powers_of_two(min(32, max_prefill_tokens), max_prefill_tokens),
+            prefill_seqs=powers_of_two(1, max_prefill_seqs),
+            context_blocks=powers_of_two(min(4, max_blocks_per_seq), max_blocks_per_seq),
+            sample_rows=powers_of_two(1, max_num_seqs + max_prefill_seqs),
+        )
+
+    def layer_shapes(self) -> list[tuple[int, int, int, int]]:
+        """Every (decode, prefill_tokens, prefill_seqs, context_blocks) the runner may use."""
+        out = []
+        for d in self.decode:
+            for t in self.prefill_tokens:
+                if d == 0 and t == 0:
+                    continue
+                for b in (self.prefill_seqs if t else [1]):
+                    for nb in self.context_blocks:
+                        out.append((d, t, b, nb))
+        return out

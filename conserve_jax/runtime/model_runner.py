@@ -1,0 +1,199 @@
+"""ModelRunner: executes one iteration as embed -> layer calls with safepoints -> head ->
+sampler, over a paged KV cache held as one donated device array pair per layer.
+
+Contract: constructed once by the engine; `execute` is called only from the engine's
+step-loop thread, which owns the caches. `execute` may be abandoned at a safepoint (every
+`safepoint_interval` layers): the KV it wrote lies beyond every sequence's committed length
+and is overwritten later, so dropping the iteration is harmless. All layers share one
+compiled executable per shape bucket; `warmup` compiles every bucket up front.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from conserve_jax.config import EngineConfig, ModelConfig
+from conserve_jax.models.llama import (AttentionMeta, DecoderLayer, embed_tokens,
+                                       final_logits, layer_params_to_flax, rope_inv_freq)
+from conserve_jax.runtime import sharding as shd
+from conserve_jax.runtime.batch_arrays import BatchArrays, build_batch
+from conserve_jax.runtime.buckets import BucketSet
+from conserve_jax.runtime.sampler import sample, sampler_mode
+from conserve_jax.runtime.step_plan import SampledToken, StepPlan, StepResult
+
+log = logging.getLogger(__name__)
+
+# A safepoint callback gets the number of layers done and returns True to abandon.
+Safepoint = Callable[[int], bool]
+
+
+def kv_bytes_per_block(cfg: ModelConfig, kv_heads: int, block_size: int, dtype) -> int:
+    return 2 * cfg.num_layers * kv_heads * block_size * cfg.head_dim * jnp.dtype(dtype).itemsize
+
+
+class ModelRunner:
+    def __init__(self, model_cfg: ModelConfig, params: dict, engine_cfg: EngineConfig) -> None:
+        self.cfg = model_cfg
+        self.engine_cfg = engine_cfg
+        self.dtype = jnp.dtype(engine_cfg.dtype)
+        self.block_size = engine_cfg.cache.block_size
+        self.mesh = shd.make_mesh(engine_cfg.tp)
+        kv_repeat = shd.kv_repeat_for(engine_cfg.tp, model_cfg.num_kv_heads, model_cfg.num_heads)
+        self.kv_heads = model_cfg.num_kv_heads * kv_repeat
+        self.max_blocks_per_seq = -(-engine_cfg.max_model_len // self.block_size)
+        self.num_blocks = engine_cfg.cache.num_blocks or max(
+            2, engine_cfg.cache.kv_memory_bytes
+            // kv_bytes_per_block(model_cfg, self.kv_heads, self.block_size, self.dtype))
+        self.buckets = BucketSet.build(engine_cfg.max_num_seqs, engine_cfg.max_prefill_tokens,
+                                       engine_cfg.max_prefill_seqs, self.max_blocks_per_seq)
+        self._layer_module = DecoderLayer(model_cfg, self.kv_heads, self.dtype)
+        self._place_weights(params, kv_repeat)
+        self._build_functions()
+        self.caches = self._new_caches()
+
+    # ---- set-up -------------------------------------------------------------------------
+    def _put(self, x, sharding=None):
+        if self.mesh is None:
+            return jnp.asarray(x)
+        return jax.device_put(x, sharding or shd.replicated(self.mesh))
+
+    def _place_weights(self, params: dict, kv_repeat: int) -> None:
+        dt = np.dtype(self.dtype.name) if self.dtype != jnp.bfloat16 else jnp.bfloat16
+        layers = [layer_params_to_flax(lp, np.float32, kv_repeat, self.cfg.head_dim)
+                  for lp in params["layers"]]
+        self._layer_sh = shd.layer_shardings(self.mesh, layers[0]) if self.mesh else None
+        self.layers = []
+        for lp in layers:
+            if self.mesh is None:
+                self.layers.append(jax.tree.map(lambda a: jnp.asarray(a, dt), lp))
+            else:
+                self.layers.append(jax.tree.map(lambda a, s: jax.device_put(a.astype(dt), s),
+                                                lp, self._layer_sh))
+        self.embed = self._put(np.asarray(params["embed"], np.float32).astype(dt))
+        self.final_norm = self._put(np.asarray(params["final_norm"], np.float32).astype(dt))
+        self.tied = "lm_head" not in params
+        self.head = self.embed if self.tied else self._put(
+            np.asarray(params["lm_head"], np.float32).astype(dt))
+        self.inv_freq = self._put(rope_inv_freq(self.cfg))
+
+    def _new_caches(self) -> list[tuple[jax.Array, jax.Array]]:
+        shape = (self.kv_heads, self.num_blocks, self.block_size, self.cfg.head_dim)
+        sh = shd.cache_sharding(self.mesh) if self.mesh else None
+        make = jax.jit(lambda: jnp.zeros(shape, self.dtype), out_shardings=sh)
+        return [(make(), make()) for _ in range(self.cfg.num_layers)]
+
+    def _build_functions(self) -> None:
+        module = self._layer_module
+
+        def layer_fn(p, x, cos, sin, k_cache, v_cache, meta):
+            return module.apply({"params": p}, x, cos, sin, k_cache, v_cache, meta,
+                                meta.dec_tables.shape[0])
+
+        if self.mesh is None:
+            self._layer = jax.jit(layer_fn, donate_argnums=(4, 5))
+        else:
+            rep, csh = shd.replicated(self.mesh), shd.cache_sharding(self.mesh)
+            self._layer = jax.jit(layer_fn, donate_argnums=(4, 5),
+                                  in_shardings=(self._layer_sh, rep, rep, rep, csh, csh, rep),
+                                  out_shardings=(rep, csh, csh))
+        self._embed = jax.jit(embed_tokens)
+        eps, tied = self.cfg.rms_norm_eps, self.tied
+
+        self._select = jax.jit(lambda hidden, rows: hidden[rows])
+
+        def head_fn(final_norm, head, hidden, temperature, top_k, top_p, seed, counter,
+                    *, mode, num_top):
+            logits = final_logits(final_norm, head, hidden, eps, tied)
+            return sample(logits, temperature, top_k, top_p, seed, counter, mode=mode,
+                          num_top=num_top)
+
+        self._head = jax.jit(head_fn, static_argnames=("mode", "num_top"))
+
+    # ---- execution ----------------------------------------------------------------------
+    def compiled_count(self) -> int:
+        """Executables compiled so far (tests assert it stays fixed after warm-up)."""
+        return sum(f._cache_size() for f in (self._layer, self._embed, self._select, self._head))
+
+    def execute(self, plan: StepPlan, safepoint: Optional[Safepoint] = None) -> Optional[StepResult]:
+        b = build_batch(plan, self.buckets, self.block_size)
+        hidden = self._forward(b, safepoint)
+        if hidden is None:
+            return None
+        return self._sample(plan, b, hidden)
+
+    def _meta(self, b: BatchArrays) -> AttentionMeta:
+        return AttentionMeta(b.slot_blocks, b.slot_offsets, b.positions, b.dec_tables,
+                             b.dec_lens, b.pre_tables, b.pre_seq)
+
+    def _forward(self, b: BatchArrays, safepoint: Optional[Safepoint]):
+        x, cos, sin = self._embed(self.embed, b.token_ids, b.positions, self.inv_freq)
+        meta = self._meta(b)
+        k = self.engine_cfg.safepoint_interval
+        n = self.cfg.num_layers
+        for i in range(n):
+            kc, vc = self.caches[i]
+            x, kc, vc = self._layer(self.layers[i], x, cos, sin, kc, vc, meta)
+            self.caches[i] = (kc, vc)
+            if safepoint is not None and k > 0 and (i + 1) % k == 0 and i + 1 < n:
+                x.block_until_ready()  # the safepoint is real only once the device got here
+                if safepoint(i + 1):
+                    self.layers_abandoned_at = i + 1
+                    return None
+        return x
+
+    def _sample(self, plan: StepPlan, b: BatchArrays, hidden) -> StepResult:
+        specs = plan.sampled_specs()
+        if not specs:
+            hidden.block_until_ready()
+            return StepResult([], self.cfg.num_layers)
+        want = [s.num_logprobs for s in specs if s.num_logprobs]
+        num_top = self.engine_cfg.max_logprobs if want else 0
+        r = b.sampling
+        tokens, chosen, top_ids, top_lp = self._head(
+            self.final_norm, self.head, self._select(hidden, b.sample_rows), r.temperature, r.top_k, r.top_p,
+            r.seed, r.counter, mode=sampler_mode(r, b.num_sampled), num_top=num_top)
+        tokens, chosen = np.asarray(tokens), np.asarray(chosen)
+        top_ids, top_lp = np.asarray(top_ids), np.asarray(top_lp)
+        out = []
+        for i, s in enumerate(specs):
+            n = s.num_logprobs or 0
+            top = [(int(top_ids[i, j]), float(top_lp[i, j])) for j in range(n)]
+            out.append(SampledToken(int(tokens[i]), float(chosen[i]), top))
+        return StepResult(out, self.cfg.num_layers)
+
+    # ---- warm-up ------------------------------------------------------------------------
+    def warmup(self, shapes: Optional[list[tuple[int, int, int, int]]] = None) -> float:
+        """Compile the layer executable for every bucket (or `shapes`) and the head for
+        every sample-row bucket and sampler variant. Returns seconds spent."""
+        t0 = time.perf_counter()
+        shapes = shapes if shapes is not None else self.buckets.layer_shapes()
+        for (D, TP, BP, NB) in shapes:
+            T = D + TP
+            z = lambda *s: np.zeros(s, np.int32)
+            meta = AttentionMeta(z(T), z(T), z(T), z(D, NB), z(D), z(BP, NB),
+                                 np.full(TP, -1, np.int32))
+            x, cos, sin = self._embed(self.embed, z(T), z(T), self.inv_freq)
+            kc, vc = self.caches[0]
+            x, kc, vc = self._layer(self.layers[0], x, cos, sin, kc, vc, meta)
+            self.caches[0] = (kc, vc)
+        x.block_until_ready()
+        for T in sorted({D + TP for (D, TP, _, _) in shapes}):
+            hidden = jnp.zeros((T, self.cfg.hidden_size), self.dtype)
+            for S in self.buckets.sample_rows:
+                self._select(hidden, np.zeros(S, np.int32))
+        for S in self.buckets.sample_rows:
+            f32, i32 = np.zeros(S, np.float32), np.zeros(S, np.int32)
+            hidden = jnp.zeros((S, self.cfg.hidden_size), self.dtype)
+            for mode in ("greedy", "sample", "filter"):
+                for num_top in (0, self.engine_cfg.max_logprobs):
+                    self._head(self.final_norm, self.head, hidden, f32, i32,
+                               np.ones(S, np.float32), np.zeros(S, np.uint32), i32,
+                               mode=mode, num_top=num_top)[0].block_until_ready()
+        dt = time.perf_counter() - t0
+        log.info("warm-up compiled %d layer shapes in %.1f s", len(shapes), dt)
+        return dt

@@ -1,0 +1,73 @@
+"""Scheduling policies: how much work one iteration may take, and whether offline work
+may join it. Small and pluggable; the `Scheduler` asks, the policy answers.
+
+`FcfsPolicy` is the plain continuous-batching policy (online first, fixed token budget).
+The co-serving policies (conserve, priority-recompute, sarathi, non-preemptive,
+online-only) live in `coserve_policies.py`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from conserve_jax.scheduling.scheduler import Scheduler, ScheduledStep
+    from conserve_jax.scheduling.sequence import Sequence
+
+
+@dataclass
+class StepBudget:
+    """Token budget of one iteration. Subclasses may add a time budget."""
+
+    max_tokens: int
+    max_prefill_tokens: int
+    max_decodes: int
+
+    def decodes_left(self, step: "ScheduledStep") -> int:
+        return min(self.max_decodes - len(step.plan.decodes),
+                   self.max_tokens - step.plan.num_tokens)
+
+    def prefill_tokens_for(self, step: "ScheduledStep", seq: "Sequence") -> int:
+        used = sum(len(p.tokens) for p in step.plan.prefills)
+        room = min(self.max_prefill_tokens - used, self.max_tokens - step.plan.num_tokens)
+        return max(0, min(seq.num_pending, room))
+
+
+class Policy:
+    """Base policy: FCFS continuous batching, online before offline, a fixed token budget,
+    no preemption inside an iteration. Hooks are called by the engine's step-loop thread
+    (except `accepts`, called by `Engine.submit` on the caller's thread: keep it pure)."""
+
+    name = "fcfs"
+
+    def __init__(self, max_num_seqs: int, max_prefill_tokens: int) -> None:
+        self.max_num_seqs = max_num_seqs
+        self.max_prefill_tokens = max_prefill_tokens
+
+    def budget(self, sched: "Scheduler") -> StepBudget:
+        return StepBudget(self.max_num_seqs + self.max_prefill_tokens, self.max_prefill_tokens,
+                          self.max_num_seqs)
+
+    def admits_offline(self, sched: "Scheduler", step: "ScheduledStep") -> bool:
+        return True
+
+
+    def accepts(self, request) -> bool:
+        return True
+
+    def safepoint(self, step: "ScheduledStep", engine):
+        """A callable(layers_done) -> bool for the runner, or None for no safepoints."""
+        return None
+
+    def on_arrival(self, seq: "Sequence") -> None: ...
+
+    def on_step_done(self, step: "ScheduledStep", elapsed_s: float, engine) -> None: ...
+
+    def on_abandoned(self, step: "ScheduledStep", engine) -> None: ...
+
+    def on_finished(self, seq: "Sequence") -> None: ...
+
+    def fill_stats(self, stats) -> None: ...
+
+
+FcfsPolicy = Policy

@@ -1,0 +1,57 @@
+"""Per-request state kept by the scheduler (host-side, step-loop thread only)."""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from conserve_jax.engine_api import GenerationRequest, RequestClass, RequestStream
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"  # holds no KV blocks on device
+    RUNNING = "running"  # holds blocks; may still have prompt tokens to prefill
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    request: GenerationRequest
+    stream: RequestStream
+    seed: int  # the request's seed, or one drawn by the engine
+    token_ids: list[int] = field(default_factory=list)  # prompt + generated
+    prompt_len: int = 0
+    num_computed: int = 0  # tokens whose KV is committed on device
+    blocks: list[int] = field(default_factory=list)
+    status: SeqStatus = SeqStatus.WAITING
+    arrival: float = field(default_factory=time.monotonic)
+    first_token_time: Optional[float] = None
+    last_token_time: Optional[float] = None
+    finish_reason: Optional[str] = None
+    cancelled: bool = False
+    num_preemptions: int = 0
+    # checkpointing (offline requests): tokens whose KV is safely copied to host
+    host_slots: list[int] = field(default_factory=list)
+    num_checkpointed: int = 0
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def online(self) -> bool:
+        return self.request.request_class is RequestClass.ONLINE
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+    @property
+    def num_pending(self) -> int:
+        """Known tokens not yet in the KV cache (1 while decoding)."""
+        return len(self.token_ids) - self.num_computed
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.num_pending > 1 or self.num_computed == 0
