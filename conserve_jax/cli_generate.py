@@ -1,0 +1,75 @@
+"""`conserve-jax generate`: stream an answer to one prompt from a local model.
+
+The chat template is applied when the model has one (instruct models), unless --raw.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", help="the question or text to continue")
+    p.add_argument("--model", default="default",
+                   help="'default' (embedded SmolLM2-135M-Instruct), random:<preset>, an HF "
+                        "directory or a .gguf file")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel devices")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--system", default=None, help="system message for chat models")
+    p.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--compilation-cache-dir", default=None)
+
+
+def run(args) -> int:
+    from conserve_jax.config import EngineConfig
+    from conserve_jax.engine import Engine
+    from conserve_jax.engine_api import GenerationRequest
+    from conserve_jax.sampling_params import SamplingParams
+
+    try:
+        engine = Engine(EngineConfig(model=args.model, tp=args.tp, dtype=args.dtype,
+                                     max_model_len=args.max_model_len, max_num_seqs=4,
+                                     compilation_cache_dir=args.compilation_cache_dir))
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    tok = engine.tokenizer
+    if tok.has_chat_template and not args.raw:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages.append({"role": "user", "content": args.prompt})
+        ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True),
+                         add_special_tokens=False)
+    else:
+        ids = tok.encode(args.prompt)
+    sp = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                        top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    try:
+        t0 = time.perf_counter()
+        stream = engine.submit(GenerationRequest("cli", ids, sp))
+        n, first = 0, None
+        for delta in stream:
+            if delta.token_ids and first is None:
+                first = time.perf_counter() - t0
+            n += len(delta.token_ids)
+            sys.stdout.write(delta.text)
+            sys.stdout.flush()
+            if delta.finished:
+                reason = delta.finish_reason
+        total = time.perf_counter() - t0
+        sys.stdout.write("\n")
+        rate = (n - 1) / (total - first) if n > 1 and first is not None else 0.0
+        print(f"[{n} tokens, finish={reason}, first token {first or 0:.2f} s, "
+              f"{rate:.1f} tokens/s after it]", file=sys.stderr)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        engine.shutdown()
+    return 0
