@@ -74,5 +74,5 @@ class EngineConfig:
     safepoint_interval: int = 4  # layers between preemption safepoints
     max_logprobs: int = 20
     compilation_cache_dir: Optional[str] = None
-    policy: str = "conserve"
+    policy: str = "fcfs"
     seed: int = 0
