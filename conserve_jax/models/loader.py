@@ -44,6 +44,8 @@ SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "m
 
 @dataclass
 class LoadedModel:
+    """What `load_model` returns: a filled config, float32 numpy params, a tokenizer, a label."""
+
     config: ModelConfig
     params: dict
     tokenizer: Tokenizer
