@@ -1,0 +1,276 @@
+"""`MockEngine`: a deterministic, CPU-instant `EngineAPI` for tests of the serving layer.
+
+It echoes the prompt: output token k is `prompt[k % len(prompt)]`, one token per request
+per step, so results are known in advance. `token_delay_s` (mutable at any time) sleeps
+between steps so cancellation, deadlines and crashes can be tested mid-generation.
+It keeps a pool of "KV blocks": a request reserves `ceil(min(prompt + max_tokens,
+max_model_len) / block_size)` blocks when admitted and frees them when it finishes or is
+cancelled, so tests can assert through `stats()` that cancellation frees KV.
+
+Threading: one step-loop thread (started by the constructor) owns generation; `submit`,
+`cancel`, `stats` and `shutdown` may be called from any thread. All request state is
+guarded by `self._lock`; outputs go through each request's thread-safe `RequestStream`.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from conserve_jax.engine_api import (EngineAPI, EngineStats, GenerationRequest, RequestClass,
+                                     RequestOutput, RequestStream, TokenLogprob, validate_prompt)
+
+log = logging.getLogger(__name__)
+
+PAD, BOS, EOS = 0, 1, 2
+_BYTE0 = 3  # token id of byte 0
+
+
+class MockTokenizer:
+    """Byte-level tokenizer: byte b is token b + 3; 0 pad, 1 bos, 2 eos. No BOS is added."""
+
+    has_chat_template = True
+
+    def __init__(self, vocab_size: int = 512) -> None:
+        if vocab_size < _BYTE0 + 256:
+            raise ValueError("vocab_size must be >= 259")
+        self.vocab_size = vocab_size
+        self.eos_token_ids = (EOS,)
+        self.bos_token_id = BOS
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return [b + _BYTE0 for b in text.encode("utf-8")]
+
+    def decode(self, token_ids, skip_special_tokens: bool = True) -> str:
+        data = bytes(t - _BYTE0 for t in token_ids if _BYTE0 <= t < _BYTE0 + 256)
+        return data.decode("utf-8", errors="replace")
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> list[int]:
+        text = "".join(f"<{m['role']}>{m['content']}\n" for m in messages)
+        if add_generation_prompt:
+            text += "<assistant>"
+        return self.encode(text)
+
+
+@dataclass
+class _Req:
+    request: GenerationRequest
+    stream: RequestStream
+    arrival: float
+    generated: list[int] = field(default_factory=list)
+    text_emitted: str = ""
+    blocks: int = 0
+    first_token_at: Optional[float] = None
+
+
+class MockEngine(EngineAPI):
+    """Deterministic echo engine; see the module docstring."""
+
+    def __init__(self, token_delay_s: float = 0.0, max_num_seqs: int = 32,
+                 max_model_len: int = 2048, vocab_size: int = 512, num_blocks: int = 4096,
+                 block_size: int = 16, max_logprobs: int = 20) -> None:
+        self.token_delay_s = token_delay_s
+        self.max_num_seqs = max_num_seqs
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.max_logprobs = max_logprobs
+        self._max_model_len = max_model_len
+        self._tokenizer = MockTokenizer(vocab_size)
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._waiting: collections.deque[_Req] = collections.deque()
+        self._running: dict[str, _Req] = {}
+        self._free_blocks = num_blocks
+        self._accepting = True
+        self._stop = False
+        self._tokens = {RequestClass.ONLINE: 0, RequestClass.OFFLINE: 0}
+        self._recent: collections.deque = collections.deque()  # (time, online, offline)
+        self._iterations = 0
+        self.submitted = {RequestClass.ONLINE: 0, RequestClass.OFFLINE: 0}
+        self.peak_offline = 0  # most offline requests ever inside the engine at once
+        self._thread = threading.Thread(target=self._loop, name="mock-engine", daemon=True)
+        self._thread.start()
+
+    # ---- EngineAPI -------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> MockTokenizer:
+        return self._tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tokenizer.vocab_size
+
+    def submit(self, request: GenerationRequest) -> RequestStream:
+        validate_prompt(request.prompt_token_ids, self.vocab_size, self.max_model_len)
+        request.sampling.validate(self.max_logprobs, self.vocab_size)
+        stream = RequestStream(request.request_id)
+        with self._lock:
+            if not self._accepting:
+                raise RuntimeError("engine is shutting down")
+            if request.request_id in self._running or any(
+                    r.request.request_id == request.request_id for r in self._waiting):
+                raise ValueError(f"request_id {request.request_id!r} is already in use")
+            req = _Req(request, stream, time.monotonic())
+            if request.request_class is RequestClass.ONLINE:
+                # online first: ahead of every waiting offline request
+                pos = sum(1 for r in self._waiting if r.request.request_class is RequestClass.ONLINE)
+                self._waiting.insert(pos, req)
+            else:
+                self._waiting.append(req)
+            self.submitted[request.request_class] += 1
+            self._note_peak()
+        self._wake.set()
+        return stream
+
+    def cancel(self, request_id: str) -> None:
+        with self._lock:
+            req = self._running.pop(request_id, None)
+            if req is None:
+                for r in self._waiting:
+                    if r.request.request_id == request_id:
+                        req = r
+                        self._waiting.remove(r)
+                        break
+            if req is None:
+                return
+            self._finish(req, "cancelled")
+
+    def stats(self) -> EngineStats:
+        now = time.monotonic()
+        with self._lock:
+            s = EngineStats(kv_blocks_total=self.num_blocks, iterations=self._iterations,
+                            online_tokens_total=self._tokens[RequestClass.ONLINE],
+                            offline_tokens_total=self._tokens[RequestClass.OFFLINE])
+            for r in self._waiting:
+                if r.request.request_class is RequestClass.ONLINE:
+                    s.online_waiting += 1
+                else:
+                    s.offline_waiting += 1
+            for r in self._running.values():
+                if r.request.request_class is RequestClass.ONLINE:
+                    s.online_running += 1
+                    s.kv_blocks_online += r.blocks
+                else:
+                    s.offline_running += 1
+                    s.kv_blocks_offline += r.blocks
+            recent = [x for x in self._recent if now - x[0] <= 5.0]
+        if recent:
+            span = max(now - recent[0][0], 1e-3)
+            s.online_tokens_per_s = sum(x[1] for x in recent) / span
+            s.offline_tokens_per_s = sum(x[2] for x in recent) / span
+        return s
+
+    def shutdown(self, drain_timeout_s: float = 0.0) -> None:
+        with self._lock:
+            self._accepting = False
+        end = time.monotonic() + drain_timeout_s
+        while time.monotonic() < end:
+            with self._lock:
+                if not self._running and not self._waiting:
+                    break
+            time.sleep(0.01)
+        with self._lock:
+            for req in list(self._waiting) + list(self._running.values()):
+                self._finish(req, "cancelled")
+            self._waiting.clear()
+            self._running.clear()
+            self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=5.0)
+
+    # ---- step loop (engine thread) -----------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                if self._stop:
+                    return
+                self._admit()
+                busy = bool(self._running)
+                if busy:
+                    self._step()
+            if busy:
+                if self.token_delay_s > 0:
+                    time.sleep(self.token_delay_s)
+            else:
+                self._wake.wait(0.05)
+                self._wake.clear()
+
+    def _admit(self) -> None:
+        while self._waiting and len(self._running) < self.max_num_seqs:
+            req = self._waiting[0]
+            r = req.request
+            need = math.ceil(min(len(r.prompt_token_ids) + r.sampling.max_tokens,
+                                 self.max_model_len) / self.block_size)
+            if need > self._free_blocks:
+                break
+            self._waiting.popleft()
+            self._free_blocks -= need
+            req.blocks = need
+            self._running[r.request_id] = req
+
+    def _step(self) -> None:
+        self._iterations += 1
+        counts = {RequestClass.ONLINE: 0, RequestClass.OFFLINE: 0}
+        for rid, req in list(self._running.items()):
+            r, sp = req.request, req.request.sampling
+            prompt = r.prompt_token_ids
+            tok = prompt[len(req.generated) % len(prompt)]
+            req.generated.append(tok)
+            counts[r.request_class] += 1
+            if req.first_token_at is None:
+                req.first_token_at = time.monotonic()
+            full = self._tokenizer.decode(req.generated)
+            if full.endswith("\ufffd"):
+                full = req.text_emitted  # hold back an incomplete UTF-8 sequence
+            delta, req.text_emitted = full[len(req.text_emitted):], full
+            reason = None
+            if tok in sp.stop_token_ids or (not sp.ignore_eos and tok in self._tokenizer.eos_token_ids):
+                reason = "stop"
+            elif any(s in full for s in sp.stop):
+                reason = "stop"
+            elif len(req.generated) >= sp.max_tokens or len(prompt) + len(req.generated) >= self.max_model_len:
+                reason = "length"
+            logprobs = []
+            if sp.logprobs is not None:
+                top = [((tok + i) % self.vocab_size, -0.1 - i) for i in range(sp.logprobs)]
+                logprobs = [TokenLogprob(tok, -0.1, top)]
+            out = RequestOutput(rid, [tok], delta, logprobs)
+            if reason is None:
+                req.stream.put(out)
+            else:
+                del self._running[rid]
+                self._finish(req, reason, out)
+        for cls, n in counts.items():
+            self._tokens[cls] += n
+        now = time.monotonic()
+        self._recent.append((now, counts[RequestClass.ONLINE], counts[RequestClass.OFFLINE]))
+        while self._recent and now - self._recent[0][0] > 5.0:
+            self._recent.popleft()
+
+    def _finish(self, req: _Req, reason: str, out: Optional[RequestOutput] = None) -> None:
+        """Free the request's blocks and deliver its final delta (caller holds the lock and
+        has removed it from the waiting/running sets)."""
+        self._free_blocks += req.blocks
+        req.blocks = 0
+        out = out or RequestOutput(req.request.request_id)
+        n = len(req.generated)
+        now = time.monotonic()
+        out.finished, out.finish_reason = True, reason
+        out.prompt_tokens, out.completion_tokens = len(req.request.prompt_token_ids), n
+        if req.first_token_at is not None:
+            out.ttft_s = req.first_token_at - req.arrival
+            out.mean_tpot_s = (now - req.first_token_at) / (n - 1) if n > 1 else 0.0
+        req.stream.put(out)
+
+    def _note_peak(self) -> None:
+        n = sum(1 for r in self._waiting if r.request.request_class is RequestClass.OFFLINE)
+        n += sum(1 for r in self._running.values() if r.request.request_class is RequestClass.OFFLINE)
+        self.peak_offline = max(self.peak_offline, n)

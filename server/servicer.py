@@ -1,0 +1,258 @@
+"""`CoServeServicer`: the conserve.v1.CoServe RPCs over an `EngineAPI` and a `BatchStore`.
+
+Every method runs on a gRPC worker thread (sync server), many at once. Shared mutable
+state here is only the online in-flight counter (under `self._lock`) and the `admitting`
+flag, which `ServerApp` clears on shutdown. Engine calls are thread-safe by contract;
+batch work is handed to the `BatchRunner` thread through the store and `wake`/
+`cancel_batch`.
+
+Errors: bad input -> INVALID_ARGUMENT naming the field; online queue full ->
+RESOURCE_EXHAUSTED; unknown batch -> NOT_FOUND; missing/bad token -> UNAUTHENTICATED;
+another tenant's batch -> PERMISSION_DENIED; shutting down -> UNAVAILABLE. A Generate
+call whose client cancels, disconnects or passes its deadline cancels its engine request
+at once (gRPC termination callback), which frees its KV.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Optional
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from conserve_jax.engine_api import SLO, RequestClass
+from conserve_jax.proto_gen.conserve.v1 import conserve_pb2 as pb
+from conserve_jax.proto_gen.conserve.v1 import conserve_pb2_grpc as pb_grpc
+from server import convert
+from server.auth import Authenticator
+from server.batch_runner import BatchRunner
+from server.batch_store import BatchRow, BatchStore
+
+log = logging.getLogger(__name__)
+
+_STATES = {"queued": pb.BATCH_STATE_QUEUED, "running": pb.BATCH_STATE_RUNNING,
+           "completed": pb.BATCH_STATE_COMPLETED, "cancelled": pb.BATCH_STATE_CANCELLED,
+           "failed": pb.BATCH_STATE_FAILED}
+
+
+@dataclass
+class ServiceOptions:
+    max_online_queue: int = 256  # online Generate calls admitted and not finished
+    max_batch_size: int = 10000  # requests per SubmitBatch
+    default_slo: SLO = SLO()
+    max_logprobs: int = 20
+
+
+def _ts(t: Optional[float]) -> Optional[Timestamp]:
+    if t is None:
+        return None
+    ts = Timestamp()
+    ts.FromNanoseconds(int(t * 1e9))
+    return ts
+
+
+def batch_to_proto(row: BatchRow) -> pb.Batch:
+    return pb.Batch(batch_id=row.id, state=_STATES[row.state], total=row.total, done=row.done,
+                    failed=row.failed, cancelled=row.cancelled, created_at=_ts(row.created_at),
+                    started_at=_ts(row.started_at), finished_at=_ts(row.finished_at),
+                    deadline=_ts(row.deadline), error=row.error)
+
+
+class CoServeServicer(pb_grpc.CoServeServicer):
+    def __init__(self, engine, store: BatchStore, runner: BatchRunner,
+                 auth: Optional[Authenticator], options: ServiceOptions) -> None:
+        self.engine = engine
+        self.store = store
+        self.runner = runner
+        self.auth = auth
+        self.options = options
+        self.admitting = True
+        self._lock = threading.Lock()
+        self._online = 0
+        self._started = time.monotonic()
+
+    # ---- helpers -----------------------------------------------------------------------
+    def _tenant(self, context) -> Optional[str]:
+        """The caller's tenant; None when auth is off (no isolation)."""
+        if self.auth is None:
+            return None
+        tenant = self.auth.tenant(context.invocation_metadata())
+        if tenant is None:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                          "missing or invalid token: send metadata 'authorization: Bearer <token>'")
+        return tenant
+
+    def _require_admitting(self, context) -> None:
+        if not self.admitting:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+
+    def _owned_batch(self, batch_id: str, tenant: Optional[str], context) -> BatchRow:
+        if not batch_id:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "batch_id is empty")
+        row = self.store.get(batch_id)
+        if row is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"batch {batch_id!r} not found")
+        if tenant is not None and row.tenant != tenant:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"batch {batch_id!r} belongs to another tenant")
+        return row
+
+    # ---- online ------------------------------------------------------------------------
+    def Generate(self, request, context):
+        self._tenant(context)
+        self._require_admitting(context)
+        rid = f"on:{uuid.uuid4().hex}"
+        try:
+            req = convert.build_request(request, self.engine, rid, RequestClass.ONLINE,
+                                        self.options.default_slo, self.options.max_logprobs)
+        except ValueError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        with self._lock:
+            if self._online >= self.options.max_online_queue:
+                full = True
+            else:
+                full, self._online = False, self._online + 1
+        if full:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"online queue is full ({self.options.max_online_queue} requests); retry later")
+        try:
+            yield from self._stream(req, request.request_id, context)
+        finally:
+            with self._lock:
+                self._online -= 1
+
+    def _stream(self, req, client_id: str, context):
+        try:
+            stream = self.engine.submit(req)
+        except ValueError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except RuntimeError as e:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"engine is not accepting work: {e}")
+        finished = threading.Event()
+
+        def on_termination():  # client cancel, disconnect, deadline, or normal end
+            if not finished.is_set():
+                self.engine.cancel(req.request_id)
+        if not context.add_callback(on_termination):
+            on_termination()  # the RPC already ended
+        try:
+            while True:
+                try:  # cancellation arrives as a final delta; the timeout is a safety net
+                    out = stream.get(timeout=0.5)
+                except queue.Empty:
+                    if not context.is_active():
+                        return
+                    continue
+                if out.finished:
+                    finished.set()
+                    if out.finish_reason == "error":
+                        context.abort(grpc.StatusCode.INTERNAL, out.error or "engine error")
+                    if out.finish_reason == "cancelled" and not self.admitting:
+                        context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+                    yield convert.output_to_response(out, client_id)
+                    return
+                if out.token_ids or out.text:
+                    yield convert.output_to_response(out, client_id)
+        finally:
+            if not finished.is_set():
+                self.engine.cancel(req.request_id)
+
+    # ---- batches -----------------------------------------------------------------------
+    def SubmitBatch(self, request, context):
+        tenant = self._tenant(context)
+        self._require_admitting(context)
+        n = len(request.requests)
+        if n == 0:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "requests is empty")
+        if n > self.options.max_batch_size:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"requests has {n} items; the limit is {self.options.max_batch_size}")
+        items = []
+        try:
+            for i, r in enumerate(request.requests):
+                g = convert.build_request(r, self.engine, "-", RequestClass.OFFLINE,
+                                          max_logprobs=self.options.max_logprobs,
+                                          prefix=f"requests[{i}].")
+                items.append((r, g.prompt_token_ids))
+        except ValueError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        deadline = None
+        if request.HasField("deadline"):
+            deadline = request.deadline.ToNanoseconds() / 1e9
+            if not math.isfinite(deadline) or deadline <= time.time():
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "deadline is in the past")
+        batch_id, created = self.store.create_batch(tenant or "", items, deadline,
+                                                    request.idempotency_key)
+        if created:
+            log.info("batch %s: %d requests", batch_id, n)
+            self.runner.wake()
+        return pb.SubmitBatchResponse(batch_id=batch_id)
+
+    def GetBatch(self, request, context):
+        tenant = self._tenant(context)
+        return batch_to_proto(self._owned_batch(request.batch_id, tenant, context))
+
+    def ListBatches(self, request, context):
+        tenant = self._tenant(context)
+        size = request.page_size or 100
+        if not 0 < size <= 1000:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "page_size must be in [0, 1000]")
+        before = None
+        if request.page_token:
+            try:
+                before = int(request.page_token)
+            except ValueError:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "page_token is invalid")
+        rows = self.store.list(tenant, size, before)
+        token = str(rows[-1].seq) if len(rows) == size else ""
+        return pb.ListBatchesResponse(batches=[batch_to_proto(r) for r in rows], next_page_token=token)
+
+    def CancelBatch(self, request, context):
+        tenant = self._tenant(context)
+        row = self._owned_batch(request.batch_id, tenant, context)
+        if self.store.terminate(row.id, "cancelled", "batch cancelled"):
+            log.info("batch %s cancelled", row.id)
+            self.runner.cancel_batch(row.id, "cancelled")
+        return batch_to_proto(self.store.get(row.id))
+
+    def StreamBatchResults(self, request, context):
+        tenant = self._tenant(context)
+        row = self._owned_batch(request.batch_id, tenant, context)
+        if not 0 <= request.start_index <= row.total:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"start_index must be in [0, {row.total}], got {request.start_index}")
+        nxt = request.start_index
+        while nxt < row.total:
+            version = self.store.version
+            progressed = False
+            for idx, blob in self.store.results(row.id, nxt):
+                if idx != nxt:
+                    break  # a gap: that item is not finished yet
+                yield pb.BatchResult.FromString(blob)
+                nxt, progressed = nxt + 1, True
+            if progressed:
+                continue
+            self.store.wait_for_change(version, 0.5)
+            if not context.is_active():
+                return
+            if self.store.closed:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+
+    # ---- stats -------------------------------------------------------------------------
+    def GetServerStats(self, request, context):
+        self._tenant(context)
+        counts = self.store.counts()
+        with self._lock:
+            online = self._online
+        return convert.stats_to_proto(
+            self.engine.stats(), online_in_flight=online,
+            online_queue_limit=self.options.max_online_queue,
+            batches_active=counts["batches_active"],
+            batch_items_pending=counts["batch_items_pending"],
+            batch_items_in_flight=self.runner.in_flight,
+            uptime_s=time.monotonic() - self._started)
