@@ -74,5 +74,11 @@ class EngineConfig:
     safepoint_interval: int = 4  # layers between preemption safepoints
     max_logprobs: int = 20
     compilation_cache_dir: Optional[str] = None
-    policy: str = "fcfs"
+    policy: str = "conserve"
     seed: int = 0
+    # online latency objectives used when a request gives none (seconds)
+    default_ttft_s: float = 2.0
+    default_tpot_s: float = 0.2
+    latency_model_path: Optional[str] = None  # from `conserve-jax profile`; None: profile at start
+    sarathi_token_budget: int = 256  # tokens per iteration for the `sarathi` baseline
+    warmup: bool = False  # compile every shape bucket before serving

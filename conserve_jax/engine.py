@@ -20,9 +20,11 @@ import numpy as np
 from conserve_jax.config import EngineConfig
 from conserve_jax.engine_api import (EngineAPI, EngineStats, GenerationRequest, RequestOutput,
                                      RequestStream, validate_prompt)
+from conserve_jax.kv.checkpointer import KVCheckpointer
 from conserve_jax.kv.kv_manager import KVManager
 from conserve_jax.output_processor import OutputProcessor, OutputState
 from conserve_jax.runtime.compile_cache import enable_compilation_cache
+from conserve_jax.scheduling.latency_cache import load_or_profile
 from conserve_jax.scheduling.policies import make_policy
 from conserve_jax.scheduling.scheduler import Scheduler, ScheduledStep
 from conserve_jax.scheduling.sequence import Sequence
@@ -31,7 +33,8 @@ log = logging.getLogger(__name__)
 
 
 class Engine(EngineAPI):
-    def __init__(self, config: EngineConfig, loaded=None, warmup: bool = False) -> None:
+    def __init__(self, config: EngineConfig, loaded=None, warmup: Optional[bool] = None) -> None:
+        warmup = config.warmup if warmup is None else warmup
         enable_compilation_cache(config.compilation_cache_dir)
         if loaded is None:
             from conserve_jax.models.loader import load_model
@@ -46,8 +49,15 @@ class Engine(EngineAPI):
         if warmup:
             self.runner.warmup()
         self.kv = KVManager(self.runner.num_blocks, config.cache.block_size)
-        self.policy = make_policy(config)
+        self.policy = make_policy(config, lambda: load_or_profile(self.runner, config))
         self.scheduler = Scheduler(config, self.kv, self.policy)
+        self.checkpointer = None
+        if self.policy.checkpointing:
+            self.checkpointer = KVCheckpointer(self.runner, config.cache.host_pool_bytes)
+            self.scheduler.on_evict = self._kept_on_host
+            self.scheduler.on_remove = self.checkpointer.release
+            if warmup:
+                self.checkpointer.warmup()
         self.outputs = OutputProcessor(self._tokenizer, self._max_model_len)
         self._rng = np.random.default_rng(config.seed)
         self._lock = threading.Condition()
@@ -167,6 +177,8 @@ class Engine(EngineAPI):
             time.sleep(0.001)  # nothing fits now (e.g. memory); new intake may change that
             return
         try:
+            for slots, blocks in step.restores:
+                self.checkpointer.restore(slots, blocks)
             t0 = time.perf_counter()
             result = self.runner.execute(step.plan, self.policy.safepoint(step, self))
             elapsed = time.perf_counter() - t0
@@ -181,6 +193,9 @@ class Engine(EngineAPI):
             return
         self.policy.on_step_done(step, elapsed, self)
         sampled = self.scheduler.commit(step, result)
+        if self.checkpointer is not None:
+            self.checkpointer.checkpoint_new_blocks(
+                [e.seq for e in step.entries if not e.seq.online])
         counts = [0, 0]
         for seq, tok in sampled:
             counts[0 if seq.online else 1] += 1
@@ -195,6 +210,23 @@ class Engine(EngineAPI):
             self._totals[0] += counts[0]
             self._totals[1] += counts[1]
             self._history.append((time.monotonic(), counts[0], counts[1]))
+
+    def _kept_on_host(self, seq: Sequence) -> int:
+        """Eviction hook: tokens of `seq` whose KV is safely on host (the rest recompute)."""
+        self.checkpointer.wait_pending()
+        return min(len(seq.host_slots) * self.kv.block_size, seq.num_computed,
+                   len(seq.token_ids) - 1)
+
+    def earliest_online_arrival(self):
+        """(sequence, arrival time) of the oldest online request not yet scheduled, or None.
+        Called by safepoints on the step-loop thread."""
+        with self._lock:
+            cands = [s for s in self._intake if s.online]
+        cands += list(self.scheduler.waiting_online)
+        if not cands:
+            return None
+        s = min(cands, key=lambda s: s.arrival)
+        return s, s.arrival
 
     def _finish(self, seq: Sequence, reason: str, error: Optional[str] = None) -> None:
         entry = self._seqs.pop(seq.request_id, None)

@@ -36,7 +36,7 @@ class LLM:
                  max_model_len: int = 2048, max_num_seqs: int = 32,
                  max_prefill_tokens: int = 512, block_size: int = 16,
                  num_blocks: Optional[int] = None, kv_memory_bytes: int = 1 << 30,
-                 policy: str = "fcfs", seed: int = 0, warmup: bool = False,
+                 policy: str = "conserve", seed: int = 0, warmup: bool = False,
                  compilation_cache_dir: Optional[str] = None, **engine_kw) -> None:
         from conserve_jax.engine import Engine
 

@@ -1,15 +1,4 @@
-"""Policy registry: `--policy NAME` -> a `Policy` instance."""
-from __future__ import annotations
+"""Policy registry: `--policy NAME` -> a `Policy` instance (see coserve_policies.py)."""
+from conserve_jax.scheduling.coserve_policies import POLICY_NAMES, build as make_policy
 
-from conserve_jax.config import EngineConfig
-from conserve_jax.scheduling.policy import FcfsPolicy, Policy
-
-POLICIES = {"fcfs": FcfsPolicy}
-
-
-def make_policy(cfg: EngineConfig) -> Policy:
-    try:
-        cls = POLICIES[cfg.policy]
-    except KeyError:
-        raise ValueError(f"policy must be one of {sorted(POLICIES)}, got {cfg.policy!r}") from None
-    return cls(cfg.max_num_seqs, cfg.max_prefill_tokens)
+__all__ = ["POLICY_NAMES", "make_policy"]

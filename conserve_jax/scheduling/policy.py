@@ -23,7 +23,7 @@ class StepBudget:
     max_prefill_tokens: int
     max_decodes: int
 
-    def decodes_left(self, step: "ScheduledStep") -> int:
+    def decodes_left(self, step: "ScheduledStep", seq: "Sequence" = None) -> int:
         return min(self.max_decodes - len(step.plan.decodes),
                    self.max_tokens - step.plan.num_tokens)
 
@@ -39,6 +39,8 @@ class Policy:
     (except `accepts`, called by `Engine.submit` on the caller's thread: keep it pure)."""
 
     name = "fcfs"
+    priority = True  # online before offline, and online may evict offline
+    checkpointing = False  # evicted offline requests keep a host copy of their KV
 
     def __init__(self, max_num_seqs: int, max_prefill_tokens: int) -> None:
         self.max_num_seqs = max_num_seqs

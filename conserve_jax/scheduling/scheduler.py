@@ -4,20 +4,22 @@ Owned by the engine's step-loop thread; nothing here is thread-safe. Every itera
 online work first (running decodes, then prefill chunks), then offline work, each
 sequence admitted only while the policy's `StepBudget` (tokens, and predicted time when a
 latency model is present) still has room. KV memory: online sequences may evict offline
-ones; offline sequences never evict anybody. `commit` applies a finished iteration,
-`abandon` drops one the runner gave up at a safepoint.
+ones; offline sequences never evict anybody. A policy without priority (non-preemptive)
+sees one queue in arrival order. `commit` applies a finished iteration, `abandon` drops
+one the runner gave up at a safepoint.
 """
 from __future__ import annotations
 
 import collections
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 from conserve_jax.config import EngineConfig
 from conserve_jax.kv.kv_manager import KVManager
 from conserve_jax.runtime.step_plan import (DecodeItem, PrefillItem, SampledToken, SampleSpec,
                                             StepPlan, StepResult)
+from conserve_jax.scheduling.latency_model import WorkShape
 from conserve_jax.scheduling.policy import Policy, StepBudget
 from conserve_jax.scheduling.sequence import Sequence, SeqStatus
 
@@ -34,6 +36,8 @@ class Scheduled:
 class ScheduledStep:
     plan: StepPlan
     entries: list[Scheduled] = field(default_factory=list)
+    work: WorkShape = field(default_factory=WorkShape)
+    restores: list[tuple[list[int], list[int]]] = field(default_factory=list)  # (host slots, blocks)
 
     @property
     def has_online(self) -> bool:
@@ -47,7 +51,8 @@ class ScheduledStep:
 @dataclass
 class SchedulerCounters:
     evictions: int = 0
-    recomputed_tokens: int = 0
+    recomputed_tokens: int = 0  # committed tokens thrown away by evictions
+    restored_tokens: int = 0  # tokens brought back from host checkpoints
     preemptions: int = 0  # iterations abandoned at a safepoint
     preempted_tokens_discarded: int = 0
 
@@ -61,7 +66,9 @@ class Scheduler:
         self.waiting_offline: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
         self.counters = SchedulerCounters()
-        self.on_evict = None  # optional hook(seq) -> bool: True when it kept a host copy
+        # on_evict(seq) -> tokens kept on host (0: recompute); on_remove(seq) frees host copies
+        self.on_evict: Optional[Callable[[Sequence], int]] = None
+        self.on_remove: Optional[Callable[[Sequence], None]] = None
 
     # ---- intake -------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -75,40 +82,43 @@ class Scheduler:
             if seq in q:
                 q.remove(seq)
         self.kv.release(seq)
+        if self.on_remove:
+            self.on_remove(seq)
         seq.status = SeqStatus.FINISHED
 
     @property
     def has_work(self) -> bool:
         return bool(self.running or self.waiting_online or self.waiting_offline)
 
-    def online_active(self) -> bool:
-        return bool(self.waiting_online) or any(s.online for s in self.running)
-
     # ---- one iteration ------------------------------------------------------------------
     def schedule(self) -> ScheduledStep:
         step = ScheduledStep(StepPlan())
         budget = self.policy.budget(self)
-        online_running = [s for s in self.running if s.online]
-        offline_running = [s for s in self.running if not s.online]
-        self._fill(step, budget, online_running, online=True)
-        self._fill(step, budget, list(self.waiting_online), online=True, waiting=True)
-        if self.policy.admits_offline(self, step):
-            self._fill(step, budget, offline_running, online=False)
-            self._fill(step, budget, list(self.waiting_offline), online=False, waiting=True)
+        if not self.policy.priority:
+            waiting = sorted(list(self.waiting_online) + list(self.waiting_offline),
+                             key=lambda s: s.arrival)
+            self._fill(step, budget, sorted(self.running, key=lambda s: s.arrival))
+            self._fill(step, budget, waiting, waiting=True)
+            return step
+        self._fill(step, budget, [s for s in self.running if s.online])
+        self._fill(step, budget, list(self.waiting_online), waiting=True)
+        self._fill(step, budget, [s for s in self.running if not s.online])
+        self._fill(step, budget, list(self.waiting_offline), waiting=True)
         return step
 
-    def _fill(self, step: ScheduledStep, budget: StepBudget, seqs: list[Sequence], online: bool,
+    def _fill(self, step: ScheduledStep, budget: StepBudget, seqs: list[Sequence],
               waiting: bool = False) -> None:
         for seq in seqs:
-            if seq.status is SeqStatus.FINISHED or seq in [e.seq for e in step.entries]:
+            if seq.status is SeqStatus.FINISHED:
                 continue
-            if waiting and len(self.running) >= self.cfg.max_num_seqs:
+            if waiting and len(self.running) >= self.cfg.max_num_seqs \
+                    and not self._free_a_slot(seq, step):
                 return
             decode = not seq.in_prefill
             if decode:
                 n = 1
-                if budget.decodes_left(step) <= 0:
-                    return
+                if budget.decodes_left(step, seq) <= 0:
+                    continue
             else:
                 if len(step.plan.prefills) >= self.cfg.max_prefill_seqs:
                     continue
@@ -117,22 +127,48 @@ class Scheduler:
                     continue
             if not self._ensure_blocks(seq, seq.num_computed + n, step):
                 if waiting:
-                    return  # keep arrival order: do not let later requests jump ahead
+                    return  # keep arrival order: later requests do not jump ahead
                 continue
             if waiting:
-                (self.waiting_online if online else self.waiting_offline).remove(seq)
-                seq.status = SeqStatus.RUNNING
-                self.running.append(seq)
+                self._start(seq, step)
             self._add_entry(step, seq, n, decode)
 
+    def _free_a_slot(self, seq: Sequence, step: ScheduledStep) -> bool:
+        """An online request finding every slot taken evicts an offline one."""
+        if not (seq.online and self.policy.priority):
+            return False
+        scheduled = {id(e.seq) for e in step.entries}
+        for v in reversed(self.running):
+            if not v.online and id(v) not in scheduled:
+                self.evict(v)
+                return True
+        return False
+
+    def _start(self, seq: Sequence, step: ScheduledStep) -> None:
+        (self.waiting_online if seq.online else self.waiting_offline).remove(seq)
+        seq.status = SeqStatus.RUNNING
+        self.running.append(seq)
+        if seq.num_computed and seq.host_slots:  # resume from the host checkpoint
+            n = -(-seq.num_computed // self.kv.block_size)
+            step.restores.append((seq.host_slots[:n], seq.blocks[:n]))
+            self.counters.restored_tokens += seq.num_computed
+
     def _ensure_blocks(self, seq: Sequence, upto: int, step: ScheduledStep) -> bool:
+        """Grow `seq`'s blocks, evicting others when memory is short: online requests evict
+        offline ones; any request evicts later arrivals of its own class (so running work
+        cannot deadlock on memory). Offline work never evicts online work."""
         if self.kv.grow(seq, upto):
             return True
-        if not seq.online:
-            return False  # offline work never takes memory from anybody
         scheduled = {id(e.seq) for e in step.entries}
-        victims = [s for s in reversed(self.running)
-                   if not s.online and id(s) not in scheduled and s.blocks]
+        later = lambda s: s.arrival > seq.arrival or (s.arrival == seq.arrival and id(s) != id(seq))
+        cands = [s for s in reversed(self.running) if s is not seq and id(s) not in scheduled
+                 and s.blocks]
+        if self.policy.priority and seq.online:
+            victims = [s for s in cands if not s.online] + [s for s in cands if s.online and later(s)]
+        elif self.policy.priority:
+            victims = [s for s in cands if not s.online and later(s)]
+        else:
+            victims = [s for s in cands if later(s)]
         for v in victims:
             self.evict(v)
             if self.kv.grow(seq, upto):
@@ -140,12 +176,11 @@ class Scheduler:
         return False
 
     def evict(self, seq: Sequence) -> None:
-        """Free a running offline sequence's device KV now; it resumes later, from its host
-        checkpoint when `on_evict` kept one, else by recomputing."""
-        kept = bool(self.on_evict and self.on_evict(seq))
-        if not kept:
-            self.counters.recomputed_tokens += seq.num_computed
-            seq.num_computed = 0
+        """Free a running offline sequence's device KV now. It resumes later from its host
+        checkpoint (tokens `on_evict` reports kept) and recomputes the rest."""
+        kept = self.on_evict(seq) if self.on_evict and not seq.online else 0
+        self.counters.recomputed_tokens += seq.num_computed - kept
+        seq.num_computed = kept
         self.kv.release(seq)
         self.running.remove(seq)
         seq.status = SeqStatus.WAITING
@@ -160,11 +195,14 @@ class Scheduler:
             sp = seq.request.sampling
             spec = SampleSpec(sp.temperature, sp.top_k, sp.top_p, seq.seed, seq.num_generated,
                               sp.logprobs)
+        end = seq.num_computed + n
         if decode:
             step.plan.decodes.append(DecodeItem(seq.token_ids[-1], seq.num_computed, seq.blocks, spec))
+            step.work = step.work.add_decode(end)
         else:
-            toks = seq.token_ids[seq.num_computed: seq.num_computed + n]
+            toks = seq.token_ids[seq.num_computed: end]
             step.plan.prefills.append(PrefillItem(toks, seq.num_computed, seq.blocks, spec))
+            step.work = step.work.add_prefill(n, end, samples)
         step.entries.append(Scheduled(seq, n, samples, decode))
 
     # ---- results ------------------------------------------------------------------------

@@ -1,0 +1,46 @@
+"""Where the engine gets its latency model: a file from `conserve-jax profile`, or a quick
+profiling sweep at start-up, remembered on disk per model shape, buckets and machine so
+that later starts skip it. Called once by the engine constructor."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+
+import jax
+
+from conserve_jax.config import EngineConfig
+from conserve_jax.scheduling.latency_model import LatencyModel
+
+log = logging.getLogger(__name__)
+
+
+def _cache_path(runner, cfg: EngineConfig) -> str:
+    key = json.dumps({"model": repr(runner.cfg), "dtype": str(runner.dtype), "tp": cfg.tp,
+                      "buckets": repr(runner.buckets), "block": runner.block_size,
+                      "backend": jax.default_backend(), "cpus": os.cpu_count(),
+                      "jax": jax.__version__}, sort_keys=True)
+    h = hashlib.sha256(key.encode()).hexdigest()[:16]
+    base = cfg.compilation_cache_dir or os.path.join(os.path.expanduser("~"), ".cache",
+                                                     "conserve-jax")
+    return os.path.join(base, "latency", f"{h}.json")
+
+
+def load_or_profile(runner, cfg: EngineConfig) -> LatencyModel:
+    args = (runner.buckets, runner.block_size, runner.cfg.num_layers)
+    if cfg.latency_model_path:
+        return LatencyModel.load(cfg.latency_model_path, *args)
+    path = _cache_path(runner, cfg)
+    if os.path.exists(path):
+        try:
+            return LatencyModel.load(path, *args)
+        except (ValueError, KeyError, json.JSONDecodeError):
+            log.warning("ignoring unreadable latency model cache %s", path)
+    from conserve_jax.scheduling.profiler import profile_and_fit
+
+    log.info("no latency model given: profiling (quick sweep)")
+    model = profile_and_fit(runner, quick=True)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    model.save(path)
+    return model

@@ -1,0 +1,126 @@
+"""Iteration latency model: predicted seconds of one iteration from the work in it.
+
+ConServe-style separate terms, fitted by least squares on profiled iterations:
+
+    t = c0 + c_tok * T + c_dec_ctx * (D * L) + c_pre_ctx * (Tp * Bp * L) + c_rows * S
+
+where T is the padded token count, D the decode-sequence bucket, L the gathered context
+per sequence (blocks * block size), Tp/Bp the prefill token and sequence buckets, S the
+sampled-row bucket. Features are taken on the *bucketed* shapes because that is the work
+the device really does. The engine corrects the fit online with a multiplicative factor
+(an exponential average of measured / predicted). Pure host code; the scheduler (step-loop
+thread) calls `predict` many times per iteration, so it is cheap.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+import numpy as np
+
+from conserve_jax.runtime.buckets import BucketSet, bucket_for
+
+FEATURES = ("const", "tokens", "decode_context", "prefill_context", "sample_rows")
+
+
+@dataclass
+class WorkShape:
+    """Unpadded work of an iteration (what the scheduler knows while planning)."""
+
+    num_decodes: int = 0
+    prefill_tokens: int = 0
+    prefill_seqs: int = 0
+    max_context: int = 0  # longest context among scheduled sequences, in tokens
+    sample_rows: int = 0
+
+    def add_decode(self, context: int) -> "WorkShape":
+        return WorkShape(self.num_decodes + 1, self.prefill_tokens, self.prefill_seqs,
+                         max(self.max_context, context), self.sample_rows + 1)
+
+    def add_prefill(self, n: int, context: int, samples: bool) -> "WorkShape":
+        return WorkShape(self.num_decodes, self.prefill_tokens + n, self.prefill_seqs + 1,
+                         max(self.max_context, context), self.sample_rows + int(samples))
+
+
+def features(w: WorkShape, buckets: BucketSet, block_size: int) -> np.ndarray:
+    D = bucket_for(w.num_decodes, buckets.decode)
+    TP = bucket_for(w.prefill_tokens, buckets.prefill_tokens)
+    BP = bucket_for(max(1, w.prefill_seqs), buckets.prefill_seqs) if TP else 0
+    L = bucket_for(max(1, -(-w.max_context // block_size)), buckets.context_blocks) * block_size
+    S = bucket_for(max(1, w.sample_rows), buckets.sample_rows) if w.sample_rows else 0
+    return np.array([1.0, D + TP, D * L, TP * BP * L, S], np.float64)
+
+
+@dataclass
+class LatencyModel:
+    coef: np.ndarray
+    buckets: BucketSet
+    block_size: int
+    num_layers: int
+    correction: float = 1.0
+    alpha: float = 0.05  # weight of one new measurement in the online correction
+    fit_error: dict = field(default_factory=dict)  # relative errors on held-out points
+
+    def predict(self, w: WorkShape) -> float:
+        return float(max(0.0, features(w, self.buckets, self.block_size) @ self.coef)) * self.correction
+
+    def observe(self, w: WorkShape, measured_s: float) -> None:
+        """Online correction from a measured iteration (step-loop thread)."""
+        base = float(features(w, self.buckets, self.block_size) @ self.coef)
+        if base > 0 and measured_s > 0:
+            ratio = min(4.0, max(0.25, measured_s / base))
+            self.correction = (1 - self.alpha) * self.correction + self.alpha * ratio
+
+    # ---- fitting ------------------------------------------------------------------------
+    @classmethod
+    def fit(cls, samples: Iterable[tuple[WorkShape, float]], buckets: BucketSet,
+            block_size: int, num_layers: int, holdout_every: int = 4) -> "LatencyModel":
+        """Least squares on relative error (rows weighted by 1/t), non-negative terms;
+        every `holdout_every`-th sample is held out to report the fit's error."""
+        samples = list(samples)
+        train = [s for i, s in enumerate(samples) if i % holdout_every != holdout_every - 1]
+        test = [s for i, s in enumerate(samples) if i % holdout_every == holdout_every - 1]
+        coef = _nnls_relative(train, buckets, block_size)
+        m = cls(coef, buckets, block_size, num_layers)
+        errs = [abs(m.predict(w) - t) / t for w, t in (test or train)]
+        m.fit_error = {"held_out_points": len(test), "median_rel_error": float(np.median(errs)),
+                       "p90_rel_error": float(np.percentile(errs, 90)),
+                       "max_rel_error": float(np.max(errs))}
+        return m
+
+    def to_json(self) -> dict:
+        return {"features": list(FEATURES), "coef": [float(c) for c in self.coef],
+                "block_size": self.block_size, "num_layers": self.num_layers,
+                "fit_error": self.fit_error}
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_json(), f, indent=2)
+
+    @classmethod
+    def load(cls, path: str, buckets: BucketSet, block_size: int, num_layers: int) -> "LatencyModel":
+        with open(path) as f:
+            d = json.load(f)
+        if d.get("features") != list(FEATURES):
+            raise ValueError(f"{path}: latency model features {d.get('features')} != {FEATURES}")
+        if d.get("num_layers") != num_layers:
+            raise ValueError(f"{path} was profiled for {d.get('num_layers')} layers, "
+                             f"this model has {num_layers}")
+        return cls(np.asarray(d["coef"], np.float64), buckets, block_size, num_layers,
+                   fit_error=d.get("fit_error", {}))
+
+
+def _nnls_relative(samples, buckets: BucketSet, block_size: int) -> np.ndarray:
+    X = np.stack([features(w, buckets, block_size) for w, _ in samples])
+    y = np.array([t for _, t in samples])
+    Xw, yw = X / y[:, None], np.ones_like(y)
+    active = np.ones(X.shape[1], bool)
+    for _ in range(X.shape[1]):  # drop negative terms one at a time (tiny active-set NNLS)
+        coef = np.zeros(X.shape[1])
+        coef[active] = np.linalg.lstsq(Xw[:, active], yw, rcond=None)[0]
+        neg = np.where(active & (coef < 0))[0]
+        if not len(neg):
+            return coef
+        active[neg[np.argmin(coef[neg])]] = False
+    return np.maximum(coef, 0)

@@ -1,0 +1,180 @@
+"""Co-serving invariants: offline greedy outputs are identical whether a request ran alone,
+was abandoned at a layer safepoint, was checkpointed and resumed, or was evicted and
+recomputed; no KV block or host-pool slot leaks; online requests are never preempted."""
+import pytest
+
+from conserve_jax.engine_api import RequestClass
+from tests.coserve_helpers import (assert_no_leaks, collect, engine, prompts, req, wait_until)
+
+OFFLINE = prompts(4, 60, seed=1)
+ONLINE = prompts(3, 90, seed=2)
+N_OFF, N_ON = 40, 12
+
+
+@pytest.fixture(scope="module")
+def alone():
+    """Reference: every request alone in a roomy engine."""
+    eng = engine(policy="fcfs", num_blocks=256)
+    try:
+        out = {}
+        for i, p in enumerate(OFFLINE):
+            out[f"off{i}"] = collect(eng.submit(req(f"off{i}", p, N_OFF)))[0]
+        for i, p in enumerate(ONLINE):
+            out[f"on{i}"] = collect(eng.submit(req(f"on{i}", p, N_ON, online=True)))[0]
+        return out
+    finally:
+        eng.shutdown()
+
+
+def _run_mix(eng, online_after_tokens=8):
+    """Offline requests first; once they are decoding, online requests that need their
+    memory arrive."""
+    offs = {f"off{i}": eng.submit(req(f"off{i}", p, N_OFF)) for i, p in enumerate(OFFLINE)}
+    wait_until(lambda: eng.stats().offline_tokens_total >= online_after_tokens)
+    ons = {f"on{i}": eng.submit(req(f"on{i}", p, N_ON, online=True, ttft=30, tpot=30))
+           for i, p in enumerate(ONLINE)}
+    return {k: collect(s)[0] for k, s in {**offs, **ons}.items()}
+
+
+def _record_evictions(eng):
+    evicted = []
+    orig = eng.scheduler.evict
+
+    def evict(seq):
+        evicted.append(seq)
+        orig(seq)
+
+    eng.scheduler.evict = evict
+    return evicted
+
+
+def test_checkpointed_and_resumed_matches_alone(alone):
+    eng = engine(policy="conserve", num_blocks=30)  # too small for everything at once
+    try:
+        evicted = _record_evictions(eng)
+        got = _run_mix(eng)
+        st = eng.stats()
+        assert evicted and all(not s.online for s in evicted)
+        assert eng.scheduler.counters.restored_tokens > 0
+        assert eng.checkpointer.counters.blocks_restored > 0
+        assert got == alone
+        assert_no_leaks(eng)
+        assert st.evictions == len(evicted)
+    finally:
+        eng.shutdown()
+
+
+def test_evicted_and_recomputed_matches_alone(alone):
+    eng = engine(policy="priority-recompute", num_blocks=30)
+    try:
+        evicted = _record_evictions(eng)
+        got = _run_mix(eng)
+        assert evicted and all(not s.online for s in evicted)
+        assert eng.scheduler.counters.recomputed_tokens > 0
+        assert got == alone
+        assert_no_leaks(eng)
+    finally:
+        eng.shutdown()
+
+
+def test_host_pool_full_falls_back_to_recompute(alone):
+    block_bytes = 4 * 2 * 2 * 16 * 32 * 4  # layers*2*kv_heads*block*head_dim*4 (random:small)
+    eng = engine(policy="conserve", num_blocks=30, host_pool_bytes=3 * block_bytes)
+    try:
+        assert eng.checkpointer.pool.num_slots == 3
+        got = _run_mix(eng)
+        assert eng.checkpointer.counters.blocks_skipped_pool_full > 0
+        assert eng.scheduler.counters.recomputed_tokens > 0
+        assert got == alone
+        assert_no_leaks(eng)
+    finally:
+        eng.shutdown()
+
+
+def test_abandoned_at_safepoint_matches_alone(alone):
+    """An online request with an impossible TTFT arrives in the middle of an offline-only
+    iteration: the runner stops at the next safepoint, the iteration is dropped, and the
+    offline requests still produce exactly their solo tokens."""
+    eng = engine(policy="conserve", num_blocks=256)
+    try:
+        injected = []
+        orig = eng.earliest_online_arrival
+        abandoned_steps = []
+        orig_abandon = eng.scheduler.abandon
+
+        def abandon(step):
+            abandoned_steps.append(step)
+            orig_abandon(step)
+
+        eng.scheduler.abandon = abandon
+
+        def arrival():
+            # first safepoint of an offline iteration after some progress: inject online
+            if not injected and eng.stats().offline_tokens_total >= 4:
+                injected.append(eng.submit(req("on0", ONLINE[0], N_ON, online=True,
+                                               ttft=1e-6, tpot=30)))
+            return orig()
+
+        eng.earliest_online_arrival = arrival
+        offs = {f"off{i}": eng.submit(req(f"off{i}", p, N_OFF)) for i, p in enumerate(OFFLINE)}
+        got = {k: collect(s)[0] for k, s in offs.items()}
+        wait_until(lambda: injected)
+        got["on0"] = collect(injected[0])[0]
+        assert eng.stats().preemptions >= 1
+        assert abandoned_steps and all(not s.has_online for s in abandoned_steps)
+        assert eng.policy.preemption_log.latencies_s
+        for k in got:
+            assert got[k] == alone[k], k
+        assert_no_leaks(eng)
+    finally:
+        eng.shutdown()
+
+
+def test_no_leaks_after_cancel_and_failure():
+    eng = engine(policy="conserve", num_blocks=40)
+    try:
+        streams = [eng.submit(req(f"c{i}", p, 200)) for i, p in enumerate(OFFLINE)]
+        wait_until(lambda: eng.stats().offline_tokens_total >= 10)
+        for i in range(len(OFFLINE)):
+            eng.cancel(f"c{i}")
+        assert all(collect(s)[1] == "cancelled" for s in streams)
+        assert_no_leaks(eng)
+        # a failing iteration fails its requests and frees everything they held
+        orig = eng.runner.execute
+        calls = []
+
+        def boom(plan, safepoint=None):
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError("injected device failure")
+            return orig(plan, safepoint)
+
+        eng.runner.execute = boom
+        streams = [eng.submit(req(f"f{i}", p, 30)) for i, p in enumerate(OFFLINE)]
+        reasons = [collect(s)[1] for s in streams]
+        assert "error" in reasons
+        assert_no_leaks(eng)
+    finally:
+        eng.shutdown()
+
+
+def test_online_only_refuses_offline():
+    eng = engine(policy="online-only")
+    try:
+        with pytest.raises(ValueError, match="offline"):
+            eng.submit(req("x", OFFLINE[0], 4))
+        assert collect(eng.submit(req("y", OFFLINE[0], 4, online=True)))[1] == "length"
+    finally:
+        eng.shutdown()
+
+
+def test_non_preemptive_never_evicts_offline():
+    # the offline requests fit together (30 blocks); with the online ones they do not
+    eng = engine(policy="non-preemptive", num_blocks=40)
+    try:
+        evicted = _record_evictions(eng)
+        got = _run_mix(eng)
+        assert not [s for s in evicted if not s.online] and len(got) == 7
+        assert_no_leaks(eng)
+    finally:
+        eng.shutdown()
