@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "serve": ("server.main", "run the gRPC server"),
     "profile": ("conserve_jax.scheduling.profile_cli", "fit the iteration latency model"),
     "loadtest": ("conserve_jax.loadtest.cli", "load-test a running server"),
+    "demo": ("conserve_jax.cli_demo", "serve the default model and show it working end to end"),
 }
 
 

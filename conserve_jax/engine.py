@@ -133,7 +133,11 @@ class Engine(EngineAPI):
             offline_tokens_per_s=sum(h[2] for h in recent) / span if recent else 0.0,
             online_tokens_total=totals[0], offline_tokens_total=totals[1],
             preemptions=c.preemptions, preempted_tokens_discarded=c.preempted_tokens_discarded,
-            evictions=c.evictions, recomputed_tokens=c.recomputed_tokens, iterations=iterations)
+            evictions=c.evictions, recomputed_tokens=c.recomputed_tokens,
+            restored_tokens=c.restored_tokens, iterations=iterations)
+        if self.checkpointer is not None:
+            st.host_pool_slots_total = self.checkpointer.pool.num_slots
+            st.host_pool_slots_used = self.checkpointer.pool.num_used
         self.policy.fill_stats(st)
         return st
 
