@@ -178,3 +178,17 @@ def test_non_preemptive_never_evicts_offline():
         assert_no_leaks(eng)
     finally:
         eng.shutdown()
+
+
+def test_checkpoint_and_resume_with_tensor_parallel_cache(alone):
+    """The host checkpoint gathers and restores blocks of a KV cache split over devices."""
+    eng = engine(policy="conserve", num_blocks=30, tp=2)
+    try:
+        assert len(eng.runner.caches[0][0].sharding.device_set) == 2
+        got = _run_mix(eng)
+        assert eng.checkpointer.counters.blocks_restored > 0
+        assert got == alone
+        assert len(eng.runner.caches[0][0].sharding.device_set) == 2
+        assert_no_leaks(eng)
+    finally:
+        eng.shutdown()
