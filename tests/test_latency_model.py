@@ -32,7 +32,7 @@ def _shapes(rng, n):
 
 
 def test_fit_recovers_known_coefficients():
-    true = np.array([1e-3, 2e-5, 3e-8, 1e-8, 5e-5])
+    true = np.array([1e-3, 2e-5, 3e-8, 1e-8, 2e-9, 5e-5])
     rng = np.random.default_rng(0)
     samples = [(w, float(features(w, BUCKETS, 16) @ true)) for w in _shapes(rng, 80)]
     m = LatencyModel.fit(samples, BUCKETS, 16, num_layers=4)
@@ -41,7 +41,7 @@ def test_fit_recovers_known_coefficients():
 
 
 def test_online_correction_tracks_a_slowdown():
-    true = np.array([1e-3, 2e-5, 3e-8, 1e-8, 5e-5])
+    true = np.array([1e-3, 2e-5, 3e-8, 1e-8, 2e-9, 5e-5])
     m = LatencyModel(true, BUCKETS, 16, 4)
     w = WorkShape().add_decode(100)
     for _ in range(200):
@@ -50,7 +50,7 @@ def test_online_correction_tracks_a_slowdown():
 
 
 def test_save_and_load(tmp_path):
-    m = LatencyModel(np.array([1e-3, 2e-5, 3e-8, 1e-8, 5e-5]), BUCKETS, 16, 4,
+    m = LatencyModel(np.array([1e-3, 2e-5, 3e-8, 1e-8, 2e-9, 5e-5]), BUCKETS, 16, 4,
                      fit_error={"median_rel_error": 0.1})
     m.save(tmp_path / "lm.json")
     back = LatencyModel.load(str(tmp_path / "lm.json"), BUCKETS, 16, 4)

@@ -73,8 +73,10 @@ class AttentionMeta:
 
     slot_blocks/slot_offsets [T]: where each token's K/V is written (padding -> block 0).
     positions [T]. dec_tables [Bd, nb] and dec_lens [Bd]: decode sequences' blocks and
-    context lengths including the new token. pre_tables [Bp, nb]: prefill sequences'
-    blocks; pre_seq [Tp]: which prefill sequence each prefill row belongs to (-1 = pad).
+    context lengths including the new token. pre_tables [Bp, nb] and pre_start [Bp]:
+    prefill sequences' blocks holding their context *before* this chunk, and where the
+    chunk starts; pre_seq [Tp]: which prefill sequence each prefill row belongs to
+    (-1 = pad). Prefill rows of one sequence are contiguous and in position order.
     """
 
     slot_blocks: jax.Array
@@ -83,13 +85,14 @@ class AttentionMeta:
     dec_tables: jax.Array
     dec_lens: jax.Array
     pre_tables: jax.Array
+    pre_start: jax.Array
     pre_seq: jax.Array
 
 
 jax.tree_util.register_dataclass(
     AttentionMeta,
     data_fields=["slot_blocks", "slot_offsets", "positions", "dec_tables", "dec_lens",
-                 "pre_tables", "pre_seq"],
+                 "pre_tables", "pre_start", "pre_seq"],
     meta_fields=[])
 
 
@@ -100,9 +103,17 @@ def _gather_context(cache: jax.Array, tables: jax.Array) -> jax.Array:
     return g.reshape(kvh, b, nb * bs, hd)
 
 
-def paged_attention(q, k_cache, v_cache, meta: AttentionMeta, num_decode: int):
-    """q [T, kvh, g, hd] (already scaled and rotated) against the paged cache, which
-    already holds this iteration's K/V. Returns [T, kvh, g, hd]."""
+PREFILL_QUERY_BLOCK = 128  # prefill rows per causal block (keys past a block are skipped)
+
+
+def paged_attention(q, k_new, v_new, k_cache, v_cache, meta: AttentionMeta, num_decode: int):
+    """q [T, kvh, g, hd] (scaled, rotated); k_new/v_new [T, kvh, hd] this iteration's keys
+    and values, already written to the cache. Returns [T, kvh, g, hd].
+
+    Decode rows attend to their whole context read from the cache. Prefill rows attend to
+    (a) their sequence's context before the chunk, read from the cache, and (b) the chunk
+    itself, causally, from k_new/v_new in row blocks so that keys past a block's last row
+    are never computed; (a) and (b) share one softmax."""
     outs = []
     if num_decode:
         qd = q[:num_decode]
@@ -114,20 +125,38 @@ def paged_attention(q, k_cache, v_cache, meta: AttentionMeta, num_decode: int):
         p = jax.nn.softmax(s, axis=-1).astype(q.dtype)
         outs.append(jnp.einsum("bkgl,kbld->bkgd", p, vd))
     if q.shape[0] > num_decode:
-        qp = q[num_decode:]
-        kp = _gather_context(k_cache, meta.pre_tables)  # [kvh, Bp, L, hd]
-        vp = _gather_context(v_cache, meta.pre_tables)
-        kvh, bp, length, hd = kp.shape
-        kp = kp.reshape(kvh, bp * length, hd)
-        vp = vp.reshape(kvh, bp * length, hd)
-        s = jnp.einsum("tkgd,kjd->tkgj", qp, kp, preferred_element_type=jnp.float32)
-        key_seq = jnp.repeat(jnp.arange(bp), length)
-        key_pos = jnp.tile(jnp.arange(length), bp)
-        pos = meta.positions[num_decode:]
-        valid = (key_seq[None, :] == meta.pre_seq[:, None]) & (key_pos[None, :] <= pos[:, None])
-        s = jnp.where(valid[:, None, None, :], s, NEG_INF)
-        p = jax.nn.softmax(s, axis=-1).astype(q.dtype)
-        outs.append(jnp.einsum("tkgj,kjd->tkgd", p, vp))
+        outs.append(_prefill_attention(q[num_decode:], k_new[num_decode:], v_new[num_decode:],
+                                       k_cache, v_cache, meta, num_decode))
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
+
+
+def _prefill_attention(qp, kn, vn, k_cache, v_cache, meta: AttentionMeta, num_decode: int):
+    kp = _gather_context(k_cache, meta.pre_tables)  # [kvh, Bp, L, hd]
+    vp = _gather_context(v_cache, meta.pre_tables)
+    kvh, bp, length, hd = kp.shape
+    kp, vp = kp.reshape(kvh, bp * length, hd), vp.reshape(kvh, bp * length, hd)
+    seq, pos = meta.pre_seq, meta.positions[num_decode:]
+    key_seq = jnp.repeat(jnp.arange(bp), length)
+    key_pos = jnp.tile(jnp.arange(length), bp)
+    start = meta.pre_start[jnp.maximum(seq, 0)]  # [Tp]
+    prev_ok = (key_seq[None, :] == seq[:, None]) & (key_pos[None, :] < start[:, None])
+    s_prev = jnp.einsum("tkgd,kjd->tkgj", qp, kp, preferred_element_type=jnp.float32)
+    s_prev = jnp.where(prev_ok[:, None, None, :], s_prev, NEG_INF)
+    tp = qp.shape[0]
+    blk = min(PREFILL_QUERY_BLOCK, tp)
+    outs = []
+    for lo in range(0, tp, blk):
+        hi = min(tp, lo + blk)
+        sc = jnp.einsum("tkgd,skd->tkgs", qp[lo:hi], kn[:hi], preferred_element_type=jnp.float32)
+        ok = (seq[None, :hi] == seq[lo:hi, None]) & (pos[None, :hi] <= pos[lo:hi, None])
+        sc = jnp.where(ok[:, None, None, :], sc, NEG_INF)
+        sp = s_prev[lo:hi]
+        m = jnp.maximum(sp.max(-1, keepdims=True), sc.max(-1, keepdims=True))
+        pp, pc = jnp.exp(sp - m), jnp.exp(sc - m)
+        den = pp.sum(-1, keepdims=True) + pc.sum(-1, keepdims=True)
+        o = (jnp.einsum("tkgj,kjd->tkgd", pp.astype(qp.dtype), vp)
+             + jnp.einsum("tkgs,skd->tkgd", pc.astype(qp.dtype), vn[:hi]))
+        outs.append(o / den.astype(qp.dtype))
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
 
 
@@ -155,7 +184,7 @@ class DecoderLayer(nn.Module):
         v_cache = v_cache.at[:, meta.slot_blocks, meta.slot_offsets].set(
             v.transpose(1, 0, 2).astype(v_cache.dtype))
         q = q.reshape(t, kvh, nh // kvh, hd)
-        a = paged_attention(q, k_cache, v_cache, meta, num_decode).reshape(t, nh * hd)
+        a = paged_attention(q, k, v, k_cache, v_cache, meta, num_decode).reshape(t, nh * hd)
         x = x + dense("o_proj", cfg.hidden_size)(a)
         h = RMSNorm(cfg.rms_norm_eps, dt, name="post_norm")(x)
         g = dense("gate_proj", cfg.intermediate_size)(h)

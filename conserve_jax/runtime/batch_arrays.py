@@ -22,7 +22,8 @@ class BatchArrays:
     slot_offsets: np.ndarray  # [T]
     dec_tables: np.ndarray  # [D, NB]
     dec_lens: np.ndarray  # [D]
-    pre_tables: np.ndarray  # [BP, NB]
+    pre_tables: np.ndarray  # [BP, NB] blocks of the context before each chunk
+    pre_start: np.ndarray  # [BP]
     pre_seq: np.ndarray  # [TP]
     sample_rows: np.ndarray  # [S] rows of hidden to sample from
     sampling: SamplingRows
@@ -36,8 +37,8 @@ def build_batch(plan: StepPlan, buckets: BucketSet, block_size: int) -> BatchArr
     D = bucket_for(n_dec, buckets.decode)
     TP = bucket_for(n_pre_tok, buckets.prefill_tokens)
     BP = bucket_for(max(1, len(plan.prefills)), buckets.prefill_seqs)
-    ctx = [d.position + 1 for d in plan.decodes] + [p.start + len(p.tokens) for p in plan.prefills]
-    NB = bucket_for(-(-max(ctx) // block_size), buckets.context_blocks)
+    ctx = [d.position + 1 for d in plan.decodes] + [p.start for p in plan.prefills]
+    NB = bucket_for(max(1, -(-max(ctx) // block_size)), buckets.context_blocks)
     T = D + TP
 
     token_ids = np.zeros(T, np.int32)
@@ -47,6 +48,7 @@ def build_batch(plan: StepPlan, buckets: BucketSet, block_size: int) -> BatchArr
     dec_tables = np.zeros((D, NB), np.int32)
     dec_lens = np.zeros(D, np.int32)
     pre_tables = np.zeros((BP, NB), np.int32)
+    pre_start = np.zeros(BP, np.int32)
     pre_seq = np.full(TP, -1, np.int32)
 
     def table(bt: list[int], ctx_len: int) -> np.ndarray:
@@ -71,8 +73,9 @@ def build_batch(plan: StepPlan, buckets: BucketSet, block_size: int) -> BatchArr
         slot_blocks[row: row + n] = bt[pos // block_size]
         slot_offsets[row: row + n] = pos % block_size
         pre_seq[row - D: row - D + n] = j
-        t = table(p.block_table, p.start + n)
+        t = table(p.block_table, p.start)
         pre_tables[j, : len(t)] = t
+        pre_start[j] = p.start
         if p.sample is not None:
             sample_rows.append(row + n - 1)
         row += n
@@ -89,4 +92,4 @@ def build_batch(plan: StepPlan, buckets: BucketSet, block_size: int) -> BatchArr
     sample_idx = np.zeros(S, np.int32)
     sample_idx[: len(sample_rows)] = sample_rows
     return BatchArrays(token_ids, positions, slot_blocks, slot_offsets, dec_tables, dec_lens,
-                       pre_tables, pre_seq, sample_idx, rows, len(specs), (D, TP, BP, NB))
+                       pre_tables, pre_start, pre_seq, sample_idx, rows, len(specs), (D, TP, BP, NB))

@@ -128,7 +128,7 @@ class ModelRunner:
 
     def _meta(self, b: BatchArrays) -> AttentionMeta:
         return AttentionMeta(b.slot_blocks, b.slot_offsets, b.positions, b.dec_tables,
-                             b.dec_lens, b.pre_tables, b.pre_seq)
+                             b.dec_lens, b.pre_tables, b.pre_start, b.pre_seq)
 
     def _forward(self, b: BatchArrays, safepoint: Optional[Safepoint]):
         x, cos, sin = self._embed(self.embed, b.token_ids, b.positions, self.inv_freq)
@@ -175,7 +175,7 @@ class ModelRunner:
         for (D, TP, BP, NB) in shapes:
             T = D + TP
             z = lambda *s: np.zeros(s, np.int32)
-            meta = AttentionMeta(z(T), z(T), z(T), z(D, NB), z(D), z(BP, NB),
+            meta = AttentionMeta(z(T), z(T), z(T), z(D, NB), z(D), z(BP, NB), z(BP),
                                  np.full(TP, -1, np.int32))
             x, cos, sin = self._embed(self.embed, z(T), z(T), self.inv_freq)
             kc, vc = self.caches[0]

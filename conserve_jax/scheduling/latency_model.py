@@ -2,11 +2,13 @@
 
 ConServe-style separate terms, fitted by least squares on profiled iterations:
 
-    t = c0 + c_tok * T + c_dec_ctx * (D * L) + c_pre_ctx * (Tp * Bp * L) + c_rows * S
+    t = c0 + c_tok * T + c_dec_ctx * (D * L) + c_pre_ctx * (Tp * Bp * L)
+          + c_chunk * Tp^2 + c_rows * S
 
 where T is the padded token count, D the decode-sequence bucket, L the gathered context
-per sequence (blocks * block size), Tp/Bp the prefill token and sequence buckets, S the
-sampled-row bucket. Features are taken on the *bucketed* shapes because that is the work
+per sequence (blocks * block size; for a prefill chunk, the context before it), Tp/Bp the
+prefill token and sequence buckets (Tp^2: attention inside the chunks), S the sampled-row
+bucket. Features are taken on the *bucketed* shapes because that is the work
 the device really does. The engine corrects the fit online with a multiplicative factor
 (an exponential average of measured / predicted). Pure host code; the scheduler (step-loop
 thread) calls `predict` many times per iteration, so it is cheap.
@@ -21,7 +23,8 @@ import numpy as np
 
 from conserve_jax.runtime.buckets import BucketSet, bucket_for
 
-FEATURES = ("const", "tokens", "decode_context", "prefill_context", "sample_rows")
+FEATURES = ("const", "tokens", "decode_context", "prefill_context", "prefill_chunk_sq",
+            "sample_rows")
 
 
 @dataclass
@@ -31,7 +34,7 @@ class WorkShape:
     num_decodes: int = 0
     prefill_tokens: int = 0
     prefill_seqs: int = 0
-    max_context: int = 0  # longest context among scheduled sequences, in tokens
+    max_context: int = 0  # longest context read from the cache (prefill: before the chunk)
     sample_rows: int = 0
 
     def add_decode(self, context: int) -> "WorkShape":
@@ -39,8 +42,9 @@ class WorkShape:
                          max(self.max_context, context), self.sample_rows + 1)
 
     def add_prefill(self, n: int, context: int, samples: bool) -> "WorkShape":
+        """A chunk of n tokens ending at `context` (so it reads context - n from the cache)."""
         return WorkShape(self.num_decodes, self.prefill_tokens + n, self.prefill_seqs + 1,
-                         max(self.max_context, context), self.sample_rows + int(samples))
+                         max(self.max_context, context - n), self.sample_rows + int(samples))
 
 
 def features(w: WorkShape, buckets: BucketSet, block_size: int) -> np.ndarray:
@@ -49,7 +53,7 @@ def features(w: WorkShape, buckets: BucketSet, block_size: int) -> np.ndarray:
     BP = bucket_for(max(1, w.prefill_seqs), buckets.prefill_seqs) if TP else 0
     L = bucket_for(max(1, -(-w.max_context // block_size)), buckets.context_blocks) * block_size
     S = bucket_for(max(1, w.sample_rows), buckets.sample_rows) if w.sample_rows else 0
-    return np.array([1.0, D + TP, D * L, TP * BP * L, S], np.float64)
+    return np.array([1.0, D + TP, D * L, TP * BP * L, TP * TP, S], np.float64)
 
 
 @dataclass
