@@ -49,6 +49,11 @@ class Engine(EngineAPI):
         if warmup:
             self.runner.warmup()
         self.kv = KVManager(self.runner.num_blocks, config.cache.block_size)
+        cache_tokens = self.kv.capacity * config.cache.block_size
+        if cache_tokens < self._max_model_len:  # one request must always fit on its own
+            log.warning("KV cache holds %d tokens: max_model_len lowered from %d",
+                        cache_tokens, self._max_model_len)
+            self._max_model_len = cache_tokens
         self.policy = make_policy(config, lambda: load_or_profile(self.runner, config))
         self.scheduler = Scheduler(config, self.kv, self.policy)
         self.checkpointer = None
