@@ -7,7 +7,6 @@ its results, prints the server's stats, and stops the server with SIGTERM (clean
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import subprocess
 import sys

@@ -26,7 +26,7 @@ from conserve_jax.output_processor import OutputProcessor, OutputState
 from conserve_jax.runtime.compile_cache import enable_compilation_cache
 from conserve_jax.scheduling.latency_cache import load_or_profile
 from conserve_jax.scheduling.policies import make_policy
-from conserve_jax.scheduling.scheduler import Scheduler, ScheduledStep
+from conserve_jax.scheduling.scheduler import Scheduler
 from conserve_jax.scheduling.sequence import Sequence
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,6 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from conserve_jax.config import CacheConfig, EngineConfig  # noqa: E402
-from conserve_jax.models.llama import AttentionMeta  # noqa: E402
 from conserve_jax.models.loader import load_model  # noqa: E402
 from conserve_jax.runtime.batch_arrays import build_batch  # noqa: E402
 from conserve_jax.runtime.compile_cache import enable_compilation_cache  # noqa: E402

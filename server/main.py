@@ -10,7 +10,6 @@ configured by the CLI, not here.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import signal
 import sys
@@ -64,13 +63,12 @@ def build_engine(args):
                           max_model_len=max_model_len), max_num_seqs
     from conserve_jax.engine import Engine  # heavy (JAX); imported only when serving a model
 
-    fields = {f.name for f in dataclasses.fields(EngineConfig)}
     extra = {name: value for name, value in (
         ("default_ttft_s", args.default_ttft), ("default_tpot_s", args.default_tpot),
-        ("latency_model_path", args.latency_model), ("warmup", args.warmup or None))
-        if value is not None and name in fields}
+        ("latency_model_path", args.latency_model)) if value is not None}
     config = EngineConfig(model=args.model, tp=args.tp, policy=args.policy,
-                          max_num_seqs=max_num_seqs, max_model_len=max_model_len, **extra)
+                          max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                          warmup=bool(args.warmup), **extra)
     return Engine(config), max_num_seqs
 
 

@@ -38,7 +38,7 @@ def req(rid, prompt, n, online=False, ttft=None, tpot=None):
 
 
 def collect(stream, timeout=120.0):
-    toks, reason = [], None
+    toks = []
     deadline = time.monotonic() + timeout
     while True:
         out = stream.get(timeout=max(0.01, deadline - time.monotonic()))

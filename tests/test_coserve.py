@@ -3,7 +3,6 @@ was abandoned at a layer safepoint, was checkpointed and resumed, or was evicted
 recomputed; no KV block or host-pool slot leaks; online requests are never preempted."""
 import pytest
 
-from conserve_jax.engine_api import RequestClass
 from tests.coserve_helpers import (assert_no_leaks, collect, engine, prompts, req, wait_until)
 
 OFFLINE = prompts(4, 60, seed=1)

@@ -1,7 +1,6 @@
 """`conserve-jax loadtest` end to end against the in-process `FakeClient` (injected through
 `run(args, client_factory=...)`), plus the runner's bounds."""
 import argparse
-import functools
 import itertools
 import json
 import os

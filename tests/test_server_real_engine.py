@@ -1,6 +1,5 @@
 """The gRPC server over the real JAX engine (tiny random model): streamed generation equals
 the engine's own greedy output, batches run as offline work, cancellation frees KV."""
-import time
 
 import grpc
 import pytest
