@@ -143,11 +143,17 @@ class ConservePolicy(Policy):
         total = self.model.predict(step.work)
         n_layers = self.model.num_layers
 
+        decided: set[int] = set()
+
         def check(layers_done: int) -> bool:
+            # An arrival is judged once, at the first safepoint after it: if finishing the
+            # iteration keeps its TTFT then, it still does later (so preemption, when it
+            # happens, comes within one safepoint interval of the arrival).
             arrival = engine.earliest_online_arrival()
-            if arrival is None:
+            if arrival is None or id(arrival[0]) in decided:
                 return False
             seq, t_arr = arrival
+            decided.add(id(seq))
             now = time.monotonic()
             rest = total * (1 - layers_done / n_layers)
             own = self.model.predict(WorkShape().add_prefill(
