@@ -72,7 +72,7 @@ class Engine(EngineAPI):
         self._accepting = True
         self._stop = False
         self._history: collections.deque = collections.deque(maxlen=512)  # (t, online, offline)
-        self._totals = [0, 0]
+        self._totals = [0, 0, 0, 0]  # generated online/offline, prefilled online/offline
         self._iterations = 0
         self._thread = threading.Thread(target=self._loop, name="engine-step-loop", daemon=True)
         self._thread.start()
@@ -137,6 +137,7 @@ class Engine(EngineAPI):
             online_tokens_per_s=sum(h[1] for h in recent) / span if recent else 0.0,
             offline_tokens_per_s=sum(h[2] for h in recent) / span if recent else 0.0,
             online_tokens_total=totals[0], offline_tokens_total=totals[1],
+            online_prefill_tokens_total=totals[2], offline_prefill_tokens_total=totals[3],
             preemptions=c.preemptions, preempted_tokens_discarded=c.preempted_tokens_discarded,
             evictions=c.evictions, recomputed_tokens=c.recomputed_tokens,
             restored_tokens=c.restored_tokens, iterations=iterations)
@@ -205,7 +206,10 @@ class Engine(EngineAPI):
         if self.checkpointer is not None:
             self.checkpointer.checkpoint_new_blocks(
                 [e.seq for e in step.entries if not e.seq.online])
-        counts = [0, 0]
+        counts = [0, 0, 0, 0]
+        for e in step.entries:
+            if not e.decode:
+                counts[2 if e.seq.online else 3] += e.num_tokens
         for seq, tok in sampled:
             counts[0 if seq.online else 1] += 1
             state = self._seqs[seq.request_id][1]
@@ -216,8 +220,7 @@ class Engine(EngineAPI):
                 seq.stream.put(self.outputs.delta(seq, state, finished=False))
         with self._lock:
             self._iterations += 1
-            self._totals[0] += counts[0]
-            self._totals[1] += counts[1]
+            self._totals = [a + b for a, b in zip(self._totals, counts)]
             self._history.append((time.monotonic(), counts[0], counts[1]))
 
     def _kept_on_host(self, seq: Sequence) -> int:

@@ -115,8 +115,10 @@ class EngineStats:
     host_pool_slots_used: int = 0
     online_tokens_per_s: float = 0.0
     offline_tokens_per_s: float = 0.0
-    online_tokens_total: int = 0
+    online_tokens_total: int = 0  # generated tokens
     offline_tokens_total: int = 0
+    online_prefill_tokens_total: int = 0  # prompt (and recomputed) tokens committed
+    offline_prefill_tokens_total: int = 0
     preemptions: int = 0
     preempted_tokens_discarded: int = 0
     evictions: int = 0

@@ -249,7 +249,7 @@ class GetServerStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerStats(_message.Message):
-    __slots__ = ("online_waiting", "online_running", "offline_waiting", "offline_running", "kv_blocks_total", "kv_blocks_online", "kv_blocks_offline", "host_pool_slots_total", "host_pool_slots_used", "online_tokens_per_s", "offline_tokens_per_s", "online_tokens_total", "offline_tokens_total", "preemptions", "preempted_tokens_discarded", "evictions", "recomputed_tokens", "restored_tokens", "iterations", "online_in_flight", "online_queue_limit", "batches_active", "batch_items_pending", "batch_items_in_flight", "uptime_s")
+    __slots__ = ("online_waiting", "online_running", "offline_waiting", "offline_running", "kv_blocks_total", "kv_blocks_online", "kv_blocks_offline", "host_pool_slots_total", "host_pool_slots_used", "online_tokens_per_s", "offline_tokens_per_s", "online_tokens_total", "offline_tokens_total", "preemptions", "preempted_tokens_discarded", "evictions", "recomputed_tokens", "restored_tokens", "iterations", "online_in_flight", "online_queue_limit", "batches_active", "batch_items_pending", "batch_items_in_flight", "uptime_s", "online_prefill_tokens_total", "offline_prefill_tokens_total")
     ONLINE_WAITING_FIELD_NUMBER: _ClassVar[int]
     ONLINE_RUNNING_FIELD_NUMBER: _ClassVar[int]
     OFFLINE_WAITING_FIELD_NUMBER: _ClassVar[int]
@@ -275,6 +275,8 @@ class ServerStats(_message.Message):
     BATCH_ITEMS_PENDING_FIELD_NUMBER: _ClassVar[int]
     BATCH_ITEMS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    ONLINE_PREFILL_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    OFFLINE_PREFILL_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     online_waiting: int
     online_running: int
     offline_waiting: int
@@ -300,4 +302,6 @@ class ServerStats(_message.Message):
     batch_items_pending: int
     batch_items_in_flight: int
     uptime_s: float
-    def __init__(self, online_waiting: _Optional[int] = ..., online_running: _Optional[int] = ..., offline_waiting: _Optional[int] = ..., offline_running: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_online: _Optional[int] = ..., kv_blocks_offline: _Optional[int] = ..., host_pool_slots_total: _Optional[int] = ..., host_pool_slots_used: _Optional[int] = ..., online_tokens_per_s: _Optional[float] = ..., offline_tokens_per_s: _Optional[float] = ..., online_tokens_total: _Optional[int] = ..., offline_tokens_total: _Optional[int] = ..., preemptions: _Optional[int] = ..., preempted_tokens_discarded: _Optional[int] = ..., evictions: _Optional[int] = ..., recomputed_tokens: _Optional[int] = ..., restored_tokens: _Optional[int] = ..., iterations: _Optional[int] = ..., online_in_flight: _Optional[int] = ..., online_queue_limit: _Optional[int] = ..., batches_active: _Optional[int] = ..., batch_items_pending: _Optional[int] = ..., batch_items_in_flight: _Optional[int] = ..., uptime_s: _Optional[float] = ...) -> None: ...
+    online_prefill_tokens_total: int
+    offline_prefill_tokens_total: int
+    def __init__(self, online_waiting: _Optional[int] = ..., online_running: _Optional[int] = ..., offline_waiting: _Optional[int] = ..., offline_running: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_online: _Optional[int] = ..., kv_blocks_offline: _Optional[int] = ..., host_pool_slots_total: _Optional[int] = ..., host_pool_slots_used: _Optional[int] = ..., online_tokens_per_s: _Optional[float] = ..., offline_tokens_per_s: _Optional[float] = ..., online_tokens_total: _Optional[int] = ..., offline_tokens_total: _Optional[int] = ..., preemptions: _Optional[int] = ..., preempted_tokens_discarded: _Optional[int] = ..., evictions: _Optional[int] = ..., recomputed_tokens: _Optional[int] = ..., restored_tokens: _Optional[int] = ..., iterations: _Optional[int] = ..., online_in_flight: _Optional[int] = ..., online_queue_limit: _Optional[int] = ..., batches_active: _Optional[int] = ..., batch_items_pending: _Optional[int] = ..., batch_items_in_flight: _Optional[int] = ..., uptime_s: _Optional[float] = ..., online_prefill_tokens_total: _Optional[int] = ..., offline_prefill_tokens_total: _Optional[int] = ...) -> None: ...
