@@ -101,6 +101,8 @@ class TimeBudget(StepBudget):
 @dataclass
 class PreemptionLog:
     latencies_s: list = field(default_factory=list)  # online arrival -> runner stopped
+    # the safepoint interval of each preempted iteration: its predicted time * k / layers
+    intervals_s: list = field(default_factory=list)
 
 
 class ConservePolicy(Policy):
@@ -115,6 +117,7 @@ class ConservePolicy(Policy):
         self.default_tpot_s = default_tpot_s
         self.tpot_margin = tpot_margin
         self.preemption_log = PreemptionLog()
+        self.safepoint_every = 4  # set by the engine from EngineConfig.safepoint_interval
 
     def tpot(self, seq: "Sequence") -> float:
         return seq.request.slo.tpot_s or self.default_tpot_s
@@ -161,6 +164,7 @@ class ConservePolicy(Policy):
             if (now - t_arr) + rest + own <= self.ttft(seq):
                 return False
             self.preemption_log.latencies_s.append(time.monotonic() - t_arr)
+            self.preemption_log.intervals_s.append(total * self.safepoint_every / n_layers)
             return True
 
         return check
@@ -183,8 +187,10 @@ def build(cfg, model_factory) -> Policy:
     if name == "non-preemptive":
         return NonPreemptivePolicy(cfg.max_num_seqs, cfg.max_prefill_tokens)
     if name == "conserve":
-        return ConservePolicy(cfg.max_num_seqs, cfg.max_prefill_tokens, model_factory(),
-                              cfg.default_ttft_s, cfg.default_tpot_s)
+        p = ConservePolicy(cfg.max_num_seqs, cfg.max_prefill_tokens, model_factory(),
+                           cfg.default_ttft_s, cfg.default_tpot_s)
+        p.safepoint_every = cfg.safepoint_interval
+        return p
     raise ValueError(f"policy must be one of {POLICY_NAMES}, got {name!r}")
 
 
