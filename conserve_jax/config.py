@@ -69,7 +69,9 @@ class EngineConfig:
     max_model_len: int = 2048
     max_num_seqs: int = 32
     max_prefill_tokens: int = 512  # prefill tokens per iteration (chunk budget)
-    max_prefill_seqs: int = 2  # prompts chunked into one iteration
+    # prompts chunked into one iteration: packing several makes every prefill row score the
+    # context of every packed sequence, so 1 is fastest on CPU
+    max_prefill_seqs: int = 1
     cache: CacheConfig = field(default_factory=CacheConfig)
     safepoint_interval: int = 4  # layers between preemption safepoints
     max_logprobs: int = 20

@@ -157,6 +157,8 @@ class Engine(EngineAPI):
             self._stop = True
             self._lock.notify_all()
         self._thread.join(timeout=30)
+        if self.checkpointer is not None:
+            self.checkpointer.close()
 
     # ---- step loop ----------------------------------------------------------------------
     def _loop(self) -> None:
@@ -222,6 +224,13 @@ class Engine(EngineAPI):
             self._iterations += 1
             self._totals = [a + b for a, b in zip(self._totals, counts)]
             self._history.append((time.monotonic(), counts[0], counts[1]))
+
+    def compiled_count(self) -> int:
+        """Executables compiled so far by the runner and the checkpointer."""
+        n = self.runner.compiled_count()
+        if self.checkpointer is not None:
+            n += self.checkpointer.compiled_count()
+        return n
 
     def _kept_on_host(self, seq: Sequence) -> int:
         """Eviction hook: tokens of `seq` whose KV is safely on host (the rest recompute)."""

@@ -21,10 +21,12 @@ def model(name="random:small"):
 
 def engine(policy="conserve", num_blocks=64, host_pool_bytes=1 << 26, name="random:small",
            **kw) -> Engine:
-    cfg = EngineConfig(model=name, policy=policy, max_model_len=512, max_num_seqs=8,
-                       max_prefill_tokens=128, max_prefill_seqs=2, safepoint_interval=1,
+    base = dict(max_model_len=512, max_num_seqs=8, max_prefill_tokens=128, max_prefill_seqs=2,
+                safepoint_interval=1)
+    base.update(kw)
+    cfg = EngineConfig(model=name, policy=policy,
                        cache=CacheConfig(block_size=16, num_blocks=num_blocks,
-                                         host_pool_bytes=host_pool_bytes), **kw)
+                                         host_pool_bytes=host_pool_bytes), **base)
     return Engine(cfg, loaded=model(name))
 
 

@@ -92,7 +92,10 @@ class KVCheckpointer:
 
     def _copy_loop(self) -> None:
         while True:
-            arr, slots = self._jobs.get()
+            job = self._jobs.get()
+            if job is None:  # close()
+                return
+            arr, slots = job
             try:
                 host = np.asarray(arr)
                 for j, s in enumerate(slots):
@@ -132,9 +135,20 @@ class KVCheckpointer:
             seq.host_slots = []
         seq.num_checkpointed = 0
 
+    def compiled_count(self) -> int:
+        return self._gather._cache_size() + self._scatter._cache_size()
+
+    def close(self) -> None:
+        """Finish pending copies and stop the copy thread (engine shutdown)."""
+        self.wait_pending()
+        self._jobs.put(None)
+        self._thread.join(timeout=10)
+
     def warmup(self) -> None:
+        """Compile gather and scatter for every block-count bucket, with the argument types
+        `checkpoint_new_blocks` and `restore` pass (host numpy data for the scatter)."""
         for n in self.sizes:
             ids = np.zeros(n, np.int32)
-            arr = self._gather(self.runner.caches, ids)
+            arr = np.asarray(self._gather(self.runner.caches, ids))
             self.runner.caches = self._scatter(self.runner.caches, ids, arr)
         jax.block_until_ready(self.runner.caches)

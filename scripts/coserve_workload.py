@@ -1,0 +1,313 @@
+"""The co-serving benchmark's workload, and its statistics, targets, table and plots
+(helpers of bench_coserve.py).
+
+Online load: a window of the Azure LLM inference trace 2023, conversation service
+(`data/traces/azure_llm_2023_conv.csv`; CC-BY 4.0, Patel et al., "Splitwise", ISCA 2024;
+see data/traces/README.md). How it is shaped, in this order:
+1. window: the `n = round(rate * duration)` consecutive rows starting at trace time
+   `start_s` (default 600 s into the trace, past its first minutes);
+2. arrival times: re-based to 0 and multiplied by `duration / n / mean gap`, i.e. the
+   window's gaps are stretched uniformly so that its mean rate is `rate` req/s (the
+   shape of the bursts is kept; the last arrival lands just before `duration`);
+3. token counts: prompt = clamp(round(ContextTokens / prompt_div), prompt_min, prompt_max),
+   output = clamp(round(GeneratedTokens / output_div), output_min, output_max)
+   (defaults: both /8, prompt in [16, 512], output in [8, 64]);
+4. prompt token ids: uniform random ids in [5, vocab) from a seeded numpy RNG (the trace
+   has no text); every request forces its output length (greedy, ignore_eos).
+
+Offline load: `offline_requests` requests submitted together at t=0 (before the first
+online arrival), prompt lengths uniform in [offline_prompt_min, offline_prompt_max], output
+lengths uniform in [offline_output_min, offline_output_max], same RNG. There are more of
+them than the engine can finish in the run, so offline work is never short (saturating).
+
+Every policy gets exactly the same requests (same ids, lengths, arrival times).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from conserve_jax.loadtest.trace import read_azure_trace
+
+TRACE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                     "data", "traces", "azure_llm_2023_conv.csv")
+
+
+@dataclass
+class WorkloadSpec:
+    duration_s: float = 120.0
+    rate: float = 0.4  # online requests per second
+    trace_path: str = TRACE
+    trace_start_s: float = 600.0
+    prompt_div: float = 8.0
+    prompt_min: int = 16
+    prompt_max: int = 512
+    output_div: float = 8.0
+    output_min: int = 8
+    output_max: int = 64
+    offline_requests: int = 64
+    offline_prompt_min: int = 512
+    offline_prompt_max: int = 1024
+    offline_output_min: int = 64
+    offline_output_max: int = 128
+    seed: int = 0
+
+
+@dataclass
+class Req:
+    request_id: str
+    arrival_s: float  # 0 for offline requests
+    prompt: list
+    output_len: int
+    trace_prompt: Optional[int] = None  # original ContextTokens (online only)
+    trace_output: Optional[int] = None
+
+
+@dataclass
+class Workload:
+    spec: WorkloadSpec
+    online: list
+    offline: list
+    trace_window: tuple  # (first row's trace time, last row's trace time), seconds
+
+    def describe(self) -> dict:
+        """What the JSON's `workload` section says: the recipe and the realised numbers."""
+        s = self.spec
+        on_p = [len(r.prompt) for r in self.online]
+        on_o = [r.output_len for r in self.online]
+        off_p = [len(r.prompt) for r in self.offline]
+        off_o = [r.output_len for r in self.offline]
+        return {
+            "spec": dataclasses.asdict(s),
+            "online": {
+                "source": "Azure LLM inference trace 2023 (conversation), CC-BY 4.0, "
+                          "Patel et al., Splitwise, ISCA 2024",
+                "window": f"{len(self.online)} consecutive rows from trace time "
+                          f"{self.trace_window[0]:.1f}s to {self.trace_window[1]:.1f}s",
+                "arrivals": f"gaps stretched uniformly to a mean rate of {s.rate} req/s "
+                            f"over {s.duration_s:.0f}s (burst shape kept)",
+                "prompt_tokens": f"clamp(round(ContextTokens/{s.prompt_div:g}), "
+                                 f"{s.prompt_min}, {s.prompt_max})",
+                "output_tokens": f"clamp(round(GeneratedTokens/{s.output_div:g}), "
+                                 f"{s.output_min}, {s.output_max}), forced (ignore_eos)",
+                "token_ids": f"uniform random in [5, vocab), numpy seed {s.seed}",
+                "requests": len(self.online),
+                "prompt_mean": _mean(on_p), "prompt_max": max(on_p, default=0),
+                "output_mean": _mean(on_o), "output_max": max(on_o, default=0),
+            },
+            "offline": {
+                "requests": len(self.offline), "submitted_at_s": 0.0,
+                "prompt_tokens": f"uniform in [{s.offline_prompt_min}, {s.offline_prompt_max}]",
+                "output_tokens": f"uniform in [{s.offline_output_min}, {s.offline_output_max}]",
+                "prompt_mean": _mean(off_p), "output_mean": _mean(off_o),
+            },
+            "sampling": "greedy (temperature 0), ignore_eos, max_tokens = output length",
+        }
+
+
+def _mean(xs) -> Optional[float]:
+    return round(float(np.mean(xs)), 1) if xs else None
+
+
+def build(spec: WorkloadSpec, vocab_size: int, max_model_len: int) -> Workload:
+    """The workload for `spec`; lengths are also clamped so that prompt + output fits
+    `max_model_len` (the engine refuses longer requests)."""
+    rng = np.random.default_rng(spec.seed)
+    n = max(1, round(spec.rate * spec.duration_s))
+    rows = [r for r in read_azure_trace(spec.trace_path) if r.arrival_s >= spec.trace_start_s]
+    if len(rows) < n:
+        raise ValueError(f"the trace has only {len(rows)} rows after {spec.trace_start_s}s; "
+                         f"{n} are needed (lower --rate or --duration)")
+    rows = rows[:n]
+    t0 = rows[0].arrival_s
+    span = rows[-1].arrival_s - t0
+    mean_gap = span / max(1, n - 1) if n > 1 else 1.0
+    stretch = (spec.duration_s / n) / mean_gap if mean_gap > 0 else 0.0
+
+    def ids(k: int) -> list:
+        return [int(x) for x in rng.integers(5, vocab_size, k)]
+
+    def fit(p: int, o: int) -> tuple:
+        p = min(p, max_model_len - 1 - o)
+        return max(1, p), o
+
+    online = []
+    for i, r in enumerate(rows):
+        p = int(np.clip(round(r.input_len / spec.prompt_div), spec.prompt_min, spec.prompt_max))
+        o = int(np.clip(round(r.output_len / spec.output_div), spec.output_min, spec.output_max))
+        p, o = fit(p, o)
+        online.append(Req(f"on-{i}", (r.arrival_s - t0) * stretch, ids(p), o,
+                          r.input_len, r.output_len))
+    offline = []
+    for i in range(spec.offline_requests):
+        p = int(rng.integers(spec.offline_prompt_min, spec.offline_prompt_max + 1))
+        o = int(rng.integers(spec.offline_output_min, spec.offline_output_max + 1))
+        p, o = fit(p, o)
+        offline.append(Req(f"off-{i}", 0.0, ids(p), o))
+    return Workload(spec, online, offline, (t0, rows[-1].arrival_s))
+
+
+# ---- statistics and report ---------------------------------------------------------------
+def request_record(c, t0: float, t_end: float, ttft_slo: float, tpot_slo: float) -> dict:
+    """One online request as seen by its client thread `c` at time `t_end`."""
+    times = [t for t in list(c.times) if t <= t_end]
+    done = c.finish_t is not None and c.finish_t <= t_end and c.reason == "length"
+    sub = c.submit_t if c.submit_t is not None else t_end
+    ttft = times[0] - sub if times else t_end - sub  # censored when no token yet
+    tpot = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None
+    met = done and ttft <= ttft_slo and (tpot is None or tpot <= tpot_slo)
+    return {"id": c.req.request_id, "arrival_s": sub - t0, "ttft_s": ttft, "tpot_s": tpot,
+            "tokens": len(times), "finished": done, "slo_met": met,
+            "reason": c.reason or c.error}
+
+
+def pct(xs, q) -> Optional[float]:
+    """The q-th percentile (numpy linear interpolation), None for no data."""
+    xs = [x for x in xs if x is not None]
+    return float(np.percentile(xs, q)) if xs else None
+
+
+def median_of(values) -> Optional[float]:
+    vals = [v for v in values if v is not None]
+    return float(np.median(vals)) if vals else None
+
+
+def offline_rate_series(samples, window_s: float = 2.0):
+    """(times, tokens/s) from samples [(t, offline_tokens_total), ...]: the rate over the
+    trailing `window_s` at each sample."""
+    ts = np.array([s[0] for s in samples], float)
+    tot = np.array([s[1] for s in samples], float)
+    out_t, out_r = [], []
+    for i in range(1, len(ts)):
+        j = int(np.searchsorted(ts, ts[i] - window_s))
+        j = min(j, i - 1)
+        if ts[i] > ts[j]:
+            out_t.append(ts[i])
+            out_r.append((tot[i] - tot[j]) / (ts[i] - ts[j]))
+    return out_t, out_r
+
+
+def plot_policy(path: str, name: str, requests: list, samples: list, ttft_slo: float,
+                tpot_slo: float, duration_s: float) -> None:
+    """One PNG: online TTFT and mean TPOT per request over arrival time (unfinished
+    requests drawn as x at their censored TTFT), and offline tokens/s over time."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2, a3) = plt.subplots(3, 1, figsize=(9, 8), sharex=True)
+    done = [r for r in requests if r["finished"]]
+    cut = [r for r in requests if not r["finished"]]
+    a1.scatter([r["arrival_s"] for r in done], [r["ttft_s"] for r in done], s=12, label="TTFT")
+    if cut:
+        a1.scatter([r["arrival_s"] for r in cut], [r["ttft_s"] for r in cut], marker="x",
+                   color="red", label="unfinished (censored)")
+    a1.axhline(ttft_slo, color="gray", ls="--", label=f"SLO {ttft_slo:g}s")
+    a1.set_ylabel("TTFT (s)")
+    a1.set_yscale("log")
+    a1.legend(loc="upper right", fontsize=8)
+    tp = [r for r in done if r["tpot_s"] is not None]
+    a2.scatter([r["arrival_s"] for r in tp], [r["tpot_s"] for r in tp], s=12, color="C1",
+               label="mean TPOT")
+    a2.axhline(tpot_slo, color="gray", ls="--", label=f"SLO {tpot_slo:g}s")
+    a2.set_ylabel("TPOT (s)")
+    a2.legend(loc="upper right", fontsize=8)
+    t, r = offline_rate_series(samples)
+    a3.plot(t, r, color="C2")
+    a3.axvline(duration_s, color="gray", ls=":", label="end of arrivals")
+    a3.set_ylabel("offline tokens/s (2 s window)")
+    a3.set_xlabel("time since start of run (s)")
+    a3.legend(loc="upper right", fontsize=8)
+    fig.suptitle(f"policy {name}: online latency and offline throughput")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def safepoint_interval(iter_s: list, stops: list, k: int, layers: int) -> dict:
+    """k / layers of the typical completed offline-only iteration of conserve, typical as
+    an arrival sees it: the time-weighted median (offline-only iterations are bimodal here,
+    ~0.1 s decode-only and ~2 s with a prefill chunk; an arrival lands in the long ones).
+    Also: the plain median, and the interval measured in the iterations preempted."""
+    if not iter_s:
+        return {"safepoint_interval_s": None, "offline_iterations": 0}
+    xs = np.sort(np.asarray(iter_s))
+    tw = float(xs[min(len(xs) - 1, int(np.searchsorted(np.cumsum(xs) / xs.sum(), 0.5)))])
+    return {"safepoint_interval_s": tw * k / layers, "layers_per_safepoint": k,
+            "num_layers": layers, "offline_iteration_time_weighted_median_s": tw,
+            "offline_iteration_median_s": float(np.median(xs)), "offline_iterations": len(xs),
+            "offline_iteration_s": [round(float(x), 4) for x in iter_s],
+            "preempted_iterations_interval_median_s": pct(stops, 50)}
+
+
+def targets(P: dict, ratio, interval) -> dict:
+    def t(desc, value, thr, le, **extra):
+        met = None if value is None else bool(value <= thr if le else value >= thr)
+        return {"description": desc, "value": value, "threshold": thr, "met": met, **extra}
+
+    def div(x, y):
+        return None if x is None or y is None or y == 0 else x / y
+
+    c, oo = P.get("conserve", {}), P.get("online-only", {})
+    own = pct([x for r in c.get("runs", []) for x in r["preemption_latency_over_own_interval"]], 99)
+    pr, npp = P.get("priority-recompute", {}), P.get("non-preemptive", {})
+    g = lambda d, k: d.get(k)
+    pr_ok = None
+    keys = ("online_ttft_p99_s", "online_tpot_p99_s")
+    if c and pr and all(g(d, k) is not None for d in (c, pr) for k in keys):
+        pr_ok = all(g(c, k) <= g(pr, k) for k in keys)
+    thr = div(g(c, "offline_tokens_per_s"), g(pr, "offline_tokens_per_s"))
+    out = {
+        "ttft_p99_vs_online_only": t("conserve p99 TTFT / online-only p99 TTFT",
+                                     div(g(c, "online_ttft_p99_s"), g(oo, "online_ttft_p99_s")), 1.2, True),
+        "tpot_p99_vs_online_only": t("conserve p99 TPOT / online-only p99 TPOT",
+                                     div(g(c, "online_tpot_p99_s"), g(oo, "online_tpot_p99_s")), 1.2, True),
+        "offline_vs_priority_recompute": t(
+            "conserve offline tokens/s / priority-recompute's, at equal or better online p99",
+            thr, 2.0, False, online_p99_equal_or_better=pr_ok),
+        "offline_vs_non_preemptive": t("conserve offline tokens/s / non-preemptive's",
+                                       div(g(c, "offline_tokens_per_s"),
+                                           g(npp, "offline_tokens_per_s")), 0.75, False),
+        "preemption_latency_p99_vs_safepoint_interval": t(
+            "conserve p99 preemption latency / safepoint interval (typical offline iteration)",
+            div(g(c, "preemption_latency_p99_s"), interval), 1.2, True,
+            preemption_latency_p99_s=g(c, "preemption_latency_p99_s"), safepoint_interval_s=interval,
+            preemptions=g(c, "preemptions"), p99_over_own_iteration_interval=own,
+            met_vs_own_iteration_interval=None if own is None else own <= 1.2),
+        "resume_vs_recompute_ratio": t("resume cost / recompute cost at 1k context", ratio, 0.2, True),
+    }
+    o = out["offline_vs_priority_recompute"]
+    if o["met"] is not None and pr_ok is not None:
+        o["met"] = o["met"] and pr_ok
+    return out
+
+
+def fmt(v, spec=".3f") -> str:
+    return "-" if v is None else format(v, spec) if isinstance(v, float) else str(v)
+
+
+def print_table(res: dict) -> None:
+    cols = [("policy", 19), ("TTFT p50", 9), ("TTFT p99", 9), ("TPOT p50", 9), ("TPOT p99", 9),
+            ("SLO", 6), ("off tok/s", 9), ("preempt", 7), ("pl p50", 7), ("pl p99", 7),
+            ("evict", 6), ("recomp", 7), ("restored", 8), ("online", 9)]
+    print("  ".join(n.rjust(w) for n, w in cols))
+    for name, m in res["policies"].items():
+        row = [name, fmt(m["online_ttft_p50_s"]), fmt(m["online_ttft_p99_s"]),
+               fmt(m["online_tpot_p50_s"]), fmt(m["online_tpot_p99_s"]),
+               fmt(m["slo_attainment"], ".0%"), fmt(m["offline_tokens_per_s"], ".2f"),
+               fmt(m["preemptions"], ".0f"), fmt(m["preemption_latency_p50_s"]),
+               fmt(m["preemption_latency_p99_s"]), fmt(m["evictions"], ".0f"),
+               fmt(m["recomputed_tokens"], ".0f"), fmt(m["restored_tokens"], ".0f"),
+               f"{fmt(m['online_requests'], '.0f')}({fmt(m['online_unfinished'], '.0f')} cut)"]
+        print("  ".join(str(v).rjust(w) for v, (_, w) in zip(row, cols)))
+    rv = res["resume_vs_recompute"]
+    print(f"resume {rv['resume_s']:.4f}s vs recompute {rv['recompute_s']:.4f}s at "
+          f"{rv['context_tokens']} tokens: ratio {rv['ratio']:.3f} (tokens match: {rv['tokens_match']})")
+    print(f"safepoint interval: {fmt(res['safepoint_interval_s'], '.4f')}s")
+    for k, v in res["targets"].items():
+        print(f"target {k}: {fmt(v['value'])} (threshold {v['threshold']}) "
+              f"{'MET' if v['met'] else 'n/a' if v['met'] is None else 'MISSED'}")

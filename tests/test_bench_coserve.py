@@ -1,0 +1,69 @@
+"""scripts/bench_coserve.py end to end on a tiny random model: every policy runs a few
+seconds of the real workload recipe; the JSON has every field for every policy, the
+top-level resume/safepoint/targets sections, and a PNG exists per policy."""
+import json
+import os
+import sys
+
+import pytest
+
+SCRIPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
+sys.path.insert(0, SCRIPTS)
+
+import bench_coserve  # noqa: E402
+import coserve_workload  # noqa: E402
+
+TINY = ["--model", "random:small", "--duration", "3", "--drain", "3", "--rate", "2",
+        "--max-model-len", "256", "--max-num-seqs", "4", "--max-prefill-tokens", "64",
+        "--offline-requests", "8", "--offline-prompt", "64", "128", "--offline-output", "8", "16",
+        "--online-prompt-max", "64", "--online-output-max", "16", "--resume-context", "128",
+        "--warmup", "none"]
+
+
+@pytest.mark.timeout(300)
+def test_bench_coserve_tiny(tmp_path):
+    out = tmp_path / "bench.json"
+    res = bench_coserve.main(TINY + ["--json", str(out), "--plot-dir", str(tmp_path)])
+    data = json.loads(out.read_text())
+    assert data["policies"].keys() == set(bench_coserve.POLICIES)
+    assert data["order"] == bench_coserve.POLICIES
+    for name, m in data["policies"].items():
+        missing = [k for k in bench_coserve.METRICS if k not in m]
+        assert not missing, (name, missing)
+        assert m["online_requests"] == 6  # rate 2 req/s over 3 s
+        assert 0.0 <= m["slo_attainment"] <= 1.0
+        assert m["online_ttft_p99_s"] >= m["online_ttft_p50_s"] > 0
+        assert (tmp_path / f"bench_coserve_{name}.png").stat().st_size > 1000
+    pol = data["policies"]
+    assert pol["online-only"]["offline_tokens_per_s"] == 0
+    assert pol["non-preemptive"]["offline_tokens_per_s"] > 0
+    for name in ("online-only", "priority-recompute", "sarathi", "non-preemptive"):
+        assert pol[name]["preemption_latency_p99_s"] is None
+        assert pol[name]["restored_tokens"] is None
+    assert pol["conserve"]["restored_tokens"] is not None
+    rv = data["resume_vs_recompute"]
+    assert rv["tokens_match"] and rv["resume_s"] > 0 and rv["recompute_s"] > 0
+    assert data["resume_vs_recompute_ratio"] == pytest.approx(rv["resume_s"] / rv["recompute_s"])
+    assert "safepoint_interval_s" in data
+    assert len(data["targets"]) == 6
+    for t in data["targets"].values():
+        assert {"value", "threshold", "met", "description"} <= t.keys()
+    assert data["workload"]["online"]["requests"] == 6
+    assert res["policies"].keys() == data["policies"].keys()
+
+
+def test_workload_recipe():
+    """Same spec -> same requests; lengths follow the stated scaling and clamps; arrivals
+    span the window at the requested mean rate."""
+    spec = coserve_workload.WorkloadSpec(duration_s=60, rate=0.5, offline_requests=5)
+    a, b = (coserve_workload.build(spec, 49152, 1280) for _ in range(2))
+    assert [(r.arrival_s, r.prompt, r.output_len) for r in a.online] == \
+        [(r.arrival_s, r.prompt, r.output_len) for r in b.online]
+    assert len(a.online) == 30 and len(a.offline) == 5
+    arr = [r.arrival_s for r in a.online]
+    assert arr[0] == 0 and arr == sorted(arr) and 50 < arr[-1] < 60
+    for r in a.online:
+        assert len(r.prompt) == min(512, max(16, round(r.trace_prompt / 8)))
+        assert r.output_len == min(64, max(8, round(r.trace_output / 8)))
+    for r in a.offline:
+        assert 512 <= len(r.prompt) <= 1024 and 64 <= r.output_len <= 128
