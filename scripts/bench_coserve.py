@@ -373,7 +373,7 @@ def parse_args(argv=None):
     p.add_argument("--max-model-len", type=int, default=1280)
     p.add_argument("--max-num-seqs", type=int, default=16)
     p.add_argument("--max-prefill-tokens", type=int, default=512)
-    p.add_argument("--max-prefill-seqs", type=int, default=2)
+    p.add_argument("--max-prefill-seqs", type=int, default=EngineConfig().max_prefill_seqs)
     p.add_argument("--kv-seqs", type=int, default=4,
                    help="KV memory = this many full-length contexts (+1 scratch block)")
     p.add_argument("--num-blocks", type=int, help="KV blocks (overrides --kv-seqs)")
