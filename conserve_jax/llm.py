@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
 from conserve_jax.config import CacheConfig, EngineConfig
-from conserve_jax.engine_api import GenerationRequest, RequestClass, TokenLogprob
+from conserve_jax.engine_api import (GenerationRequest, RequestClass, TokenLogprob,
+                                     validate_prompt)
 from conserve_jax.sampling_params import SamplingParams
 
 Prompt = Union[str, list[int]]
@@ -79,7 +80,6 @@ class LLM:
             else:
                 ids, text = [int(t) for t in p], None
             field_name = f"prompts[{i}]" if len(prompts) > 1 else "prompt"
-            from conserve_jax.engine_api import validate_prompt
             validate_prompt(ids, self.engine.vocab_size, self.engine.max_model_len, field_name)
             sp.validate(self.engine.config.max_logprobs, self.engine.vocab_size)
             cls = RequestClass.OFFLINE if offline else RequestClass.ONLINE
