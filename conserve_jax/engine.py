@@ -144,7 +144,6 @@ class Engine(EngineAPI):
         if self.checkpointer is not None:
             st.host_pool_slots_total = self.checkpointer.pool.num_slots
             st.host_pool_slots_used = self.checkpointer.pool.num_used
-        self.policy.fill_stats(st)
         return st
 
     def shutdown(self, drain_timeout_s: float = 0.0) -> None:

@@ -133,7 +133,6 @@ class KVCheckpointer:
         if seq.host_slots:
             self.pool.free(seq.host_slots)
             seq.host_slots = []
-        seq.num_checkpointed = 0
 
     def compiled_count(self) -> int:
         return self._gather._cache_size() + self._scatter._cache_size()

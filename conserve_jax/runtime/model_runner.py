@@ -142,7 +142,6 @@ class ModelRunner:
             if safepoint is not None and k > 0 and (i + 1) % k == 0 and i + 1 < n:
                 x.block_until_ready()  # the safepoint is real only once the device got here
                 if safepoint(i + 1):
-                    self.layers_abandoned_at = i + 1
                     return None
         return x
 

@@ -169,9 +169,6 @@ class ConservePolicy(Policy):
 
         return check
 
-    def fill_stats(self, stats) -> None:
-        pass
-
 
 def build(cfg, model_factory) -> Policy:
     """`model_factory()` returns the LatencyModel; called only for policies that need it."""

@@ -1,7 +1,7 @@
 """Scheduling policies: how much work one iteration may take, and whether offline work
 may join it. Small and pluggable; the `Scheduler` asks, the policy answers.
 
-`FcfsPolicy` is the plain continuous-batching policy (online first, fixed token budget).
+`Policy` itself ("fcfs") is the plain continuous-batching policy (online first, fixed token budget).
 The co-serving policies (conserve, priority-recompute, sarathi, non-preemptive,
 online-only) live in `coserve_policies.py`.
 """
@@ -68,8 +68,3 @@ class Policy:
     def on_abandoned(self, step: "ScheduledStep", engine) -> None: ...
 
     def on_finished(self, seq: "Sequence") -> None: ...
-
-    def fill_stats(self, stats) -> None: ...
-
-
-FcfsPolicy = Policy

@@ -31,9 +31,8 @@ class Sequence:
     finish_reason: Optional[str] = None
     cancelled: bool = False
     num_preemptions: int = 0
-    # checkpointing (offline requests): tokens whose KV is safely copied to host
+    # checkpointing (offline requests): host-pool slot of each completed block copied so far
     host_slots: list[int] = field(default_factory=list)
-    num_checkpointed: int = 0
 
     @property
     def request_id(self) -> str:
