@@ -5,7 +5,8 @@ the output/error files rendered from the stored results.
 
 Status mapping (store -> OpenAI): queued/running -> in_progress; completed -> completed;
 cancelled -> cancelling while items are still finishing, then cancelled; failed by the
-completion deadline -> expired; otherwise failed. Result lines follow OpenAI's format:
+completion deadline -> finalizing while items are still finishing, then expired;
+otherwise failed. Result lines follow OpenAI's format:
 `{"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}`; items
 cut by cancellation or expiry go to the error file with `response: null` and
 `error.code` batch_cancelled / batch_expired. Functions here run on HTTP worker threads.
@@ -120,6 +121,8 @@ def _status(row: BatchRow) -> str:
     if row.state == "cancelled":
         return "cancelled" if row.done >= row.total else "cancelling"
     if row.state == "failed":
+        if row.done < row.total:  # stopped items are still being committed
+            return "finalizing"
         return "expired" if row.error == DEADLINE_ERROR else "failed"
     return "completed"
 

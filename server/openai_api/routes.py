@@ -164,6 +164,9 @@ class OpenAIRoutes:
         except RuntimeError as e:
             close()
             raise ApiError(503, f"engine is not accepting work: {e}") from None
+        except BaseException:
+            close()
+            raise
         meta = render.Meta(kind, render.new_id(kind), parsed.model, parsed.service_tier,
                            parsed.logprobs, parsed.top_logprobs)
         if parsed.stream:
