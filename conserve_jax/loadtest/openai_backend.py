@@ -26,10 +26,10 @@ import threading
 import urllib.error
 import urllib.request
 import uuid
-from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
 from conserve_jax.loadtest.openai_flex import FlexBatch
+from conserve_jax.loadtest.openai_types import BatchInfo, BatchResult, Chunk, HttpError
 
 _STATES = {"validating": "queued", "in_progress": "running", "finalizing": "running",
            "cancelling": "running", "completed": "completed", "cancelled": "cancelled",
@@ -46,43 +46,6 @@ _STATS = {  # GetServerStats field <- (metric, labels) in conserve's /metrics
     "recomputed_tokens": ("conserve_recomputed_tokens_total", ""),
     "iterations": ("conserve_iterations_total", ""),
 }
-
-
-class HttpError(Exception):
-    """A non-2xx answer; `code()` is the HTTP status as text (the report groups by it)."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(f"HTTP {status}: {message}")
-        self.status, self.message = status, message
-
-    def code(self) -> str:
-        return f"HTTP_{self.status}"
-
-    def details(self) -> str:
-        return self.message
-
-
-@dataclass
-class Chunk:
-    token_ids: list[int]
-    finished: bool = False
-    finish_reason: Optional[str] = None
-
-
-@dataclass
-class BatchInfo:
-    batch_id: str
-    state: str
-    total: int = 0
-    done: int = 0
-    failed: int = 0
-
-
-@dataclass
-class BatchResult:
-    index: int
-    token_ids: list[int] = field(default_factory=list)
-    finish_reason: Optional[str] = None
 
 
 class _Stream:
@@ -210,7 +173,7 @@ class OpenAIClient:
     # ---- offline -----------------------------------------------------------------------
     def submit_batch(self, requests: list[dict], timeout: Optional[float] = None) -> str:
         if self.offline_via == "flex":
-            fb = FlexBatch(self, requests, self.flex_concurrency)
+            fb = FlexBatch(self.generate, requests, self.flex_concurrency)
             with self._lock:
                 self._flex[fb.batch_id] = fb
             fb.start()

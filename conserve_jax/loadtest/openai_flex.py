@@ -14,23 +14,24 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-from typing import TYPE_CHECKING
+from typing import Callable
 
-if TYPE_CHECKING:
-    from conserve_jax.loadtest.openai_backend import BatchResult, OpenAIClient
+from conserve_jax.loadtest.openai_types import BatchResult
 
 log = logging.getLogger(__name__)
 
 
 class FlexBatch:
-    def __init__(self, client: "OpenAIClient", requests: list[dict], concurrency: int) -> None:
-        self.client = client
+    def __init__(self, generate: Callable, requests: list[dict], concurrency: int) -> None:
+        """`generate(token_ids, max_tokens, ignore_eos, tier=...)` opens one streamed
+        request (`OpenAIClient.generate`)."""
+        self.generate = generate
         self.requests = requests
         self.batch_id = "flex_" + uuid.uuid4().hex
         self.concurrency = max(1, min(concurrency, len(requests)))
         self._lock = threading.Lock()
         self._next = 0
-        self._results: dict[int, "BatchResult"] = {}
+        self._results: dict[int, BatchResult] = {}
         self._open: dict[int, object] = {}
         self._cancelled = False
 
@@ -46,13 +47,11 @@ class FlexBatch:
             return self._next - 1
 
     def _work(self) -> None:
-        from conserve_jax.loadtest.openai_backend import BatchResult
-
         while (i := self._take()) >= 0:
             r = self.requests[i]
             tokens, reason = 0, None
             try:
-                stream = self.client.generate(r["token_ids"], r["max_tokens"],
+                stream = self.generate(r["token_ids"], r["max_tokens"],
                                               r.get("ignore_eos", True), tier="flex")
                 with self._lock:
                     self._open[i] = stream
@@ -80,7 +79,7 @@ class FlexBatch:
                 state = "completed" if done >= total else "running"
         return state, total, done, failed
 
-    def results(self) -> list["BatchResult"]:
+    def results(self) -> list[BatchResult]:
         with self._lock:
             return [self._results[i] for i in sorted(self._results)]
 
