@@ -42,6 +42,7 @@ METRIC_NAMES = {
     "conserve_time_to_first_token_seconds": "histogram {class}: TTFT, engine-measured",
     "conserve_time_per_output_token_seconds": "histogram {class}: mean inter-token time per request",
     "conserve_e2e_request_latency_seconds": "histogram {class}: arrival to last token",
+    "conserve_inter_token_latency_seconds": "histogram {class=online}: gaps between streamed tokens, at the face",
     "conserve_requests_finished_total": "counter {class, finish_reason}",
     "conserve_slo_requests_total": "counter {class, objective=ttft|tpot, met=true|false}",
     "conserve_generation_tokens_total": "counter {class}: tokens generated",
@@ -98,6 +99,10 @@ class ServerMetrics:
                               ["class"], buckets=_TPOT_BUCKETS, registry=r)
         self.e2e = Histogram("conserve_e2e_request_latency_seconds",
                              "Arrival to last token", ["class"], buckets=_LATENCY_BUCKETS,
+                             registry=r)
+        self.itl = Histogram("conserve_inter_token_latency_seconds",
+                             "Gap between consecutive streamed tokens of online requests, as the "
+                             "server's faces receive them", ["class"], buckets=_TPOT_BUCKETS,
                              registry=r)
         self.finished = Counter("conserve_requests_finished", "Requests finished",
                                 ["class", "finish_reason"], registry=r)
@@ -246,8 +251,20 @@ class ObservedStream:
         self._inner, self._request, self._metrics = inner, request, metrics
         self.request_id = inner.request_id
         self.done = inner.done
+        self._last: Optional[float] = None  # when the previous token-bearing delta was taken
 
     def _seen(self, out: RequestOutput) -> RequestOutput:
+        """Observe a delta as its consumer takes it. Inter-token gaps are recorded for
+        online requests only: their consumers (gRPC Generate, HTTP) take deltas as they
+        come, while the batch runner polls offline streams in bursts."""
+        if out.token_ids and self._request.request_class is RequestClass.ONLINE:
+            now = time.monotonic()
+            if self._last is not None:
+                gap = (now - self._last) / len(out.token_ids)
+                h = self._metrics.itl.labels("online")
+                for _ in out.token_ids:
+                    h.observe(gap)
+            self._last = now
         if out.finished:
             self._metrics.observe_finished(self._request, out)
         return out

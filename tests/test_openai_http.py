@@ -228,6 +228,7 @@ def test_metrics_and_server_stats_share_counters(srv):
     assert _metric(text, "conserve_time_to_first_token_seconds_count", '{class="online"}') >= 2
     assert _metric(text, "conserve_time_to_first_token_seconds_count", '{class="offline"}') >= 1
     assert _metric(text, "conserve_requests_finished_total", '{class="online",finish_reason="length"}') >= 2
+    assert _metric(text, "conserve_inter_token_latency_seconds_count", '{class="online"}') >= 5 + 2
     for name in ("conserve_time_per_output_token_seconds_bucket", "conserve_e2e_request_latency_seconds_sum",
                  "conserve_preemptions_total", "conserve_evictions_total", "conserve_restored_tokens_total",
                  "conserve_recomputed_tokens_total", "conserve_requests_waiting", "conserve_host_pool_slots",
@@ -285,3 +286,15 @@ def test_concurrent_streams(srv):
     for t in threads:
         t.join(30)
     assert results == {i: echo_text(f"p{i}-", 8) for i in range(8)}
+
+
+def test_shutting_down_is_503(srv):
+    srv.app.http.admitting = False
+    try:
+        with pytest.raises(openai.InternalServerError) as e:
+            client(srv).completions.create(model=MODEL, prompt="x", max_tokens=2)
+        assert e.value.status_code == 503 and "shutting down" in e.value.message
+        assert raw(srv, "GET", "/health", token=None)[0] == 503
+    finally:
+        srv.app.http.admitting = True
+    assert raw(srv, "GET", "/health", token=None)[0] == 200
