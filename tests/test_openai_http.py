@@ -3,6 +3,7 @@ models, chat and completions (streaming and not), sampling parameters, service_t
 errors in OpenAI's shape (400 naming the parameter, 401, 404, 429, 500), tenants, and the
 Prometheus metrics that GetServerStats shares. MockEngine echoes the prompt, so every
 expected output is known in advance."""
+import http.client
 import json
 import re
 import threading
@@ -255,6 +256,13 @@ def test_online_queue_full_is_429_across_faces(tmp_path):
         stream.close()  # client disconnect: the engine request is cancelled, the slot freed
         assert wait_until(lambda: eng.stats().online_running == 0 and s.app.metrics.online_in_flight == 0)
         assert c.completions.create(model=MODEL, prompt="x", max_tokens=2).choices[0].text == "xx"
+        # a non-streaming request whose client goes away is cancelled too
+        conn = http.client.HTTPConnection("127.0.0.1", s.app.http_port, timeout=10)
+        conn.request("POST", "/v1/completions", json.dumps(
+            {"model": MODEL, "prompt": "gone", "max_tokens": 1000}), {"Content-Type": "application/json"})
+        assert wait_until(lambda: eng.stats().online_running == 1)
+        conn.close()
+        assert wait_until(lambda: eng.stats().online_running == 0 and s.app.metrics.online_in_flight == 0)
     finally:
         s.stop()
 
