@@ -306,3 +306,15 @@ def test_shutting_down_is_503(srv):
     finally:
         srv.app.http.admitting = True
     assert raw(srv, "GET", "/health", token=None)[0] == 200
+
+
+def test_body_size_limit_is_413(tmp_path):
+    s = start_http_server(tmp_path, max_message_bytes=4096)
+    try:
+        big = json.dumps({"model": MODEL, "prompt": "x" * 8000}).encode()
+        status, body, _ = raw(s, "POST", "/v1/completions", big)
+        assert status == 413 and "exceeds 4096" in json.loads(body)["error"]["message"]
+        ok = json.dumps({"model": MODEL, "prompt": "xy", "max_tokens": 2}).encode()
+        assert raw(s, "POST", "/v1/completions", ok)[0] == 200
+    finally:
+        s.stop()
