@@ -5,8 +5,8 @@ Used by `server.main.run` and, in-process, by tests. `start` and `stop` are call
 controlling thread (the main thread in the CLI); everything else runs on gRPC worker
 threads, the batch-runner thread and the engine's own thread.
 
-Shutdown order (`stop`): health NOT_SERVING; the gRPC server refuses new calls and gives
-open ones the drain timeout; meanwhile the batch runner stops claiming, lets in-flight
+Shutdown order (`stop`): health NOT_SERVING; the gRPC server and the HTTP front (when on)
+refuse new calls and give open ones the drain timeout; meanwhile the batch runner stops claiming, lets in-flight
 items finish within the same timeout and releases the rest (they run again after a
 restart); then the engine shuts down and the store closes. Every committed result is
 already on disk.
@@ -129,10 +129,12 @@ class ServerApp:
         if self.http is not None:
             self.http.admitting = False
         stopped = self.server.stop(grace)  # refuses new calls now; open ones get `grace`
+        if self.http is not None:
+            self.http.stop(grace, wait=False)  # the same, in parallel
         self.runner.stop(grace)
         stopped.wait(grace + 1.0)
         if self.http is not None:
-            self.http.stop(grace)
+            self.http.join(grace + 2.0)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
         try:

@@ -318,3 +318,19 @@ def test_body_size_limit_is_413(tmp_path):
         assert raw(s, "POST", "/v1/completions", ok)[0] == 200
     finally:
         s.stop()
+
+
+def test_stop_ends_open_streams(tmp_path):
+    eng = MockEngine(token_delay_s=0.02)
+    s = start_http_server(tmp_path, engine=eng)
+    stream = client(s).completions.create(model=MODEL, prompt="long", max_tokens=2000, stream=True)
+    it = iter(stream)
+    next(it)
+    s.stop()  # drain 0.5 s, then open HTTP requests are cancelled with the engine's
+    reasons = []
+    try:
+        reasons = [ch.choices[0].finish_reason for ch in it if ch.choices]
+    except Exception:  # the connection closed or the server sent its error event
+        pass
+    assert "length" not in reasons
+    assert eng.stats().online_running == 0 and s.app.metrics.online_in_flight == 0
