@@ -214,7 +214,8 @@ def _metric(text: str, name: str, labels: str = "") -> float:
 
 def test_metrics_and_server_stats_share_counters(srv):
     c = client(srv)
-    c.completions.create(model=MODEL, prompt="metrics", max_tokens=6)
+    c.completions.create(model=MODEL, prompt="metrics", max_tokens=6,
+                         extra_body={"ttft_s": 30.0, "tpot_s": 1e-9})  # met; cannot be met
     c.completions.create(model=MODEL, prompt="offline", max_tokens=4, extra_body={"service_tier": "flex"})
     with Client(srv.target, token=TOKEN_A) as g:
         list(g.generate("grpc side", max_tokens=3))
@@ -229,6 +230,8 @@ def test_metrics_and_server_stats_share_counters(srv):
     assert _metric(text, "conserve_time_to_first_token_seconds_count", '{class="online"}') >= 2
     assert _metric(text, "conserve_time_to_first_token_seconds_count", '{class="offline"}') >= 1
     assert _metric(text, "conserve_requests_finished_total", '{class="online",finish_reason="length"}') >= 2
+    assert _metric(text, "conserve_slo_requests_total", '{class="online",met="true",objective="ttft"}') >= 1
+    assert _metric(text, "conserve_slo_requests_total", '{class="online",met="false",objective="tpot"}') >= 1
     assert _metric(text, "conserve_inter_token_latency_seconds_count", '{class="online"}') >= 5 + 2
     for name in ("conserve_time_per_output_token_seconds_bucket", "conserve_e2e_request_latency_seconds_sum",
                  "conserve_preemptions_total", "conserve_evictions_total", "conserve_restored_tokens_total",
