@@ -13,7 +13,8 @@ is touched by the runner thread alone.
 Outcomes: stop/length/error results are committed as they are. An item the engine ends
 as "cancelled" is committed as cancelled (batch cancelled) or failed (deadline passed)
 when the runner asked for it; otherwise (the engine is shutting down) it is released and
-runs again later, so no item is ever committed half-done by accident.
+runs again later, so no item is ever committed half-done by accident. Likewise an item
+ended by the engine's death ("engine stopped") is released, not failed.
 
 Store failures (database locked by another process, disk full): a result that cannot be
 committed stays with the runner, counted in flight, and is retried every
@@ -220,6 +221,11 @@ class BatchRunner:
                 result = convert.error_result(item.index, item.request.request_id, "error",
                                               "batch deadline exceeded", partial=result)
             self._write(("commit", item.batch_id, result, outcome))
+            return
+        if reason == "error" and self.engine.failure is not None:
+            # the engine died under it ("engine stopped"): not the item's fault; it runs
+            # again when the restarted server resumes the batch
+            self._write(("release", item.batch_id, item.index, None))
             return
         outcome = reason if reason in ("stop", "length") else "error"
         self._write(("commit", item.batch_id, result, outcome))

@@ -69,15 +69,21 @@ class StreamLimiter:
 
 
 class LimitedHealth(health.HealthServicer):
-    """grpc.health.v1 with at most `limiter.max_total` open Watch streams."""
+    """grpc.health.v1 with at most `limiter.max_total` open Watch streams. (The stock
+    servicer serves Watch non-blocking, without a worker thread; each watch still costs
+    memory and a callback, so it is capped too.)"""
 
     def __init__(self, limiter: StreamLimiter) -> None:
         super().__init__()
         self.limiter = limiter
 
     def Watch(self, request, context, send_response_callback=None):
-        with self.limiter.slot(context):
-            yield from super().Watch(request, context, send_response_callback)
+        why = self.limiter.acquire()
+        if why is not None:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, why)
+        if not context.add_callback(self.limiter.release):  # released when the call ends
+            self.limiter.release()
+        return super().Watch(request, context, send_response_callback)
 
 
 class LimitedReflection(reflection.ReflectionServicer):
