@@ -182,10 +182,10 @@ class Engine(EngineAPI):
                         break
                     new, self._intake = self._intake, []
                     cancels, self._cancels = self._cancels, []
-                self._guarded(self._take_intake, new, cancels)
+                self._guarded(False, self._take_intake, new, cancels)
                 if self.scheduler.has_work:
                     self._cur_step, self._committing = None, False
-                    self._guarded(self._iterate)
+                    self._guarded(True, self._iterate)
         except BaseException as e:  # the loop is broken: fail everything, say so
             self._die(e)
             return
@@ -205,8 +205,9 @@ class Engine(EngineAPI):
             if rid in self._seqs:
                 self._finish(self._seqs[rid][0], "cancelled")
 
-    def _guarded(self, fn, *args) -> None:
-        """Run one part of an iteration under the failure policy (module docstring)."""
+    def _guarded(self, whole_iteration: bool, fn, *args) -> None:
+        """Run one part of an iteration under the failure policy (module docstring); only
+        a whole iteration's success resets the count of failures in a row."""
         try:
             fn(*args)
         except Exception:
@@ -227,7 +228,8 @@ class Engine(EngineAPI):
             if self._guard.failed():
                 raise
         else:
-            self._guard.succeeded()
+            if whole_iteration:
+                self._guard.succeeded()
             self._cur_step = None
 
     def _fail(self, seq: Sequence, error: str) -> None:
