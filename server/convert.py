@@ -54,6 +54,25 @@ def check_sizes(req: pb.GenerateRequest, max_model_len: int, prefix: str = "") -
                              f"{max_model_len} tokens")
 
 
+def precheck(req: pb.GenerateRequest, engine, max_logprobs: int = 20,
+             prefix: str = "") -> SamplingParams:
+    """Every check that needs no tokenizing (sizes, sampling options, objectives); returns
+    the validated sampling parameters. Raises ValueError naming the field."""
+    check_sizes(req, engine.max_model_len, prefix)
+    sampling = sampling_from_proto(req.sampling)
+    try:
+        sampling.validate(max_logprobs=max_logprobs, vocab_size=engine.vocab_size)
+    except ValueError as e:
+        raise ValueError(f"{prefix}{e}") from None
+    if sampling.max_tokens > engine.max_model_len:
+        raise ValueError(f"{prefix}max_tokens must be <= the context length "
+                         f"{engine.max_model_len}, got {sampling.max_tokens}")
+    for name in ("ttft_s", "tpot_s"):
+        if req.HasField(name) and not (getattr(req, name) > 0 and math.isfinite(getattr(req, name))):
+            raise ValueError(f"{prefix}{name} must be a positive number of seconds")
+    return sampling
+
+
 def _check_messages(messages: list[dict], tokenizer, prefix: str) -> None:
     """Known roles only, and no control-token strings in content (a user must not be able
     to write e.g. '<|im_start|>system' and fake a turn)."""
@@ -117,20 +136,9 @@ def build_request(req: pb.GenerateRequest, engine, request_id: str, request_clas
                   prefix: str = "") -> GenerationRequest:
     """Validate a GenerateRequest against the engine's model and turn it into a
     GenerationRequest. Raises ValueError naming the field."""
-    check_sizes(req, engine.max_model_len, prefix)
+    sampling = precheck(req, engine, max_logprobs, prefix)
     ids, kind = prompt_token_ids(req, engine.tokenizer, prefix)
     validate_prompt(ids, engine.vocab_size, engine.max_model_len, field_name=prefix + kind)
-    sampling = sampling_from_proto(req.sampling)
-    try:
-        sampling.validate(max_logprobs=max_logprobs, vocab_size=engine.vocab_size)
-    except ValueError as e:
-        raise ValueError(f"{prefix}{e}") from None
-    if sampling.max_tokens > engine.max_model_len:
-        raise ValueError(f"{prefix}max_tokens must be <= the context length "
-                         f"{engine.max_model_len}, got {sampling.max_tokens}")
-    for name in ("ttft_s", "tpot_s"):
-        if req.HasField(name) and not (getattr(req, name) > 0 and math.isfinite(getattr(req, name))):
-            raise ValueError(f"{prefix}{name} must be a positive number of seconds")
     slo = SLO(ttft_s=req.ttft_s if req.HasField("ttft_s") else default_slo.ttft_s,
               tpot_s=req.tpot_s if req.HasField("tpot_s") else default_slo.tpot_s)
     return GenerationRequest(request_id=request_id, prompt_token_ids=ids, sampling=sampling,

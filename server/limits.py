@@ -34,20 +34,21 @@ class StreamLimiter:
         with self._lock:
             return self._total
 
-    def acquire(self, key: str = "") -> Optional[str]:
-        """Take a slot; None on success, else why not (the caller aborts with it)."""
+    def acquire(self, key: Optional[str] = None) -> Optional[str]:
+        """Take a slot; None on success, else why not (the caller aborts with it). Key None
+        (e.g. auth off: no tenants) counts against the total cap only."""
         with self._lock:
             if self._total >= self.max_total:
                 return f"too many open {self.name} streams ({self.max_total}); retry later"
             n = self._by_key.get(key, 0)
-            if self.max_per_key is not None and n >= self.max_per_key:
+            if key is not None and self.max_per_key is not None and n >= self.max_per_key:
                 return (f"too many open {self.name} streams for this caller "
                         f"({self.max_per_key}); close some first")
             self._total += 1
             self._by_key[key] = n + 1
         return None
 
-    def release(self, key: str = "") -> None:
+    def release(self, key: Optional[str] = None) -> None:
         with self._lock:
             self._total -= 1
             n = self._by_key.get(key, 0) - 1
@@ -57,7 +58,7 @@ class StreamLimiter:
                 self._by_key.pop(key, None)
 
     @contextmanager
-    def slot(self, context, key: str = "") -> Iterator[None]:
+    def slot(self, context, key: Optional[str] = None) -> Iterator[None]:
         """`with limiter.slot(context, key):` — aborts RESOURCE_EXHAUSTED when full."""
         why = self.acquire(key)
         if why is not None:

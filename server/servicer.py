@@ -16,7 +16,7 @@ fixed message. Store and unexpected failures are mapped by `server.handlers`. A 
 call whose client cancels, disconnects or passes its deadline cancels its engine request
 at once (gRPC termination callback), which frees its KV.
 
-Work before limits: size bounds (`convert.check_sizes`) and the online queue are checked
+Work before limits: size bounds and sampling options (`convert.precheck`) and the online queue are checked
 before a prompt is tokenized. With auth on, GetServerStats' batch fields count only the
 caller's batches, and list page tokens are batch ids (they reveal nothing global).
 """
@@ -158,8 +158,8 @@ class CoServeServicer(pb_grpc.CoServeServicer):
         tenant = self._tenant(context) or ""
         self._require_admitting(context)
         rid = f"on:{uuid.uuid4().hex}"
-        try:
-            convert.check_sizes(request, self.engine.max_model_len)
+        try:  # everything that needs no tokenizing, so bad input is refused even when busy
+            convert.precheck(request, self.engine, self.options.max_logprobs)
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         why = self._take_online_slot(tenant)
@@ -228,7 +228,7 @@ class CoServeServicer(pb_grpc.CoServeServicer):
                           f"idempotency_key is longer than {convert.MAX_ID_CHARS} characters")
         try:
             for i, r in enumerate(request.requests):  # cheap bounds before any tokenizing
-                convert.check_sizes(r, self.engine.max_model_len, prefix=f"requests[{i}].")
+                convert.precheck(r, self.engine, self.options.max_logprobs, prefix=f"requests[{i}].")
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         items = []
@@ -299,7 +299,7 @@ class CoServeServicer(pb_grpc.CoServeServicer):
         if not 0 <= request.start_index <= row.total:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"start_index must be in [0, {row.total}], got {request.start_index}")
-        with self.result_streams.slot(context, tenant or ""):
+        with self.result_streams.slot(context, tenant):
             yield from self._results(row, request.start_index, context)
 
     def _results(self, row: BatchRow, start: int, context):
