@@ -143,6 +143,8 @@ class Soak:
         with self.lock:
             self.tokens += n
         self.record(flavour, code, detail)
+        if code == "RESOURCE_EXHAUSTED":  # back off as a well-behaved client would
+            time.sleep(rng.uniform(0.05, 0.25))
         return c
 
     def batch(self, c: Client, rng: random.Random) -> None:
@@ -187,14 +189,15 @@ class Soak:
         rng = random.Random(seed)
         c = Client(self.target)
         try:
+            share = self.args.batch_share
             while not self.stop.is_set():
                 r = rng.random()
-                if r < 0.75:
-                    c = self.generate(c, rng)
-                elif r < 0.85:
+                if r < share:
                     self.batch(c, rng)
-                else:
+                elif r < share + 0.1:
                     self.read(c, rng)
+                else:
+                    c = self.generate(c, rng)
         finally:
             c.close()
 
@@ -245,6 +248,8 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--prompt-words", type=int, default=40)
     ap.add_argument("--batch-items", type=int, default=8)
+    ap.add_argument("--batch-share", type=float, default=0.1,
+                    help="fraction of client actions that submit a batch")
     ap.add_argument("--mock-token-delay", type=float, default=0.005)
     ap.add_argument("--warmup", type=float, default=None, help="default: 10%% of the duration")
     ap.add_argument("--start-timeout", type=float, default=900.0)
@@ -313,6 +318,7 @@ def main() -> int:
     summary = {
         "model": args.model, "duration_s": args.duration, "clients": args.clients,
         "max_num_seqs": args.max_num_seqs, "max_online_queue": args.max_online_queue,
+        "max_tokens": args.max_tokens, "batch_share": args.batch_share,
         "wall_s": round(time.time() - t_start, 1),
         "calls": sum(by_code.values()), "outcomes_by_code": dict(by_code),
         "outcomes_by_kind": {k: dict(v) for k, v in soak.outcomes.items()},
