@@ -180,9 +180,10 @@ def test_idle_streams_cannot_starve_authenticated_calls(tmp_path):
                 calls.append(c._stub.StreamBatchResults(
                     pb.StreamBatchResultsRequest(batch_id=bid), metadata=c._md))
             # the over-cap streams end with RESOURCE_EXHAUSTED; the rest stay open
-            refused = [x for x in calls if wait_until(lambda x=x: x.done(), 0.05) and
-                       x.code() == grpc.StatusCode.RESOURCE_EXHAUSTED]
-            assert len(refused) >= 40 - 2 + 20 - 2 + 6 - 2 - 1
+            def refused():
+                return sum(x.done() and x.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for x in calls)
+            assert wait_until(lambda: refused() == (40 - 2) + (20 - 2) + (6 - 2), timeout=30)
+            assert not any(x.done() and x.code() != grpc.StatusCode.RESOURCE_EXHAUSTED for x in calls)
             s.engine.token_delay_s = 0.0
             assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
                 health_pb2.HealthCheckResponse.SERVING

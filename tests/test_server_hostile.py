@@ -180,11 +180,11 @@ def test_idempotency_key_conflict_and_client_retry_uses_one_key(client, srv, mon
     def slow_create(*a, **k):
         out = create(*a, **k)
         if slow.pop("first", False):
-            time.sleep(1.0)
+            time.sleep(2.0)
         return out
     monkeypatch.setattr(srv.app.store, "create_batch", slow_create)
     before = len(srv.app.store.list(None, 1000))
-    bid = client.submit_batch([{"prompt": "once"}], timeout=0.3)
+    bid = client.submit_batch([{"prompt": "once"}], timeout=1.0)
     assert len(srv.app.store.list(None, 1000)) == before + 1
     assert srv.app.store.list(None, 1)[0].id == bid
 
@@ -250,7 +250,7 @@ def test_stats_and_pages_reveal_nothing_about_other_tenants(tmp_path):
     try:
         with Client(s.target, token=ALICE) as a, Client(s.target, token=BOB) as b:
             for _ in range(3):
-                a.submit_batch([{"prompt": "x", "max_tokens": 50}] * 3)
+                a.submit_batch([{"prompt": "x", "max_tokens": 200}] * 3)
             wait_until(lambda: a.stats()["batch_items_in_flight"] > 0)
             st = b.stats()
             assert (st["batches_active"], st["batch_items_pending"], st["batch_items_in_flight"]) == (0, 0, 0)
