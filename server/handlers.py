@@ -92,9 +92,7 @@ def _wrap_stream(method: str, fn):
             _bad_request(context, request)
         try:
             yield from fn(request, context)
-        except GeneratorExit:
-            raise
-        except Exception as e:
+        except Exception as e:  # (GeneratorExit, a cancelled call, is not an Exception)
             _fail(context, method, e)
     return handler
 
