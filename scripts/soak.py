@@ -14,7 +14,11 @@ StreamBatchResults). Afterwards it checks:
 - nothing is in flight once the clients stop (online and batch counters, engine queues);
 - every batch item has exactly one result (read back through StreamBatchResults and
   counted in the database), and every batch reached a terminal state;
-- server RSS and open file descriptors are flat: sampled after a warm-up and at the end.
+- server RSS and open file descriptors are flat: sampled after a warm-up, at the end of
+  the load window and after the drain. A drain runs offline-only steps whose shapes the
+  mixed load may never have compiled, so RSS can rise once there; `--probe-items` then
+  submits that many batch items again and drains a second time: growth that repeats is a
+  leak, growth that does not is one-time (compiled executables, allocator high-water).
 
 It writes a JSON summary (calls, outcomes by code, RSS and fds at start/end, batches) and
 exits 1 if any check fails.
@@ -237,6 +241,17 @@ def check_results(c: Client, soak: Soak, db_path: str) -> list[str]:
     return problems
 
 
+def drain_probe(c: Client, soak: Soak, items: int, rng: random.Random) -> None:
+    """Submit `items` more batch items (4 per batch) and let them drain."""
+    args = soak.args
+    for k in range(0, items, 4):
+        n = min(4, items - k)
+        bid = c.submit_batch([{"prompt": soak._prompt(rng), "temperature": 0.0,
+                               "max_tokens": rng.randint(1, args.max_tokens)} for _ in range(n)],
+                             timeout=30)
+        soak.batches[bid] = n
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description="soak test a conserve-jax server (loopback only)")
     ap.add_argument("--model", default="mock")
@@ -256,6 +271,8 @@ def main() -> int:
     ap.add_argument("--quiet-timeout", type=float, default=600.0)
     ap.add_argument("--rss-growth-mb", type=float, default=64.0, help="flat: end - warm-up RSS below this")
     ap.add_argument("--fd-growth", type=int, default=8, help="flat: end - warm-up fds below this")
+    ap.add_argument("--probe-items", type=int, default=0,
+                    help="after the run, drain this many more batch items and compare RSS")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--json", default="out/soak.json")
@@ -287,12 +304,20 @@ def main() -> int:
         print(f"t={el:6.0f}s calls={calls} tokens={soak.tokens} rss={samples[-1][1] / 1024:.0f}MB "
               f"fds={samples[-1][2]}", flush=True)
     soak.stop.set()
+    load_end = samples[-1]
     for t in threads:
         t.join(timeout=180)
     stuck = sum(t.is_alive() for t in threads)
+    probe = None
     with Client(target) as c:
         quiet, st, states = wait_quiet(c, soak, args.quiet_timeout)
         end = proc_usage(proc.pid)
+        if quiet and args.probe_items:
+            drain_probe(c, soak, args.probe_items, random.Random(args.seed + 7))
+            quiet, st, states = wait_quiet(c, soak, args.quiet_timeout)
+            probe = proc_usage(proc.pid)
+            print(f"drain probe: rss {end[0] / 1024:.0f} -> {probe[0] / 1024:.0f} MB, "
+                  f"fds {end[1]} -> {probe[1]}", flush=True)
         problems = check_results(c, soak, os.path.join(data_dir, "batches.sqlite3")) if quiet else []
     warm = warm or samples[-1]
     proc.send_signal(signal.SIGTERM)
@@ -304,17 +329,21 @@ def main() -> int:
     by_code = collections.Counter()
     for kind, cnt in soak.outcomes.items():
         by_code.update(cnt)
-    rss_growth_mb = (end[0] - warm[1]) / 1024
-    fd_growth = end[1] - warm[2]
+    rss_growth_mb = (load_end[1] - warm[1]) / 1024  # over the load window
+    fd_growth = max(end[1], (probe or end)[1]) - warm[2]
     checks = {
         "every call ended OK or with a documented status": not soak.unexpected,
         "no client thread stuck": stuck == 0,
         "nothing in flight, every batch terminal": quiet,
         "every batch item exactly one result": quiet and not problems,
-        f"RSS flat (growth after warm-up < {args.rss_growth_mb} MB)": rss_growth_mb < args.rss_growth_mb,
+        f"RSS flat under load (warm-up -> end of load < {args.rss_growth_mb} MB)":
+            rss_growth_mb < args.rss_growth_mb,
         f"fds flat (growth after warm-up < {args.fd_growth})": fd_growth < args.fd_growth,
         "server exited 0 on SIGTERM": rc == 0,
     }
+    if probe is not None:
+        checks[f"RSS flat over a second drain (< {args.rss_growth_mb} MB)"] = \
+            (probe[0] - end[0]) / 1024 < args.rss_growth_mb
     summary = {
         "model": args.model, "duration_s": args.duration, "clients": args.clients,
         "max_num_seqs": args.max_num_seqs, "max_online_queue": args.max_online_queue,
@@ -326,8 +355,10 @@ def main() -> int:
         "batches": len(soak.batches), "batch_items": sum(soak.batches.values()),
         "batch_states": dict(collections.Counter(states.values())),
         "rss_mb": {"start": round(samples[0][1] / 1024, 1), "after_warmup": round(warm[1] / 1024, 1),
-                   "end": round(end[0] / 1024, 1)},
-        "fds": {"start": samples[0][2], "after_warmup": warm[2], "end": end[1]},
+                   "end_of_load": round(load_end[1] / 1024, 1), "after_drain": round(end[0] / 1024, 1),
+                   "after_second_drain": None if probe is None else round(probe[0] / 1024, 1)},
+        "fds": {"start": samples[0][2], "after_warmup": warm[2], "end_of_load": load_end[2],
+                "after_drain": end[1], "after_second_drain": None if probe is None else probe[1]},
         "samples": samples, "final_stats": st, "unexpected": soak.unexpected,
         "result_problems": problems[:20], "server_exit": rc, "checks": checks,
         "passed": all(checks.values()), "data_dir": data_dir,
