@@ -106,7 +106,7 @@ class OpenAIRoutes:
 
     def _admit(self, cls: RequestClass) -> bool:
         if cls is RequestClass.ONLINE:
-            return self.metrics.try_admit_online()
+            return self.metrics.try_admit_online() is None
         with self._flex_lock:
             if self._flex >= self.options.max_flex_in_flight:
                 return False
