@@ -345,14 +345,12 @@ class OpenAIRoutes:
             limit = -1
         if not 1 <= limit <= 100:
             raise invalid_value("limit", "limit must be an integer in [1, 100]")
-        before = None
-        after = request.query_params.get("after")
+        after = request.query_params.get("after") or None
         if after:
             cursor = await self.run(self.store.get, after)
             if cursor is None or (tenant is not None and cursor.tenant != tenant):
                 raise invalid_value("after", f"after: no such batch {after!r}")
-            before = cursor.seq
-        rows = await self.run(self.store.list, tenant, limit + 1, before)
+        rows = await self.run(self.store.list, tenant, limit + 1, after)
         data = [B.batch_object(r, await self.run(self.files.get_doc, r.id)) for r in rows[:limit]]
         return JSONResponse({"object": "list", "data": data, "has_more": len(rows) > limit,
                              "first_id": data[0]["id"] if data else None,
