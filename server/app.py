@@ -27,6 +27,7 @@ from conserve_jax.proto_gen.conserve.v1 import conserve_pb2_grpc as pb_grpc
 from server.auth import Authenticator
 from server.batch_runner import BatchRunner
 from server.batch_store import BatchStore
+from server.offline_resume import OfflineResume
 from server.servicer import CoServeServicer, ServiceOptions
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,9 @@ class ServerConfig:
     batch_in_flight: int = 64  # batch items inside the engine at once
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     drain_timeout_s: float = 5.0
+    # on stop, save unfinished batch items' engine state (KV + tokens) to
+    # <data_dir>/offline-kv, at most this many bytes; 0: off (they recompute)
+    offline_kv_max_bytes: int = 0
 
 
 class ServerApp:
@@ -56,6 +60,8 @@ class ServerApp:
         self.port: Optional[int] = None
         self.store = BatchStore(config.data_dir)
         self.runner = BatchRunner(self.store, engine, config.batch_in_flight)
+        self.runner.offline = OfflineResume.create(engine, self.store, config.data_dir,
+                                                   config.offline_kv_max_bytes)
         auth = Authenticator(config.auth_tokens) if config.auth_tokens is not None else None
         self.servicer = CoServeServicer(engine, self.store, self.runner, auth, config.options)
         self.health = health.HealthServicer()

@@ -55,6 +55,9 @@ class BatchRunner:
         self._in_flight: dict[str, _InFlight] = {}
         self._terminated: dict[str, str] = {}  # batch_id -> outcome for its stopped items
         self._count = 0
+        # server.offline_resume.OfflineResume or None: resume items from saved state, save
+        # the unfinished ones at stop (set by ServerApp before start)
+        self.offline = None
         self._thread = threading.Thread(target=self._run, name="batch-runner", daemon=True)
 
     @property
@@ -117,10 +120,11 @@ class BatchRunner:
                                     sampling=convert.sampling_from_proto(item.request.sampling),
                                     request_class=RequestClass.OFFLINE)
             try:
-                stream = self.engine.submit(req)
+                stream = self.offline.submit(item, req) if self.offline else self.engine.submit(req)
             except ValueError as e:  # e.g. the model changed since the batch was stored
                 self.store.commit_result(item.batch_id, convert.error_result(
                     item.index, item.request.request_id, "error", str(e)), "error")
+                self._item_done(item)
                 continue
             except RuntimeError as e:
                 log.info("engine refused batch items (%s); stop submitting", e)
@@ -157,6 +161,7 @@ class BatchRunner:
             if outcome is None:  # not our doing: the engine is stopping; run it again later
                 self.store.release(item.batch_id, item.index)
                 return
+            self._item_done(item)
             if outcome == "error":
                 result = convert.error_result(item.index, item.request.request_id, "error",
                                               "batch deadline exceeded", partial=result)
@@ -164,6 +169,14 @@ class BatchRunner:
             return
         outcome = reason if reason in ("stop", "length") else "error"
         self.store.commit_result(item.batch_id, result, outcome)
+        self._item_done(item)
+
+    def _item_done(self, item: ClaimedItem) -> None:
+        if self.offline is not None:
+            try:
+                self.offline.item_done(item)
+            except Exception:
+                log.exception("deleting the saved state of a finished batch item failed")
 
     def _handle_requests(self) -> None:
         while True:
@@ -184,7 +197,13 @@ class BatchRunner:
 
     def _abandon(self) -> None:
         """At stop: cancel what is still in flight; results that arrive finished anyway are
-        committed, the rest are released to run again."""
+        committed, the rest are released to run again (when `offline` is set, their engine
+        state is saved first, so that they resume from it)."""
+        if self.offline is not None and self._in_flight:
+            try:
+                self.offline.suspend({rid: f.item for rid, f in self._in_flight.items()})
+            except Exception:
+                log.exception("saving unfinished batch items failed; they will recompute")
         for rid in list(self._in_flight):
             self.engine.cancel(rid)
         end = time.monotonic() + 2.0

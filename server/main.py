@@ -36,6 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-message-mb", type=int, default=64, help="gRPC message size limit")
     parser.add_argument("--drain-timeout", type=float, default=10.0,
                         help="seconds to let running work finish on SIGTERM")
+    parser.add_argument("--offline-kv-max-mb", type=int, default=4096,
+                        help="on SIGTERM, save unfinished batch items' KV and tokens to "
+                             "--data-dir (at most this many MB) so they resume after a "
+                             "restart; 0 turns it off")
     parser.add_argument("--mock-token-delay", type=float, default=0.0,
                         help="with --model mock: seconds per generated token")
     add_engine_args(parser)  # --model (or 'mock': the deterministic test engine), --tp, ...
@@ -89,7 +93,8 @@ def run(args) -> int:
                                max_batch_size=args.max_batch_size,
                                default_slo=SLO(args.default_ttft_s, args.default_tpot_s)),
         batch_in_flight=args.batch_in_flight or 2 * max_num_seqs,
-        max_message_bytes=args.max_message_mb << 20, drain_timeout_s=args.drain_timeout)
+        max_message_bytes=args.max_message_mb << 20, drain_timeout_s=args.drain_timeout,
+        offline_kv_max_bytes=args.offline_kv_max_mb << 20)
     try:
         app = ServerApp(engine, config)
         app.start()

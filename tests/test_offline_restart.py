@@ -1,0 +1,131 @@
+"""A real server over a tiny random model: a batch interrupted by SIGTERM resumes after a
+restart from the KV and tokens it saved (restored tokens > 0) and gives token-identical greedy
+results to an uninterrupted run; a corrupted or mismatched checkpoint is discarded with a
+log line and its item recomputes; the same with the KV cache split over two (fake CPU)
+devices. Kill -9 is covered by test_batches_crash.py: nothing here changes it."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from conserve_jax.client import Client
+from tests.conftest_server import REPO, wait_until
+
+N_ITEMS, MAX_TOKENS = 6, 120
+ENGINE = ("--model", "random:tiny", "--max-model-len", "512", "--max-num-seqs", "4",
+          "--batch-in-flight", "4", "--block-size", "4", "--num-blocks", "512",
+          "--drain-timeout", "0")
+
+
+def _items():
+    return [{"token_ids": [5 + (7 * i + j) % 250 for j in range(40 + 9 * i)],
+             "max_tokens": MAX_TOKENS, "temperature": 0.0, "ignore_eos": True}
+            for i in range(N_ITEMS)]
+
+
+def _spawn(data, *extra):
+    cmd = [sys.executable, "-m", "conserve_jax.cli", "-v", "serve", "--port", "0", "--data-dir",
+           str(data), *ENGINE, *extra]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    port, log = [], []
+
+    def read_stdout():
+        for line in proc.stdout:
+            if line.startswith("listening on ") and not port:
+                port.append(int(line.rsplit(":", 1)[1]))
+    threading.Thread(target=read_stdout, daemon=True).start()
+    threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True).start()
+    if not wait_until(lambda: bool(port) or proc.poll() is not None, 180, 0.05) or not port:
+        proc.kill()
+        raise RuntimeError("server did not start: " + "".join(log[-30:]))
+    return proc, port[0], log
+
+
+def _sigterm(proc):
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0
+
+
+def _interrupt(data, *extra):
+    """Run the batch until about a third of its tokens are out, then SIGTERM."""
+    proc, port, log = _spawn(data, *extra)
+    try:
+        with Client(f"127.0.0.1:{port}") as c:
+            bid = c.submit_batch(_items())
+            assert wait_until(lambda: c.stats()["offline_tokens_total"] >= N_ITEMS * MAX_TOKENS // 3,
+                              timeout=300, interval=0.05)
+            _sigterm(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    saved = sorted(os.listdir(data / "offline-kv"))
+    assert saved, "unfinished items were saved: " + "".join(log[-20:])
+    return bid, saved, log
+
+
+def _finish_and_reference(data, bid, *extra):
+    """Restart; collect the interrupted batch, then run it again uninterrupted."""
+    proc, port, log = _spawn(data, *extra)
+    try:
+        with Client(f"127.0.0.1:{port}") as c:
+            resumed = list(c.batch_results(bid, timeout=300))
+            stats = c.stats()
+            ref_id = c.submit_batch(_items())
+            reference = list(c.batch_results(ref_id, timeout=300))
+        _sigterm(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return resumed, reference, stats, log
+
+
+def _assert_identical(resumed, reference):
+    assert [r.index for r in resumed] == list(range(N_ITEMS))  # one result per item
+    for got, ref in zip(resumed, reference):
+        assert list(got.token_ids) == list(ref.token_ids) and got.text == ref.text
+        assert got.finish_reason == ref.finish_reason
+        assert got.usage.completion_tokens == MAX_TOKENS == len(got.token_ids)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_sigterm_restart_resumes_token_identical(tmp_path, tp):
+    data = tmp_path / "data"
+    bid, saved, _ = _interrupt(data, "--tp", str(tp))
+    resumed, reference, stats, log = _finish_and_reference(data, bid, "--tp", str(tp))
+    _assert_identical(resumed, reference)
+    assert stats["restored_tokens"] > 0
+    assert sum("resumes:" in line for line in log) == len(saved)
+    assert os.listdir(data / "offline-kv") == []  # finished items' checkpoints are deleted
+
+
+def test_corrupted_and_mismatched_checkpoints_are_discarded(tmp_path):
+    data = tmp_path / "data"
+    bid, saved, _ = _interrupt(data)
+    assert len(saved) >= 2
+    ck = data / "offline-kv"
+    meta = ck / saved[0] / "meta" / "metadata"  # another engine's layout
+    m = json.loads(meta.read_text())
+    m["layout"]["tp"] = 2
+    meta.write_text(json.dumps(m))
+    for root, _, files in os.walk(ck / saved[1] / "kv"):  # flipped bytes in the KV data
+        for f in files:
+            p = os.path.join(root, f)
+            if os.path.getsize(p) > 64:
+                b = bytearray(open(p, "rb").read())
+                b[len(b) // 2] ^= 0xFF
+                open(p, "wb").write(bytes(b))
+    (ck / "batch_x-0.orbax-checkpoint-tmp-1").mkdir()  # a save cut short
+    resumed, reference, _, log = _finish_and_reference(data, bid)
+    _assert_identical(resumed, reference)
+    text = "".join(log)
+    assert f"discarding offline checkpoint {saved[0]}: made by a different engine layout" in text
+    assert f"discarding offline checkpoint {saved[1]}:" in text
+    assert sum("resumes:" in line for line in log) == len(saved) - 2
+    assert os.listdir(ck) == []
