@@ -26,8 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="conserve-jax")
     parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
     parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="-v: INFO, -vv: DEBUG (also for libraries that log through absl, "
-                             "such as orbax)")
+                        help="-v: INFO, -vv: DEBUG, also for libraries that log through "
+                             "absl (orbax)")
     sub = parser.add_subparsers(dest="command", required=True)
     modules = {}
     for name, (module_name, help_text) in SUBCOMMANDS.items():
@@ -44,7 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.verbose:
         level = min(level, logging.INFO if args.verbose == 1 else logging.DEBUG)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    absl_logging.set_verbosity(logging.getLevelName(level).lower())  # orbax logs via absl
+    # libraries that log through absl (orbax: dozens of INFO lines per checkpoint) speak
+    # from -vv on
+    lib_level = level if args.verbose >= 2 else max(level, logging.WARNING)
+    absl_logging.set_verbosity(logging.getLevelName(lib_level).lower())
     if getattr(args, "_missing", None):
         print(args._missing, file=sys.stderr)
         return 2

@@ -7,8 +7,10 @@ threads, the batch-runner thread and the engine's own thread.
 
 Shutdown order (`stop`): health NOT_SERVING; the gRPC server refuses new calls and gives
 open ones the drain timeout; meanwhile the batch runner stops claiming, lets in-flight
-items finish within the same timeout and releases the rest (they run again after a
-restart); then the engine shuts down and the store closes. Every committed result is
+items finish within the same timeout, saves the engine state of the rest (with
+`offline_kv_max_bytes`; `server/offline_resume.py`) and releases them (they run again
+after a restart, resuming from the saved state); then the engine shuts down and the store
+closes. Every committed result is
 already on disk.
 """
 from __future__ import annotations

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Optional
 
 from server.batch_store import BatchStore, ClaimedItem
@@ -78,13 +79,17 @@ class OfflineResume:
         """Save the state of the in-flight items (request id -> item) the engine still runs."""
         if not in_flight:
             return
+        t0 = time.monotonic()
         saved = self.engine.suspend_offline(list(in_flight))
+        t1 = time.monotonic()
         entries = [(_key(in_flight[rid].batch_id, in_flight[rid].index), s)
                    for rid, s in saved.items()]
         written = self.dir.save_all(entries)
-        log.info("saved %d of %d unfinished batch items (%d tokens of KV) to %s", len(written),
-                 len(in_flight), sum(s.num_saved_tokens for s in saved.values()),
-                 self.dir.directory)
+        log.info("saved %d of %d unfinished batch items (%d tokens of KV, %.1f MB) to %s: "
+                 "engine %.2f s, writing %.2f s", len(written), len(in_flight),
+                 sum(s.num_saved_tokens for s in saved.values()),
+                 sum(s.nbytes for s in saved.values()) / 2**20, self.dir.directory, t1 - t0,
+                 time.monotonic() - t1)
         self.sweep()
 
     def sweep(self) -> None:
