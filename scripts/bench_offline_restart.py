@@ -70,6 +70,7 @@ def one_run(args, variant: str) -> dict:
     if variant == "recompute":
         extra += ["--offline-kv-max-mb", "0"]
     work = args.items * (args.prompt_len + args.max_tokens)
+    proc = None
     try:
         proc, port, log = spawn(data, extra)
         with Client(f"127.0.0.1:{port}") as c:
@@ -111,6 +112,9 @@ def one_run(args, variant: str) -> dict:
             print("    " + save_line[save_line.find("saved"):], flush=True)
         return row
     finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
         shutil.rmtree(data, ignore_errors=True)
 
 

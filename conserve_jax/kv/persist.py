@@ -74,18 +74,24 @@ class CheckpointDir:
     the directory's total size (saves that would exceed it are skipped and logged)."""
 
     def __init__(self, directory: str, layout: dict, max_bytes: int) -> None:
-        import orbax.checkpoint as ocp  # heavy; only servers that persist pay for it
-
-        self._ocp = ocp
+        self._ocp = None  # orbax, imported at the first save or load (seconds to import)
+        self._ckpt = None
         self.directory = os.path.abspath(directory)
         self.layout = {"format": FORMAT_VERSION, **layout}
         self.max_bytes = int(max_bytes)
         os.makedirs(self.directory, exist_ok=True)
-        self._ckpt = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
         for name in os.listdir(self.directory):  # saves that never finished
             if _TMP_MARK in name:
                 log.info("deleting unfinished offline checkpoint %s", name)
                 shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+
+    def _orbax(self):
+        if self._ocp is None:
+            import orbax.checkpoint as ocp
+
+            self._ocp = ocp
+            self._ckpt = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+        return self._ocp
 
     def _path(self, key: str) -> str:
         if not _KEY.match(key):
@@ -132,7 +138,7 @@ class CheckpointDir:
         return written
 
     def _save(self, path: str, saved: SavedRequest) -> None:
-        ocp = self._ocp
+        ocp = self._orbax()
         meta = {"layout": self.layout, "prompt_ids": [int(t) for t in saved.prompt_ids],
                 "generated_ids": [int(t) for t in saved.generated_ids],
                 "seed": int(saved.seed), "num_saved_tokens": int(saved.num_saved_tokens),
@@ -147,7 +153,7 @@ class CheckpointDir:
         path = self._path(key)
         if not os.path.isdir(path):
             return None
-        ocp = self._ocp
+        ocp = self._orbax()
         try:
             meta = self._ckpt.restore(path, args=ocp.args.Composite(
                 meta=ocp.args.JsonRestore()))["meta"]
