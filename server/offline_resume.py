@@ -21,8 +21,10 @@ whose batch is gone (e.g. a batch cancelled while its saved items were pending).
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import os
+import threading
 import time
 from typing import Optional
 
@@ -45,6 +47,9 @@ class OfflineResume:
                                  engine.checkpoint_layout(), max_bytes)
         self.resumed = 0  # items started from a checkpoint (for tests and logs)
         self.sweep()
+        # orbax takes seconds to import: do it now, off the listening and the shutdown path
+        threading.Thread(target=importlib.import_module, args=("orbax.checkpoint",),
+                         name="orbax-import", daemon=True).start()
 
     @classmethod
     def create(cls, engine, store: BatchStore, data_dir: str,
