@@ -5,8 +5,9 @@ For each variant ("saved-kv": default server; "recompute": --offline-kv-max-mb 0
 repeat (variants interleaved): start a server on a fresh data dir, submit --items offline
 items with --prompt-len-token prompts (greedy, --max-tokens each), SIGTERM once half of the
 batch's work (prompt + output tokens) is done, then start the server again on the same data
-dir and time until the batch is completed. Prints a table (medians and minimums) and writes
-JSON. The results of the two variants are also compared token by token.
+dir and time until the batch is completed. Prints a table (medians and minimums, and the ratio of
+the two runs of each repeat, which ran back to back: on a shared machine the load changes
+between repeats) and writes JSON. The results of the two variants are also compared token by token.
 
     python scripts/bench_offline_restart.py --model default --json out/bench_offline_restart.json
 """
@@ -142,6 +143,13 @@ def main() -> int:
         summary[v] = dict(restart_to_done_median_s=statistics.median(t),
                           restart_to_done_min_s=min(t), after_listen_median_s=statistics.median(a),
                           after_listen_min_s=min(a))
+    pairs = [(rows[2 * r], rows[2 * r + 1]) for r in range(args.repeats)]
+    ratios = []
+    for a, b in pairs:  # the two variants of one repeat ran back to back: compare those
+        sv, rc_ = (a, b) if a["variant"] == "saved-kv" else (b, a)
+        ratios.append(rc_["restart_to_done_s"] / sv["restart_to_done_s"])
+    summary["pair_ratios"] = ratios
+    summary["pair_ratio_median"] = statistics.median(ratios)
     s, rc = summary["saved-kv"], summary["recompute"]
     summary["speedup_median"] = rc["restart_to_done_median_s"] / s["restart_to_done_median_s"]
     summary["speedup_after_listen_median"] = rc["after_listen_median_s"] / s["after_listen_median_s"]
@@ -157,6 +165,8 @@ def main() -> int:
     print(f"  recompute / saved-kv: {summary['speedup_median']:.2f}x (restart -> done), "
           f"{summary['speedup_after_listen_median']:.2f}x (after listening); token-identical "
           f"across runs: {summary['all_runs_token_identical']}")
+    print(f"  per repeat (back-to-back pairs) recompute / saved-kv: "
+          f"{', '.join(f'{r:.2f}x' for r in ratios)}; median {summary['pair_ratio_median']:.2f}x")
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     for x in rows:
         x.pop("tokens")
