@@ -22,10 +22,11 @@ from typing import Optional
 import numpy as np
 
 from conserve_jax.config import EngineConfig
-from conserve_jax.engine_api import (EngineAPI, EngineStats, GenerationRequest, RequestStream,
-                                     validate_prompt)
+from conserve_jax.engine_api import (EngineAPI, EngineStats, GenerationRequest, RequestClass,
+                                     RequestStream, validate_prompt)
 from conserve_jax.kv.checkpointer import KVCheckpointer
 from conserve_jax.kv.kv_manager import KVManager
+from conserve_jax.kv.persist import SavedRequest
 from conserve_jax.runtime.kv_transfer import KVTransfer
 from conserve_jax.output_delivery import OutputDelivery
 from conserve_jax.output_processor import OutputProcessor
@@ -78,6 +79,8 @@ class Engine(EngineAPI):
         self._intake: list[Sequence] = []
         self._ids_in_use: set[str] = set()  # request ids submitted and not finished (_lock)
         self._cancels: list[str] = []
+        self._resumes: dict[str, SavedRequest] = {}  # submitted with saved state (_lock)
+        self._suspends: list[tuple[list[str], dict, threading.Event]] = []  # (_lock)
         self._stopped: list[str] = []  # ended by a stop string on the output thread
         self._seqs: dict[str, Sequence] = {}  # step-loop thread only
         self._snapshot = EngineStats()  # published by the step loop, read under _lock
@@ -106,7 +109,11 @@ class Engine(EngineAPI):
     def vocab_size(self) -> int:
         return self.model_config.vocab_size
 
-    def submit(self, request: GenerationRequest) -> RequestStream:
+    def submit(self, request: GenerationRequest,
+               resume: Optional[SavedRequest] = None) -> RequestStream:
+        """Queue a request. With `resume` (an offline request's state saved by
+        `suspend_offline`, possibly by an earlier process) it continues from there: its
+        stream starts with everything generated before, as if never interrupted."""
         validate_prompt(request.prompt_token_ids, self.vocab_size, self._max_model_len)
         request.sampling.validate(self.config.max_logprobs, self.vocab_size)
         if not self.policy.accepts(request):
@@ -117,7 +124,10 @@ class Engine(EngineAPI):
         if seed is None:
             seed = int(self._rng.integers(0, 2**31 - 1))
         ids = [int(t) for t in request.prompt_token_ids]
-        seq = Sequence(request, stream, seed, token_ids=list(ids), prompt_len=len(ids))
+        if resume is not None:
+            seed = self._check_resume(request, resume)
+        prior = list(resume.generated_ids) if resume is not None else []
+        seq = Sequence(request, stream, seed, token_ids=ids + prior, prompt_len=len(ids))
         with self._lock:
             if self._failure is not None:
                 raise RuntimeError(ENGINE_STOPPED)
@@ -126,6 +136,8 @@ class Engine(EngineAPI):
             if request.request_id in self._ids_in_use:
                 raise ValueError(f"request_id {request.request_id!r} is already in use")
             self._ids_in_use.add(request.request_id)
+            if resume is not None:
+                self._resumes[request.request_id] = resume
             self._in_engine += 1
             self._intake.append(seq)
             self._lock.notify_all()
@@ -197,14 +209,20 @@ class Engine(EngineAPI):
             while True:
                 with self._lock:
                     while not self._stop and not self._intake and not self._cancels \
-                            and not self._stopped and not self.scheduler.has_work:
+                            and not self._stopped and not self._suspends \
+                            and not self.scheduler.has_work:
                         self._lock.wait(timeout=0.5)
                     if self._stop:
                         break
                     new, self._intake = self._intake, []
                     cancels, self._cancels = self._cancels, []
                     stopped, self._stopped = self._stopped, []
-                self._guarded(False, self._take_intake, new, stopped, cancels)
+                    suspends, self._suspends = self._suspends, []
+                    resumes = {s.request_id: self._resumes.pop(s.request_id)
+                               for s in new if s.request_id in self._resumes}
+                self._guarded(False, self._take_intake, new, stopped, cancels, resumes)
+                for job in suspends:
+                    self._guarded(False, self._suspend, *job)
                 if self.scheduler.has_work:
                     self._cur_step, self._committing = None, False
                     self._guarded(True, self._iterate)
@@ -214,13 +232,21 @@ class Engine(EngineAPI):
             return
         for seq in list(self._seqs.values()):
             self._finish(seq, "cancelled")
+        with self._lock:
+            suspends, self._suspends = self._suspends, []
+        for _, _, done in suspends:  # asked too late: nothing left to save
+            done.set()
         self._publish_stats()
 
-    def _take_intake(self, new: list[Sequence], stopped: list[str], cancels: list[str]) -> None:
+    def _take_intake(self, new: list[Sequence], stopped: list[str], cancels: list[str],
+                     resumes: dict) -> None:
         for seq in new:
             self._seqs[seq.request_id] = seq
-            self.delivery.register(seq.request, seq.stream, seq.prompt_len)
+            self.delivery.register(seq.request, seq.stream, seq.prompt_len,
+                                   seq.token_ids[seq.prompt_len:])
             try:
+                if seq.request_id in resumes:
+                    self._take_resume(seq, resumes[seq.request_id])
                 self.scheduler.add(seq)
                 self.policy.on_arrival(seq)
             except Exception:
@@ -279,6 +305,7 @@ class Engine(EngineAPI):
             self._failure = f"step loop stopped: {type(exc).__name__}"
             self._accepting = False
             pending, self._intake = self._intake, []
+            suspends, self._suspends = self._suspends, []
             self._ids_in_use.clear()
             self._in_engine = 0
         for seq in pending:  # never registered with the output thread
@@ -286,6 +313,8 @@ class Engine(EngineAPI):
         for rid in list(self._seqs):
             self.delivery.finish(rid, "error", ENGINE_STOPPED)
         self._seqs.clear()
+        for _, _, done in suspends:  # nothing can be saved from a dead loop
+            done.set()
 
     def _iterate(self) -> None:
         step = self._cur_step = self.scheduler.schedule()
@@ -379,3 +408,77 @@ class Engine(EngineAPI):
         with self._lock:
             self._ids_in_use.discard(seq.request_id)
             self._in_engine -= 1
+
+    # ---- offline work across a restart (saved by suspend_offline, resumed by submit) ------
+    def checkpoint_layout(self) -> dict:
+        """What a saved request's KV depends on: a checkpoint made under another layout is
+        not used (model, random-weight seed, dtype, block size, tensor-parallel degree,
+        block shape)."""
+        c = self.config
+        shape = (self.checkpointer.transfer.block_shape if self.checkpointer is not None
+                 else None)
+        return {"model": c.model, "weights_seed": c.seed if c.model.startswith("random:") else None,
+                "dtype": c.dtype, "block_size": c.cache.block_size, "tp": c.tp,
+                "block_shape": list(shape) if shape else None}
+
+    def suspend_offline(self, request_ids: list[str], timeout_s: float = 60.0) -> dict[str, SavedRequest]:
+        """Any thread. Stop the given unfinished offline requests at the next iteration
+        boundary and return their saved state (token state + KV blocks already on host),
+        keyed by request id; their streams end "cancelled". Requests that are unknown,
+        online or have nothing worth saving are left alone. {} once the engine stops."""
+        job = (list(request_ids), {}, threading.Event())
+        with self._lock:
+            if self._stop:
+                return {}
+            self._suspends.append(job)
+            self._lock.notify_all()
+        if not job[2].wait(timeout_s):
+            log.warning("suspend_offline timed out after %.0f s", timeout_s)
+            return {}
+        return job[1]
+
+    def _suspend(self, request_ids: list[str], out: dict, done: threading.Event) -> None:
+        """Step-loop thread: export and end the requests `suspend_offline` asked for."""
+        try:
+            for rid in request_ids:
+                seq = self._seqs.get(rid)
+                if seq is None or seq.online or not (seq.num_computed or seq.num_generated):
+                    continue
+                blocks = np.zeros((0,), np.float32)
+                if self.checkpointer is not None:
+                    blocks = self.checkpointer.export_blocks(rid, seq.num_computed)
+                out[rid] = SavedRequest(seq.token_ids[: seq.prompt_len],
+                                        seq.token_ids[seq.prompt_len:], seq.seed,
+                                        len(blocks) * self.config.cache.block_size, blocks)
+                self._finish(seq, "cancelled")
+        except Exception:
+            log.exception("suspending offline requests failed")
+        finally:
+            done.set()
+
+    def _check_resume(self, request: GenerationRequest, saved: SavedRequest) -> int:
+        """Any thread (in `submit`): ValueError naming what does not fit; returns the seed."""
+        if request.request_class is not RequestClass.OFFLINE:
+            raise ValueError("resume: only offline requests resume from saved state")
+        if [int(t) for t in saved.prompt_ids] != [int(t) for t in request.prompt_token_ids]:
+            raise ValueError("resume: the saved prompt differs from the request's prompt")
+        validate_prompt(list(saved.prompt_ids) + list(saved.generated_ids), self.vocab_size,
+                        self._max_model_len)
+        if request.sampling.logprobs is not None and saved.generated_ids:
+            raise ValueError("resume: logprobs of the tokens generated before are not saved")
+        if len(saved.generated_ids) >= request.sampling.max_tokens:
+            raise ValueError("resume: the saved request already generated max_tokens")
+        if len(saved.blocks) and (self.checkpointer is None or tuple(saved.blocks.shape[1:])
+                                  != tuple(self.checkpointer.transfer.block_shape)):
+            raise ValueError(f"resume: saved blocks of shape {saved.blocks.shape[1:]} do not "
+                             f"fit this engine's KV cache")
+        return int(saved.seed)
+
+    def _take_resume(self, seq: Sequence, saved: SavedRequest) -> None:
+        """Step-loop thread, at intake: load the saved blocks into the host pool so that the
+        scheduler restores them when it first starts `seq` (like an evicted request)."""
+        if self.checkpointer is None or not len(saved.blocks):
+            return
+        n = self.checkpointer.import_blocks(seq.request_id, saved.blocks)
+        seq.num_computed = min(n * self.config.cache.block_size, saved.num_saved_tokens,
+                               len(seq.token_ids) - 1)

@@ -5,10 +5,12 @@ Used by `server.main.run` and, in-process, by tests. `start` and `stop` are call
 controlling thread (the main thread in the CLI); everything else runs on gRPC worker
 threads, the batch-runner thread and the engine's own thread.
 
-Shutdown order (`stop`): health NOT_SERVING; the gRPC server and the HTTP front (when on)
-refuse new calls and give open ones the drain timeout; meanwhile the batch runner stops claiming, lets in-flight
-items finish within the same timeout and releases the rest (they run again after a
-restart); then the engine shuts down and the store closes. Every committed result is
+Shutdown order (`stop`): health NOT_SERVING; the gRPC server and the HTTP front (when on) refuse
+new calls and give open ones the drain timeout; meanwhile the batch runner stops claiming, lets in-flight
+items finish within the same timeout, saves the engine state of the rest (with
+`offline_kv_max_bytes`; `server/offline_resume.py`) and releases them (they run again
+after a restart, resuming from the saved state); then the engine shuts down and the store
+closes. Every committed result is
 already on disk.
 
 Resources: each open stream holds a gRPC worker thread, so every streaming RPC kind has
@@ -41,6 +43,7 @@ from server.batch_store import BatchStore
 from server.handlers import coserve_handler
 from server.limits import LimitedHealth, LimitedReflection, StreamLimiter
 from server.metrics import ObservedEngine, ServerMetrics, serve_metrics
+from server.offline_resume import OfflineResume
 from server.servicer import CoServeServicer, ServiceOptions
 
 log = logging.getLogger(__name__)
@@ -74,6 +77,9 @@ class ServerConfig:
     max_connection_age_grace_s: float = 600.0
     busy_timeout_s: float = 5.0  # wait for a database lock held by another process
     retention_s: float = 7 * 86400.0  # finished batches are deleted after this
+    # on stop, save unfinished batch items' engine state (KV + tokens) to
+    # <data_dir>/offline-kv, at most this many bytes; 0: off (they recompute)
+    offline_kv_max_bytes: int = 0
 
 
 class ServerApp:
@@ -92,6 +98,8 @@ class ServerApp:
         self.runner = BatchRunner(self.store, observed, config.batch_in_flight,
                                   retention_s=config.retention_s)
         self.metrics.attach(self.store, self.runner)
+        self.runner.offline = OfflineResume.create(observed, self.store, config.data_dir,
+                                                   config.offline_kv_max_bytes)
         auth = Authenticator(config.auth_tokens) if config.auth_tokens is not None else None
         o = config.options
         self.servicer = CoServeServicer(observed, self.store, self.runner, auth, o,

@@ -71,6 +71,9 @@ class BatchRunner:
         self._in_flight: dict[str, _InFlight] = {}
         self._terminated: dict[str, str] = {}  # batch_id -> outcome for its stopped items
         self._count = 0
+        # server.offline_resume.OfflineResume or None: resume items from saved state, save
+        # the unfinished ones at stop (set by ServerApp before start)
+        self.offline = None
         self._thread = threading.Thread(target=self._run, name="batch-runner", daemon=True)
 
     @property
@@ -147,9 +150,10 @@ class BatchRunner:
             self._retry_at = time.monotonic() + self.retry_commit_s
 
     def _apply(self, op: tuple) -> None:
-        kind, batch_id, a, b = op
+        kind, batch_id, a, b = op[:4]
         if kind == "commit":
             self.store.commit_result(batch_id, a, b)
+            self._item_done(op[4])
         else:
             self.store.release(batch_id, a)
 
@@ -177,10 +181,10 @@ class BatchRunner:
                                     sampling=convert.sampling_from_proto(item.request.sampling),
                                     request_class=RequestClass.OFFLINE)
             try:
-                stream = self.engine.submit(req)
+                stream = self.offline.submit(item, req) if self.offline else self.engine.submit(req)
             except ValueError as e:  # e.g. the model changed since the batch was stored
                 self._write(("commit", item.batch_id, convert.error_result(
-                    item.index, item.request.request_id, "error", str(e)), "error"))
+                    item.index, item.request.request_id, "error", str(e)), "error", item))
                 continue
             except RuntimeError as e:
                 log.info("engine refused batch items (%s); stop submitting", e)
@@ -220,7 +224,7 @@ class BatchRunner:
             if outcome == "error":
                 result = convert.error_result(item.index, item.request.request_id, "error",
                                               "batch deadline exceeded", partial=result)
-            self._write(("commit", item.batch_id, result, outcome))
+            self._write(("commit", item.batch_id, result, outcome, item))
             return
         if reason == "error" and self.engine.failure is not None:
             # the engine died under it ("engine stopped"): not the item's fault; it runs
@@ -228,7 +232,15 @@ class BatchRunner:
             self._write(("release", item.batch_id, item.index, None))
             return
         outcome = reason if reason in ("stop", "length") else "error"
-        self._write(("commit", item.batch_id, result, outcome))
+        self._write(("commit", item.batch_id, result, outcome, item))
+
+    def _item_done(self, item: ClaimedItem) -> None:
+        """After its result is durable: the item's saved engine state is not needed."""
+        if self.offline is not None:
+            try:
+                self.offline.item_done(item)
+            except Exception:
+                log.exception("deleting the saved state of a finished batch item failed")
 
     def _handle_requests(self) -> None:
         while True:
@@ -249,7 +261,13 @@ class BatchRunner:
 
     def _abandon(self) -> None:
         """At stop: cancel what is still in flight; results that arrive finished anyway are
-        committed, the rest are released to run again."""
+        committed, the rest are released to run again (when `offline` is set, their engine
+        state is saved first, so that they resume from it)."""
+        if self.offline is not None and self._in_flight:
+            try:
+                self.offline.suspend({rid: f.item for rid, f in self._in_flight.items()})
+            except Exception:
+                log.exception("saving unfinished batch items failed; they will recompute")
         for rid in list(self._in_flight):
             self.engine.cancel(rid)
         end = time.monotonic() + 2.0

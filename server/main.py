@@ -57,6 +57,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="serve Prometheus /metrics alone on this port (default off)")
     parser.add_argument("--served-model-name", default=None,
                         help="model id the HTTP API reports and accepts (default: --model)")
+    parser.add_argument("--offline-kv-max-mb", type=int, default=4096,
+                        help="on SIGTERM, save unfinished batch items' KV and tokens to "
+                             "--data-dir (at most this many MB) so they resume after a "
+                             "restart; 0 turns it off")
     parser.add_argument("--mock-token-delay", type=float, default=0.0,
                         help="with --model mock: seconds per generated token")
     parser.add_argument("--mock-fail-after-steps", type=int, default=None,
@@ -156,7 +160,8 @@ def run(args) -> int:
         max_message_bytes=args.max_message_mb << 20, drain_timeout_s=args.drain_timeout,
         retention_s=args.retention_days * 86400.0,
         http_port=args.http_port, metrics_port=args.metrics_port,
-        model_name=args.served_model_name or args.model)
+        model_name=args.served_model_name or args.model,
+        offline_kv_max_bytes=args.offline_kv_max_mb << 20)
     try:
         app = ServerApp(engine, config, store=store)
         app.start()

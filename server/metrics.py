@@ -315,8 +315,9 @@ class ObservedEngine:
         self._engine = engine
         self._metrics = metrics
 
-    def submit(self, request: GenerationRequest) -> ObservedStream:
-        return ObservedStream(self._engine.submit(request), request, self._metrics)
+    def submit(self, request: GenerationRequest, **kw) -> ObservedStream:
+        """`kw`: the wrapped engine's extra submit arguments (e.g. `resume`)."""
+        return ObservedStream(self._engine.submit(request, **kw), request, self._metrics)
 
     def __getattr__(self, name):
         return getattr(self._engine, name)
