@@ -73,7 +73,9 @@ class EngineConfig:
     # context of every packed sequence, so 1 is fastest on CPU
     max_prefill_seqs: int = 1
     cache: CacheConfig = field(default_factory=CacheConfig)
-    safepoint_interval: int = 4  # layers between preemption safepoints
+    # layers between preemption safepoints in iterations that carry offline work (the policy
+    # passes it to the runner per iteration; online-only iterations have no safepoints)
+    safepoint_interval: int = 1
     max_logprobs: int = 20
     compilation_cache_dir: Optional[str] = None
     policy: str = "conserve"
@@ -84,3 +86,27 @@ class EngineConfig:
     latency_model_path: Optional[str] = None  # from `conserve-jax profile`; None: profile at start
     sarathi_token_budget: int = 256  # tokens per iteration for the `sarathi` baseline
     warmup: bool = False  # compile every shape bucket before serving
+    # `conserve` isolation target F: an iteration with online work may carry offline tokens
+    # only while its predicted time stays within F x that of its online work alone (and within
+    # the TPOT objective); an online arrival preempts offline work unless it would still start
+    # within (F - 1) x its own predicted online-only TTFT. None ("off"): fill to the objective.
+    isolation: Optional[float] = 1.2
+
+    def __post_init__(self) -> None:
+        self.isolation = parse_isolation(self.isolation)
+        if self.safepoint_interval < 1:
+            raise ValueError(f"safepoint_interval must be >= 1, got {self.safepoint_interval}")
+
+
+def parse_isolation(value) -> Optional[float]:
+    """`isolation` from a flag or keyword: a number >= 1, or None / "off" (fill-to-objective).
+    Raises ValueError naming the field for anything else (also usable as an argparse type)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("off", "none")):
+        return None
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"isolation must be a number >= 1 or 'off', got {value!r}") from None
+    if not f >= 1.0 or f == float("inf"):
+        raise ValueError(f"isolation must be a number >= 1 or 'off', got {value!r}")
+    return f

@@ -54,7 +54,8 @@ class Engine(EngineAPI):
             log.warning("KV cache holds %d tokens: max_model_len lowered from %d",
                         cache_tokens, self._max_model_len)
             self._max_model_len = cache_tokens
-        self.policy = make_policy(config, lambda: load_or_profile(self.runner, config))
+        self.policy = make_policy(config, lambda: load_or_profile(self.runner, config),
+                                  self.online_waiting)
         self.scheduler = Scheduler(config, self.kv, self.policy)
         self.checkpointer = None
         if self.policy.checkpointing:
@@ -190,8 +191,9 @@ class Engine(EngineAPI):
         try:
             for slots, blocks in step.restores:
                 self.checkpointer.restore(slots, blocks)
+            sp = self.policy.safepoints(step)
             t0 = time.perf_counter()
-            result = self.runner.execute(step.plan, self.policy.safepoint(step, self))
+            result = self.runner.execute(step.plan, sp and sp.check, sp and sp.every)
             elapsed = time.perf_counter() - t0
         except Exception as e:  # report, fail the iteration's requests, keep serving
             log.exception("iteration failed")
@@ -200,9 +202,9 @@ class Engine(EngineAPI):
             return
         if result is None:
             self.scheduler.abandon(step)
-            self.policy.on_abandoned(step, self)
+            self.policy.on_abandoned(step)
             return
-        self.policy.on_step_done(step, elapsed, self)
+        self.policy.on_step_done(step, elapsed)
         sampled = self.scheduler.commit(step, result)
         if self.checkpointer is not None:
             self.checkpointer.checkpoint_new_blocks(
@@ -237,12 +239,17 @@ class Engine(EngineAPI):
         return min(len(seq.host_slots) * self.kv.block_size, seq.num_computed,
                    len(seq.token_ids) - 1)
 
-    def earliest_online_arrival(self):
-        """(sequence, arrival time) of the oldest online request not yet scheduled, or None.
-        Called by safepoints on the step-loop thread."""
+    def online_waiting(self) -> list:
+        """Online requests submitted but not running yet (intake, then the scheduler's
+        waiting queue). Called by the policy's safepoint checks on the step-loop thread."""
         with self._lock:
             cands = [s for s in self._intake if s.online]
-        cands += list(self.scheduler.waiting_online)
+        return cands + list(self.scheduler.waiting_online)
+
+    def earliest_online_arrival(self):
+        """(sequence, arrival time) of the oldest online request not yet running, or None.
+        Step-loop thread (or with the loop stopped)."""
+        cands = self.online_waiting()
         if not cands:
             return None
         s = min(cands, key=lambda s: s.arrival)

@@ -38,7 +38,8 @@ class LLM:
                  max_prefill_tokens: int = 512, block_size: int = 16,
                  num_blocks: Optional[int] = None, kv_memory_bytes: int = 1 << 30,
                  policy: str = "conserve", seed: int = 0, warmup: bool = False,
-                 compilation_cache_dir: Optional[str] = None, **engine_kw) -> None:
+                 compilation_cache_dir: Optional[str] = None,
+                 isolation: Union[float, str, None] = 1.2, **engine_kw) -> None:
         from conserve_jax.engine import Engine
 
         cfg = EngineConfig(model=model, tp=tp, dtype=dtype, max_model_len=max_model_len,
@@ -46,7 +47,7 @@ class LLM:
                            cache=CacheConfig(block_size=block_size, num_blocks=num_blocks,
                                              kv_memory_bytes=kv_memory_bytes),
                            policy=policy, seed=seed, compilation_cache_dir=compilation_cache_dir,
-                           **engine_kw)
+                           isolation=isolation, **engine_kw)
         self.engine = Engine(cfg, warmup=warmup)
         self._ids = itertools.count()
 

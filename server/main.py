@@ -42,11 +42,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-message-mb", type=int, default=64, help="gRPC message size limit")
     parser.add_argument("--drain-timeout", type=float, default=10.0,
                         help="seconds to let running work finish on SIGTERM")
+    parser.add_argument("--isolation", default=1.2, type=_isolation,
+                        help="conserve: online latency within this factor of serving online work "
+                             "alone (offline work only inside that budget); 'off' fills "
+                             "iterations up to the TPOT objective")
     parser.add_argument("--latency-model", default=None,
                         help="latency model file from `conserve-jax profile` (default: profile at start)")
     parser.add_argument("--warmup", action="store_true", help="compile every shape bucket first")
     parser.add_argument("--mock-token-delay", type=float, default=0.0,
                         help="with --model mock: seconds per generated token")
+
+
+def _isolation(value):
+    from conserve_jax.config import parse_isolation
+
+    try:
+        return parse_isolation(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_engine(args):
@@ -68,7 +81,7 @@ def build_engine(args):
         ("latency_model_path", args.latency_model)) if value is not None}
     config = EngineConfig(model=args.model, tp=args.tp, policy=args.policy,
                           max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-                          warmup=bool(args.warmup), **extra)
+                          warmup=bool(args.warmup), isolation=args.isolation, **extra)
     return Engine(config), max_num_seqs
 
 
