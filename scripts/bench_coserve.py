@@ -353,7 +353,7 @@ def main(argv=None) -> dict:
         first.checkpointer.warmup()
     setup["warmup_s"] = time.perf_counter() - t
     shared.adopt(first)
-    resume = probes.measure_resume(first, a.resume_context, a.seed)
+    resume = probes.measure_resume(first, a.resume_context, a.seed, rounds=3)
     sp_cost = probes.measure_safepoint_cost(first, a.seed)
     lm = first.policy.model
     release(first)

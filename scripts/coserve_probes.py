@@ -106,15 +106,15 @@ def _offline_plan(eng, decodes: int, decode_ctx: int, prefill: int, prefill_ctx:
     return plan, held
 
 
-def measure_safepoint_cost(eng, seed: int, rounds: int = 5) -> dict:
-    """Per shape (offline decode batch; decode batch + 512-token prefill chunk): iteration
+def measure_safepoint_cost(eng, seed: int, rounds: int = 3) -> dict:
+    """Per shape (offline decode batch; decode batch + 128-token prefill chunk): iteration
     time with no safepoints, with a no-op check after every layer, and every 4 layers
     (medians of `rounds` alternating runs after a warm-up round); and the cost of one call
     of conserve's real check when no online request is waiting (the common case)."""
     r, n_layers = eng.runner, eng.runner.cfg.num_layers
     cfg = eng.config
     d, ctx = min(8, cfg.max_num_seqs), min(768, eng.max_model_len - 2)
-    pre = min(512, cfg.max_prefill_tokens)
+    pre = min(128, cfg.max_prefill_tokens)
     pre_ctx = max(0, min(256, eng.max_model_len - pre - 1))
     shapes = {f"decode{d}_ctx{ctx}": (d, ctx, 0, 0),
               f"decode{d}_ctx{ctx}+prefill{pre}_ctx{pre_ctx}": (d, ctx, pre, pre_ctx)}

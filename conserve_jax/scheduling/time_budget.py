@@ -14,7 +14,8 @@ to the throughput limit).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from typing import Optional
 
 from conserve_jax.scheduling.latency_model import LatencyModel, WorkShape
@@ -80,6 +81,9 @@ class IsolationBudget(StepBudget):
     isolation: float = 1.2
     objective_s: float = float("inf")
     online_s: Optional[float] = None  # predicted time of the online work alone, once known
+    # (work so far, tokens already computed) where not even one more prefill token fits:
+    # the many waiting offline requests then cost one prediction, not a search each
+    _full: set = field(default_factory=set)
 
     def limit_s(self, step) -> float:
         if self.online_s is None:
@@ -102,4 +106,11 @@ class IsolationBudget(StepBudget):
             return room
         if seq.num_computed and seq.host_slots and not seq.blocks:
             return 0  # would be restored from host: only without online work
-        return largest_fitting(room, lambda n: self._fits(step, chunk_work(step, seq, n)))
+        key = (dataclasses.astuple(step.work), seq.num_computed)
+        if key in self._full:
+            return 0
+        fits = lambda n: self._fits(step, chunk_work(step, seq, n))  # noqa: E731
+        if not fits(1):
+            self._full.add(key)
+            return 0
+        return largest_fitting(room, fits)
