@@ -12,7 +12,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
-from conserve_jax.config import CacheConfig, EngineConfig
+from conserve_jax.engine_args import engine_config
 from conserve_jax.engine_api import (GenerationRequest, RequestClass, TokenLogprob,
                                      validate_prompt)
 from conserve_jax.sampling_params import SamplingParams
@@ -33,22 +33,14 @@ class GenerateOutput:
 
 
 class LLM:
-    def __init__(self, model: str = "default", tp: int = 1, dtype: str = "float32",
-                 max_model_len: int = 2048, max_num_seqs: int = 32,
-                 max_prefill_tokens: int = 512, block_size: int = 16,
-                 num_blocks: Optional[int] = None, kv_memory_bytes: int = 1 << 30,
-                 policy: str = "conserve", seed: int = 0, warmup: bool = False,
-                 compilation_cache_dir: Optional[str] = None,
-                 isolation: Union[float, str, None] = 1.2, **engine_kw) -> None:
+    """`LLM(model=..., **engine_kwargs)`: every engine knob of `EngineConfig` (and its
+    cache and policy groups) by its flat name, e.g. `max_num_seqs=8, block_size=16,
+    num_blocks=256, policy="fcfs"`; an unknown name raises TypeError."""
+
+    def __init__(self, model: str = "default", **engine_kwargs) -> None:
         from conserve_jax.engine import Engine
 
-        cfg = EngineConfig(model=model, tp=tp, dtype=dtype, max_model_len=max_model_len,
-                           max_num_seqs=max_num_seqs, max_prefill_tokens=max_prefill_tokens,
-                           cache=CacheConfig(block_size=block_size, num_blocks=num_blocks,
-                                             kv_memory_bytes=kv_memory_bytes),
-                           policy=policy, seed=seed, compilation_cache_dir=compilation_cache_dir,
-                           isolation=isolation, **engine_kw)
-        self.engine = Engine(cfg, warmup=warmup)
+        self.engine = Engine(engine_config(model=model, **engine_kwargs))
         self._ids = itertools.count()
 
     @property

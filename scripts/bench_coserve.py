@@ -103,7 +103,7 @@ class SharedCompiled:
         self.fns: dict = {}
 
     def adopt(self, eng: Engine) -> None:
-        for obj, names in ((eng.runner, RUNNER_FNS), (eng.checkpointer, CKPT_FNS)):
+        for obj, names in ((eng.runner, RUNNER_FNS), (_transfer(eng), CKPT_FNS)):
             for n in names if obj is not None else ():
                 if n in self.fns:
                     setattr(obj, n, self.fns[n])
@@ -111,9 +111,13 @@ class SharedCompiled:
                     self.fns[n] = getattr(obj, n)
 
 
+def _transfer(eng: Engine):
+    return eng.checkpointer.transfer if eng.checkpointer is not None else None
+
+
 def compiled_count(eng: Engine) -> int:
     fns = [getattr(eng.runner, n) for n in RUNNER_FNS]
-    fns += [getattr(eng.checkpointer, n) for n in CKPT_FNS] if eng.checkpointer else []
+    fns += [getattr(_transfer(eng), n) for n in CKPT_FNS] if eng.checkpointer else []
     return sum(f._cache_size() for f in fns)
 
 
@@ -350,7 +354,7 @@ def main(argv=None) -> dict:
     t = time.perf_counter()
     if a.warmup == "all":
         first.runner.warmup()
-        first.checkpointer.warmup()
+        first.checkpointer.transfer.warmup()
     setup["warmup_s"] = time.perf_counter() - t
     shared.adopt(first)
     resume = probes.measure_resume(first, a.resume_context, a.seed, rounds=3)

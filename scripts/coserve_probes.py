@@ -9,18 +9,17 @@ KV allocator and checkpointer:
 from __future__ import annotations
 
 import time
-import types
 
 import numpy as np
 
 from conserve_jax.engine_api import GenerationRequest, RequestClass, RequestStream
 from conserve_jax.kv.checkpointer import KVCheckpointer
 from conserve_jax.runtime.step_plan import DecodeItem, PrefillItem, SampleSpec, StepPlan
-from conserve_jax.scheduling.scheduler import Scheduled, ScheduledStep
-from conserve_jax.scheduling.sequence import Sequence
+from conserve_jax.request import Sequence
+from conserve_jax.scheduling.scheduled_step import Scheduled, ScheduledStep
 
 
-def measure_resume(eng: Engine, ctx: int, seed: int, rounds: int = 5) -> dict:
+def measure_resume(eng, ctx: int, seed: int, rounds: int = 5) -> dict:
     """On a conserve engine whose step loop is stopped. A request with a `ctx`-token
     prompt is prefilled (chunks of max_prefill_tokens, as the scheduler does) and samples
     its first token; its full blocks are checkpointed. Then, alternating, (a) resume:
@@ -31,8 +30,7 @@ def measure_resume(eng: Engine, ctx: int, seed: int, rounds: int = 5) -> dict:
     # the engine's own checkpointer stopped with its step loop: use a fresh one, sized for
     # this request, with the engine's compiled gather/scatter
     block_bytes = eng.checkpointer.pool.data[0].nbytes if eng.checkpointer.pool.num_slots else 0
-    ck = KVCheckpointer(r, (-(-(ctx + 1) // r.block_size) + 1) * block_bytes)
-    ck._gather, ck._scatter = eng.checkpointer._gather, eng.checkpointer._scatter
+    ck = KVCheckpointer(eng.checkpointer.transfer, (-(-(ctx + 1) // r.block_size) + 1) * block_bytes)
     bs, chunk = r.block_size, eng.config.max_prefill_tokens
     spec = SampleSpec(0.0, 0, 1.0, 0, 0, None)
     prompt = [int(x) for x in np.random.default_rng(seed + 7).integers(5, r.cfg.vocab_size, ctx)]
@@ -54,10 +52,9 @@ def measure_resume(eng: Engine, ctx: int, seed: int, rounds: int = 5) -> dict:
 
     b1 = alloc.allocate(nb)
     tok1 = run(prompt, 0, b1)
-    seq = types.SimpleNamespace(num_computed=ctx, host_slots=[], blocks=b1)
-    ck.checkpoint_new_blocks([seq])
-    ck.wait_pending()
-    kept = min(len(seq.host_slots) * bs, ctx)
+    ck.checkpoint_new_blocks([("resume", b1, ctx)])
+    kept = ck.kept_tokens("resume", ctx, ctx + 1)
+    saved = ck.num_saved_blocks("resume")
     full = prompt + [tok1]
     ta, tb, toks = [], [], set()
     for i in range(rounds + 1):  # round 0 warms both paths up
@@ -65,7 +62,7 @@ def measure_resume(eng: Engine, ctx: int, seed: int, rounds: int = 5) -> dict:
             blocks = alloc.allocate(nb)
             t = time.perf_counter()
             if which == "a":
-                ck.restore(seq.host_slots, blocks[: len(seq.host_slots)])
+                ck.restore("resume", blocks[:saved])
                 tok = run(full[kept:], kept, blocks)
             else:
                 tok = run(full, 0, blocks)
@@ -76,10 +73,10 @@ def measure_resume(eng: Engine, ctx: int, seed: int, rounds: int = 5) -> dict:
                 (ta if which == "a" else tb).append(dt)
     toks.add(run([tok1], ctx, b1))  # the request continuing without eviction
     alloc.free(b1)
-    ck.pool.free(seq.host_slots)
+    ck.release("resume")
     ck.close()
     ra, rb = float(np.median(ta)), float(np.median(tb))
-    return {"context_tokens": ctx, "restored_blocks": len(seq.host_slots),
+    return {"context_tokens": ctx, "restored_blocks": saved,
             "recomputed_on_resume_tokens": len(full) - kept, "resume_s": ra, "recompute_s": rb,
             "resume_s_all": ta, "recompute_s_all": tb, "ratio": ra / rb,
             "tokens_match": len(toks) == 1, "rounds": rounds}

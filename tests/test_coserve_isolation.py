@@ -17,7 +17,7 @@ from conserve_jax.sampling_params import SamplingParams
 from conserve_jax.scheduling.coserve_policies import ConservePolicy, build
 from conserve_jax.scheduling.latency_model import WorkShape
 from conserve_jax.scheduling.scheduler import Scheduler
-from conserve_jax.scheduling.sequence import Sequence
+from conserve_jax.request import Sequence
 
 LAYERS = 8
 

@@ -19,7 +19,8 @@ from typing import Any, Callable, Optional
 from conserve_jax.loadtest.adapter import ClientAdapter
 from conserve_jax.loadtest.arrivals import synthetic_workload
 from conserve_jax.loadtest.report import build_report, format_table, write_json, write_plot
-from conserve_jax.loadtest.runner import RunConfig, Runner
+from conserve_jax.loadtest.run_config import RunConfig
+from conserve_jax.loadtest.runner import Runner
 from conserve_jax.loadtest.trace import load_trace
 
 log = logging.getLogger(__name__)

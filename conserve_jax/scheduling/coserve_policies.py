@@ -32,14 +32,15 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Optional
 
+from conserve_jax.config import ConserveConfig
 from conserve_jax.engine_api import RequestClass
 from conserve_jax.scheduling.latency_model import LatencyModel, WorkShape
 from conserve_jax.scheduling.policy import Policy, Safepoints, StepBudget
 from conserve_jax.scheduling.time_budget import IsolationBudget, TimeBudget
 
 if TYPE_CHECKING:
-    from conserve_jax.scheduling.scheduler import ScheduledStep, Scheduler
-    from conserve_jax.scheduling.sequence import Sequence
+    from conserve_jax.request import Sequence
+    from conserve_jax.scheduling.scheduled_step import QueueView as Scheduler, ScheduledStep
 
 # () -> the online requests submitted but not running yet (just submitted, or waiting)
 ArrivalsFn = Callable[[], list]
@@ -89,7 +90,7 @@ class ConservePolicy(Policy):
     def __init__(self, max_num_seqs: int, max_prefill_tokens: int, model: LatencyModel,
                  default_ttft_s: float, default_tpot_s: float,
                  online_waiting: ArrivalsFn, isolation: Optional[float] = 1.2,
-                 safepoint_every: int = 1, tpot_margin: float = 0.9,
+                 safepoint_every: int = 1, knobs: Optional[ConserveConfig] = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(max_num_seqs, max_prefill_tokens)
         self.model = model
@@ -98,7 +99,9 @@ class ConservePolicy(Policy):
         self.online_waiting = online_waiting
         self.isolation = isolation
         self.safepoint_every = safepoint_every
-        self.tpot_margin = tpot_margin
+        knobs = knobs or ConserveConfig()
+        self.tpot_margin = knobs.tpot_margin
+        self.min_online_chunk = knobs.min_online_chunk
         self.clock = clock  # same clock as Sequence.arrival
         self.preemption_log = PreemptionLog()
         self._not_placed: set = set()  # online requests the last plan left waiting
@@ -121,7 +124,7 @@ class ConservePolicy(Policy):
                                    self.model, self.isolation, objective)
         decoding = any(s.online and not s.in_prefill for s in sched.running)
         return TimeBudget(base.max_tokens, base.max_prefill_tokens, base.max_decodes,
-                          self.model, objective, decoding)
+                          self.model, objective, decoding, self.min_online_chunk)
 
     def on_step_done(self, step, elapsed_s) -> None:
         self.model.observe(step.work, elapsed_s)
@@ -191,9 +194,12 @@ def build(cfg, model_factory: Callable[[], LatencyModel],
     if name == "conserve":
         if online_waiting is None:
             raise ValueError("policy conserve needs online_waiting")
-        return ConservePolicy(cfg.max_num_seqs, cfg.max_prefill_tokens, model_factory(),
+        model = model_factory()
+        model.alpha, model.clamp = cfg.conserve.correction_alpha, cfg.conserve.correction_clamp
+        return ConservePolicy(cfg.max_num_seqs, cfg.max_prefill_tokens, model,
                               cfg.default_ttft_s, cfg.default_tpot_s, online_waiting,
-                              isolation=cfg.isolation, safepoint_every=cfg.safepoint_interval)
+                              isolation=cfg.isolation, safepoint_every=cfg.safepoint_interval,
+                              knobs=cfg.conserve)
     raise ValueError(f"policy must be one of {POLICY_NAMES}, got {name!r}")
 
 

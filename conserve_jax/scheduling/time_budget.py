@@ -18,11 +18,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
+from conserve_jax.request import SeqStatus
 from conserve_jax.scheduling.latency_model import LatencyModel, WorkShape
 from conserve_jax.scheduling.policy import StepBudget
-
-MIN_ONLINE_CHUNK = 32  # fill-to-objective: an online prompt always makes this much progress
-
 
 def largest_fitting(room: int, fits) -> int:
     """The largest n in [0, room] with fits(n) (fits is monotone: true, then false)."""
@@ -49,6 +47,7 @@ class TimeBudget(StepBudget):
     model: Optional[LatencyModel] = None
     limit_s: Optional[float] = None
     online_decoding: bool = False
+    min_online_chunk: int = 32  # an online prompt always makes at least this much progress
 
     def _fits(self, w: WorkShape) -> bool:
         return self.limit_s is None or self.model.predict(w) <= self.limit_s
@@ -63,7 +62,7 @@ class TimeBudget(StepBudget):
         room = super().prefill_tokens_for(step, seq)
         if room <= 0 or self.limit_s is None or (seq.online and not self.online_decoding):
             return room
-        floor = min(room, MIN_ONLINE_CHUNK) if seq.online else 0
+        floor = min(room, self.min_online_chunk) if seq.online else 0
         return max(largest_fitting(room, lambda n: self._fits(chunk_work(step, seq, n))), floor)
 
 
@@ -104,8 +103,8 @@ class IsolationBudget(StepBudget):
         room = super().prefill_tokens_for(step, seq)
         if room <= 0 or seq.online:
             return room
-        if seq.num_computed and seq.host_slots and not seq.blocks:
-            return 0  # would be restored from host: only without online work
+        if seq.status is SeqStatus.WAITING and seq.num_computed:
+            return 0  # would be restored from its host checkpoint: only without online work
         key = (dataclasses.astuple(step.work), seq.num_computed)
         if key in self._full:
             return 0
