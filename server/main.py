@@ -36,6 +36,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-message-mb", type=int, default=64, help="gRPC message size limit")
     parser.add_argument("--drain-timeout", type=float, default=10.0,
                         help="seconds to let running work finish on SIGTERM")
+    parser.add_argument("--http-port", type=int, default=None,
+                        help="also serve the OpenAI-compatible HTTP API and /metrics on this port "
+                             "(same host, TLS and tokens; 0 picks a free one; default off)")
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="serve Prometheus /metrics alone on this port (default off)")
+    parser.add_argument("--served-model-name", default=None,
+                        help="model id the HTTP API reports and accepts (default: --model)")
     parser.add_argument("--mock-token-delay", type=float, default=0.0,
                         help="with --model mock: seconds per generated token")
     add_engine_args(parser)  # --model (or 'mock': the deterministic test engine), --tp, ...
@@ -89,7 +96,9 @@ def run(args) -> int:
                                max_batch_size=args.max_batch_size,
                                default_slo=SLO(args.default_ttft_s, args.default_tpot_s)),
         batch_in_flight=args.batch_in_flight or 2 * max_num_seqs,
-        max_message_bytes=args.max_message_mb << 20, drain_timeout_s=args.drain_timeout)
+        max_message_bytes=args.max_message_mb << 20, drain_timeout_s=args.drain_timeout,
+        http_port=args.http_port, metrics_port=args.metrics_port,
+        model_name=args.served_model_name or args.model)
     try:
         app = ServerApp(engine, config)
         app.start()
@@ -103,6 +112,10 @@ def run(args) -> int:
         stop.set()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
+    if app.http_port is not None:
+        print(f"http on {args.host}:{app.http_port}", flush=True)
+    if app.metrics_port is not None:
+        print(f"metrics on {args.host}:{app.metrics_port}", flush=True)
     print(f"listening on {app.address}", flush=True)
     while not stop.wait(0.5):
         pass
