@@ -81,9 +81,15 @@ class OpenAIRoutes:
     async def run(self, fn, *args):
         return await anyio.to_thread.run_sync(fn, *args, limiter=self.limiter)
 
-    @staticmethod
-    async def json_body(request: Request):
-        raw = await request.body()
+    async def json_body(self, request: Request):
+        limit = self.options.max_file_bytes
+        if int(request.headers.get("content-length") or 0) > limit:
+            raise ApiError(413, f"the request body exceeds {limit} bytes")
+        raw = bytearray()
+        async for part in request.stream():  # bounded even without a content-length
+            raw += part
+            if len(raw) > limit:
+                raise ApiError(413, f"the request body exceeds {limit} bytes")
         try:
             return json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -100,7 +106,7 @@ class OpenAIRoutes:
 
     def _admit(self, cls: RequestClass) -> bool:
         if cls is RequestClass.ONLINE:
-            return self.metrics.try_admit_online()
+            return self.metrics.try_admit_online() is None
         with self._flex_lock:
             if self._flex >= self.options.max_flex_in_flight:
                 return False
