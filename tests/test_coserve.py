@@ -167,11 +167,11 @@ def test_no_leaks_after_cancel_and_failure():
         orig = eng.runner.execute
         calls = []
 
-        def boom(plan, safepoint=None):
+        def boom(plan, *args, **kw):
             calls.append(1)
             if len(calls) in (3, 4):
                 raise RuntimeError("injected device failure")
-            return orig(plan, safepoint)
+            return orig(plan, *args, **kw)
 
         eng.runner.execute = boom
         streams = [eng.submit(req(f"f{i}", p, 30)) for i, p in enumerate(OFFLINE)]
