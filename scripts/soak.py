@@ -218,12 +218,13 @@ def wait_quiet(c: Client, soak: Soak, timeout: float) -> tuple[bool, dict, dict]
     st: dict = {}
     while time.monotonic() < end:
         st = c.stats(timeout=10)
-        states = {b: c.get_batch(b, timeout=10).state for b in soak.batches}
         idle = (st["online_in_flight"] == 0 and st["online_running"] == 0 and st["online_waiting"] == 0
                 and st["batch_items_in_flight"] == 0 and st["batch_items_pending"] == 0
                 and st["offline_running"] == 0 and st["offline_waiting"] == 0)
-        if idle and all(s in TERMINAL for s in states.values()):
-            return True, st, states
+        if idle:  # then every batch must be terminal (one GetBatch each, once)
+            states = {b: c.get_batch(b, timeout=10).state for b in soak.batches}
+            if all(s in TERMINAL for s in states.values()):
+                return True, st, states
         time.sleep(1.0)
     return False, st, states
 
@@ -295,7 +296,7 @@ def main() -> int:
     if args.verify_only:
         with sqlite3.connect(f"file:{os.path.join(data_dir, 'batches.sqlite3')}?mode=ro", uri=True) as db:
             soak.batches = dict(db.execute("SELECT id, total FROM batches").fetchall())
-        args.duration = 0.0
+        args.duration, args.clients = 0.0, 0
     samples = [(0.0, *proc_usage(proc.pid))]
     threads = [threading.Thread(target=soak.client_loop, args=(args.seed * 1000 + i,), daemon=True)
                for i in range(args.clients)]
