@@ -337,3 +337,23 @@ def test_stop_ends_open_streams(tmp_path):
         pass
     assert "length" not in reasons
     assert eng.stats().online_running == 0 and s.app.metrics.online_in_flight == 0
+
+
+def test_tenant_share_of_the_online_queue(tmp_path):
+    from server.servicer import ServiceOptions
+
+    eng = MockEngine(token_delay_s=0.02)
+    s = start_http_server(tmp_path, engine=eng, auth_tokens=[TOKEN_A, TOKEN_B],
+                          options=ServiceOptions(max_online_queue=2))  # 1 each with 2 tenants
+    try:
+        stream = client(s, TOKEN_A).completions.create(model=MODEL, prompt="a", max_tokens=500,
+                                                       stream=True)
+        next(iter(stream))
+        with pytest.raises(openai.RateLimitError) as e:
+            client(s, TOKEN_A).completions.create(model=MODEL, prompt="x", max_tokens=2)
+        assert "tenant" in e.value.message
+        r = client(s, TOKEN_B).completions.create(model=MODEL, prompt="b", max_tokens=2)
+        assert r.choices[0].text == "bb"
+        stream.close()
+    finally:
+        s.stop()
