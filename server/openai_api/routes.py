@@ -290,7 +290,7 @@ class OpenAIRoutes:
         if not isinstance(body, dict):
             raise bad_request("the request body must be a JSON object")
         endpoint = body.get("endpoint")
-        if endpoint not in ENDPOINTS:
+        if not isinstance(endpoint, str) or endpoint not in ENDPOINTS:
             raise invalid_value("endpoint", f"endpoint must be one of {sorted(ENDPOINTS)}, got {endpoint!r}")
         window = B.parse_window(body.get("completion_window"))
         metadata = body.get("metadata")
