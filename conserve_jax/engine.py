@@ -5,9 +5,10 @@ thread; they only touch the intake queue and the published stats snapshot (under
 and wake the loop. Everything else — scheduler, KV bookkeeping, runner, caches — belongs
 to the single step-loop thread started by the constructor, which publishes an immutable
 `EngineStats` snapshot after every pass. Detokenization, stop strings and delivery to
-request streams run on the output thread (`OutputDelivery`), off the step loop. An
-exception inside an iteration fails the requests of that iteration (finish_reason
-"error") and the loop goes on; it never kills the process.
+request streams run on the output thread (`OutputDelivery`), off the step loop.
+Failures follow `StepGuard`: an exception anywhere in an iteration fails (or, if nothing
+was committed, retries once) only the requests of that iteration; a loop that keeps
+failing dies, ending every stream with "engine stopped" and setting `failure`.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from conserve_jax.scheduling.latency_cache import load_or_profile
 from conserve_jax.scheduling.policies import make_policy
 from conserve_jax.scheduling.scheduler import Scheduler
 from conserve_jax.request import Sequence
+from conserve_jax.step_guard import ENGINE_STOPPED, ITERATION_FAILED, StepGuard, end_stream
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +90,9 @@ class Engine(EngineAPI):
         self._history: collections.deque = collections.deque(maxlen=512)  # (t, online, offline)
         self._totals = [0, 0, 0, 0]  # generated online/offline, prefilled online/offline
         self._iterations = 0
+        self._guard = StepGuard()
+        self._failure: Optional[str] = None
+        self._cur_step, self._committing = None, False  # what a failure can be blamed on
         self._thread = threading.Thread(target=self._loop, name="engine-step-loop", daemon=True)
         self._thread.start()
 
@@ -124,6 +129,8 @@ class Engine(EngineAPI):
         prior = list(resume.generated_ids) if resume is not None else []
         seq = Sequence(request, stream, seed, token_ids=ids + prior, prompt_len=len(ids))
         with self._lock:
+            if self._failure is not None:
+                raise RuntimeError(ENGINE_STOPPED)
             if not self._accepting:
                 raise RuntimeError("the engine is shutting down")
             if request.request_id in self._ids_in_use:
@@ -192,41 +199,37 @@ class Engine(EngineAPI):
         if self.checkpointer is not None:
             self.checkpointer.close()
 
+    @property
+    def failure(self) -> Optional[str]:
+        return self._failure
+
     # ---- step loop ----------------------------------------------------------------------
     def _loop(self) -> None:
-        while True:
-            with self._lock:
-                while not self._stop and not self._intake and not self._cancels \
-                        and not self._stopped and not self._suspends \
-                        and not self.scheduler.has_work:
-                    self._lock.wait(timeout=0.5)
-                if self._stop:
-                    break
-                new, self._intake = self._intake, []
-                cancels, self._cancels = self._cancels, []
-                stopped, self._stopped = self._stopped, []
-                suspends, self._suspends = self._suspends, []
-                resumes = {s.request_id: self._resumes.pop(s.request_id)
-                           for s in new if s.request_id in self._resumes}
-            for seq in new:
-                self._seqs[seq.request_id] = seq
-                self.delivery.register(seq.request, seq.stream, seq.prompt_len,
-                                       seq.token_ids[seq.prompt_len:])
-                if seq.request_id in resumes:
-                    self._take_resume(seq, resumes[seq.request_id])
-                self.scheduler.add(seq)
-                self.policy.on_arrival(seq)
-            for rid in stopped:  # the output thread already ended the stream
-                if rid in self._seqs:
-                    self._finish(self._seqs[rid], "stop")
-            for rid in cancels:
-                if rid in self._seqs:
-                    self._finish(self._seqs[rid], "cancelled")
-            for job in suspends:
-                self._suspend(*job)
-            if self.scheduler.has_work:
-                self._iterate()
-            self._publish_stats()
+        try:
+            while True:
+                with self._lock:
+                    while not self._stop and not self._intake and not self._cancels \
+                            and not self._stopped and not self._suspends \
+                            and not self.scheduler.has_work:
+                        self._lock.wait(timeout=0.5)
+                    if self._stop:
+                        break
+                    new, self._intake = self._intake, []
+                    cancels, self._cancels = self._cancels, []
+                    stopped, self._stopped = self._stopped, []
+                    suspends, self._suspends = self._suspends, []
+                    resumes = {s.request_id: self._resumes.pop(s.request_id)
+                               for s in new if s.request_id in self._resumes}
+                self._guarded(False, self._take_intake, new, stopped, cancels, resumes)
+                for job in suspends:
+                    self._guarded(False, self._suspend, *job)
+                if self.scheduler.has_work:
+                    self._cur_step, self._committing = None, False
+                    self._guarded(True, self._iterate)
+                self._publish_stats()
+        except BaseException as e:  # the loop is broken: fail everything, say so
+            self._die(e)
+            return
         for seq in list(self._seqs.values()):
             self._finish(seq, "cancelled")
         with self._lock:
@@ -235,27 +238,100 @@ class Engine(EngineAPI):
             done.set()
         self._publish_stats()
 
+    def _take_intake(self, new: list[Sequence], stopped: list[str], cancels: list[str],
+                     resumes: dict) -> None:
+        for seq in new:
+            self._seqs[seq.request_id] = seq
+            self.delivery.register(seq.request, seq.stream, seq.prompt_len,
+                                   seq.token_ids[seq.prompt_len:])
+            try:
+                if seq.request_id in resumes:
+                    self._take_resume(seq, resumes[seq.request_id])
+                self.scheduler.add(seq)
+                self.policy.on_arrival(seq)
+            except Exception:
+                log.exception("admitting %s failed", seq.request_id)
+                self._fail(seq, ITERATION_FAILED)
+        for rid in stopped:  # the output thread already ended the stream
+            if rid in self._seqs:
+                self._finish(self._seqs[rid], "stop")
+        for rid in cancels:
+            if rid in self._seqs:
+                self._finish(self._seqs[rid], "cancelled")
+
+    def _guarded(self, whole_iteration: bool, fn, *args) -> None:
+        """Run one part of an iteration under the failure policy (module docstring); only
+        a whole iteration's success resets the count of failures in a row."""
+        try:
+            fn(*args)
+        except Exception:
+            log.exception("engine iteration failed")
+            step, rollback = self._cur_step, not self._committing
+            self._cur_step = None
+            if step is not None and rollback:
+                try:
+                    self.scheduler.abandon(step)
+                except Exception:
+                    log.exception("rolling back the failed step failed")
+                    rollback = False
+            for e in (step.entries if step is not None else ()):
+                if e.seq.request_id not in self._seqs:
+                    continue  # already finished in this iteration
+                if not rollback or self._guard.strike(e.seq.request_id):
+                    self._fail(e.seq, ITERATION_FAILED)
+            if self._guard.failed():
+                raise
+        else:
+            if whole_iteration:
+                self._guard.succeeded()
+            self._cur_step = None
+
+    def _fail(self, seq: Sequence, error: str) -> None:
+        """End `seq` with an error; if the engine's own bookkeeping fails, still end its stream."""
+        try:
+            self._finish(seq, "error", error=error)
+        except Exception:
+            log.exception("finishing %s failed", seq.request_id)
+            if self._seqs.pop(seq.request_id, None) is not None:
+                self.delivery.finish(seq.request_id, "error", error)
+                with self._lock:
+                    self._ids_in_use.discard(seq.request_id)
+                    self._in_engine -= 1
+
+    def _die(self, exc: BaseException) -> None:
+        log.critical("engine step loop stopped after %d failed iterations in a row",
+                     self._guard.consecutive, exc_info=exc)
+        with self._lock:
+            self._failure = f"step loop stopped: {type(exc).__name__}"
+            self._accepting = False
+            pending, self._intake = self._intake, []
+            suspends, self._suspends = self._suspends, []
+            self._ids_in_use.clear()
+            self._in_engine = 0
+        for seq in pending:  # never registered with the output thread
+            end_stream(seq.stream, seq.request_id, ENGINE_STOPPED, seq.prompt_len)
+        for rid in list(self._seqs):
+            self.delivery.finish(rid, "error", ENGINE_STOPPED)
+        self._seqs.clear()
+        for _, _, done in suspends:  # nothing can be saved from a dead loop
+            done.set()
+
     def _iterate(self) -> None:
-        step = self.scheduler.schedule()
+        step = self._cur_step = self.scheduler.schedule()
         if step.empty:
             time.sleep(0.001)  # nothing fits now (e.g. memory); new intake may change that
             return
-        try:
-            for rid, blocks in step.restores:
-                self.checkpointer.restore(rid, blocks)
-            t0 = time.perf_counter()
-            result = self.runner.execute(step.plan, self.policy.safepoint(step, self))
-            elapsed = time.perf_counter() - t0
-        except Exception as e:  # report, fail the iteration's requests, keep serving
-            log.exception("iteration failed")
-            for e_ in step.entries:
-                self._finish(e_.seq, "error", error=f"{type(e).__name__}: {e}")
-            return
+        for rid, blocks in step.restores:  # failures up to the commit: retried by `_guarded`
+            self.checkpointer.restore(rid, blocks)
+        t0 = time.perf_counter()
+        result = self.runner.execute(step.plan, self.policy.safepoint(step, self))
+        elapsed = time.perf_counter() - t0
         if result is None:
             self.scheduler.abandon(step)
             self.policy.on_abandoned(step, self)
             return
         self.policy.on_step_done(step, elapsed, self)
+        self._committing = True  # from here a failure cannot be rolled back
         sampled = self.scheduler.commit(step, result)
         if self.checkpointer is not None:
             self.checkpointer.checkpoint_new_blocks(
@@ -321,6 +397,7 @@ class Engine(EngineAPI):
         """Step-loop thread: drop the sequence and free its KV; unless `notify` is False
         (its last token already carried the finish), tell the output thread to end the
         stream."""
+        self._guard.forget(seq.request_id)
         known = self._seqs.pop(seq.request_id, None) is not None
         self.scheduler.remove(seq)
         self.policy.on_finished(seq)

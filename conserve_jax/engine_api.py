@@ -160,6 +160,12 @@ class EngineAPI(abc.ABC):
         """Stop admitting; wait up to drain_timeout_s for running work; stop the loop.
         Unfinished requests end with finish_reason "cancelled"."""
 
+    @property
+    def failure(self) -> Optional[str]:
+        """None while the engine works; once its step loop has died, why (then every
+        stream has ended with "engine stopped" and `submit` raises RuntimeError)."""
+        return None
+
 
 def validate_prompt(token_ids: Sequence[int], vocab_size: int, max_model_len: int,
                     field_name: str = "prompt") -> None:

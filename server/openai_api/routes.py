@@ -81,9 +81,15 @@ class OpenAIRoutes:
     async def run(self, fn, *args):
         return await anyio.to_thread.run_sync(fn, *args, limiter=self.limiter)
 
-    @staticmethod
-    async def json_body(request: Request):
-        raw = await request.body()
+    async def json_body(self, request: Request):
+        limit = self.options.max_file_bytes
+        if int(request.headers.get("content-length") or 0) > limit:
+            raise ApiError(413, f"the request body exceeds {limit} bytes")
+        raw = bytearray()
+        async for part in request.stream():  # bounded even without a content-length
+            raw += part
+            if len(raw) > limit:
+                raise ApiError(413, f"the request body exceeds {limit} bytes")
         try:
             return json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -100,7 +106,7 @@ class OpenAIRoutes:
 
     def _admit(self, cls: RequestClass) -> bool:
         if cls is RequestClass.ONLINE:
-            return self.metrics.try_admit_online()
+            return self.metrics.try_admit_online() is None
         with self._flex_lock:
             if self._flex >= self.options.max_flex_in_flight:
                 return False
@@ -339,14 +345,12 @@ class OpenAIRoutes:
             limit = -1
         if not 1 <= limit <= 100:
             raise invalid_value("limit", "limit must be an integer in [1, 100]")
-        before = None
-        after = request.query_params.get("after")
+        after = request.query_params.get("after") or None
         if after:
             cursor = await self.run(self.store.get, after)
             if cursor is None or (tenant is not None and cursor.tenant != tenant):
                 raise invalid_value("after", f"after: no such batch {after!r}")
-            before = cursor.seq
-        rows = await self.run(self.store.list, tenant, limit + 1, before)
+        rows = await self.run(self.store.list, tenant, limit + 1, after)
         data = [B.batch_object(r, await self.run(self.files.get_doc, r.id)) for r in rows[:limit]]
         return JSONResponse({"object": "list", "data": data, "has_more": len(rows) > limit,
                              "first_id": data[0]["id"] if data else None,

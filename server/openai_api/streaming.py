@@ -2,8 +2,8 @@
 framing of OpenAI streams.
 
 `deltas` yields each `RequestOutput` on the event loop: a queued delta is taken at once;
-otherwise a worker thread (bounded by `limiter`) waits up to `poll_s` for the next one, and
-between waits `gone()` is asked whether the client disconnected (then `ClientGone` is
+otherwise a worker thread (bounded by `limiter`) waits up to `poll_s` for the next one.
+Every `poll_s` `gone()` is asked whether the client disconnected (then `ClientGone` is
 raised; the caller cancels the engine request). `SSEResponse` is a StreamingResponse that
 runs `on_close` however the response ends (finished, client gone, server stopping), so an
 admitted request is always released and its engine request cancelled if unfinished.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import queue
+import time
 from typing import AsyncIterator, Awaitable, Callable, Optional
 
 import anyio.to_thread
@@ -34,14 +35,17 @@ def _wait(stream, timeout: float) -> Optional[RequestOutput]:
 async def deltas(stream, limiter, gone: Optional[Callable[[], Awaitable[bool]]] = None,
                  poll_s: float = 0.5) -> AsyncIterator[RequestOutput]:
     """The request's deltas in order, ending with the finished one."""
+    next_check = time.monotonic() + poll_s
     while True:
         out = _wait(stream, 0)
         if out is None:
             out = await anyio.to_thread.run_sync(_wait, stream, poll_s, limiter=limiter,
                                                  abandon_on_cancel=True)
-        if out is None:
-            if gone is not None and await gone():
+        if gone is not None and time.monotonic() >= next_check:
+            next_check = time.monotonic() + poll_s
+            if await gone():
                 raise ClientGone()
+        if out is None:
             continue
         yield out
         if out.finished:
