@@ -52,6 +52,14 @@ def spawn(data: str, extra: list[str]):
     return proc, port[0], log
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (all its threads) so far. Less disturbed by
+    other processes on a shared machine than wall time."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def items(n: int, prompt_len: int, max_tokens: int) -> list[dict]:
     return [{"token_ids": [100 + (37 * i + 11 * j) % 1900 for j in range(prompt_len)],
              "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
@@ -93,21 +101,25 @@ def one_run(args, variant: str) -> dict:
         t0 = time.monotonic()
         proc, port, log = spawn(data, extra)
         t_listen = time.monotonic() - t0
+        cpu_listen = cpu_s(proc.pid)
         with Client(f"127.0.0.1:{port}") as c:
             results = list(c.batch_results(bid, timeout=3600))
             t_done = time.monotonic() - t0
+            cpu_done = cpu_s(proc.pid)
             st = c.stats()
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=600)
         row = dict(variant=variant, first_half_s=t_half, shutdown_s=t_shutdown,
                    saved_mb=saved_mb, restart_listen_s=t_listen, restart_to_done_s=t_done,
-                   after_listen_s=t_done - t_listen, restored_tokens=st["restored_tokens"],
+                   after_listen_s=t_done - t_listen, cpu_restart_to_done_s=cpu_done,
+                   cpu_after_listen_s=cpu_done - cpu_listen, restored_tokens=st["restored_tokens"],
                    prefill_tokens_after_restart=st["offline_prefill_tokens_total"],
                    resumed_items=sum("resumes:" in line for line in log), save_log=save_line,
                    tokens=[list(r.token_ids) for r in results])
         print(f"  {variant:9s} first half {t_half:6.1f} s  shutdown {t_shutdown:5.1f} s "
               f"(saved {saved_mb:6.1f} MB)  restart->listening {t_listen:5.1f} s  "
-              f"restart->all done {t_done:6.1f} s  restored {row['restored_tokens']} tok, "
+              f"restart->all done {t_done:6.1f} s (CPU {cpu_done:6.1f} s, after listening "
+              f"{cpu_done - cpu_listen:6.1f} s)  restored {row['restored_tokens']} tok, "
               f"prefilled {row['prefill_tokens_after_restart']} tok", flush=True)
         if save_line:
             print("    " + save_line[save_line.find("saved"):], flush=True)
@@ -144,12 +156,15 @@ def main() -> int:
                           restart_to_done_min_s=min(t), after_listen_median_s=statistics.median(a),
                           after_listen_min_s=min(a))
     pairs = [(rows[2 * r], rows[2 * r + 1]) for r in range(args.repeats)]
-    ratios = []
+    ratios, cpu_ratios = [], []
     for a, b in pairs:  # the two variants of one repeat ran back to back: compare those
         sv, rc_ = (a, b) if a["variant"] == "saved-kv" else (b, a)
         ratios.append(rc_["restart_to_done_s"] / sv["restart_to_done_s"])
+        cpu_ratios.append(rc_["cpu_after_listen_s"] / sv["cpu_after_listen_s"])
     summary["pair_ratios"] = ratios
     summary["pair_ratio_median"] = statistics.median(ratios)
+    summary["cpu_after_listen_ratios"] = cpu_ratios
+    summary["cpu_after_listen_ratio_median"] = statistics.median(cpu_ratios)
     s, rc = summary["saved-kv"], summary["recompute"]
     summary["speedup_median"] = rc["restart_to_done_median_s"] / s["restart_to_done_median_s"]
     summary["speedup_after_listen_median"] = rc["after_listen_median_s"] / s["after_listen_median_s"]
@@ -167,6 +182,9 @@ def main() -> int:
           f"across runs: {summary['all_runs_token_identical']}")
     print(f"  per repeat (back-to-back pairs) recompute / saved-kv: "
           f"{', '.join(f'{r:.2f}x' for r in ratios)}; median {summary['pair_ratio_median']:.2f}x")
+    print(f"  server CPU seconds after listening, recompute / saved-kv: "
+          f"{', '.join(f'{r:.2f}x' for r in cpu_ratios)}; median "
+          f"{summary['cpu_after_listen_ratio_median']:.2f}x")
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     for x in rows:
         x.pop("tokens")
