@@ -284,6 +284,10 @@ def parse_args(argv=None):
     p.add_argument("--sweep", action="store_true",
                    help="also conserve at isolation 1.05..2 and off, sarathi at 64..512 tokens; "
                         "Pareto plot of online p99 vs offline processed tokens/s")
+    p.add_argument("--sweep-isolation", help="comma-separated isolation factors for --sweep "
+                   "(default 1.05,1.1,1.2,1.5,2,off)")
+    p.add_argument("--sweep-sarathi", help="comma-separated sarathi budgets for --sweep "
+                   "(default 64,128,256,512)")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--duration", type=float, help="online arrival window per policy (s); 300, quick 100")
     p.add_argument("--drain", type=float, help="max wait for online requests after it; default "
@@ -323,6 +327,10 @@ def parse_args(argv=None):
     a.offline_prompt = a.offline_prompt or [512, 1024]
     a.offline_output = a.offline_output or ([32, 64] if q else [64, 128])
     a.policies = [x for x in a.policies.split(",") if x]
+    if a.sweep_isolation:
+        a.sweep_isolation = [parse_isolation(x) for x in a.sweep_isolation.split(",")]
+    if a.sweep_sarathi:
+        a.sweep_sarathi = [int(x) for x in a.sweep_sarathi.split(",")]
     return a
 
 
@@ -362,7 +370,8 @@ def main(argv=None) -> dict:
     lm = first.policy.model
     release(first)
     del first
-    variants = pareto.variants(a.policies, a.isolation, a.sarathi_budget, a.sweep)
+    variants = pareto.variants(a.policies, a.isolation, a.sarathi_budget, a.sweep,
+                               a.sweep_isolation, a.sweep_sarathi)
     runs: dict = {v.label: [] for v in variants}
     order = []
     for rep in range(a.repeats):

@@ -33,19 +33,24 @@ def iso_label(f: Optional[float]) -> str:
 
 
 def variants(policies: list, isolation: Optional[float], sarathi_budget: int,
-             sweep: bool) -> list:
+             sweep: bool, sweep_isolation: Optional[list] = None,
+             sweep_sarathi: Optional[list] = None) -> list:
+    """The default variant of each policy, plus (sweep) the given isolation factors and
+    sarathi budgets (default: SWEEP_ISOLATION, SWEEP_SARATHI)."""
+    iso_pts = SWEEP_ISOLATION if sweep_isolation is None else sweep_isolation
+    sar_pts = SWEEP_SARATHI if sweep_sarathi is None else sweep_sarathi
     out = []
     for p in policies:
         if p == "conserve":
             out.append(Variant(p, p, {"isolation": isolation}))
             if sweep:
                 out += [Variant(f"conserve@{iso_label(f)}", p, {"isolation": f})
-                        for f in SWEEP_ISOLATION if f != isolation]
+                        for f in iso_pts if f != isolation]
         elif p == "sarathi":
             out.append(Variant(p, p, {"sarathi_token_budget": sarathi_budget}))
             if sweep:
                 out += [Variant(f"sarathi@{b}", p, {"sarathi_token_budget": b})
-                        for b in SWEEP_SARATHI if b != sarathi_budget]
+                        for b in sar_pts if b != sarathi_budget]
         else:
             out.append(Variant(p, p))
     return out
