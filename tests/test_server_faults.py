@@ -175,7 +175,7 @@ def test_idle_streams_cannot_starve_authenticated_calls(tmp_path):
             for _ in range(20):
                 calls.append(health.Watch(health_pb2.HealthCheckRequest()))
             s.engine.token_delay_s = 0.05  # the batch will not finish while we look
-            bid = c.submit_batch([{"prompt": "x", "max_tokens": 1000}] * 2)
+            bid = c.submit_batch([{"prompt": "x", "max_tokens": 1000}] * 2, timeout=30, retries=0)
             for _ in range(6):
                 calls.append(c._stub.StreamBatchResults(
                     pb.StreamBatchResultsRequest(batch_id=bid), metadata=c._md))
