@@ -62,7 +62,8 @@ class Engine(EngineAPI):
             log.warning("KV cache holds %d tokens: max_model_len lowered from %d",
                         cache_tokens, self._max_model_len)
             self._max_model_len = cache_tokens
-        self.policy = make_policy(config, lambda: load_or_profile(self.runner, config))
+        self.policy = make_policy(config, lambda: load_or_profile(self.runner, config),
+                                  self.online_waiting)
         self.scheduler = Scheduler(config, self.kv, self.policy)
         self.checkpointer = None
         if self.policy.checkpointing:
@@ -323,14 +324,15 @@ class Engine(EngineAPI):
             return
         for rid, blocks in step.restores:  # failures up to the commit: retried by `_guarded`
             self.checkpointer.restore(rid, blocks)
+        sp = self.policy.safepoints(step)
         t0 = time.perf_counter()
-        result = self.runner.execute(step.plan, self.policy.safepoint(step, self))
+        result = self.runner.execute(step.plan, sp and sp.check, sp and sp.every)
         elapsed = time.perf_counter() - t0
         if result is None:
             self.scheduler.abandon(step)
-            self.policy.on_abandoned(step, self)
+            self.policy.on_abandoned(step)
             return
-        self.policy.on_step_done(step, elapsed, self)
+        self.policy.on_step_done(step, elapsed)
         self._committing = True  # from here a failure cannot be rolled back
         sampled = self.scheduler.commit(step, result)
         if self.checkpointer is not None:
@@ -365,16 +367,12 @@ class Engine(EngineAPI):
         return self.checkpointer.kept_tokens(seq.request_id, seq.num_computed,
                                              len(seq.token_ids))
 
-    def earliest_online_arrival(self):
-        """(sequence, arrival time) of the oldest online request not yet scheduled, or None.
-        Called by safepoints on the step-loop thread."""
+    def online_waiting(self) -> list:
+        """Online requests submitted but not running yet (intake, then the scheduler's
+        waiting queue). Called by the policy's safepoint checks on the step-loop thread."""
         with self._lock:
             cands = [s for s in self._intake if s.online]
-        cands += list(self.scheduler.waiting_online)
-        if not cands:
-            return None
-        s = min(cands, key=lambda s: s.arrival)
-        return s, s.arrival
+        return cands + list(self.scheduler.waiting_online)
 
     def _stop_string_found(self, request_id: str) -> None:
         """Output thread: a stop string ended the request's stream; stop the sequence."""

@@ -20,6 +20,11 @@ StreamBatchResults). Afterwards it checks:
   submits that many batch items again and drains a second time: growth that repeats is a
   leak, growth that does not is one-time (compiled executables, allocator high-water).
 
+`--verify-only --data-dir D` restarts a server on the data dir of an earlier run (e.g. one
+whose drain outlasted `--quiet-timeout`), sends no load, lets every stored batch finish
+and runs the same checks on all of them: batches resume from the database after a
+restart, each item still with exactly one result.
+
 It writes a JSON summary (calls, outcomes by code, RSS and fds at start/end, batches) and
 exits 1 if any check fails.
 
@@ -213,12 +218,13 @@ def wait_quiet(c: Client, soak: Soak, timeout: float) -> tuple[bool, dict, dict]
     st: dict = {}
     while time.monotonic() < end:
         st = c.stats(timeout=10)
-        states = {b: c.get_batch(b, timeout=10).state for b in soak.batches}
         idle = (st["online_in_flight"] == 0 and st["online_running"] == 0 and st["online_waiting"] == 0
                 and st["batch_items_in_flight"] == 0 and st["batch_items_pending"] == 0
                 and st["offline_running"] == 0 and st["offline_waiting"] == 0)
-        if idle and all(s in TERMINAL for s in states.values()):
-            return True, st, states
+        if idle:  # then every batch must be terminal (one GetBatch each, once)
+            states = {b: c.get_batch(b, timeout=10).state for b in soak.batches}
+            if all(s in TERMINAL for s in states.values()):
+                return True, st, states
         time.sleep(1.0)
     return False, st, states
 
@@ -273,6 +279,8 @@ def main() -> int:
     ap.add_argument("--fd-growth", type=int, default=8, help="flat: end - warm-up fds below this")
     ap.add_argument("--probe-items", type=int, default=0,
                     help="after the run, drain this many more batch items and compare RSS")
+    ap.add_argument("--verify-only", action="store_true",
+                    help="no load: restart on --data-dir, finish and check its stored batches")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--json", default="out/soak.json")
@@ -285,6 +293,10 @@ def main() -> int:
     target = f"127.0.0.1:{port}"
     print(f"server pid {proc.pid} on {target}; {args.clients} clients for {args.duration:.0f} s", flush=True)
     soak = Soak(args, target)
+    if args.verify_only:
+        with sqlite3.connect(f"file:{os.path.join(data_dir, 'batches.sqlite3')}?mode=ro", uri=True) as db:
+            soak.batches = dict(db.execute("SELECT id, total FROM batches").fetchall())
+        args.duration, args.clients = 0.0, 0
     samples = [(0.0, *proc_usage(proc.pid))]
     threads = [threading.Thread(target=soak.client_loop, args=(args.seed * 1000 + i,), daemon=True)
                for i in range(args.clients)]

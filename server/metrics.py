@@ -299,6 +299,9 @@ class ObservedStream:
     def put(self, out: RequestOutput) -> None:
         self._inner.put(out)
 
+    def set_listener(self, fn) -> None:
+        self._inner.set_listener(fn)
+
     def get(self, timeout: Optional[float] = None) -> RequestOutput:
         return self._seen(self._inner.get(timeout=timeout))
 

@@ -74,11 +74,11 @@ def test_real_engine_retries_a_failure_before_commit_once(real, monkeypatch):
     calls = {"n": 0}
     execute = real.runner.execute
 
-    def flaky(plan, safepoint):
+    def flaky(plan, *args, **kw):
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("transient device error")
-        return execute(plan, safepoint)
+        return execute(plan, *args, **kw)
     monkeypatch.setattr(real.runner, "execute", flaky)
     toks, reason = collect(real.submit(req("retry", _prompt(0), 6)))
     assert reason == "length" and len(toks) == 6  # the first failure was retried

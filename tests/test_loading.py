@@ -186,7 +186,7 @@ def test_presets(name, shape):
     assert m.tokenizer.vocab_size == c.vocab_size
     assert set(c.eos_token_ids) <= set(m.tokenizer.eos_token_ids) and c.bos_token_id == m.tokenizer.bos_token_id
     if name == "smollm2-135m":
-        assert c.rope_theta == 100000.0
+        assert c.rope_theta == 100000.0  # (load time is a benchmark, not a unit test: issue 9)
         return
     again = load_model(f"random:{name}", seed=3).params
     other = load_model(f"random:{name}", seed=4).params

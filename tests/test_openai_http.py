@@ -337,3 +337,54 @@ def test_stop_ends_open_streams(tmp_path):
         pass
     assert "length" not in reasons
     assert eng.stats().online_running == 0 and s.app.metrics.online_in_flight == 0
+
+
+def test_tenant_share_of_the_online_queue(tmp_path):
+    from server.servicer import ServiceOptions
+
+    eng = MockEngine(token_delay_s=0.02)
+    s = start_http_server(tmp_path, engine=eng, auth_tokens=[TOKEN_A, TOKEN_B],
+                          options=ServiceOptions(max_online_queue=2))  # 1 each with 2 tenants
+    try:
+        stream = client(s, TOKEN_A).completions.create(model=MODEL, prompt="a", max_tokens=500,
+                                                       stream=True)
+        next(iter(stream))
+        with pytest.raises(openai.RateLimitError) as e:
+            client(s, TOKEN_A).completions.create(model=MODEL, prompt="x", max_tokens=2)
+        assert "tenant" in e.value.message
+        r = client(s, TOKEN_B).completions.create(model=MODEL, prompt="b", max_tokens=2)
+        assert r.choices[0].text == "bb"
+        stream.close()
+    finally:
+        s.stop()
+
+
+FUZZ_VALUES = [None, "", "x", -1, 0, 1.5, 10 ** 12, float("nan"), True, [], [1, "a"], {}, {"a": 1}]
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                              "max_tokens": 3, "temperature": 0.5, "top_p": 0.9, "seed": 1,
+                              "stop": ["z"], "logprobs": True, "top_logprobs": 1, "n": 1,
+                              "stream": False, "service_tier": "auto", "top_k": 2,
+                              "ignore_eos": False, "ttft_s": 1.0, "tpot_s": 1.0,
+                              "max_completion_tokens": 3, "stop_token_ids": [5]}),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 3, "logprobs": 1,
+                         "echo": False, "best_of": 1, "presence_penalty": 0}),
+    ("/v1/batches", {"input_file_id": "file-x", "endpoint": "/v1/completions",
+                     "completion_window": "24h", "metadata": {"a": "b"}}),
+])
+def test_fuzzed_fields_never_500(srv, path, body):
+    """Every field replaced by values of the wrong type or range: an OpenAI-shaped 4xx (or
+    success), never a server fault, and a 400 names a parameter or a line."""
+    for name in body:
+        for value in FUZZ_VALUES:
+            bad = {**body, name: value}
+            data = json.dumps(bad, allow_nan=True).encode()
+            status, raw_body, _ = raw(srv, "POST", path, data)
+            assert status < 500, (name, value, raw_body)
+            if status >= 400:
+                err = json.loads(raw_body)["error"]
+                assert err["message"] and err["type"]
+    status, _, _ = raw(srv, "POST", path, b"[1, 2]")
+    assert status == 400

@@ -38,7 +38,8 @@ class HttpFront:
                                                 max_batch_size=o.max_batch_size,
                                                 max_file_bytes=config.max_message_bytes,
                                                 max_logprobs=o.max_logprobs,
-                                                default_slo=o.default_slo))
+                                                default_slo=o.default_slo,
+                                                max_tenant_items=o.max_tenant_items))
         self.app = build_app(self.routes)
         self.port: Optional[int] = None
         self._server: Optional[uvicorn.Server] = None
