@@ -84,3 +84,20 @@ class EngineConfig:
     latency_model_path: Optional[str] = None  # from `conserve-jax profile`; None: profile at start
     sarathi_token_budget: int = 256  # tokens per iteration for the `sarathi` baseline
     warmup: bool = False  # compile every shape bucket before serving
+    # KV cache size in tokens (rounded up to whole blocks, plus the scratch block); when set
+    # it decides the number of blocks, overriding cache.num_blocks and kv_memory_bytes
+    kv_cache_tokens: Optional[int] = None
+    # `conserve`: reserve KV for offline requests by predicted response length and admit
+    # them KV-heavy-first with aging (scheduling/kv_planner.py)
+    offline_kv_reservation: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kv_cache_tokens is not None and self.kv_cache_tokens < 1:
+            raise ValueError(f"kv_cache_tokens must be >= 1, got {self.kv_cache_tokens}")
+
+    @property
+    def kv_cache_blocks(self) -> Optional[int]:
+        """Blocks the KV cache should have (None: the cache config decides)."""
+        if self.kv_cache_tokens is None:
+            return self.cache.num_blocks
+        return -(-self.kv_cache_tokens // self.cache.block_size) + 1

@@ -38,6 +38,17 @@ class KVManager:
             self._count(seq, n)
         return True
 
+    def trim(self, seq: Sequence, keep_tokens: int) -> int:
+        """Free `seq`'s blocks beyond those positions [0, keep_tokens) need (blocks reserved
+        ahead of use, e.g. for a predicted response). Returns the number freed."""
+        keep = max(0, blocks_needed(keep_tokens, self.block_size))
+        extra = seq.blocks[keep:]
+        if extra:
+            del seq.blocks[keep:]
+            self.allocator.free(extra)
+            self._count(seq, -len(extra))
+        return len(extra)
+
     def release(self, seq: Sequence) -> None:
         if seq.blocks:
             self.allocator.free(seq.blocks)

@@ -187,8 +187,16 @@ def build(cfg, model_factory) -> Policy:
         p = ConservePolicy(cfg.max_num_seqs, cfg.max_prefill_tokens, model_factory(),
                            cfg.default_ttft_s, cfg.default_tpot_s)
         p.safepoint_every = cfg.safepoint_interval
+        if getattr(cfg, "offline_kv_reservation", False):
+            from conserve_jax.scheduling.ecoserve_policy import offline_planner
+            p.kv_planner = offline_planner(cfg)
         return p
+    if name == "ecoserve":
+        from conserve_jax.scheduling.ecoserve_policy import EcoservePolicy
+        return EcoservePolicy(cfg.max_num_seqs, cfg.max_prefill_tokens, cfg.max_model_len,
+                              cfg.default_ttft_s)
     raise ValueError(f"policy must be one of {POLICY_NAMES}, got {name!r}")
 
 
-POLICY_NAMES = ["conserve", "online-only", "priority-recompute", "sarathi", "non-preemptive", "fcfs"]
+POLICY_NAMES = ["conserve", "online-only", "priority-recompute", "sarathi", "non-preemptive", "fcfs",
+                "ecoserve"]

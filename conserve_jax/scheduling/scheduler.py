@@ -93,24 +93,26 @@ class Scheduler:
     # ---- one iteration ------------------------------------------------------------------
     def schedule(self) -> ScheduledStep:
         step = ScheduledStep(StepPlan())
+        self.policy.before_schedule(self)
         budget = self.policy.budget(self)
+        order = self.policy.order_waiting
         if not self.policy.priority:
             waiting = sorted(list(self.waiting_online) + list(self.waiting_offline),
                              key=lambda s: s.arrival)
             self._fill(step, budget, sorted(self.running, key=lambda s: s.arrival))
-            self._fill(step, budget, waiting, waiting=True)
+            self._fill(step, budget, order(self, waiting), waiting=True)
             return step
         self._fill(step, budget, [s for s in self.running if s.online])
-        self._fill(step, budget, list(self.waiting_online), waiting=True)
+        self._fill(step, budget, order(self, list(self.waiting_online)), waiting=True)
         self._fill(step, budget, [s for s in self.running if not s.online])
-        self._fill(step, budget, list(self.waiting_offline), waiting=True)
+        self._fill(step, budget, order(self, list(self.waiting_offline)), waiting=True)
         return step
 
     def _fill(self, step: ScheduledStep, budget: StepBudget, seqs: list[Sequence],
               waiting: bool = False) -> None:
         for seq in seqs:
-            if seq.status is SeqStatus.FINISHED:
-                continue
+            if seq.status is SeqStatus.FINISHED or (not waiting and seq.status is not SeqStatus.RUNNING):
+                continue  # (a running sequence evicted earlier in this fill is waiting now)
             if waiting and len(self.running) >= self.cfg.max_num_seqs \
                     and not self._free_a_slot(seq, step):
                 return
@@ -125,7 +127,14 @@ class Scheduler:
                 n = budget.prefill_tokens_for(step, seq)
                 if n <= 0:
                     continue
-            if not self._ensure_blocks(seq, seq.num_computed + n, step):
+            end = seq.num_computed + n
+            if waiting and not self.policy.admit(self, seq, end):
+                return  # the policy keeps its admission order: later requests wait too
+            # KV the policy wants held beyond this chunk (a reservation) comes from free
+            # blocks only; what the chunk itself needs follows the eviction rules below
+            want = self.policy.kv_tokens_for(self, seq, end)
+            if not (want > end and self.kv.grow(seq, want)) \
+                    and not self._ensure_blocks(seq, end, step):
                 if waiting:
                     return  # keep arrival order: later requests do not jump ahead
                 continue

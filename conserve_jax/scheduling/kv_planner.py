@@ -1,0 +1,337 @@
+"""KV planning from predicted response lengths: reservations, lending, KV-heavy-first order.
+
+Used by the `ecoserve` policy (every request planned) and by `conserve` when
+`EngineConfig.offline_kv_reservation` is set (offline requests planned). It answers the
+scheduler's KV hooks (`Policy.before_schedule`, `order_waiting`, `admit`, `kv_tokens_for`)
+on the engine's step-loop thread; it may evict running sequences through `Scheduler.evict`
+and resize their block lists through `KVManager.grow/trim`, nothing else.
+
+Rules (all in blocks of `block_size` tokens):
+- Admission: a planned request starts only when its reservation — prompt (and tokens
+  already generated, after an eviction) plus the predictor's `confidence`-quantile response
+  length — fits in `free - earmarked - reserve`, where `earmarked` are blocks owed to owners
+  whose loans came back and `reserve` is a small global reserve kept for requests that
+  outlive their prediction (and, when only offline work is planned, a share of the cache
+  kept for online arrivals). The reservation is allocated up front, so its growth inside
+  the reservation never fails. A request larger than the whole cache is admitted when
+  nothing else holds a reservation (it cannot be made to wait for ever).
+- Lending: when the reservation does not fit, decoding owners of the same class lend the
+  top of their reservations that they will not write for `lend_safety` x the borrower's
+  predicted run (prefill iterations + predicted response, one token per iteration). The
+  owner's blocks are freed (`trim`) and the borrower allocates them; the ledger records
+  the loan.
+- Return: before every iteration (`before_schedule`) an owner about to write past what it
+  holds gets its blocks back: from free memory when the borrower is gone, else by
+  recalling (evicting) its borrowers, then over-runners (requests past their own
+  reservation), youngest first. So lent KV is always back before its owner needs it.
+- Misprediction: when a running request reaches its reservation, the reservation grows
+  to the predictor's conditional estimate (`LengthPredictor.extend`) out of free memory
+  and the global reserve; when even that is short the scheduler's own rules apply.
+- Order: the waiting queue is served (1) requests waiting longer than their aging limit,
+  in arrival order; (2) evicted requests that already generated tokens (the "generation
+  task" queue); (3) new prompts (the "prompt task" queue), larger KV footprint first
+  (prompt + predicted response, by octave), then predicted length closest to the running
+  batch's (batching similar lengths), then arrival. The aging limit of an online request
+  is `online_aging_frac` x its TTFT objective; of an offline one `offline_aging_s`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
+
+from conserve_jax.kv.block_allocator import blocks_needed
+from conserve_jax.kv.reservations import ReservationLedger
+from conserve_jax.scheduling.length_predictor import Features, LengthPredictor, Prediction
+from conserve_jax.scheduling.sequence import SeqStatus
+
+if TYPE_CHECKING:
+    from conserve_jax.scheduling.scheduler import Scheduler
+    from conserve_jax.scheduling.sequence import Sequence
+
+
+@dataclass
+class KVPlanConfig:
+    plan_online: bool = True  # reserve/lend for online requests too (ecoserve) or offline only
+    lending: bool = True
+    reserve_frac: float = 0.03  # global reserve for requests outliving their prediction
+    online_share: float = 0.25  # offline-only planning: cache share kept for online arrivals
+    lend_safety: float = 1.5
+    online_aging_frac: float = 0.5
+    offline_aging_s: float = 60.0
+    default_ttft_s: float = 2.0
+
+
+@dataclass
+class _Plan:
+    features: Features
+    pred: Prediction
+    predicted_total: int  # generated tokens the current reservation is for
+
+
+class KVPlanner:
+    def __init__(self, cfg: KVPlanConfig, predictor: LengthPredictor, max_prefill_tokens: int,
+                 max_model_len: int) -> None:
+        self.cfg = cfg
+        self.predictor = predictor
+        self.max_prefill_tokens = max_prefill_tokens
+        self.max_model_len = max_model_len
+        self.ledger = ReservationLedger()
+        self._plans: dict[int, _Plan] = {}
+        self._seqs: dict[int, "Sequence"] = {}  # ledger key (id) -> sequence
+        self.recalls = 0  # sequences evicted to give an owner its blocks back
+
+    # ---- requests ---------------------------------------------------------------------------
+    def planned(self, seq: "Sequence") -> bool:
+        return self.cfg.plan_online or not seq.online
+
+    def on_arrival(self, seq: "Sequence") -> None:
+        req = seq.request
+        f = self.predictor.features(seq.token_ids[: seq.prompt_len], req.sampling.max_tokens,
+                                    getattr(req, "tenant", None),
+                                    getattr(req, "expected_output_tokens", None))
+        p = self.predictor.predict(f)
+        self._plans[id(seq)] = _Plan(f, p, p.high)
+
+    def on_finished(self, seq: "Sequence") -> None:
+        plan = self._plans.pop(id(seq), None)
+        self._drop(seq)
+        if plan is not None and seq.finish_reason in ("stop", "length"):
+            self.predictor.observe(plan.features, seq.num_generated)
+
+    def prediction(self, seq: "Sequence") -> Optional[Prediction]:
+        plan = self._plans.get(id(seq))
+        return plan.pred if plan else None
+
+    def _drop(self, seq: "Sequence") -> None:
+        self.ledger.drop(id(seq))  # returned loans: their owners' blocks are now earmarked
+        self._seqs.pop(id(seq), None)
+
+    # ---- geometry -----------------------------------------------------------------------------
+    def _bs(self, sched: "Scheduler") -> int:
+        return sched.kv.block_size
+
+    def _footprint_tokens(self, seq: "Sequence", plan: _Plan) -> int:
+        total = seq.prompt_len + max(plan.predicted_total, seq.num_generated + 1)
+        return min(total, self.max_model_len)
+
+    def _reserve_blocks(self, sched: "Scheduler", for_online: bool) -> int:
+        r = int(self.cfg.reserve_frac * sched.kv.capacity)
+        if not self.cfg.plan_online and not for_online:
+            r += int(self.cfg.online_share * sched.kv.capacity)
+        return r
+
+    def earmarked(self, sched: "Scheduler") -> int:
+        """Blocks owed to owners that no borrower holds any more (returned loans not yet
+        taken back): free memory nobody else may take."""
+        out = 0
+        for key in self.ledger.holders():
+            s = self._seqs.get(key)
+            held = len(s.blocks) if s is not None else 0
+            out += max(0, self.ledger.claim(key) - held - self.ledger.lent(key))
+        return out
+
+    def available(self, sched: "Scheduler", for_online: bool) -> int:
+        return sched.kv.num_free - self.earmarked(sched) - self._reserve_blocks(sched, for_online)
+
+    # ---- hooks ----------------------------------------------------------------------------------
+    def before_schedule(self, sched: "Scheduler") -> None:
+        """Forget holders that lost their KV (evicted by the scheduler's own rules); then
+        give every owner about to write past what it holds its reserved blocks back."""
+        for key in self.ledger.holders():
+            s = self._seqs.get(key)
+            if s is None or s.status is not SeqStatus.RUNNING or not s.blocks:
+                if s is not None:
+                    self._drop(s)
+                else:
+                    self.ledger.drop(key)
+        bs = self._bs(sched)
+        for key in self.ledger.holders():
+            o = self._seqs.get(key)
+            if o is None or not self.ledger.has(key):
+                continue
+            claim = self.ledger.claim(key)
+            if len(o.blocks) >= claim or len(o.token_ids) + 1 <= len(o.blocks) * bs:
+                continue  # holds its claim, or does not need more this iteration
+            self._make_room(sched, o, claim - len(o.blocks))
+            if sched.kv.grow(o, claim * bs):
+                for ln in self.ledger.loans_of(key):  # returned: from free memory
+                    self.ledger.settle(ln, recalled=False)
+
+    def _make_room(self, sched: "Scheduler", owner: "Sequence", n: int) -> None:
+        """Evict until `n` blocks are free: the owner's borrowers, then over-runners, then
+        other borrowers; youngest first."""
+        if sched.kv.num_free >= n:
+            return
+        key = id(owner)
+        mine = [self._seqs[ln.borrower] for ln in self.ledger.loans_of(key)
+                if ln.borrower in self._seqs]
+        running = [s for s in sched.running if s is not owner and s.blocks]
+        over = [s for s in running if self.ledger.has(id(s))
+                and len(s.blocks) > self.ledger.claim(id(s))]
+        others = [s for s in running if self.ledger.borrowed(id(s))]
+        if owner.online:  # an online owner may also take offline KV
+            others += [s for s in running if not s.online]
+        order = sorted(mine, key=lambda s: -s.arrival) + sorted(over, key=lambda s: -s.arrival) \
+            + sorted(others, key=lambda s: -s.arrival)
+        seen = set()
+        for v in order:
+            if sched.kv.num_free >= n:
+                return
+            if id(v) in seen or v.status is not SeqStatus.RUNNING or (v.online and not owner.online):
+                continue
+            seen.add(id(v))
+            for ln in self.ledger.borrowed(id(v)):
+                self.ledger.settle(ln, recalled=True)
+            self._drop(v)
+            sched.evict(v)
+            self.recalls += 1
+
+    def order_waiting(self, sched: "Scheduler", seqs: list) -> list:
+        import time
+        now = time.monotonic()
+        run_lens = sorted(self._plans[id(s)].pred.point for s in sched.running
+                          if id(s) in self._plans)
+        typical = run_lens[len(run_lens) // 2] if run_lens else None
+
+        def key(s: "Sequence"):
+            plan = self._plans.get(id(s))
+            if plan is None or not self.planned(s):
+                return (1, 0, 0, 0.0, s.arrival)
+            limit = (self.cfg.online_aging_frac * (s.request.slo.ttft_s or self.cfg.default_ttft_s)
+                     if s.online else self.cfg.offline_aging_s)
+            if now - s.arrival > limit:
+                return (0, 0, 0, 0.0, s.arrival)
+            if s.num_generated > 0:
+                return (1, 0, 0, 0.0, s.arrival)
+            heavy = -int(math.log2(max(1, self._footprint_tokens(s, plan))))
+            group = 0.0 if typical is None else abs(math.log2((plan.pred.point + 1) / (typical + 1)))
+            return (2, heavy, 0, group, s.arrival)
+
+        return sorted(seqs, key=key)
+
+    def admit(self, sched: "Scheduler", seq: "Sequence", end: int) -> bool:
+        """May the waiting `seq` start now? Reserves (and, if needed, borrows) its KV."""
+        plan = self._plans.get(id(seq))
+        if plan is None or not self.planned(seq):
+            return True
+        bs = self._bs(sched)
+        if plan.predicted_total <= seq.num_generated:  # resumed past its prediction
+            plan.predicted_total = self.predictor.extend(plan.features, seq.num_generated)
+        need = blocks_needed(max(end, self._footprint_tokens(seq, plan)), bs)
+        reserve = self._reserve_blocks(sched, seq.online)
+        need = min(need, sched.kv.capacity - reserve)
+        avail = self.available(sched, seq.online)
+        if need <= avail:
+            return self._reserve(seq, need)
+        if not any(self.ledger.has(id(s)) for s in sched.running):
+            # alone: a request bigger than the cache still runs (no waiting for ever)
+            return self._reserve(seq, max(blocks_needed(end, bs),
+                                          min(need, sched.kv.num_free - self.earmarked(sched))))
+        if self.cfg.lending and self._borrow(sched, seq, plan, need - max(0, avail)):
+            return self._reserve(seq, need)
+        return False
+
+    def _reserve(self, seq: "Sequence", blocks: int) -> bool:
+        self.ledger.reserve(id(seq), blocks)
+        self._seqs[id(seq)] = seq
+        return True
+
+    def _borrow(self, sched: "Scheduler", seq: "Sequence", plan: _Plan, deficit: int) -> bool:
+        bs = self._bs(sched)
+        prefill_iters = -(-max(0, len(seq.token_ids) - seq.num_computed) // self.max_prefill_tokens)
+        run = prefill_iters + max(1, plan.predicted_total - seq.num_generated)
+        horizon = int(math.ceil(self.cfg.lend_safety * run)) + 1
+        offers = []
+        for o in sched.running:
+            if o is seq or not self.ledger.has(id(o)) or o.in_prefill or o.online != seq.online:
+                continue
+            keep = blocks_needed(len(o.token_ids) + horizon, bs)
+            spare = min(len(o.blocks), self.ledger.claim(id(o)) - self.ledger.lent(id(o))) - keep
+            if spare > 0:
+                offers.append((spare, o))
+        if sum(x for x, _ in offers) < deficit:
+            return False
+        self._reserve(seq, 0)  # the borrower must hold a key before loans name it
+        for spare, o in sorted(offers, key=lambda t: -t[0]):
+            if deficit <= 0:
+                break
+            take = min(spare, deficit)
+            sched.kv.trim(o, (len(o.blocks) - take) * bs)
+            self.ledger.lend(id(o), id(seq), take)
+            deficit -= take
+        return True
+
+    def kv_tokens_for(self, sched: "Scheduler", seq: "Sequence", end: int) -> int:
+        """Tokens of KV `seq` should hold to run positions up to `end`: its reservation,
+        grown when it is about to outlive it."""
+        bs = self._bs(sched)
+        key = id(seq)
+        if not self.planned(seq) or not self.ledger.has(key):
+            if sched.kv.extra_blocks(seq, end) > sched.kv.num_free:
+                self._reclaim(sched, seq, sched.kv.extra_blocks(seq, end))
+            return end
+        claim = self.ledger.claim(key)
+        held_claim = claim - self.ledger.lent(key)
+        if end + 1 > claim * bs and end < self.max_model_len:  # outliving the prediction
+            plan = self._plans.get(key)
+            if plan is not None:
+                plan.predicted_total = self.predictor.extend(plan.features, seq.num_generated)
+                want = blocks_needed(max(end + 1, self._footprint_tokens(seq, plan)), bs)
+                extra = want - len(seq.blocks)
+                room = sched.kv.num_free - self.earmarked(sched)
+                if extra > room:
+                    self._reclaim(sched, seq, extra - room)
+                    room = sched.kv.num_free - self.earmarked(sched)
+                want = min(want, len(seq.blocks) + max(0, room))
+                if want > claim:
+                    self.ledger.grow(key, want)
+                    return want * bs
+        return max(end, min(held_claim, self.ledger.claim(key)) * bs)
+
+    def _reclaim(self, sched: "Scheduler", seq: "Sequence", n: int) -> None:
+        """Take unused reserved blocks (not lent, not about to be written) from planned
+        holders of lower priority (offline, for an online `seq`), youngest first."""
+        bs = self._bs(sched)
+        cands = sorted((s for s in sched.running if s is not seq and self.ledger.has(id(s))
+                        and (seq.online and not s.online)), key=lambda s: -s.arrival)
+        for s in cands:
+            if n <= 0:
+                return
+            keep = blocks_needed(len(s.token_ids) + 1, bs)
+            spare = len(s.blocks) - keep
+            if spare <= 0:
+                continue
+            take = min(spare, n)
+            sched.kv.trim(s, (len(s.blocks) - take) * bs)
+            self.ledger.shrink(id(s), len(s.blocks))
+            n -= take
+
+    # ---- stats ----------------------------------------------------------------------------------
+    def stats(self, sched: "Scheduler") -> dict:
+        """Called by `Engine.stats` from any thread: reads only, retried if the step loop
+        changes a container while it is being read."""
+        for _ in range(3):
+            try:
+                return self._stats(sched)
+            except RuntimeError:  # "changed size during iteration"
+                continue
+        return {}
+
+    def _stats(self, sched: "Scheduler") -> dict:
+        bs = self._bs(sched)
+        unused = 0
+        for s in sched.running:
+            unused += max(0, len(s.blocks) - blocks_needed(s.num_computed, bs))
+        c, ps = self.ledger.counters, self.predictor.stats
+        return {
+            "kv_blocks_reserved_unused": unused + self.earmarked(sched),
+            "kv_reservations_grown": c.grown,
+            "kv_blocks_lent": c.lent_blocks,
+            "kv_blocks_returned": c.returned_blocks + c.recalled_blocks,
+            "kv_loans_recalled": self.recalls,
+            "predictor_observed": ps.observed,
+            "predictor_mae_tokens": ps.mae or 0.0,
+            "predictor_within_25pct": ps.within_25_frac or 0.0,
+            "predictor_baseline_mae_tokens": ps.baseline_mae or 0.0,
+        }
