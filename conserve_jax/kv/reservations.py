@@ -71,11 +71,11 @@ class ReservationLedger:
             self.counters.grown += 1
 
     def shrink(self, key: Hashable, blocks: int) -> None:
-        """Lower `key`'s reservation to `blocks` (its unused top was given to someone
-        else outright). Outstanding loans of `key` are forgiven first."""
+        """Lower `key`'s reservation to `blocks` (never below what it has lent out): its
+        unused top was given to someone else outright."""
         old = self._claims.get(key, 0)
+        blocks = max(blocks, self.lent(key))
         if blocks < old:
-            self.forgive(key)
             self._claims[key] = blocks
             self.counters.shrunk_blocks += old - blocks
 

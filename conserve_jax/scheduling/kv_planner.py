@@ -80,6 +80,7 @@ class KVPlanner:
         self._plans: dict[int, _Plan] = {}
         self._seqs: dict[int, "Sequence"] = {}  # ledger key (id) -> sequence
         self.recalls = 0  # sequences evicted to give an owner its blocks back
+        self._stalled: dict[int, "Sequence"] = {}  # outlived their reservation, no KV left
 
     # ---- requests ---------------------------------------------------------------------------
     def planned(self, seq: "Sequence") -> bool:
@@ -157,10 +158,25 @@ class KVPlanner:
             if sched.kv.grow(o, claim * bs):
                 for ln in self.ledger.loans_of(key):  # returned: from free memory
                     self.ledger.settle(ln, recalled=False)
+        # requests that outlived their reservation with no KV left: the oldest first
+        # preempts younger ones (as the scheduler's own rule would, but with the books kept)
+        stalled, self._stalled = self._stalled, {}
+        for s in sorted(stalled.values(), key=lambda s: s.arrival):
+            if s.status is not SeqStatus.RUNNING or not self.ledger.has(id(s)):
+                continue
+            need = blocks_needed(len(s.token_ids) + 1, bs)
+            claim = self.ledger.claim(id(s))
+            if need <= claim:
+                continue
+            self._make_room(sched, s, need - claim + self.earmarked(sched), younger_only=True)
+            if sched.kv.num_free - self.earmarked(sched) >= need - claim:
+                self.ledger.grow(id(s), need)
 
-    def _make_room(self, sched: "Scheduler", owner: "Sequence", n: int) -> None:
+    def _make_room(self, sched: "Scheduler", owner: "Sequence", n: int,
+                   younger_only: bool = False) -> None:
         """Evict until `n` blocks are free: the owner's borrowers, then over-runners, then
-        other borrowers; youngest first."""
+        other borrowers (with `younger_only`: any request that arrived after `owner`);
+        youngest first."""
         if sched.kv.num_free >= n:
             return
         key = id(owner)
@@ -172,6 +188,10 @@ class KVPlanner:
         others = [s for s in running if self.ledger.borrowed(id(s))]
         if owner.online:  # an online owner may also take offline KV
             others += [s for s in running if not s.online]
+        if younger_only:
+            young = lambda s: s.arrival > owner.arrival
+            mine, over = [], [s for s in over if young(s)]
+            others = [s for s in running if young(s) and s.online == owner.online]
         order = sorted(mine, key=lambda s: -s.arrival) + sorted(over, key=lambda s: -s.arrival) \
             + sorted(others, key=lambda s: -s.arrival)
         seen = set()
@@ -228,7 +248,8 @@ class KVPlanner:
             # alone: a request bigger than the cache still runs (no waiting for ever)
             return self._reserve(seq, max(blocks_needed(end, bs),
                                           min(need, sched.kv.num_free - self.earmarked(sched))))
-        if self.cfg.lending and self._borrow(sched, seq, plan, need - max(0, avail)):
+        if self.cfg.lending and self._borrow(sched, seq, self._run_iters(seq, plan),
+                                             need - max(0, avail)):
             return self._reserve(seq, need)
         return False
 
@@ -237,34 +258,47 @@ class KVPlanner:
         self._seqs[id(seq)] = seq
         return True
 
-    def _borrow(self, sched: "Scheduler", seq: "Sequence", plan: _Plan, deficit: int) -> bool:
+    def _borrow(self, sched: "Scheduler", seq: "Sequence", run: int, deficit: int) -> bool:
+        """Cover `deficit` blocks for `seq` (predicted to run `run` more iterations) with
+        loans from decoding owners of its class: first what they are owed but do not hold
+        (earmarked), then the top of what they hold. All or nothing."""
         bs = self._bs(sched)
-        prefill_iters = -(-max(0, len(seq.token_ids) - seq.num_computed) // self.max_prefill_tokens)
-        run = prefill_iters + max(1, plan.predicted_total - seq.num_generated)
         horizon = int(math.ceil(self.cfg.lend_safety * run)) + 1
         offers = []
         for o in sched.running:
-            if o is seq or not self.ledger.has(id(o)) or o.in_prefill or o.online != seq.online:
+            k = id(o)
+            if o is seq or not self.ledger.has(k) or o.in_prefill or o.online != seq.online:
                 continue
             keep = blocks_needed(len(o.token_ids) + horizon, bs)
-            spare = min(len(o.blocks), self.ledger.claim(id(o)) - self.ledger.lent(id(o))) - keep
+            spare = self.ledger.claim(k) - self.ledger.lent(k) - keep
             if spare > 0:
                 offers.append((spare, o))
         if sum(x for x, _ in offers) < deficit:
             return False
-        self._reserve(seq, 0)  # the borrower must hold a key before loans name it
+        if not self.ledger.has(id(seq)):
+            self._reserve(seq, 0)  # the borrower must hold a key before loans name it
         for spare, o in sorted(offers, key=lambda t: -t[0]):
             if deficit <= 0:
                 break
+            k = id(o)
             take = min(spare, deficit)
-            sched.kv.trim(o, (len(o.blocks) - take) * bs)
-            self.ledger.lend(id(o), id(seq), take)
+            owed = max(0, self.ledger.claim(k) - len(o.blocks) - self.ledger.lent(k))
+            trim = max(0, take - owed)
+            if trim:
+                sched.kv.trim(o, (len(o.blocks) - trim) * bs)
+            self.ledger.lend(k, id(seq), take)
             deficit -= take
         return True
 
+    def _run_iters(self, seq: "Sequence", plan: _Plan) -> int:
+        prefill = -(-max(0, len(seq.token_ids) - seq.num_computed) // self.max_prefill_tokens)
+        return prefill + max(1, plan.predicted_total - seq.num_generated)
+
     def kv_tokens_for(self, sched: "Scheduler", seq: "Sequence", end: int) -> int:
         """Tokens of KV `seq` should hold to run positions up to `end`: its reservation,
-        grown when it is about to outlive it."""
+        grown when it is about to outlive it (from free memory, then unused reservations
+        of lower-priority requests, then loans; as a last resort the reservations of owners
+        whose returned loans wait in free memory shrink)."""
         bs = self._bs(sched)
         key = id(seq)
         if not self.planned(seq) or not self.ledger.has(key):
@@ -272,22 +306,49 @@ class KVPlanner:
                 self._reclaim(sched, seq, sched.kv.extra_blocks(seq, end))
             return end
         claim = self.ledger.claim(key)
-        held_claim = claim - self.ledger.lent(key)
-        if end + 1 > claim * bs and end < self.max_model_len:  # outliving the prediction
-            plan = self._plans.get(key)
-            if plan is not None:
-                plan.predicted_total = self.predictor.extend(plan.features, seq.num_generated)
-                want = blocks_needed(max(end + 1, self._footprint_tokens(seq, plan)), bs)
-                extra = want - len(seq.blocks)
+        plan = self._plans.get(key)
+        if end + 1 > claim * bs and plan is not None:  # about to outlive its prediction
+            plan.predicted_total = self.predictor.extend(plan.features, seq.num_generated)
+            want = blocks_needed(max(end + 1, self._footprint_tokens(seq, plan)), bs)
+            must = blocks_needed(end, bs)
+            extra = want - claim
+            # free blocks nobody else is owed, minus what `seq` itself is owed
+            room = sched.kv.num_free - self.earmarked(sched)
+            if extra > room:
+                self._reclaim(sched, seq, extra - room)
                 room = sched.kv.num_free - self.earmarked(sched)
-                if extra > room:
-                    self._reclaim(sched, seq, extra - room)
-                    room = sched.kv.num_free - self.earmarked(sched)
-                want = min(want, len(seq.blocks) + max(0, room))
-                if want > claim:
-                    self.ledger.grow(key, want)
-                    return want * bs
-        return max(end, min(held_claim, self.ledger.claim(key)) * bs)
+            if extra > room and self.cfg.lending and self._borrow(
+                    sched, seq, self._run_iters(seq, plan), extra - max(0, room)):
+                room = extra
+            if must - claim > room:
+                self._shrink_earmarked(sched, must - claim - max(0, room))
+                room = sched.kv.num_free - self.earmarked(sched)
+            if must - claim > room:  # no KV for it without breaking a promise: wait
+                self._stalled[key] = seq
+                return None
+            grown = claim + max(0, min(extra, room))
+            if grown > claim:
+                self.ledger.grow(key, grown)
+        return max(end, (self.ledger.claim(key) - self.ledger.lent(key)) * bs)
+
+    def _shrink_earmarked(self, sched: "Scheduler", n: int) -> None:
+        """Last resort for a request that outlived its reservation with no memory left:
+        owners whose returned loans wait in free memory give up part of their claim,
+        those whose need is furthest away first."""
+        cands = []
+        for k in self.ledger.holders():
+            s = self._seqs.get(k)
+            if s is None:
+                continue
+            owed = self.ledger.claim(k) - len(s.blocks) - self.ledger.lent(k)
+            if owed > 0:
+                cands.append((len(s.blocks) * self._bs(sched) - len(s.token_ids), owed, k))
+        for _, owed, k in sorted(cands, reverse=True):
+            if n <= 0:
+                return
+            take = min(owed, n)
+            self.ledger.shrink(k, self.ledger.claim(k) - take)
+            n -= take
 
     def _reclaim(self, sched: "Scheduler", seq: "Sequence", n: int) -> None:
         """Take unused reserved blocks (not lent, not about to be written) from planned
@@ -304,7 +365,7 @@ class KVPlanner:
                 continue
             take = min(spare, n)
             sched.kv.trim(s, (len(s.blocks) - take) * bs)
-            self.ledger.shrink(id(s), len(s.blocks))
+            self.ledger.shrink(id(s), len(s.blocks) + self.ledger.lent(id(s)))
             n -= take
 
     # ---- stats ----------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ class PredictorConfig:
     granularity: int = 4  # tokens per prefix piece
     prefix_depth: int = 512  # prefix tokens considered for the shared-prefix skip
     min_share: int = 3  # prompts that must share a prefix for it to be skipped
+    share_frac: float = 0.5  # ... and this fraction of all prompts seen (a template, not a task)
     first_words: int = 3
     default_length: int = 128  # before anything has been observed (capped by max_tokens)
     max_prefix_entries: int = 200_000  # prune single-use prefix hashes beyond this
@@ -117,6 +118,7 @@ class LengthPredictor:
         self.cfg = config or PredictorConfig()
         self._buckets: dict = {}
         self._prefix_counts: dict = {}
+        self._prompts_seen = 0
         self._hint_ratios: deque = deque(maxlen=self.cfg.window)  # actual / hint
         self._mean_sum = 0.0
         self._mean_n = 0
@@ -130,10 +132,12 @@ class LengthPredictor:
         g, counts = self.cfg.granularity, self._prefix_counts
         limit = min(self.cfg.prefix_depth, len(ids) - 1)
         h, skip, sharing = 0, 0, True
+        need = max(self.cfg.min_share - 1, self.cfg.share_frac * self._prompts_seen)
+        self._prompts_seen += 1
         for end in range(g, limit + 1, g):
             h = hash((h, tuple(ids[end - g: end])))
             c = counts.get(h, 0)
-            if sharing and c >= self.cfg.min_share - 1:
+            if sharing and c >= need:
                 skip = end
             else:
                 sharing = False
@@ -150,8 +154,8 @@ class LengthPredictor:
         words = hash(tuple(prompt_ids[start: start + self.cfg.first_words]))
         lb = int(2 * math.log2(n + 1))
         mb = int(math.log2(max(1, max_tokens)))
-        keys = (("wl", tenant, words, lb, mb), ("w", tenant, words, mb), ("l", tenant, lb, mb),
-                ("t", tenant, mb), ("a", mb))
+        keys = (("wl", tenant, words, lb, mb), ("w", tenant, words), ("l", tenant, lb, mb),
+                ("t", tenant), ("a",))
         base = self._mean_sum / self._mean_n if self._mean_n else float(
             min(self.cfg.default_length, max_tokens))
         return Features(keys, max(1, int(max_tokens)), hint, start, min(base, max_tokens))

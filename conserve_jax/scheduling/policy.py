@@ -79,7 +79,8 @@ class Policy:
 
     def kv_tokens_for(self, sched: "Scheduler", seq: "Sequence", end: int) -> int:
         """Tokens of KV `seq` should hold when it runs positions up to `end` (>= end;
-        anything beyond `end` is taken only from free blocks)."""
+        anything beyond `end` is taken only from free blocks), or None to hold `seq` back
+        this iteration (no KV may be taken for it)."""
         return end if self.kv_planner is None else self.kv_planner.kv_tokens_for(sched, seq, end)
 
     def kv_stats(self, sched: "Scheduler") -> dict:

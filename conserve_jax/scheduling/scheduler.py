@@ -133,6 +133,10 @@ class Scheduler:
             # KV the policy wants held beyond this chunk (a reservation) comes from free
             # blocks only; what the chunk itself needs follows the eviction rules below
             want = self.policy.kv_tokens_for(self, seq, end)
+            if want is None:  # the policy holds it back this iteration (no KV for it)
+                if waiting:
+                    return
+                continue
             if not (want > end and self.kv.grow(seq, want)) \
                     and not self._ensure_blocks(seq, end, step):
                 if waiting:
