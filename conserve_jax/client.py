@@ -90,8 +90,10 @@ class BatchResult:
 # ---- conversions ---------------------------------------------------------------------------
 def make_request(prompt: Optional[str] = None, *, messages=None, token_ids=None,
                  ttft: Optional[float] = None, tpot: Optional[float] = None,
-                 request_id: str = "", **sampling) -> pb.GenerateRequest:
-    """A GenerateRequest from `generate`'s keyword arguments."""
+                 request_id: str = "", expected_output_tokens: Optional[int] = None,
+                 **sampling) -> pb.GenerateRequest:
+    """A GenerateRequest from `generate`'s keyword arguments. `expected_output_tokens`: a
+    guess of the response length, a hint for the server's KV planning (not a limit)."""
     given = [n for n, v in (("prompt", prompt), ("messages", messages), ("token_ids", token_ids))
              if v is not None]
     if len(given) > 1:
@@ -123,6 +125,8 @@ def make_request(prompt: Optional[str] = None, *, messages=None, token_ids=None,
         req.ttft_s = ttft
     if tpot is not None:
         req.tpot_s = tpot
+    if expected_output_tokens is not None:
+        req.expected_output_tokens = int(expected_output_tokens)
     return req
 
 

@@ -3,7 +3,9 @@
     llm = LLM(model="default")
     outs = llm.generate(["Hello"], SamplingParams(max_tokens=32, temperature=0))
 
-Runs an `Engine` in-process (continuous batching and chunked prefill inside). `generate`
+Runs an `Engine` in-process (continuous batching and chunked prefill inside).
+`kv_cache_tokens=N` sizes the KV cache in tokens (KV-bound experiments); a prompt's
+`SamplingParams.expected_output_tokens` is passed on as a length hint. `generate`
 may be called from one thread at a time; it blocks until every prompt is answered.
 """
 from __future__ import annotations
@@ -38,7 +40,8 @@ class LLM:
                  max_prefill_tokens: int = 512, block_size: int = 16,
                  num_blocks: Optional[int] = None, kv_memory_bytes: int = 1 << 30,
                  policy: str = "conserve", seed: int = 0, warmup: bool = False,
-                 compilation_cache_dir: Optional[str] = None, **engine_kw) -> None:
+                 compilation_cache_dir: Optional[str] = None,
+                 kv_cache_tokens: Optional[int] = None, **engine_kw) -> None:
         from conserve_jax.engine import Engine
 
         cfg = EngineConfig(model=model, tp=tp, dtype=dtype, max_model_len=max_model_len,
@@ -46,7 +49,7 @@ class LLM:
                            cache=CacheConfig(block_size=block_size, num_blocks=num_blocks,
                                              kv_memory_bytes=kv_memory_bytes),
                            policy=policy, seed=seed, compilation_cache_dir=compilation_cache_dir,
-                           **engine_kw)
+                           kv_cache_tokens=kv_cache_tokens, **engine_kw)
         self.engine = Engine(cfg, warmup=warmup)
         self._ids = itertools.count()
 
@@ -83,7 +86,8 @@ class LLM:
             validate_prompt(ids, self.engine.vocab_size, self.engine.max_model_len, field_name)
             sp.validate(self.engine.config.max_logprobs, self.engine.vocab_size)
             cls = RequestClass.OFFLINE if offline else RequestClass.ONLINE
-            requests.append(GenerationRequest(f"llm-{next(self._ids)}", ids, sp, cls))
+            requests.append(GenerationRequest(f"llm-{next(self._ids)}", ids, sp, cls,
+                                              expected_output_tokens=sp.expected_output_tokens))
             outputs.append(GenerateOutput(text, ids, logprobs=[] if sp.logprobs is not None else None))
         streams = [self.engine.submit(r) for r in requests]
         for out, stream in zip(outputs, streams):

@@ -12,7 +12,7 @@ class SamplingParams:
     temperature 0 means greedy. top_k 0 or -1 means no top-k cut; top_p 1 means none.
     `logprobs`: None returns no logprobs; 0 returns the chosen token's logprob; n > 0 also
     returns the top-n alternatives. `seed` makes sampling reproducible independently of
-    batching. `validate` raises ValueError naming the offending field.
+    batching. `expected_output_tokens` is a length hint for the scheduler (never a limit). `validate` raises ValueError naming the offending field.
     """
 
     max_tokens: int = 16
@@ -24,6 +24,9 @@ class SamplingParams:
     stop_token_ids: Sequence[int] = field(default_factory=tuple)
     ignore_eos: bool = False
     logprobs: Optional[int] = None
+    # a guess of the response length (tokens): a hint for KV planning, not a limit; the
+    # `LLM` API passes it on as GenerationRequest.expected_output_tokens
+    expected_output_tokens: Optional[int] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -44,6 +47,9 @@ class SamplingParams:
             raise ValueError(f"logprobs must be in [0, {max_logprobs}], got {self.logprobs!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        e = self.expected_output_tokens
+        if e is not None and (not isinstance(e, int) or isinstance(e, bool) or e < 1):
+            raise ValueError(f"expected_output_tokens must be an integer >= 1, got {e!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop must be a list of non-empty strings")
         if vocab_size is not None:

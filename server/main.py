@@ -45,6 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latency-model", default=None,
                         help="latency model file from `conserve-jax profile` (default: profile at start)")
     parser.add_argument("--warmup", action="store_true", help="compile every shape bucket first")
+    parser.add_argument("--kv-cache-tokens", type=int, default=None,
+                        help="KV cache size in tokens (default: sized from KV memory)")
     parser.add_argument("--mock-token-delay", type=float, default=0.0,
                         help="with --model mock: seconds per generated token")
 
@@ -65,7 +67,8 @@ def build_engine(args):
 
     extra = {name: value for name, value in (
         ("default_ttft_s", args.default_ttft), ("default_tpot_s", args.default_tpot),
-        ("latency_model_path", args.latency_model)) if value is not None}
+        ("latency_model_path", args.latency_model),
+        ("kv_cache_tokens", getattr(args, "kv_cache_tokens", None))) if value is not None}
     config = EngineConfig(model=args.model, tp=args.tp, policy=args.policy,
                           max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                           warmup=bool(args.warmup), **extra)
