@@ -234,6 +234,8 @@ def main(argv=None) -> int:
     p.add_argument("--tpot", type=float, default=0.1)
     p.add_argument("--hint-frac", type=float, default=0.3)
     p.add_argument("--policies", default="fcfs,sarathi,ecoserve")
+    p.add_argument("--pool", type=int, default=800,
+                   help="trace rows pre-computed once (>= max rate x duration)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--offline-compare", action="store_true")
     p.add_argument("--offline-requests", type=int, default=48)
@@ -246,7 +248,8 @@ def main(argv=None) -> int:
     policies = a.policies.split(",")
     loaded = load_model(a.model)
     vocab = loaded.config.vocab_size
-    full = wl.build(a.trace, max(rates), a.duration, vocab, a.max_tokens)
+    full = wl.build(a.trace, max(rates), a.duration, vocab, a.max_tokens, pool=a.pool,
+                    n=a.pool)
     t = time.monotonic()
     cont = wl.load_or_run_prepass(os.path.join(os.path.dirname(a.out), "ecoserve_prepass.json"),
                                   full, lambda items: prepass(a, loaded, items))
@@ -254,13 +257,13 @@ def main(argv=None) -> int:
     compiled = Compiled()
     res = {"config": {k: v for k, v in vars(a).items()}, "rates": []}
     if a.offline_compare:
-        items = wl.build(a.trace, rates[0], a.duration, vocab, a.max_tokens)
+        items = wl.build(a.trace, rates[0], a.duration, vocab, a.max_tokens, pool=a.pool)
         wl.assign_ends(items, cont, a.hint_frac)
         res["offline_compare"] = offline_compare(a, loaded, compiled, items)
         _write(a.out.replace(".json", "_offline.json"), res)
         return 0
     for i, rate in enumerate(rates):
-        items = wl.build(a.trace, rate, a.duration, vocab, a.max_tokens)
+        items = wl.build(a.trace, rate, a.duration, vocab, a.max_tokens, pool=a.pool)
         wl.assign_ends(items, cont, a.hint_frac)
         nat = [it.natural for it in items]
         row = {"rate": rate, "requests": len(items), "natural_len_mean": float(np.mean(nat)),

@@ -16,8 +16,8 @@ token whose first occurrence is closest to the target length clamp(GeneratedToke
 max_tokens - 1). The request then stops there ("stop") exactly as if it had produced EOS.
 Targets follow the trace's (long-tailed, bimodal) length distribution; where the
 continuation has no new token near the target, the end falls at the nearest one.
-The task marker is the trace row's length class (quartile of GeneratedTokens within the
-window), standing in for instructions that predict answer length ("summarise" vs "write");
+The task marker is the trace row's length class (quartile of GeneratedTokens over the
+pool of rows), standing in for instructions that predict answer length ("summarise" vs "write");
 `hint_frac` of requests also carry `expected_output_tokens` = natural length x
 lognormal(0, 0.3) (a noisy client guess).
 """
@@ -47,16 +47,19 @@ class Item:
 
 
 def build(trace: str, rate: float, duration: float, vocab: int, max_tokens: int,
-          start_s: float = 600.0, seed: int = 0) -> list[Item]:
-    rows = [r for r in read_azure_trace(trace) if r.arrival_s >= start_s]
-    n = max(2, round(rate * duration))
+          start_s: float = 600.0, seed: int = 0, pool: int = 1000,
+          n: int | None = None) -> list[Item]:
+    """The first n (default rate * duration) rows of the pool; row i's request is the same
+    at every rate (so one pre-pass over the pool serves every run)."""
+    rows = [r for r in read_azure_trace(trace) if r.arrival_s >= start_s][:pool]
+    n = n or max(2, round(rate * duration))
     if len(rows) < n:
-        raise ValueError(f"trace has {len(rows)} rows after {start_s}s, {n} needed")
+        raise ValueError(f"the pool has {len(rows)} rows, {n} needed (raise --pool)")
+    q = np.percentile([r.output_len for r in rows], [25, 50, 75])
     rows = rows[:n]
     t0, span = rows[0].arrival_s, rows[-1].arrival_s - rows[0].arrival_s
     stretch = (duration / n) / (span / (n - 1)) if span > 0 else 0.0
     sysp = [int(x) for x in np.random.default_rng(seed).integers(5, vocab, SYSTEM_LEN)]
-    q = np.percentile([r.output_len for r in rows], [25, 50, 75])
     out = []
     for i, r in enumerate(rows):
         # per-row RNG: the i-th request is the same at every rate (lower rates: a prefix)

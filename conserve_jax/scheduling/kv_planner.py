@@ -37,6 +37,7 @@ Rules (all in blocks of `block_size` tokens):
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
@@ -208,7 +209,6 @@ class KVPlanner:
             self.recalls += 1
 
     def order_waiting(self, sched: "Scheduler", seqs: list) -> list:
-        import time
         now = time.monotonic()
         run_lens = sorted(self._plans[id(s)].pred.point for s in sched.running
                           if id(s) in self._plans)
