@@ -11,8 +11,8 @@ Rules (all in blocks of `block_size` tokens):
   already generated, after an eviction) plus the predictor's `confidence`-quantile response
   length — fits in `free - earmarked - reserve`, where `earmarked` are blocks owed to owners
   whose loans came back and `reserve` is a small global reserve kept for requests that
-  outlive their prediction (and, when only offline work is planned, a share of the cache
-  kept for online arrivals). The reservation is allocated up front, so its growth inside
+  outlive their prediction (and, when only offline work is planned, room for online
+  arrivals: the online KV peak of the last 30 s minus what online work holds now, plus 5%). The reservation is allocated up front, so its growth inside
   the reservation never fails. A request larger than the whole cache is admitted when
   nothing else holds a reservation (it cannot be made to wait for ever).
 - Lending: when the reservation does not fit, decoding owners of the same class lend the
@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
@@ -56,7 +57,10 @@ class KVPlanConfig:
     plan_online: bool = True  # reserve/lend for online requests too (ecoserve) or offline only
     lending: bool = True
     reserve_frac: float = 0.03  # global reserve for requests outliving their prediction
-    online_share: float = 0.25  # offline-only planning: cache share kept for online arrivals
+    # offline-only planning: blocks kept free for online arrivals = the online peak of the
+    # last `online_window_s` minus what online work holds now, plus `online_share` x cache
+    online_share: float = 0.05
+    online_window_s: float = 30.0
     lend_safety: float = 1.5
     online_aging_frac: float = 0.5
     offline_aging_s: float = 60.0
@@ -82,6 +86,7 @@ class KVPlanner:
         self._seqs: dict[int, "Sequence"] = {}  # ledger key (id) -> sequence
         self.recalls = 0  # sequences evicted to give an owner its blocks back
         self._stalled: dict[int, "Sequence"] = {}  # outlived their reservation, no KV left
+        self._online_peaks: deque = deque()  # (time, online blocks used), decreasing
 
     # ---- requests ---------------------------------------------------------------------------
     def planned(self, seq: "Sequence") -> bool:
@@ -120,8 +125,20 @@ class KVPlanner:
     def _reserve_blocks(self, sched: "Scheduler", for_online: bool) -> int:
         r = int(self.cfg.reserve_frac * sched.kv.capacity)
         if not self.cfg.plan_online and not for_online:
-            r += int(self.cfg.online_share * sched.kv.capacity)
+            peak = max((u for _, u in self._online_peaks), default=0)
+            r += max(0, peak - sched.kv.used_online) + int(self.cfg.online_share
+                                                           * sched.kv.capacity)
         return r
+
+    def _track_online(self, sched: "Scheduler") -> None:
+        now = time.monotonic()
+        q = self._online_peaks
+        while q and now - q[0][0] > self.cfg.online_window_s:
+            q.popleft()
+        used = sched.kv.used_online
+        while q and q[-1][1] <= used:  # a monotone deque: the front is the window's peak
+            q.pop()
+        q.append((now, used))
 
     def earmarked(self, sched: "Scheduler") -> int:
         """Blocks owed to owners that no borrower holds any more (returned loans not yet
@@ -140,6 +157,8 @@ class KVPlanner:
     def before_schedule(self, sched: "Scheduler") -> None:
         """Forget holders that lost their KV (evicted by the scheduler's own rules); then
         give every owner about to write past what it holds its reserved blocks back."""
+        if not self.cfg.plan_online:
+            self._track_online(sched)
         for key in self.ledger.holders():
             s = self._seqs.get(key)
             if s is None or s.status is not SeqStatus.RUNNING or not s.blocks:
