@@ -32,6 +32,10 @@ class EcoservePolicy(Policy):
                  predictor: PredictorConfig = None) -> None:
         super().__init__(max_num_seqs, max_prefill_tokens)
         plan = plan or KVPlanConfig(plan_online=True, default_ttft_s=default_ttft_s)
+        # reserve for the median estimate: a request that outlives it grows its reservation
+        # before it runs out (from the global reserve), and padding to a higher quantile
+        # mostly left KV idle and prompts waiting on the KV-bound benchmark
+        predictor = predictor or PredictorConfig(confidence=0.5)
         self.kv_planner = KVPlanner(plan, LengthPredictor(predictor), max_prefill_tokens,
                                     max_model_len)
 

@@ -6,7 +6,10 @@ sequence admitted only while the policy's `StepBudget` (tokens, and predicted ti
 latency model is present) still has room. KV memory: online sequences may evict offline
 ones; offline sequences never evict anybody. A policy without priority (non-preemptive)
 sees one queue in arrival order. `commit` applies a finished iteration, `abandon` drops
-one the runner gave up at a safepoint.
+one the runner gave up at a safepoint. A policy may steer KV through four hooks (see
+`Policy`): `before_schedule`, `order_waiting` (admission order of a waiting queue),
+`admit` (may a waiting sequence start) and `kv_tokens_for` (KV to hold beyond a chunk,
+e.g. a reservation for the predicted response); their defaults change nothing.
 """
 from __future__ import annotations
 
