@@ -13,7 +13,8 @@ Engine (same for every policy): --model (default random:small: 4 layers, fast en
 more), 16-token blocks, 128 prefill tokens per iteration. Each (rate, policy) gets a fresh
 engine; policy order rotates per rate; compiled functions are shared between engines.
 
-Measured per rate and policy (client side, time.monotonic): SLO attainment (finished with
+Measured per rate and policy (client side, time.monotonic; medians over --repeats runs,
+each kept under `runs`): SLO attainment (finished with
 TTFT <= --ttft and mean TPOT <= --tpot, over all requests; unfinished at the end of the
 drain count as misses), goodput (requests within SLO / duration), mean and p99 job
 completion time (arrival -> last token), p99 TTFT/TPOT, preemptions (evictions + abandoned
@@ -234,6 +235,8 @@ def main(argv=None) -> int:
     p.add_argument("--tpot", type=float, default=0.1)
     p.add_argument("--hint-frac", type=float, default=0.3)
     p.add_argument("--policies", default="fcfs,sarathi,ecoserve")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="runs per rate and policy (order rotated); metrics are medians")
     p.add_argument("--pool", type=int, default=800,
                    help="trace rows pre-computed once (>= max rate x duration)")
     p.add_argument("--quick", action="store_true")
@@ -268,16 +271,25 @@ def main(argv=None) -> int:
         nat = [it.natural for it in items]
         row = {"rate": rate, "requests": len(items), "natural_len_mean": float(np.mean(nat)),
                "natural_len_p90": float(np.percentile(nat, 90)), "policies": {}}
-        order = policies[i % len(policies):] + policies[: i % len(policies)]
-        for pol in order:
-            m = run_one(a, loaded, compiled, pol, items)
+        runs = {p_: [] for p_ in policies}
+        for rep in range(a.repeats):  # rotate the order across rates and repeats
+            k = (i + rep) % len(policies)
+            order = policies[k:] + policies[:k]
+            if rep % 2:
+                order = order[::-1]
+            for pol in order:
+                runs[pol].append(run_one(a, loaded, compiled, pol, items))
+                m = runs[pol][-1]
+                print(f"rate {rate:5.2f} {pol:9s} SLO {m['slo_attainment']:.0%} goodput "
+                      f"{m['goodput_rps']:.2f} jct {wl_fmt(m['mean_jct_s'])}/{wl_fmt(m['p99_jct_s'])} "
+                      f"ttft p99 {wl_fmt(m['ttft_p99_s'])} tpot p99 {wl_fmt(m['tpot_p99_s'])} "
+                      f"preempt {m['preemptions']} recomputed {m['recomputed_tokens']} "
+                      f"pred MAE {wl_fmt(m['predictor_mae_tokens'])} "
+                      f"(mean-baseline {wl_fmt(m['predictor_baseline_mae_tokens'])})", flush=True)
+        for pol in policies:
+            m = {k: wl.median([r[k] for r in runs[pol]]) for k in runs[pol][0]}
+            m["runs"] = runs[pol]
             row["policies"][pol] = m
-            print(f"rate {rate:5.2f} {pol:9s} SLO {m['slo_attainment']:.0%} goodput "
-                  f"{m['goodput_rps']:.2f} jct {wl_fmt(m['mean_jct_s'])}/{wl_fmt(m['p99_jct_s'])} "
-                  f"ttft p99 {wl_fmt(m['ttft_p99_s'])} tpot p99 {wl_fmt(m['tpot_p99_s'])} "
-                  f"preempt {m['preemptions']} recomputed {m['recomputed_tokens']} "
-                  f"pred MAE {wl_fmt(m['predictor_mae_tokens'])} "
-                  f"(mean-baseline {wl_fmt(m['predictor_baseline_mae_tokens'])})", flush=True)
         row["policies"] = {p_: row["policies"][p_] for p_ in policies}
         res["rates"].append(row)
         _write(a.out, res)

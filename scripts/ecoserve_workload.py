@@ -142,3 +142,8 @@ def max_rate_at(rates: list, att: list, level: float = 0.9):
             return best
         best = r
     return best
+
+
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return float(np.median(xs)) if xs else None
