@@ -14,7 +14,7 @@ from conserve_jax.runtime.step_plan import SampledToken, StepResult
 from conserve_jax.sampling_params import SamplingParams
 from conserve_jax.scheduling.policies import make_policy
 from conserve_jax.scheduling.scheduler import Scheduler
-from conserve_jax.scheduling.sequence import Sequence
+from conserve_jax.request import Sequence
 
 
 def token_at(rid: str, pos: int) -> int:

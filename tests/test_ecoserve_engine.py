@@ -68,7 +68,6 @@ def test_kv_cache_tokens_sizes_the_cache():
     try:
         assert eng.kv.capacity == 19  # ceil(300 / 16)
         assert eng.max_model_len == 19 * 16
-        assert eng.stats().kv_blocks_total == 19
     finally:
         eng.shutdown()
 
@@ -80,14 +79,29 @@ def test_expected_output_tokens_validated_and_passed_through():
     try:
         with pytest.raises(ValueError, match="expected_output_tokens"):
             eng.submit(GenerationRequest("bad", [5, 6, 7], expected_output_tokens=-3))
-        seq_hint = []
+        hints = []
         orig = eng.policy.on_arrival
-        eng.policy.on_arrival = lambda s: (seq_hint.append(s.request.expected_output_tokens),
+        eng.policy.on_arrival = lambda s: (hints.append(s.request.expected_output_tokens),
                                            orig(s))
-        llm = LLM.__new__(LLM)  # the LLM API over this engine
-        llm.engine, llm._ids = eng, iter(range(10))
-        out = llm.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=3, temperature=0.0,
-                                                          expected_output_tokens=2))
-        assert len(out[0].token_ids) <= 3 and seq_hint == [2]
+        sp = SamplingParams(max_tokens=3, temperature=0.0, expected_output_tokens=2)
+        out = collect(eng.submit(GenerationRequest("ok", [5, 6, 7, 8], sp,
+                                                   expected_output_tokens=2)))[0]
+        assert len(out) == 3 and hints == [2]
     finally:
         eng.shutdown()
+
+
+def test_llm_passes_hint_and_kv_cache_tokens():
+    llm = LLM(model="random:tiny", policy="ecoserve", kv_cache_tokens=200, max_model_len=128,
+              max_num_seqs=4, max_prefill_tokens=64)
+    try:
+        assert llm.engine.kv.capacity == 13
+        hints = []
+        orig = llm.engine.policy.on_arrival
+        llm.engine.policy.on_arrival = lambda s: (hints.append(s.request.expected_output_tokens),
+                                                  orig(s))
+        out = llm.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=3, temperature=0.0,
+                                                          expected_output_tokens=7))
+        assert len(out[0].token_ids) <= 3 and hints == [7]
+    finally:
+        llm.close()

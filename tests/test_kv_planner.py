@@ -38,7 +38,7 @@ def check_invariants(sim, step):
     sched = sim.sched
     planner = sched.policy.kv_planner
     led, kv = planner.ledger, sched.kv
-    held = {id(s): len(s.blocks) for s in sched.running}
+    held = {s.request_id: kv.num_blocks(s.request_id) for s in sched.running}
     assert kv.num_free + sum(held.values()) == kv.capacity
     led.check(held, kv.capacity)
     # reservations never exceed capacity (lent blocks are counted once)
@@ -49,11 +49,11 @@ def check_invariants(sim, step):
     reserved = sum(max(led.claim(k), held[k]) for k in live) - lent_live
     others = sum(h for k, h in held.items() if not led.has(k))
     assert reserved + others <= kv.capacity, (reserved, others, kv.capacity)
-    scheduled = {id(e.seq) for e in step.entries}
+    scheduled = {e.seq.request_id for e in step.entries}
     for s in sched.running:
-        k = id(s)
+        k = s.request_id
         if led.lent(k):  # lent KV is never what its owner needs now
-            assert blocks_needed(len(s.token_ids), BS) <= len(s.blocks)
+            assert blocks_needed(len(s.token_ids), BS) <= kv.num_blocks(k)
         if led.has(k) and not s.in_prefill and len(s.token_ids) <= led.claim(k) * BS:
             assert k in scheduled, "a request inside its reservation was not scheduled"
 
@@ -114,7 +114,7 @@ def test_misprediction_grows_reservation_without_losing_tokens():
     claims = []
     while sim.sched.has_work:
         sim.step(check_invariants)
-        k = id(seq)
+        k = seq.request_id
         if sim.policy.kv_planner.ledger.has(k):
             claims.append(sim.policy.kv_planner.ledger.claim(k))
     assert sim.done["long"] == sim.expected(prompt, "long")

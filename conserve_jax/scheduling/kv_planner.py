@@ -45,11 +45,11 @@ from typing import TYPE_CHECKING, Optional
 from conserve_jax.kv.block_allocator import blocks_needed
 from conserve_jax.kv.reservations import ReservationLedger
 from conserve_jax.scheduling.length_predictor import Features, LengthPredictor, Prediction
-from conserve_jax.scheduling.sequence import SeqStatus
+from conserve_jax.request import SeqStatus
 
 if TYPE_CHECKING:
     from conserve_jax.scheduling.scheduler import Scheduler
-    from conserve_jax.scheduling.sequence import Sequence
+    from conserve_jax.request import Sequence
 
 
 @dataclass
@@ -82,10 +82,10 @@ class KVPlanner:
         self.max_prefill_tokens = max_prefill_tokens
         self.max_model_len = max_model_len
         self.ledger = ReservationLedger()
-        self._plans: dict[int, _Plan] = {}
-        self._seqs: dict[int, "Sequence"] = {}  # ledger key (id) -> sequence
+        self._plans: dict[str, _Plan] = {}
+        self._seqs: dict[str, "Sequence"] = {}  # ledger key (request id) -> sequence
         self.recalls = 0  # sequences evicted to give an owner its blocks back
-        self._stalled: dict[int, "Sequence"] = {}  # outlived their reservation, no KV left
+        self._stalled: dict[str, "Sequence"] = {}  # outlived their reservation, no KV left
         self._online_peaks: deque = deque()  # (time, online blocks used), decreasing
 
     # ---- requests ---------------------------------------------------------------------------
@@ -98,21 +98,21 @@ class KVPlanner:
                                     getattr(req, "tenant", None),
                                     getattr(req, "expected_output_tokens", None))
         p = self.predictor.predict(f)
-        self._plans[id(seq)] = _Plan(f, p, p.high)
+        self._plans[seq.request_id] = _Plan(f, p, p.high)
 
     def on_finished(self, seq: "Sequence") -> None:
-        plan = self._plans.pop(id(seq), None)
+        plan = self._plans.pop(seq.request_id, None)
         self._drop(seq)
         if plan is not None and seq.finish_reason in ("stop", "length"):
             self.predictor.observe(plan.features, seq.num_generated)
 
     def prediction(self, seq: "Sequence") -> Optional[Prediction]:
-        plan = self._plans.get(id(seq))
+        plan = self._plans.get(seq.request_id)
         return plan.pred if plan else None
 
     def _drop(self, seq: "Sequence") -> None:
-        self.ledger.drop(id(seq))  # returned loans: their owners' blocks are now earmarked
-        self._seqs.pop(id(seq), None)
+        self.ledger.drop(seq.request_id)  # returned loans: their owners' blocks are now earmarked
+        self._seqs.pop(seq.request_id, None)
 
     # ---- geometry -----------------------------------------------------------------------------
     def _bs(self, sched: "Scheduler") -> int:
@@ -145,8 +145,7 @@ class KVPlanner:
         taken back): free memory nobody else may take."""
         out = 0
         for key in self.ledger.holders():
-            s = self._seqs.get(key)
-            held = len(s.blocks) if s is not None else 0
+            held = sched.kv.num_blocks(key)
             out += max(0, self.ledger.claim(key) - held - self.ledger.lent(key))
         return out
 
@@ -161,7 +160,7 @@ class KVPlanner:
             self._track_online(sched)
         for key in self.ledger.holders():
             s = self._seqs.get(key)
-            if s is None or s.status is not SeqStatus.RUNNING or not s.blocks:
+            if s is None or s.status is not SeqStatus.RUNNING or not sched.kv.num_blocks(s.request_id):
                 if s is not None:
                     self._drop(s)
                 else:
@@ -172,25 +171,25 @@ class KVPlanner:
             if o is None or not self.ledger.has(key):
                 continue
             claim = self.ledger.claim(key)
-            if len(o.blocks) >= claim or len(o.token_ids) + 1 <= len(o.blocks) * bs:
+            if sched.kv.num_blocks(o.request_id) >= claim or len(o.token_ids) + 1 <= sched.kv.num_blocks(o.request_id) * bs:
                 continue  # holds its claim, or does not need more this iteration
-            self._make_room(sched, o, claim - len(o.blocks))
-            if sched.kv.grow(o, claim * bs):
+            self._make_room(sched, o, claim - sched.kv.num_blocks(o.request_id))
+            if sched.kv.grow(o.request_id, o.online, claim * bs):
                 for ln in self.ledger.loans_of(key):  # returned: from free memory
                     self.ledger.settle(ln, recalled=False)
         # requests that outlived their reservation with no KV left: the oldest first
         # preempts younger ones (as the scheduler's own rule would, but with the books kept)
         stalled, self._stalled = self._stalled, {}
         for s in sorted(stalled.values(), key=lambda s: s.arrival):
-            if s.status is not SeqStatus.RUNNING or not self.ledger.has(id(s)):
+            if s.status is not SeqStatus.RUNNING or not self.ledger.has(s.request_id):
                 continue
             need = blocks_needed(len(s.token_ids) + 1, bs)
-            claim = self.ledger.claim(id(s))
+            claim = self.ledger.claim(s.request_id)
             if need <= claim:
                 continue
             self._make_room(sched, s, need - claim + self.earmarked(sched), younger_only=True)
             if sched.kv.num_free - self.earmarked(sched) >= need - claim:
-                self.ledger.grow(id(s), need)
+                self.ledger.grow(s.request_id, need)
 
     def _make_room(self, sched: "Scheduler", owner: "Sequence", n: int,
                    younger_only: bool = False) -> None:
@@ -199,13 +198,13 @@ class KVPlanner:
         youngest first."""
         if sched.kv.num_free >= n:
             return
-        key = id(owner)
+        key = owner.request_id
         mine = [self._seqs[ln.borrower] for ln in self.ledger.loans_of(key)
                 if ln.borrower in self._seqs]
-        running = [s for s in sched.running if s is not owner and s.blocks]
-        over = [s for s in running if self.ledger.has(id(s))
-                and len(s.blocks) > self.ledger.claim(id(s))]
-        others = [s for s in running if self.ledger.borrowed(id(s))]
+        running = [s for s in sched.running if s is not owner and sched.kv.num_blocks(s.request_id)]
+        over = [s for s in running if self.ledger.has(s.request_id)
+                and sched.kv.num_blocks(s.request_id) > self.ledger.claim(s.request_id)]
+        others = [s for s in running if self.ledger.borrowed(s.request_id)]
         if owner.online:  # an online owner may also take offline KV
             others += [s for s in running if not s.online]
         if younger_only:
@@ -218,10 +217,10 @@ class KVPlanner:
         for v in order:
             if sched.kv.num_free >= n:
                 return
-            if id(v) in seen or v.status is not SeqStatus.RUNNING or (v.online and not owner.online):
+            if v.request_id in seen or v.status is not SeqStatus.RUNNING or (v.online and not owner.online):
                 continue
-            seen.add(id(v))
-            for ln in self.ledger.borrowed(id(v)):
+            seen.add(v.request_id)
+            for ln in self.ledger.borrowed(v.request_id):
                 self.ledger.settle(ln, recalled=True)
             self._drop(v)
             sched.evict(v)
@@ -229,12 +228,12 @@ class KVPlanner:
 
     def order_waiting(self, sched: "Scheduler", seqs: list) -> list:
         now = time.monotonic()
-        run_lens = sorted(self._plans[id(s)].pred.point for s in sched.running
-                          if id(s) in self._plans)
+        run_lens = sorted(self._plans[s.request_id].pred.point for s in sched.running
+                          if s.request_id in self._plans)
         typical = run_lens[len(run_lens) // 2] if run_lens else None
 
         def key(s: "Sequence"):
-            plan = self._plans.get(id(s))
+            plan = self._plans.get(s.request_id)
             if plan is None or not self.planned(s):
                 return (1, 0, 0, 0.0, s.arrival)
             limit = (self.cfg.online_aging_frac * (s.request.slo.ttft_s or self.cfg.default_ttft_s)
@@ -251,7 +250,7 @@ class KVPlanner:
 
     def admit(self, sched: "Scheduler", seq: "Sequence", end: int) -> bool:
         """May the waiting `seq` start now? Reserves (and, if needed, borrows) its KV."""
-        plan = self._plans.get(id(seq))
+        plan = self._plans.get(seq.request_id)
         if plan is None or not self.planned(seq):
             return True
         bs = self._bs(sched)
@@ -263,7 +262,7 @@ class KVPlanner:
         avail = self.available(sched, seq.online)
         if need <= avail:
             return self._reserve(seq, need)
-        if not any(self.ledger.has(id(s)) for s in sched.running):
+        if not any(self.ledger.has(s.request_id) for s in sched.running):
             # alone: a request bigger than the cache still runs (no waiting for ever)
             return self._reserve(seq, max(blocks_needed(end, bs),
                                           min(need, sched.kv.num_free - self.earmarked(sched))))
@@ -273,8 +272,8 @@ class KVPlanner:
         return False
 
     def _reserve(self, seq: "Sequence", blocks: int) -> bool:
-        self.ledger.reserve(id(seq), blocks)
-        self._seqs[id(seq)] = seq
+        self.ledger.reserve(seq.request_id, blocks)
+        self._seqs[seq.request_id] = seq
         return True
 
     def _borrow(self, sched: "Scheduler", seq: "Sequence", run: int, deficit: int) -> bool:
@@ -285,7 +284,7 @@ class KVPlanner:
         horizon = int(math.ceil(self.cfg.lend_safety * run)) + 1
         offers = []
         for o in sched.running:
-            k = id(o)
+            k = o.request_id
             if o is seq or not self.ledger.has(k) or o.in_prefill or o.online != seq.online:
                 continue
             keep = blocks_needed(len(o.token_ids) + horizon, bs)
@@ -294,18 +293,18 @@ class KVPlanner:
                 offers.append((spare, o))
         if sum(x for x, _ in offers) < deficit:
             return False
-        if not self.ledger.has(id(seq)):
+        if not self.ledger.has(seq.request_id):
             self._reserve(seq, 0)  # the borrower must hold a key before loans name it
         for spare, o in sorted(offers, key=lambda t: -t[0]):
             if deficit <= 0:
                 break
-            k = id(o)
+            k = o.request_id
             take = min(spare, deficit)
-            owed = max(0, self.ledger.claim(k) - len(o.blocks) - self.ledger.lent(k))
+            owed = max(0, self.ledger.claim(k) - sched.kv.num_blocks(o.request_id) - self.ledger.lent(k))
             trim = max(0, take - owed)
             if trim:
-                sched.kv.trim(o, (len(o.blocks) - trim) * bs)
-            self.ledger.lend(k, id(seq), take)
+                sched.kv.trim(o.request_id, (sched.kv.num_blocks(o.request_id) - trim) * bs)
+            self.ledger.lend(k, seq.request_id, take)
             deficit -= take
         return True
 
@@ -319,10 +318,10 @@ class KVPlanner:
         of lower-priority requests, then loans; as a last resort the reservations of owners
         whose returned loans wait in free memory shrink)."""
         bs = self._bs(sched)
-        key = id(seq)
+        key = seq.request_id
         if not self.planned(seq) or not self.ledger.has(key):
-            if sched.kv.extra_blocks(seq, end) > sched.kv.num_free:
-                self._reclaim(sched, seq, sched.kv.extra_blocks(seq, end))
+            if sched.kv.extra_blocks(seq.request_id, end) > sched.kv.num_free:
+                self._reclaim(sched, seq, sched.kv.extra_blocks(seq.request_id, end))
             return end
         claim = self.ledger.claim(key)
         plan = self._plans.get(key)
@@ -359,9 +358,9 @@ class KVPlanner:
             s = self._seqs.get(k)
             if s is None:
                 continue
-            owed = self.ledger.claim(k) - len(s.blocks) - self.ledger.lent(k)
+            owed = self.ledger.claim(k) - sched.kv.num_blocks(s.request_id) - self.ledger.lent(k)
             if owed > 0:
-                cands.append((len(s.blocks) * self._bs(sched) - len(s.token_ids), owed, k))
+                cands.append((sched.kv.num_blocks(s.request_id) * self._bs(sched) - len(s.token_ids), owed, k))
         for _, owed, k in sorted(cands, reverse=True):
             if n <= 0:
                 return
@@ -373,18 +372,18 @@ class KVPlanner:
         """Take unused reserved blocks (not lent, not about to be written) from planned
         holders of lower priority (offline, for an online `seq`), youngest first."""
         bs = self._bs(sched)
-        cands = sorted((s for s in sched.running if s is not seq and self.ledger.has(id(s))
+        cands = sorted((s for s in sched.running if s is not seq and self.ledger.has(s.request_id)
                         and (seq.online and not s.online)), key=lambda s: -s.arrival)
         for s in cands:
             if n <= 0:
                 return
             keep = blocks_needed(len(s.token_ids) + 1, bs)
-            spare = len(s.blocks) - keep
+            spare = sched.kv.num_blocks(s.request_id) - keep
             if spare <= 0:
                 continue
             take = min(spare, n)
-            sched.kv.trim(s, (len(s.blocks) - take) * bs)
-            self.ledger.shrink(id(s), len(s.blocks) + self.ledger.lent(id(s)))
+            sched.kv.trim(s.request_id, (sched.kv.num_blocks(s.request_id) - take) * bs)
+            self.ledger.shrink(s.request_id, sched.kv.num_blocks(s.request_id) + self.ledger.lent(s.request_id))
             n -= take
 
     # ---- stats ----------------------------------------------------------------------------------
@@ -402,7 +401,7 @@ class KVPlanner:
         bs = self._bs(sched)
         unused = 0
         for s in sched.running:
-            unused += max(0, len(s.blocks) - blocks_needed(s.num_computed, bs))
+            unused += max(0, sched.kv.num_blocks(s.request_id) - blocks_needed(s.num_computed, bs))
         c, ps = self.ledger.counters, self.predictor.stats
         return {
             "kv_blocks_reserved_unused": unused + self.earmarked(sched),

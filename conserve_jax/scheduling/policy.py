@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from conserve_jax.scheduling.scheduler import Scheduler, ScheduledStep
-    from conserve_jax.scheduling.sequence import Sequence
+    from conserve_jax.scheduling.scheduled_step import QueueView as Scheduler, ScheduledStep
+    from conserve_jax.request import Sequence
 
 
 @dataclass
@@ -89,7 +89,8 @@ class Policy:
             return self.kv_planner.stats(sched)
         bs = sched.kv.block_size
         return {"kv_blocks_reserved_unused": sum(
-            max(0, len(s.blocks) - -(-s.num_computed // bs)) for s in sched.running)}
+            max(0, sched.kv.num_blocks(s.request_id) - -(-s.num_computed // bs))
+            for s in sched.running)}
 
     def safepoint(self, step: "ScheduledStep", engine):
         """A callable(layers_done) -> bool for the runner, or None for no safepoints."""
