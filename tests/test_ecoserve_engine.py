@@ -105,3 +105,20 @@ def test_llm_passes_hint_and_kv_cache_tokens():
         assert len(out[0].token_ids) <= 3 and hints == [7]
     finally:
         llm.close()
+
+
+def test_proto_hint_mapped_and_validated():
+    from types import SimpleNamespace
+
+    from conserve_jax.client import make_request
+    from server.convert import build_request
+
+    eng = SimpleNamespace(tokenizer=None, vocab_size=100, max_model_len=64)
+    req = build_request(make_request(token_ids=[5, 6], expected_output_tokens=9), eng, "a",
+                        RequestClass.ONLINE)
+    assert req.expected_output_tokens == 9
+    assert build_request(make_request(token_ids=[5, 6]), eng, "b",
+                         RequestClass.ONLINE).expected_output_tokens is None
+    with pytest.raises(ValueError, match="expected_output_tokens"):
+        build_request(make_request(token_ids=[5, 6], expected_output_tokens=0), eng, "c",
+                      RequestClass.ONLINE)
