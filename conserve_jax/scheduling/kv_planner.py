@@ -31,8 +31,10 @@ Rules (all in blocks of `block_size` tokens):
   in arrival order; (2) evicted requests that already generated tokens (the "generation
   task" queue); (3) new prompts (the "prompt task" queue), larger KV footprint first
   (prompt + predicted response, by octave), then predicted length closest to the running
-  batch's (batching similar lengths), then arrival. The aging limit of an online request
-  is `online_aging_frac` x its TTFT objective; of an offline one `offline_aging_s`.
+  batch's (batching similar lengths), then arrival. A request that does not fit lets
+  smaller ones behind it start (backfill) until it has aged; from then on nobody behind it
+  starts first. The aging limit of an online request is `online_aging_frac` x its TTFT
+  objective; of an offline one `offline_aging_s`.
 """
 from __future__ import annotations
 
@@ -62,7 +64,7 @@ class KVPlanConfig:
     online_share: float = 0.05
     online_window_s: float = 30.0
     lend_safety: float = 1.5
-    online_aging_frac: float = 0.5
+    online_aging_frac: float = 2.0
     offline_aging_s: float = 60.0
     default_ttft_s: float = 2.0
 
@@ -84,6 +86,7 @@ class KVPlanner:
         self.ledger = ReservationLedger()
         self._plans: dict[str, _Plan] = {}
         self._seqs: dict[str, "Sequence"] = {}  # ledger key (request id) -> sequence
+        self.clock = time.monotonic  # arrival times' clock (a simulation may replace it)
         self.recalls = 0  # sequences evicted to give an owner its blocks back
         self._stalled: dict[str, "Sequence"] = {}  # outlived their reservation, no KV left
         self._online_peaks: deque = deque()  # (time, online blocks used), decreasing
@@ -131,7 +134,7 @@ class KVPlanner:
         return r
 
     def _track_online(self, sched: "Scheduler") -> None:
-        now = time.monotonic()
+        now = self.clock()
         q = self._online_peaks
         while q and now - q[0][0] > self.cfg.online_window_s:
             q.popleft()
@@ -227,7 +230,6 @@ class KVPlanner:
             self.recalls += 1
 
     def order_waiting(self, sched: "Scheduler", seqs: list) -> list:
-        now = time.monotonic()
         run_lens = sorted(self._plans[s.request_id].pred.point for s in sched.running
                           if s.request_id in self._plans)
         typical = run_lens[len(run_lens) // 2] if run_lens else None
@@ -236,9 +238,7 @@ class KVPlanner:
             plan = self._plans.get(s.request_id)
             if plan is None or not self.planned(s):
                 return (1, 0, 0, 0.0, s.arrival)
-            limit = (self.cfg.online_aging_frac * (s.request.slo.ttft_s or self.cfg.default_ttft_s)
-                     if s.online else self.cfg.offline_aging_s)
-            if now - s.arrival > limit:
+            if self._aged(s):
                 return (0, 0, 0, 0.0, s.arrival)
             if s.num_generated > 0:
                 return (1, 0, 0, 0.0, s.arrival)
@@ -248,8 +248,10 @@ class KVPlanner:
 
         return sorted(seqs, key=key)
 
-    def admit(self, sched: "Scheduler", seq: "Sequence", end: int) -> bool:
-        """May the waiting `seq` start now? Reserves (and, if needed, borrows) its KV."""
+    def admit(self, sched: "Scheduler", seq: "Sequence", end: int) -> Optional[bool]:
+        """May the waiting `seq` start now? Reserves (and, if needed, borrows) its KV.
+        When it does not fit: None (skip it, smaller requests behind it may start) unless
+        it has aged, then False (nobody behind it starts before it)."""
         plan = self._plans.get(seq.request_id)
         if plan is None or not self.planned(seq):
             return True
@@ -269,7 +271,14 @@ class KVPlanner:
         if self.cfg.lending and self._borrow(sched, seq, self._run_iters(seq, plan),
                                              need - max(0, avail)):
             return self._reserve(seq, need)
-        return False
+        # an aged request holds the queue until memory frees; a young one lets smaller
+        # requests behind it start (backfill)
+        return False if self._aged(seq) else None
+
+    def _aged(self, seq: "Sequence") -> bool:
+        limit = (self.cfg.online_aging_frac * (seq.request.slo.ttft_s or self.cfg.default_ttft_s)
+                 if seq.online else self.cfg.offline_aging_s)
+        return self.clock() - seq.arrival > limit
 
     def _reserve(self, seq: "Sequence", blocks: int) -> bool:
         self.ledger.reserve(seq.request_id, blocks)

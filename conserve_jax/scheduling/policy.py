@@ -8,7 +8,7 @@ online-only) live in `coserve_policies.py`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 if TYPE_CHECKING:
     from conserve_jax.scheduling.scheduled_step import QueueView as Scheduler, ScheduledStep
@@ -72,9 +72,10 @@ class Policy:
         """Admission order of one waiting queue (given in arrival order)."""
         return seqs if self.kv_planner is None else self.kv_planner.order_waiting(sched, seqs)
 
-    def admit(self, sched: "Scheduler", seq: "Sequence", end: int) -> bool:
+    def admit(self, sched: "Scheduler", seq: "Sequence", end: int) -> Optional[bool]:
         """May waiting `seq` start now, running positions up to `end`? False stops
-        admission from its queue for this iteration."""
+        admission from its queue for this iteration; None skips `seq` only (later requests
+        of the queue may still start)."""
         return True if self.kv_planner is None else self.kv_planner.admit(sched, seq, end)
 
     def kv_tokens_for(self, sched: "Scheduler", seq: "Sequence", end: int) -> int:

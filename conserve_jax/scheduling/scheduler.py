@@ -108,8 +108,12 @@ class Scheduler:
                 if n <= 0:
                     continue
             end = seq.num_computed + n
-            if waiting and not self.policy.admit(self, seq, end):
-                return  # the policy keeps its admission order: later requests wait too
+            if waiting:
+                ok = self.policy.admit(self, seq, end)
+                if ok is None:
+                    continue  # not now; later requests may start
+                if not ok:
+                    return  # the policy keeps its admission order: later requests wait too
             # KV the policy wants held beyond this chunk (a reservation) comes from free
             # blocks only; what the chunk itself needs follows the eviction rules below
             want = self.policy.kv_tokens_for(self, seq, end)
