@@ -9,8 +9,8 @@ cached greedy pre-pass; greedy, EOS/stop honoured, max_tokens --max-tokens for e
 --hint-frac of requests carry a noisy expected_output_tokens.
 Engine (same for every policy): --model (default random:small: 4 layers, fast enough on this
 2-core CPU that a run takes minutes while the KV cache, not compute, limits concurrency),
---kv-cache-tokens (default 4096: ~20 average requests fit, --max-num-seqs 32 would allow
-more), 16-token blocks, 128 prefill tokens per iteration. Each (rate, policy) gets a fresh
+--kv-cache-tokens (default 2048: ~9 average requests fit while --max-num-seqs 32 would
+allow more, so KV memory, not compute, limits the batch), 16-token blocks, 128 prefill tokens per iteration. Each (rate, policy) gets a fresh
 engine; policy order rotates per rate; compiled functions are shared between engines.
 
 Measured per rate and policy (client side, time.monotonic; medians over --repeats runs,
@@ -21,8 +21,8 @@ completion time (arrival -> last token), p99 TTFT/TPOT, preemptions (evictions +
 iterations), recomputed tokens, predictor error (ecoserve). JSON: out/bench_ecoserve.json,
 plot: out/bench_ecoserve.png.
 
-    python scripts/bench_ecoserve.py --trace data/traces/azure_llm_2023_conv.csv
-    python scripts/bench_ecoserve.py --trace ... --quick     # 2 rates, 30 s
+    python scripts/bench_ecoserve.py --trace data/traces/azure_llm_2023_conv.csv  # ~25 min
+    python scripts/bench_ecoserve.py --trace ... --quick     # 2 rates, 1 run each
     python scripts/bench_ecoserve.py --trace ... --offline-compare   # item 3: conserve +-
         offline_kv_reservation on an online + saturating offline mix (evictions, recompute)
 """
@@ -221,11 +221,11 @@ def offline_compare(a, loaded, compiled, items) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trace", required=True, help="data/traces/azure_llm_2023_conv.csv")
-    p.add_argument("--rates", default="2,4,6,8")
-    p.add_argument("--duration", type=float, default=45.0)
-    p.add_argument("--drain", type=float, default=60.0)
+    p.add_argument("--rates", default="2,4,6,8,10")
+    p.add_argument("--duration", type=float, default=30.0)
+    p.add_argument("--drain", type=float, default=40.0)
     p.add_argument("--model", default="random:small")
-    p.add_argument("--kv-cache-tokens", type=int, default=4096)
+    p.add_argument("--kv-cache-tokens", type=int, default=2048)
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--max-model-len", type=int, default=768)
     p.add_argument("--max-prefill-tokens", type=int, default=128)
@@ -235,7 +235,7 @@ def main(argv=None) -> int:
     p.add_argument("--tpot", type=float, default=0.1)
     p.add_argument("--hint-frac", type=float, default=0.3)
     p.add_argument("--policies", default="fcfs,sarathi,ecoserve")
-    p.add_argument("--repeats", type=int, default=1,
+    p.add_argument("--repeats", type=int, default=2,
                    help="runs per rate and policy (order rotated); metrics are medians")
     p.add_argument("--pool", type=int, default=800,
                    help="trace rows pre-computed once (>= max rate x duration)")
@@ -246,7 +246,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="out/bench_ecoserve.json")
     a = p.parse_args(argv)
     if a.quick:
-        a.rates, a.duration = "3,6", 30.0
+        a.rates, a.repeats = "4,8", 1
     rates = [float(x) for x in a.rates.split(",")]
     policies = a.policies.split(",")
     loaded = load_model(a.model)
