@@ -260,11 +260,11 @@ class KVPlanner:
             plan.predicted_total = self.predictor.extend(plan.features, seq.num_generated)
         need = blocks_needed(max(end, self._footprint_tokens(seq, plan)), bs)
         reserve = self._reserve_blocks(sched, seq.online)
-        need = min(need, sched.kv.capacity - reserve)
+        need = max(blocks_needed(end, bs), min(need, sched.kv.capacity - reserve))
         avail = self.available(sched, seq.online)
         if need <= avail:
             return self._reserve(seq, need)
-        if not any(self.ledger.has(s.request_id) for s in sched.running):
+        if not sched.running:
             # alone: a request bigger than the cache still runs (no waiting for ever)
             return self._reserve(seq, max(blocks_needed(end, bs),
                                           min(need, sched.kv.num_free - self.earmarked(sched))))
