@@ -97,7 +97,9 @@ class EngineConfig:
     # sequence, so 1 is fastest on CPU
     max_prefill_seqs: int = _h("prompts chunked into one iteration", default=1)
     cache: CacheConfig = field(default_factory=CacheConfig)
-    safepoint_interval: int = _h("layers between preemption safepoints", default=4)
+    safepoint_interval: int = _h("layers between preemption safepoints in iterations that carry "
+                                 "offline work (iterations with only online work have none)",
+                                 default=1)
     max_logprobs: int = _h("largest logprobs a request may ask for", default=20)
     compilation_cache_dir: Optional[str] = _h("persistent XLA cache (default: "
                                               "~/.cache/conserve-jax/xla)", default=None)
@@ -111,6 +113,12 @@ class EngineConfig:
                                            "(default: profile at start, cached)", default=None)
     sarathi_token_budget: int = _h("tokens per iteration of the sarathi baseline", default=256)
     warmup: bool = _h("compile every shape bucket before serving", default=False)
+    isolation: Optional[float] = _h(
+        "conserve: online latency within this factor of serving the online work alone; an "
+        "iteration with online work carries offline tokens only within F x its online work's "
+        "predicted time, and an online arrival preempts offline work unless it would still "
+        "start within (F - 1) x its own predicted TTFT. 'off': fill iterations up to the TPOT "
+        "objective", default=1.2)
     kv_cache_tokens: Optional[int] = _h(
         "KV cache size in tokens, rounded up to whole blocks (overrides --num-blocks and "
         "--kv-memory-bytes; for KV-bound experiments)", default=None)
@@ -120,6 +128,9 @@ class EngineConfig:
     conserve: ConserveConfig = field(default_factory=ConserveConfig)
 
     def __post_init__(self) -> None:
+        self.isolation = parse_isolation(self.isolation)
+        if self.safepoint_interval < 1:
+            raise ValueError(f"safepoint_interval must be >= 1, got {self.safepoint_interval}")
         if self.kv_cache_tokens is not None and self.kv_cache_tokens < 1:
             raise ValueError(f"kv_cache_tokens must be >= 1, got {self.kv_cache_tokens}")
 
@@ -130,3 +141,17 @@ class EngineConfig:
         if self.kv_cache_tokens is None:
             return self.cache.num_blocks
         return -(-self.kv_cache_tokens // self.cache.block_size) + 1
+
+
+def parse_isolation(value) -> Optional[float]:
+    """`isolation` from a flag or keyword: a number >= 1, or None / "off" (fill-to-objective).
+    Raises ValueError naming the field for anything else."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("off", "none")):
+        return None
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"isolation must be a number >= 1 or 'off', got {value!r}") from None
+    if not f >= 1.0 or f == float("inf"):
+        raise ValueError(f"isolation must be a number >= 1 or 'off', got {value!r}")
+    return f

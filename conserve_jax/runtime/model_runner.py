@@ -3,7 +3,7 @@ sampler, over a paged KV cache held as one donated device array pair per layer.
 
 Contract: constructed once by the engine; `execute` is called only from the engine's
 step-loop thread, which owns the caches. `execute` may be abandoned at a safepoint (every
-`safepoint_interval` layers): the KV it wrote lies beyond every sequence's committed length
+`safepoint_every` layers, chosen per call): the KV it wrote lies beyond every sequence's committed length
 and is overwritten later, so dropping the iteration is harmless. All layers share one
 compiled executable per shape bucket; `warmup` compiles every bucket up front.
 """
@@ -119,9 +119,14 @@ class ModelRunner:
         """Executables compiled so far (tests assert it stays fixed after warm-up)."""
         return sum(f._cache_size() for f in (self._layer, self._embed, self._select, self._head))
 
-    def execute(self, plan: StepPlan, safepoint: Optional[Safepoint] = None) -> Optional[StepResult]:
+    def execute(self, plan: StepPlan, safepoint: Optional[Safepoint] = None,
+                safepoint_every: Optional[int] = None) -> Optional[StepResult]:
+        """Run one iteration. `safepoint(layers_done)` is called after every
+        `safepoint_every` layers (None: `engine_cfg.safepoint_interval`; the policy chooses
+        it per iteration) and the iteration is abandoned (returns None) if it returns True.
+        With `safepoint=None` there are no safepoints."""
         b = build_batch(plan, self.buckets, self.block_size)
-        hidden = self._forward(b, safepoint)
+        hidden = self._forward(b, safepoint, safepoint_every)
         if hidden is None:
             return None
         return self._sample(plan, b, hidden)
@@ -130,10 +135,11 @@ class ModelRunner:
         return AttentionMeta(b.slot_blocks, b.slot_offsets, b.positions, b.dec_tables,
                              b.dec_lens, b.pre_tables, b.pre_start, b.pre_seq)
 
-    def _forward(self, b: BatchArrays, safepoint: Optional[Safepoint]):
+    def _forward(self, b: BatchArrays, safepoint: Optional[Safepoint],
+                 safepoint_every: Optional[int] = None):
         x, cos, sin = self._embed(self.embed, b.token_ids, b.positions, self.inv_freq)
         meta = self._meta(b)
-        k = self.engine_cfg.safepoint_interval
+        k = safepoint_every or self.engine_cfg.safepoint_interval
         n = self.cfg.num_layers
         for i in range(n):
             kc, vc = self.caches[i]
