@@ -46,7 +46,7 @@ class ModelRunner:
         kv_repeat = shd.kv_repeat_for(engine_cfg.tp, model_cfg.num_kv_heads, model_cfg.num_heads)
         self.kv_heads = model_cfg.num_kv_heads * kv_repeat
         self.max_blocks_per_seq = -(-engine_cfg.max_model_len // self.block_size)
-        self.num_blocks = engine_cfg.cache.num_blocks or max(
+        self.num_blocks = engine_cfg.kv_cache_blocks or max(
             2, engine_cfg.cache.kv_memory_bytes
             // kv_bytes_per_block(model_cfg, self.kv_heads, self.block_size, self.dtype))
         self.buckets = BucketSet.build(engine_cfg.max_num_seqs, engine_cfg.max_prefill_tokens,
