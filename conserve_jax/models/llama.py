@@ -84,7 +84,7 @@ jax.tree_util.register_dataclass(
 
 def _gather_context(cache: jax.Array, tables: jax.Array) -> jax.Array:
     """cache [kvh, NB, bs, hd], tables [B, nb] -> [kvh, B, nb*bs, hd]."""
-    g = cache[:, tables]  # [kvh, B, nb, bs, hd]
+    g = cache.at[:, tables].get(mode="promise_in_bounds")  # [kvh, B, nb, bs, hd]
     kvh, b, nb, bs, hd = g.shape
     return g.reshape(kvh, b, nb * bs, hd)
 
@@ -102,14 +102,15 @@ def paged_attention(q, k_new, v_new, k_cache, v_cache, meta: AttentionMeta, num_
     are never computed; (a) and (b) share one softmax."""
     outs = []
     if num_decode:
-        qd = q[:num_decode]
-        kd = _gather_context(k_cache, meta.dec_tables)
+        # K is the dot's left operand ([L, hd] rows as gathered), so XLA needs no transposed
+        # copy of the gathered context; the softmax runs over axis 2 (keys)
+        kd = _gather_context(k_cache, meta.dec_tables)  # [kvh, Bd, L, hd]
         vd = _gather_context(v_cache, meta.dec_tables)
-        s = jnp.einsum("bkgd,kbld->bkgl", qd, kd, preferred_element_type=jnp.float32)
+        s = jnp.einsum("kbld,bkgd->kblg", kd, q[:num_decode], preferred_element_type=jnp.float32)
         valid = jnp.arange(kd.shape[2])[None, :] < meta.dec_lens[:, None]  # [Bd, L]
-        s = jnp.where(valid[:, None, None, :], s, NEG_INF)
-        p = jax.nn.softmax(s, axis=-1).astype(q.dtype)
-        outs.append(jnp.einsum("bkgl,kbld->bkgd", p, vd))
+        s = jnp.where(valid[None, :, :, None], s, NEG_INF)
+        p = jax.nn.softmax(s, axis=2).astype(q.dtype)
+        outs.append(jnp.einsum("kblg,kbld->bkgd", p, vd))
     if q.shape[0] > num_decode:
         outs.append(_prefill_attention(q[num_decode:], k_new[num_decode:], v_new[num_decode:],
                                        k_cache, v_cache, meta, num_decode))
