@@ -118,6 +118,8 @@ def paged_attention(q, k_new, v_new, k_cache, v_cache, meta: AttentionMeta, num_
 
 
 def _prefill_attention(qp, kn, vn, k_cache, v_cache, meta: AttentionMeta, num_decode: int):
+    """Runs in [kvh, g, T, ...] layout (KV heads and their query groups leading) so that
+    scores and probabilities feed the dots without transposed copies."""
     kp = _gather_context(k_cache, meta.pre_tables)  # [kvh, Bp, L, hd]
     vp = _gather_context(v_cache, meta.pre_tables)
     kvh, bp, length, hd = kp.shape
@@ -127,24 +129,28 @@ def _prefill_attention(qp, kn, vn, k_cache, v_cache, meta: AttentionMeta, num_de
     key_pos = jnp.tile(jnp.arange(length), bp)
     start = meta.pre_start[jnp.maximum(seq, 0)]  # [Tp]
     prev_ok = (key_seq[None, :] == seq[:, None]) & (key_pos[None, :] < start[:, None])
-    s_prev = jnp.einsum("tkgd,kjd->tkgj", qp, kp, preferred_element_type=jnp.float32)
-    s_prev = jnp.where(prev_ok[:, None, None, :], s_prev, NEG_INF)
-    tp = qp.shape[0]
+    q = qp.transpose(1, 2, 0, 3)  # [kvh, g, Tp, hd]
+    kn, vn = kn.transpose(1, 0, 2), vn.transpose(1, 0, 2)  # [kvh, Tp, hd]
+    s_prev = jnp.einsum("kgtd,kjd->kgtj", q, kp, preferred_element_type=jnp.float32)
+    s_prev = jnp.where(prev_ok[None, None], s_prev, NEG_INF)
+    tp = q.shape[2]
     blk = min(PREFILL_QUERY_BLOCK, tp)
     outs = []
     for lo in range(0, tp, blk):
         hi = min(tp, lo + blk)
-        sc = jnp.einsum("tkgd,skd->tkgs", qp[lo:hi], kn[:hi], preferred_element_type=jnp.float32)
+        sc = jnp.einsum("kgtd,ksd->kgts", q[:, :, lo:hi], kn[:, :hi],
+                        preferred_element_type=jnp.float32)
         ok = (seq[None, :hi] == seq[lo:hi, None]) & (pos[None, :hi] <= pos[lo:hi, None])
-        sc = jnp.where(ok[:, None, None, :], sc, NEG_INF)
-        sp = s_prev[lo:hi]
+        sc = jnp.where(ok[None, None], sc, NEG_INF)
+        sp = s_prev[:, :, lo:hi]
         m = jnp.maximum(sp.max(-1, keepdims=True), sc.max(-1, keepdims=True))
         pp, pc = jnp.exp(sp - m), jnp.exp(sc - m)
         den = pp.sum(-1, keepdims=True) + pc.sum(-1, keepdims=True)
-        o = (jnp.einsum("tkgj,kjd->tkgd", pp.astype(qp.dtype), vp)
-             + jnp.einsum("tkgs,skd->tkgd", pc.astype(qp.dtype), vn[:hi]))
-        outs.append(o / den.astype(qp.dtype))
-    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
+        o = (jnp.einsum("kgtj,kjd->kgtd", pp.astype(q.dtype), vp)
+             + jnp.einsum("kgts,ksd->kgtd", pc.astype(q.dtype), vn[:, :hi]))
+        outs.append(o / den.astype(q.dtype))
+    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
+    return out.transpose(2, 0, 1, 3)  # [Tp, kvh, g, hd]
 
 
 def decoder_layer(p: dict, x, cos, sin, k_cache, v_cache, meta: AttentionMeta, *,
