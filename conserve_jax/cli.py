@@ -14,7 +14,7 @@ import sys
 SUBCOMMANDS = {
     "generate": ("conserve_jax.cli_generate", "generate text for a prompt with a local model"),
     "serve": ("server.main", "run the gRPC server"),
-    "profile": ("conserve_jax.scheduling.profile_cli", "fit the iteration latency model"),
+    "profile": ("conserve_jax.cli_profile", "fit the iteration latency model"),
     "loadtest": ("conserve_jax.loadtest.cli", "load-test a running server"),
     "demo": ("conserve_jax.cli_demo", "serve the default model and show it working end to end"),
 }

@@ -8,35 +8,27 @@ import argparse
 import sys
 import time
 
+from conserve_jax.engine_args import add_engine_args, engine_config_from_args
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", help="the question or text to continue")
-    p.add_argument("--model", default="default",
-                   help="'default' (embedded SmolLM2-135M-Instruct), random:<preset>, an HF "
-                        "directory or a .gguf file")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel devices")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
     p.add_argument("--system", default=None, help="system message for chat models")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
-    p.add_argument("--max-model-len", type=int, default=2048)
-    p.add_argument("--compilation-cache-dir", default=None)
+    add_engine_args(p, defaults={"max_num_seqs": 4})
 
 
 def run(args) -> int:
-    from conserve_jax.config import EngineConfig
     from conserve_jax.engine import Engine
     from conserve_jax.engine_api import GenerationRequest
     from conserve_jax.sampling_params import SamplingParams
 
     try:
-        engine = Engine(EngineConfig(model=args.model, tp=args.tp, dtype=args.dtype,
-                                     max_model_len=args.max_model_len, max_num_seqs=4,
-                                     compilation_cache_dir=args.compilation_cache_dir))
+        engine = Engine(engine_config_from_args(args))
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -49,7 +41,7 @@ def run(args) -> int:
     else:
         ids = tok.encode(args.prompt)
     sp = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
-                        top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+                        top_p=args.top_p, top_k=args.top_k)
     try:
         t0 = time.perf_counter()
         stream = engine.submit(GenerationRequest("cli", ids, sp))

@@ -49,38 +49,66 @@ class ModelConfig:
         return dataclasses.replace(self, **kw)
 
 
+def _h(text: str, **kw):
+    """A dataclass field whose help text the generated command-line flag shows."""
+    return field(metadata={"help": text}, **kw)
+
+
 @dataclass
 class CacheConfig:
     """Paged KV cache geometry. `num_blocks` None means: size from `kv_memory_bytes`."""
 
-    block_size: int = 16
-    num_blocks: Optional[int] = None
-    kv_memory_bytes: int = 1 << 30
-    host_pool_bytes: int = 1 << 30  # host checkpoint pool for offline KV
+    block_size: int = _h("tokens per KV block", default=16)
+    num_blocks: Optional[int] = _h("KV blocks on device (default: from --kv-memory-bytes)",
+                                   default=None)
+    kv_memory_bytes: int = _h("device memory for the KV cache when --num-blocks is not given",
+                              default=1 << 30)
+    host_pool_bytes: int = _h("host memory for offline KV checkpoints", default=1 << 30)
+
+
+@dataclass
+class ConserveConfig:
+    """Knobs of the `conserve` policy and of the latency model's online correction."""
+
+    tpot_margin: float = _h("offline work fills an iteration up to this fraction of the "
+                            "tightest online TPOT objective", default=0.9)
+    min_online_chunk: int = _h("an online prompt always advances at least this many tokens "
+                               "per iteration", default=32)
+    correction_alpha: float = _h("weight of one measured iteration in the latency model's "
+                                 "online correction", default=0.05)
+    correction_clamp: float = _h("one measurement moves the correction by at most this factor "
+                                 "(and at least its inverse)", default=4.0)
 
 
 @dataclass
 class EngineConfig:
-    """Everything an engine needs besides the weights. Built explicitly by entry points."""
+    """Everything an engine needs besides the weights. Built by `engine_args` from flags
+    (serve, generate, profile, benchmarks) or keyword arguments (`LLM(**kw)`)."""
 
-    model: str = "default"
-    tp: int = 1
-    dtype: str = "float32"
-    max_model_len: int = 2048
-    max_num_seqs: int = 32
-    max_prefill_tokens: int = 512  # prefill tokens per iteration (chunk budget)
-    # prompts chunked into one iteration: packing several makes every prefill row score the
-    # context of every packed sequence, so 1 is fastest on CPU
-    max_prefill_seqs: int = 1
+    model: str = _h("default, a Hugging Face directory, a .gguf file, or random:<preset>",
+                    default="default")
+    tp: int = _h("tensor-parallel devices", default=1)
+    dtype: str = _h("weights, activations and KV dtype (float32 is fastest on CPU)",
+                    default="float32")
+    max_model_len: int = _h("context length (prompt + output)", default=2048)
+    max_num_seqs: int = _h("sequences running at once", default=32)
+    max_prefill_tokens: int = _h("prefill tokens per iteration (chunk budget)", default=512)
+    # packing several prompts makes every prefill row score the context of every packed
+    # sequence, so 1 is fastest on CPU
+    max_prefill_seqs: int = _h("prompts chunked into one iteration", default=1)
     cache: CacheConfig = field(default_factory=CacheConfig)
-    safepoint_interval: int = 4  # layers between preemption safepoints
-    max_logprobs: int = 20
-    compilation_cache_dir: Optional[str] = None
-    policy: str = "conserve"
-    seed: int = 0
-    # online latency objectives used when a request gives none (seconds)
-    default_ttft_s: float = 2.0
-    default_tpot_s: float = 0.2
-    latency_model_path: Optional[str] = None  # from `conserve-jax profile`; None: profile at start
-    sarathi_token_budget: int = 256  # tokens per iteration for the `sarathi` baseline
-    warmup: bool = False  # compile every shape bucket before serving
+    safepoint_interval: int = _h("layers between preemption safepoints", default=4)
+    max_logprobs: int = _h("largest logprobs a request may ask for", default=20)
+    compilation_cache_dir: Optional[str] = _h("persistent XLA cache (default: "
+                                              "~/.cache/conserve-jax/xla)", default=None)
+    policy: str = _h("scheduling policy", default="conserve")
+    seed: int = _h("seed for requests that give none", default=0)
+    default_ttft_s: float = _h("TTFT objective of online requests that give none (s)",
+                               default=2.0)
+    default_tpot_s: float = _h("TPOT objective of online requests that give none (s)",
+                               default=0.2)
+    latency_model_path: Optional[str] = _h("latency model from `conserve-jax profile` "
+                                           "(default: profile at start, cached)", default=None)
+    sarathi_token_budget: int = _h("tokens per iteration of the sarathi baseline", default=256)
+    warmup: bool = _h("compile every shape bucket before serving", default=False)
+    conserve: ConserveConfig = field(default_factory=ConserveConfig)

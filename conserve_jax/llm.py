@@ -2,9 +2,11 @@
 
     llm = LLM(model="default")
     outs = llm.generate(["Hello"], SamplingParams(max_tokens=32, temperature=0))
+    outs = llm.chat([{"role": "user", "content": "Hello"}], SamplingParams(max_tokens=32))
 
 Runs an `Engine` in-process (continuous batching and chunked prefill inside). `generate`
-may be called from one thread at a time; it blocks until every prompt is answered.
+and `chat` may be called from one thread at a time; they block until every prompt is
+answered.
 """
 from __future__ import annotations
 
@@ -12,12 +14,14 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
-from conserve_jax.config import CacheConfig, EngineConfig
+from conserve_jax.engine_args import engine_config
 from conserve_jax.engine_api import (GenerationRequest, RequestClass, TokenLogprob,
                                      validate_prompt)
 from conserve_jax.sampling_params import SamplingParams
 
 Prompt = Union[str, list[int]]
+Message = dict  # {"role": str, "content": str}
+Conversation = list[Message]
 
 
 @dataclass
@@ -33,21 +37,14 @@ class GenerateOutput:
 
 
 class LLM:
-    def __init__(self, model: str = "default", tp: int = 1, dtype: str = "float32",
-                 max_model_len: int = 2048, max_num_seqs: int = 32,
-                 max_prefill_tokens: int = 512, block_size: int = 16,
-                 num_blocks: Optional[int] = None, kv_memory_bytes: int = 1 << 30,
-                 policy: str = "conserve", seed: int = 0, warmup: bool = False,
-                 compilation_cache_dir: Optional[str] = None, **engine_kw) -> None:
+    """`LLM(model=..., **engine_kwargs)`: every engine knob of `EngineConfig` (and its
+    cache and policy groups) by its flat name, e.g. `max_num_seqs=8, block_size=16,
+    num_blocks=256, policy="fcfs"`; an unknown name raises TypeError."""
+
+    def __init__(self, model: str = "default", **engine_kwargs) -> None:
         from conserve_jax.engine import Engine
 
-        cfg = EngineConfig(model=model, tp=tp, dtype=dtype, max_model_len=max_model_len,
-                           max_num_seqs=max_num_seqs, max_prefill_tokens=max_prefill_tokens,
-                           cache=CacheConfig(block_size=block_size, num_blocks=num_blocks,
-                                             kv_memory_bytes=kv_memory_bytes),
-                           policy=policy, seed=seed, compilation_cache_dir=compilation_cache_dir,
-                           **engine_kw)
-        self.engine = Engine(cfg, warmup=warmup)
+        self.engine = Engine(engine_config(model=model, **engine_kwargs))
         self._ids = itertools.count()
 
     @property
@@ -74,12 +71,18 @@ class LLM:
                              f"{len(prompts)} prompts")
         requests, outputs = [], []
         for i, (p, sp) in enumerate(zip(prompts, sampling_params)):
+            field_name = f"prompts[{i}]" if len(prompts) > 1 else "prompt"
             if isinstance(p, str):
                 ids = self.tokenizer.encode(p) if p else []
                 text = p
+            elif isinstance(p, (list, tuple)) and all(
+                    isinstance(t, int) and not isinstance(t, bool) for t in p):
+                ids, text = list(p), None
             else:
-                ids, text = [int(t) for t in p], None
-            field_name = f"prompts[{i}]" if len(prompts) > 1 else "prompt"
+                hint = "; for chat messages use LLM.chat" if isinstance(p, dict) or (
+                    isinstance(p, (list, tuple)) and p and isinstance(p[0], dict)) else ""
+                raise ValueError(f"{field_name} must be a string or a list of token ids, "
+                                 f"got {type(p).__name__}{hint}")
             validate_prompt(ids, self.engine.vocab_size, self.engine.max_model_len, field_name)
             sp.validate(self.engine.config.max_logprobs, self.engine.vocab_size)
             cls = RequestClass.OFFLINE if offline else RequestClass.ONLINE
@@ -96,6 +99,41 @@ class LLM:
                     out.finish_reason = delta.finish_reason
                     if delta.error:
                         raise RuntimeError(f"request failed: {delta.error}")
+        return outputs
+
+    def chat(self, messages: Union[Conversation, Sequence[Conversation]],
+             sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+             offline: bool = True, add_generation_prompt: bool = True,
+             chat_template_kwargs: Optional[dict] = None) -> list[GenerateOutput]:
+        """Answer one conversation (a list of {"role", "content"} dicts) or a list of them,
+        as vLLM's `LLM.chat`: each is rendered with the model's chat template (as
+        transformers' `apply_chat_template` would), tokenized without adding special tokens
+        again (the template places them), and generated like `generate`. One
+        `GenerateOutput` per conversation, in order; its `prompt` is the rendered text.
+        Raises ValueError naming the conversation for bad input before anything runs."""
+        if isinstance(messages, (list, tuple)) and messages and isinstance(messages[0], dict):
+            conversations = [messages]
+        else:
+            conversations = list(messages) if isinstance(messages, (list, tuple)) else None
+        if not conversations:
+            raise ValueError("messages must be a non-empty list of messages or of conversations")
+        tok = self.tokenizer
+        if not getattr(tok, "has_chat_template", False):
+            raise ValueError("messages: the model has no chat template; use LLM.generate with text")
+        rendered: list[str] = []
+        for i, conv in enumerate(conversations):
+            name = f"messages[{i}]" if len(conversations) > 1 else "messages"
+            if not isinstance(conv, (list, tuple)) or not conv or not all(isinstance(m, dict) for m in conv):
+                raise ValueError(f"{name} must be a non-empty list of {{'role', 'content'}} dicts")
+            try:
+                rendered.append(tok.apply_chat_template(list(conv), add_generation_prompt=add_generation_prompt,
+                                                        **(chat_template_kwargs or {})))
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
+        ids = [tok.encode(text, add_special_tokens=False) for text in rendered]
+        outputs = self.generate(ids, sampling_params, offline=offline)
+        for out, text in zip(outputs, rendered):
+            out.prompt = text
         return outputs
 
     def close(self) -> None:

@@ -50,7 +50,6 @@ import os
 import sys
 import threading
 import time
-import types
 
 import numpy as np
 
@@ -95,7 +94,7 @@ class SharedCompiled:
         self.fns: dict = {}
 
     def adopt(self, eng: Engine) -> None:
-        for obj, names in ((eng.runner, RUNNER_FNS), (eng.checkpointer, CKPT_FNS)):
+        for obj, names in ((eng.runner, RUNNER_FNS), (_transfer(eng), CKPT_FNS)):
             for n in names if obj is not None else ():
                 if n in self.fns:
                     setattr(obj, n, self.fns[n])
@@ -103,9 +102,13 @@ class SharedCompiled:
                     self.fns[n] = getattr(obj, n)
 
 
+def _transfer(eng: Engine):
+    return eng.checkpointer.transfer if eng.checkpointer is not None else None
+
+
 def compiled_count(eng: Engine) -> int:
     fns = [getattr(eng.runner, n) for n in RUNNER_FNS]
-    fns += [getattr(eng.checkpointer, n) for n in CKPT_FNS] if eng.checkpointer else []
+    fns += [getattr(_transfer(eng), n) for n in CKPT_FNS] if eng.checkpointer else []
     return sum(f._cache_size() for f in fns)
 
 
@@ -296,8 +299,7 @@ def measure_resume(eng: Engine, ctx: int, seed: int, rounds: int = 5) -> dict:
     # the engine's own checkpointer stopped with its step loop: use a fresh one, sized for
     # this request, with the engine's compiled gather/scatter
     block_bytes = eng.checkpointer.pool.data[0].nbytes if eng.checkpointer.pool.num_slots else 0
-    ck = KVCheckpointer(r, (-(-(ctx + 1) // r.block_size) + 1) * block_bytes)
-    ck._gather, ck._scatter = eng.checkpointer._gather, eng.checkpointer._scatter
+    ck = KVCheckpointer(eng.checkpointer.transfer, (-(-(ctx + 1) // r.block_size) + 1) * block_bytes)
     bs, chunk = r.block_size, eng.config.max_prefill_tokens
     spec = SampleSpec(0.0, 0, 1.0, 0, 0, None)
     prompt = [int(x) for x in np.random.default_rng(seed + 7).integers(5, r.cfg.vocab_size, ctx)]
@@ -319,10 +321,9 @@ def measure_resume(eng: Engine, ctx: int, seed: int, rounds: int = 5) -> dict:
 
     b1 = alloc.allocate(nb)
     tok1 = run(prompt, 0, b1)
-    seq = types.SimpleNamespace(num_computed=ctx, host_slots=[], blocks=b1)
-    ck.checkpoint_new_blocks([seq])
-    ck.wait_pending()
-    kept = min(len(seq.host_slots) * bs, ctx)
+    ck.checkpoint_new_blocks([("resume", b1, ctx)])
+    kept = ck.kept_tokens("resume", ctx, ctx + 1)
+    saved = ck.num_saved_blocks("resume")
     full = prompt + [tok1]
     ta, tb, toks = [], [], set()
     for i in range(rounds + 1):  # round 0 warms both paths up
@@ -330,7 +331,7 @@ def measure_resume(eng: Engine, ctx: int, seed: int, rounds: int = 5) -> dict:
             blocks = alloc.allocate(nb)
             t = time.perf_counter()
             if which == "a":
-                ck.restore(seq.host_slots, blocks[: len(seq.host_slots)])
+                ck.restore("resume", blocks[:saved])
                 tok = run(full[kept:], kept, blocks)
             else:
                 tok = run(full, 0, blocks)
@@ -341,10 +342,10 @@ def measure_resume(eng: Engine, ctx: int, seed: int, rounds: int = 5) -> dict:
                 (ta if which == "a" else tb).append(dt)
     toks.add(run([tok1], ctx, b1))  # the request continuing without eviction
     alloc.free(b1)
-    ck.pool.free(seq.host_slots)
+    ck.release("resume")
     ck.close()
     ra, rb = float(np.median(ta)), float(np.median(tb))
-    return {"context_tokens": ctx, "restored_blocks": len(seq.host_slots),
+    return {"context_tokens": ctx, "restored_blocks": saved,
             "recomputed_on_resume_tokens": len(full) - kept, "resume_s": ra, "recompute_s": rb,
             "resume_s_all": ta, "recompute_s_all": tb, "ratio": ra / rb,
             "tokens_match": len(toks) == 1, "rounds": rounds}
@@ -414,7 +415,7 @@ def main(argv=None) -> dict:
     t = time.perf_counter()
     if a.warmup == "all":
         first.runner.warmup()
-        first.checkpointer.warmup()
+        first.checkpointer.transfer.warmup()
     setup["warmup_s"] = time.perf_counter() - t
     shared.adopt(first)
     resume = measure_resume(first, a.resume_context, a.seed)

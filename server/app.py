@@ -27,6 +27,7 @@ from conserve_jax.proto_gen.conserve.v1 import conserve_pb2_grpc as pb_grpc
 from server.auth import Authenticator
 from server.batch_runner import BatchRunner
 from server.batch_store import BatchStore
+from server.metrics import ObservedEngine, ServerMetrics, serve_metrics
 from server.servicer import CoServeServicer, ServiceOptions
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,9 @@ class ServerConfig:
     batch_in_flight: int = 64  # batch items inside the engine at once
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     drain_timeout_s: float = 5.0
+    http_port: Optional[int] = None  # OpenAI-compatible HTTP front (+ /metrics); None: off
+    metrics_port: Optional[int] = None  # Prometheus /metrics alone; None: off
+    model_name: str = "default"  # the model id the HTTP front serves
 
 
 class ServerApp:
@@ -54,10 +58,23 @@ class ServerApp:
         self.engine = engine
         self.config = config
         self.port: Optional[int] = None
+        self.http_port: Optional[int] = None
+        self.metrics_port: Optional[int] = None
+        # one set of counters for GetServerStats and /metrics; faces use the observed engine
+        self.metrics = ServerMetrics(engine, config.options.max_online_queue,
+                                     config.options.default_slo)
+        observed = ObservedEngine(engine, self.metrics)
         self.store = BatchStore(config.data_dir)
-        self.runner = BatchRunner(self.store, engine, config.batch_in_flight)
+        self.runner = BatchRunner(self.store, observed, config.batch_in_flight)
+        self.metrics.attach(self.store, self.runner)
         auth = Authenticator(config.auth_tokens) if config.auth_tokens is not None else None
-        self.servicer = CoServeServicer(engine, self.store, self.runner, auth, config.options)
+        self.servicer = CoServeServicer(observed, self.store, self.runner, auth, config.options,
+                                        metrics=self.metrics)
+        self.http = None
+        if config.http_port is not None:
+            from server.openai_api.front import HttpFront  # imported only when the front is on
+            self.http = HttpFront(observed, self.store, self.runner, auth, self.metrics, config)
+        self._metrics_server = None
         self.health = health.HealthServicer()
         workers = config.options.max_online_queue + 32  # each open stream holds a worker
         limit = config.max_message_bytes
@@ -91,6 +108,11 @@ class ServerApp:
             raise RuntimeError(f"could not bind {bind}")
         self.server.start()
         self.runner.start()
+        if self.http is not None:
+            self.http_port = self.http.start()
+        if c.metrics_port is not None:
+            self._metrics_server, self.metrics_port = serve_metrics(
+                self.metrics, c.host, c.metrics_port, c.tls_cert, c.tls_key)
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving on %s (tls=%s, auth=%s)", self.address, c.tls_cert is not None,
@@ -104,9 +126,15 @@ class ServerApp:
         grace = self.config.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
         self.health.enter_graceful_shutdown()
         self.servicer.admitting = False
+        if self.http is not None:
+            self.http.admitting = False
         stopped = self.server.stop(grace)  # refuses new calls now; open ones get `grace`
         self.runner.stop(grace)
         stopped.wait(grace + 1.0)
+        if self.http is not None:
+            self.http.stop(grace)
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
         try:
             self.engine.shutdown(drain_timeout_s=0.0)
         except Exception:

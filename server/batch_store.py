@@ -246,6 +246,15 @@ class BatchStore:
         return {"batches_active": active, "batch_items_pending": by_state.get("pending", 0),
                 "batch_items_running": by_state.get("running", 0)}
 
+    def item_totals(self) -> dict[str, int]:
+        """Finished items over every stored batch: succeeded, failed, cancelled (from the
+        batches' counters: one pass over the batches table, not the items)."""
+        with self._lock:
+            done, failed, cancelled = self._db.execute(
+                "SELECT COALESCE(SUM(done),0), COALESCE(SUM(failed),0), COALESCE(SUM(cancelled),0) "
+                "FROM batches").fetchone()
+        return {"succeeded": done - failed - cancelled, "failed": failed, "cancelled": cancelled}
+
     def wait_for_change(self, seen_version: int, timeout: float) -> int:
         """Block until the store changes after `seen_version` (or timeout); returns the
         current version. Pass 0... or a version from an earlier call."""

@@ -45,7 +45,8 @@ def prompt_token_ids(req: pb.GenerateRequest, tokenizer, prefix: str = "") -> tu
         raise ValueError(f"{prefix}messages: the model has no chat template; send a prompt")
     rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     if isinstance(rendered, str):  # a tokenizer that renders text rather than ids
-        rendered = tokenizer.encode(rendered)
+        # the template places special tokens itself (as transformers tokenizes chats)
+        rendered = tokenizer.encode(rendered, add_special_tokens=False)
     return list(rendered), kind
 
 

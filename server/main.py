@@ -15,19 +15,15 @@ import signal
 import sys
 import threading
 
+from conserve_jax.engine_args import add_engine_args, engine_config_from_args
+
 log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="default",
-                        help="model name or path; 'mock' selects the deterministic test engine")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=50051, help="port; 0 picks a free one")
     parser.add_argument("--data-dir", default="conserve-data", help="batch database directory")
-    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
-    parser.add_argument("--policy", default="conserve", help="scheduling policy")
-    parser.add_argument("--max-num-seqs", type=int, default=None, help="engine running-set bound")
-    parser.add_argument("--max-model-len", type=int, default=None, help="context length")
     parser.add_argument("--auth-token-file", default=None,
                         help="one bearer token per line, each its own tenant; enables auth")
     parser.add_argument("--tls-cert", default=None, help="PEM certificate chain (with --tls-key)")
@@ -37,39 +33,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-size", type=int, default=10000, help="requests per batch")
     parser.add_argument("--batch-in-flight", type=int, default=None,
                         help="batch items inside the engine at once (default 2 x max-num-seqs)")
-    parser.add_argument("--default-ttft", type=float, default=None, help="default TTFT objective, s")
-    parser.add_argument("--default-tpot", type=float, default=None, help="default TPOT objective, s")
     parser.add_argument("--max-message-mb", type=int, default=64, help="gRPC message size limit")
     parser.add_argument("--drain-timeout", type=float, default=10.0,
                         help="seconds to let running work finish on SIGTERM")
-    parser.add_argument("--latency-model", default=None,
-                        help="latency model file from `conserve-jax profile` (default: profile at start)")
-    parser.add_argument("--warmup", action="store_true", help="compile every shape bucket first")
+    parser.add_argument("--http-port", type=int, default=None,
+                        help="also serve the OpenAI-compatible HTTP API and /metrics on this port "
+                             "(same host, TLS and tokens; 0 picks a free one; default off)")
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="serve Prometheus /metrics alone on this port (default off)")
+    parser.add_argument("--served-model-name", default=None,
+                        help="model id the HTTP API reports and accepts (default: --model)")
     parser.add_argument("--mock-token-delay", type=float, default=0.0,
                         help="with --model mock: seconds per generated token")
+    add_engine_args(parser)  # --model (or 'mock': the deterministic test engine), --tp, ...
 
 
 def build_engine(args):
     """The engine for `args`, and its max_num_seqs (to bound batch items in flight)."""
-    from conserve_jax.config import EngineConfig
-
-    defaults = EngineConfig()
-    max_num_seqs = args.max_num_seqs or defaults.max_num_seqs
-    max_model_len = args.max_model_len or defaults.max_model_len
     if args.model == "mock":
         from conserve_jax.mock_engine import MockEngine
 
-        return MockEngine(token_delay_s=args.mock_token_delay, max_num_seqs=max_num_seqs,
-                          max_model_len=max_model_len), max_num_seqs
+        return MockEngine(token_delay_s=args.mock_token_delay, max_num_seqs=args.max_num_seqs,
+                          max_model_len=args.max_model_len), args.max_num_seqs
     from conserve_jax.engine import Engine  # heavy (JAX); imported only when serving a model
 
-    extra = {name: value for name, value in (
-        ("default_ttft_s", args.default_ttft), ("default_tpot_s", args.default_tpot),
-        ("latency_model_path", args.latency_model)) if value is not None}
-    config = EngineConfig(model=args.model, tp=args.tp, policy=args.policy,
-                          max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-                          warmup=bool(args.warmup), **extra)
-    return Engine(config), max_num_seqs
+    config = engine_config_from_args(args)
+    return Engine(config), config.max_num_seqs
 
 
 def _read(path):
@@ -105,9 +94,11 @@ def run(args) -> int:
         tls_key=_read(args.tls_key) if args.tls_key else None,
         options=ServiceOptions(max_online_queue=args.max_online_queue,
                                max_batch_size=args.max_batch_size,
-                               default_slo=SLO(args.default_ttft, args.default_tpot)),
+                               default_slo=SLO(args.default_ttft_s, args.default_tpot_s)),
         batch_in_flight=args.batch_in_flight or 2 * max_num_seqs,
-        max_message_bytes=args.max_message_mb << 20, drain_timeout_s=args.drain_timeout)
+        max_message_bytes=args.max_message_mb << 20, drain_timeout_s=args.drain_timeout,
+        http_port=args.http_port, metrics_port=args.metrics_port,
+        model_name=args.served_model_name or args.model)
     try:
         app = ServerApp(engine, config)
         app.start()
@@ -121,6 +112,10 @@ def run(args) -> int:
         stop.set()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
+    if app.http_port is not None:
+        print(f"http on {args.host}:{app.http_port}", flush=True)
+    if app.metrics_port is not None:
+        print(f"metrics on {args.host}:{app.metrics_port}", flush=True)
     print(f"listening on {app.address}", flush=True)
     while not stop.wait(0.5):
         pass

@@ -33,6 +33,7 @@ from server import convert
 from server.auth import Authenticator
 from server.batch_runner import BatchRunner
 from server.batch_store import BatchRow, BatchStore
+from server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -66,16 +67,18 @@ def batch_to_proto(row: BatchRow) -> pb.Batch:
 
 class CoServeServicer(pb_grpc.CoServeServicer):
     def __init__(self, engine, store: BatchStore, runner: BatchRunner,
-                 auth: Optional[Authenticator], options: ServiceOptions) -> None:
+                 auth: Optional[Authenticator], options: ServiceOptions,
+                 metrics: Optional[ServerMetrics] = None) -> None:
+        if metrics is None:  # standalone use (tests): counters of its own
+            metrics = ServerMetrics(engine, options.max_online_queue, options.default_slo)
+            metrics.attach(store, runner)
+        self.metrics = metrics  # shared with the HTTP front and /metrics
         self.engine = engine
         self.store = store
         self.runner = runner
         self.auth = auth
         self.options = options
         self.admitting = True
-        self._lock = threading.Lock()
-        self._online = 0
-        self._started = time.monotonic()
 
     # ---- helpers -----------------------------------------------------------------------
     def _tenant(self, context) -> Optional[str]:
@@ -112,19 +115,13 @@ class CoServeServicer(pb_grpc.CoServeServicer):
                                         self.options.default_slo, self.options.max_logprobs)
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        with self._lock:
-            if self._online >= self.options.max_online_queue:
-                full = True
-            else:
-                full, self._online = False, self._online + 1
-        if full:
+        if not self.metrics.try_admit_online():
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"online queue is full ({self.options.max_online_queue} requests); retry later")
         try:
             yield from self._stream(req, request.request_id, context)
         finally:
-            with self._lock:
-                self._online -= 1
+            self.metrics.release_online()
 
     def _stream(self, req, client_id: str, context):
         try:
@@ -246,13 +243,5 @@ class CoServeServicer(pb_grpc.CoServeServicer):
     # ---- stats -------------------------------------------------------------------------
     def GetServerStats(self, request, context):
         self._tenant(context)
-        counts = self.store.counts()
-        with self._lock:
-            online = self._online
-        return convert.stats_to_proto(
-            self.engine.stats(), online_in_flight=online,
-            online_queue_limit=self.options.max_online_queue,
-            batches_active=counts["batches_active"],
-            batch_items_pending=counts["batch_items_pending"],
-            batch_items_in_flight=self.runner.in_flight,
-            uptime_s=time.monotonic() - self._started)
+        snap = self.metrics.snapshot()  # the same values /metrics exposes
+        return convert.stats_to_proto(snap.engine, **snap.server)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conserve_jax.config import ModelConfig, RopeScaling
-from conserve_jax.models import loader
+from conserve_jax.models import loader, param_shapes
 from conserve_jax.models.loader import LoadedModel, config_from_hf, load_model
 from conserve_jax.tokenizer import Tokenizer
 from tests.hf_fixtures import llama3_dir, llama_dir, mistral_dir, qwen2_dir  # noqa: F401  (fixtures)
@@ -182,7 +182,7 @@ def test_presets(name, shape):
     c = m.config
     assert (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size,
             c.vocab_size, c.tie_word_embeddings, c.attention_bias) == shape
-    loader.check_params(m.params, c)
+    param_shapes.check_params(m.params, c)
     assert all(a.dtype == np.float32 for a in _leaves(m.params))
     np.testing.assert_array_equal(m.params["final_norm"], 1.0)
     assert abs(float(m.params["embed"].std()) - 0.02) < 0.002

@@ -1,13 +1,16 @@
 """Incremental KV checkpointing of offline requests to a host pool, and restore.
 
+Host side only: which blocks of which request are safely on host, the bounded pool that
+holds them, and the copy thread that fills it. The device side (gathering blocks out of the
+caches, scattering them back) is the runtime's `KVTransfer`, passed in as `transfer`
+(anything with `block_shape`, `dtype`, `block_size`, `max_blocks_per_call`,
+`gather(ids)` and `scatter(ids, blocks)`).
+
 Contract: every method is called by the engine's step-loop thread. After each committed
-iteration, `checkpoint_new_blocks` gathers the newly *completed* blocks of offline
-sequences from all layers' caches in one jitted call (a copy, so later donation of the
-caches cannot disturb it), starts the device->host transfer with `copy_to_host_async`,
-and hands it to a copy thread that writes the host pool. The step loop never waits for a
-copy except in `wait_pending`, called before a checkpoint is relied on (eviction,
-restore). `restore` scatters host blocks back into the donated caches with one jitted
-call. Shapes are padded to power-of-two block counts (scratch block 0 as padding).
+iteration, `checkpoint_new_blocks` asks the transfer to gather the newly *completed* blocks
+of offline requests and hands the copy to the copy thread, which writes the host pool. The
+step loop never waits for a copy except in `wait_pending`, called before a checkpoint is
+relied on (eviction, restore). Host slots are kept per request id; `release` frees them.
 """
 from __future__ import annotations
 
@@ -16,12 +19,9 @@ import queue
 import threading
 from dataclasses import dataclass
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from conserve_jax.kv.host_pool import HostPool
-from conserve_jax.runtime.buckets import bucket_for, powers_of_two
 
 log = logging.getLogger(__name__)
 
@@ -33,26 +33,13 @@ class CheckpointCounters:
     blocks_restored: int = 0
 
 
-def _gather(caches, ids):
-    return jnp.stack([jnp.stack([k[:, ids], v[:, ids]]) for k, v in caches])  # [L,2,kvh,n,bs,hd]
-
-
-def _scatter(caches, ids, data):
-    return [(k.at[:, ids].set(data[i, 0]), v.at[:, ids].set(data[i, 1]))
-            for i, (k, v) in enumerate(caches)]
-
-
 class KVCheckpointer:
-    def __init__(self, runner, pool_bytes: int) -> None:
-        self.runner = runner
-        k0 = runner.caches[0][0]
-        kvh, _, bs, hd = k0.shape
-        self.block_size = bs
-        self.pool = HostPool.sized(pool_bytes, (len(runner.caches), 2, kvh, bs, hd), k0.dtype)
-        self.sizes = powers_of_two(1, max(1, min(runner.max_blocks_per_seq * 4, 1024)))
-        self._gather = jax.jit(_gather)
-        self._scatter = jax.jit(_scatter, donate_argnums=(0,))
+    def __init__(self, transfer, pool_bytes: int) -> None:
+        self.transfer = transfer
+        self.block_size = transfer.block_size
+        self.pool = HostPool.sized(pool_bytes, transfer.block_shape, transfer.dtype)
         self.counters = CheckpointCounters()
+        self._slots: dict[str, list[int]] = {}  # request id -> host slot of block i
         self._jobs: "queue.Queue" = queue.Queue()
         self._pending = 0
         self._cv = threading.Condition()
@@ -60,35 +47,35 @@ class KVCheckpointer:
                                         daemon=True)
         self._thread.start()
 
+    def num_saved_blocks(self, request_id: str) -> int:
+        return len(self._slots.get(request_id, ()))
+
     # ---- device -> host ---------------------------------------------------------------
-    def checkpoint_new_blocks(self, seqs) -> None:
-        """Copy each sequence's newly completed, not yet checkpointed blocks to host."""
+    def checkpoint_new_blocks(self, requests: list[tuple[str, list[int], int]]) -> None:
+        """For each (request id, block table, committed tokens): copy the newly completed,
+        not yet checkpointed blocks to host."""
         dev_ids, slots = [], []
-        for seq in seqs:
-            full = seq.num_computed // self.block_size
-            new = list(range(len(seq.host_slots), min(full, len(seq.blocks))))
+        for rid, blocks, num_computed in requests:
+            have = self._slots.setdefault(rid, [])
+            full = min(num_computed // self.block_size, len(blocks))
+            new = list(range(len(have), full))
             if not new:
                 continue
             got = self.pool.allocate(len(new))
             if not got:
                 self.counters.blocks_skipped_pool_full += len(new)
                 continue
-            seq.host_slots.extend(got)
-            dev_ids += [seq.blocks[i] for i in new]
+            have.extend(got)
+            dev_ids += [blocks[i] for i in new]
             slots += got
-        for start in range(0, len(dev_ids), self.sizes[-1]):
-            self._copy(dev_ids[start: start + self.sizes[-1]], slots[start: start + self.sizes[-1]])
-
-    def _copy(self, dev_ids: list[int], slots: list[int]) -> None:
-        n = bucket_for(len(dev_ids), self.sizes)
-        ids = np.zeros(n, np.int32)
-        ids[: len(dev_ids)] = dev_ids
-        arr = self._gather(self.runner.caches, ids)
-        arr.copy_to_host_async()
-        with self._cv:
-            self._pending += 1
-        self._jobs.put((arr, slots))
-        self.counters.blocks_copied += len(slots)
+        step = self.transfer.max_blocks_per_call
+        for start in range(0, len(dev_ids), step):
+            ids, s = dev_ids[start: start + step], slots[start: start + step]
+            arr = self.transfer.gather(ids)
+            with self._cv:
+                self._pending += 1
+            self._jobs.put((arr, s))
+            self.counters.blocks_copied += len(s)
 
     def _copy_loop(self) -> None:
         while True:
@@ -112,42 +99,32 @@ class KVCheckpointer:
             while self._pending:
                 self._cv.wait()
 
-    # ---- host -> device -----------------------------------------------------------------
-    def restore(self, slots: list[int], dev_ids: list[int]) -> None:
-        """Write host slots into device blocks (same order) across all layers."""
+    def kept_tokens(self, request_id: str, num_computed: int, num_tokens: int) -> int:
+        """Tokens of an evicted request whose KV is safely on host (the rest recompute);
+        waits for copies under way. Never all of them: the last known token must run again
+        to produce the next one."""
         self.wait_pending()
-        for start in range(0, len(slots), self.sizes[-1]):
-            s = slots[start: start + self.sizes[-1]]
-            d = dev_ids[start: start + self.sizes[-1]]
-            n = bucket_for(len(s), self.sizes)
-            ids = np.zeros(n, np.int32)
-            ids[: len(d)] = d
-            data = np.zeros((n,) + self.pool.data.shape[1:], self.pool.data.dtype)
-            data[: len(s)] = self.pool.data[s]
-            # [n, L, 2, kvh, bs, hd] -> [L, 2, kvh, n, bs, hd]
-            data = np.ascontiguousarray(np.moveaxis(data, 0, 3))
-            self.runner.caches = self._scatter(self.runner.caches, ids, data)
+        return min(self.num_saved_blocks(request_id) * self.block_size, num_computed,
+                   num_tokens - 1)
+
+    # ---- host -> device -----------------------------------------------------------------
+    def restore(self, request_id: str, dev_ids: list[int]) -> None:
+        """Write the request's first len(dev_ids) saved blocks into device blocks `dev_ids`."""
+        self.wait_pending()
+        slots = self._slots[request_id][: len(dev_ids)]
+        step = self.transfer.max_blocks_per_call
+        for start in range(0, len(slots), step):
+            s = slots[start: start + step]
+            self.transfer.scatter(dev_ids[start: start + step], self.pool.data[s])
             self.counters.blocks_restored += len(s)
 
-    def release(self, seq) -> None:
-        if seq.host_slots:
-            self.pool.free(seq.host_slots)
-            seq.host_slots = []
-
-    def compiled_count(self) -> int:
-        return self._gather._cache_size() + self._scatter._cache_size()
+    def release(self, request_id: str) -> None:
+        slots = self._slots.pop(request_id, None)
+        if slots:
+            self.pool.free(slots)
 
     def close(self) -> None:
         """Finish pending copies and stop the copy thread (engine shutdown)."""
         self.wait_pending()
         self._jobs.put(None)
         self._thread.join(timeout=10)
-
-    def warmup(self) -> None:
-        """Compile gather and scatter for every block-count bucket, with the argument types
-        `checkpoint_new_blocks` and `restore` pass (host numpy data for the scatter)."""
-        for n in self.sizes:
-            ids = np.zeros(n, np.int32)
-            arr = np.asarray(self._gather(self.runner.caches, ids))
-            self.runner.caches = self._scatter(self.runner.caches, ids, arr)
-        jax.block_until_ready(self.runner.caches)

@@ -1,13 +1,15 @@
-"""Block bookkeeping for sequences: grow, free, count by request class.
+"""Block tables of requests: grow, free, count by request class.
 
-Owned by the scheduler on the step-loop thread. Wraps `BlockAllocator` so that every
-block a sequence holds is tracked in `seq.blocks`, and the online/offline split needed
-by stats and by the "online may take from offline, never the reverse" rule is exact.
+Owned by the scheduler on the step-loop thread. Wraps `BlockAllocator` and keeps, keyed by
+request id, the device blocks each request holds (its block table, in position order), so
+that the online/offline split needed by stats and by the "online may take from offline,
+never the reverse" rule is exact. Knows nothing of requests beyond their id and class.
 """
 from __future__ import annotations
 
 from conserve_jax.kv.block_allocator import BlockAllocator, blocks_needed
-from conserve_jax.scheduling.sequence import Sequence
+
+_NONE: tuple = ()
 
 
 class KVManager:
@@ -16,6 +18,8 @@ class KVManager:
         self.block_size = block_size
         self.used_online = 0
         self.used_offline = 0
+        self._tables: dict[str, list[int]] = {}
+        self._online: dict[str, bool] = {}
 
     @property
     def num_free(self) -> int:
@@ -25,27 +29,35 @@ class KVManager:
     def capacity(self) -> int:
         return self.allocator.capacity
 
-    def extra_blocks(self, seq: Sequence, upto_tokens: int) -> int:
-        """Blocks `seq` must gain so that positions [0, upto_tokens) have a home."""
-        return max(0, blocks_needed(upto_tokens, self.block_size) - len(seq.blocks))
+    def blocks(self, request_id: str) -> list[int]:
+        """The request's block table (read-only for callers; empty when it holds none)."""
+        return self._tables.get(request_id, list(_NONE))
 
-    def grow(self, seq: Sequence, upto_tokens: int) -> bool:
-        n = self.extra_blocks(seq, upto_tokens)
+    def num_blocks(self, request_id: str) -> int:
+        return len(self._tables.get(request_id, _NONE))
+
+    def extra_blocks(self, request_id: str, upto_tokens: int) -> int:
+        """Blocks the request must gain so that positions [0, upto_tokens) have a home."""
+        return max(0, blocks_needed(upto_tokens, self.block_size) - self.num_blocks(request_id))
+
+    def grow(self, request_id: str, online: bool, upto_tokens: int) -> bool:
+        n = self.extra_blocks(request_id, upto_tokens)
         if n > self.allocator.num_free:
             return False
         if n:
-            seq.blocks.extend(self.allocator.allocate(n))
-            self._count(seq, n)
+            self._tables.setdefault(request_id, []).extend(self.allocator.allocate(n))
+            self._online[request_id] = online
+            self._count(online, n)
         return True
 
-    def release(self, seq: Sequence) -> None:
-        if seq.blocks:
-            self.allocator.free(seq.blocks)
-            self._count(seq, -len(seq.blocks))
-            seq.blocks = []
+    def release(self, request_id: str) -> None:
+        table = self._tables.pop(request_id, None)
+        if table:
+            self.allocator.free(table)
+            self._count(self._online.pop(request_id), -len(table))
 
-    def _count(self, seq: Sequence, n: int) -> None:
-        if seq.online:
+    def _count(self, online: bool, n: int) -> None:
+        if online:
             self.used_online += n
         else:
             self.used_offline += n

@@ -19,7 +19,8 @@ from typing import Any, Callable, Optional
 from conserve_jax.loadtest.adapter import ClientAdapter
 from conserve_jax.loadtest.arrivals import synthetic_workload
 from conserve_jax.loadtest.report import build_report, format_table, write_json, write_plot
-from conserve_jax.loadtest.runner import RunConfig, Runner
+from conserve_jax.loadtest.run_config import RunConfig
+from conserve_jax.loadtest.runner import Runner
 from conserve_jax.loadtest.trace import load_trace
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--token", help="auth token (prefer --token-file)")
     g.add_argument("--token-file", help="file whose first non-empty line is the auth token")
     g.add_argument("--tls-ca", help="PEM file of the CA that signed the server certificate")
+    g.add_argument("--backend", choices=("grpc", "openai"), default="grpc",
+                   help="grpc: this server's CoServe API; openai: any OpenAI-compatible HTTP "
+                   "server (--target HOST:PORT or a base URL) (default grpc)")
+    g.add_argument("--model", help="openai backend: model id (default: the first of /v1/models)")
+    g.add_argument("--offline-via", choices=("batch", "flex"), default="batch",
+                   help="openai backend: offline load through the Batch API or as "
+                   "service_tier=flex requests (default batch)")
 
     g = p.add_argument_group("trace workload (Azure LLM trace CSV)")
     g.add_argument("--trace", help="CSV with TIMESTAMP, ContextTokens, GeneratedTokens")
@@ -144,6 +152,12 @@ def _default_factory(target: str, token: Optional[str], tls_ca: Optional[str]) -
     return Client(target, token=token, tls_ca=tls_ca)
 
 
+def _openai_factory(args: argparse.Namespace) -> ClientFactory:
+    from conserve_jax.loadtest.openai_backend import OpenAIClient
+    return lambda target, token, tls_ca: OpenAIClient(
+        target, token, tls_ca, model=args.model, offline_via=args.offline_via)
+
+
 def _config_dict(args: argparse.Namespace, n_online: int) -> dict:
     skip = {"token", "func", "command", "log_level"}
     out = {k: v for k, v in vars(args).items()
@@ -177,6 +191,8 @@ def run(args: argparse.Namespace, client_factory: Optional[ClientFactory] = None
         offline_requests=args.offline_requests, offline_input_len=args.offline_input_len,
         offline_output_len=args.offline_output_len, offline_batches=args.offline_batches,
         cancel_offline_at_end=not args.keep_offline, progress=not args.no_progress)
+    if client_factory is None and getattr(args, "backend", "grpc") == "openai":
+        client_factory = _openai_factory(args)
     adapter = ClientAdapter((client_factory or _default_factory)(args.target, token, args.tls_ca))
     try:
         result = Runner(adapter, workload, config).run()

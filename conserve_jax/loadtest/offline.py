@@ -27,7 +27,7 @@ from conserve_jax.loadtest.adapter import (FAILED_REASONS, TERMINAL_STATES, Clie
 from conserve_jax.loadtest.prompts import OFFLINE, prompt_token_ids
 
 if TYPE_CHECKING:
-    from conserve_jax.loadtest.runner import RunConfig
+    from conserve_jax.loadtest.run_config import RunConfig
 
 log = logging.getLogger(__name__)
 

@@ -31,38 +31,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+from tqdm import tqdm
+
 from conserve_jax.loadtest.adapter import FAILED_REASONS, ClientAdapter, error_code, error_message
 from conserve_jax.loadtest.metrics import RequestRecord
 from conserve_jax.loadtest.offline import OfflineLoad
-from conserve_jax.loadtest.prompts import DEFAULT_TOKEN_RANGE, ONLINE, prompt_token_ids
+from conserve_jax.loadtest.run_config import RunConfig
+from conserve_jax.loadtest.prompts import ONLINE, prompt_token_ids
 from conserve_jax.loadtest.trace import RequestSpec
 
 log = logging.getLogger(__name__)
 
 CALL_DEADLINE_MARGIN_S = 1.0  # online RPC deadlines reach this far past the window's end
-
-
-@dataclass
-class RunConfig:
-    """Run options (see module doc). SLOs are sent with each online request if
-    `send_slo`; the report uses them for goodput either way."""
-
-    duration_s: Optional[float] = None
-    grace_s: float = 30.0
-    max_concurrency: int = 64
-    slo_ttft: Optional[float] = None
-    slo_tpot: Optional[float] = None
-    send_slo: bool = True
-    seed: int = 0
-    token_range: tuple[int, int] = DEFAULT_TOKEN_RANGE
-    offline_requests: int = 0
-    offline_input_len: int = 128
-    offline_output_len: int = 64
-    offline_batches: int = 1
-    poll_s: float = 1.0
-    cancel_offline_at_end: bool = True
-    collect_timeout_s: float = 30.0
-    progress: bool = True
 
 
 @dataclass
@@ -79,50 +59,30 @@ class RunResult:
 
 
 class _Progress:
-    """A progress bar on stderr, drawn by its own thread: redrawn in place every 0.5 s on a
-    terminal, else one line every 5 s (so logs stay readable)."""
+    """The run's progress bar (tqdm, on stderr): requests finished out of those in the
+    workload, with sent/failed/in-flight (and offline) counts. Updated by the online workers
+    as requests end (under the runner's lock), so it needs no thread of its own."""
 
-    def __init__(self, runner: "Runner", total: int, horizon_s: float, enabled: bool):
-        self.runner, self.total, self.horizon = runner, total, max(horizon_s, 1e-9)
-        self.enabled = enabled
-        self.tty = bool(getattr(sys.stderr, "isatty", lambda: False)())
-        self._last = ""
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="loadtest-progress", daemon=True)
+    def __init__(self, runner: "Runner", total: int, enabled: bool):
+        self.runner = runner
+        self.bar = tqdm(total=total, desc="loadtest", unit="req", file=sys.stderr,
+                        disable=not enabled, mininterval=0.5, dynamic_ncols=True)
 
     def __enter__(self) -> "_Progress":
-        if self.enabled:
-            self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.enabled:
-            self._stop.set()
-            self._thread.join()
-            self._draw()
-            if self.tty:
-                sys.stderr.write("\n")
-            sys.stderr.flush()
+        self.refresh()
+        self.bar.close()
 
-    def _loop(self) -> None:
-        while not self._stop.wait(0.5 if self.tty else 5.0):
-            self._draw()
-
-    def _draw(self) -> None:
+    def refresh(self) -> None:
         r = self.runner
-        elapsed = round(r.now(), 1)
-        frac = min(1.0, elapsed / self.horizon)
-        width = 30
-        bar = "#" * int(frac * width) + "." * (width - int(frac * width))
-        line = ("\r" if self.tty else "") + (
-                f"loadtest [{bar}] {elapsed:6.1f}s  sent {r.n_sent}/{self.total}"
-                f"  done {r.n_done}  failed {r.n_failed}  in-flight {r.n_sent - r.n_done - r.n_failed}")
+        self.bar.n = r.n_done + r.n_failed
+        post = dict(sent=r.n_sent, failed=r.n_failed, in_flight=r.n_sent - r.n_done - r.n_failed)
         if r.config.offline_requests:
-            line += f"  offline {r.offline.done}/{r.config.offline_requests}"
-        if line != self._last:
-            self._last = line
-            sys.stderr.write(line if self.tty else line + "\n")
-            sys.stderr.flush()
+            post["offline"] = f"{r.offline.done}/{r.config.offline_requests}"
+        self.bar.set_postfix(post, refresh=False)
+        self.bar.refresh()
 
 
 class Runner:
@@ -138,6 +98,7 @@ class Runner:
         self._closed = False
         self._stop = threading.Event()
         self.n_sent = self.n_done = self.n_failed = 0
+        self._progress: Optional[_Progress] = None
         self.offline = OfflineLoad(adapter, config, self.now)
         self._calls: dict[int, object] = {}  # in-flight online calls, to cancel at the end
 
@@ -199,6 +160,8 @@ class Runner:
                 else:
                     self.n_failed += 1
                     log.debug("request %d failed: %s %s", rec.index, err, msg)
+                if self._progress is not None:
+                    self._progress.refresh()
         finally:
             slots.release()
 
@@ -233,11 +196,9 @@ class Runner:
         records: list[RequestRecord] = []
         if c.offline_requests > 0:
             self.offline.start()
-        horizon = c.duration_s if c.duration_s is not None else (
-            self.workload[-1].arrival_s if self.workload else 0.0)
         pool = ThreadPoolExecutor(max_workers=max(1, c.max_concurrency),
                                   thread_name_prefix="loadtest-online")
-        with _Progress(self, len(self.workload), horizon, c.progress):
+        with _Progress(self, len(self.workload), c.progress) as self._progress:
             not_issued = self._dispatch(pool, records)
             _, hard_end = self._deadlines()
             min_end = c.duration_s or 0.0

@@ -22,6 +22,7 @@ from typing import Any, Optional
 import numpy as np
 
 from conserve_jax.config import ModelConfig
+from conserve_jax.models.param_shapes import check_params
 from conserve_jax.tokenizer import Tokenizer, bytes_to_unicode
 
 logger = logging.getLogger(__name__)
@@ -124,7 +125,6 @@ def params_from_gguf(reader, config: ModelConfig) -> dict:
             params["lm_head"] = np.ascontiguousarray(w.T)
         else:
             logger.debug("ignoring GGUF tensor %s", name)
-    from conserve_jax.models.loader import check_params
     check_params(params, config)
     return params
 

@@ -21,15 +21,15 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
+from conserve_jax.config import ConserveConfig
 from conserve_jax.engine_api import RequestClass
 from conserve_jax.scheduling.latency_model import LatencyModel, WorkShape
 from conserve_jax.scheduling.policy import Policy, StepBudget
 
 if TYPE_CHECKING:
-    from conserve_jax.scheduling.scheduler import ScheduledStep, Scheduler
-    from conserve_jax.scheduling.sequence import Sequence
+    from conserve_jax.scheduling.scheduled_step import QueueView as Scheduler, ScheduledStep
+    from conserve_jax.request import Sequence
 
-MIN_ONLINE_CHUNK = 32  # an online prompt always makes at least this much progress
 
 
 class OnlineOnlyPolicy(Policy):
@@ -68,6 +68,7 @@ class TimeBudget(StepBudget):
     model: Optional[LatencyModel] = None
     limit_s: Optional[float] = None
     online_decoding: bool = False
+    min_online_chunk: int = 32  # an online prompt always makes at least this much progress
 
     def _fits(self, w: WorkShape) -> bool:
         return self.limit_s is None or self.model.predict(w) <= self.limit_s
@@ -82,7 +83,7 @@ class TimeBudget(StepBudget):
         room = super().prefill_tokens_for(step, seq)
         if room <= 0 or self.limit_s is None or (seq.online and not self.online_decoding):
             return room
-        floor = min(room, MIN_ONLINE_CHUNK) if seq.online else 0
+        floor = min(room, self.min_online_chunk) if seq.online else 0
 
         def ok(n: int) -> bool:
             end = seq.num_computed + n
@@ -110,12 +111,13 @@ class ConservePolicy(Policy):
     checkpointing = True
 
     def __init__(self, max_num_seqs: int, max_prefill_tokens: int, model: LatencyModel,
-                 default_ttft_s: float, default_tpot_s: float, tpot_margin: float = 0.9) -> None:
+                 default_ttft_s: float, default_tpot_s: float, knobs: ConserveConfig) -> None:
         super().__init__(max_num_seqs, max_prefill_tokens)
         self.model = model
         self.default_ttft_s = default_ttft_s
         self.default_tpot_s = default_tpot_s
-        self.tpot_margin = tpot_margin
+        self.tpot_margin = knobs.tpot_margin
+        self.min_online_chunk = knobs.min_online_chunk
         self.preemption_log = PreemptionLog()
         self.safepoint_every = 4  # set by the engine from EngineConfig.safepoint_interval
 
@@ -133,7 +135,7 @@ class ConservePolicy(Policy):
         limit = min(self.tpot(s) for s in online) * self.tpot_margin
         decoding = any(s.online and not s.in_prefill for s in sched.running)
         return TimeBudget(base.max_tokens, base.max_prefill_tokens, base.max_decodes,
-                          self.model, limit, decoding)
+                          self.model, limit, decoding, self.min_online_chunk)
 
     def on_step_done(self, step, elapsed_s, engine) -> None:
         self.model.observe(step.work, elapsed_s)
@@ -184,8 +186,10 @@ def build(cfg, model_factory) -> Policy:
     if name == "non-preemptive":
         return NonPreemptivePolicy(cfg.max_num_seqs, cfg.max_prefill_tokens)
     if name == "conserve":
-        p = ConservePolicy(cfg.max_num_seqs, cfg.max_prefill_tokens, model_factory(),
-                           cfg.default_ttft_s, cfg.default_tpot_s)
+        model = model_factory()
+        model.alpha, model.clamp = cfg.conserve.correction_alpha, cfg.conserve.correction_clamp
+        p = ConservePolicy(cfg.max_num_seqs, cfg.max_prefill_tokens, model,
+                           cfg.default_ttft_s, cfg.default_tpot_s, cfg.conserve)
         p.safepoint_every = cfg.safepoint_interval
         return p
     raise ValueError(f"policy must be one of {POLICY_NAMES}, got {name!r}")

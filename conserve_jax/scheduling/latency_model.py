@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 import numpy as np
+from scipy.optimize import nnls
 
 from conserve_jax.runtime.buckets import BucketSet, bucket_for
 
@@ -64,6 +65,7 @@ class LatencyModel:
     num_layers: int
     correction: float = 1.0
     alpha: float = 0.05  # weight of one new measurement in the online correction
+    clamp: float = 4.0  # one measurement counts as at most clamp x (at least 1/clamp x) predicted
     fit_error: dict = field(default_factory=dict)  # relative errors on held-out points
 
     def predict(self, w: WorkShape) -> float:
@@ -73,7 +75,7 @@ class LatencyModel:
         """Online correction from a measured iteration (step-loop thread)."""
         base = float(features(w, self.buckets, self.block_size) @ self.coef)
         if base > 0 and measured_s > 0:
-            ratio = min(4.0, max(0.25, measured_s / base))
+            ratio = min(self.clamp, max(1.0 / self.clamp, measured_s / base))
             self.correction = (1 - self.alpha) * self.correction + self.alpha * ratio
 
     # ---- fitting ------------------------------------------------------------------------
@@ -116,15 +118,8 @@ class LatencyModel:
 
 
 def _nnls_relative(samples, buckets: BucketSet, block_size: int) -> np.ndarray:
+    """Non-negative least squares on relative error: rows scaled by 1/t, target 1."""
     X = np.stack([features(w, buckets, block_size) for w, _ in samples])
     y = np.array([t for _, t in samples])
-    Xw, yw = X / y[:, None], np.ones_like(y)
-    active = np.ones(X.shape[1], bool)
-    for _ in range(X.shape[1]):  # drop negative terms one at a time (tiny active-set NNLS)
-        coef = np.zeros(X.shape[1])
-        coef[active] = np.linalg.lstsq(Xw[:, active], yw, rcond=None)[0]
-        neg = np.where(active & (coef < 0))[0]
-        if not len(neg):
-            return coef
-        active[neg[np.argmin(coef[neg])]] = False
-    return np.maximum(coef, 0)
+    coef, _ = nnls(X / y[:, None], np.ones_like(y))
+    return coef

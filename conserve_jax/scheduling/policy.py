@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from conserve_jax.scheduling.scheduler import Scheduler, ScheduledStep
-    from conserve_jax.scheduling.sequence import Sequence
+    from conserve_jax.scheduling.scheduled_step import QueueView as Scheduler, ScheduledStep
+    from conserve_jax.request import Sequence
 
 
 @dataclass

@@ -12,40 +12,16 @@ from __future__ import annotations
 
 import collections
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 from conserve_jax.config import EngineConfig
 from conserve_jax.kv.kv_manager import KVManager
 from conserve_jax.runtime.step_plan import (DecodeItem, PrefillItem, SampledToken, SampleSpec,
                                             StepPlan, StepResult)
-from conserve_jax.scheduling.latency_model import WorkShape
 from conserve_jax.scheduling.policy import Policy, StepBudget
-from conserve_jax.scheduling.sequence import Sequence, SeqStatus
-
-
-@dataclass
-class Scheduled:
-    seq: Sequence
-    num_tokens: int
-    samples: bool
-    decode: bool
-
-
-@dataclass
-class ScheduledStep:
-    plan: StepPlan
-    entries: list[Scheduled] = field(default_factory=list)
-    work: WorkShape = field(default_factory=WorkShape)
-    restores: list[tuple[list[int], list[int]]] = field(default_factory=list)  # (host slots, blocks)
-
-    @property
-    def has_online(self) -> bool:
-        return any(e.seq.online for e in self.entries)
-
-    @property
-    def empty(self) -> bool:
-        return not self.entries
+from conserve_jax.scheduling.scheduled_step import Scheduled, ScheduledStep
+from conserve_jax.request import Sequence, SeqStatus
 
 
 @dataclass
@@ -66,9 +42,10 @@ class Scheduler:
         self.waiting_offline: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
         self.counters = SchedulerCounters()
-        # on_evict(seq) -> tokens kept on host (0: recompute); on_remove(seq) frees host copies
+        # on_evict(seq) -> tokens kept on host (0: recompute); on_remove(request id) frees
+        # its host copies
         self.on_evict: Optional[Callable[[Sequence], int]] = None
-        self.on_remove: Optional[Callable[[Sequence], None]] = None
+        self.on_remove: Optional[Callable[[str], None]] = None
 
     # ---- intake -------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -81,9 +58,9 @@ class Scheduler:
         for q in (self.waiting_online, self.waiting_offline):
             if seq in q:
                 q.remove(seq)
-        self.kv.release(seq)
+        self.kv.release(seq.request_id)
         if self.on_remove:
-            self.on_remove(seq)
+            self.on_remove(seq.request_id)
         seq.status = SeqStatus.FINISHED
 
     @property
@@ -148,21 +125,21 @@ class Scheduler:
         (self.waiting_online if seq.online else self.waiting_offline).remove(seq)
         seq.status = SeqStatus.RUNNING
         self.running.append(seq)
-        if seq.num_computed and seq.host_slots:  # resume from the host checkpoint
+        if seq.num_computed:  # evicted with KV kept on host: resume from the checkpoint
             n = -(-seq.num_computed // self.kv.block_size)
-            step.restores.append((seq.host_slots[:n], seq.blocks[:n]))
+            step.restores.append((seq.request_id, self.kv.blocks(seq.request_id)[:n]))
             self.counters.restored_tokens += seq.num_computed
 
     def _ensure_blocks(self, seq: Sequence, upto: int, step: ScheduledStep) -> bool:
         """Grow `seq`'s blocks, evicting others when memory is short: online requests evict
         offline ones; any request evicts later arrivals of its own class (so running work
         cannot deadlock on memory). Offline work never evicts online work."""
-        if self.kv.grow(seq, upto):
+        if self.kv.grow(seq.request_id, seq.online, upto):
             return True
         scheduled = {id(e.seq) for e in step.entries}
         later = lambda s: s.arrival > seq.arrival or (s.arrival == seq.arrival and id(s) != id(seq))
         cands = [s for s in reversed(self.running) if s is not seq and id(s) not in scheduled
-                 and s.blocks]
+                 and self.kv.num_blocks(s.request_id)]
         if self.policy.priority and seq.online:
             victims = [s for s in cands if not s.online] + [s for s in cands if s.online and later(s)]
         elif self.policy.priority:
@@ -171,7 +148,7 @@ class Scheduler:
             victims = [s for s in cands if later(s)]
         for v in victims:
             self.evict(v)
-            if self.kv.grow(seq, upto):
+            if self.kv.grow(seq.request_id, seq.online, upto):
                 return True
         return False
 
@@ -181,7 +158,7 @@ class Scheduler:
         kept = self.on_evict(seq) if self.on_evict and not seq.online else 0
         self.counters.recomputed_tokens += seq.num_computed - kept
         seq.num_computed = kept
-        self.kv.release(seq)
+        self.kv.release(seq.request_id)
         self.running.remove(seq)
         seq.status = SeqStatus.WAITING
         seq.num_preemptions += 1
@@ -197,11 +174,11 @@ class Scheduler:
                               sp.logprobs)
         end = seq.num_computed + n
         if decode:
-            step.plan.decodes.append(DecodeItem(seq.token_ids[-1], seq.num_computed, seq.blocks, spec))
+            step.plan.decodes.append(DecodeItem(seq.token_ids[-1], seq.num_computed, self.kv.blocks(seq.request_id), spec))
             step.work = step.work.add_decode(end)
         else:
             toks = seq.token_ids[seq.num_computed: end]
-            step.plan.prefills.append(PrefillItem(toks, seq.num_computed, seq.blocks, spec))
+            step.plan.prefills.append(PrefillItem(toks, seq.num_computed, self.kv.blocks(seq.request_id), spec))
             step.work = step.work.add_prefill(n, end, samples)
         step.entries.append(Scheduled(seq, n, samples, decode))
 

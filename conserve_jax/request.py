@@ -1,4 +1,11 @@
-"""Per-request state kept by the scheduler (host-side, step-loop thread only)."""
+"""Per-request state of a running engine: what a request has, where it is in its life.
+
+A neutral module (as vLLM v1's `request.py`): the engine creates a `Sequence` per submitted
+request, the scheduler advances it, the output processor reads it. It imports only the
+engine contract's types. Its KV blocks and host checkpoint slots are not here: the KV
+manager and the checkpointer keep them, keyed by request id. Host-side state owned by the
+engine's step-loop thread; nothing here is thread-safe.
+"""
 from __future__ import annotations
 
 import enum
@@ -23,16 +30,11 @@ class Sequence:
     token_ids: list[int] = field(default_factory=list)  # prompt + generated
     prompt_len: int = 0
     num_computed: int = 0  # tokens whose KV is committed on device
-    blocks: list[int] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
     arrival: float = field(default_factory=time.monotonic)
     first_token_time: Optional[float] = None
     last_token_time: Optional[float] = None
-    finish_reason: Optional[str] = None
-    cancelled: bool = False
     num_preemptions: int = 0
-    # checkpointing (offline requests): host-pool slot of each completed block copied so far
-    host_slots: list[int] = field(default_factory=list)
 
     @property
     def request_id(self) -> str:

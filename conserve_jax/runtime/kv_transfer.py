@@ -1,0 +1,73 @@
+"""Device side of KV checkpointing: gather blocks out of the paged caches, scatter them back.
+
+Owned by the runtime because it touches the runner's device caches. Contract: every method
+is called by the engine's step-loop thread (the thread that owns `runner.caches`). `gather`
+copies the given blocks of every layer into one fresh device array (a copy, so later donation
+of the caches cannot disturb it) and starts its device->host transfer; `scatter` writes host
+blocks back into the donated caches. Block counts are padded to powers of two (scratch block
+0 as padding) so that nothing compiles after `warmup`.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from conserve_jax.runtime.buckets import bucket_for, powers_of_two
+
+
+def _gather(caches, ids):
+    return jnp.stack([jnp.stack([k[:, ids], v[:, ids]]) for k, v in caches])  # [L,2,kvh,n,bs,hd]
+
+
+def _scatter(caches, ids, data):
+    return [(k.at[:, ids].set(data[i, 0]), v.at[:, ids].set(data[i, 1]))
+            for i, (k, v) in enumerate(caches)]
+
+
+class KVTransfer:
+    def __init__(self, runner) -> None:
+        self.runner = runner
+        k0 = runner.caches[0][0]
+        kvh, _, bs, hd = k0.shape
+        self.block_size = bs
+        self.dtype = k0.dtype
+        self.block_shape = (len(runner.caches), 2, kvh, bs, hd)  # one block, every layer
+        self.sizes = powers_of_two(1, max(1, min(runner.max_blocks_per_seq * 4, 1024)))
+        self.max_blocks_per_call = self.sizes[-1]
+        self._gather = jax.jit(_gather)
+        self._scatter = jax.jit(_scatter, donate_argnums=(0,))
+
+    def _padded(self, dev_ids: list[int]) -> np.ndarray:
+        ids = np.zeros(bucket_for(len(dev_ids), self.sizes), np.int32)
+        ids[: len(dev_ids)] = dev_ids
+        return ids
+
+    def gather(self, dev_ids: list[int]):
+        """Device array [L, 2, kvh, n, bs, hd] (n >= len(dev_ids), padded) with its host copy
+        under way; `np.asarray` on it (any thread) waits for the copy."""
+        assert len(dev_ids) <= self.max_blocks_per_call
+        arr = self._gather(self.runner.caches, self._padded(dev_ids))
+        arr.copy_to_host_async()
+        return arr
+
+    def scatter(self, dev_ids: list[int], blocks: np.ndarray) -> None:
+        """Write host `blocks` [n, L, 2, kvh, bs, hd] into device blocks `dev_ids` (same order)."""
+        assert len(dev_ids) == len(blocks) <= self.max_blocks_per_call
+        ids = self._padded(dev_ids)
+        data = np.zeros((len(ids),) + self.block_shape, blocks.dtype)
+        data[: len(blocks)] = blocks
+        data = np.ascontiguousarray(np.moveaxis(data, 0, 3))  # -> [L, 2, kvh, n, bs, hd]
+        self.runner.caches = self._scatter(self.runner.caches, ids, data)
+
+    def compiled_count(self) -> int:
+        return self._gather._cache_size() + self._scatter._cache_size()
+
+    def warmup(self) -> None:
+        """Compile gather and scatter for every block-count bucket, with the argument types
+        `gather` and `scatter` pass (host numpy data for the scatter)."""
+        for n in self.sizes:
+            ids = np.zeros(n, np.int32)
+            arr = np.asarray(self._gather(self.runner.caches, ids))
+            self.runner.caches = self._scatter(self.runner.caches, ids, arr)
+        jax.block_until_ready(self.runner.caches)

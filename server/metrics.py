@@ -1,0 +1,312 @@
+"""`ServerMetrics`: the one set of server counters that `GetServerStats` and Prometheus
+`/metrics` both read.
+
+What it holds:
+- the online admission counter (requests in flight from every face: gRPC `Generate`,
+  HTTP chat/completions) with `try_admit_online` / `release_online`, so the
+  `max_online_queue` limit is process-wide;
+- latency histograms and SLO counters fed by `ObservedEngine` (below) from every finished
+  request's engine-measured `ttft_s` / `mean_tpot_s`, labelled by request class only (no
+  tenant or request labels, so cardinality stays fixed);
+- at scrape time (a custom collector) the engine's `EngineStats`, the batch store's item
+  counts and the batch runner's in-flight count: the very values `snapshot()` hands to
+  `GetServerStats`.
+
+Metric names (all prefixed `conserve_`) are listed in `METRIC_NAMES`.
+
+Threading: any thread may call any method. The admission counter is under `self._lock`;
+prometheus-client metrics are thread-safe. `ObservedEngine` observes a request when its
+final delta is taken from its stream, on whichever thread consumes it (gRPC worker, HTTP
+worker, batch runner).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from conserve_jax.engine_api import (SLO, EngineStats, GenerationRequest, RequestClass,
+                                     RequestOutput, RequestStream)
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
+                    1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0)
+_TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15,
+                 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0)
+
+METRIC_NAMES = {
+    "conserve_time_to_first_token_seconds": "histogram {class}: TTFT, engine-measured",
+    "conserve_time_per_output_token_seconds": "histogram {class}: mean inter-token time per request",
+    "conserve_e2e_request_latency_seconds": "histogram {class}: arrival to last token",
+    "conserve_inter_token_latency_seconds": "histogram {class=online}: gaps between streamed tokens, at the face",
+    "conserve_requests_finished_total": "counter {class, finish_reason}",
+    "conserve_slo_requests_total": "counter {class, objective=ttft|tpot, met=true|false}",
+    "conserve_generation_tokens_total": "counter {class}: tokens generated",
+    "conserve_prompt_tokens_total": "counter {class}: prompt-side tokens committed (incl. recompute)",
+    "conserve_requests_waiting": "gauge {class}: engine waiting queue",
+    "conserve_requests_running": "gauge {class}: engine running set",
+    "conserve_online_in_flight": "gauge: online requests admitted by the server, all faces",
+    "conserve_online_queue_limit": "gauge: beyond it online requests are refused (429 / RESOURCE_EXHAUSTED)",
+    "conserve_kv_blocks": "gauge {class=online|offline|total}: device KV blocks",
+    "conserve_host_pool_slots": "gauge {state=used|total}: host KV checkpoint pool",
+    "conserve_tokens_per_second": "gauge {class}: recent generation rate",
+    "conserve_preemptions_total": "counter: sub-iteration preemptions",
+    "conserve_preempted_tokens_discarded_total": "counter",
+    "conserve_evictions_total": "counter: offline KV evictions",
+    "conserve_restored_tokens_total": "counter: tokens restored from the host pool",
+    "conserve_recomputed_tokens_total": "counter: tokens recomputed after eviction",
+    "conserve_iterations_total": "counter: engine iterations",
+    "conserve_batches_active": "gauge: batches queued or running",
+    "conserve_batch_items": "gauge {state=pending|in_flight|succeeded|failed|cancelled}",
+    "conserve_uptime_seconds": "gauge",
+}
+
+
+@dataclass
+class Snapshot:
+    """What `GetServerStats` returns: engine stats plus the server's own fields."""
+
+    engine: EngineStats
+    server: dict[str, Any]
+
+
+class ServerMetrics:
+    """See the module docstring. `store`/`runner` may be attached after construction
+    (`attach`), since `ServerApp` builds them from the observed engine."""
+
+    def __init__(self, engine, max_online_queue: int, default_slo: SLO = SLO()) -> None:
+        self.engine = engine
+        self.max_online_queue = max_online_queue
+        self.store = None
+        self.runner = None
+        self._lock = threading.Lock()
+        self._online = 0
+        self._started = time.monotonic()
+        cfg = getattr(engine, "config", None)
+        self.default_slo = SLO(
+            default_slo.ttft_s if default_slo.ttft_s is not None else getattr(cfg, "default_ttft_s", None),
+            default_slo.tpot_s if default_slo.tpot_s is not None else getattr(cfg, "default_tpot_s", None))
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.ttft = Histogram("conserve_time_to_first_token_seconds", "Time to first token",
+                              ["class"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("conserve_time_per_output_token_seconds",
+                              "Mean time between output tokens of a request",
+                              ["class"], buckets=_TPOT_BUCKETS, registry=r)
+        self.e2e = Histogram("conserve_e2e_request_latency_seconds",
+                             "Arrival to last token", ["class"], buckets=_LATENCY_BUCKETS,
+                             registry=r)
+        self.itl = Histogram("conserve_inter_token_latency_seconds",
+                             "Gap between consecutive streamed tokens of online requests, as the "
+                             "server's faces receive them", ["class"], buckets=_TPOT_BUCKETS,
+                             registry=r)
+        self.finished = Counter("conserve_requests_finished", "Requests finished",
+                                ["class", "finish_reason"], registry=r)
+        self.slo = Counter("conserve_slo_requests", "Requests judged against an objective",
+                           ["class", "objective", "met"], registry=r)
+        r.register(_EngineCollector(self))
+
+    def attach(self, store, runner) -> None:
+        self.store, self.runner = store, runner
+
+    # ---- online admission (all faces) --------------------------------------------------
+    def try_admit_online(self) -> bool:
+        """Count one more online request in flight; False (nothing counted) when full."""
+        with self._lock:
+            if self._online >= self.max_online_queue:
+                return False
+            self._online += 1
+            return True
+
+    def release_online(self) -> None:
+        with self._lock:
+            self._online -= 1
+
+    @property
+    def online_in_flight(self) -> int:
+        with self._lock:
+            return self._online
+
+    # ---- observation -------------------------------------------------------------------
+    def observe_finished(self, request: GenerationRequest, out: RequestOutput) -> None:
+        """Record one finished request (its final delta)."""
+        cls = request.request_class.value
+        self.finished.labels(cls, out.finish_reason or "unknown").inc()
+        if out.finish_reason not in ("stop", "length") or out.ttft_s is None:
+            return
+        self.ttft.labels(cls).observe(out.ttft_s)
+        tpot = out.mean_tpot_s or 0.0
+        if out.completion_tokens > 1:
+            self.tpot.labels(cls).observe(tpot)
+        self.e2e.labels(cls).observe(out.ttft_s + tpot * max(out.completion_tokens - 1, 0))
+        if request.request_class is not RequestClass.ONLINE:
+            return
+        ttft_slo = request.slo.ttft_s if request.slo.ttft_s is not None else self.default_slo.ttft_s
+        tpot_slo = request.slo.tpot_s if request.slo.tpot_s is not None else self.default_slo.tpot_s
+        if ttft_slo is not None:
+            self.slo.labels(cls, "ttft", str(out.ttft_s <= ttft_slo).lower()).inc()
+        if tpot_slo is not None and out.completion_tokens > 1:
+            self.slo.labels(cls, "tpot", str(tpot <= tpot_slo).lower()).inc()
+
+    # ---- reading -----------------------------------------------------------------------
+    def snapshot(self) -> Snapshot:
+        """Engine stats and server fields, as `GetServerStats` reports them."""
+        counts = self.store.counts() if self.store is not None else {}
+        server = {
+            "online_in_flight": self.online_in_flight,
+            "online_queue_limit": self.max_online_queue,
+            "batches_active": counts.get("batches_active", 0),
+            "batch_items_pending": counts.get("batch_items_pending", 0),
+            "batch_items_in_flight": self.runner.in_flight if self.runner is not None else 0,
+            "uptime_s": time.monotonic() - self._started,
+        }
+        return Snapshot(self.engine.stats(), server)
+
+    def exposition(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)
+
+
+class _EngineCollector:
+    """Reads `ServerMetrics.snapshot()` at scrape time (the same values `GetServerStats`
+    returns) plus the store's finished-item totals."""
+
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self.m = metrics
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        snap = self.m.snapshot()
+        s, srv = snap.engine, snap.server
+
+        def gauge(name, doc, value=None, label=None, values=()):
+            g = GaugeMetricFamily(name, doc, labels=[label] if label else None)
+            if label:
+                for lv, v in values:
+                    g.add_metric([lv], v)
+            else:
+                g.add_metric([], value)
+            return g
+
+        def counter(name, doc, value=None, label=None, values=()):
+            c = CounterMetricFamily(name, doc, labels=[label] if label else None)
+            if label:
+                for lv, v in values:
+                    c.add_metric([lv], v)
+            else:
+                c.add_metric([], value)
+            return c
+
+        yield counter("conserve_generation_tokens", "Tokens generated", label="class",
+                      values=[("online", s.online_tokens_total), ("offline", s.offline_tokens_total)])
+        yield counter("conserve_prompt_tokens", "Prompt-side tokens committed", label="class",
+                      values=[("online", s.online_prefill_tokens_total),
+                              ("offline", s.offline_prefill_tokens_total)])
+        yield gauge("conserve_requests_waiting", "Requests in the engine's waiting queues",
+                    label="class", values=[("online", s.online_waiting), ("offline", s.offline_waiting)])
+        yield gauge("conserve_requests_running", "Requests in the engine's running set",
+                    label="class", values=[("online", s.online_running), ("offline", s.offline_running)])
+        yield gauge("conserve_online_in_flight", "Online requests admitted, all faces",
+                    srv["online_in_flight"])
+        yield gauge("conserve_online_queue_limit", "Online in-flight limit", srv["online_queue_limit"])
+        yield gauge("conserve_kv_blocks", "Device KV blocks", label="class",
+                    values=[("online", s.kv_blocks_online), ("offline", s.kv_blocks_offline),
+                            ("total", s.kv_blocks_total)])
+        yield gauge("conserve_host_pool_slots", "Host KV checkpoint pool slots", label="state",
+                    values=[("used", s.host_pool_slots_used), ("total", s.host_pool_slots_total)])
+        yield gauge("conserve_tokens_per_second", "Recent generation rate", label="class",
+                    values=[("online", s.online_tokens_per_s), ("offline", s.offline_tokens_per_s)])
+        for name, value, doc in (
+                ("preemptions", s.preemptions, "Sub-iteration preemptions"),
+                ("preempted_tokens_discarded", s.preempted_tokens_discarded,
+                 "Tokens of preempted iterations discarded"),
+                ("evictions", s.evictions, "Offline KV evictions"),
+                ("restored_tokens", s.restored_tokens, "Tokens restored from the host pool"),
+                ("recomputed_tokens", s.recomputed_tokens, "Tokens recomputed after eviction"),
+                ("iterations", s.iterations, "Engine iterations")):
+            yield counter(f"conserve_{name}", doc, value)
+        yield gauge("conserve_batches_active", "Batches queued or running", srv["batches_active"])
+        items = [("pending", srv["batch_items_pending"]), ("in_flight", srv["batch_items_in_flight"])]
+        totals = getattr(self.m.store, "item_totals", None)
+        if totals is not None:
+            t = totals()
+            items += [("succeeded", t["succeeded"]), ("failed", t["failed"]),
+                      ("cancelled", t["cancelled"])]
+        yield gauge("conserve_batch_items", "Batch items by state", label="state", values=items)
+        yield gauge("conserve_uptime_seconds", "Server uptime", srv["uptime_s"])
+
+
+class ObservedStream:
+    """A `RequestStream` stand-in that reports the request to `ServerMetrics` when its
+    final delta is taken. Same consumer surface: `get`, iteration, `done`, `request_id`."""
+
+    def __init__(self, inner: RequestStream, request: GenerationRequest,
+                 metrics: ServerMetrics) -> None:
+        self._inner, self._request, self._metrics = inner, request, metrics
+        self.request_id = inner.request_id
+        self.done = inner.done
+        self._last: Optional[float] = None  # when the previous token-bearing delta was taken
+
+    def _seen(self, out: RequestOutput) -> RequestOutput:
+        """Observe a delta as its consumer takes it. Inter-token gaps are recorded for
+        online requests only: their consumers (gRPC Generate, HTTP) take deltas as they
+        come, while the batch runner polls offline streams in bursts."""
+        if out.token_ids and self._request.request_class is RequestClass.ONLINE:
+            now = time.monotonic()
+            if self._last is not None:
+                gap = (now - self._last) / len(out.token_ids)
+                h = self._metrics.itl.labels("online")
+                for _ in out.token_ids:
+                    h.observe(gap)
+            self._last = now
+        if out.finished:
+            self._metrics.observe_finished(self._request, out)
+        return out
+
+    def put(self, out: RequestOutput) -> None:
+        self._inner.put(out)
+
+    def get(self, timeout: Optional[float] = None) -> RequestOutput:
+        return self._seen(self._inner.get(timeout=timeout))
+
+    def __iter__(self) -> Iterator[RequestOutput]:
+        for out in self._inner:
+            yield self._seen(out)
+
+
+class ObservedEngine:
+    """Wraps an `EngineAPI` so every submitted request is observed by `ServerMetrics`.
+    Everything else is delegated unchanged; the server's faces use this wrapper."""
+
+    def __init__(self, engine, metrics: ServerMetrics) -> None:
+        self._engine = engine
+        self._metrics = metrics
+
+    def submit(self, request: GenerationRequest) -> ObservedStream:
+        return ObservedStream(self._engine.submit(request), request, self._metrics)
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+
+def serve_metrics(metrics: ServerMetrics, host: str, port: int, tls_cert: Optional[bytes] = None,
+                  tls_key: Optional[bytes] = None):
+    """Serve `/metrics` alone (prometheus-client's exporter thread) for processes that run
+    without the HTTP front. Returns (server with `.shutdown()`, bound port)."""
+    from prometheus_client import start_http_server
+
+    from server.pem import pem_files
+
+    if tls_cert is not None and tls_key is not None:
+        with pem_files(tls_cert, tls_key) as (cert_path, key_path):
+            httpd, _ = start_http_server(port, addr=host, registry=metrics.registry,
+                                         certfile=cert_path, keyfile=key_path)
+    else:
+        httpd, _ = start_http_server(port, addr=host, registry=metrics.registry)
+    return httpd, httpd.server_address[1]

@@ -1,0 +1,104 @@
+"""`HttpFront`: runs the OpenAI-compatible app (routes.py) under uvicorn on its own thread,
+in the same process as the gRPC server and over the same engine, batch store and metrics.
+
+`start()` binds the socket itself (so port 0 works and the bound port is known at once),
+wraps it in TLS when the server has a certificate, and starts uvicorn's event loop on a
+daemon thread; `stop(grace)` stops accepting, gives open requests `grace` seconds and joins
+the thread. `admitting` is cleared by `ServerApp.stop` first: new work then gets 503.
+Called by `ServerApp` from its controlling thread.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+from typing import Optional
+
+import uvicorn
+
+from server.metrics import ServerMetrics
+from server.openai_api.files import FileStore
+from server.openai_api.routes import FrontOptions, OpenAIRoutes, build_app
+from server.pem import server_ssl_context
+
+log = logging.getLogger(__name__)
+
+
+class HttpFront:
+    def __init__(self, engine, store, runner, auth, metrics: ServerMetrics, config) -> None:
+        """`config` is the `server.app.ServerConfig` (host, http_port, TLS, options)."""
+        o = config.options
+        self.config = config
+        self.routes = OpenAIRoutes(engine, store, runner, auth, metrics, FileStore(config.data_dir),
+                                   FrontOptions(model_name=config.model_name,
+                                                max_online_queue=o.max_online_queue,
+                                                max_flex_in_flight=o.max_online_queue,
+                                                max_batch_size=o.max_batch_size,
+                                                max_file_bytes=config.max_message_bytes,
+                                                max_logprobs=o.max_logprobs,
+                                                default_slo=o.default_slo))
+        self.app = build_app(self.routes)
+        self.port: Optional[int] = None
+        self._server: Optional[uvicorn.Server] = None
+        self._thread: Optional[threading.Thread] = None
+
+    @property
+    def admitting(self) -> bool:
+        return self.routes.admitting
+
+    @admitting.setter
+    def admitting(self, value: bool) -> None:
+        self.routes.admitting = value
+
+    def start(self) -> int:
+        c = self.config
+        family = socket.AF_INET6 if ":" in c.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((c.host, c.http_port))
+        sock.listen(2048)
+        sock.setblocking(False)
+        self.port = sock.getsockname()[1]
+        ucfg = uvicorn.Config(self.app, log_config=None, access_log=False, lifespan="off",
+                              timeout_graceful_shutdown=max(1, int(c.drain_timeout_s)),
+                              timeout_keep_alive=30)
+        ucfg.load()
+        if c.tls_cert is not None and c.tls_key is not None:
+            ucfg.ssl = server_ssl_context(c.tls_cert, c.tls_key)
+        self._server = uvicorn.Server(ucfg)
+        started = threading.Event()
+
+        def serve() -> None:
+            loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)
+            try:
+                loop.run_until_complete(self._serve(sock, started))
+            except Exception:
+                log.exception("HTTP front stopped with an error")
+            finally:
+                started.set()
+                loop.close()
+        self._thread = threading.Thread(target=serve, name="http-front", daemon=True)
+        self._thread.start()
+        started.wait(30.0)
+        if not self._server.started:
+            raise RuntimeError(f"HTTP front did not start on {c.host}:{self.port}")
+        log.info("OpenAI-compatible HTTP on %s:%d (tls=%s)", c.host, self.port, c.tls_cert is not None)
+        return self.port
+
+    async def _serve(self, sock: socket.socket, started: threading.Event) -> None:
+        async def mark_started() -> None:
+            while not self._server.started and not self._server.should_exit:
+                await asyncio.sleep(0.01)
+            started.set()
+        waiter = asyncio.ensure_future(mark_started())
+        await self._server.serve(sockets=[sock])
+        waiter.cancel()
+
+    def stop(self, grace: float = 5.0) -> None:
+        if self._server is None:
+            return
+        self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(grace + 5.0)

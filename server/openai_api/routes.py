@@ -1,0 +1,401 @@
+"""`OpenAIRoutes`: the endpoints of the OpenAI-compatible front, and `build_app` (Starlette).
+
+    GET  /v1/models, /v1/models/{model}
+    POST /v1/chat/completions, /v1/completions        (stream or not; service_tier flex = offline)
+    POST /v1/files; GET /v1/files, /v1/files/{id}, /v1/files/{id}/content; DELETE /v1/files/{id}
+    POST /v1/batches; GET /v1/batches, /v1/batches/{id}; POST /v1/batches/{id}/cancel
+    GET  /metrics (Prometheus, no auth), /health
+
+Handlers run on the uvicorn event-loop thread; anything that may block (tokenizing, the
+sqlite store, file I/O, waiting for engine output) runs in worker threads bounded by
+`limiter`. Shared state: the engine, batch store and runner (thread-safe by contract),
+`ServerMetrics` (online admission, shared with gRPC) and the `admitting` flag that
+`ServerApp.stop` clears. Auth: `Authorization: Bearer <token>`, each token a tenant; a
+tenant sees only its own files and batches (others' are 404).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Optional
+
+import anyio
+import anyio.to_thread
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from conserve_jax.engine_api import SLO, RequestClass
+from server.auth import Authenticator
+from server.metrics import CONTENT_TYPE, ServerMetrics
+from server.openai_api import batches as B
+from server.openai_api import render
+from server.openai_api.errors import ApiError, bad_request, invalid_value, not_found
+from server.openai_api.files import FileStore
+from server.openai_api.schemas import CHAT, COMPLETION, ENDPOINTS, parse_body, to_generation
+from server.openai_api.streaming import ClientGone, SSEResponse, deltas, sse
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FrontOptions:
+    model_name: str = "default"
+    max_online_queue: int = 256  # shared with gRPC through ServerMetrics
+    max_flex_in_flight: int = 256  # service_tier=flex requests held open at once
+    max_batch_size: int = 10000
+    max_file_bytes: int = 64 << 20
+    max_logprobs: int = 20
+    default_slo: SLO = SLO()
+
+
+class OpenAIRoutes:
+    def __init__(self, engine, store, runner, auth: Optional[Authenticator],
+                 metrics: ServerMetrics, files: FileStore, options: FrontOptions) -> None:
+        self.engine, self.store, self.runner, self.auth = engine, store, runner, auth
+        self.metrics, self.files, self.options = metrics, files, options
+        self.admitting = True
+        self.created = int(time.time())
+        workers = options.max_online_queue + options.max_flex_in_flight + 16
+        self.limiter = anyio.CapacityLimiter(workers)
+        self._flex_lock = threading.Lock()
+        self._flex = 0
+
+    # ---- helpers -----------------------------------------------------------------------
+    def tenant(self, request: Request) -> Optional[str]:
+        if self.auth is None:
+            return None
+        header = request.headers.get("authorization")
+        tenant = self.auth.tenant([("authorization", header)] if header else [])
+        if tenant is None:
+            raise ApiError(401, "missing or invalid API key: send 'Authorization: Bearer <token>'",
+                           code="invalid_api_key")
+        return tenant
+
+    async def run(self, fn, *args):
+        return await anyio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+
+    @staticmethod
+    async def json_body(request: Request):
+        raw = await request.body()
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise bad_request("the request body is not valid JSON") from None
+
+    def require_admitting(self) -> None:
+        if not self.admitting:
+            raise ApiError(503, "server is shutting down")
+
+    def check_model(self, model: str) -> None:
+        if model != self.options.model_name:
+            raise ApiError(404, f"The model {model!r} does not exist; this server serves "
+                                f"{self.options.model_name!r}", "model", "model_not_found")
+
+    def _admit(self, cls: RequestClass) -> bool:
+        if cls is RequestClass.ONLINE:
+            return self.metrics.try_admit_online()
+        with self._flex_lock:
+            if self._flex >= self.options.max_flex_in_flight:
+                return False
+            self._flex += 1
+            return True
+
+    def _release(self, cls: RequestClass) -> None:
+        if cls is RequestClass.ONLINE:
+            self.metrics.release_online()
+        else:
+            with self._flex_lock:
+                self._flex -= 1
+
+    # ---- models ------------------------------------------------------------------------
+    def _model(self) -> dict:
+        return {"id": self.options.model_name, "object": "model", "created": self.created,
+                "owned_by": "conserve-jax", "max_model_len": self.engine.max_model_len}
+
+    async def list_models(self, request: Request):
+        self.tenant(request)
+        return JSONResponse({"object": "list", "data": [self._model()]})
+
+    async def get_model(self, request: Request):
+        self.tenant(request)
+        model = request.path_params["model"]
+        self.check_model(model)
+        return JSONResponse(self._model())
+
+    # ---- chat / completions ------------------------------------------------------------
+    async def chat(self, request: Request):
+        return await self._generate(request, CHAT)
+
+    async def completions(self, request: Request):
+        return await self._generate(request, COMPLETION)
+
+    async def _generate(self, request: Request, kind: str):
+        self.tenant(request)
+        self.require_admitting()
+        parsed = parse_body(kind, await self.json_body(request))
+        self.check_model(parsed.model)
+        cls = parsed.request_class
+        rid = f"{'on' if cls is RequestClass.ONLINE else 'flex'}:{uuid.uuid4().hex}"
+        gen = await self.run(to_generation, parsed, self.engine, rid, self.options.default_slo,
+                             self.options.max_logprobs)
+        if not self._admit(cls):
+            raise ApiError(429, f"the {'online' if cls is RequestClass.ONLINE else 'flex'} queue "
+                                "is full; retry later", code="rate_limit_exceeded")
+        state = {"open": True, "finished": False}
+
+        def close() -> None:  # idempotent: release the slot, stop the engine request
+            if state["open"]:
+                state["open"] = False
+                self._release(cls)
+                if not state["finished"]:
+                    self.engine.cancel(rid)
+        try:
+            stream = self.engine.submit(gen)
+        except ValueError as e:
+            close()
+            raise bad_request(str(e)) from None
+        except RuntimeError as e:
+            close()
+            raise ApiError(503, f"engine is not accepting work: {e}") from None
+        except BaseException:
+            close()
+            raise
+        meta = render.Meta(kind, render.new_id(kind), parsed.model, parsed.service_tier,
+                           parsed.logprobs, parsed.top_logprobs)
+        if parsed.stream:
+            return SSEResponse(self._events(stream, meta, parsed.include_usage, state), close)
+        try:
+            ans = render.Answer()
+            async for out in deltas(stream, self.limiter, request.is_disconnected):
+                ans.add(out)
+                state["finished"] = out.finished
+            self._raise_for(ans.finish_reason, ans.error)
+            return JSONResponse(render.full_response(meta, self.engine.tokenizer, ans))
+        except ClientGone:
+            return Response(status_code=499)
+        finally:
+            close()
+
+    def _raise_for(self, finish_reason: Optional[str], error: str) -> None:
+        if finish_reason == "error":
+            raise ApiError(500, error or "engine error")
+        if finish_reason == "cancelled":
+            raise ApiError(503, "server is shutting down" if not self.admitting
+                           else "the request was cancelled by the server")
+
+    async def _events(self, stream, meta: render.Meta, include_usage: bool, state: dict):
+        tok = self.engine.tokenizer
+        first, sent = True, 0
+        try:
+            async for out in deltas(stream, self.limiter):
+                state["finished"] = out.finished
+                if out.finished:
+                    self._raise_for(out.finish_reason, out.error or "")
+                    yield sse(render.chunk(meta, tok, out.text, out.logprobs, out.finish_reason,
+                                           first, sent))
+                    if include_usage:
+                        yield sse(render.usage_chunk(meta, out.prompt_tokens, out.completion_tokens))
+                elif out.text or out.logprobs or first:
+                    yield sse(render.chunk(meta, tok, out.text, out.logprobs, None, first, sent))
+                    first = False
+                sent += len(out.text)
+        except ApiError as e:
+            yield sse(e.body())
+        yield sse("[DONE]")
+
+    # ---- files -------------------------------------------------------------------------
+    async def upload_file(self, request: Request):
+        tenant = self.tenant(request)
+        self.require_admitting()
+        if int(request.headers.get("content-length") or 0) > self.options.max_file_bytes + (1 << 20):
+            raise ApiError(413, f"file exceeds {self.options.max_file_bytes} bytes", "file")
+        try:
+            form = await request.form(max_part_size=self.options.max_file_bytes)
+        except Exception as e:  # malformed multipart
+            raise bad_request(f"the body must be multipart/form-data with file and purpose: {e}",
+                              "file") from None
+        purpose, upload = form.get("purpose"), form.get("file")
+        if purpose != "batch":
+            raise invalid_value("purpose", f"purpose must be 'batch', got {purpose!r}")
+        if upload is None or isinstance(upload, str):
+            raise invalid_value("file", "file is required (a JSONL upload)")
+        data = await upload.read()
+        await self.run(B.parse_jsonl, data, self.options.max_batch_size)
+        row = await self.run(self.files.create, tenant or "", upload.filename or "input.jsonl",
+                             purpose, data)
+        return JSONResponse(row.to_openai())
+
+    async def _owned_file(self, tenant: Optional[str], file_id: str):
+        """(FileRow-like dict, content getter) for an uploaded or a result file."""
+        target = B.batch_of_file(file_id)
+        if target is not None:
+            row = await self.run(self.store.get, target[0])
+            if row is None or (tenant is not None and row.tenant != tenant) or not B.finished(row):
+                raise not_found("file", file_id, "file_id")
+            data = await self.run(B.result_file, self.files, self.store, row, target[1],
+                                  self.options.model_name, self.engine.tokenizer)
+            frow = await self.run(self.files.get, file_id)
+            return frow, data
+        frow = await self.run(self.files.get, file_id)
+        if frow is None or (tenant is not None and frow.tenant != tenant):
+            raise not_found("file", file_id, "file_id")
+        return frow, None
+
+    async def get_file(self, request: Request):
+        frow, _ = await self._owned_file(self.tenant(request), request.path_params["file_id"])
+        return JSONResponse(frow.to_openai())
+
+    async def file_content(self, request: Request):
+        frow, data = await self._owned_file(self.tenant(request), request.path_params["file_id"])
+        if data is None:
+            data = await self.run(self.files.content, frow.id)
+        return Response(data, media_type="application/jsonl")
+
+    async def list_files(self, request: Request):
+        tenant = self.tenant(request)
+        rows = await self.run(self.files.list, tenant, request.query_params.get("purpose"))
+        return JSONResponse({"object": "list", "data": [r.to_openai() for r in rows],
+                             "has_more": False})
+
+    async def delete_file(self, request: Request):
+        tenant = self.tenant(request)
+        file_id = request.path_params["file_id"]
+        frow, _ = await self._owned_file(tenant, file_id)
+        await self.run(self.files.delete, frow.id)
+        return JSONResponse({"id": frow.id, "object": "file", "deleted": True})
+
+    # ---- batches -----------------------------------------------------------------------
+    async def create_batch(self, request: Request):
+        tenant = self.tenant(request)
+        self.require_admitting()
+        body = await self.json_body(request)
+        if not isinstance(body, dict):
+            raise bad_request("the request body must be a JSON object")
+        endpoint = body.get("endpoint")
+        if endpoint not in ENDPOINTS:
+            raise invalid_value("endpoint", f"endpoint must be one of {sorted(ENDPOINTS)}, got {endpoint!r}")
+        window = B.parse_window(body.get("completion_window"))
+        metadata = body.get("metadata")
+        if metadata is not None and not (isinstance(metadata, dict) and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
+            raise invalid_value("metadata", "metadata must be an object of string values")
+        file_id = body.get("input_file_id")
+        if not isinstance(file_id, str) or not file_id:
+            raise invalid_value("input_file_id", "input_file_id is required")
+        frow = await self.run(self.files.get, file_id)
+        if frow is None or (tenant is not None and frow.tenant != tenant) or frow.purpose != "batch":
+            raise not_found("file", file_id, "input_file_id")
+        data = await self.run(self.files.content, file_id)
+        lines = await self.run(B.parse_jsonl, data, self.options.max_batch_size)
+        items = await self.run(B.build_items, lines, endpoint, self.engine,
+                               self.options.model_name, self.options.max_logprobs)
+        deadline = time.time() + window
+        key = request.headers.get("idempotency-key") or ""
+        batch_id, created = await self.run(self.store.create_batch, tenant or "", items,
+                                           deadline, key)
+        if created:
+            await self.run(self.files.put_doc, batch_id, {
+                "endpoint": endpoint, "input_file_id": file_id, "metadata": metadata,
+                "completion_window": body.get("completion_window")})
+            self.runner.wake()
+            log.info("batch %s: %d requests from %s", batch_id, len(items), file_id)
+        return JSONResponse(await self._batch_json(batch_id))
+
+    async def _batch_json(self, batch_id: str) -> dict:
+        row = await self.run(self.store.get, batch_id)
+        return B.batch_object(row, await self.run(self.files.get_doc, batch_id))
+
+    async def _owned_batch(self, request: Request):
+        tenant = self.tenant(request)
+        batch_id = request.path_params["batch_id"]
+        row = await self.run(self.store.get, batch_id)
+        if row is None or (tenant is not None and row.tenant != tenant):
+            raise not_found("batch", batch_id, "batch_id")
+        return row
+
+    async def get_batch(self, request: Request):
+        row = await self._owned_batch(request)
+        return JSONResponse(B.batch_object(row, await self.run(self.files.get_doc, row.id)))
+
+    async def cancel_batch(self, request: Request):
+        row = await self._owned_batch(request)
+        if await self.run(self.store.terminate, row.id, "cancelled", "batch cancelled"):
+            self.runner.cancel_batch(row.id, "cancelled")
+            log.info("batch %s cancelled", row.id)
+        return JSONResponse(await self._batch_json(row.id))
+
+    async def list_batches(self, request: Request):
+        tenant = self.tenant(request)
+        try:
+            limit = int(request.query_params.get("limit", 20))
+        except ValueError:
+            limit = -1
+        if not 1 <= limit <= 100:
+            raise invalid_value("limit", "limit must be an integer in [1, 100]")
+        before = None
+        after = request.query_params.get("after")
+        if after:
+            cursor = await self.run(self.store.get, after)
+            if cursor is None or (tenant is not None and cursor.tenant != tenant):
+                raise invalid_value("after", f"after: no such batch {after!r}")
+            before = cursor.seq
+        rows = await self.run(self.store.list, tenant, limit + 1, before)
+        data = [B.batch_object(r, await self.run(self.files.get_doc, r.id)) for r in rows[:limit]]
+        return JSONResponse({"object": "list", "data": data, "has_more": len(rows) > limit,
+                             "first_id": data[0]["id"] if data else None,
+                             "last_id": data[-1]["id"] if data else None})
+
+    # ---- operations --------------------------------------------------------------------
+    async def metrics_endpoint(self, request: Request):
+        return Response(await self.run(self.metrics.exposition), media_type=CONTENT_TYPE)
+
+    async def health(self, request: Request):
+        return JSONResponse({"status": "ok" if self.admitting else "shutting_down"},
+                            status_code=200 if self.admitting else 503)
+
+
+async def _api_error(request: Request, exc: ApiError):
+    return exc.response()
+
+
+async def _http_error(request: Request, exc: HTTPException):
+    msg = {404: f"no route {request.method} {request.url.path}",
+           405: f"method {request.method} not allowed on {request.url.path}"}.get(
+        exc.status_code, str(exc.detail))
+    return ApiError(exc.status_code, msg).response()
+
+
+async def _server_error(request: Request, exc: Exception):
+    log.exception("unhandled error in %s %s", request.method, request.url.path)
+    return ApiError(500, f"internal server error: {type(exc).__name__}").response()
+
+
+def build_app(routes: OpenAIRoutes) -> Starlette:
+    r = routes
+    table = [
+        Route("/v1/models", r.list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", r.get_model, methods=["GET"]),
+        Route("/v1/chat/completions", r.chat, methods=["POST"]),
+        Route("/v1/completions", r.completions, methods=["POST"]),
+        Route("/v1/files", r.upload_file, methods=["POST"]),
+        Route("/v1/files", r.list_files, methods=["GET"]),
+        Route("/v1/files/{file_id}", r.get_file, methods=["GET"]),
+        Route("/v1/files/{file_id}", r.delete_file, methods=["DELETE"]),
+        Route("/v1/files/{file_id}/content", r.file_content, methods=["GET"]),
+        Route("/v1/batches", r.create_batch, methods=["POST"]),
+        Route("/v1/batches", r.list_batches, methods=["GET"]),
+        Route("/v1/batches/{batch_id}", r.get_batch, methods=["GET"]),
+        Route("/v1/batches/{batch_id}/cancel", r.cancel_batch, methods=["POST"]),
+        Route("/metrics", r.metrics_endpoint, methods=["GET"]),
+        Route("/health", r.health, methods=["GET"]),
+    ]
+    return Starlette(routes=table, exception_handlers={
+        ApiError: _api_error, HTTPException: _http_error, Exception: _server_error})
+

@@ -1,0 +1,52 @@
+"""`LLM.chat` (vLLM-shaped): the chat template is applied through the tokenizer, one
+conversation or a list of them, and bad input is a ValueError naming the conversation."""
+import pytest
+
+from conserve_jax.llm import LLM
+from conserve_jax.sampling_params import SamplingParams
+
+CONV = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi!"}]
+
+
+@pytest.fixture(scope="module")
+def llm():
+    with LLM(model="random:tiny", max_model_len=256, max_num_seqs=4, max_prefill_tokens=64,
+             num_blocks=128) as llm:
+        yield llm
+
+
+def test_chat_renders_the_template_and_generates(llm):
+    tok = llm.tokenizer
+    assert tok.has_chat_template
+    sp = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    out = llm.chat(CONV, sp)
+    assert len(out) == 1
+    rendered = tok.apply_chat_template(CONV, add_generation_prompt=True)
+    assert out[0].prompt == rendered
+    assert out[0].prompt_token_ids == tok.encode(rendered, add_special_tokens=False)
+    ref = llm.generate([out[0].prompt_token_ids], sp)[0]
+    assert out[0].token_ids == ref.token_ids and len(ref.token_ids) == 6
+    assert out[0].text == ref.text
+
+
+def test_chat_list_of_conversations_in_order(llm):
+    convs = [CONV, [{"role": "user", "content": "Second"}], [{"role": "user", "content": "3"}]]
+    sp = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    many = llm.chat(convs, sp)
+    assert [o.prompt for o in many] == [llm.tokenizer.apply_chat_template(c) for c in convs]
+    assert [o.token_ids for o in many] == [llm.chat(c, sp)[0].token_ids for c in convs]
+    online = llm.chat(convs[1], sp, offline=False)[0]
+    assert online.token_ids == many[1].token_ids
+
+
+def test_chat_bad_input_names_the_conversation(llm):
+    with pytest.raises(ValueError, match=r"messages\[1\]"):
+        llm.chat([CONV, [{"role": "user"}]])
+    with pytest.raises(ValueError, match="messages"):
+        llm.chat([])
+    with pytest.raises(ValueError, match=r"messages\[0\]"):
+        llm.chat(["not a conversation", CONV])
+    with pytest.raises(ValueError, match="LLM.chat"):
+        llm.generate(CONV)
+    with pytest.raises(ValueError, match="sampling_params"):
+        llm.chat([CONV, CONV], [SamplingParams()])

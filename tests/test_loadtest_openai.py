@@ -1,0 +1,58 @@
+"""`conserve-jax loadtest --backend openai`: the same workload replayed against the HTTP
+front (in-process server on loopback, MockEngine), with the offline load through the Batch
+API or as service_tier=flex requests, and the server counters read from /metrics."""
+import argparse
+import json
+
+import pytest
+
+from conserve_jax.loadtest import cli
+from conserve_jax.loadtest.openai_backend import OpenAIClient
+from conserve_jax.mock_engine import MockEngine
+from tests.openai_helpers import TOKEN_A, start_http_server
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory):
+    s = start_http_server(tmp_path_factory.mktemp("data"), engine=MockEngine(token_delay_s=0.003),
+                          auth_tokens=[TOKEN_A])
+    yield s
+    s.stop()
+
+
+def _args(srv, tmp_path, *extra):
+    p = argparse.ArgumentParser()
+    cli.add_arguments(p)
+    return p.parse_args([
+        "--backend", "openai", "--target", f"127.0.0.1:{srv.app.http_port}", "--token", TOKEN_A,
+        "--rate", "20", "--num-requests", "10", "--input-len", "16", "--output-len", "8",
+        "--max-context", "256", "--grace", "20", "--offline-requests", "6",
+        "--offline-input-len", "12", "--offline-output-len", "10", "--offline-batches", "2",
+        "--slo-ttft", "2", "--slo-tpot", "0.5", "--no-progress",
+        "--json", str(tmp_path / "report.json"), *extra])
+
+
+@pytest.mark.parametrize("via", ["batch", "flex"])
+def test_loadtest_openai_backend(srv, tmp_path, capsys, via):
+    assert cli.run(_args(srv, tmp_path, "--offline-via", via)) == 0
+    d = json.loads((tmp_path / "report.json").read_text())
+    on, off = d["online"], d["offline"]
+    assert on["issued"] == 10 and on["completed"] == 10 and on["failed"] == 0, on["errors_by_code"]
+    assert on["output_len_mismatches"] == 0  # usage settles the exact token count
+    assert on["ttft_s"]["count"] == 10 and on["slo"]["attainment"] == 1.0
+    assert off["submit_errors"] == {} and off["results_collected"] == 6
+    assert off["output_tokens"] == 60
+    delta = d["server"]["stats_delta"]  # read from /metrics
+    assert delta["online_tokens_total"] >= 80 and delta["offline_tokens_total"] >= 60
+    assert "TTFT" in capsys.readouterr().out
+
+
+def test_openai_client_errors_and_model_discovery(srv):
+    c = OpenAIClient(f"http://127.0.0.1:{srv.app.http_port}/v1", token=TOKEN_A)
+    assert c.model == "mock"
+    chunks = list(c.generate([104, 105], 5))
+    assert sum(len(ch.token_ids) for ch in chunks) == 5 and chunks[-1].finished
+    bad = OpenAIClient(f"127.0.0.1:{srv.app.http_port}", token="nope", model="mock")
+    with pytest.raises(Exception) as e:
+        list(bad.generate([104], 2))
+    assert e.value.code() == "HTTP_401"
