@@ -98,6 +98,9 @@ class EngineConfig:
     max_prefill_seqs: int = _h("prompts chunked into one iteration", default=1)
     cache: CacheConfig = field(default_factory=CacheConfig)
     safepoint_interval: int = _h("layers between preemption safepoints", default=4)
+    layers_per_call: Optional[int] = _h("layers per jitted call in iterations without "
+                                        "safepoints (default: the whole model; fewer "
+                                        "compile faster, run slower)", default=None)
     max_logprobs: int = _h("largest logprobs a request may ask for", default=20)
     compilation_cache_dir: Optional[str] = _h("persistent XLA cache (default: "
                                               "~/.cache/conserve-jax/xla)", default=None)

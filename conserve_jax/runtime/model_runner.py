@@ -1,11 +1,15 @@
-"""ModelRunner: executes one iteration as embed -> layer calls with safepoints -> head ->
-sampler, over a paged KV cache held as one donated device array pair per layer.
+"""ModelRunner: executes one iteration as embed -> grouped layer calls -> head -> sampler,
+over a paged KV cache held as one donated device array pair per layer (`caches`, read and
+replaced by runtime/kv_transfer.py).
 
 Contract: constructed once by the engine; `execute` is called only from the engine's
-step-loop thread, which owns the caches. `execute` may be abandoned at a safepoint (every
-`safepoint_interval` layers): the KV it wrote lies beyond every sequence's committed length
-and is overwritten later, so dropping the iteration is harmless. All layers share one
-compiled executable per shape bucket; `warmup` compiles every bucket up front.
+step-loop thread, which owns the caches. Without a safepoint (online work, never abandoned)
+an iteration runs `layers_per_call` layers per jitted call (default: the whole model in one
+call, no per-layer dispatch). With a safepoint it runs `safepoint_interval` layers per call
+and calls the safepoint between calls, after the device finished them; the iteration may be
+abandoned there: the KV it wrote lies beyond every sequence's committed length and is
+overwritten later, so dropping it is harmless. Every group of one size shares one compiled
+executable per shape bucket; `warmup` compiles every (group size, bucket) up front.
 """
 from __future__ import annotations
 
@@ -56,7 +60,7 @@ class ModelRunner:
         # layers per jitted call: iterations without safepoints run `layers_per_call` layers
         # per call; with safepoints every k layers, k per call (the safepoint sits between
         # calls). A shorter last group takes the remainder.
-        self.layers_per_call = min(n, layers_per_call or n)
+        self.layers_per_call = min(n, layers_per_call or engine_cfg.layers_per_call or n)
         self.fast_groups = group_sizes(n, self.layers_per_call)
         self.safepoint_groups = group_sizes(n, max(1, engine_cfg.safepoint_interval or n))
         self._place_weights(params, kv_repeat)
