@@ -129,7 +129,7 @@ def main() -> int:
     contexts = [128] if q else [128, 1024]
     batches = [1, 8, 32]
     prefills = [512] if q else [512, 2048]
-    n_llm = args.llm_tokens or (8 if q else 16)
+    n_llm = args.llm_tokens or (24 if q else 48)
     enable_compilation_cache(None)
 
     loaded = load_model(args.model)
@@ -157,7 +157,7 @@ def main() -> int:
     measures["decode_b1_ctx128_per_layer_calls"] = (1, {"engine": per_layer.decode_step(1, 128)})
     from conserve_jax import LLM
 
-    llm = LLM(model=args.model, max_model_len=2048, max_num_seqs=8)  # defaults otherwise
+    llm = LLM(model=args.model, max_model_len=2048)  # the defaults otherwise
     llms = {offline: llm_generate_fns(llm, 127, n_llm, offline) for offline in (False, True)}
     gen_peer = [p for p in peers if hasattr(p, "generate")]
     for f in [f for _, sides in measures.values() for f in sides.values()]:
@@ -203,24 +203,27 @@ def main() -> int:
     for name, (work, sides) in measures.items():
         res["measures"][name] = {side: stats(times[name][side], work) for side in sides}
 
-    def gen_rate(t: dict) -> dict:
-        diffs = [m - o for m, o in zip(t["many"], t["one"])]
-        return {"tokens_per_s_median": n_llm / statistics.median(diffs),
-                "tokens_per_s_best": n_llm / max(1e-9, min(diffs)), "samples": len(diffs)}
+    def gen_rate(t: dict) -> dict:  # decode time = generate(1+N) - generate(1)
+        med = statistics.median(t["many"]) - statistics.median(t["one"])
+        best = min(t["many"]) - min(t["one"])
+        return {"tokens_per_s_median": n_llm / med if med > 0 else None,
+                "tokens_per_s_best": n_llm / best if best > 0 else None,
+                "samples": len(t["many"])}
     for k, t in llm_t.items():
         res["measures"][f"llm_generate_b1_{k}"] = {"engine": gen_rate(t)}
     for name, t in gen_t.items():
         res["measures"]["llm_generate_b1_online"][name] = gen_rate(t)
     med = lambda m, side="engine": res["measures"][m][side]["tokens_per_s_median"]
+    ratio = lambda a, b: a / b if a is not None and b else None
     b1 = med("decode_b1_ctx128")
-    res["decode_b1_roofline_fraction"] = b1 / roofline
-    res["llm_api_vs_runner_b1"] = med("llm_generate_b1_online") / b1
-    res["llm_api_offline_vs_runner_b1"] = med("llm_generate_b1_offline") / b1
-    res["per_layer_calls_vs_default_b1"] = med("decode_b1_ctx128_per_layer_calls") / b1
+    res["decode_b1_roofline_fraction"] = ratio(b1, roofline)
+    res["llm_api_vs_runner_b1"] = ratio(med("llm_generate_b1_online"), b1)
+    res["llm_api_offline_vs_runner_b1"] = ratio(med("llm_generate_b1_offline"), b1)
+    res["per_layer_calls_vs_default_b1"] = ratio(med("decode_b1_ctx128_per_layer_calls"), b1)
     for p in peers:
         for name, m in res["measures"].items():
             if p.name in m:
-                res["ratios"][f"{name}_vs_{p.name}"] = med(name) / med(name, p.name)
+                res["ratios"][f"{name}_vs_{p.name}"] = ratio(med(name), med(name, p.name))
         for b in batches:  # the headline keys: decode at 128 tokens of context
             key = f"decode_b{b}_ctx128_vs_{p.name}"
             if key in res["ratios"]:
@@ -230,15 +233,17 @@ def main() -> int:
     print(f"weights {wbytes / 1e6:.0f} MB/step -> batch-1 roofline {roofline:.1f} tokens/s")
     sides = ["engine"] + [p.name for p in peers]
     print(f"{'tokens/s (median / best)':<34}" + "".join(f"{s:>24}" for s in sides))
+    fmt = lambda v: "n/a" if v is None else f"{v:.1f}"
     for name, m in res["measures"].items():
-        cells = [f"{m[s]['tokens_per_s_median']:.1f} / {m[s]['tokens_per_s_best']:.1f}"
+        cells = [f"{fmt(m[s]['tokens_per_s_median'])} / {fmt(m[s]['tokens_per_s_best'])}"
                  if s in m else "-" for s in sides]
         print(f"{name:<34}" + "".join(f"{c:>24}" for c in cells))
+    fmt3 = lambda v: "n/a" if v is None else f"{v:.3f}"
     for k in ("decode_b1_roofline_fraction", "llm_api_vs_runner_b1", "llm_api_offline_vs_runner_b1",
               "per_layer_calls_vs_default_b1"):
-        print(f"{k:<34}{res[k]:>10.3f}")
+        print(f"{k:<44}{fmt3(res[k]):>10}")
     for k, v in res["ratios"].items():
-        print(f"{k:<44}{v:>10.3f}")
+        print(f"{k:<44}{fmt3(v):>10}")
     print(f"load average at end {os.getloadavg()}")
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
