@@ -28,7 +28,6 @@ import sys
 import time
 
 import jax
-import numpy as np
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(_HERE), _HERE]

@@ -14,7 +14,6 @@ masked out of every attention. Pure functions: no state, caches come in and go o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
