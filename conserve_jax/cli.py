@@ -11,6 +11,8 @@ import importlib
 import logging
 import sys
 
+from absl import logging as absl_logging
+
 SUBCOMMANDS = {
     "generate": ("conserve_jax.cli_generate", "generate text for a prompt with a local model"),
     "serve": ("server.main", "run the gRPC server"),
@@ -23,6 +25,9 @@ SUBCOMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="conserve-jax")
     parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="-v: INFO, -vv: DEBUG, also for libraries that log through "
+                             "absl (orbax)")
     sub = parser.add_subparsers(dest="command", required=True)
     modules = {}
     for name, (module_name, help_text) in SUBCOMMANDS.items():
@@ -35,8 +40,14 @@ def main(argv: list[str] | None = None) -> int:
         module.add_arguments(p)
         modules[name] = module
     args = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = getattr(logging, str(args.log_level).upper(), logging.WARNING)
+    if args.verbose:
+        level = min(level, logging.INFO if args.verbose == 1 else logging.DEBUG)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # libraries that log through absl (orbax: dozens of INFO lines per checkpoint) speak
+    # from -vv on
+    lib_level = level if args.verbose >= 2 else max(level, logging.WARNING)
+    absl_logging.set_verbosity(logging.getLevelName(lib_level).lower())
     if getattr(args, "_missing", None):
         print(args._missing, file=sys.stderr)
         return 2

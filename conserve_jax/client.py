@@ -8,17 +8,21 @@
         for r in c.batch_results(bid):
             print(r.index, r.text)
 
-`generate` takes the prompt as text, `messages=[{"role": ..., "content": ...}]` or
-`token_ids=[...]`, optional `ttft`/`tpot` objectives in seconds, a `timeout` (the RPC
+`generate` takes the prompt as text (or a list of token ids), `messages=[{"role": ...,
+"content": ...}]` or `token_ids=[...]`, optional `ttft`/`tpot` objectives in seconds, a `timeout` (the RPC
 deadline) and the `SamplingParams` fields as keywords. Server errors surface as
 `grpc.RpcError` with the server's status code; bad keyword arguments raise TypeError or
-ValueError locally. A client object may be shared between threads (gRPC channels are
+ValueError locally. `submit_batch` gives every submission a fresh idempotency key (unless
+you pass one) and retries UNAVAILABLE / DEADLINE_EXCEEDED with that same key, so a retry
+never creates a second batch. A client object may be shared between threads (gRPC channels are
 thread-safe); an `AsyncClient` belongs to the event loop that created it.
 """
 from __future__ import annotations
 
+import asyncio
 import datetime as _dt
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Optional, Union
 
@@ -34,6 +38,7 @@ SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop"
                    "stop_token_ids", "ignore_eos", "logprobs")
 _FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length",
            pb.FINISH_REASON_CANCELLED: "cancelled", pb.FINISH_REASON_ERROR: "error"}
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 _STATE = {pb.BATCH_STATE_QUEUED: "queued", pb.BATCH_STATE_RUNNING: "running",
           pb.BATCH_STATE_COMPLETED: "completed", pb.BATCH_STATE_CANCELLED: "cancelled",
           pb.BATCH_STATE_FAILED: "failed"}
@@ -91,7 +96,15 @@ class BatchResult:
 def make_request(prompt: Optional[str] = None, *, messages=None, token_ids=None,
                  ttft: Optional[float] = None, tpot: Optional[float] = None,
                  request_id: str = "", **sampling) -> pb.GenerateRequest:
-    """A GenerateRequest from `generate`'s keyword arguments."""
+    """A GenerateRequest from `generate`'s keyword arguments. A list of ints as `prompt`
+    is taken as token ids."""
+    if prompt is not None and not isinstance(prompt, str):
+        if token_ids is None and isinstance(prompt, (list, tuple)) and all(
+                isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            prompt, token_ids = None, prompt
+        else:
+            raise TypeError(f"prompt must be a str or a list of token ids, got "
+                            f"{type(prompt).__name__}; pass ids as token_ids=[...]")
     given = [n for n, v in (("prompt", prompt), ("messages", messages), ("token_ids", token_ids))
              if v is not None]
     if len(given) > 1:
@@ -161,7 +174,9 @@ def _stats(s: pb.ServerStats) -> dict[str, Any]:
     return {f.name: getattr(s, f.name) for f in s.DESCRIPTOR.fields}
 
 
-def _submit_request(requests: Iterable[dict], deadline, idempotency_key: str) -> pb.SubmitBatchRequest:
+def _submit_request(requests: Iterable[dict], deadline, idempotency_key: Optional[str]) -> pb.SubmitBatchRequest:
+    if idempotency_key is None:
+        idempotency_key = uuid.uuid4().hex
     msg = pb.SubmitBatchRequest(requests=[make_request(**r) for r in requests],
                                 idempotency_key=idempotency_key)
     if deadline is not None:
@@ -229,10 +244,19 @@ class Client:
         return GenerateStream(self._stub.Generate(req, timeout=timeout, metadata=self._md))
 
     def submit_batch(self, requests: Iterable[dict], deadline: DeadlineT = None, *,
-                     idempotency_key: str = "", timeout: Optional[float] = None) -> str:
-        """`deadline`: seconds from now, or an aware datetime. Returns the batch id."""
+                     idempotency_key: Optional[str] = None, timeout: Optional[float] = None,
+                     retries: int = 2) -> str:
+        """`deadline`: seconds from now, or an aware datetime. Returns the batch id.
+        `idempotency_key` None: a fresh random key (pass "" for none); UNAVAILABLE and
+        DEADLINE_EXCEEDED are retried `retries` times with the same key."""
         msg = _submit_request(requests, deadline, idempotency_key)
-        return self._stub.SubmitBatch(msg, timeout=timeout, metadata=self._md).batch_id
+        for attempt in range(retries + 1):
+            try:
+                return self._stub.SubmitBatch(msg, timeout=timeout, metadata=self._md).batch_id
+            except grpc.RpcError as e:
+                if attempt == retries or not msg.idempotency_key or e.code() not in RETRYABLE:
+                    raise
+                time.sleep(0.2 * 2 ** attempt)
 
     def get_batch(self, batch_id: str, timeout: Optional[float] = None) -> BatchInfo:
         return _batch(self._stub.GetBatch(pb.GetBatchRequest(batch_id=batch_id),
@@ -263,6 +287,11 @@ class Client:
                 yield _result(r)
         finally:
             call.cancel()
+
+    def delete_batch(self, batch_id: str, timeout: Optional[float] = None) -> None:
+        """Delete a finished batch and its results (FAILED_PRECONDITION while active)."""
+        self._stub.DeleteBatch(pb.DeleteBatchRequest(batch_id=batch_id), timeout=timeout,
+                               metadata=self._md)
 
     def stats(self, timeout: Optional[float] = None) -> dict[str, Any]:
         return _stats(self._stub.GetServerStats(pb.GetServerStatsRequest(), timeout=timeout,
@@ -302,9 +331,20 @@ class AsyncClient:
             call.cancel()
 
     async def submit_batch(self, requests: Iterable[dict], deadline: DeadlineT = None, *,
-                           idempotency_key: str = "", timeout: Optional[float] = None) -> str:
+                           idempotency_key: Optional[str] = None, timeout: Optional[float] = None,
+                           retries: int = 2) -> str:
         msg = _submit_request(requests, deadline, idempotency_key)
-        return (await self._stub.SubmitBatch(msg, timeout=timeout, metadata=self._md)).batch_id
+        for attempt in range(retries + 1):
+            try:
+                return (await self._stub.SubmitBatch(msg, timeout=timeout, metadata=self._md)).batch_id
+            except grpc.RpcError as e:
+                if attempt == retries or not msg.idempotency_key or e.code() not in RETRYABLE:
+                    raise
+                await asyncio.sleep(0.2 * 2 ** attempt)
+
+    async def delete_batch(self, batch_id: str, timeout: Optional[float] = None) -> None:
+        await self._stub.DeleteBatch(pb.DeleteBatchRequest(batch_id=batch_id), timeout=timeout,
+                                     metadata=self._md)
 
     async def get_batch(self, batch_id: str, timeout: Optional[float] = None) -> BatchInfo:
         return _batch(await self._stub.GetBatch(pb.GetBatchRequest(batch_id=batch_id),

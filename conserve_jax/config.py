@@ -97,7 +97,9 @@ class EngineConfig:
     # sequence, so 1 is fastest on CPU
     max_prefill_seqs: int = _h("prompts chunked into one iteration", default=1)
     cache: CacheConfig = field(default_factory=CacheConfig)
-    safepoint_interval: int = _h("layers between preemption safepoints", default=4)
+    safepoint_interval: int = _h("layers between preemption safepoints in iterations that carry "
+                                 "offline work (iterations with only online work have none)",
+                                 default=1)
     layers_per_call: Optional[int] = _h("layers per jitted call in iterations without "
                                         "safepoints (default: the whole model; fewer "
                                         "compile faster, run slower)", default=None)
@@ -114,4 +116,29 @@ class EngineConfig:
                                            "(default: profile at start, cached)", default=None)
     sarathi_token_budget: int = _h("tokens per iteration of the sarathi baseline", default=256)
     warmup: bool = _h("compile every shape bucket before serving", default=False)
+    isolation: Optional[float] = _h(
+        "conserve: online latency within this factor of serving the online work alone; an "
+        "iteration with online work carries offline tokens only within F x its online work's "
+        "predicted time, and an online arrival preempts offline work unless it would still "
+        "start within (F - 1) x its own predicted TTFT. 'off': fill iterations up to the TPOT "
+        "objective", default=1.2)
     conserve: ConserveConfig = field(default_factory=ConserveConfig)
+
+    def __post_init__(self) -> None:
+        self.isolation = parse_isolation(self.isolation)
+        if self.safepoint_interval < 1:
+            raise ValueError(f"safepoint_interval must be >= 1, got {self.safepoint_interval}")
+
+
+def parse_isolation(value) -> Optional[float]:
+    """`isolation` from a flag or keyword: a number >= 1, or None / "off" (fill-to-objective).
+    Raises ValueError naming the field for anything else."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("off", "none")):
+        return None
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"isolation must be a number >= 1 or 'off', got {value!r}") from None
+    if not f >= 1.0 or f == float("inf"):
+        raise ValueError(f"isolation must be a number >= 1 or 'off', got {value!r}")
+    return f

@@ -5,9 +5,10 @@ thread; they only touch the intake queue and the published stats snapshot (under
 and wake the loop. Everything else — scheduler, KV bookkeeping, runner, caches — belongs
 to the single step-loop thread started by the constructor, which publishes an immutable
 `EngineStats` snapshot after every pass. Detokenization, stop strings and delivery to
-request streams run on the output thread (`OutputDelivery`), off the step loop. An
-exception inside an iteration fails the requests of that iteration (finish_reason
-"error") and the loop goes on; it never kills the process.
+request streams run on the output thread (`OutputDelivery`), off the step loop.
+Failures follow `StepGuard`: an exception anywhere in an iteration fails (or, if nothing
+was committed, retries once) only the requests of that iteration; a loop that keeps
+failing dies, ending every stream with "engine stopped" and setting `failure`.
 """
 from __future__ import annotations
 
@@ -21,10 +22,11 @@ from typing import Optional
 import numpy as np
 
 from conserve_jax.config import EngineConfig
-from conserve_jax.engine_api import (EngineAPI, EngineStats, GenerationRequest, RequestStream,
-                                     validate_prompt)
+from conserve_jax.engine_api import (EngineAPI, EngineStats, GenerationRequest, RequestClass,
+                                     RequestStream, validate_prompt)
 from conserve_jax.kv.checkpointer import KVCheckpointer
 from conserve_jax.kv.kv_manager import KVManager
+from conserve_jax.kv.persist import SavedRequest
 from conserve_jax.runtime.kv_transfer import KVTransfer
 from conserve_jax.output_delivery import OutputDelivery
 from conserve_jax.output_processor import OutputProcessor
@@ -33,6 +35,7 @@ from conserve_jax.scheduling.latency_cache import load_or_profile
 from conserve_jax.scheduling.policies import make_policy
 from conserve_jax.scheduling.scheduler import Scheduler
 from conserve_jax.request import Sequence
+from conserve_jax.step_guard import ENGINE_STOPPED, ITERATION_FAILED, StepGuard, end_stream
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +62,8 @@ class Engine(EngineAPI):
             log.warning("KV cache holds %d tokens: max_model_len lowered from %d",
                         cache_tokens, self._max_model_len)
             self._max_model_len = cache_tokens
-        self.policy = make_policy(config, lambda: load_or_profile(self.runner, config))
+        self.policy = make_policy(config, lambda: load_or_profile(self.runner, config),
+                                  self.online_waiting)
         self.scheduler = Scheduler(config, self.kv, self.policy)
         self.checkpointer = None
         if self.policy.checkpointing:
@@ -76,6 +80,8 @@ class Engine(EngineAPI):
         self._intake: list[Sequence] = []
         self._ids_in_use: set[str] = set()  # request ids submitted and not finished (_lock)
         self._cancels: list[str] = []
+        self._resumes: dict[str, SavedRequest] = {}  # submitted with saved state (_lock)
+        self._suspends: list[tuple[list[str], dict, threading.Event]] = []  # (_lock)
         self._stopped: list[str] = []  # ended by a stop string on the output thread
         self._seqs: dict[str, Sequence] = {}  # step-loop thread only
         self._snapshot = EngineStats()  # published by the step loop, read under _lock
@@ -85,6 +91,9 @@ class Engine(EngineAPI):
         self._history: collections.deque = collections.deque(maxlen=512)  # (t, online, offline)
         self._totals = [0, 0, 0, 0]  # generated online/offline, prefilled online/offline
         self._iterations = 0
+        self._guard = StepGuard()
+        self._failure: Optional[str] = None
+        self._cur_step, self._committing = None, False  # what a failure can be blamed on
         self._thread = threading.Thread(target=self._loop, name="engine-step-loop", daemon=True)
         self._thread.start()
 
@@ -101,7 +110,11 @@ class Engine(EngineAPI):
     def vocab_size(self) -> int:
         return self.model_config.vocab_size
 
-    def submit(self, request: GenerationRequest) -> RequestStream:
+    def submit(self, request: GenerationRequest,
+               resume: Optional[SavedRequest] = None) -> RequestStream:
+        """Queue a request. With `resume` (an offline request's state saved by
+        `suspend_offline`, possibly by an earlier process) it continues from there: its
+        stream starts with everything generated before, as if never interrupted."""
         validate_prompt(request.prompt_token_ids, self.vocab_size, self._max_model_len)
         request.sampling.validate(self.config.max_logprobs, self.vocab_size)
         if not self.policy.accepts(request):
@@ -112,13 +125,20 @@ class Engine(EngineAPI):
         if seed is None:
             seed = int(self._rng.integers(0, 2**31 - 1))
         ids = [int(t) for t in request.prompt_token_ids]
-        seq = Sequence(request, stream, seed, token_ids=list(ids), prompt_len=len(ids))
+        if resume is not None:
+            seed = self._check_resume(request, resume)
+        prior = list(resume.generated_ids) if resume is not None else []
+        seq = Sequence(request, stream, seed, token_ids=ids + prior, prompt_len=len(ids))
         with self._lock:
+            if self._failure is not None:
+                raise RuntimeError(ENGINE_STOPPED)
             if not self._accepting:
                 raise RuntimeError("the engine is shutting down")
             if request.request_id in self._ids_in_use:
                 raise ValueError(f"request_id {request.request_id!r} is already in use")
             self._ids_in_use.add(request.request_id)
+            if resume is not None:
+                self._resumes[request.request_id] = resume
             self._in_engine += 1
             self._intake.append(seq)
             self._lock.notify_all()
@@ -180,57 +200,140 @@ class Engine(EngineAPI):
         if self.checkpointer is not None:
             self.checkpointer.close()
 
+    @property
+    def failure(self) -> Optional[str]:
+        return self._failure
+
     # ---- step loop ----------------------------------------------------------------------
     def _loop(self) -> None:
-        while True:
-            with self._lock:
-                while not self._stop and not self._intake and not self._cancels \
-                        and not self._stopped and not self.scheduler.has_work:
-                    self._lock.wait(timeout=0.5)
-                if self._stop:
-                    break
-                new, self._intake = self._intake, []
-                cancels, self._cancels = self._cancels, []
-                stopped, self._stopped = self._stopped, []
-            for seq in new:
-                self._seqs[seq.request_id] = seq
-                self.delivery.register(seq.request, seq.stream, seq.prompt_len)
-                self.scheduler.add(seq)
-                self.policy.on_arrival(seq)
-            for rid in stopped:  # the output thread already ended the stream
-                if rid in self._seqs:
-                    self._finish(self._seqs[rid], "stop")
-            for rid in cancels:
-                if rid in self._seqs:
-                    self._finish(self._seqs[rid], "cancelled")
-            if self.scheduler.has_work:
-                self._iterate()
-            self._publish_stats()
+        try:
+            while True:
+                with self._lock:
+                    while not self._stop and not self._intake and not self._cancels \
+                            and not self._stopped and not self._suspends \
+                            and not self.scheduler.has_work:
+                        self._lock.wait(timeout=0.5)
+                    if self._stop:
+                        break
+                    new, self._intake = self._intake, []
+                    cancels, self._cancels = self._cancels, []
+                    stopped, self._stopped = self._stopped, []
+                    suspends, self._suspends = self._suspends, []
+                    resumes = {s.request_id: self._resumes.pop(s.request_id)
+                               for s in new if s.request_id in self._resumes}
+                self._guarded(False, self._take_intake, new, stopped, cancels, resumes)
+                for job in suspends:
+                    self._guarded(False, self._suspend, *job)
+                if self.scheduler.has_work:
+                    self._cur_step, self._committing = None, False
+                    self._guarded(True, self._iterate)
+                self._publish_stats()
+        except BaseException as e:  # the loop is broken: fail everything, say so
+            self._die(e)
+            return
         for seq in list(self._seqs.values()):
             self._finish(seq, "cancelled")
+        with self._lock:
+            suspends, self._suspends = self._suspends, []
+        for _, _, done in suspends:  # asked too late: nothing left to save
+            done.set()
         self._publish_stats()
 
+    def _take_intake(self, new: list[Sequence], stopped: list[str], cancels: list[str],
+                     resumes: dict) -> None:
+        for seq in new:
+            self._seqs[seq.request_id] = seq
+            self.delivery.register(seq.request, seq.stream, seq.prompt_len,
+                                   seq.token_ids[seq.prompt_len:])
+            try:
+                if seq.request_id in resumes:
+                    self._take_resume(seq, resumes[seq.request_id])
+                self.scheduler.add(seq)
+                self.policy.on_arrival(seq)
+            except Exception:
+                log.exception("admitting %s failed", seq.request_id)
+                self._fail(seq, ITERATION_FAILED)
+        for rid in stopped:  # the output thread already ended the stream
+            if rid in self._seqs:
+                self._finish(self._seqs[rid], "stop")
+        for rid in cancels:
+            if rid in self._seqs:
+                self._finish(self._seqs[rid], "cancelled")
+
+    def _guarded(self, whole_iteration: bool, fn, *args) -> None:
+        """Run one part of an iteration under the failure policy (module docstring); only
+        a whole iteration's success resets the count of failures in a row."""
+        try:
+            fn(*args)
+        except Exception:
+            log.exception("engine iteration failed")
+            step, rollback = self._cur_step, not self._committing
+            self._cur_step = None
+            if step is not None and rollback:
+                try:
+                    self.scheduler.abandon(step)
+                except Exception:
+                    log.exception("rolling back the failed step failed")
+                    rollback = False
+            for e in (step.entries if step is not None else ()):
+                if e.seq.request_id not in self._seqs:
+                    continue  # already finished in this iteration
+                if not rollback or self._guard.strike(e.seq.request_id):
+                    self._fail(e.seq, ITERATION_FAILED)
+            if self._guard.failed():
+                raise
+        else:
+            if whole_iteration:
+                self._guard.succeeded()
+            self._cur_step = None
+
+    def _fail(self, seq: Sequence, error: str) -> None:
+        """End `seq` with an error; if the engine's own bookkeeping fails, still end its stream."""
+        try:
+            self._finish(seq, "error", error=error)
+        except Exception:
+            log.exception("finishing %s failed", seq.request_id)
+            if self._seqs.pop(seq.request_id, None) is not None:
+                self.delivery.finish(seq.request_id, "error", error)
+                with self._lock:
+                    self._ids_in_use.discard(seq.request_id)
+                    self._in_engine -= 1
+
+    def _die(self, exc: BaseException) -> None:
+        log.critical("engine step loop stopped after %d failed iterations in a row",
+                     self._guard.consecutive, exc_info=exc)
+        with self._lock:
+            self._failure = f"step loop stopped: {type(exc).__name__}"
+            self._accepting = False
+            pending, self._intake = self._intake, []
+            suspends, self._suspends = self._suspends, []
+            self._ids_in_use.clear()
+            self._in_engine = 0
+        for seq in pending:  # never registered with the output thread
+            end_stream(seq.stream, seq.request_id, ENGINE_STOPPED, seq.prompt_len)
+        for rid in list(self._seqs):
+            self.delivery.finish(rid, "error", ENGINE_STOPPED)
+        self._seqs.clear()
+        for _, _, done in suspends:  # nothing can be saved from a dead loop
+            done.set()
+
     def _iterate(self) -> None:
-        step = self.scheduler.schedule()
+        step = self._cur_step = self.scheduler.schedule()
         if step.empty:
             time.sleep(0.001)  # nothing fits now (e.g. memory); new intake may change that
             return
-        try:
-            for rid, blocks in step.restores:
-                self.checkpointer.restore(rid, blocks)
-            t0 = time.perf_counter()
-            result = self.runner.execute(step.plan, self.policy.safepoint(step, self))
-            elapsed = time.perf_counter() - t0
-        except Exception as e:  # report, fail the iteration's requests, keep serving
-            log.exception("iteration failed")
-            for e_ in step.entries:
-                self._finish(e_.seq, "error", error=f"{type(e).__name__}: {e}")
-            return
+        for rid, blocks in step.restores:  # failures up to the commit: retried by `_guarded`
+            self.checkpointer.restore(rid, blocks)
+        sp = self.policy.safepoints(step)
+        t0 = time.perf_counter()
+        result = self.runner.execute(step.plan, sp and sp.check, sp and sp.every)
+        elapsed = time.perf_counter() - t0
         if result is None:
             self.scheduler.abandon(step)
-            self.policy.on_abandoned(step, self)
+            self.policy.on_abandoned(step)
             return
-        self.policy.on_step_done(step, elapsed, self)
+        self.policy.on_step_done(step, elapsed)
+        self._committing = True  # from here a failure cannot be rolled back
         sampled = self.scheduler.commit(step, result)
         if self.checkpointer is not None:
             self.checkpointer.checkpoint_new_blocks(
@@ -264,16 +367,12 @@ class Engine(EngineAPI):
         return self.checkpointer.kept_tokens(seq.request_id, seq.num_computed,
                                              len(seq.token_ids))
 
-    def earliest_online_arrival(self):
-        """(sequence, arrival time) of the oldest online request not yet scheduled, or None.
-        Called by safepoints on the step-loop thread."""
+    def online_waiting(self) -> list:
+        """Online requests submitted but not running yet (intake, then the scheduler's
+        waiting queue). Called by the policy's safepoint checks on the step-loop thread."""
         with self._lock:
             cands = [s for s in self._intake if s.online]
-        cands += list(self.scheduler.waiting_online)
-        if not cands:
-            return None
-        s = min(cands, key=lambda s: s.arrival)
-        return s, s.arrival
+        return cands + list(self.scheduler.waiting_online)
 
     def _stop_string_found(self, request_id: str) -> None:
         """Output thread: a stop string ended the request's stream; stop the sequence."""
@@ -296,6 +395,7 @@ class Engine(EngineAPI):
         """Step-loop thread: drop the sequence and free its KV; unless `notify` is False
         (its last token already carried the finish), tell the output thread to end the
         stream."""
+        self._guard.forget(seq.request_id)
         known = self._seqs.pop(seq.request_id, None) is not None
         self.scheduler.remove(seq)
         self.policy.on_finished(seq)
@@ -306,3 +406,77 @@ class Engine(EngineAPI):
         with self._lock:
             self._ids_in_use.discard(seq.request_id)
             self._in_engine -= 1
+
+    # ---- offline work across a restart (saved by suspend_offline, resumed by submit) ------
+    def checkpoint_layout(self) -> dict:
+        """What a saved request's KV depends on: a checkpoint made under another layout is
+        not used (model, random-weight seed, dtype, block size, tensor-parallel degree,
+        block shape)."""
+        c = self.config
+        shape = (self.checkpointer.transfer.block_shape if self.checkpointer is not None
+                 else None)
+        return {"model": c.model, "weights_seed": c.seed if c.model.startswith("random:") else None,
+                "dtype": c.dtype, "block_size": c.cache.block_size, "tp": c.tp,
+                "block_shape": list(shape) if shape else None}
+
+    def suspend_offline(self, request_ids: list[str], timeout_s: float = 60.0) -> dict[str, SavedRequest]:
+        """Any thread. Stop the given unfinished offline requests at the next iteration
+        boundary and return their saved state (token state + KV blocks already on host),
+        keyed by request id; their streams end "cancelled". Requests that are unknown,
+        online or have nothing worth saving are left alone. {} once the engine stops."""
+        job = (list(request_ids), {}, threading.Event())
+        with self._lock:
+            if self._stop:
+                return {}
+            self._suspends.append(job)
+            self._lock.notify_all()
+        if not job[2].wait(timeout_s):
+            log.warning("suspend_offline timed out after %.0f s", timeout_s)
+            return {}
+        return job[1]
+
+    def _suspend(self, request_ids: list[str], out: dict, done: threading.Event) -> None:
+        """Step-loop thread: export and end the requests `suspend_offline` asked for."""
+        try:
+            for rid in request_ids:
+                seq = self._seqs.get(rid)
+                if seq is None or seq.online or not (seq.num_computed or seq.num_generated):
+                    continue
+                blocks = np.zeros((0,), np.float32)
+                if self.checkpointer is not None:
+                    blocks = self.checkpointer.export_blocks(rid, seq.num_computed)
+                out[rid] = SavedRequest(seq.token_ids[: seq.prompt_len],
+                                        seq.token_ids[seq.prompt_len:], seq.seed,
+                                        len(blocks) * self.config.cache.block_size, blocks)
+                self._finish(seq, "cancelled")
+        except Exception:
+            log.exception("suspending offline requests failed")
+        finally:
+            done.set()
+
+    def _check_resume(self, request: GenerationRequest, saved: SavedRequest) -> int:
+        """Any thread (in `submit`): ValueError naming what does not fit; returns the seed."""
+        if request.request_class is not RequestClass.OFFLINE:
+            raise ValueError("resume: only offline requests resume from saved state")
+        if [int(t) for t in saved.prompt_ids] != [int(t) for t in request.prompt_token_ids]:
+            raise ValueError("resume: the saved prompt differs from the request's prompt")
+        validate_prompt(list(saved.prompt_ids) + list(saved.generated_ids), self.vocab_size,
+                        self._max_model_len)
+        if request.sampling.logprobs is not None and saved.generated_ids:
+            raise ValueError("resume: logprobs of the tokens generated before are not saved")
+        if len(saved.generated_ids) >= request.sampling.max_tokens:
+            raise ValueError("resume: the saved request already generated max_tokens")
+        if len(saved.blocks) and (self.checkpointer is None or tuple(saved.blocks.shape[1:])
+                                  != tuple(self.checkpointer.transfer.block_shape)):
+            raise ValueError(f"resume: saved blocks of shape {saved.blocks.shape[1:]} do not "
+                             f"fit this engine's KV cache")
+        return int(saved.seed)
+
+    def _take_resume(self, seq: Sequence, saved: SavedRequest) -> None:
+        """Step-loop thread, at intake: load the saved blocks into the host pool so that the
+        scheduler restores them when it first starts `seq` (like an evicted request)."""
+        if self.checkpointer is None or not len(saved.blocks):
+            return
+        n = self.checkpointer.import_blocks(seq.request_id, saved.blocks)
+        seq.num_computed = min(n * self.config.cache.block_size, saved.num_saved_tokens,
+                               len(seq.token_ids) - 1)

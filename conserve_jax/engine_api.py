@@ -14,7 +14,7 @@ import enum
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 from conserve_jax.sampling_params import SamplingParams
 
@@ -77,17 +77,28 @@ class RequestStream:
 
     The engine's step-loop thread calls `put`; any consumer thread iterates. Iteration
     ends after the finished delta. `get(timeout)` raises queue.Empty on timeout.
+    `set_listener(fn)` lets an event-loop consumer be woken instead of blocking a thread:
+    `fn()` is called on the producer's thread after every `put` (keep it cheap and
+    non-raising, e.g. `loop.call_soon_threadsafe(event.set)`).
     """
 
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
         self._q: "queue.Queue[RequestOutput]" = queue.Queue()
         self.done = threading.Event()
+        self._listener: Optional[Callable[[], None]] = None
 
     def put(self, out: RequestOutput) -> None:
         self._q.put(out)
         if out.finished:
             self.done.set()
+        listener = self._listener
+        if listener is not None:
+            listener()
+
+    def set_listener(self, fn: Optional[Callable[[], None]]) -> None:
+        """Install (or with None remove) the one wake-up callback; see the class doc."""
+        self._listener = fn
 
     def get(self, timeout: Optional[float] = None) -> RequestOutput:
         return self._q.get(timeout=timeout)
@@ -159,6 +170,12 @@ class EngineAPI(abc.ABC):
     def shutdown(self, drain_timeout_s: float = 0.0) -> None:
         """Stop admitting; wait up to drain_timeout_s for running work; stop the loop.
         Unfinished requests end with finish_reason "cancelled"."""
+
+    @property
+    def failure(self) -> Optional[str]:
+        """None while the engine works; once its step loop has died, why (then every
+        stream has ended with "engine stopped" and `submit` raises RuntimeError)."""
+        return None
 
 
 def validate_prompt(token_ids: Sequence[int], vocab_size: int, max_model_len: int,

@@ -10,6 +10,12 @@ cancelled, so tests can assert through `stats()` that cancellation frees KV.
 Threading: one step-loop thread (started by the constructor) owns generation; `submit`,
 `cancel`, `stats` and `shutdown` may be called from any thread. All request state is
 guarded by `self._lock`; outputs go through each request's thread-safe `RequestStream`.
+
+Failures follow `StepGuard` as in the real engine: an exception while producing one
+request's token fails that request only; an exception elsewhere in a step (admission,
+bookkeeping) is retried, and `max_consecutive` in a row kill the loop, which ends every
+stream with "engine stopped" and sets `failure`. `fail_after_steps` (tests, `serve
+--mock-fail-after-steps`) makes every step after the first N raise, to exercise that.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ from typing import Optional
 
 from conserve_jax.engine_api import (EngineAPI, EngineStats, GenerationRequest, RequestClass,
                                      RequestOutput, RequestStream, TokenLogprob, validate_prompt)
+from conserve_jax.step_guard import ENGINE_STOPPED, ITERATION_FAILED, StepGuard, end_stream
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +79,8 @@ class MockEngine(EngineAPI):
 
     def __init__(self, token_delay_s: float = 0.0, max_num_seqs: int = 32,
                  max_model_len: int = 2048, vocab_size: int = 512, num_blocks: int = 4096,
-                 block_size: int = 16, max_logprobs: int = 20) -> None:
+                 block_size: int = 16, max_logprobs: int = 20,
+                 fail_after_steps: Optional[int] = None) -> None:
         self.token_delay_s = token_delay_s
         self.max_num_seqs = max_num_seqs
         self.block_size = block_size
@@ -92,6 +100,9 @@ class MockEngine(EngineAPI):
         self._iterations = 0
         self.submitted = {RequestClass.ONLINE: 0, RequestClass.OFFLINE: 0}
         self.peak_offline = 0  # most offline requests ever inside the engine at once
+        self.fail_after_steps = fail_after_steps
+        self._guard = StepGuard()
+        self._failure: Optional[str] = None
         self._thread = threading.Thread(target=self._loop, name="mock-engine", daemon=True)
         self._thread.start()
 
@@ -113,6 +124,8 @@ class MockEngine(EngineAPI):
         request.sampling.validate(self.max_logprobs, self.vocab_size)
         stream = RequestStream(request.request_id)
         with self._lock:
+            if self._failure is not None:
+                raise RuntimeError(ENGINE_STOPPED)
             if not self._accepting:
                 raise RuntimeError("engine is shutting down")
             if request.request_id in self._running or any(
@@ -186,16 +199,30 @@ class MockEngine(EngineAPI):
         self._wake.set()
         self._thread.join(timeout=5.0)
 
+    @property
+    def failure(self) -> Optional[str]:
+        return self._failure
+
     # ---- step loop (engine thread) -----------------------------------------------------
     def _loop(self) -> None:
         while True:
             with self._lock:
                 if self._stop:
                     return
-                self._admit()
-                busy = bool(self._running)
-                if busy:
-                    self._step()
+                try:
+                    self._admit()
+                    busy = bool(self._running)
+                    if busy:
+                        if self.fail_after_steps is not None and self._iterations >= self.fail_after_steps:
+                            raise RuntimeError("injected step failure")
+                        self._step()
+                    self._guard.succeeded()
+                except Exception as e:
+                    log.exception("mock engine step failed")
+                    if self._guard.failed():
+                        self._die(e)
+                        return
+                    busy = True
             if busy:
                 if self.token_delay_s > 0:
                     time.sleep(self.token_delay_s)
@@ -216,44 +243,64 @@ class MockEngine(EngineAPI):
             req.blocks = need
             self._running[r.request_id] = req
 
+    def _die(self, exc: BaseException) -> None:
+        """The loop is broken (caller holds the lock): end every stream, refuse work."""
+        log.critical("mock engine step loop stopped", exc_info=exc)
+        self._failure = f"step loop stopped: {type(exc).__name__}"
+        self._accepting = False
+        for req in list(self._waiting) + list(self._running.values()):
+            end_stream(req.stream, req.request.request_id, ENGINE_STOPPED,
+                       len(req.request.prompt_token_ids), len(req.generated))
+        self._waiting.clear()
+        self._running.clear()
+
     def _step(self) -> None:
         self._iterations += 1
         counts = {RequestClass.ONLINE: 0, RequestClass.OFFLINE: 0}
         for rid, req in list(self._running.items()):
-            r, sp = req.request, req.request.sampling
-            prompt = r.prompt_token_ids
-            tok = prompt[len(req.generated) % len(prompt)]
-            req.generated.append(tok)
-            counts[r.request_class] += 1
-            if req.first_token_at is None:
-                req.first_token_at = time.monotonic()
-            full = self._tokenizer.decode(req.generated)
-            if full.endswith("\ufffd"):
-                full = req.text_emitted  # hold back an incomplete UTF-8 sequence
-            delta, req.text_emitted = full[len(req.text_emitted):], full
-            reason = None
-            if tok in sp.stop_token_ids or (not sp.ignore_eos and tok in self._tokenizer.eos_token_ids):
-                reason = "stop"
-            elif any(s in full for s in sp.stop):
-                reason = "stop"
-            elif len(req.generated) >= sp.max_tokens or len(prompt) + len(req.generated) >= self.max_model_len:
-                reason = "length"
-            logprobs = []
-            if sp.logprobs is not None:
-                top = [((tok + i) % self.vocab_size, -0.1 - i) for i in range(sp.logprobs)]
-                logprobs = [TokenLogprob(tok, -0.1, top)]
-            out = RequestOutput(rid, [tok], delta, logprobs)
-            if reason is None:
-                req.stream.put(out)
-            else:
-                del self._running[rid]
-                self._finish(req, reason, out)
+            try:
+                self._step_one(rid, req, counts)
+            except Exception:  # this request's own failure: fail it alone
+                log.exception("mock engine: request %s failed", rid)
+                if self._running.pop(rid, None) is not None:
+                    self._finish(req, "error", RequestOutput(rid, error=ITERATION_FAILED))
         for cls, n in counts.items():
             self._tokens[cls] += n
         now = time.monotonic()
         self._recent.append((now, counts[RequestClass.ONLINE], counts[RequestClass.OFFLINE]))
         while self._recent and now - self._recent[0][0] > 5.0:
             self._recent.popleft()
+
+    def _step_one(self, rid: str, req: _Req, counts: dict) -> None:
+        """Produce one token for one running request (caller holds the lock)."""
+        r, sp = req.request, req.request.sampling
+        prompt = r.prompt_token_ids
+        tok = prompt[len(req.generated) % len(prompt)]
+        req.generated.append(tok)
+        counts[r.request_class] += 1
+        if req.first_token_at is None:
+            req.first_token_at = time.monotonic()
+        full = self._tokenizer.decode(req.generated)
+        if full.endswith("\ufffd"):
+            full = req.text_emitted  # hold back an incomplete UTF-8 sequence
+        delta, req.text_emitted = full[len(req.text_emitted):], full
+        reason = None
+        if tok in sp.stop_token_ids or (not sp.ignore_eos and tok in self._tokenizer.eos_token_ids):
+            reason = "stop"
+        elif any(s in full for s in sp.stop):
+            reason = "stop"
+        elif len(req.generated) >= sp.max_tokens or len(prompt) + len(req.generated) >= self.max_model_len:
+            reason = "length"
+        logprobs = []
+        if sp.logprobs is not None:
+            top = [((tok + i) % self.vocab_size, -0.1 - i) for i in range(sp.logprobs)]
+            logprobs = [TokenLogprob(tok, -0.1, top)]
+        out = RequestOutput(rid, [tok], delta, logprobs)
+        if reason is None:
+            req.stream.put(out)
+        else:
+            del self._running[rid]
+            self._finish(req, reason, out)
 
     def _finish(self, req: _Req, reason: str, out: Optional[RequestOutput] = None) -> None:
         """Free the request's blocks and deliver its final delta (caller holds the lock and

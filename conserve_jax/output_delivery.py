@@ -29,6 +29,7 @@ class _Register:
     request: GenerationRequest
     stream: RequestStream
     prompt_len: int
+    prior_ids: tuple[int, ...] = ()  # generated before a restart (a resumed request)
 
 
 @dataclass(frozen=True)
@@ -66,8 +67,11 @@ class OutputDelivery:
         self._thread.start()
 
     # ---- step-loop thread -----------------------------------------------------------------
-    def register(self, request: GenerationRequest, stream: RequestStream, prompt_len: int) -> None:
-        self._q.put(_Register(request, stream, prompt_len))
+    def register(self, request: GenerationRequest, stream: RequestStream, prompt_len: int,
+                 prior_ids=()) -> None:
+        """`prior_ids`: tokens a resumed request generated before; its first delta
+        carries them (and their text) as if they had just been generated."""
+        self._q.put(_Register(request, stream, prompt_len, tuple(prior_ids)))
 
     def token(self, request_id: str, token: SampledToken, finish_reason: Optional[str] = None,
               ttft_s: Optional[float] = None, mean_tpot_s: Optional[float] = None) -> None:
@@ -98,7 +102,10 @@ class OutputDelivery:
 
     def _handle(self, ev) -> None:
         if isinstance(ev, _Register):
-            self._live[ev.request.request_id] = _Live(ev, self.processor.new_state())
+            st = self.processor.new_state()
+            for tok in ev.prior_ids:
+                self.processor.on_token(ev.request, st, SampledToken(tok, 0.0, []))
+            self._live[ev.request.request_id] = _Live(ev, st)
             return
         live = self._live.get(ev.request_id)
         if live is None:

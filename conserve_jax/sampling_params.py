@@ -5,6 +5,12 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 
+MAX_TEMPERATURE = 100.0
+MAX_STOP_STRINGS = 32
+MAX_STOP_CHARS = 256
+MAX_STOP_TOKEN_IDS = 256
+
+
 @dataclass
 class SamplingParams:
     """How to pick tokens for one request.
@@ -12,7 +18,10 @@ class SamplingParams:
     temperature 0 means greedy. top_k 0 or -1 means no top-k cut; top_p 1 means none.
     `logprobs`: None returns no logprobs; 0 returns the chosen token's logprob; n > 0 also
     returns the top-n alternatives. `seed` makes sampling reproducible independently of
-    batching. `validate` raises ValueError naming the offending field.
+    batching. `validate` raises ValueError naming the offending field; it bounds every
+    field (temperature finite and <= MAX_TEMPERATURE, at most MAX_STOP_STRINGS stop strings
+    of MAX_STOP_CHARS characters, MAX_STOP_TOKEN_IDS stop ids) so that one request's
+    options cannot slow the step loop for everyone.
     """
 
     max_tokens: int = 16
@@ -34,8 +43,8 @@ class SamplingParams:
     def validate(self, max_logprobs: int = 20, vocab_size: Optional[int] = None) -> None:
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not (self.temperature >= 0.0):
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not (0.0 <= self.temperature <= MAX_TEMPERATURE):
+            raise ValueError(f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {self.temperature!r}")
         if not (0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < -1:
@@ -44,8 +53,15 @@ class SamplingParams:
             raise ValueError(f"logprobs must be in [0, {max_logprobs}], got {self.logprobs!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop has {len(self.stop)} strings; the limit is {MAX_STOP_STRINGS}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop must be a list of non-empty strings")
+        if any(len(s) > MAX_STOP_CHARS for s in self.stop):
+            raise ValueError(f"stop strings must be at most {MAX_STOP_CHARS} characters")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(f"stop_token_ids has {len(self.stop_token_ids)} ids; "
+                             f"the limit is {MAX_STOP_TOKEN_IDS}")
         if vocab_size is not None:
             bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
             if bad:

@@ -94,6 +94,7 @@ class Tokenizer:
         self.add_bos: bool = bool(add_bos) and self.bos_token_id is not None
         self.chat_template: Optional[str] = chat_template or None
         self._compiled_template = None
+        self._special_strings: Optional[tuple[str, ...]] = None
         # Strings the chat template sees as variables (bos_token, eos_token, ...).
         tokens = {k: v for k, v in (special_tokens or {}).items() if v is not None}
         if "bos_token" not in tokens and self.bos_token_id is not None:
@@ -175,6 +176,18 @@ class Tokenizer:
     def backend(self) -> tokenizers.Tokenizer:
         """The underlying `tokenizers.Tokenizer` (do not mutate)."""
         return self._backend
+
+    @property
+    def special_token_strings(self) -> tuple[str, ...]:
+        """Strings that `encode` turns into control tokens (the backend's special added
+        tokens and the configured bos/eos/... tokens). The server refuses user chat content
+        that contains one, so a user cannot fake a turn of another role."""
+        if self._special_strings is None:
+            found = {t.content for t in self._backend.get_added_tokens_decoder().values()
+                     if t.special}
+            found |= {v for v in self.special_tokens.values() if isinstance(v, str)}
+            self._special_strings = tuple(sorted(s for s in found if s))
+        return self._special_strings
 
     # ----------------------------------------------------------------- chat
     @property

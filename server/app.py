@@ -5,15 +5,28 @@ Used by `server.main.run` and, in-process, by tests. `start` and `stop` are call
 controlling thread (the main thread in the CLI); everything else runs on gRPC worker
 threads, the batch-runner thread and the engine's own thread.
 
-Shutdown order (`stop`): health NOT_SERVING; the gRPC server refuses new calls and gives
-open ones the drain timeout; meanwhile the batch runner stops claiming, lets in-flight
-items finish within the same timeout and releases the rest (they run again after a
-restart); then the engine shuts down and the store closes. Every committed result is
+Shutdown order (`stop`): health NOT_SERVING; the gRPC server and the HTTP front (when on) refuse
+new calls and give open ones the drain timeout; meanwhile the batch runner stops claiming, lets in-flight
+items finish within the same timeout, saves the engine state of the rest (with
+`offline_kv_max_bytes`; `server/offline_resume.py`) and releases them (they run again
+after a restart, resuming from the saved state); then the engine shuts down and the store
+closes. Every committed result is
 already on disk.
+
+Resources: each open stream holds a gRPC worker thread, so every streaming RPC kind has
+its own cap (Generate: the online queue; StreamBatchResults, Health.Watch, reflection:
+`StreamLimiter`s) and the pool is sized for all caps plus `unary_workers`; idle and
+over-age connections are closed (keepalive options below).
+
+Engine death: a monitor thread (`_watch_engine`) sees `engine.failure`, turns health
+NOT_SERVING and sets `engine_dead`; the servicer already refuses new work (UNAVAILABLE)
+and open streams have ended with "engine stopped". The CLI then stops the server and
+exits non-zero so a supervisor restarts it; batches resume from the database.
 """
 from __future__ import annotations
 
 import logging
+import threading
 from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Optional
@@ -21,19 +34,22 @@ from typing import Optional
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection_pb2_grpc
 
 from conserve_jax.proto_gen.conserve.v1 import conserve_pb2 as pb
-from conserve_jax.proto_gen.conserve.v1 import conserve_pb2_grpc as pb_grpc
 from server.auth import Authenticator
 from server.batch_runner import BatchRunner
 from server.batch_store import BatchStore
+from server.handlers import coserve_handler
+from server.limits import LimitedHealth, LimitedReflection, StreamLimiter
 from server.metrics import ObservedEngine, ServerMetrics, serve_metrics
+from server.offline_resume import OfflineResume
 from server.servicer import CoServeServicer, ServiceOptions
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CoServe"].full_name
-DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
+DEFAULT_MAX_MESSAGE_BYTES = 16 << 20
 
 
 @dataclass
@@ -51,10 +67,24 @@ class ServerConfig:
     http_port: Optional[int] = None  # OpenAI-compatible HTTP front (+ /metrics); None: off
     metrics_port: Optional[int] = None  # Prometheus /metrics alone; None: off
     model_name: str = "default"  # the model id the HTTP front serves
+    max_reflection_streams: int = 8
+    max_health_watches: int = 16
+    unary_workers: int = 32  # worker threads left for unary calls when every stream cap is full
+    keepalive_time_s: float = 60.0  # ping idle-looking connections; drop dead peers
+    keepalive_timeout_s: float = 20.0
+    max_connection_idle_s: float = 300.0
+    max_connection_age_s: float = 3600.0  # then GOAWAY; open calls get the grace below
+    max_connection_age_grace_s: float = 600.0
+    busy_timeout_s: float = 5.0  # wait for a database lock held by another process
+    retention_s: float = 7 * 86400.0  # finished batches are deleted after this
+    # on stop, save unfinished batch items' engine state (KV + tokens) to
+    # <data_dir>/offline-kv, at most this many bytes; 0: off (they recompute)
+    offline_kv_max_bytes: int = 0
 
 
 class ServerApp:
-    def __init__(self, engine, config: ServerConfig) -> None:
+    def __init__(self, engine, config: ServerConfig, store: Optional[BatchStore] = None) -> None:
+        """`store`: an already opened store (the CLI opens it before loading the model)."""
         self.engine = engine
         self.config = config
         self.port: Optional[int] = None
@@ -64,31 +94,48 @@ class ServerApp:
         self.metrics = ServerMetrics(engine, config.options.max_online_queue,
                                      config.options.default_slo)
         observed = ObservedEngine(engine, self.metrics)
-        self.store = BatchStore(config.data_dir)
-        self.runner = BatchRunner(self.store, observed, config.batch_in_flight)
+        self.store = store or BatchStore(config.data_dir, busy_timeout_s=config.busy_timeout_s)
+        self.runner = BatchRunner(self.store, observed, config.batch_in_flight,
+                                  retention_s=config.retention_s)
         self.metrics.attach(self.store, self.runner)
+        self.runner.offline = OfflineResume.create(observed, self.store, config.data_dir,
+                                                   config.offline_kv_max_bytes)
         auth = Authenticator(config.auth_tokens) if config.auth_tokens is not None else None
-        self.servicer = CoServeServicer(observed, self.store, self.runner, auth, config.options,
+        o = config.options
+        self.servicer = CoServeServicer(observed, self.store, self.runner, auth, o,
                                         metrics=self.metrics)
         self.http = None
         if config.http_port is not None:
             from server.openai_api.front import HttpFront  # imported only when the front is on
             self.http = HttpFront(observed, self.store, self.runner, auth, self.metrics, config)
         self._metrics_server = None
-        self.health = health.HealthServicer()
-        workers = config.options.max_online_queue + 32  # each open stream holds a worker
+        self.health = LimitedHealth(StreamLimiter("Health.Watch", config.max_health_watches))
+        self.reflection = LimitedReflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            StreamLimiter("reflection", config.max_reflection_streams))
+        workers = (o.max_online_queue + o.max_result_streams + config.max_reflection_streams
+                   + config.max_health_watches + config.unary_workers)
         limit = config.max_message_bytes
+        ms = lambda s: int(s * 1000)  # noqa: E731
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
             maximum_concurrent_rpcs=workers,
             options=[("grpc.max_receive_message_length", limit),
                      ("grpc.max_send_message_length", limit),
-                     ("grpc.so_reuseport", 0)])
-        pb_grpc.add_CoServeServicer_to_server(self.servicer, self.server)
+                     ("grpc.so_reuseport", 0),
+                     ("grpc.keepalive_time_ms", ms(config.keepalive_time_s)),
+                     ("grpc.keepalive_timeout_ms", ms(config.keepalive_timeout_s)),
+                     ("grpc.max_connection_idle_ms", ms(config.max_connection_idle_s)),
+                     ("grpc.max_connection_age_ms", ms(config.max_connection_age_s)),
+                     ("grpc.max_connection_age_grace_ms", ms(config.max_connection_age_grace_s)),
+                     ("grpc.http2.min_ping_interval_without_data_ms", 10_000)])
+        self.server.add_generic_rpc_handlers((coserve_handler(self.servicer),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(self.reflection, self.server)
+        self.engine_dead = threading.Event()
         self._stopped = False
+        self._stop_watch = threading.Event()
+        self._watcher = threading.Thread(target=self._watch_engine, name="engine-watch", daemon=True)
 
     @property
     def address(self) -> str:
@@ -115,24 +162,39 @@ class ServerApp:
                 self.metrics, c.host, c.metrics_port, c.tls_cert, c.tls_key)
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._watcher.start()
         log.info("serving on %s (tls=%s, auth=%s)", self.address, c.tls_cert is not None,
                  c.auth_tokens is not None)
         return self.port
+
+    def _watch_engine(self) -> None:
+        """Monitor thread: engine death -> health NOT_SERVING and `engine_dead`."""
+        while not self._stop_watch.wait(0.1):
+            failure = self.engine.failure
+            if failure is not None:
+                log.critical("engine failed (%s): health NOT_SERVING, refusing new work", failure)
+                for name in ("", SERVICE_NAME):
+                    self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+                self.engine_dead.set()
+                return
 
     def stop(self, drain_timeout_s: Optional[float] = None) -> None:
         if self._stopped:
             return
         self._stopped = True
+        self._stop_watch.set()
         grace = self.config.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
         self.health.enter_graceful_shutdown()
         self.servicer.admitting = False
         if self.http is not None:
             self.http.admitting = False
         stopped = self.server.stop(grace)  # refuses new calls now; open ones get `grace`
+        if self.http is not None:
+            self.http.stop(grace, wait=False)  # the same, in parallel
         self.runner.stop(grace)
         stopped.wait(grace + 1.0)
         if self.http is not None:
-            self.http.stop(grace)
+            self.http.join(grace + 2.0)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
         try:

@@ -31,6 +31,10 @@ class Authenticator:
         if not self._by_digest:
             raise ValueError("the auth token file holds no tokens")
 
+    @property
+    def num_tenants(self) -> int:
+        return len(self._by_digest)
+
     @classmethod
     def from_file(cls, path: str) -> "Authenticator":
         return cls(read_tokens(path))

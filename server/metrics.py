@@ -85,6 +85,8 @@ class ServerMetrics:
         self.runner = None
         self._lock = threading.Lock()
         self._online = 0
+        self._online_by_tenant: dict[str, int] = {}
+        self.online_per_tenant = max_online_queue  # the servicer sets a share with several tenants
         self._started = time.monotonic()
         cfg = getattr(engine, "config", None)
         self.default_slo = SLO(
@@ -114,22 +116,40 @@ class ServerMetrics:
         self.store, self.runner = store, runner
 
     # ---- online admission (all faces) --------------------------------------------------
-    def try_admit_online(self) -> bool:
-        """Count one more online request in flight; False (nothing counted) when full."""
+    def try_admit_online(self, tenant: Optional[str] = None) -> Optional[str]:
+        """Count one more online request in flight; None when admitted, else why not
+        (nothing counted). With a tenant, that tenant's share (`online_per_tenant`) is
+        enforced too."""
         with self._lock:
             if self._online >= self.max_online_queue:
-                return False
+                return f"online queue is full ({self.max_online_queue} requests); retry later"
+            if tenant is not None:
+                mine = self._online_by_tenant.get(tenant, 0)
+                if mine >= self.online_per_tenant:
+                    return (f"this tenant has {mine} online requests in flight (its limit); "
+                            "retry later")
+                self._online_by_tenant[tenant] = mine + 1
             self._online += 1
-            return True
+            return None
 
-    def release_online(self) -> None:
+    def release_online(self, tenant: Optional[str] = None) -> None:
         with self._lock:
             self._online -= 1
+            if tenant is not None:
+                n = self._online_by_tenant.get(tenant, 1) - 1
+                if n:
+                    self._online_by_tenant[tenant] = n
+                else:
+                    self._online_by_tenant.pop(tenant, None)
 
     @property
     def online_in_flight(self) -> int:
         with self._lock:
             return self._online
+
+    def online_in_flight_of(self, tenant: str) -> int:
+        with self._lock:
+            return self._online_by_tenant.get(tenant, 0)
 
     # ---- observation -------------------------------------------------------------------
     def observe_finished(self, request: GenerationRequest, out: RequestOutput) -> None:
@@ -153,15 +173,22 @@ class ServerMetrics:
             self.slo.labels(cls, "tpot", str(tpot <= tpot_slo).lower()).inc()
 
     # ---- reading -----------------------------------------------------------------------
-    def snapshot(self) -> Snapshot:
-        """Engine stats and server fields, as `GetServerStats` reports them."""
-        counts = self.store.counts() if self.store is not None else {}
+    def snapshot(self, tenant: Optional[str] = None) -> Snapshot:
+        """Engine stats and server fields, as `GetServerStats` reports them. With a tenant
+        (auth on), the batch and online counts are that tenant's own."""
+        counts = self.store.counts(tenant) if self.store is not None else {}
+        if tenant is None:
+            online = self.online_in_flight
+            in_flight = self.runner.in_flight if self.runner is not None else 0
+        else:
+            online = self.online_in_flight_of(tenant)
+            in_flight = counts.get("batch_items_running", 0)
         server = {
-            "online_in_flight": self.online_in_flight,
+            "online_in_flight": online,
             "online_queue_limit": self.max_online_queue,
             "batches_active": counts.get("batches_active", 0),
             "batch_items_pending": counts.get("batch_items_pending", 0),
-            "batch_items_in_flight": self.runner.in_flight if self.runner is not None else 0,
+            "batch_items_in_flight": in_flight,
             "uptime_s": time.monotonic() - self._started,
         }
         return Snapshot(self.engine.stats(), server)
@@ -272,6 +299,9 @@ class ObservedStream:
     def put(self, out: RequestOutput) -> None:
         self._inner.put(out)
 
+    def set_listener(self, fn) -> None:
+        self._inner.set_listener(fn)
+
     def get(self, timeout: Optional[float] = None) -> RequestOutput:
         return self._seen(self._inner.get(timeout=timeout))
 
@@ -288,8 +318,9 @@ class ObservedEngine:
         self._engine = engine
         self._metrics = metrics
 
-    def submit(self, request: GenerationRequest) -> ObservedStream:
-        return ObservedStream(self._engine.submit(request), request, self._metrics)
+    def submit(self, request: GenerationRequest, **kw) -> ObservedStream:
+        """`kw`: the wrapped engine's extra submit arguments (e.g. `resume`)."""
+        return ObservedStream(self._engine.submit(request, **kw), request, self._metrics)
 
     def __getattr__(self, name):
         return getattr(self._engine, name)

@@ -1,22 +1,31 @@
 """`CoServeServicer`: the conserve.v1.CoServe RPCs over an `EngineAPI` and a `BatchStore`.
 
 Every method runs on a gRPC worker thread (sync server), many at once. Shared mutable
-state here is only the online in-flight counter (under `self._lock`) and the `admitting`
-flag, which `ServerApp` clears on shutdown. Engine calls are thread-safe by contract;
+state here is the online in-flight counters (in the shared `ServerMetrics`, under its lock),
+the result-stream limiter and the `admitting` flag, which `ServerApp` clears on shutdown. Engine calls are thread-safe by contract;
 batch work is handed to the `BatchRunner` thread through the store and `wake`/
 `cancel_batch`.
 
-Errors: bad input -> INVALID_ARGUMENT naming the field; online queue full ->
-RESOURCE_EXHAUSTED; unknown batch -> NOT_FOUND; missing/bad token -> UNAUTHENTICATED;
-another tenant's batch -> PERMISSION_DENIED; shutting down -> UNAVAILABLE. A Generate
+Errors: bad input -> INVALID_ARGUMENT naming the field; online queue full (globally or
+for the caller's tenant), too many open result streams, or the tenant's batch-item quota
+-> RESOURCE_EXHAUSTED; unknown batch, or another tenant's (indistinguishable on purpose)
+-> NOT_FOUND; missing/bad token -> UNAUTHENTICATED; an idempotency key reused for a
+different payload, or deleting an active batch -> FAILED_PRECONDITION; shutting down or
+the engine stopped -> UNAVAILABLE; an engine failure during a Generate -> INTERNAL with a
+fixed message. Store and unexpected failures are mapped by `server.handlers`. A Generate
 call whose client cancels, disconnects or passes its deadline cancels its engine request
 at once (gRPC termination callback), which frees its KV.
+
+Work before limits: size bounds and sampling options (`convert.precheck`) and the online queue are checked
+before a prompt is tokenized. With auth on, GetServerStats' batch fields count only the
+caller's batches, and list page tokens are batch ids (they reveal nothing global).
 """
 from __future__ import annotations
 
 import logging
 import math
 import queue
+import re
 import threading
 import time
 import uuid
@@ -32,7 +41,8 @@ from conserve_jax.proto_gen.conserve.v1 import conserve_pb2_grpc as pb_grpc
 from server import convert
 from server.auth import Authenticator
 from server.batch_runner import BatchRunner
-from server.batch_store import BatchRow, BatchStore
+from server.batch_store import BatchRow, BatchStore, IdempotencyConflict, QuotaExceeded
+from server.limits import StreamLimiter
 from server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -42,12 +52,21 @@ _STATES = {"queued": pb.BATCH_STATE_QUEUED, "running": pb.BATCH_STATE_RUNNING,
            "failed": pb.BATCH_STATE_FAILED}
 
 
+_BATCH_ID = re.compile(r"batch_[0-9a-f]{32}")
+
+
 @dataclass
 class ServiceOptions:
     max_online_queue: int = 256  # online Generate calls admitted and not finished
     max_batch_size: int = 10000  # requests per SubmitBatch
     default_slo: SLO = SLO()
     max_logprobs: int = 20
+    # one tenant's share of the online queue; None: half of it when there are several
+    # tenants, all of it otherwise
+    max_online_per_tenant: Optional[int] = None
+    max_result_streams: int = 64  # open StreamBatchResults calls, all tenants
+    max_result_streams_per_tenant: int = 8
+    max_tenant_items: int = 200_000  # unfinished batch items one tenant may have stored
 
 
 def _ts(t: Optional[float]) -> Optional[Timestamp]:
@@ -79,6 +98,13 @@ class CoServeServicer(pb_grpc.CoServeServicer):
         self.auth = auth
         self.options = options
         self.admitting = True
+        per_tenant = options.max_online_per_tenant
+        if per_tenant is None:
+            several = auth is not None and auth.num_tenants > 1
+            per_tenant = max(1, options.max_online_queue // 2) if several else options.max_online_queue
+        self.metrics.online_per_tenant = per_tenant
+        self.result_streams = StreamLimiter("StreamBatchResults", options.max_result_streams,
+                                            options.max_result_streams_per_tenant)
 
     # ---- helpers -----------------------------------------------------------------------
     def _tenant(self, context) -> Optional[str]:
@@ -94,34 +120,40 @@ class CoServeServicer(pb_grpc.CoServeServicer):
     def _require_admitting(self, context) -> None:
         if not self.admitting:
             context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+        if self.engine.failure is not None:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "engine stopped; the server is restarting")
 
     def _owned_batch(self, batch_id: str, tenant: Optional[str], context) -> BatchRow:
         if not batch_id:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "batch_id is empty")
+        if len(batch_id) > 64:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "batch_id is too long")
         row = self.store.get(batch_id)
-        if row is None:
+        if row is None or (tenant is not None and row.tenant != tenant):
             context.abort(grpc.StatusCode.NOT_FOUND, f"batch {batch_id!r} not found")
-        if tenant is not None and row.tenant != tenant:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"batch {batch_id!r} belongs to another tenant")
         return row
 
     # ---- online ------------------------------------------------------------------------
     def Generate(self, request, context):
-        self._tenant(context)
+        tenant = self._tenant(context) or ""
         self._require_admitting(context)
         rid = f"on:{uuid.uuid4().hex}"
-        try:
-            req = convert.build_request(request, self.engine, rid, RequestClass.ONLINE,
-                                        self.options.default_slo, self.options.max_logprobs)
+        try:  # everything that needs no tokenizing, so bad input is refused even when busy
+            convert.precheck(request, self.engine, self.options.max_logprobs)
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        if not self.metrics.try_admit_online():
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"online queue is full ({self.options.max_online_queue} requests); retry later")
+        why = self.metrics.try_admit_online(tenant)
+        if why is not None:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, why)
         try:
+            try:  # tokenizing is work: it happens only inside an admitted slot
+                req = convert.build_request(request, self.engine, rid, RequestClass.ONLINE,
+                                            self.options.default_slo, self.options.max_logprobs)
+            except ValueError as e:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             yield from self._stream(req, request.request_id, context)
         finally:
-            self.metrics.release_online()
+            self.metrics.release_online(tenant)
 
     def _stream(self, req, client_id: str, context):
         try:
@@ -149,6 +181,8 @@ class CoServeServicer(pb_grpc.CoServeServicer):
                     finished.set()
                     if out.finish_reason == "error":
                         context.abort(grpc.StatusCode.INTERNAL, out.error or "engine error")
+                    if out.finish_reason == "cancelled" and self.engine.failure is not None:
+                        context.abort(grpc.StatusCode.INTERNAL, "engine stopped")
                     if out.finish_reason == "cancelled" and not self.admitting:
                         context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
                     yield convert.output_to_response(out, client_id)
@@ -169,6 +203,14 @@ class CoServeServicer(pb_grpc.CoServeServicer):
         if n > self.options.max_batch_size:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"requests has {n} items; the limit is {self.options.max_batch_size}")
+        if len(request.idempotency_key) > convert.MAX_ID_CHARS:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"idempotency_key is longer than {convert.MAX_ID_CHARS} characters")
+        try:
+            for i, r in enumerate(request.requests):  # cheap bounds before any tokenizing
+                convert.precheck(r, self.engine, self.options.max_logprobs, prefix=f"requests[{i}].")
+        except ValueError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         items = []
         try:
             for i, r in enumerate(request.requests):
@@ -183,8 +225,14 @@ class CoServeServicer(pb_grpc.CoServeServicer):
             deadline = request.deadline.ToNanoseconds() / 1e9
             if not math.isfinite(deadline) or deadline <= time.time():
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "deadline is in the past")
-        batch_id, created = self.store.create_batch(tenant or "", items, deadline,
-                                                    request.idempotency_key)
+        try:
+            batch_id, created = self.store.create_batch(
+                tenant or "", items, deadline, request.idempotency_key,
+                max_tenant_items=self.options.max_tenant_items)
+        except IdempotencyConflict as e:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        except QuotaExceeded as e:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         if created:
             log.info("batch %s: %d requests", batch_id, n)
             self.runner.wake()
@@ -199,14 +247,13 @@ class CoServeServicer(pb_grpc.CoServeServicer):
         size = request.page_size or 100
         if not 0 < size <= 1000:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "page_size must be in [0, 1000]")
-        before = None
+        after = None
         if request.page_token:
-            try:
-                before = int(request.page_token)
-            except ValueError:
+            after = request.page_token
+            if not _BATCH_ID.fullmatch(after):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "page_token is invalid")
-        rows = self.store.list(tenant, size, before)
-        token = str(rows[-1].seq) if len(rows) == size else ""
+        rows = self.store.list(tenant, size, after)
+        token = rows[-1].id if len(rows) == size else ""
         return pb.ListBatchesResponse(batches=[batch_to_proto(r) for r in rows], next_page_token=token)
 
     def CancelBatch(self, request, context):
@@ -217,13 +264,26 @@ class CoServeServicer(pb_grpc.CoServeServicer):
             self.runner.cancel_batch(row.id, "cancelled")
         return batch_to_proto(self.store.get(row.id))
 
+    def DeleteBatch(self, request, context):
+        tenant = self._tenant(context)
+        row = self._owned_batch(request.batch_id, tenant, context)
+        if not self.store.delete(row.id):
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"batch {row.id!r} is still {row.state}; cancel it first")
+        log.info("batch %s deleted", row.id)
+        return pb.DeleteBatchResponse()
+
     def StreamBatchResults(self, request, context):
         tenant = self._tenant(context)
         row = self._owned_batch(request.batch_id, tenant, context)
         if not 0 <= request.start_index <= row.total:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"start_index must be in [0, {row.total}], got {request.start_index}")
-        nxt = request.start_index
+        with self.result_streams.slot(context, tenant):
+            yield from self._results(row, request.start_index, context)
+
+    def _results(self, row: BatchRow, start: int, context):
+        nxt = start
         while nxt < row.total:
             version = self.store.version
             progressed = False
@@ -239,9 +299,11 @@ class CoServeServicer(pb_grpc.CoServeServicer):
                 return
             if self.store.closed:
                 context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+            if self.store.get(row.id) is None:
+                context.abort(grpc.StatusCode.NOT_FOUND, f"batch {row.id!r} was deleted")
 
     # ---- stats -------------------------------------------------------------------------
     def GetServerStats(self, request, context):
-        self._tenant(context)
-        snap = self.metrics.snapshot()  # the same values /metrics exposes
+        tenant = self._tenant(context)
+        snap = self.metrics.snapshot(tenant)  # the same values /metrics exposes (all tenants)
         return convert.stats_to_proto(snap.engine, **snap.server)

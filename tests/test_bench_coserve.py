@@ -46,6 +46,12 @@ def test_bench_coserve_tiny(tmp_path):
     assert data["resume_vs_recompute_ratio"] == pytest.approx(rv["resume_s"] / rv["recompute_s"])
     assert "safepoint_interval_s" in data
     assert len(data["targets"]) == 6
+    assert set(data["targets"]) >= {"ttft_p99_vs_online_only", "offline_vs_non_preemptive",
+                                    "preemption_latency_p99_vs_layer_time"}
+    cost = data["safepoint_cost"]
+    assert cost["check_call_s"] > 0 and cost["shapes"]
+    assert pol["conserve"]["isolation"] == 1.2 and pol["sarathi"]["isolation"] is None
+    assert pol["conserve"]["offline_processed_tokens_per_s"] > 0
     for t in data["targets"].values():
         assert {"value", "threshold", "met", "description"} <= t.keys()
     assert data["workload"]["online"]["requests"] == 6
@@ -67,3 +73,26 @@ def test_workload_recipe():
         assert r.output_len == min(64, max(8, round(r.trace_output / 8)))
     for r in a.offline:
         assert 512 <= len(r.prompt) <= 1024 and 64 <= r.output_len <= 128
+
+
+def test_sweep_variants_and_dominance():
+    import coserve_pareto as pareto
+
+    vs = pareto.variants(bench_coserve.POLICIES, 1.2, 256, sweep=True)
+    labels = [v.label for v in vs]
+    assert len(labels) == len(set(labels))
+    iso = sorted((v.isolation or 0) for v in vs if v.policy == "conserve")
+    assert iso == [0, 1.05, 1.1, 1.2, 1.5, 2.0]
+    assert sorted(v.overrides["sarathi_token_budget"] for v in vs if v.policy == "sarathi") \
+        == [64, 128, 256, 512]
+    assert pareto.variants(["conserve"], None, 256, sweep=False)[0].isolation is None
+
+    def pt(label, policy, ttft, tpot, off):
+        return {"label": label, "policy": policy, "online_ttft_p99_s": ttft,
+                "online_tpot_p99_s": tpot, "offline_processed_tokens_per_s": off}
+    points = [pt("conserve", "conserve", 0.5, 0.03, 100), pt("conserve@2", "conserve", 0.8, 0.05, 300),
+              pt("sarathi", "sarathi", 0.9, 0.06, 250), pt("non-preemptive", "non-preemptive", 9, 1, 400),
+              pt("online-only", "online-only", 0.4, 0.02, 0)]
+    d = pareto.dominance(points)
+    assert d["sarathi"] == {"dominated_by": ["conserve@2"], "dominated": True}
+    assert d["non-preemptive"]["dominated"] is False and "online-only" not in d

@@ -91,13 +91,15 @@ def test_host_pool_full_falls_back_to_recompute(alone):
 
 
 def test_abandoned_at_safepoint_matches_alone(alone):
-    """An online request with an impossible TTFT arrives in the middle of an offline-only
-    iteration: the runner stops at the next safepoint, the iteration is dropped, and the
-    offline requests still produce exactly their solo tokens."""
-    eng = engine(policy="conserve", num_blocks=256)
+    """An online request arrives in the middle of an offline-only iteration (injected
+    right after a safepoint check): the runner stops at the very next layer boundary, the
+    iteration is dropped, and the offline requests still produce exactly their solo tokens.
+    isolation=1.0 makes the rule strict (any remaining offline work preempts)."""
+    eng = engine(policy="conserve", num_blocks=256, isolation=1.0)
     try:
-        injected = []
-        orig = eng.earliest_online_arrival
+        injected, checks = [], []  # checks: (iteration, layers_done, stopped, injected_before)
+        current = [0]  # layers_done of the check in progress
+        orig = eng.policy.online_waiting
         abandoned_steps = []
         orig_abandon = eng.scheduler.abandon
 
@@ -108,20 +110,42 @@ def test_abandoned_at_safepoint_matches_alone(alone):
         eng.scheduler.abandon = abandon
 
         def arrival():
-            # first safepoint of an offline iteration after some progress: inject online
-            if not injected and eng.stats().offline_tokens_total >= 4:
-                injected.append(eng.submit(req("on0", ONLINE[0], N_ON, online=True,
-                                               ttft=1e-6, tpot=30)))
-            return orig()
+            out = orig()
+            # after some progress, inject an online request once this check has looked
+            if not injected and eng.stats().offline_tokens_total >= 4 \
+                    and current[0] < eng.model_config.num_layers - 1:
+                injected.append(eng.submit(req("on0", ONLINE[0], N_ON, online=True, tpot=30)))
+            return out
 
-        eng.earliest_online_arrival = arrival
+        orig_safepoints = eng.policy.safepoints
+
+        def safepoints(step):
+            sp = orig_safepoints(step)
+            if sp is None:
+                return None
+            it = len(abandoned_steps), id(step)
+
+            def check(layers):
+                before, current[0] = bool(injected), layers
+                stopped = sp.check(layers)
+                checks.append((it, layers, stopped, before))
+                return stopped
+            return type(sp)(check, sp.every)
+
+        eng.policy.online_waiting = arrival
+        eng.policy.safepoints = safepoints
         offs = {f"off{i}": eng.submit(req(f"off{i}", p, N_OFF)) for i, p in enumerate(OFFLINE)}
         got = {k: collect(s)[0] for k, s in offs.items()}
         wait_until(lambda: injected)
         got["on0"] = collect(injected[0])[0]
         assert eng.stats().preemptions >= 1
         assert abandoned_steps and all(not s.has_online for s in abandoned_steps)
-        assert eng.policy.preemption_log.latencies_s
+        # the first check that saw the injected request is the one that stopped, and it
+        # came right after the check during which it was submitted (one layer later)
+        i = next(n for n, c in enumerate(checks) if c[3])
+        assert checks[i][2] and checks[i - 1][0] == checks[i][0]
+        assert checks[i][1] == checks[i - 1][1] + 1
+        assert eng.policy.preemption_log.layers_done[0] == checks[i][1]
         for k in got:
             assert got[k] == alone[k], k
         assert_no_leaks(eng)
@@ -138,15 +162,16 @@ def test_no_leaks_after_cancel_and_failure():
             eng.cancel(f"c{i}")
         assert all(collect(s)[1] == "cancelled" for s in streams)
         assert_no_leaks(eng)
-        # a failing iteration fails its requests and frees everything they held
+        # an iteration that fails again on its retry fails its requests and frees
+        # everything they held (one failure before the commit is retried: StepGuard)
         orig = eng.runner.execute
         calls = []
 
-        def boom(plan, safepoint=None):
+        def boom(plan, *args, **kw):
             calls.append(1)
-            if len(calls) == 3:
+            if len(calls) in (3, 4):
                 raise RuntimeError("injected device failure")
-            return orig(plan, safepoint)
+            return orig(plan, *args, **kw)
 
         eng.runner.execute = boom
         streams = [eng.submit(req(f"f{i}", p, 30)) for i, p in enumerate(OFFLINE)]

@@ -1,20 +1,12 @@
-"""The latency model: fitting recovers known coefficients; predictions on this machine fall
-within the stated error of measured iterations (median relative error <= 35%, 90th
-percentile <= 80%, on a tiny model whose iterations last milliseconds, where timer and
-dispatch noise weigh most; runs here measured medians of 0.06-0.23); the online
-correction follows a drift; files round-trip."""
-import statistics
-import time
+"""The latency model: fitting recovers known coefficients; the online correction follows a
+drift; files round-trip. Deterministic only: accuracy against measured iterations depends
+on machine load and is a benchmark (scripts/bench_latency_model.py), not a unit test."""
 
 import numpy as np
 import pytest
 
-from conserve_jax.config import CacheConfig, EngineConfig
-from conserve_jax.models.loader import load_model
 from conserve_jax.runtime.buckets import BucketSet
-from conserve_jax.runtime.model_runner import ModelRunner
 from conserve_jax.scheduling.latency_model import LatencyModel, WorkShape, features
-from conserve_jax.scheduling.profiler import profile, synthetic_plan
 
 BUCKETS = BucketSet.build(16, 256, 2, 32)
 
@@ -58,39 +50,3 @@ def test_save_and_load(tmp_path):
     np.testing.assert_array_equal(back.coef, m.coef)
     with pytest.raises(ValueError, match="layers"):
         LatencyModel.load(str(tmp_path / "lm.json"), BUCKETS, 16, 5)
-
-
-def test_predictions_match_measured_iterations():
-    """As the engine uses it: fitted by the profiling sweep, then corrected online from
-    measured iterations (the first 12 fresh points), then judged on 20 more fresh points
-    off the profiling grid. Iteration times are the median of 5 runs, as when profiling."""
-    loaded = load_model("random:small")
-    cfg = EngineConfig(max_model_len=512, max_num_seqs=16, max_prefill_tokens=256,
-                       cache=CacheConfig(num_blocks=512))
-    runner = ModelRunner(loaded.config, loaded.params, cfg)
-    model = LatencyModel.fit(profile(runner, quick=False, repeats=5), runner.buckets,
-                             runner.block_size, loaded.config.num_layers)
-    rng = np.random.default_rng(1)
-    errs = []
-    for i in range(32):
-        d = int(rng.integers(0, 17))
-        t = int(rng.choice([0, int(rng.integers(8, 257))])) if d else int(rng.integers(8, 257))
-        c = int(rng.integers(max(t, 1), 512))
-        plan, w = synthetic_plan(runner, d, t, c)
-        runner.execute(plan)
-        times = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            runner.execute(plan)
-            times.append(time.perf_counter() - t0)
-        measured = statistics.median(times)
-        if i < 12:
-            for _ in range(5):
-                model.observe(w, measured)
-        else:
-            errs.append(abs(model.predict(w) - measured) / measured)
-    print(f"latency model relative error: median {statistics.median(errs):.3f}, "
-          f"p90 {np.percentile(errs, 90):.3f}, correction {model.correction:.3f}, "
-          f"fit {model.fit_error}")
-    assert statistics.median(errs) <= 0.35, errs
-    assert float(np.percentile(errs, 90)) <= 0.8, errs

@@ -5,7 +5,6 @@ import json
 import logging
 import os
 import shutil
-import time
 
 import numpy as np
 import pytest
@@ -176,9 +175,7 @@ def test_default_model_path_missing_message(monkeypatch):
     ("small", (4, 256, 8, 2, 32, 688, 2048, False, False)),
     ("smollm2-135m", (30, 576, 9, 3, 64, 1536, 49152, True, False))])
 def test_presets(name, shape):
-    t0 = time.perf_counter()
     m = load_model(f"random:{name}", seed=3)
-    elapsed = time.perf_counter() - t0
     c = m.config
     assert (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size,
             c.vocab_size, c.tie_word_embeddings, c.attention_bias) == shape
@@ -189,7 +186,7 @@ def test_presets(name, shape):
     assert m.tokenizer.vocab_size == c.vocab_size
     assert set(c.eos_token_ids) <= set(m.tokenizer.eos_token_ids) and c.bos_token_id == m.tokenizer.bos_token_id
     if name == "smollm2-135m":
-        assert c.rope_theta == 100000.0 and elapsed < 6.0, elapsed
+        assert c.rope_theta == 100000.0  # (load time is a benchmark, not a unit test: issue 9)
         return
     again = load_model(f"random:{name}", seed=3).params
     other = load_model(f"random:{name}", seed=4).params

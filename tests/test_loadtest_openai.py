@@ -1,6 +1,8 @@
 """`conserve-jax loadtest --backend openai`: the same workload replayed against the HTTP
 front (in-process server on loopback, MockEngine), with the offline load through the Batch
-API or as service_tier=flex requests, and the server counters read from /metrics."""
+API or as service_tier=flex requests, and the server counters read from /metrics. The 4 s
+window leaves the offline batches (well under a second of work) time to finish on a busy
+machine."""
 import argparse
 import json
 
@@ -26,7 +28,7 @@ def _args(srv, tmp_path, *extra):
     return p.parse_args([
         "--backend", "openai", "--target", f"127.0.0.1:{srv.app.http_port}", "--token", TOKEN_A,
         "--rate", "20", "--num-requests", "10", "--input-len", "16", "--output-len", "8",
-        "--max-context", "256", "--grace", "20", "--offline-requests", "6",
+        "--max-context", "256", "--duration", "4", "--grace", "20", "--offline-requests", "6",
         "--offline-input-len", "12", "--offline-output-len", "10", "--offline-batches", "2",
         "--slo-ttft", "2", "--slo-tpot", "0.5", "--no-progress",
         "--json", str(tmp_path / "report.json"), *extra])

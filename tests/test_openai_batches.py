@@ -209,3 +209,29 @@ def test_batches_survive_restart(tmp_path):
             == [echo_text("r", 30)] * 3
     finally:
         s.stop()
+
+
+def test_idempotency_key(srv):
+    c = client(srv)
+    f1 = c.files.create(file=jsonl([completion_line(0, "i", 2)]), purpose="batch")
+    f2 = c.files.create(file=jsonl([completion_line(0, "j", 2)]), purpose="batch")
+    kw = dict(endpoint="/v1/completions", completion_window="24h", extra_headers={"Idempotency-Key": "k-1"})
+    a = c.batches.create(input_file_id=f1.id, **kw)
+    assert c.batches.create(input_file_id=f1.id, **kw).id == a.id  # a retry: the same batch
+    with pytest.raises(openai.ConflictError) as e:  # the same key for different work
+        c.batches.create(input_file_id=f2.id, **kw)
+    assert e.value.status_code == 409 and "k-1" in e.value.message
+
+
+def test_tenant_item_quota_is_429(tmp_path):
+    from server.servicer import ServiceOptions
+
+    s = start_http_server(tmp_path, options=ServiceOptions(max_tenant_items=3))
+    try:
+        c = client(s)
+        f = c.files.create(file=jsonl([completion_line(i, "q", 2) for i in range(5)]), purpose="batch")
+        with pytest.raises(openai.RateLimitError) as e:
+            c.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="24h")
+        assert e.value.code == "batch_quota_exceeded"
+    finally:
+        s.stop()

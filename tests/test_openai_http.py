@@ -3,6 +3,7 @@ models, chat and completions (streaming and not), sampling parameters, service_t
 errors in OpenAI's shape (400 naming the parameter, 401, 404, 429, 500), tenants, and the
 Prometheus metrics that GetServerStats shares. MockEngine echoes the prompt, so every
 expected output is known in advance."""
+import http.client
 import json
 import re
 import threading
@@ -213,7 +214,8 @@ def _metric(text: str, name: str, labels: str = "") -> float:
 
 def test_metrics_and_server_stats_share_counters(srv):
     c = client(srv)
-    c.completions.create(model=MODEL, prompt="metrics", max_tokens=6)
+    c.completions.create(model=MODEL, prompt="metrics", max_tokens=6,
+                         extra_body={"ttft_s": 30.0, "tpot_s": 1e-9})  # met; cannot be met
     c.completions.create(model=MODEL, prompt="offline", max_tokens=4, extra_body={"service_tier": "flex"})
     with Client(srv.target, token=TOKEN_A) as g:
         list(g.generate("grpc side", max_tokens=3))
@@ -228,6 +230,8 @@ def test_metrics_and_server_stats_share_counters(srv):
     assert _metric(text, "conserve_time_to_first_token_seconds_count", '{class="online"}') >= 2
     assert _metric(text, "conserve_time_to_first_token_seconds_count", '{class="offline"}') >= 1
     assert _metric(text, "conserve_requests_finished_total", '{class="online",finish_reason="length"}') >= 2
+    assert _metric(text, "conserve_slo_requests_total", '{class="online",met="true",objective="ttft"}') >= 1
+    assert _metric(text, "conserve_slo_requests_total", '{class="online",met="false",objective="tpot"}') >= 1
     assert _metric(text, "conserve_inter_token_latency_seconds_count", '{class="online"}') >= 5 + 2
     for name in ("conserve_time_per_output_token_seconds_bucket", "conserve_e2e_request_latency_seconds_sum",
                  "conserve_preemptions_total", "conserve_evictions_total", "conserve_restored_tokens_total",
@@ -255,6 +259,13 @@ def test_online_queue_full_is_429_across_faces(tmp_path):
         stream.close()  # client disconnect: the engine request is cancelled, the slot freed
         assert wait_until(lambda: eng.stats().online_running == 0 and s.app.metrics.online_in_flight == 0)
         assert c.completions.create(model=MODEL, prompt="x", max_tokens=2).choices[0].text == "xx"
+        # a non-streaming request whose client goes away is cancelled too
+        conn = http.client.HTTPConnection("127.0.0.1", s.app.http_port, timeout=10)
+        conn.request("POST", "/v1/completions", json.dumps(
+            {"model": MODEL, "prompt": "gone", "max_tokens": 1000}), {"Content-Type": "application/json"})
+        assert wait_until(lambda: eng.stats().online_running == 1)
+        conn.close()
+        assert wait_until(lambda: eng.stats().online_running == 0 and s.app.metrics.online_in_flight == 0)
     finally:
         s.stop()
 
@@ -298,3 +309,82 @@ def test_shutting_down_is_503(srv):
     finally:
         srv.app.http.admitting = True
     assert raw(srv, "GET", "/health", token=None)[0] == 200
+
+
+def test_body_size_limit_is_413(tmp_path):
+    s = start_http_server(tmp_path, max_message_bytes=4096)
+    try:
+        big = json.dumps({"model": MODEL, "prompt": "x" * 8000}).encode()
+        status, body, _ = raw(s, "POST", "/v1/completions", big)
+        assert status == 413 and "exceeds 4096" in json.loads(body)["error"]["message"]
+        ok = json.dumps({"model": MODEL, "prompt": "xy", "max_tokens": 2}).encode()
+        assert raw(s, "POST", "/v1/completions", ok)[0] == 200
+    finally:
+        s.stop()
+
+
+def test_stop_ends_open_streams(tmp_path):
+    eng = MockEngine(token_delay_s=0.02)
+    s = start_http_server(tmp_path, engine=eng)
+    stream = client(s).completions.create(model=MODEL, prompt="long", max_tokens=2000, stream=True)
+    it = iter(stream)
+    next(it)
+    s.stop()  # drain 0.5 s, then open HTTP requests are cancelled with the engine's
+    reasons = []
+    try:
+        reasons = [ch.choices[0].finish_reason for ch in it if ch.choices]
+    except Exception:  # the connection closed or the server sent its error event
+        pass
+    assert "length" not in reasons
+    assert eng.stats().online_running == 0 and s.app.metrics.online_in_flight == 0
+
+
+def test_tenant_share_of_the_online_queue(tmp_path):
+    from server.servicer import ServiceOptions
+
+    eng = MockEngine(token_delay_s=0.02)
+    s = start_http_server(tmp_path, engine=eng, auth_tokens=[TOKEN_A, TOKEN_B],
+                          options=ServiceOptions(max_online_queue=2))  # 1 each with 2 tenants
+    try:
+        stream = client(s, TOKEN_A).completions.create(model=MODEL, prompt="a", max_tokens=500,
+                                                       stream=True)
+        next(iter(stream))
+        with pytest.raises(openai.RateLimitError) as e:
+            client(s, TOKEN_A).completions.create(model=MODEL, prompt="x", max_tokens=2)
+        assert "tenant" in e.value.message
+        r = client(s, TOKEN_B).completions.create(model=MODEL, prompt="b", max_tokens=2)
+        assert r.choices[0].text == "bb"
+        stream.close()
+    finally:
+        s.stop()
+
+
+FUZZ_VALUES = [None, "", "x", -1, 0, 1.5, 10 ** 12, float("nan"), True, [], [1, "a"], {}, {"a": 1}]
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                              "max_tokens": 3, "temperature": 0.5, "top_p": 0.9, "seed": 1,
+                              "stop": ["z"], "logprobs": True, "top_logprobs": 1, "n": 1,
+                              "stream": False, "service_tier": "auto", "top_k": 2,
+                              "ignore_eos": False, "ttft_s": 1.0, "tpot_s": 1.0,
+                              "max_completion_tokens": 3, "stop_token_ids": [5]}),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 3, "logprobs": 1,
+                         "echo": False, "best_of": 1, "presence_penalty": 0}),
+    ("/v1/batches", {"input_file_id": "file-x", "endpoint": "/v1/completions",
+                     "completion_window": "24h", "metadata": {"a": "b"}}),
+])
+def test_fuzzed_fields_never_500(srv, path, body):
+    """Every field replaced by values of the wrong type or range: an OpenAI-shaped 4xx (or
+    success), never a server fault, and a 400 names a parameter or a line."""
+    for name in body:
+        for value in FUZZ_VALUES:
+            bad = {**body, name: value}
+            data = json.dumps(bad, allow_nan=True).encode()
+            status, raw_body, _ = raw(srv, "POST", path, data)
+            assert status < 500, (name, value, raw_body)
+            if status >= 400:
+                err = json.loads(raw_body)["error"]
+                assert err["message"] and err["type"]
+    status, _, _ = raw(srv, "POST", path, b"[1, 2]")
+    assert status == 400

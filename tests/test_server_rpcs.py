@@ -149,5 +149,5 @@ def test_reflection(srv):
         svc = pool.FindServiceByName("conserve.v1.CoServe")
         assert {m.name for m in svc.methods} == {
             "Generate", "SubmitBatch", "GetBatch", "ListBatches", "CancelBatch",
-            "StreamBatchResults", "GetServerStats"}
+            "StreamBatchResults", "GetServerStats", "DeleteBatch"}
         assert pool.FindMessageTypeByName("conserve.v1.SamplingParams").fields_by_name["top_p"]

@@ -118,6 +118,33 @@ class KVCheckpointer:
             self.transfer.scatter(dev_ids[start: start + step], self.pool.data[s])
             self.counters.blocks_restored += len(s)
 
+    # ---- export / import (persisting offline work across a restart) ---------------------
+    def export_blocks(self, request_id: str, num_computed: int) -> np.ndarray:
+        """A copy of the request's saved blocks that hold committed KV (the first
+        min(saved, num_computed // block_size)), [n, *block_shape]; waits for copies under
+        way. Step-loop thread."""
+        self.wait_pending()
+        slots = self._slots.get(request_id, [])[: num_computed // self.block_size]
+        return self.pool.data[slots]  # fancy indexing: a copy, safe after release
+
+    def import_blocks(self, request_id: str, blocks: np.ndarray) -> int:
+        """Put a resumed request's saved blocks ([n, *block_shape]) into the host pool, as if
+        it had been checkpointed and evicted; returns how many were taken (a prefix: fewer
+        when the pool is short). Step-loop thread, before the request is first scheduled."""
+        if tuple(blocks.shape[1:]) != tuple(self.pool.data.shape[1:]):
+            raise ValueError(f"saved blocks have shape {blocks.shape[1:]}, "
+                             f"the pool holds {self.pool.data.shape[1:]}")
+        self.release(request_id)
+        n = min(len(blocks), self.pool.num_free)
+        if n < len(blocks):
+            log.info("host pool short: %s resumes %d of %d saved blocks", request_id, n,
+                     len(blocks))
+        slots = self.pool.allocate(n)
+        if slots:
+            self.pool.data[slots] = blocks[:n]
+        self._slots[request_id] = slots
+        return n
+
     def release(self, request_id: str) -> None:
         slots = self._slots.pop(request_id, None)
         if slots:

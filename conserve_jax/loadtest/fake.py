@@ -4,7 +4,9 @@ It has the methods the load tester uses, with the same signatures, and emulates 
 by sleeping: `generate` waits `ttft_s`, then yields chunks of `chunk_size` tokens every
 `itl_s * chunk_size` seconds (the first chunk carries one token). Offline batch items
 complete one after another every `offline_item_s` seconds from submission. `stats()`
-counts one preemption per online request started while an offline batch is unfinished.
+counts one preemption per online request started while an offline batch is unfinished;
+each entry of `calls` records that decision as "during_batch", so tests can check the
+count exactly instead of bounding a race.
 
 Errors are `FakeRpcError` (a `grpc.RpcError` with `code()` and `details()`):
 INVALID_ARGUMENT when prompt + max_tokens exceeds `max_context`, DEADLINE_EXCEEDED when
@@ -99,11 +101,11 @@ class FakeClient:
     def generate(self, prompt=None, *, token_ids=None, messages=None, ttft=None, tpot=None,
                  timeout=None, **sampling) -> _FakeCall:
         n = next(self._count)
-        with self._lock:
+        with self._lock:  # one decision per call, recorded with it: tests count exactly
+            during = any(not self._finished(b) for b in self._batches.values())
             self.calls.append({"token_ids": token_ids, "ttft": ttft, "tpot": tpot,
-                               "timeout": timeout, **sampling})
-            if any(not self._finished(b) for b in self._batches.values()):
-                self.preemptions += 1
+                               "timeout": timeout, "during_batch": during, **sampling})
+            self.preemptions += int(during)
         max_tokens = int(sampling.get("max_tokens", 16))
         if not token_ids and not prompt and not messages:
             raise FakeRpcError(grpc.StatusCode.INVALID_ARGUMENT, "prompt: empty")

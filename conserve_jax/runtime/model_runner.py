@@ -7,7 +7,8 @@ step-loop thread, which owns the caches. Without a safepoint (online work, never
 an iteration runs `layers_per_call` layers per jitted call (default: the whole model in one
 call, no per-layer dispatch). With a safepoint it runs `safepoint_interval` layers per call
 and calls the safepoint between calls, after the device finished them; the iteration may be
-abandoned there: the KV it wrote lies beyond every sequence's committed length and is
+abandoned there (`safepoint_every` may override the interval per call; sizes other than
+the configured interval compile on first use): the KV it wrote lies beyond every sequence's committed length and is
 overwritten later, so dropping it is harmless. Every group of one size shares one compiled
 executable per shape bucket; `warmup` compiles every (group size, bucket) up front.
 """
@@ -97,22 +98,24 @@ class ModelRunner:
         make = jax.jit(lambda: jnp.zeros(shape, self.dtype), out_shardings=sh)
         return [(make(), make()) for _ in range(self.cfg.num_layers)]
 
-    def _build_functions(self) -> None:
+    def _make_group_fn(self, size: int):
+        """jit of `size` consecutive layers; caches donated (updated in place)."""
         cfg = self.cfg
 
         def group_fn(layers, x, cos, sin, caches, meta):
             return run_layers(layers, x, cos, sin, caches, meta, cfg=cfg)
 
-        def shardings(size: int) -> dict:
-            if self.mesh is None:
-                return {}
+        kw = {}
+        if self.mesh is not None:
             rep, csh = shd.replicated(self.mesh), shd.cache_sharding(self.mesh)
             caches = [(csh, csh)] * size
-            return dict(in_shardings=([self._layer_sh] * size, rep, rep, rep, caches, rep),
-                        out_shardings=(rep, caches))
+            kw = dict(in_shardings=([self._layer_sh] * size, rep, rep, rep, caches, rep),
+                      out_shardings=(rep, caches))
+        return jax.jit(group_fn, donate_argnums=(4,), **kw)
 
-        # one executable per (group size, shape bucket); caches are donated (updated in place)
-        self._groups = {size: jax.jit(group_fn, donate_argnums=(4,), **shardings(size))
+    def _build_functions(self) -> None:
+        # one executable per (group size, shape bucket)
+        self._groups = {size: self._make_group_fn(size)
                         for size in sorted(set(self.fast_groups + self.safepoint_groups))}
         self._embed = jax.jit(embed_tokens)
         eps, tied = self.cfg.rms_norm_eps, self.tied
@@ -133,9 +136,14 @@ class ModelRunner:
         fns = list(self._groups.values()) + [self._embed, self._select, self._head]
         return sum(f._cache_size() for f in fns)
 
-    def execute(self, plan: StepPlan, safepoint: Optional[Safepoint] = None) -> Optional[StepResult]:
+    def execute(self, plan: StepPlan, safepoint: Optional[Safepoint] = None,
+                safepoint_every: Optional[int] = None) -> Optional[StepResult]:
+        """Run one iteration. `safepoint(layers_done)` is called after every
+        `safepoint_every` layers (None: `engine_cfg.safepoint_interval`; the policy chooses
+        it per iteration) and the iteration is abandoned (returns None) if it returns True.
+        With `safepoint=None` there are no safepoints."""
         b = build_batch(plan, self.buckets, self.block_size)
-        hidden = self._forward(b, safepoint)
+        hidden = self._forward(b, safepoint, safepoint_every)
         if hidden is None:
             return None
         return self._sample(plan, b, hidden)
@@ -144,12 +152,19 @@ class ModelRunner:
         return AttentionMeta(b.slot_blocks, b.slot_offsets, b.positions, b.dec_tables,
                              b.dec_lens, b.pre_tables, b.pre_start, b.pre_seq)
 
-    def _forward(self, b: BatchArrays, safepoint: Optional[Safepoint]):
+    def _forward(self, b: BatchArrays, safepoint: Optional[Safepoint],
+                 safepoint_every: Optional[int] = None):
         x, cos, sin = self._embed(self.embed, b.token_ids, b.positions, self.inv_freq)
         meta = self._meta(b)
         n = self.cfg.num_layers
         done = 0
-        for size in (self.fast_groups if safepoint is None else self.safepoint_groups):
+        if safepoint is None:
+            groups = self.fast_groups
+        else:
+            groups = group_sizes(n, max(1, safepoint_every or self.engine_cfg.safepoint_interval))
+        for size in groups:
+            if size not in self._groups:  # an interval other than the configured one
+                self._groups[size] = self._make_group_fn(size)
             x, new = self._groups[size](self.layers[done: done + size], x, cos, sin,
                                         self.caches[done: done + size], meta)
             self.caches[done: done + size] = new

@@ -7,29 +7,43 @@ All run in the same engine so comparisons are fair:
 - `sarathi`: online first with a fixed, smaller token budget and chunked prefill;
   iteration-level preemption; recompute.
 - `non-preemptive`: one arrival-ordered queue; offline work never yields (online requests
-  wait for it): the upper bound of offline throughput.
-- `conserve`: latency-aware token-level budget (the latency model keeps each iteration
-  inside the tightest online TPOT), layer-wise preemption at safepoints, incremental KV
-  checkpointing of offline requests.
+  wait for it).
+- `conserve`: latency-aware token-level budget, layer-wise preemption at safepoints,
+  incremental KV checkpointing of offline requests. With isolation F (default 1.2, see
+  `time_budget.IsolationBudget`) iterations with online work carry offline tokens only
+  within F x their online work's predicted time, and an online arrival during an
+  offline-only iteration stops it at the next safepoint (every layer by default) unless
+  the rest of the iteration is within max((F - 1) x the arrival's predicted online-only
+  TTFT, one layer). With isolation off the budget fills to the TPOT objective and an
+  arrival preempts only when the iteration would break its TTFT objective.
+
+Iterations with online work never carry safepoints and are never abandoned: with isolation
+F their offline part delays an arrival by at most (F - 1) x the online work's remaining
+time, which is within (F - 1) x the arrival's own online-only TTFT (it would have waited
+for that online work anyway).
 
 Hooks run on the engine's step-loop thread, except `accepts` (caller's thread, pure) and
-the safepoint callable (step-loop thread, between layer calls).
+the safepoint check (step-loop thread, between layer calls). Policies never see the
+engine: `build` hands them the functions they need.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from conserve_jax.config import ConserveConfig
 from conserve_jax.engine_api import RequestClass
 from conserve_jax.scheduling.latency_model import LatencyModel, WorkShape
-from conserve_jax.scheduling.policy import Policy, StepBudget
+from conserve_jax.scheduling.policy import Policy, Safepoints, StepBudget
+from conserve_jax.scheduling.time_budget import IsolationBudget, TimeBudget
 
 if TYPE_CHECKING:
-    from conserve_jax.scheduling.scheduled_step import QueueView as Scheduler, ScheduledStep
     from conserve_jax.request import Sequence
+    from conserve_jax.scheduling.scheduled_step import QueueView as Scheduler, ScheduledStep
 
+# () -> the online requests submitted but not running yet (just submitted, or waiting)
+ArrivalsFn = Callable[[], list]
 
 
 class OnlineOnlyPolicy(Policy):
@@ -61,49 +75,12 @@ class NonPreemptivePolicy(Policy):
 
 
 @dataclass
-class TimeBudget(StepBudget):
-    """A token budget plus, when online work is active, a predicted-time limit that
-    offline work (and online prefill next to running online decodes) must fit in."""
-
-    model: Optional[LatencyModel] = None
-    limit_s: Optional[float] = None
-    online_decoding: bool = False
-    min_online_chunk: int = 32  # an online prompt always makes at least this much progress
-
-    def _fits(self, w: WorkShape) -> bool:
-        return self.limit_s is None or self.model.predict(w) <= self.limit_s
-
-    def decodes_left(self, step, seq=None) -> int:
-        left = super().decodes_left(step)
-        if left <= 0 or seq is None or seq.online or self.limit_s is None:
-            return left
-        return left if self._fits(step.work.add_decode(seq.num_computed + 1)) else 0
-
-    def prefill_tokens_for(self, step, seq) -> int:
-        room = super().prefill_tokens_for(step, seq)
-        if room <= 0 or self.limit_s is None or (seq.online and not self.online_decoding):
-            return room
-        floor = min(room, self.min_online_chunk) if seq.online else 0
-
-        def ok(n: int) -> bool:
-            end = seq.num_computed + n
-            return self._fits(step.work.add_prefill(n, end, end == len(seq.token_ids)))
-
-        lo, hi = 0, room  # largest n in [0, room] whose predicted step time fits
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if ok(mid):
-                lo = mid
-            else:
-                hi = mid - 1
-        return max(lo, floor)
-
-
-@dataclass
 class PreemptionLog:
+    """One entry per abandoned iteration (step-loop thread appends; readers copy)."""
+
     latencies_s: list = field(default_factory=list)  # online arrival -> runner stopped
-    # the safepoint interval of each preempted iteration: its predicted time * k / layers
-    intervals_s: list = field(default_factory=list)
+    layer_times_s: list = field(default_factory=list)  # measured time per layer, that iteration
+    layers_done: list = field(default_factory=list)  # layers run before the stop
 
 
 class ConservePolicy(Policy):
@@ -111,15 +88,23 @@ class ConservePolicy(Policy):
     checkpointing = True
 
     def __init__(self, max_num_seqs: int, max_prefill_tokens: int, model: LatencyModel,
-                 default_ttft_s: float, default_tpot_s: float, knobs: ConserveConfig) -> None:
+                 default_ttft_s: float, default_tpot_s: float,
+                 online_waiting: ArrivalsFn, isolation: Optional[float] = 1.2,
+                 safepoint_every: int = 1, knobs: Optional[ConserveConfig] = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(max_num_seqs, max_prefill_tokens)
         self.model = model
         self.default_ttft_s = default_ttft_s
         self.default_tpot_s = default_tpot_s
+        self.online_waiting = online_waiting
+        self.isolation = isolation
+        self.safepoint_every = safepoint_every
+        knobs = knobs or ConserveConfig()
         self.tpot_margin = knobs.tpot_margin
         self.min_online_chunk = knobs.min_online_chunk
+        self.clock = clock  # same clock as Sequence.arrival
         self.preemption_log = PreemptionLog()
-        self.safepoint_every = 4  # set by the engine from EngineConfig.safepoint_interval
+        self._not_placed: set = set()  # online requests the last plan left waiting
 
     def tpot(self, seq: "Sequence") -> float:
         return seq.request.slo.tpot_s or self.default_tpot_s
@@ -129,51 +114,72 @@ class ConservePolicy(Policy):
 
     def budget(self, sched: "Scheduler") -> StepBudget:
         base = super().budget(sched)
+        self._not_placed = {id(s) for s in sched.waiting_online}
         online = [s for s in sched.running if s.online] + list(sched.waiting_online)
         if not online:
             return TimeBudget(base.max_tokens, base.max_prefill_tokens, base.max_decodes)
-        limit = min(self.tpot(s) for s in online) * self.tpot_margin
+        objective = min(self.tpot(s) for s in online) * self.tpot_margin
+        if self.isolation is not None:
+            return IsolationBudget(base.max_tokens, base.max_prefill_tokens, base.max_decodes,
+                                   self.model, self.isolation, objective)
         decoding = any(s.online and not s.in_prefill for s in sched.running)
         return TimeBudget(base.max_tokens, base.max_prefill_tokens, base.max_decodes,
-                          self.model, limit, decoding, self.min_online_chunk)
+                          self.model, objective, decoding, self.min_online_chunk)
 
-    def on_step_done(self, step, elapsed_s, engine) -> None:
+    def on_step_done(self, step, elapsed_s) -> None:
         self.model.observe(step.work, elapsed_s)
 
-    def safepoint(self, step: "ScheduledStep", engine):
-        """Offline-only iterations may be abandoned when an online request has arrived
-        whose TTFT the rest of the iteration would break."""
-        if step.has_online:
-            return None
-        total = self.model.predict(step.work)
-        n_layers = self.model.num_layers
+    def online_ttft_s(self, seq: "Sequence") -> float:
+        """Predicted TTFT of `seq` on an idle engine: its prompt's prefill, chunk by chunk."""
+        left, done, total = seq.num_pending, seq.num_computed, 0.0
+        while left > 0:
+            n = min(left, self.max_prefill_tokens)
+            done, left = done + n, left - n
+            total += self.model.predict(WorkShape().add_prefill(n, done, left == 0))
+        return total
 
-        decided: set[int] = set()
+    def safepoints(self, step: "ScheduledStep") -> Optional[Safepoints]:
+        """Offline-only iterations stop for a newly arrived online request (see module doc).
+        Online requests this iteration's plan left waiting (no room) do not stop it."""
+        if step.has_online or step.empty:
+            return None
+        n_layers = self.model.num_layers
+        t_start = self.clock()
+        not_placed = self._not_placed
+        judged: set = set()
 
         def check(layers_done: int) -> bool:
-            # An arrival is judged once, at the first safepoint after it: if finishing the
-            # iteration keeps its TTFT then, it still does later (so preemption, when it
-            # happens, comes within one safepoint interval of the arrival).
-            arrival = engine.earliest_online_arrival()
-            if arrival is None or id(arrival[0]) in decided:
+            new = [s for s in self.online_waiting()
+                   if id(s) not in not_placed and id(s) not in judged]
+            if not new:
                 return False
-            seq, t_arr = arrival
-            decided.add(id(seq))
-            now = time.monotonic()
-            rest = total * (1 - layers_done / n_layers)
-            own = self.model.predict(WorkShape().add_prefill(
-                min(seq.num_pending, self.max_prefill_tokens), seq.num_pending, True))
-            if (now - t_arr) + rest + own <= self.ttft(seq):
-                return False
-            self.preemption_log.latencies_s.append(time.monotonic() - t_arr)
-            self.preemption_log.intervals_s.append(total * self.safepoint_every / n_layers)
-            return True
+            now = self.clock()
+            layer_s = (now - t_start) / layers_done  # measured in this iteration
+            rest = layer_s * (n_layers - layers_done)
+            for seq in sorted(new, key=lambda s: s.arrival):
+                waited, own = now - seq.arrival, self.online_ttft_s(seq)
+                keeps_ttft = waited + rest + own <= self.ttft(seq)
+                if self.isolation is None:
+                    judged.add(id(seq))  # judged once, at the first safepoint after it
+                    if keeps_ttft:
+                        continue
+                elif keeps_ttft and waited + rest <= max((self.isolation - 1) * own, layer_s):
+                    continue
+                log = self.preemption_log
+                log.latencies_s.append(self.clock() - seq.arrival)
+                log.layer_times_s.append(layer_s)
+                log.layers_done.append(layers_done)
+                return True
+            return False
 
-        return check
+        return Safepoints(check, self.safepoint_every)
 
 
-def build(cfg, model_factory) -> Policy:
-    """`model_factory()` returns the LatencyModel; called only for policies that need it."""
+def build(cfg, model_factory: Callable[[], LatencyModel],
+          online_waiting: Optional[ArrivalsFn] = None) -> Policy:
+    """The policy `cfg.policy` names. `model_factory()` returns the LatencyModel (called only
+    for policies that need it); `online_waiting()` lists the online requests submitted but
+    not running yet (the engine's; needed by `conserve`'s safepoints)."""
     name = cfg.policy
     if name == "fcfs":
         return Policy(cfg.max_num_seqs, cfg.max_prefill_tokens)
@@ -186,12 +192,14 @@ def build(cfg, model_factory) -> Policy:
     if name == "non-preemptive":
         return NonPreemptivePolicy(cfg.max_num_seqs, cfg.max_prefill_tokens)
     if name == "conserve":
+        if online_waiting is None:
+            raise ValueError("policy conserve needs online_waiting")
         model = model_factory()
         model.alpha, model.clamp = cfg.conserve.correction_alpha, cfg.conserve.correction_clamp
-        p = ConservePolicy(cfg.max_num_seqs, cfg.max_prefill_tokens, model,
-                           cfg.default_ttft_s, cfg.default_tpot_s, cfg.conserve)
-        p.safepoint_every = cfg.safepoint_interval
-        return p
+        return ConservePolicy(cfg.max_num_seqs, cfg.max_prefill_tokens, model,
+                              cfg.default_ttft_s, cfg.default_tpot_s, online_waiting,
+                              isolation=cfg.isolation, safepoint_every=cfg.safepoint_interval,
+                              knobs=cfg.conserve)
     raise ValueError(f"policy must be one of {POLICY_NAMES}, got {name!r}")
 
 

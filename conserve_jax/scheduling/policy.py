@@ -3,12 +3,14 @@ may join it. Small and pluggable; the `Scheduler` asks, the policy answers.
 
 `Policy` itself ("fcfs") is the plain continuous-batching policy (online first, fixed token budget).
 The co-serving policies (conserve, priority-recompute, sarathi, non-preemptive,
-online-only) live in `coserve_policies.py`.
+online-only) live in `coserve_policies.py`. A policy never sees the engine: what it needs
+from it (e.g. the earliest waiting online request) is handed to it as a function when it
+is built (`coserve_policies.build`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Optional
 
 if TYPE_CHECKING:
     from conserve_jax.scheduling.scheduled_step import QueueView as Scheduler, ScheduledStep
@@ -33,6 +35,15 @@ class StepBudget:
         return max(0, min(seq.num_pending, room))
 
 
+@dataclass
+class Safepoints:
+    """The runner's checks for one iteration: after every `every` layers it calls
+    `check(layers_done)`, and abandons the iteration if that returns True."""
+
+    check: Callable[[int], bool]
+    every: int
+
+
 class Policy:
     """Base policy: FCFS continuous batching, online before offline, a fixed token budget,
     no preemption inside an iteration. Hooks are called by the engine's step-loop thread
@@ -50,21 +61,17 @@ class Policy:
         return StepBudget(self.max_num_seqs + self.max_prefill_tokens, self.max_prefill_tokens,
                           self.max_num_seqs)
 
-    def admits_offline(self, sched: "Scheduler", step: "ScheduledStep") -> bool:
-        return True
-
-
     def accepts(self, request) -> bool:
         return True
 
-    def safepoint(self, step: "ScheduledStep", engine):
-        """A callable(layers_done) -> bool for the runner, or None for no safepoints."""
+    def safepoints(self, step: "ScheduledStep") -> Optional[Safepoints]:
+        """The safepoint checks for this iteration, or None for none (run it whole)."""
         return None
 
     def on_arrival(self, seq: "Sequence") -> None: ...
 
-    def on_step_done(self, step: "ScheduledStep", elapsed_s: float, engine) -> None: ...
+    def on_step_done(self, step: "ScheduledStep", elapsed_s: float) -> None: ...
 
-    def on_abandoned(self, step: "ScheduledStep", engine) -> None: ...
+    def on_abandoned(self, step: "ScheduledStep") -> None: ...
 
     def on_finished(self, seq: "Sequence") -> None: ...

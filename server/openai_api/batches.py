@@ -64,7 +64,7 @@ def parse_jsonl(data: bytes, max_lines: int) -> list[dict]:
         seen.add(cid)
         if obj.get("method") != "POST":
             raise invalid_value("file", f"file line {n}: method must be 'POST'")
-        if obj.get("url") not in ENDPOINTS:
+        if not isinstance(obj.get("url"), str) or obj["url"] not in ENDPOINTS:
             raise invalid_value("file", f"file line {n}: url must be one of {sorted(ENDPOINTS)}")
         if not isinstance(obj.get("body"), dict):
             raise invalid_value("file", f"file line {n}: body must be an object")

@@ -4,7 +4,8 @@ in the same process as the gRPC server and over the same engine, batch store and
 `start()` binds the socket itself (so port 0 works and the bound port is known at once),
 wraps it in TLS when the server has a certificate, and starts uvicorn's event loop on a
 daemon thread; `stop(grace)` stops accepting, gives open requests `grace` seconds and joins
-the thread. `admitting` is cleared by `ServerApp.stop` first: new work then gets 503.
+the thread (`stop(grace, wait=False)` + `join` lets the caller drain gRPC at the same
+time). `admitting` is cleared by `ServerApp.stop` first: new work then gets 503.
 Called by `ServerApp` from its controlling thread.
 """
 from __future__ import annotations
@@ -37,7 +38,8 @@ class HttpFront:
                                                 max_batch_size=o.max_batch_size,
                                                 max_file_bytes=config.max_message_bytes,
                                                 max_logprobs=o.max_logprobs,
-                                                default_slo=o.default_slo))
+                                                default_slo=o.default_slo,
+                                                max_tenant_items=o.max_tenant_items))
         self.app = build_app(self.routes)
         self.port: Optional[int] = None
         self._server: Optional[uvicorn.Server] = None
@@ -74,6 +76,14 @@ class HttpFront:
             asyncio.set_event_loop(loop)
             try:
                 loop.run_until_complete(self._serve(sock, started))
+                # uvicorn cancels requests still open after the grace period but does not
+                # wait for them: let them unwind (release their slot, cancel their engine
+                # request, close their connection) before the loop goes away
+                pending = asyncio.all_tasks(loop)
+                for task in pending:
+                    task.cancel()
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+                loop.run_until_complete(loop.shutdown_asyncgens())
             except Exception:
                 log.exception("HTTP front stopped with an error")
             finally:
@@ -96,9 +106,16 @@ class HttpFront:
         await self._server.serve(sockets=[sock])
         waiter.cancel()
 
-    def stop(self, grace: float = 5.0) -> None:
+    def stop(self, grace: float = 5.0, wait: bool = True) -> None:
+        """Stop accepting now; open requests get `grace` seconds, then are cancelled (their
+        engine requests with them). `wait=False` returns at once (see `join`)."""
         if self._server is None:
             return
+        self._server.config.timeout_graceful_shutdown = grace
         self._server.should_exit = True
+        if wait:
+            self.join(grace + 5.0)
+
+    def join(self, timeout: float) -> None:
         if self._thread is not None:
-            self._thread.join(grace + 5.0)
+            self._thread.join(timeout)

@@ -15,6 +15,7 @@ tenant sees only its own files and batches (others' are 404).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
@@ -33,6 +34,7 @@ from starlette.routing import Route
 
 from conserve_jax.engine_api import SLO, RequestClass
 from server.auth import Authenticator
+from server.batch_store import IdempotencyConflict, QuotaExceeded
 from server.metrics import CONTENT_TYPE, ServerMetrics
 from server.openai_api import batches as B
 from server.openai_api import render
@@ -53,6 +55,7 @@ class FrontOptions:
     max_file_bytes: int = 64 << 20
     max_logprobs: int = 20
     default_slo: SLO = SLO()
+    max_tenant_items: Optional[int] = None  # unfinished batch items one tenant may store
 
 
 class OpenAIRoutes:
@@ -81,9 +84,15 @@ class OpenAIRoutes:
     async def run(self, fn, *args):
         return await anyio.to_thread.run_sync(fn, *args, limiter=self.limiter)
 
-    @staticmethod
-    async def json_body(request: Request):
-        raw = await request.body()
+    async def json_body(self, request: Request):
+        limit = self.options.max_file_bytes
+        if int(request.headers.get("content-length") or 0) > limit:
+            raise ApiError(413, f"the request body exceeds {limit} bytes")
+        raw = bytearray()
+        async for part in request.stream():  # bounded even without a content-length
+            raw += part
+            if len(raw) > limit:
+                raise ApiError(413, f"the request body exceeds {limit} bytes")
         try:
             return json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -98,18 +107,20 @@ class OpenAIRoutes:
             raise ApiError(404, f"The model {model!r} does not exist; this server serves "
                                 f"{self.options.model_name!r}", "model", "model_not_found")
 
-    def _admit(self, cls: RequestClass) -> bool:
+    def _admit(self, cls: RequestClass, tenant: Optional[str]) -> Optional[str]:
+        """None when admitted, else why not. Online requests share the gRPC face's
+        process-wide queue and per-tenant share (ServerMetrics)."""
         if cls is RequestClass.ONLINE:
-            return self.metrics.try_admit_online()
+            return self.metrics.try_admit_online(tenant)
         with self._flex_lock:
             if self._flex >= self.options.max_flex_in_flight:
-                return False
+                return f"the flex queue is full ({self.options.max_flex_in_flight} requests); retry later"
             self._flex += 1
-            return True
+            return None
 
-    def _release(self, cls: RequestClass) -> None:
+    def _release(self, cls: RequestClass, tenant: Optional[str]) -> None:
         if cls is RequestClass.ONLINE:
-            self.metrics.release_online()
+            self.metrics.release_online(tenant)
         else:
             with self._flex_lock:
                 self._flex -= 1
@@ -137,7 +148,7 @@ class OpenAIRoutes:
         return await self._generate(request, COMPLETION)
 
     async def _generate(self, request: Request, kind: str):
-        self.tenant(request)
+        tenant = self.tenant(request)
         self.require_admitting()
         parsed = parse_body(kind, await self.json_body(request))
         self.check_model(parsed.model)
@@ -145,15 +156,15 @@ class OpenAIRoutes:
         rid = f"{'on' if cls is RequestClass.ONLINE else 'flex'}:{uuid.uuid4().hex}"
         gen = await self.run(to_generation, parsed, self.engine, rid, self.options.default_slo,
                              self.options.max_logprobs)
-        if not self._admit(cls):
-            raise ApiError(429, f"the {'online' if cls is RequestClass.ONLINE else 'flex'} queue "
-                                "is full; retry later", code="rate_limit_exceeded")
+        why = self._admit(cls, tenant)
+        if why is not None:
+            raise ApiError(429, why, code="rate_limit_exceeded")
         state = {"open": True, "finished": False}
 
         def close() -> None:  # idempotent: release the slot, stop the engine request
             if state["open"]:
                 state["open"] = False
-                self._release(cls)
+                self._release(cls, tenant)
                 if not state["finished"]:
                     self.engine.cancel(rid)
         try:
@@ -279,7 +290,7 @@ class OpenAIRoutes:
         if not isinstance(body, dict):
             raise bad_request("the request body must be a JSON object")
         endpoint = body.get("endpoint")
-        if endpoint not in ENDPOINTS:
+        if not isinstance(endpoint, str) or endpoint not in ENDPOINTS:
             raise invalid_value("endpoint", f"endpoint must be one of {sorted(ENDPOINTS)}, got {endpoint!r}")
         window = B.parse_window(body.get("completion_window"))
         metadata = body.get("metadata")
@@ -298,15 +309,44 @@ class OpenAIRoutes:
                                self.options.model_name, self.options.max_logprobs)
         deadline = time.time() + window
         key = request.headers.get("idempotency-key") or ""
-        batch_id, created = await self.run(self.store.create_batch, tenant or "", items,
-                                           deadline, key)
+        asked = {"endpoint": endpoint, "input_file_id": file_id, "metadata": metadata,
+                 "completion_window": body.get("completion_window")}
+        if key and (prior := await self._idempotent(tenant, key, asked)) is not None:
+            return JSONResponse(await self._batch_json(prior))
+        try:
+            batch_id, created = await self.run(self.store.create_batch, tenant or "", items,
+                                               deadline, key, self.options.max_tenant_items)
+        except IdempotencyConflict as e:
+            # a concurrent retry with this key may have created it a moment ago
+            if (prior := await self._idempotent(tenant, key, asked)) is not None:
+                return JSONResponse(await self._batch_json(prior))
+            raise ApiError(409, str(e), "Idempotency-Key", "idempotency_conflict") from None
+        except QuotaExceeded as e:
+            raise ApiError(429, str(e), code="batch_quota_exceeded") from None
         if created:
-            await self.run(self.files.put_doc, batch_id, {
-                "endpoint": endpoint, "input_file_id": file_id, "metadata": metadata,
-                "completion_window": body.get("completion_window")})
+            await self.run(self.files.put_doc, batch_id, asked)
+            if key:
+                await self.run(self.files.put_doc, self._key_doc(tenant, key), {**asked, "batch_id": batch_id})
             self.runner.wake()
             log.info("batch %s: %d requests from %s", batch_id, len(items), file_id)
         return JSONResponse(await self._batch_json(batch_id))
+
+    @staticmethod
+    def _key_doc(tenant: Optional[str], key: str) -> str:
+        return "idem-" + hashlib.sha256(f"{tenant or ''}\0{key}".encode()).hexdigest()[:40]
+
+    async def _idempotent(self, tenant: Optional[str], key: str, asked: dict) -> Optional[str]:
+        """The batch an earlier create with this Idempotency-Key made, if it asked for the
+        same thing (the deadline is computed per call, so the store's own payload check
+        cannot tell a retry from new work here); ApiError 409 if it asked for other work."""
+        doc = await self.run(self.files.get_doc, self._key_doc(tenant, key))
+        if doc is None:
+            return None
+        if {k: doc.get(k) for k in asked} != asked:
+            raise ApiError(409, f"Idempotency-Key {key!r} was used for a different batch "
+                                f"({doc['batch_id']}); use a new key for new work",
+                           "Idempotency-Key", "idempotency_conflict")
+        return doc["batch_id"]
 
     async def _batch_json(self, batch_id: str) -> dict:
         row = await self.run(self.store.get, batch_id)
@@ -339,14 +379,12 @@ class OpenAIRoutes:
             limit = -1
         if not 1 <= limit <= 100:
             raise invalid_value("limit", "limit must be an integer in [1, 100]")
-        before = None
-        after = request.query_params.get("after")
+        after = request.query_params.get("after") or None
         if after:
             cursor = await self.run(self.store.get, after)
             if cursor is None or (tenant is not None and cursor.tenant != tenant):
                 raise invalid_value("after", f"after: no such batch {after!r}")
-            before = cursor.seq
-        rows = await self.run(self.store.list, tenant, limit + 1, before)
+        rows = await self.run(self.store.list, tenant, limit + 1, after)
         data = [B.batch_object(r, await self.run(self.files.get_doc, r.id)) for r in rows[:limit]]
         return JSONResponse({"object": "list", "data": data, "has_more": len(rows) > limit,
                              "first_id": data[0]["id"] if data else None,

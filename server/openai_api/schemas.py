@@ -56,11 +56,17 @@ def _is_num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _int(body: dict, name: str, lo: Optional[int] = None, hi: Optional[int] = None) -> Optional[int]:
+INT32_MAX, INT64_MAX = 2 ** 31 - 1, 2 ** 63 - 1
+
+
+def _int(body: dict, name: str, lo: Optional[int] = None, hi: Optional[int] = INT32_MAX) -> Optional[int]:
+    """An optional integer field in [lo, hi] (hi defaults to the proto's int32 range)."""
     v = body.get(name)
     if v is None:
         return None
-    if not _is_int(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
+    if lo is None:
+        lo = -hi - 1
+    if not _is_int(v) or v < lo or v > hi:
         rng = f" in [{lo}, {hi}]" if hi is not None else (f" >= {lo}" if lo is not None else "")
         raise invalid_value(name, f"{name} must be an integer{rng}, got {v!r}")
     return v
@@ -123,6 +129,8 @@ def _prompt(body: dict, req: pb.GenerateRequest) -> None:
         if not p:
             raise invalid_value("prompt", "prompt is empty")
     elif isinstance(p, list) and p and all(_is_int(t) for t in p):
+        if not all(0 <= t <= INT32_MAX for t in p):
+            raise invalid_value("prompt", "prompt has token ids outside the vocabulary")
         req.token_ids.ids.extend(p)
     elif isinstance(p, list) and len(p) > 1 and all(isinstance(x, (str, list)) for x in p):
         raise invalid_value("prompt", "only one prompt per request is supported; send one "
@@ -178,7 +186,7 @@ def parse_body(kind: str, body: Any) -> ParsedRequest:
     top_p = _num(body, "top_p", 0.0, 1.0, lo_open=True)
     if top_p is not None:
         sp.top_p = top_p
-    seed = _int(body, "seed")
+    seed = _int(body, "seed", hi=INT64_MAX)
     if seed is not None:
         sp.seed = seed
     top_k = _int(body, "top_k", lo=-1)
@@ -192,8 +200,8 @@ def parse_body(kind: str, body: Any) -> ParsedRequest:
     sp.stop.extend(stop or [])
     stop_ids = body.get("stop_token_ids")
     if stop_ids is not None:
-        if not isinstance(stop_ids, list) or not all(_is_int(t) for t in stop_ids):
-            raise invalid_value("stop_token_ids", "stop_token_ids must be a list of integers")
+        if not isinstance(stop_ids, list) or not all(_is_int(t) and 0 <= t <= INT32_MAX for t in stop_ids):
+            raise invalid_value("stop_token_ids", "stop_token_ids must be a list of token ids")
         sp.stop_token_ids.extend(stop_ids)
     sp.ignore_eos = bool(_bool(body, "ignore_eos"))
     logprobs, top = False, 0

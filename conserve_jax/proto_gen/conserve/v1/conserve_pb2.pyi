@@ -216,6 +216,16 @@ class CancelBatchRequest(_message.Message):
     batch_id: str
     def __init__(self, batch_id: _Optional[str] = ...) -> None: ...
 
+class DeleteBatchRequest(_message.Message):
+    __slots__ = ("batch_id",)
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    batch_id: str
+    def __init__(self, batch_id: _Optional[str] = ...) -> None: ...
+
+class DeleteBatchResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class StreamBatchResultsRequest(_message.Message):
     __slots__ = ("batch_id", "start_index")
     BATCH_ID_FIELD_NUMBER: _ClassVar[int]

@@ -69,6 +69,11 @@ class CoServeStub:
                 request_serializer=conserve_dot_v1_dot_conserve__pb2.GetServerStatsRequest.SerializeToString,
                 response_deserializer=conserve_dot_v1_dot_conserve__pb2.ServerStats.FromString,
                 _registered_method=True)
+        self.DeleteBatch = channel.unary_unary(
+                '/conserve.v1.CoServe/DeleteBatch',
+                request_serializer=conserve_dot_v1_dot_conserve__pb2.DeleteBatchRequest.SerializeToString,
+                response_deserializer=conserve_dot_v1_dot_conserve__pb2.DeleteBatchResponse.FromString,
+                _registered_method=True)
 
 
 class CoServeServicer:
@@ -124,6 +129,15 @@ class CoServeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteBatch(self, request, context):
+        """Deletes a finished (completed, cancelled or failed) batch and its stored results;
+        an active batch is FAILED_PRECONDITION (cancel it first). Finished batches are also
+        deleted by the server's retention period.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoServeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -161,6 +175,11 @@ def add_CoServeServicer_to_server(servicer, server):
                     servicer.GetServerStats,
                     request_deserializer=conserve_dot_v1_dot_conserve__pb2.GetServerStatsRequest.FromString,
                     response_serializer=conserve_dot_v1_dot_conserve__pb2.ServerStats.SerializeToString,
+            ),
+            'DeleteBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteBatch,
+                    request_deserializer=conserve_dot_v1_dot_conserve__pb2.DeleteBatchRequest.FromString,
+                    response_serializer=conserve_dot_v1_dot_conserve__pb2.DeleteBatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -352,6 +371,33 @@ class CoServe:
             '/conserve.v1.CoServe/GetServerStats',
             conserve_dot_v1_dot_conserve__pb2.GetServerStatsRequest.SerializeToString,
             conserve_dot_v1_dot_conserve__pb2.ServerStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conserve.v1.CoServe/DeleteBatch',
+            conserve_dot_v1_dot_conserve__pb2.DeleteBatchRequest.SerializeToString,
+            conserve_dot_v1_dot_conserve__pb2.DeleteBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,109 @@
+"""Batch items survive a graceful restart: save their engine state at shutdown, resume at claim.
+
+`OfflineResume` is the server's glue between the `BatchRunner`, the engine and the on-disk
+`CheckpointDir` (`<data-dir>/offline-kv/`, one checkpoint per batch item, named
+`<batch_id>-<index>`). The batch runner calls it from its own thread only:
+
+- `submit(item, request)` when it hands a claimed item to the engine: if the item has a
+  usable checkpoint, the engine resumes it from there (restored tokens, only the unsaved
+  tail recomputed, the sampler's seed and counter continuing); otherwise, or if the engine
+  refuses the saved state, it starts from its prompt as before.
+- `item_done(item)` when the item's one result is committed (finished, failed, cancelled):
+  its checkpoint is deleted.
+- `suspend(in_flight)` at shutdown, after the drain window, before the runner releases the
+  items still in flight: the engine stops them and returns their state, which is written
+  to disk (bounded; see `CheckpointDir`). The runner then releases them as before, so a
+  SIGKILL at any point keeps today's behaviour: the item runs again (from a checkpoint only
+  if one was completely written) and commits exactly one result.
+
+`sweep()` (at start and after saving) deletes checkpoints whose item already has a result or
+whose batch is gone (e.g. a batch cancelled while its saved items were pending).
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import threading
+import time
+from typing import Optional
+
+from server.batch_store import BatchStore, ClaimedItem
+
+log = logging.getLogger(__name__)
+
+
+def _key(batch_id: str, index: int) -> str:
+    return f"{batch_id}-{index}"
+
+
+class OfflineResume:
+    def __init__(self, engine, store: BatchStore, data_dir: str, max_bytes: int) -> None:
+        from conserve_jax.kv.persist import CheckpointDir
+
+        self.engine = engine
+        self.store = store
+        self.dir = CheckpointDir(os.path.join(data_dir, "offline-kv"),
+                                 engine.checkpoint_layout(), max_bytes)
+        self.resumed = 0  # items started from a checkpoint (for tests and logs)
+        self.sweep()
+        # orbax takes seconds to import: do it now, off the listening and the shutdown path
+        threading.Thread(target=importlib.import_module, args=("orbax.checkpoint",),
+                         name="orbax-import", daemon=True).start()
+
+    @classmethod
+    def create(cls, engine, store: BatchStore, data_dir: str,
+               max_bytes: int) -> Optional["OfflineResume"]:
+        """None when persisting is off (max_bytes 0) or the engine cannot suspend/resume
+        (the mock engine)."""
+        if max_bytes <= 0 or not hasattr(engine, "suspend_offline"):
+            return None
+        return cls(engine, store, data_dir, max_bytes)
+
+    # ---- batch-runner thread -------------------------------------------------------------
+    def submit(self, item: ClaimedItem, request):
+        key = _key(item.batch_id, item.index)
+        saved = self.dir.load(key)
+        if saved is not None:
+            try:
+                stream = self.engine.submit(request, resume=saved)
+            except ValueError as e:
+                log.warning("not resuming batch item %s from its checkpoint: %s", key, e)
+                self.dir.delete(key)
+            else:
+                self.resumed += 1
+                log.info("batch item %s resumes: %d tokens generated, %d tokens of KV saved",
+                         key, len(saved.generated_ids), saved.num_saved_tokens)
+                return stream
+        return self.engine.submit(request)
+
+    def item_done(self, item: ClaimedItem) -> None:
+        self.dir.delete(_key(item.batch_id, item.index))
+
+    def suspend(self, in_flight: dict[str, ClaimedItem]) -> None:
+        """Save the state of the in-flight items (request id -> item) the engine still runs."""
+        if not in_flight:
+            return
+        t0 = time.monotonic()
+        saved = self.engine.suspend_offline(list(in_flight))
+        t1 = time.monotonic()
+        entries = [(_key(in_flight[rid].batch_id, in_flight[rid].index), s)
+                   for rid, s in saved.items()]
+        written = self.dir.save_all(entries)
+        log.info("saved %d of %d unfinished batch items (%d tokens of KV, %.1f MB) to %s: "
+                 "engine %.2f s, writing %.2f s", len(written), len(in_flight),
+                 sum(s.num_saved_tokens for s in saved.values()),
+                 sum(s.nbytes for s in saved.values()) / 2**20, self.dir.directory, t1 - t0,
+                 time.monotonic() - t1)
+        self.sweep()
+
+    def sweep(self) -> None:
+        for key in self.dir.keys():
+            batch_id, _, index = key.rpartition("-")
+            if not index.isdigit():
+                continue
+            row = self.store.get(batch_id)
+            done = row is None or row.state in ("completed", "cancelled", "failed") or any(
+                idx == int(index) for idx, _ in self.store.results(batch_id, int(index), 1))
+            if done:
+                self.dir.delete(key)
