@@ -100,6 +100,9 @@ class EngineConfig:
     safepoint_interval: int = _h("layers between preemption safepoints in iterations that carry "
                                  "offline work (iterations with only online work have none)",
                                  default=1)
+    layers_per_call: Optional[int] = _h("layers per jitted call in iterations without "
+                                        "safepoints (default: the whole model; fewer "
+                                        "compile faster, run slower)", default=None)
     max_logprobs: int = _h("largest logprobs a request may ask for", default=20)
     compilation_cache_dir: Optional[str] = _h("persistent XLA cache (default: "
                                               "~/.cache/conserve-jax/xla)", default=None)
