@@ -123,7 +123,10 @@ def compiled_count(eng: Engine) -> int:
 
 def release(eng: Engine) -> None:
     """After shutdown: drop the device KV caches and host pool. The checkpointer's copy
-    thread never exits and keeps the runner alive (reported), so free the big arrays."""
+    thread never exits and keeps the runner alive (reported), so free the big arrays.
+    `shutdown` waits at most 30 s for the step loop; on a loaded machine an iteration can
+    take longer, so wait for it before taking its caches away."""
+    eng._thread.join()
     eng.runner.caches = []
     if eng.checkpointer is not None:
         eng.checkpointer.wait_pending()

@@ -134,6 +134,7 @@ class KVCheckpointer:
         if tuple(blocks.shape[1:]) != tuple(self.pool.data.shape[1:]):
             raise ValueError(f"saved blocks have shape {blocks.shape[1:]}, "
                              f"the pool holds {self.pool.data.shape[1:]}")
+        self.wait_pending()  # a queued copy may still target a slot freed and reused here
         self.release(request_id)
         n = min(len(blocks), self.pool.num_free)
         if n < len(blocks):
