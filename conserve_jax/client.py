@@ -95,9 +95,11 @@ class BatchResult:
 # ---- conversions ---------------------------------------------------------------------------
 def make_request(prompt: Optional[str] = None, *, messages=None, token_ids=None,
                  ttft: Optional[float] = None, tpot: Optional[float] = None,
-                 request_id: str = "", **sampling) -> pb.GenerateRequest:
+                 request_id: str = "", expected_output_tokens: Optional[int] = None,
+                 **sampling) -> pb.GenerateRequest:
     """A GenerateRequest from `generate`'s keyword arguments. A list of ints as `prompt`
-    is taken as token ids."""
+    is taken as token ids. `expected_output_tokens`: a guess of the response length, a
+    hint for the server's KV planning (not a limit)."""
     if prompt is not None and not isinstance(prompt, str):
         if token_ids is None and isinstance(prompt, (list, tuple)) and all(
                 isinstance(t, int) and not isinstance(t, bool) for t in prompt):
@@ -136,6 +138,8 @@ def make_request(prompt: Optional[str] = None, *, messages=None, token_ids=None,
         req.ttft_s = ttft
     if tpot is not None:
         req.tpot_s = tpot
+    if expected_output_tokens is not None:
+        req.expected_output_tokens = int(expected_output_tokens)
     return req
 
 

@@ -100,6 +100,9 @@ class EngineConfig:
     safepoint_interval: int = _h("layers between preemption safepoints in iterations that carry "
                                  "offline work (iterations with only online work have none)",
                                  default=1)
+    layers_per_call: Optional[int] = _h("layers per jitted call in iterations without "
+                                        "safepoints (default: the whole model; fewer "
+                                        "compile faster, run slower)", default=None)
     max_logprobs: int = _h("largest logprobs a request may ask for", default=20)
     compilation_cache_dir: Optional[str] = _h("persistent XLA cache (default: "
                                               "~/.cache/conserve-jax/xla)", default=None)
@@ -119,12 +122,28 @@ class EngineConfig:
         "predicted time, and an online arrival preempts offline work unless it would still "
         "start within (F - 1) x its own predicted TTFT. 'off': fill iterations up to the TPOT "
         "objective", default=1.2)
+    kv_cache_tokens: Optional[int] = _h(
+        "KV cache size in tokens, rounded up to whole blocks (overrides --num-blocks and "
+        "--kv-memory-bytes; for KV-bound experiments)", default=None)
+    offline_kv_reservation: bool = _h(
+        "conserve: reserve KV for offline requests by predicted response length and admit "
+        "them KV-heavy-first with aging", default=False)
     conserve: ConserveConfig = field(default_factory=ConserveConfig)
 
     def __post_init__(self) -> None:
         self.isolation = parse_isolation(self.isolation)
         if self.safepoint_interval < 1:
             raise ValueError(f"safepoint_interval must be >= 1, got {self.safepoint_interval}")
+        if self.kv_cache_tokens is not None and self.kv_cache_tokens < 1:
+            raise ValueError(f"kv_cache_tokens must be >= 1, got {self.kv_cache_tokens}")
+
+    @property
+    def kv_cache_blocks(self) -> Optional[int]:
+        """Blocks the KV cache should have, the scratch block included (None: the cache
+        config decides)."""
+        if self.kv_cache_tokens is None:
+            return self.cache.num_blocks
+        return -(-self.kv_cache_tokens // self.cache.block_size) + 1
 
 
 def parse_isolation(value) -> Optional[float]:

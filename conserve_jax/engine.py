@@ -23,7 +23,8 @@ import numpy as np
 
 from conserve_jax.config import EngineConfig
 from conserve_jax.engine_api import (EngineAPI, EngineStats, GenerationRequest, RequestClass,
-                                     RequestStream, validate_prompt)
+                                     RequestStream, validate_expected_output_tokens,
+                                     validate_prompt)
 from conserve_jax.kv.checkpointer import KVCheckpointer
 from conserve_jax.kv.kv_manager import KVManager
 from conserve_jax.kv.persist import SavedRequest
@@ -117,6 +118,7 @@ class Engine(EngineAPI):
         stream starts with everything generated before, as if never interrupted."""
         validate_prompt(request.prompt_token_ids, self.vocab_size, self._max_model_len)
         request.sampling.validate(self.config.max_logprobs, self.vocab_size)
+        validate_expected_output_tokens(request.expected_output_tokens)
         if not self.policy.accepts(request):
             raise ValueError(f"policy {self.policy.name} does not accept "
                              f"{request.request_class.value} requests")
@@ -177,6 +179,8 @@ class Engine(EngineAPI):
             preemptions=c.preemptions, preempted_tokens_discarded=c.preempted_tokens_discarded,
             evictions=c.evictions, recomputed_tokens=c.recomputed_tokens,
             restored_tokens=c.restored_tokens, iterations=self._iterations)
+        for name, value in self.policy.kv_stats(sch).items():  # reservations, predictor
+            setattr(st, name, value)
         if self.checkpointer is not None:
             st.host_pool_slots_total = self.checkpointer.pool.num_slots
             st.host_pool_slots_used = self.checkpointer.pool.num_used
@@ -397,6 +401,7 @@ class Engine(EngineAPI):
         stream."""
         self._guard.forget(seq.request_id)
         known = self._seqs.pop(seq.request_id, None) is not None
+        seq.finish_reason = reason
         self.scheduler.remove(seq)
         self.policy.on_finished(seq)
         if not known:

@@ -41,6 +41,9 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     request_class: RequestClass = RequestClass.ONLINE
     slo: SLO = field(default_factory=SLO)
+    # the client's guess of the response length: a prior for the length predictor, never
+    # a limit (None: no guess)
+    expected_output_tokens: Optional[int] = None
 
 
 @dataclass
@@ -136,6 +139,16 @@ class EngineStats:
     recomputed_tokens: int = 0
     restored_tokens: int = 0
     iterations: int = 0
+    # KV planning (response-length reservations; see scheduling/kv_planner.py)
+    kv_blocks_reserved_unused: int = 0  # held by running requests beyond what they wrote
+    kv_reservations_grown: int = 0  # a request outlived its predicted length
+    kv_blocks_lent: int = 0
+    kv_blocks_returned: int = 0
+    kv_loans_recalled: int = 0  # borrowers evicted so an owner got its KV back
+    predictor_observed: int = 0
+    predictor_mae_tokens: float = 0.0
+    predictor_within_25pct: float = 0.0  # fraction of predictions within +-25%
+    predictor_baseline_mae_tokens: float = 0.0  # always predicting the running mean
 
 
 class EngineAPI(abc.ABC):
@@ -191,3 +204,9 @@ def validate_prompt(token_ids: Sequence[int], vocab_size: int, max_model_len: in
     bad = [t for t in token_ids if not (isinstance(t, (int,)) and 0 <= t < vocab_size)]
     if bad:
         raise ValueError(f"{field_name} has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
+
+
+def validate_expected_output_tokens(value, field_name: str = "expected_output_tokens") -> None:
+    """Raise ValueError naming the field unless `value` is None or an integer >= 1."""
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ValueError(f"{field_name} must be an integer >= 1, got {value!r}")

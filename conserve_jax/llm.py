@@ -6,7 +6,8 @@
 
 Runs an `Engine` in-process (continuous batching and chunked prefill inside). `generate`
 and `chat` may be called from one thread at a time; they block until every prompt is
-answered.
+answered. `kv_cache_tokens=N` sizes the KV cache in tokens (KV-bound experiments); a
+prompt's `SamplingParams.expected_output_tokens` is passed on as a length hint.
 """
 from __future__ import annotations
 
@@ -86,7 +87,8 @@ class LLM:
             validate_prompt(ids, self.engine.vocab_size, self.engine.max_model_len, field_name)
             sp.validate(self.engine.config.max_logprobs, self.engine.vocab_size)
             cls = RequestClass.OFFLINE if offline else RequestClass.ONLINE
-            requests.append(GenerationRequest(f"llm-{next(self._ids)}", ids, sp, cls))
+            requests.append(GenerationRequest(f"llm-{next(self._ids)}", ids, sp, cls,
+                                              expected_output_tokens=sp.expected_output_tokens))
             outputs.append(GenerateOutput(text, ids, logprobs=[] if sp.logprobs is not None else None))
         streams = [self.engine.submit(r) for r in requests]
         for out, stream in zip(outputs, streams):

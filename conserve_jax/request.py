@@ -35,6 +35,7 @@ class Sequence:
     first_token_time: Optional[float] = None
     last_token_time: Optional[float] = None
     num_preemptions: int = 0
+    finish_reason: Optional[str] = None  # set by the engine when the request ends
 
     @property
     def request_id(self) -> str:

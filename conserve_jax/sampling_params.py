@@ -21,7 +21,8 @@ class SamplingParams:
     batching. `validate` raises ValueError naming the offending field; it bounds every
     field (temperature finite and <= MAX_TEMPERATURE, at most MAX_STOP_STRINGS stop strings
     of MAX_STOP_CHARS characters, MAX_STOP_TOKEN_IDS stop ids) so that one request's
-    options cannot slow the step loop for everyone.
+    options cannot slow the step loop for everyone. `expected_output_tokens` is a length
+    hint for the scheduler (never a limit).
     """
 
     max_tokens: int = 16
@@ -33,6 +34,9 @@ class SamplingParams:
     stop_token_ids: Sequence[int] = field(default_factory=tuple)
     ignore_eos: bool = False
     logprobs: Optional[int] = None
+    # a guess of the response length (tokens): a hint for KV planning, not a limit; the
+    # `LLM` API passes it on as GenerationRequest.expected_output_tokens
+    expected_output_tokens: Optional[int] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -53,6 +57,9 @@ class SamplingParams:
             raise ValueError(f"logprobs must be in [0, {max_logprobs}], got {self.logprobs!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        e = self.expected_output_tokens
+        if e is not None and (not isinstance(e, int) or isinstance(e, bool) or e < 1):
+            raise ValueError(f"expected_output_tokens must be an integer >= 1, got {e!r}")
         if len(self.stop) > MAX_STOP_STRINGS:
             raise ValueError(f"stop has {len(self.stop)} strings; the limit is {MAX_STOP_STRINGS}")
         if any(not isinstance(s, str) or not s for s in self.stop):

@@ -1,63 +1,81 @@
-"""Engine micro-benchmark on one machine, all numbers from one run.
+"""Engine speed on one machine, all numbers from one run, optionally beside peers.
 
-Prints a table and writes JSON:
-  decode tokens/s at batch 1, 8, 32 (each sequence at --context tokens of KV);
-  prefill tokens/s of one 512-token prompt;
-  stream bandwidth (numpy copy of a buffer much larger than cache) and the batch-1 decode
-  roofline = bandwidth / weight bytes read per step, with the achieved fraction;
-  per-layer loop vs one whole-model jit of the same decode batch (overhead ratio).
-Variants are interleaved over --repeats rounds; medians and minimums are reported.
+Measures, interleaved round by round (medians and minimums over all rounds):
+  decode tokens/s at batch 1, 8 and 32, each sequence at 128 and 1024 tokens of context
+    (one iteration of the runner: layers, head, sampler, device->host of the tokens);
+  prefill tokens/s of one 512- and one 2048-token prompt (the engine chunks by
+    max_prefill_tokens=512, as it does by default);
+  batch-1 decode through the public `LLM.generate` path (decode tokens/s from the time of
+    max_tokens=1+N minus max_tokens=1 generations), online and offline (offline iterations
+    carry layer safepoints);
+  the batch-1 roofline: matvec bandwidth (numpy / torch / jax, best) over the bytes of
+    weights one decode step reads, and the fraction of it batch-1 decode reaches;
+  one jitted call per layer vs the default layers-per-call (dispatch overhead).
+With --peers transformers the same GGUF weights run in transformers (float32, torch with
+--threads threads) on the same measures; ratios are engine/peer of medians.
 
-    python scripts/bench_engine.py --model default --json out/bench_engine.json
+    python scripts/bench_engine.py --peers transformers --json out/bench_engine.json
+    python scripts/bench_engine.py --quick --peers transformers    # a few minutes
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import platform
 import statistics
 import sys
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(_HERE), _HERE]
 
 from conserve_jax.config import CacheConfig, EngineConfig  # noqa: E402
-from conserve_jax.models.loader import load_model  # noqa: E402
-from conserve_jax.runtime.batch_arrays import build_batch  # noqa: E402
+from conserve_jax.models.loader import default_model_path, load_model  # noqa: E402
 from conserve_jax.runtime.compile_cache import enable_compilation_cache  # noqa: E402
 from conserve_jax.runtime.model_runner import ModelRunner  # noqa: E402
 from conserve_jax.runtime.step_plan import DecodeItem, PrefillItem, SampleSpec, StepPlan  # noqa: E402
+from bench_peers import make_peers, matvec_bandwidth  # noqa: E402
+
+BLOCK = 16
+CHUNK = 512  # the engine's default max_prefill_tokens
 
 
-def stream_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> dict:
-    """Memory bandwidth in bytes/s, best of `repeats`, by three methods: a numpy copy
-    (read + write bytes, STREAM's convention), a jitted read-only reduction (all cores, as
-    XLA uses them) and a jitted scale (read + write). The roofline uses the largest, so
-    it is the most demanding bound."""
-    a = np.ones(nbytes // 4, np.float32)
-    b = np.empty_like(a)
-    x = jnp.asarray(a)
-    red = jax.jit(lambda v: jnp.sum(v))
-    scale = jax.jit(lambda v: v * 1.0001)
-    red(x).block_until_ready()
-    scale(x).block_until_ready()
-    best = {"numpy_copy": float("inf"), "jax_read": float("inf"), "jax_scale": float("inf")}
-    for _ in range(repeats):
-        t = time.perf_counter()
-        np.copyto(b, a)
-        best["numpy_copy"] = min(best["numpy_copy"], time.perf_counter() - t)
-        t = time.perf_counter()
-        red(x).block_until_ready()
-        best["jax_read"] = min(best["jax_read"], time.perf_counter() - t)
-        t = time.perf_counter()
-        scale(x).block_until_ready()
-        best["jax_scale"] = min(best["jax_scale"], time.perf_counter() - t)
-    factor = {"numpy_copy": 2, "jax_read": 1, "jax_scale": 2}
-    return {k: factor[k] * a.nbytes / v for k, v in best.items()}
+def greedy() -> SampleSpec:
+    return SampleSpec(0.0, 0, 1.0, 0, 0, None)
+
+
+class EngineSide:
+    """Runner-level measures: each returns a callable running one unit of work."""
+
+    def __init__(self, loaded, max_batch: int, max_context: int, prefill: int,
+                 layers_per_call=None) -> None:
+        self.per_seq = -(-max(max_context, prefill) // BLOCK) + 1
+        cfg = EngineConfig(model="bench", max_model_len=2048, max_num_seqs=max_batch,
+                           max_prefill_tokens=CHUNK,
+                           cache=CacheConfig(block_size=BLOCK,
+                                             num_blocks=max_batch * self.per_seq + 8))
+        self.runner = ModelRunner(loaded.config, loaded.params, cfg, layers_per_call)
+
+    def table(self, i: int) -> list[int]:
+        return list(range(1 + i * self.per_seq, 1 + (i + 1) * self.per_seq))
+
+    def decode_step(self, batch: int, context: int):
+        plan = StepPlan(decodes=[DecodeItem(7, context - 1, self.table(i), greedy())
+                                 for i in range(batch)])
+        return lambda: self.runner.execute(plan)
+
+    def prefill(self, n: int):
+        plans = [StepPlan(prefills=[PrefillItem([5] * min(CHUNK, n - s), s, self.table(0),
+                                                greedy() if s + CHUNK >= n else None)])
+                 for s in range(0, n, CHUNK)]
+
+        def run():
+            for p in plans:
+                self.runner.execute(p)
+        return run
 
 
 def weight_bytes_per_decode_step(runner: ModelRunner) -> int:
@@ -65,15 +83,20 @@ def weight_bytes_per_decode_step(runner: ModelRunner) -> int:
     return layers + int(runner.head.nbytes) + int(runner.final_norm.nbytes)
 
 
-def greedy() -> SampleSpec:
-    return SampleSpec(0.0, 0, 1.0, 0, 0, None)
+def llm_generate_fns(llm, prompt_len: int, n: int, offline: bool):
+    """(generate max_tokens=1, generate max_tokens=1+n) through the public API."""
+    from conserve_jax import SamplingParams
+
+    prompt = [5 + i % 100 for i in range(prompt_len)]
+    sp = lambda m: SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True)
+    one = lambda: llm.generate([prompt], sp(1), offline=offline)
+    many = lambda: llm.generate([prompt], sp(1 + n), offline=offline)
+    one()
+    many()
+    return one, many
 
 
-def decode_plan(batch: int, context: int, bs: int, tables: list[list[int]]) -> StepPlan:
-    return StepPlan(decodes=[DecodeItem(7, context, tables[i], greedy()) for i in range(batch)])
-
-
-def time_call(fn, n: int) -> list[float]:
+def timed(fn, n: int) -> list[float]:
     out = []
     for _ in range(n):
         t = time.perf_counter()
@@ -82,101 +105,145 @@ def time_call(fn, n: int) -> list[float]:
     return out
 
 
-def whole_model_fn(runner: ModelRunner):
-    """One jit over every layer (unrolled), same math and donation as the per-layer loop."""
-    module = runner._layer_module
-
-    def fwd(layers, x, cos, sin, caches, meta):
-        new = []
-        for p, (kc, vc) in zip(layers, caches):
-            x, kc, vc = module.apply({"params": p}, x, cos, sin, kc, vc, meta,
-                                     meta.dec_tables.shape[0])
-            new.append((kc, vc))
-        return x, new
-
-    return jax.jit(fwd, donate_argnums=(4,))
+def stats(times: list[float], work: int) -> dict:
+    return {"tokens_per_s_median": work / statistics.median(times),
+            "tokens_per_s_best": work / min(times), "samples": len(times)}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="default")
-    ap.add_argument("--context", type=int, default=256, help="KV tokens per decoding sequence")
-    ap.add_argument("--steps", type=int, default=8, help="timed iterations per variant per round")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--batches", default="1,8,32")
-    ap.add_argument("--prefill", type=int, default=512)
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--peers", default="", help="comma list: transformers, llama-cpp")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                    help="torch/llama.cpp threads (XLA uses every core)")
+    ap.add_argument("--quick", action="store_true", help="fewer shapes and rounds")
+    ap.add_argument("--repeats", type=int, default=None, help="interleaved rounds")
+    ap.add_argument("--steps", type=int, default=None, help="timed decode steps per round")
+    ap.add_argument("--llm-tokens", type=int, default=None, help="N for the LLM.generate measure")
     ap.add_argument("--json", default="out/bench_engine.json")
     args = ap.parse_args()
+    q = args.quick
+    repeats = args.repeats or (2 if q else 4)
+    steps = args.steps or (3 if q else 5)
+    contexts = [128] if q else [128, 1024]
+    batches = [1, 8, 32]
+    prefills = [512] if q else [512, 2048]
+    n_llm = args.llm_tokens or (24 if q else 48)
     enable_compilation_cache(None)
-    batches = [int(b) for b in args.batches.split(",")]
+
     loaded = load_model(args.model)
-    cfg = EngineConfig(model=args.model, dtype=args.dtype, max_model_len=2048,
-                       max_num_seqs=max(batches), max_prefill_tokens=args.prefill,
-                       cache=CacheConfig(block_size=16, num_blocks=max(batches) * 80 + 64))
-    runner = ModelRunner(loaded.config, loaded.params, cfg)
-    bs = cfg.cache.block_size
-    per_seq = -(-max(args.context + 8, args.prefill) // bs)
-    tables = [list(range(1 + i * per_seq, 1 + (i + 1) * per_seq)) for i in range(max(batches))]
+    gguf = default_model_path() if args.model == "default" else (
+        args.model if args.model.endswith(".gguf") else None)
+    peer_names = [p for p in args.peers.split(",") if p]
+    t0 = time.perf_counter()
+    eng = EngineSide(loaded, max(batches), max(contexts), max(prefills))
+    per_layer = EngineSide(loaded, 1, max(contexts), max(prefills), layers_per_call=1)
+    peers = make_peers(peer_names, gguf, args.threads, max(max(contexts), max(prefills)) + 8)
 
-    # compile everything first
-    plans = {b: decode_plan(b, args.context, bs, tables) for b in batches}
-    pre_plan = StepPlan(prefills=[PrefillItem([5] * args.prefill, 0, tables[0], greedy())])
-    for p in list(plans.values()) + [pre_plan]:
-        runner.execute(p)
-    whole = whole_model_fn(runner)
-    b1 = build_batch(plans[1], runner.buckets, bs)
-    meta = runner._meta(b1)
-
-    def run_whole():
-        x, cos, sin = runner._embed(runner.embed, b1.token_ids, b1.positions, runner.inv_freq)
-        x, runner.caches = whole(runner.layers, x, cos, sin, runner.caches, meta)
-        x.block_until_ready()
-
-    def run_loop():
-        x = runner._forward(b1, None)
-        x.block_until_ready()
-
-    run_whole()
-    run_loop()
-
-    decode_t = {b: [] for b in batches}
-    prefill_t, loop_t, whole_t = [], [], []
-    for _ in range(args.repeats):  # interleave the variants round by round
-        for b in batches:
-            decode_t[b] += time_call(lambda: runner.execute(plans[b]), args.steps)
-        prefill_t += time_call(lambda: runner.execute(pre_plan), 2)
-        loop_t += time_call(run_loop, args.steps)
-        whole_t += time_call(run_whole, args.steps)
-    bws = stream_bandwidth()
-    bw = max(bws.values())
-    wbytes = weight_bytes_per_decode_step(runner)
-    roofline = bw / wbytes
-
-    res = {"model": args.model, "dtype": args.dtype, "context": args.context,
-           "devices": [str(d) for d in jax.devices()][:1],
-           "stream_bandwidth_gb_s": bw / 1e9,
-           "bandwidth_by_method_gb_s": {k: v / 1e9 for k, v in bws.items()}, "weight_bytes_per_step": wbytes,
-           "decode_b1_roofline_tokens_per_s": roofline, "decode": {}}
-    print("bandwidth GB/s: " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in bws.items()))
-    print(f"stream bandwidth (max) {bw / 1e9:.1f} GB/s, weights {wbytes / 1e6:.0f} MB/step, "
-          f"batch-1 roofline {roofline:.1f} tokens/s")
-    print(f"{'measure':<28}{'median':>12}{'best':>12}")
+    # every measure: name -> (work units, {side: callable})
+    measures: dict = {}
     for b in batches:
-        med, best = b / statistics.median(decode_t[b]), b / min(decode_t[b])
-        res["decode"][str(b)] = {"tokens_per_s_median": med, "tokens_per_s_best": best}
-        print(f"{f'decode batch {b} tok/s':<28}{med:>12.1f}{best:>12.1f}")
-    pm, pb = args.prefill / statistics.median(prefill_t), args.prefill / min(prefill_t)
-    res["prefill"] = {"tokens": args.prefill, "tokens_per_s_median": pm, "tokens_per_s_best": pb}
-    print(f"{f'prefill {args.prefill} tok/s':<28}{pm:>12.1f}{pb:>12.1f}")
-    ratio = statistics.median(loop_t) / statistics.median(whole_t)
-    res["per_layer_loop_s_median"] = statistics.median(loop_t)
-    res["whole_model_jit_s_median"] = statistics.median(whole_t)
-    res["per_layer_overhead_ratio"] = ratio
-    res["decode_b1_roofline_fraction"] = res["decode"]["1"]["tokens_per_s_median"] / roofline \
-        if "1" in res["decode"] else None
-    print(f"{'per-layer / whole-jit':<28}{ratio:>12.3f}")
-    print(f"{'decode b1 / roofline':<28}{res['decode_b1_roofline_fraction']:>12.3f}")
+        for c in contexts:
+            sides = {"engine": eng.decode_step(b, c)}
+            for p in peers:
+                f = p.decode_step(b, c)
+                if f is not None:
+                    sides[p.name] = f
+            measures[f"decode_b{b}_ctx{c}"] = (b, sides)
+    for n in prefills:
+        measures[f"prefill{n}"] = (n, {"engine": eng.prefill(n),
+                                       **{p.name: p.prefill(n) for p in peers}})
+    measures["decode_b1_ctx128_per_layer_calls"] = (1, {"engine": per_layer.decode_step(1, 128)})
+    from conserve_jax import LLM
+
+    llm = LLM(model=args.model, max_model_len=2048)  # the defaults otherwise
+    llms = {offline: llm_generate_fns(llm, 127, n_llm, offline) for offline in (False, True)}
+    gen_peer = [p for p in peers if hasattr(p, "generate")]
+    for f in [f for _, sides in measures.values() for f in sides.values()]:
+        f()  # compile / warm every shape before timing
+    print(f"set-up and warm-up {time.perf_counter() - t0:.0f} s")
+
+    times = {name: {side: [] for side in sides} for name, (_, sides) in measures.items()}
+    llm_t = {k: {"one": [], "many": []} for k in ("online", "offline")}
+    gen_t = {p.name: {"one": [], "many": []} for p in gen_peer}
+    gen_fns = {p.name: (p.generate([5 + i % 100 for i in range(127)], 1),
+                        p.generate([5 + i % 100 for i in range(127)], 1 + n_llm)) for p in gen_peer}
+    bws: dict = {}
+    for r in range(repeats):  # interleave every variant round by round
+        for name, (work, sides) in measures.items():
+            for side, fn in sides.items():
+                times[name][side] += timed(fn, 1 if name.startswith("prefill") else steps)
+        for offline, (one, many) in llms.items():
+            k = "offline" if offline else "online"
+            llm_t[k]["one"] += timed(one, 1)
+            llm_t[k]["many"] += timed(many, 1)
+        for p in gen_peer:
+            gen_t[p.name]["one"] += timed(gen_fns[p.name][0], 1)
+            gen_t[p.name]["many"] += timed(gen_fns[p.name][1], 1)
+        for k, v in matvec_bandwidth(weight_bytes_per_decode_step(eng.runner),
+                                     loaded.config.hidden_size, args.threads, 2).items():
+            bws[k] = max(bws.get(k, 0.0), v)
+        print(f"round {r + 1}/{repeats} done", flush=True)
+    llm.close()
+
+    wbytes = weight_bytes_per_decode_step(eng.runner)
+    bw = max(bws.values())
+    roofline = bw / wbytes
+    res: dict = {
+        "model": args.model, "dtype": "float32", "quick": q, "rounds": repeats,
+        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+                    "platform": platform.platform(), "jax": jax.__version__,
+                    "load_avg_at_end": os.getloadavg()},
+        "peers": [p.name for p in peers], "threads": args.threads,
+        "layers_per_call": eng.runner.layers_per_call,
+        "matvec_bandwidth_gb_s": {k: v / 1e9 for k, v in bws.items()},
+        "weight_bytes_per_step": wbytes, "decode_b1_roofline_tokens_per_s": roofline,
+        "measures": {}, "ratios": {}}
+    for name, (work, sides) in measures.items():
+        res["measures"][name] = {side: stats(times[name][side], work) for side in sides}
+
+    def gen_rate(t: dict) -> dict:  # decode time = generate(1+N) - generate(1)
+        med = statistics.median(t["many"]) - statistics.median(t["one"])
+        best = min(t["many"]) - min(t["one"])
+        return {"tokens_per_s_median": n_llm / med if med > 0 else None,
+                "tokens_per_s_best": n_llm / best if best > 0 else None,
+                "samples": len(t["many"])}
+    for k, t in llm_t.items():
+        res["measures"][f"llm_generate_b1_{k}"] = {"engine": gen_rate(t)}
+    for name, t in gen_t.items():
+        res["measures"]["llm_generate_b1_online"][name] = gen_rate(t)
+    med = lambda m, side="engine": res["measures"][m][side]["tokens_per_s_median"]
+    ratio = lambda a, b: a / b if a is not None and b else None
+    b1 = med("decode_b1_ctx128")
+    res["decode_b1_roofline_fraction"] = ratio(b1, roofline)
+    res["llm_api_vs_runner_b1"] = ratio(med("llm_generate_b1_online"), b1)
+    res["llm_api_offline_vs_runner_b1"] = ratio(med("llm_generate_b1_offline"), b1)
+    res["per_layer_calls_vs_default_b1"] = ratio(med("decode_b1_ctx128_per_layer_calls"), b1)
+    for p in peers:
+        for name, m in res["measures"].items():
+            if p.name in m:
+                res["ratios"][f"{name}_vs_{p.name}"] = ratio(med(name), med(name, p.name))
+        for b in batches:  # the headline keys: decode at 128 tokens of context
+            key = f"decode_b{b}_ctx128_vs_{p.name}"
+            if key in res["ratios"]:
+                res["ratios"][f"b{b}_vs_{p.name}"] = res["ratios"][key]
+
+    print("matvec bandwidth GB/s: " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in bws.items()))
+    print(f"weights {wbytes / 1e6:.0f} MB/step -> batch-1 roofline {roofline:.1f} tokens/s")
+    sides = ["engine"] + [p.name for p in peers]
+    print(f"{'tokens/s (median / best)':<34}" + "".join(f"{s:>24}" for s in sides))
+    fmt = lambda v: "n/a" if v is None else f"{v:.1f}"
+    for name, m in res["measures"].items():
+        cells = [f"{fmt(m[s]['tokens_per_s_median'])} / {fmt(m[s]['tokens_per_s_best'])}"
+                 if s in m else "-" for s in sides]
+        print(f"{name:<34}" + "".join(f"{c:>24}" for c in cells))
+    fmt3 = lambda v: "n/a" if v is None else f"{v:.3f}"
+    for k in ("decode_b1_roofline_fraction", "llm_api_vs_runner_b1", "llm_api_offline_vs_runner_b1",
+              "per_layer_calls_vs_default_b1"):
+        print(f"{k:<44}{fmt3(res[k]):>10}")
+    for k, v in res["ratios"].items():
+        print(f"{k:<44}{fmt3(v):>10}")
+    print(f"load average at end {os.getloadavg()}")
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(res, f, indent=2)

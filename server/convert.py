@@ -142,8 +142,12 @@ def build_request(req: pb.GenerateRequest, engine, request_id: str, request_clas
     validate_prompt(ids, engine.vocab_size, engine.max_model_len, field_name=prefix + kind)
     slo = SLO(ttft_s=req.ttft_s if req.HasField("ttft_s") else default_slo.ttft_s,
               tpot_s=req.tpot_s if req.HasField("tpot_s") else default_slo.tpot_s)
+    expected = req.expected_output_tokens if req.HasField("expected_output_tokens") else None
+    if expected is not None and expected < 1:
+        raise ValueError(f"{prefix}expected_output_tokens must be >= 1, got {expected}")
     return GenerationRequest(request_id=request_id, prompt_token_ids=ids, sampling=sampling,
-                             request_class=request_class, slo=slo)
+                             request_class=request_class, slo=slo,
+                             expected_output_tokens=expected)
 
 
 def logprobs_to_proto(items: Iterable[TokenLogprob]) -> list[pb.TokenLogprob]:

@@ -50,6 +50,22 @@ class KVManager:
             self._count(online, n)
         return True
 
+    def trim(self, request_id: str, keep_tokens: int) -> int:
+        """Free the request's blocks beyond those positions [0, keep_tokens) need (blocks
+        reserved ahead of use, e.g. for a predicted response). Returns the number freed."""
+        table = self._tables.get(request_id)
+        keep = max(0, blocks_needed(keep_tokens, self.block_size))
+        if not table or len(table) <= keep:
+            return 0
+        extra = table[keep:]
+        del table[keep:]
+        self.allocator.free(extra)
+        self._count(self._online[request_id], -len(extra))
+        if not table:
+            del self._tables[request_id]
+            del self._online[request_id]
+        return len(extra)
+
     def release(self, request_id: str) -> None:
         table = self._tables.pop(request_id, None)
         if table:

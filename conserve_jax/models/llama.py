@@ -1,9 +1,10 @@
-"""Llama-family decoder in flax: the three pieces the runner calls one after another.
+"""Llama-family decoder in JAX: the three pieces the runner calls one after another.
 
 `embed_tokens` (token ids -> hidden, plus the RoPE tables shared by all layers),
-`DecoderLayer` (one transformer block over paged KV, applied per layer with that layer's
-params and cache), and `final_logits` (final norm + LM head). The runner jits each piece
-once per shape bucket; every layer reuses the same compiled executable.
+`run_layers` (consecutive transformer blocks over paged KV, each with its own params and
+cache pair; `decoder_layer` is one block), and `final_logits` (final norm + LM head). The
+runner jits `run_layers` for a few group sizes (layers per call) once per shape bucket;
+every group of that size reuses the same compiled executable.
 
 Token layout of an iteration (all arrays padded to bucket sizes by the runner):
 rows [0, Bd) are decode tokens, one per decoding sequence; rows [Bd, Bd+Tp) are prefill
@@ -13,9 +14,7 @@ masked out of every attention. Pure functions: no state, caches come in and go o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,24 +46,10 @@ def rope_tables(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, j
     return jnp.cos(ang), jnp.sin(ang)
 
 
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """x [T, heads, hd] in the rotate-half convention; cos/sin [T, hd/2]."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    c, s = cos[:, None, :].astype(x.dtype), sin[:, None, :].astype(x.dtype)
-    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
-
-
-class RMSNorm(nn.Module):
-    eps: float
-    dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.dtype)
-        xf = x.astype(jnp.float32)
-        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return (xf * scale.astype(jnp.float32)).astype(x.dtype)
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (xf * scale.astype(jnp.float32)).astype(x.dtype)
 
 
 @dataclass(frozen=True)
@@ -98,7 +83,7 @@ jax.tree_util.register_dataclass(
 
 def _gather_context(cache: jax.Array, tables: jax.Array) -> jax.Array:
     """cache [kvh, NB, bs, hd], tables [B, nb] -> [kvh, B, nb*bs, hd]."""
-    g = cache[:, tables]  # [kvh, B, nb, bs, hd]
+    g = cache.at[:, tables].get(mode="promise_in_bounds")  # [kvh, B, nb, bs, hd]
     kvh, b, nb, bs, hd = g.shape
     return g.reshape(kvh, b, nb * bs, hd)
 
@@ -116,14 +101,15 @@ def paged_attention(q, k_new, v_new, k_cache, v_cache, meta: AttentionMeta, num_
     are never computed; (a) and (b) share one softmax."""
     outs = []
     if num_decode:
-        qd = q[:num_decode]
-        kd = _gather_context(k_cache, meta.dec_tables)
+        # K is the dot's left operand ([L, hd] rows as gathered), so XLA needs no transposed
+        # copy of the gathered context; the softmax runs over axis 2 (keys)
+        kd = _gather_context(k_cache, meta.dec_tables)  # [kvh, Bd, L, hd]
         vd = _gather_context(v_cache, meta.dec_tables)
-        s = jnp.einsum("bkgd,kbld->bkgl", qd, kd, preferred_element_type=jnp.float32)
+        s = jnp.einsum("kbld,bkgd->kblg", kd, q[:num_decode], preferred_element_type=jnp.float32)
         valid = jnp.arange(kd.shape[2])[None, :] < meta.dec_lens[:, None]  # [Bd, L]
-        s = jnp.where(valid[:, None, None, :], s, NEG_INF)
-        p = jax.nn.softmax(s, axis=-1).astype(q.dtype)
-        outs.append(jnp.einsum("bkgl,kbld->bkgd", p, vd))
+        s = jnp.where(valid[None, :, :, None], s, NEG_INF)
+        p = jax.nn.softmax(s, axis=2).astype(q.dtype)
+        outs.append(jnp.einsum("kblg,kbld->bkgd", p, vd))
     if q.shape[0] > num_decode:
         outs.append(_prefill_attention(q[num_decode:], k_new[num_decode:], v_new[num_decode:],
                                        k_cache, v_cache, meta, num_decode))
@@ -131,6 +117,8 @@ def paged_attention(q, k_new, v_new, k_cache, v_cache, meta: AttentionMeta, num_
 
 
 def _prefill_attention(qp, kn, vn, k_cache, v_cache, meta: AttentionMeta, num_decode: int):
+    """Runs in [kvh, g, T, ...] layout (KV heads and their query groups leading) so that
+    scores and probabilities feed the dots without transposed copies."""
     kp = _gather_context(k_cache, meta.pre_tables)  # [kvh, Bp, L, hd]
     vp = _gather_context(v_cache, meta.pre_tables)
     kvh, bp, length, hd = kp.shape
@@ -140,57 +128,78 @@ def _prefill_attention(qp, kn, vn, k_cache, v_cache, meta: AttentionMeta, num_de
     key_pos = jnp.tile(jnp.arange(length), bp)
     start = meta.pre_start[jnp.maximum(seq, 0)]  # [Tp]
     prev_ok = (key_seq[None, :] == seq[:, None]) & (key_pos[None, :] < start[:, None])
-    s_prev = jnp.einsum("tkgd,kjd->tkgj", qp, kp, preferred_element_type=jnp.float32)
-    s_prev = jnp.where(prev_ok[:, None, None, :], s_prev, NEG_INF)
-    tp = qp.shape[0]
+    q = qp.transpose(1, 2, 0, 3)  # [kvh, g, Tp, hd]
+    kn, vn = kn.transpose(1, 0, 2), vn.transpose(1, 0, 2)  # [kvh, Tp, hd]
+    s_prev = jnp.einsum("kgtd,kjd->kgtj", q, kp, preferred_element_type=jnp.float32)
+    s_prev = jnp.where(prev_ok[None, None], s_prev, NEG_INF)
+    tp = q.shape[2]
     blk = min(PREFILL_QUERY_BLOCK, tp)
     outs = []
     for lo in range(0, tp, blk):
         hi = min(tp, lo + blk)
-        sc = jnp.einsum("tkgd,skd->tkgs", qp[lo:hi], kn[:hi], preferred_element_type=jnp.float32)
+        sc = jnp.einsum("kgtd,ksd->kgts", q[:, :, lo:hi], kn[:, :hi],
+                        preferred_element_type=jnp.float32)
         ok = (seq[None, :hi] == seq[lo:hi, None]) & (pos[None, :hi] <= pos[lo:hi, None])
-        sc = jnp.where(ok[:, None, None, :], sc, NEG_INF)
-        sp = s_prev[lo:hi]
+        sc = jnp.where(ok[None, None], sc, NEG_INF)
+        sp = s_prev[:, :, lo:hi]
         m = jnp.maximum(sp.max(-1, keepdims=True), sc.max(-1, keepdims=True))
         pp, pc = jnp.exp(sp - m), jnp.exp(sc - m)
         den = pp.sum(-1, keepdims=True) + pc.sum(-1, keepdims=True)
-        o = (jnp.einsum("tkgj,kjd->tkgd", pp.astype(qp.dtype), vp)
-             + jnp.einsum("tkgs,skd->tkgd", pc.astype(qp.dtype), vn[:hi]))
-        outs.append(o / den.astype(qp.dtype))
-    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
+        o = (jnp.einsum("kgtj,kjd->kgtd", pp.astype(q.dtype), vp)
+             + jnp.einsum("kgts,ksd->kgtd", pc.astype(q.dtype), vn[:, :hi]))
+        outs.append(o / den.astype(q.dtype))
+    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
+    return out.transpose(2, 0, 1, 3)  # [Tp, kvh, g, hd]
 
 
-class DecoderLayer(nn.Module):
-    """One pre-norm transformer block: attention over paged KV, then a SwiGLU MLP."""
+def decoder_layer(p: dict, x, cos, sin, k_cache, v_cache, meta: AttentionMeta, *,
+                  cfg: ModelConfig, num_decode: int):
+    """One pre-norm transformer block: attention over paged KV, then a SwiGLU MLP.
 
-    cfg: ModelConfig
-    num_kv_heads: int  # may exceed cfg.num_kv_heads when KV heads are replicated for TP
-    dtype: jnp.dtype = jnp.float32
+    `p` is one layer of `layer_params` (fused QKV and gate/up weights: one dot each).
+    Returns (x, k_cache, v_cache) with this iteration's K/V written to the caches."""
+    t = x.shape[0]
+    kvh, g2, hd = p["qkv"].shape[1:]
+    g = g2 - 2
+    dt = x.dtype
+    h = rms_norm(x, p["input_norm"], cfg.rms_norm_eps)
+    qkv = jnp.einsum("th,hkjd->tkjd", h, p["qkv"])  # [T, kvh, g+2, hd]
+    if "qkv_bias" in p:
+        qkv = qkv + p["qkv_bias"]
+    c, s = cos[:, None, None, :], sin[:, None, None, :]
+    qk = apply_rope(qkv[:, :, : g + 1], c, s)  # q heads and the k head of each group
+    q = qk[:, :, :g] * jnp.asarray(hd ** -0.5, dt)
+    k, v = qk[:, :, g], qkv[:, :, g + 1]  # [T, kvh, hd]
+    k_cache = k_cache.at[:, meta.slot_blocks, meta.slot_offsets].set(
+        k.transpose(1, 0, 2).astype(k_cache.dtype))
+    v_cache = v_cache.at[:, meta.slot_blocks, meta.slot_offsets].set(
+        v.transpose(1, 0, 2).astype(v_cache.dtype))
+    a = paged_attention(q, k, v, k_cache, v_cache, meta, num_decode).reshape(t, kvh * g * hd)
+    x = x + a @ p["o"]
+    h = rms_norm(x, p["post_norm"], cfg.rms_norm_eps)
+    gu = jnp.einsum("th,hci->tci", h, p["gate_up"])  # [T, 2, I]
+    x = x + (jax.nn.silu(gu[:, 0]) * gu[:, 1]) @ p["down"]
+    return x, k_cache, v_cache
 
-    @nn.compact
-    def __call__(self, x, cos, sin, k_cache, v_cache, meta: AttentionMeta, num_decode: int):
-        cfg, dt = self.cfg, self.dtype
-        nh, kvh, hd = cfg.num_heads, self.num_kv_heads, cfg.head_dim
-        t = x.shape[0]
-        dense = lambda n, f, bias=False: nn.Dense(f, use_bias=bias, dtype=dt, param_dtype=dt, name=n)
-        h = RMSNorm(cfg.rms_norm_eps, dt, name="input_norm")(x)
-        q = dense("q_proj", nh * hd, cfg.attention_bias)(h).reshape(t, nh, hd)
-        k = dense("k_proj", kvh * hd, cfg.attention_bias)(h).reshape(t, kvh, hd)
-        v = dense("v_proj", kvh * hd, cfg.attention_bias)(h).reshape(t, kvh, hd)
-        q = apply_rope(q, cos, sin) * jnp.asarray(hd ** -0.5, dt)
-        k = apply_rope(k, cos, sin)
-        k_cache = k_cache.at[:, meta.slot_blocks, meta.slot_offsets].set(
-            k.transpose(1, 0, 2).astype(k_cache.dtype))
-        v_cache = v_cache.at[:, meta.slot_blocks, meta.slot_offsets].set(
-            v.transpose(1, 0, 2).astype(v_cache.dtype))
-        q = q.reshape(t, kvh, nh // kvh, hd)
-        a = paged_attention(q, k, v, k_cache, v_cache, meta, num_decode).reshape(t, nh * hd)
-        x = x + dense("o_proj", cfg.hidden_size)(a)
-        h = RMSNorm(cfg.rms_norm_eps, dt, name="post_norm")(x)
-        g = dense("gate_proj", cfg.intermediate_size)(h)
-        u = dense("up_proj", cfg.intermediate_size)(h)
-        x = x + dense("down_proj", cfg.hidden_size)(jax.nn.silu(g) * u)
-        return x, k_cache, v_cache
+
+def apply_rope(x, c, s):
+    """Rotate-half RoPE on the last axis of x; c/s broadcast against x[..., :hd/2]."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    c, s = c.astype(x.dtype), s.astype(x.dtype)
+    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+
+
+def run_layers(layers: list, x, cos, sin, caches: list, meta: AttentionMeta, *,
+               cfg: ModelConfig):
+    """Apply consecutive layers (unrolled). caches: one (k, v) pair per layer.
+    Returns (x, new caches)."""
+    num_decode = meta.dec_tables.shape[0]
+    new = []
+    for p, (kc, vc) in zip(layers, caches):
+        x, kc, vc = decoder_layer(p, x, cos, sin, kc, vc, meta, cfg=cfg, num_decode=num_decode)
+        new.append((kc, vc))
+    return x, new
 
 
 def embed_tokens(embed: jax.Array, token_ids: jax.Array, positions: jax.Array,
@@ -204,38 +213,44 @@ def final_logits(final_norm: jax.Array, head: jax.Array, hidden: jax.Array, eps:
                  tied: bool) -> jax.Array:
     """hidden [B, H] -> float32 logits [B, V]. `head` is [H, V], or the embedding [V, H]
     when tied."""
-    h = RMSNorm(eps, hidden.dtype).apply({"params": {"scale": final_norm}}, hidden)
+    h = rms_norm(hidden, final_norm, eps)
     if tied:
         return jnp.einsum("bh,vh->bv", h, head, preferred_element_type=jnp.float32)
     return jnp.einsum("bh,hv->bv", h, head, preferred_element_type=jnp.float32)
 
 
-def layer_params_to_flax(layer: dict, dtype, kv_repeat: int = 1, head_dim: Optional[int] = None) -> dict:
-    """Loader layer dict (numpy, [in, out]) -> flax params for `DecoderLayer`.
+def layer_params(layer: dict, cfg: ModelConfig, dtype, kv_repeat: int = 1) -> dict:
+    """Loader layer dict (numpy, [in, out]) -> the runner's per-layer params (numpy):
+
+    qkv [H, kvh, g+2, hd]: for each KV head, its g query heads, then its K and V head
+    (so splitting the kvh axis splits attention heads for tensor parallelism);
+    optional qkv_bias [kvh, g+2, hd]; o [heads*hd, H]; gate_up [H, 2, I]; down [I, H];
+    input_norm, post_norm [H].
 
     kv_repeat > 1 replicates each KV head that many times (consecutively), for tensor
     parallelism over more devices than the model has KV heads."""
-    def rep(w):
-        if kv_repeat == 1:
-            return w
-        lead = w.shape[:-1]
-        w = w.reshape(*lead, -1, head_dim)
-        return np.repeat(w, kv_repeat, axis=-2).reshape(*lead, -1)
+    hd, nh = cfg.head_dim, cfg.num_heads
+    kvh = cfg.num_kv_heads * kv_repeat
+    g = nh // kvh
 
-    c = lambda a: np.asarray(a, dtype=dtype)
+    def heads(w, n):  # [..., n*hd] -> [..., n, hd]
+        return w.reshape(*w.shape[:-1], n, hd)
+
+    def fuse(q, k, v):
+        q = heads(q, nh).reshape(*q.shape[:-1], kvh, g, hd)
+        k = np.repeat(heads(k, cfg.num_kv_heads), kv_repeat, axis=-2)[..., None, :]
+        v = np.repeat(heads(v, cfg.num_kv_heads), kv_repeat, axis=-2)[..., None, :]
+        return np.concatenate([q, k, v], axis=-2)
+
+    c = lambda a: np.ascontiguousarray(np.asarray(a, dtype=dtype))
     p = {
-        "input_norm": {"scale": c(layer["input_norm"])},
-        "post_norm": {"scale": c(layer["post_norm"])},
-        "q_proj": {"kernel": c(layer["q_proj"])},
-        "k_proj": {"kernel": c(rep(layer["k_proj"]))},
-        "v_proj": {"kernel": c(rep(layer["v_proj"]))},
-        "o_proj": {"kernel": c(layer["o_proj"])},
-        "gate_proj": {"kernel": c(layer["gate_proj"])},
-        "up_proj": {"kernel": c(layer["up_proj"])},
-        "down_proj": {"kernel": c(layer["down_proj"])},
+        "input_norm": c(layer["input_norm"]),
+        "post_norm": c(layer["post_norm"]),
+        "qkv": c(fuse(layer["q_proj"], layer["k_proj"], layer["v_proj"])),
+        "o": c(layer["o_proj"]),
+        "gate_up": c(np.stack([layer["gate_proj"], layer["up_proj"]], axis=1)),
+        "down": c(layer["down_proj"]),
     }
     if "q_bias" in layer:
-        p["q_proj"]["bias"] = c(layer["q_bias"])
-        p["k_proj"]["bias"] = c(rep(layer["k_bias"]))
-        p["v_proj"]["bias"] = c(rep(layer["v_bias"]))
+        p["qkv_bias"] = c(fuse(layer["q_bias"], layer["k_bias"], layer["v_bias"]))
     return p

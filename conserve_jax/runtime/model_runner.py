@@ -1,11 +1,16 @@
-"""ModelRunner: executes one iteration as embed -> layer calls with safepoints -> head ->
-sampler, over a paged KV cache held as one donated device array pair per layer.
+"""ModelRunner: executes one iteration as embed -> grouped layer calls -> head -> sampler,
+over a paged KV cache held as one donated device array pair per layer (`caches`, read and
+replaced by runtime/kv_transfer.py).
 
 Contract: constructed once by the engine; `execute` is called only from the engine's
-step-loop thread, which owns the caches. `execute` may be abandoned at a safepoint (every
-`safepoint_every` layers, chosen per call): the KV it wrote lies beyond every sequence's committed length
-and is overwritten later, so dropping the iteration is harmless. All layers share one
-compiled executable per shape bucket; `warmup` compiles every bucket up front.
+step-loop thread, which owns the caches. Without a safepoint (online work, never abandoned)
+an iteration runs `layers_per_call` layers per jitted call (default: the whole model in one
+call, no per-layer dispatch). With a safepoint it runs `safepoint_interval` layers per call
+and calls the safepoint between calls, after the device finished them; the iteration may be
+abandoned there (`safepoint_every` may override the interval per call; sizes other than
+the configured interval compile on first use): the KV it wrote lies beyond every sequence's committed length and is
+overwritten later, so dropping it is harmless. Every group of one size shares one compiled
+executable per shape bucket; `warmup` compiles every (group size, bucket) up front.
 """
 from __future__ import annotations
 
@@ -18,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from conserve_jax.config import EngineConfig, ModelConfig
-from conserve_jax.models.llama import (AttentionMeta, DecoderLayer, embed_tokens,
-                                       final_logits, layer_params_to_flax, rope_inv_freq)
+from conserve_jax.models.llama import (AttentionMeta, embed_tokens, final_logits, layer_params,
+                                       rope_inv_freq, run_layers)
 from conserve_jax.runtime import sharding as shd
 from conserve_jax.runtime.batch_arrays import BatchArrays, build_batch
 from conserve_jax.runtime.buckets import BucketSet
@@ -37,7 +42,8 @@ def kv_bytes_per_block(cfg: ModelConfig, kv_heads: int, block_size: int, dtype) 
 
 
 class ModelRunner:
-    def __init__(self, model_cfg: ModelConfig, params: dict, engine_cfg: EngineConfig) -> None:
+    def __init__(self, model_cfg: ModelConfig, params: dict, engine_cfg: EngineConfig,
+                 layers_per_call: Optional[int] = None) -> None:
         self.cfg = model_cfg
         self.engine_cfg = engine_cfg
         self.dtype = jnp.dtype(engine_cfg.dtype)
@@ -46,12 +52,18 @@ class ModelRunner:
         kv_repeat = shd.kv_repeat_for(engine_cfg.tp, model_cfg.num_kv_heads, model_cfg.num_heads)
         self.kv_heads = model_cfg.num_kv_heads * kv_repeat
         self.max_blocks_per_seq = -(-engine_cfg.max_model_len // self.block_size)
-        self.num_blocks = engine_cfg.cache.num_blocks or max(
+        self.num_blocks = engine_cfg.kv_cache_blocks or max(
             2, engine_cfg.cache.kv_memory_bytes
             // kv_bytes_per_block(model_cfg, self.kv_heads, self.block_size, self.dtype))
         self.buckets = BucketSet.build(engine_cfg.max_num_seqs, engine_cfg.max_prefill_tokens,
                                        engine_cfg.max_prefill_seqs, self.max_blocks_per_seq)
-        self._layer_module = DecoderLayer(model_cfg, self.kv_heads, self.dtype)
+        n = model_cfg.num_layers
+        # layers per jitted call: iterations without safepoints run `layers_per_call` layers
+        # per call; with safepoints every k layers, k per call (the safepoint sits between
+        # calls). A shorter last group takes the remainder.
+        self.layers_per_call = min(n, layers_per_call or engine_cfg.layers_per_call or n)
+        self.fast_groups = group_sizes(n, self.layers_per_call)
+        self.safepoint_groups = group_sizes(n, max(1, engine_cfg.safepoint_interval or n))
         self._place_weights(params, kv_repeat)
         self._build_functions()
         self.caches = self._new_caches()
@@ -64,16 +76,15 @@ class ModelRunner:
 
     def _place_weights(self, params: dict, kv_repeat: int) -> None:
         dt = np.dtype(self.dtype.name) if self.dtype != jnp.bfloat16 else jnp.bfloat16
-        layers = [layer_params_to_flax(lp, np.float32, kv_repeat, self.cfg.head_dim)
-                  for lp in params["layers"]]
+        layers = [layer_params(lp, self.cfg, np.float32, kv_repeat) for lp in params["layers"]]
         self._layer_sh = shd.layer_shardings(self.mesh, layers[0]) if self.mesh else None
         self.layers = []
         for lp in layers:
             if self.mesh is None:
-                self.layers.append(jax.tree.map(lambda a: jnp.asarray(a, dt), lp))
+                self.layers.append({k: jnp.asarray(a, dt) for k, a in lp.items()})
             else:
-                self.layers.append(jax.tree.map(lambda a, s: jax.device_put(a.astype(dt), s),
-                                                lp, self._layer_sh))
+                self.layers.append({k: jax.device_put(a.astype(dt), self._layer_sh[k])
+                                    for k, a in lp.items()})
         self.embed = self._put(np.asarray(params["embed"], np.float32).astype(dt))
         self.final_norm = self._put(np.asarray(params["final_norm"], np.float32).astype(dt))
         self.tied = "lm_head" not in params
@@ -87,20 +98,25 @@ class ModelRunner:
         make = jax.jit(lambda: jnp.zeros(shape, self.dtype), out_shardings=sh)
         return [(make(), make()) for _ in range(self.cfg.num_layers)]
 
-    def _build_functions(self) -> None:
-        module = self._layer_module
+    def _make_group_fn(self, size: int):
+        """jit of `size` consecutive layers; caches donated (updated in place)."""
+        cfg = self.cfg
 
-        def layer_fn(p, x, cos, sin, k_cache, v_cache, meta):
-            return module.apply({"params": p}, x, cos, sin, k_cache, v_cache, meta,
-                                meta.dec_tables.shape[0])
+        def group_fn(layers, x, cos, sin, caches, meta):
+            return run_layers(layers, x, cos, sin, caches, meta, cfg=cfg)
 
-        if self.mesh is None:
-            self._layer = jax.jit(layer_fn, donate_argnums=(4, 5))
-        else:
+        kw = {}
+        if self.mesh is not None:
             rep, csh = shd.replicated(self.mesh), shd.cache_sharding(self.mesh)
-            self._layer = jax.jit(layer_fn, donate_argnums=(4, 5),
-                                  in_shardings=(self._layer_sh, rep, rep, rep, csh, csh, rep),
-                                  out_shardings=(rep, csh, csh))
+            caches = [(csh, csh)] * size
+            kw = dict(in_shardings=([self._layer_sh] * size, rep, rep, rep, caches, rep),
+                      out_shardings=(rep, caches))
+        return jax.jit(group_fn, donate_argnums=(4,), **kw)
+
+    def _build_functions(self) -> None:
+        # one executable per (group size, shape bucket)
+        self._groups = {size: self._make_group_fn(size)
+                        for size in sorted(set(self.fast_groups + self.safepoint_groups))}
         self._embed = jax.jit(embed_tokens)
         eps, tied = self.cfg.rms_norm_eps, self.tied
 
@@ -117,7 +133,8 @@ class ModelRunner:
     # ---- execution ----------------------------------------------------------------------
     def compiled_count(self) -> int:
         """Executables compiled so far (tests assert it stays fixed after warm-up)."""
-        return sum(f._cache_size() for f in (self._layer, self._embed, self._select, self._head))
+        fns = list(self._groups.values()) + [self._embed, self._select, self._head]
+        return sum(f._cache_size() for f in fns)
 
     def execute(self, plan: StepPlan, safepoint: Optional[Safepoint] = None,
                 safepoint_every: Optional[int] = None) -> Optional[StepResult]:
@@ -139,15 +156,22 @@ class ModelRunner:
                  safepoint_every: Optional[int] = None):
         x, cos, sin = self._embed(self.embed, b.token_ids, b.positions, self.inv_freq)
         meta = self._meta(b)
-        k = safepoint_every or self.engine_cfg.safepoint_interval
         n = self.cfg.num_layers
-        for i in range(n):
-            kc, vc = self.caches[i]
-            x, kc, vc = self._layer(self.layers[i], x, cos, sin, kc, vc, meta)
-            self.caches[i] = (kc, vc)
-            if safepoint is not None and k > 0 and (i + 1) % k == 0 and i + 1 < n:
+        done = 0
+        if safepoint is None:
+            groups = self.fast_groups
+        else:
+            groups = group_sizes(n, max(1, safepoint_every or self.engine_cfg.safepoint_interval))
+        for size in groups:
+            if size not in self._groups:  # an interval other than the configured one
+                self._groups[size] = self._make_group_fn(size)
+            x, new = self._groups[size](self.layers[done: done + size], x, cos, sin,
+                                        self.caches[done: done + size], meta)
+            self.caches[done: done + size] = new
+            done += size
+            if safepoint is not None and done < n:
                 x.block_until_ready()  # the safepoint is real only once the device got here
-                if safepoint(i + 1):
+                if safepoint(done):
                     return None
         return x
 
@@ -160,7 +184,8 @@ class ModelRunner:
         num_top = self.engine_cfg.max_logprobs if want else 0
         r = b.sampling
         tokens, chosen, top_ids, top_lp = self._head(
-            self.final_norm, self.head, self._select(hidden, b.sample_rows), r.temperature, r.top_k, r.top_p,
+            self.final_norm, self.head, self._select(hidden, b.sample_rows), r.temperature,
+            r.top_k, r.top_p,
             r.seed, r.counter, mode=sampler_mode(r, b.num_sampled), num_top=num_top)
         tokens, chosen = np.asarray(tokens), np.asarray(chosen)
         top_ids, top_lp = np.asarray(top_ids), np.asarray(top_lp)
@@ -173,8 +198,8 @@ class ModelRunner:
 
     # ---- warm-up ------------------------------------------------------------------------
     def warmup(self, shapes: Optional[list[tuple[int, int, int, int]]] = None) -> float:
-        """Compile the layer executable for every bucket (or `shapes`) and the head for
-        every sample-row bucket and sampler variant. Returns seconds spent."""
+        """Compile every group size's executable for every bucket (or `shapes`) and the head
+        for every (tokens, sample rows) bucket pair and sampler variant. Returns seconds."""
         t0 = time.perf_counter()
         shapes = shapes if shapes is not None else self.buckets.layer_shapes()
         for (D, TP, BP, NB) in shapes:
@@ -183,10 +208,10 @@ class ModelRunner:
             meta = AttentionMeta(z(T), z(T), z(T), z(D, NB), z(D), z(BP, NB), z(BP),
                                  np.full(TP, -1, np.int32))
             x, cos, sin = self._embed(self.embed, z(T), z(T), self.inv_freq)
-            kc, vc = self.caches[0]
-            x, kc, vc = self._layer(self.layers[0], x, cos, sin, kc, vc, meta)
-            self.caches[0] = (kc, vc)
-        x.block_until_ready()
+            for size, fn in self._groups.items():
+                _, new = fn(self.layers[:size], x, cos, sin, self.caches[:size], meta)
+                self.caches[:size] = new
+        jax.block_until_ready(self.caches)
         for T in sorted({D + TP for (D, TP, _, _) in shapes}):
             hidden = jnp.zeros((T, self.cfg.hidden_size), self.dtype)
             for S in self.buckets.sample_rows:
@@ -200,5 +225,14 @@ class ModelRunner:
                                np.ones(S, np.float32), np.zeros(S, np.uint32), i32,
                                mode=mode, num_top=num_top)[0].block_until_ready()
         dt = time.perf_counter() - t0
-        log.info("warm-up compiled %d layer shapes in %.1f s", len(shapes), dt)
+        log.info("warm-up compiled %d layer shapes x %d group sizes in %.1f s", len(shapes),
+                 len(self._groups), dt)
         return dt
+
+
+def group_sizes(num_layers: int, per_call: int) -> list[int]:
+    """Layers per call for one pass over `num_layers`: `per_call` each, remainder last."""
+    out = [per_call] * (num_layers // per_call)
+    if num_layers % per_call:
+        out.append(num_layers % per_call)
+    return out

@@ -12,8 +12,8 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXIS = "tp"
-COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
-ROW = ("o_proj", "down_proj")
+# per-layer params (see models.llama.layer_params) -> which axis is split over devices
+SPLIT_AXIS = {"qkv": 1, "qkv_bias": 0, "gate_up": 2, "o": 0, "down": 0}
 
 
 def make_mesh(tp: int) -> Optional[Mesh]:
@@ -27,15 +27,15 @@ def make_mesh(tp: int) -> Optional[Mesh]:
 
 
 def layer_shardings(mesh: Mesh, layer_params: dict) -> dict:
-    def spec(module: str, name: str, ndim: int) -> P:
-        if module in COLUMN:
-            return P(None, AXIS) if name == "kernel" else P(AXIS)
-        if module in ROW and name == "kernel":
-            return P(AXIS, None)
-        return P(*([None] * ndim))
+    """Megatron-style: fused QKV split by KV-head groups, gate/up by intermediate columns,
+    o/down by input rows; norms replicated."""
+    def spec(name: str, ndim: int) -> P:
+        axes = [None] * ndim
+        if name in SPLIT_AXIS:
+            axes[SPLIT_AXIS[name]] = AXIS
+        return P(*axes)
 
-    return {m: {n: NamedSharding(mesh, spec(m, n, a.ndim)) for n, a in d.items()}
-            for m, d in layer_params.items()}
+    return {n: NamedSharding(mesh, spec(n, a.ndim)) for n, a in layer_params.items()}
 
 
 def cache_sharding(mesh: Mesh) -> NamedSharding:

@@ -196,11 +196,20 @@ def build(cfg, model_factory: Callable[[], LatencyModel],
             raise ValueError("policy conserve needs online_waiting")
         model = model_factory()
         model.alpha, model.clamp = cfg.conserve.correction_alpha, cfg.conserve.correction_clamp
-        return ConservePolicy(cfg.max_num_seqs, cfg.max_prefill_tokens, model,
-                              cfg.default_ttft_s, cfg.default_tpot_s, online_waiting,
-                              isolation=cfg.isolation, safepoint_every=cfg.safepoint_interval,
-                              knobs=cfg.conserve)
+        p = ConservePolicy(cfg.max_num_seqs, cfg.max_prefill_tokens, model,
+                           cfg.default_ttft_s, cfg.default_tpot_s, online_waiting,
+                           isolation=cfg.isolation, safepoint_every=cfg.safepoint_interval,
+                           knobs=cfg.conserve)
+        if cfg.offline_kv_reservation:
+            from conserve_jax.scheduling.ecoserve_policy import offline_planner
+            p.kv_planner = offline_planner(cfg)
+        return p
+    if name == "ecoserve":
+        from conserve_jax.scheduling.ecoserve_policy import EcoservePolicy
+        return EcoservePolicy(cfg.max_num_seqs, cfg.max_prefill_tokens, cfg.max_model_len,
+                              cfg.default_ttft_s)
     raise ValueError(f"policy must be one of {POLICY_NAMES}, got {name!r}")
 
 
-POLICY_NAMES = ["conserve", "online-only", "priority-recompute", "sarathi", "non-preemptive", "fcfs"]
+POLICY_NAMES = ["conserve", "online-only", "priority-recompute", "sarathi", "non-preemptive", "fcfs",
+                "ecoserve"]

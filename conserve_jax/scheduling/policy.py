@@ -64,14 +64,54 @@ class Policy:
     def accepts(self, request) -> bool:
         return True
 
+    # ---- KV hooks (scheduler, step-loop thread). Defaults keep plain behaviour: arrival
+    # order, KV allocated chunk by chunk, nothing reserved. A policy given a `kv_planner`
+    # (scheduling/kv_planner.py) delegates them to it; subclasses overriding `on_arrival`
+    # or `on_finished` call super() so the planner sees every request.
+    kv_planner = None
+
+    def before_schedule(self, sched: "Scheduler") -> None:
+        """Called first in every `Scheduler.schedule`; may evict or resize KV."""
+        if self.kv_planner is not None:
+            self.kv_planner.before_schedule(sched)
+
+    def order_waiting(self, sched: "Scheduler", seqs: list) -> list:
+        """Admission order of one waiting queue (given in arrival order)."""
+        return seqs if self.kv_planner is None else self.kv_planner.order_waiting(sched, seqs)
+
+    def admit(self, sched: "Scheduler", seq: "Sequence", end: int) -> Optional[bool]:
+        """May waiting `seq` start now, running positions up to `end`? False stops
+        admission from its queue for this iteration; None skips `seq` only (later requests
+        of the queue may still start)."""
+        return True if self.kv_planner is None else self.kv_planner.admit(sched, seq, end)
+
+    def kv_tokens_for(self, sched: "Scheduler", seq: "Sequence", end: int) -> int:
+        """Tokens of KV `seq` should hold when it runs positions up to `end` (>= end;
+        anything beyond `end` is taken only from free blocks), or None to hold `seq` back
+        this iteration (no KV may be taken for it)."""
+        return end if self.kv_planner is None else self.kv_planner.kv_tokens_for(sched, seq, end)
+
+    def kv_stats(self, sched: "Scheduler") -> dict:
+        """EngineStats fields about KV planning (reservations, loans, predictor)."""
+        if self.kv_planner is not None:
+            return self.kv_planner.stats(sched)
+        bs = sched.kv.block_size
+        return {"kv_blocks_reserved_unused": sum(
+            max(0, sched.kv.num_blocks(s.request_id) - -(-s.num_computed // bs))
+            for s in sched.running)}
+
     def safepoints(self, step: "ScheduledStep") -> Optional[Safepoints]:
         """The safepoint checks for this iteration, or None for none (run it whole)."""
         return None
 
-    def on_arrival(self, seq: "Sequence") -> None: ...
+    def on_arrival(self, seq: "Sequence") -> None:
+        if self.kv_planner is not None:
+            self.kv_planner.on_arrival(seq)
 
     def on_step_done(self, step: "ScheduledStep", elapsed_s: float) -> None: ...
 
     def on_abandoned(self, step: "ScheduledStep") -> None: ...
 
-    def on_finished(self, seq: "Sequence") -> None: ...
+    def on_finished(self, seq: "Sequence") -> None:
+        if self.kv_planner is not None:
+            self.kv_planner.on_finished(seq)

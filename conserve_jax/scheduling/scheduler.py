@@ -6,7 +6,10 @@ sequence admitted only while the policy's `StepBudget` (tokens, and predicted ti
 latency model is present) still has room. KV memory: online sequences may evict offline
 ones; offline sequences never evict anybody. A policy without priority (non-preemptive)
 sees one queue in arrival order. `commit` applies a finished iteration, `abandon` drops
-one the runner gave up at a safepoint.
+one the runner gave up at a safepoint. A policy may steer KV through four hooks (see
+`Policy`): `before_schedule`, `order_waiting` (admission order of a waiting queue),
+`admit` (may a waiting sequence start) and `kv_tokens_for` (KV to hold beyond a chunk,
+e.g. a reservation for the predicted response); their defaults change nothing.
 """
 from __future__ import annotations
 
@@ -70,24 +73,26 @@ class Scheduler:
     # ---- one iteration ------------------------------------------------------------------
     def schedule(self) -> ScheduledStep:
         step = ScheduledStep(StepPlan())
+        self.policy.before_schedule(self)
         budget = self.policy.budget(self)
+        order = self.policy.order_waiting
         if not self.policy.priority:
             waiting = sorted(list(self.waiting_online) + list(self.waiting_offline),
                              key=lambda s: s.arrival)
             self._fill(step, budget, sorted(self.running, key=lambda s: s.arrival))
-            self._fill(step, budget, waiting, waiting=True)
+            self._fill(step, budget, order(self, waiting), waiting=True)
             return step
         self._fill(step, budget, [s for s in self.running if s.online])
-        self._fill(step, budget, list(self.waiting_online), waiting=True)
+        self._fill(step, budget, order(self, list(self.waiting_online)), waiting=True)
         self._fill(step, budget, [s for s in self.running if not s.online])
-        self._fill(step, budget, list(self.waiting_offline), waiting=True)
+        self._fill(step, budget, order(self, list(self.waiting_offline)), waiting=True)
         return step
 
     def _fill(self, step: ScheduledStep, budget: StepBudget, seqs: list[Sequence],
               waiting: bool = False) -> None:
         for seq in seqs:
-            if seq.status is SeqStatus.FINISHED:
-                continue
+            if seq.status is SeqStatus.FINISHED or (not waiting and seq.status is not SeqStatus.RUNNING):
+                continue  # (a running sequence evicted earlier in this fill is waiting now)
             if waiting and len(self.running) >= self.cfg.max_num_seqs \
                     and not self._free_a_slot(seq, step):
                 return
@@ -102,7 +107,22 @@ class Scheduler:
                 n = budget.prefill_tokens_for(step, seq)
                 if n <= 0:
                     continue
-            if not self._ensure_blocks(seq, seq.num_computed + n, step):
+            end = seq.num_computed + n
+            if waiting:
+                ok = self.policy.admit(self, seq, end)
+                if ok is None:
+                    continue  # not now; later requests may start
+                if not ok:
+                    return  # the policy keeps its admission order: later requests wait too
+            # KV the policy wants held beyond this chunk (a reservation) comes from free
+            # blocks only; what the chunk itself needs follows the eviction rules below
+            want = self.policy.kv_tokens_for(self, seq, end)
+            if want is None:  # the policy holds it back this iteration (no KV for it)
+                if waiting:
+                    return
+                continue
+            if not (want > end and self.kv.grow(seq.request_id, seq.online, want)) \
+                    and not self._ensure_blocks(seq, end, step):
                 if waiting:
                     return  # keep arrival order: later requests do not jump ahead
                 continue

@@ -81,7 +81,7 @@ class TokenIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "token_ids", "messages", "sampling", "ttft_s", "tpot_s", "request_id")
+    __slots__ = ("prompt", "token_ids", "messages", "sampling", "ttft_s", "tpot_s", "request_id", "expected_output_tokens")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
@@ -89,6 +89,7 @@ class GenerateRequest(_message.Message):
     TTFT_S_FIELD_NUMBER: _ClassVar[int]
     TPOT_S_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     token_ids: TokenIds
     messages: ChatMessages
@@ -96,7 +97,8 @@ class GenerateRequest(_message.Message):
     ttft_s: float
     tpot_s: float
     request_id: str
-    def __init__(self, prompt: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., ttft_s: _Optional[float] = ..., tpot_s: _Optional[float] = ..., request_id: _Optional[str] = ...) -> None: ...
+    expected_output_tokens: int
+    def __init__(self, prompt: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., ttft_s: _Optional[float] = ..., tpot_s: _Optional[float] = ..., request_id: _Optional[str] = ..., expected_output_tokens: _Optional[int] = ...) -> None: ...
 
 class TopLogprob(_message.Message):
     __slots__ = ("token_id", "logprob")
@@ -259,7 +261,7 @@ class GetServerStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerStats(_message.Message):
-    __slots__ = ("online_waiting", "online_running", "offline_waiting", "offline_running", "kv_blocks_total", "kv_blocks_online", "kv_blocks_offline", "host_pool_slots_total", "host_pool_slots_used", "online_tokens_per_s", "offline_tokens_per_s", "online_tokens_total", "offline_tokens_total", "preemptions", "preempted_tokens_discarded", "evictions", "recomputed_tokens", "restored_tokens", "iterations", "online_in_flight", "online_queue_limit", "batches_active", "batch_items_pending", "batch_items_in_flight", "uptime_s", "online_prefill_tokens_total", "offline_prefill_tokens_total")
+    __slots__ = ("online_waiting", "online_running", "offline_waiting", "offline_running", "kv_blocks_total", "kv_blocks_online", "kv_blocks_offline", "host_pool_slots_total", "host_pool_slots_used", "online_tokens_per_s", "offline_tokens_per_s", "online_tokens_total", "offline_tokens_total", "preemptions", "preempted_tokens_discarded", "evictions", "recomputed_tokens", "restored_tokens", "iterations", "online_in_flight", "online_queue_limit", "batches_active", "batch_items_pending", "batch_items_in_flight", "uptime_s", "online_prefill_tokens_total", "offline_prefill_tokens_total", "kv_blocks_reserved_unused", "kv_reservations_grown", "kv_blocks_lent", "kv_blocks_returned", "kv_loans_recalled", "predictor_observed", "predictor_mae_tokens", "predictor_within_25pct", "predictor_baseline_mae_tokens")
     ONLINE_WAITING_FIELD_NUMBER: _ClassVar[int]
     ONLINE_RUNNING_FIELD_NUMBER: _ClassVar[int]
     OFFLINE_WAITING_FIELD_NUMBER: _ClassVar[int]
@@ -287,6 +289,15 @@ class ServerStats(_message.Message):
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     ONLINE_PREFILL_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     OFFLINE_PREFILL_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_RESERVED_UNUSED_FIELD_NUMBER: _ClassVar[int]
+    KV_RESERVATIONS_GROWN_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_LENT_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_RETURNED_FIELD_NUMBER: _ClassVar[int]
+    KV_LOANS_RECALLED_FIELD_NUMBER: _ClassVar[int]
+    PREDICTOR_OBSERVED_FIELD_NUMBER: _ClassVar[int]
+    PREDICTOR_MAE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREDICTOR_WITHIN_25PCT_FIELD_NUMBER: _ClassVar[int]
+    PREDICTOR_BASELINE_MAE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     online_waiting: int
     online_running: int
     offline_waiting: int
@@ -314,4 +325,13 @@ class ServerStats(_message.Message):
     uptime_s: float
     online_prefill_tokens_total: int
     offline_prefill_tokens_total: int
-    def __init__(self, online_waiting: _Optional[int] = ..., online_running: _Optional[int] = ..., offline_waiting: _Optional[int] = ..., offline_running: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_online: _Optional[int] = ..., kv_blocks_offline: _Optional[int] = ..., host_pool_slots_total: _Optional[int] = ..., host_pool_slots_used: _Optional[int] = ..., online_tokens_per_s: _Optional[float] = ..., offline_tokens_per_s: _Optional[float] = ..., online_tokens_total: _Optional[int] = ..., offline_tokens_total: _Optional[int] = ..., preemptions: _Optional[int] = ..., preempted_tokens_discarded: _Optional[int] = ..., evictions: _Optional[int] = ..., recomputed_tokens: _Optional[int] = ..., restored_tokens: _Optional[int] = ..., iterations: _Optional[int] = ..., online_in_flight: _Optional[int] = ..., online_queue_limit: _Optional[int] = ..., batches_active: _Optional[int] = ..., batch_items_pending: _Optional[int] = ..., batch_items_in_flight: _Optional[int] = ..., uptime_s: _Optional[float] = ..., online_prefill_tokens_total: _Optional[int] = ..., offline_prefill_tokens_total: _Optional[int] = ...) -> None: ...
+    kv_blocks_reserved_unused: int
+    kv_reservations_grown: int
+    kv_blocks_lent: int
+    kv_blocks_returned: int
+    kv_loans_recalled: int
+    predictor_observed: int
+    predictor_mae_tokens: float
+    predictor_within_25pct: float
+    predictor_baseline_mae_tokens: float
+    def __init__(self, online_waiting: _Optional[int] = ..., online_running: _Optional[int] = ..., offline_waiting: _Optional[int] = ..., offline_running: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_online: _Optional[int] = ..., kv_blocks_offline: _Optional[int] = ..., host_pool_slots_total: _Optional[int] = ..., host_pool_slots_used: _Optional[int] = ..., online_tokens_per_s: _Optional[float] = ..., offline_tokens_per_s: _Optional[float] = ..., online_tokens_total: _Optional[int] = ..., offline_tokens_total: _Optional[int] = ..., preemptions: _Optional[int] = ..., preempted_tokens_discarded: _Optional[int] = ..., evictions: _Optional[int] = ..., recomputed_tokens: _Optional[int] = ..., restored_tokens: _Optional[int] = ..., iterations: _Optional[int] = ..., online_in_flight: _Optional[int] = ..., online_queue_limit: _Optional[int] = ..., batches_active: _Optional[int] = ..., batch_items_pending: _Optional[int] = ..., batch_items_in_flight: _Optional[int] = ..., uptime_s: _Optional[float] = ..., online_prefill_tokens_total: _Optional[int] = ..., offline_prefill_tokens_total: _Optional[int] = ..., kv_blocks_reserved_unused: _Optional[int] = ..., kv_reservations_grown: _Optional[int] = ..., kv_blocks_lent: _Optional[int] = ..., kv_blocks_returned: _Optional[int] = ..., kv_loans_recalled: _Optional[int] = ..., predictor_observed: _Optional[int] = ..., predictor_mae_tokens: _Optional[float] = ..., predictor_within_25pct: _Optional[float] = ..., predictor_baseline_mae_tokens: _Optional[float] = ...) -> None: ...
