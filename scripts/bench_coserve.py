@@ -76,7 +76,7 @@ METRICS = ["online_ttft_p50_s", "online_ttft_p99_s", "online_tpot_p50_s", "onlin
            "isolation", "preemptions", "preemption_latency_p50_s",
            "preemption_latency_p99_s", "evictions", "recomputed_tokens", "restored_tokens",
            "online_requests"]
-RUNNER_FNS, CKPT_FNS = ("_layer", "_embed", "_select", "_head"), ("_gather", "_scatter")
+RUNNER_FNS, CKPT_FNS = ("_groups", "_embed", "_select", "_head"), ("_gather", "_scatter")
 
 
 # ---- engines ---------------------------------------------------------------------------
@@ -116,7 +116,8 @@ def _transfer(eng: Engine):
 
 
 def compiled_count(eng: Engine) -> int:
-    fns = [getattr(eng.runner, n) for n in RUNNER_FNS]
+    fns = list(eng.runner._groups.values())  # layer-group executables, by group size
+    fns += [getattr(eng.runner, n) for n in RUNNER_FNS if n != "_groups"]
     fns += [getattr(_transfer(eng), n) for n in CKPT_FNS] if eng.checkpointer else []
     return sum(f._cache_size() for f in fns)
 
