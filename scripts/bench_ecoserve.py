@@ -47,7 +47,7 @@ from conserve_jax.engine_api import SLO, GenerationRequest, RequestClass  # noqa
 from conserve_jax.models.loader import load_model  # noqa: E402
 from conserve_jax.sampling_params import SamplingParams  # noqa: E402
 
-SHARED = ("_layer", "_embed", "_select", "_head", "_gather", "_scatter")
+SHARED = ("_groups", "_layer", "_embed", "_select", "_head", "_gather", "_scatter")
 
 
 class Compiled:
