@@ -18,7 +18,6 @@ Used only on the owning engine's step-loop thread (no locking here).
 from __future__ import annotations
 
 import logging
-from typing import Optional
 
 from conserve_jax.engine_api import RequestOutput, RequestStream
 

@@ -17,7 +17,7 @@ Owned by one scheduling policy on the engine's step-loop thread (no locks).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Hashable, Iterable
 
 
