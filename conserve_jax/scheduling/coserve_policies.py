@@ -4,6 +4,7 @@ All run in the same engine so comparisons are fair:
 - `online-only`: offline requests are refused.
 - `priority-recompute`: online first; offline fills a fixed token budget; preemption only at
   iteration boundaries; evicted offline requests recompute from scratch (vLLM priority).
+  This is exactly the base `Policy` ("fcfs"), built under the baseline's name.
 - `sarathi`: online first with a fixed, smaller token budget and chunked prefill;
   iteration-level preemption; recompute.
 - `non-preemptive`: one arrival-ordered queue; offline work never yields (online requests
@@ -51,10 +52,6 @@ class OnlineOnlyPolicy(Policy):
 
     def accepts(self, request) -> bool:
         return request.request_class is RequestClass.ONLINE
-
-
-class PriorityRecomputePolicy(Policy):
-    name = "priority-recompute"
 
 
 class SarathiPolicy(Policy):
@@ -181,12 +178,12 @@ def build(cfg, model_factory: Callable[[], LatencyModel],
     for policies that need it); `online_waiting()` lists the online requests submitted but
     not running yet (the engine's; needed by `conserve`'s safepoints)."""
     name = cfg.policy
-    if name == "fcfs":
-        return Policy(cfg.max_num_seqs, cfg.max_prefill_tokens)
+    if name in ("fcfs", "priority-recompute"):  # one policy; the baselines' name for it
+        p = Policy(cfg.max_num_seqs, cfg.max_prefill_tokens)
+        p.name = name
+        return p
     if name == "online-only":
         return OnlineOnlyPolicy(cfg.max_num_seqs, cfg.max_prefill_tokens)
-    if name == "priority-recompute":
-        return PriorityRecomputePolicy(cfg.max_num_seqs, cfg.max_prefill_tokens)
     if name == "sarathi":
         return SarathiPolicy(cfg.max_num_seqs, cfg.max_prefill_tokens, cfg.sarathi_token_budget)
     if name == "non-preemptive":
