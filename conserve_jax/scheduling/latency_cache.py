@@ -16,9 +16,27 @@ from conserve_jax.scheduling.latency_model import LatencyModel
 log = logging.getLogger(__name__)
 
 
+def _code_fingerprint(runner) -> str:
+    """Hash of the source of the code that sets iteration times (the runner's module and
+    the model's), so that a changed engine re-profiles instead of trusting old timings."""
+    import inspect
+
+    import conserve_jax.models.llama as llama
+
+    h = hashlib.sha256()
+    for mod in (inspect.getmodule(type(runner)), llama):
+        try:
+            h.update(inspect.getsource(mod).encode())
+        except (OSError, TypeError):
+            h.update(repr(mod).encode())
+    return h.hexdigest()[:16]
+
+
 def _cache_path(runner, cfg: EngineConfig) -> str:
     key = json.dumps({"model": repr(runner.cfg), "dtype": str(runner.dtype), "tp": cfg.tp,
                       "buckets": repr(runner.buckets), "block": runner.block_size,
+                      "layers_per_call": getattr(runner, "layers_per_call", None),
+                      "code": _code_fingerprint(runner),
                       "backend": jax.default_backend(), "cpus": os.cpu_count(),
                       "jax": jax.__version__}, sort_keys=True)
     h = hashlib.sha256(key.encode()).hexdigest()[:16]
