@@ -314,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV memory = this many full-length contexts (+1 scratch block); "
                         "--num-blocks or --kv-cache-tokens override it")
     p.add_argument("--resume-context", type=int, default=1024)
-    p.add_argument("--warmup", choices=["all", "none"], default="all",
+    # dest is not `warmup`: engine_config_from_args would take it for the engine's knob
+    p.add_argument("--warmup", dest="warmup_buckets", choices=["all", "none"], default="all",
                    help="all: the first engine compiles every shape bucket")
     p.add_argument("--json", default="out/bench_coserve.json")
     p.add_argument("--plot-dir", default="out")
@@ -367,7 +368,7 @@ def main(argv=None) -> dict:
     first.shutdown()  # stop its step loop: this thread now owns runner and checkpointer
     setup = {"model_load_and_latency_model_s": time.perf_counter() - t_start}
     t = time.perf_counter()
-    if a.warmup == "all":
+    if a.warmup_buckets == "all":
         first.runner.warmup()
         first.checkpointer.transfer.warmup()
     setup["warmup_s"] = time.perf_counter() - t
