@@ -270,7 +270,7 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     rates = [float(x) for x in a.rates.split(",")]
     policies = a.policies.split(",")
-    loaded = load_model(a.model)
+    loaded = load_model(a.model, seed=a.seed)
     vocab = loaded.config.vocab_size
     full = wl.build(a.trace, max(rates), a.duration, vocab, a.max_tokens, pool=a.pool,
                     n=a.pool)
