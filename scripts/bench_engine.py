@@ -42,7 +42,7 @@ from conserve_jax.models.loader import default_model_path, load_model  # noqa: E
 from conserve_jax.runtime.compile_cache import enable_compilation_cache  # noqa: E402
 from conserve_jax.runtime.model_runner import ModelRunner  # noqa: E402
 from conserve_jax.runtime.step_plan import DecodeItem, PrefillItem, SampleSpec, StepPlan  # noqa: E402
-from bench_peers import make_peers, matvec_bandwidth  # noqa: E402
+from bench_peers import make_peers, matvec_bandwidth_isolated, timed_calls  # noqa: E402
 
 # the script's own defaults for engine knobs (the engine's defaults otherwise)
 ENGINE_DEFAULTS = {"max_model_len": 2048, "max_prefill_tokens": 512, "block_size": 16}
@@ -114,13 +114,15 @@ def llm_generate_fns(llm, prompt_len: int, n: int, offline: bool):
     return one, many
 
 
+SETTLE_S = 0.1  # idle before each timed block: the other process's threads go to sleep
+
+
 def timed(fn, n: int) -> list[float]:
-    out = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
+    """n durations of fn; a peer's measure (RemoteMeasure) is timed in its own process."""
+    time.sleep(SETTLE_S)
+    if hasattr(fn, "timed"):
+        return fn.timed(n)
+    return timed_calls(fn, n)
 
 
 def stats(times: list[float], work: int) -> dict:
@@ -188,7 +190,7 @@ def main(argv=None) -> int:
 
     llm = LLM(**llm_kwargs(args))
     llms = {offline: llm_generate_fns(llm, 127, n_llm, offline) for offline in (False, True)}
-    gen_peer = [p for p in peers if hasattr(p, "generate")]
+    gen_peer = [p for p in peers if p.has_generate]
     for f in [f for _, sides in measures.values() for f in sides.values()]:
         f()  # compile / warm every shape before timing
     print(f"set-up and warm-up {time.perf_counter() - t0:.0f} s")
@@ -210,11 +212,13 @@ def main(argv=None) -> int:
         for p in gen_peer:
             gen_t[p.name]["one"] += timed(gen_fns[p.name][0], 1)
             gen_t[p.name]["many"] += timed(gen_fns[p.name][1], 1)
-        for k, v in matvec_bandwidth(weight_bytes_per_decode_step(eng.runner),
+        for k, v in matvec_bandwidth_isolated(weight_bytes_per_decode_step(eng.runner),
                                      loaded.config.hidden_size, args.threads, 2).items():
             bws[k] = max(bws.get(k, 0.0), v)
         print(f"round {r + 1}/{repeats} done", flush=True)
     llm.close()
+    for p in peers:
+        p.close()
 
     wbytes = weight_bytes_per_decode_step(eng.runner)
     bw = max(bws.values())

@@ -4,9 +4,17 @@ same thread count), llama-cpp-python when installed, and the matvec bandwidth ro
 Every peer exposes the measures the engine side has, as zero-argument callables that run
 one timed unit of work (one decode step of a batch at a context, or one whole prefill), so
 the benchmark can interleave engine and peers round by round.
+
+`make_peers` hosts each peer in a worker process of its own (`PeerProcess`), and
+`matvec_bandwidth_isolated` runs the roofline probe in one too: BLAS and OpenMP thread
+pools (numpy's OpenBLAS, torch's) keep spinning after a call, and sharing a process with
+XLA's pool they slowed the engine's own steps several-fold in a skeleton test here (a
+30-layer batch-1 matvec chain: 120 ms alone in its process, 420 ms with numpy and torch
+interleaved in the same process). Timing happens inside the process that does the work.
 """
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import time
 from typing import Callable, Optional
@@ -132,18 +140,129 @@ class LlamaCppPeer:
         return run
 
 
+def _new_peer(name: str, gguf_path: Optional[str], threads: int, n_ctx: int):
+    if name == "transformers":
+        return TransformersPeer(gguf_path, threads)
+    if name in ("llama-cpp", "llama_cpp"):
+        return LlamaCppPeer(gguf_path, threads, n_ctx)
+    raise ValueError(name)
+
+
+def timed_calls(fn: Callable[[], None], n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def _serve_peer(conn, name: str, gguf_path: Optional[str], threads: int, n_ctx: int) -> None:
+    """Worker process: build the peer, then answer (op, key, args) requests until None.
+    ops: "make" (key = method name, args for it; replies whether it exists), "time"
+    (run measure `key` args[0] times; replies the durations)."""
+    try:
+        peer = _new_peer(name, gguf_path, threads, n_ctx)
+        conn.send(("ok", peer.name, hasattr(peer, "generate")))
+    except ImportError as e:
+        conn.send(("missing", str(e), False))
+        return
+    fns: dict = {}
+    while True:
+        msg = conn.recv()
+        if msg is None:
+            return
+        op, key, args = msg
+        if op == "make":
+            method, margs = args
+            fn = getattr(peer, method)(*margs)
+            if fn is not None:
+                fns[key] = fn
+            conn.send(fn is not None)
+        elif op == "time":
+            conn.send(timed_calls(fns[key], args[0]))
+
+
+class RemoteMeasure:
+    """One measure of a peer in its worker: `timed(n)` runs it n times there."""
+
+    def __init__(self, proc: "PeerProcess", key: str) -> None:
+        self.proc, self.key = proc, key
+
+    def timed(self, n: int) -> list[float]:
+        return self.proc.request("time", self.key, (n,))
+
+    def __call__(self) -> None:
+        self.timed(1)
+
+
+class PeerProcess:
+    """A peer living in its own (spawned) process; same measure methods as the peer, each
+    returning a RemoteMeasure (or None where the peer has no such measure)."""
+
+    def __init__(self, name: str, gguf_path: Optional[str], threads: int, n_ctx: int) -> None:
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        # passive OpenMP waiting: idle torch threads must not spin while the engine runs
+        env_backup = os.environ.get("OMP_WAIT_POLICY")
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        try:
+            self.proc = ctx.Process(target=_serve_peer, args=(child, name, gguf_path, threads, n_ctx),
+                                    daemon=True)
+            self.proc.start()
+        finally:
+            if env_backup is None:
+                os.environ.pop("OMP_WAIT_POLICY", None)
+            else:
+                os.environ["OMP_WAIT_POLICY"] = env_backup
+        status, self.name, self.has_generate = self.conn.recv()
+        if status != "ok":
+            self.proc.join()
+            raise ImportError(self.name)
+        self._n = 0
+
+    def request(self, op: str, key, args):
+        self.conn.send((op, key, args))
+        return self.conn.recv()
+
+    def _make(self, method: str, *args) -> Optional[RemoteMeasure]:
+        self._n += 1
+        key = f"{method}{self._n}"
+        return RemoteMeasure(self, key) if self.request("make", key, (method, args)) else None
+
+    def decode_step(self, batch: int, context: int):
+        return self._make("decode_step", batch, context)
+
+    def prefill(self, n: int):
+        return self._make("prefill", n)
+
+    def generate(self, prompt: list[int], max_tokens: int):
+        return self._make("generate", prompt, max_tokens)
+
+    def close(self) -> None:
+        if self.proc.is_alive():
+            self.conn.send(None)
+            self.proc.join(timeout=30)
+
+
+def matvec_bandwidth_isolated(weight_bytes: int, hidden: int, threads: int, repeats: int = 5) -> dict:
+    """`matvec_bandwidth` in a fresh spawned process (its thread pools never share a process
+    with the engine)."""
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return pool.apply(matvec_bandwidth, (weight_bytes, hidden, threads, repeats))
+
+
 def make_peers(names: list[str], gguf_path: Optional[str], threads: int, n_ctx: int) -> list:
+    """One `PeerProcess` per named peer (a peer whose library is missing is skipped)."""
     peers = []
     for name in names:
-        if name == "transformers":
-            if gguf_path is None:
-                raise SystemExit("--peers transformers needs a GGUF model (e.g. --model default)")
-            peers.append(TransformersPeer(gguf_path, threads))
-        elif name in ("llama-cpp", "llama_cpp"):
-            try:
-                peers.append(LlamaCppPeer(gguf_path, threads, n_ctx))
-            except ImportError:
-                print("llama-cpp-python is not installed: skipping that peer")
-        else:
+        if name not in ("transformers", "llama-cpp", "llama_cpp"):
             raise SystemExit(f"--peers: unknown peer {name!r} (transformers, llama-cpp)")
+        if gguf_path is None:
+            raise SystemExit(f"--peers {name} needs a GGUF model (e.g. --model default)")
+        try:
+            peers.append(PeerProcess(name, gguf_path, threads, n_ctx))
+        except ImportError as e:
+            print(f"{name}: not installed ({e}): skipping that peer")
     return peers
