@@ -45,12 +45,17 @@ callables (same model and geometry, hence the same executables).
     python scripts/bench_coserve.py --quick            # 5 x ~2 min + set-up
     python scripts/bench_coserve.py --quick --sweep    # 13 x ~2 min + set-up
     python scripts/bench_coserve.py                    # 5 x ~5.5 min + set-up
+
+Engine knobs are the engine's own flags (add_engine_args: --model, --dtype, --block-size,
+--isolation, --sarathi-token-budget, --host-pool-bytes, --latency-model-path, ...) with the
+defaults above; --kv-seqs sizes the KV cache unless --num-blocks or --kv-cache-tokens is
+given. Not flags here: --policy (each variant sets it), the engine's --warmup (see the
+script's --warmup), --default-ttft-s/--default-tpot-s (--ttft/--tpot set them).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import threading
@@ -64,7 +69,9 @@ sys.path[:0] = [os.path.dirname(_HERE), _HERE]
 import coserve_pareto as pareto  # noqa: E402
 import coserve_probes as probes  # noqa: E402
 import coserve_workload as wl  # noqa: E402
-from conserve_jax.config import CacheConfig, EngineConfig, parse_isolation  # noqa: E402
+import bench_io  # noqa: E402
+from conserve_jax.config import EngineConfig, parse_isolation  # noqa: E402
+from conserve_jax.engine_args import add_engine_args, engine_config_from_args  # noqa: E402
 from conserve_jax.engine import Engine  # noqa: E402
 from conserve_jax.engine_api import SLO, GenerationRequest, RequestClass  # noqa: E402
 from conserve_jax.models.loader import load_model  # noqa: E402
@@ -76,22 +83,20 @@ METRICS = ["online_ttft_p50_s", "online_ttft_p99_s", "online_tpot_p50_s", "onlin
            "isolation", "preemptions", "preemption_latency_p50_s",
            "preemption_latency_p99_s", "evictions", "recomputed_tokens", "restored_tokens",
            "online_requests"]
+# the benchmark's engine (same for every variant), where it differs from the engine's defaults
+ENGINE_DEFAULTS = {"max_model_len": 1280, "max_num_seqs": 16, "max_prefill_tokens": 512,
+                   "block_size": 16, "host_pool_bytes": 4 << 30}
+NOT_FLAGS = ("policy", "warmup", "default_ttft_s", "default_tpot_s")
 RUNNER_FNS, CKPT_FNS = ("_groups", "_embed", "_select", "_head"), ("_gather", "_scatter")
 
 
 # ---- engines ---------------------------------------------------------------------------
 def engine_config(a, policy: str, **overrides) -> EngineConfig:
-    nb = a.num_blocks or a.kv_seqs * -(-a.max_model_len // 16) + 1
-    overrides.setdefault("isolation", a.isolation)
-    overrides.setdefault("sarathi_token_budget", a.sarathi_budget)
-    return EngineConfig(model=a.model, policy=policy, max_model_len=a.max_model_len,
-                        max_num_seqs=a.max_num_seqs, max_prefill_tokens=a.max_prefill_tokens,
-                        max_prefill_seqs=a.max_prefill_seqs,
-                        safepoint_interval=a.safepoint_interval, default_ttft_s=a.ttft,
-                        default_tpot_s=a.tpot, latency_model_path=a.latency_model,
-                        seed=a.seed, cache=CacheConfig(block_size=16, num_blocks=nb,
-                                                       host_pool_bytes=int(a.host_pool_gb * 2**30)),
-                        **overrides)
+    """The engine flags with `policy`, the SLO as the engine's default objectives, KV for
+    --kv-seqs full contexts unless --num-blocks says, and a variant's `overrides`."""
+    nb = a.num_blocks or a.kv_seqs * -(-a.max_model_len // a.block_size) + 1
+    return engine_config_from_args(a, policy=policy, num_blocks=nb, default_ttft_s=a.ttft,
+                                   default_tpot_s=a.tpot, **overrides)
 
 
 class SharedCompiled:
@@ -279,9 +284,8 @@ def run_policy(a, v: pareto.Variant, loaded, work: wl.Workload, shared: SharedCo
 
 
 # ---- entry point -----------------------------------------------------------------------
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="default")
     p.add_argument("--quick", action="store_true",
                    help="100 s per policy (40 online requests), offline outputs 32-64")
     p.add_argument("--policies", default=",".join(POLICIES))
@@ -297,32 +301,31 @@ def parse_args(argv=None):
     p.add_argument("--drain", type=float, help="max wait for online requests after it; default "
                    "ttft + online_output_max * tpot + 2 (an SLO-meeting request is never cut)")
     p.add_argument("--rate", type=float, default=0.4, help="online requests/s")
-    p.add_argument("--ttft", type=float, default=1.0)
-    p.add_argument("--tpot", type=float, default=0.2)
-    p.add_argument("--isolation", type=parse_isolation, default=EngineConfig().isolation,
-                   help="conserve's isolation factor F, or 'off'")
-    p.add_argument("--sarathi-budget", type=int, default=EngineConfig().sarathi_token_budget)
+    p.add_argument("--ttft", type=float, default=1.0,
+                   help="online TTFT objective (s); also the engine's default_ttft_s")
+    p.add_argument("--tpot", type=float, default=0.2,
+                   help="online TPOT objective (s); also the engine's default_tpot_s")
     p.add_argument("--offline-requests", type=int, help="default 0.6 x duration (saturating)")
     p.add_argument("--offline-prompt", type=int, nargs=2, metavar=("MIN", "MAX"))
     p.add_argument("--offline-output", type=int, nargs=2, metavar=("MIN", "MAX"))
     p.add_argument("--online-prompt-max", type=int, default=512)
     p.add_argument("--online-output-max", type=int, default=64)
-    p.add_argument("--max-model-len", type=int, default=1280)
-    p.add_argument("--max-num-seqs", type=int, default=16)
-    p.add_argument("--max-prefill-tokens", type=int, default=512)
-    p.add_argument("--max-prefill-seqs", type=int, default=EngineConfig().max_prefill_seqs)
     p.add_argument("--kv-seqs", type=int, default=4,
-                   help="KV memory = this many full-length contexts (+1 scratch block)")
-    p.add_argument("--num-blocks", type=int, help="KV blocks (overrides --kv-seqs)")
-    p.add_argument("--host-pool-gb", type=float, default=4.0)
-    p.add_argument("--safepoint-interval", type=int, default=EngineConfig().safepoint_interval)
-    p.add_argument("--latency-model", help="file from `conserve-jax profile` (default: cached)")
+                   help="KV memory = this many full-length contexts (+1 scratch block); "
+                        "--num-blocks or --kv-cache-tokens override it")
     p.add_argument("--resume-context", type=int, default=1024)
-    p.add_argument("--warmup", choices=["all", "none"], default="all")
-    p.add_argument("--seed", type=int, default=0)
+    # dest is not `warmup`: engine_config_from_args would take it for the engine's knob
+    p.add_argument("--warmup", dest="warmup_buckets", choices=["all", "none"], default="all",
+                   help="all: the first engine compiles every shape bucket")
     p.add_argument("--json", default="out/bench_coserve.json")
     p.add_argument("--plot-dir", default="out")
     p.add_argument("--pareto-plot", default="out/bench_coserve_pareto.png")
+    add_engine_args(p, defaults=ENGINE_DEFAULTS, exclude=NOT_FLAGS)
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     a = p.parse_args(argv)
     q = a.quick
     a.duration = a.duration or (100.0 if q else 300.0)
@@ -335,6 +338,7 @@ def parse_args(argv=None):
         a.sweep_isolation = [parse_isolation(x) for x in a.sweep_isolation.split(",")]
     if a.sweep_sarathi:
         a.sweep_sarathi = [int(x) for x in a.sweep_sarathi.split(",")]
+    bench_io.checked_engine_config(p, a, policy="conserve")
     return a
 
 
@@ -364,7 +368,7 @@ def main(argv=None) -> dict:
     first.shutdown()  # stop its step loop: this thread now owns runner and checkpointer
     setup = {"model_load_and_latency_model_s": time.perf_counter() - t_start}
     t = time.perf_counter()
-    if a.warmup == "all":
+    if a.warmup_buckets == "all":
         first.runner.warmup()
         first.checkpointer.transfer.warmup()
     setup["warmup_s"] = time.perf_counter() - t
@@ -374,7 +378,7 @@ def main(argv=None) -> dict:
     lm = first.policy.model
     release(first)
     del first
-    variants = pareto.variants(a.policies, a.isolation, a.sarathi_budget, a.sweep,
+    variants = pareto.variants(a.policies, a.isolation, a.sarathi_token_budget, a.sweep,
                                a.sweep_isolation, a.sweep_sarathi)
     runs: dict = {v.label: [] for v in variants}
     order = []
@@ -421,9 +425,7 @@ def main(argv=None) -> dict:
     res["targets"] = wl.targets(policies, resume["ratio"], sp_cost)
     res["setup"]["total_s"] = time.perf_counter() - t_start
     if a.json:
-        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=2)
+        bench_io.write_json(a.json, res, announce=False)
     wl.print_table(res)
     print(f"total {res['setup']['total_s']:.0f}s; JSON: {a.json}")
     return res

@@ -25,6 +25,12 @@ plot: out/bench_ecoserve.png.
     python scripts/bench_ecoserve.py --trace ... --quick     # 2 rates, 1 run each
     python scripts/bench_ecoserve.py --trace ... --offline-compare   # item 3: conserve +-
         offline_kv_reservation on an online + saturating offline mix (evictions, recompute)
+
+Engine knobs are the engine's own flags (add_engine_args: --model, --kv-cache-tokens,
+--max-num-seqs, --block-size, --dtype, --sarathi-token-budget, --compilation-cache-dir, ...)
+with the defaults above. Not flags here: --policy (--policies), --offline-kv-reservation
+(--offline-compare varies it), the engine's --warmup (the first engine compiles every
+bucket, later ones reuse it), --default-ttft-s/--default-tpot-s (--ttft/--tpot set them).
 """
 from __future__ import annotations
 
@@ -41,12 +47,20 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(_HERE), _HERE]
 
 import ecoserve_workload as wl  # noqa: E402
-from conserve_jax.config import CacheConfig, EngineConfig  # noqa: E402
+import bench_io  # noqa: E402
+from conserve_jax.config import EngineConfig  # noqa: E402
+from conserve_jax.engine_args import add_engine_args, engine_config_from_args  # noqa: E402
 from conserve_jax.engine import Engine  # noqa: E402
 from conserve_jax.engine_api import SLO, GenerationRequest, RequestClass  # noqa: E402
 from conserve_jax.models.loader import load_model  # noqa: E402
 from conserve_jax.sampling_params import SamplingParams  # noqa: E402
 
+# the benchmark's engine (same for every policy), where it differs from the engine's defaults
+ENGINE_DEFAULTS = {"model": "random:small", "kv_cache_tokens": 2048, "max_num_seqs": 32,
+                   "max_model_len": 768, "max_prefill_tokens": 128, "max_prefill_seqs": 1,
+                   "block_size": 16, "host_pool_bytes": 1 << 28, "sarathi_token_budget": 64,
+                   "compilation_cache_dir": "out/xla_cache"}
+NOT_FLAGS = ("policy", "offline_kv_reservation", "warmup", "default_ttft_s", "default_tpot_s")
 SHARED = ("_groups", "_layer", "_embed", "_select", "_head", "_gather", "_scatter")
 
 
@@ -68,21 +82,21 @@ class Compiled:
 
 
 def config(a, policy: str, **kw) -> EngineConfig:
-    return EngineConfig(model=a.model, policy=policy, max_model_len=a.max_model_len,
-                        max_num_seqs=a.max_num_seqs, max_prefill_tokens=a.max_prefill_tokens,
-                        max_prefill_seqs=1, kv_cache_tokens=a.kv_cache_tokens,
-                        cache=CacheConfig(block_size=16, host_pool_bytes=1 << 28),
-                        default_ttft_s=a.ttft, default_tpot_s=a.tpot,
-                        sarathi_token_budget=a.sarathi_budget, compilation_cache_dir=a.xla_cache,
-                        **kw)
+    """The engine flags with `policy`, the SLO as the engine's default objectives, and a
+    run's overrides `kw`."""
+    return engine_config_from_args(a, policy=policy, default_ttft_s=a.ttft,
+                                   default_tpot_s=a.tpot, **kw)
+
+
+def prepass_config(a) -> EngineConfig:
+    """fcfs with KV for --max-num-seqs full contexts (ample: the pre-pass is not measured)."""
+    return config(a, "fcfs", kv_cache_tokens=None,
+                  num_blocks=a.max_num_seqs * -(-a.max_model_len // a.block_size) + 1)
 
 
 def prepass(a, loaded, items) -> dict:
     """Greedy continuations (ignore_eos, max_tokens tokens) of every prompt, ample KV."""
-    cfg = config(a, "fcfs")
-    cfg.kv_cache_tokens = None
-    cfg.cache.num_blocks = a.max_num_seqs * -(-a.max_model_len // 16) + 1
-    eng = Engine(cfg, loaded=loaded)
+    eng = Engine(prepass_config(a), loaded=loaded)
     sp = SamplingParams(max_tokens=a.max_tokens, temperature=0.0, ignore_eos=True)
     streams = {it.rid: eng.submit(GenerationRequest("pre-" + it.rid, list(it.prompt), sp))
                for it in items}
@@ -208,8 +222,8 @@ def offline_compare(a, loaded, compiled, items) -> dict:
     offline = [([int(x) for x in rng.integers(5, loaded.config.vocab_size, int(rng.integers(64, 256)))],
                 int(rng.integers(32, 192))) for _ in range(a.offline_requests)]
     out = {}
-    for name, kw in (("conserve", {}), ("conserve+offline_kv_reservation",
-                                        {"offline_kv_reservation": True})):
+    for name, kw in (("conserve", {"offline_kv_reservation": False}),
+                     ("conserve+offline_kv_reservation", {"offline_kv_reservation": True})):
         m = run_one(a, loaded, compiled, "conserve", items, kw, offline)
         out[name] = m
         print(f"{name:34s} evictions {m['evictions']:4d}  recomputed {m['recomputed_tokens']:6d}  "
@@ -218,21 +232,17 @@ def offline_compare(a, loaded, compiled, items) -> dict:
     return out
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trace", required=True, help="data/traces/azure_llm_2023_conv.csv")
     p.add_argument("--rates", default="2,4,6,8,10")
     p.add_argument("--duration", type=float, default=30.0)
     p.add_argument("--drain", type=float, default=40.0)
-    p.add_argument("--model", default="random:small")
-    p.add_argument("--kv-cache-tokens", type=int, default=2048)
-    p.add_argument("--max-num-seqs", type=int, default=32)
-    p.add_argument("--max-model-len", type=int, default=768)
-    p.add_argument("--max-prefill-tokens", type=int, default=128)
     p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--sarathi-budget", type=int, default=64)
-    p.add_argument("--ttft", type=float, default=1.0)
-    p.add_argument("--tpot", type=float, default=0.1)
+    p.add_argument("--ttft", type=float, default=1.0,
+                   help="TTFT objective (s) of every request; also the engine's default_ttft_s")
+    p.add_argument("--tpot", type=float, default=0.1,
+                   help="TPOT objective (s) of every request; also the engine's default_tpot_s")
     p.add_argument("--hint-frac", type=float, default=0.3)
     p.add_argument("--policies", default="fcfs,sarathi,ecoserve")
     p.add_argument("--repeats", type=int, default=2,
@@ -242,14 +252,25 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--offline-compare", action="store_true")
     p.add_argument("--offline-requests", type=int, default=48)
-    p.add_argument("--xla-cache", default="out/xla_cache")
     p.add_argument("--out", default="out/bench_ecoserve.json")
+    add_engine_args(p, defaults=ENGINE_DEFAULTS, exclude=NOT_FLAGS)
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     a = p.parse_args(argv)
     if a.quick:
         a.rates, a.repeats = "4,8", 1
+    bench_io.checked_engine_config(p, a, policy="fcfs")
+    return a
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
     rates = [float(x) for x in a.rates.split(",")]
     policies = a.policies.split(",")
-    loaded = load_model(a.model)
+    loaded = load_model(a.model, seed=a.seed)
     vocab = loaded.config.vocab_size
     full = wl.build(a.trace, max(rates), a.duration, vocab, a.max_tokens, pool=a.pool,
                     n=a.pool)
@@ -258,7 +279,9 @@ def main(argv=None) -> int:
                                   full, lambda items: prepass(a, loaded, items))
     print(f"pre-pass ready ({time.monotonic() - t:.0f}s)", flush=True)
     compiled = Compiled()
-    res = {"config": {k: v for k, v in vars(a).items()}, "rates": []}
+    # the flags, and the script's former names of two engine knobs (earlier JSON has them)
+    res = {"config": {**vars(a), "sarathi_budget": a.sarathi_token_budget,
+                      "xla_cache": a.compilation_cache_dir}, "rates": []}
     if a.offline_compare:
         items = wl.build(a.trace, rates[0], a.duration, vocab, a.max_tokens, pool=a.pool)
         wl.assign_ends(items, cont, a.hint_frac)
@@ -310,9 +333,7 @@ def wl_fmt(v) -> str:
 
 
 def _write(path: str, res: dict) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(res, f, indent=1)
+    bench_io.write_json(path, res, indent=1, announce=False)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,10 @@ Measures, interleaved round by round (medians and minimums over all rounds):
   one jitted call per layer vs the default layers-per-call (dispatch overhead).
 With --peers transformers the same GGUF weights run in transformers (float32, torch with
 --threads threads) on the same measures; ratios are engine/peer of medians.
+Engine knobs are the engine's own flags (`add_engine_args`: --dtype, --block-size,
+--max-prefill-tokens, ...); the runner measures size the batch and the KV cache themselves
+(so --max-num-seqs, --num-blocks and --kv-cache-tokens are not flags here), and the
+`LLM.generate` measure uses the flags with the engine's default batch and KV size.
 
     python scripts/bench_engine.py --peers transformers --json out/bench_engine.json
     python scripts/bench_engine.py --quick --peers transformers    # a few minutes
@@ -20,7 +24,6 @@ With --peers transformers the same GGUF weights run in transformers (float32, to
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -32,31 +35,45 @@ import jax
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(_HERE), _HERE]
 
-from conserve_jax.config import CacheConfig, EngineConfig  # noqa: E402
+import bench_io  # noqa: E402
+from conserve_jax.config import EngineConfig  # noqa: E402
+from conserve_jax.engine_args import add_engine_args, engine_config_from_args, knob_names  # noqa: E402
 from conserve_jax.models.loader import default_model_path, load_model  # noqa: E402
 from conserve_jax.runtime.compile_cache import enable_compilation_cache  # noqa: E402
 from conserve_jax.runtime.model_runner import ModelRunner  # noqa: E402
 from conserve_jax.runtime.step_plan import DecodeItem, PrefillItem, SampleSpec, StepPlan  # noqa: E402
 from bench_peers import make_peers, matvec_bandwidth_isolated, timed_calls  # noqa: E402
 
-BLOCK = 16
-CHUNK = 512  # the engine's default max_prefill_tokens
+# the script's own defaults for engine knobs (the engine's defaults otherwise)
+ENGINE_DEFAULTS = {"max_model_len": 2048, "max_prefill_tokens": 512, "block_size": 16}
+# knobs the runner measures set per measure (batch, KV blocks)
+NOT_FLAGS = ("max_num_seqs", "num_blocks", "kv_cache_tokens")
 
 
 def greedy() -> SampleSpec:
     return SampleSpec(0.0, 0, 1.0, 0, 0, None)
 
 
+def runner_config(args, max_batch: int, max_context: int, prefill: int) -> tuple[EngineConfig, int]:
+    """(config, blocks per sequence) of the runner measures: the engine flags, with
+    `max_batch` sequences and KV blocks for each to hold max(max_context, prefill) tokens."""
+    per_seq = -(-max(max_context, prefill) // args.block_size) + 1
+    cfg = engine_config_from_args(args, max_num_seqs=max_batch,
+                                  num_blocks=max_batch * per_seq + 8)
+    return cfg, per_seq
+
+
+def llm_kwargs(args) -> dict:
+    """Keyword arguments of the `LLM` the LLM.generate measure uses: every engine flag
+    (the knobs that are not flags here keep the engine's defaults)."""
+    return {n: getattr(args, n) for n in knob_names() if hasattr(args, n)}
+
+
 class EngineSide:
     """Runner-level measures: each returns a callable running one unit of work."""
 
-    def __init__(self, loaded, max_batch: int, max_context: int, prefill: int,
-                 layers_per_call=None) -> None:
-        self.per_seq = -(-max(max_context, prefill) // BLOCK) + 1
-        cfg = EngineConfig(model="bench", max_model_len=2048, max_num_seqs=max_batch,
-                           max_prefill_tokens=CHUNK,
-                           cache=CacheConfig(block_size=BLOCK,
-                                             num_blocks=max_batch * self.per_seq + 8))
+    def __init__(self, loaded, cfg: EngineConfig, per_seq: int, layers_per_call=None) -> None:
+        self.per_seq, self.chunk = per_seq, cfg.max_prefill_tokens
         self.runner = ModelRunner(loaded.config, loaded.params, cfg, layers_per_call)
 
     def table(self, i: int) -> list[int]:
@@ -68,9 +85,10 @@ class EngineSide:
         return lambda: self.runner.execute(plan)
 
     def prefill(self, n: int):
-        plans = [StepPlan(prefills=[PrefillItem([5] * min(CHUNK, n - s), s, self.table(0),
-                                                greedy() if s + CHUNK >= n else None)])
-                 for s in range(0, n, CHUNK)]
+        c = self.chunk
+        plans = [StepPlan(prefills=[PrefillItem([5] * min(c, n - s), s, self.table(0),
+                                                greedy() if s + c >= n else None)])
+                 for s in range(0, n, c)]
 
         def run():
             for p in plans:
@@ -112,9 +130,8 @@ def stats(times: list[float], work: int) -> dict:
             "tokens_per_s_best": work / min(times), "samples": len(times)}
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="default")
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--peers", default="", help="comma list: transformers, llama-cpp")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                     help="torch/llama.cpp threads (XLA uses every core)")
@@ -123,7 +140,19 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=None, help="timed decode steps per round")
     ap.add_argument("--llm-tokens", type=int, default=None, help="N for the LLM.generate measure")
     ap.add_argument("--json", default="out/bench_engine.json")
-    args = ap.parse_args()
+    add_engine_args(ap, defaults=ENGINE_DEFAULTS, exclude=NOT_FLAGS)
+    return ap
+
+
+def parse_args(argv=None):
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    bench_io.checked_engine_config(ap, args)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     q = args.quick
     repeats = args.repeats or (2 if q else 4)
     steps = args.steps or (3 if q else 5)
@@ -131,15 +160,16 @@ def main() -> int:
     batches = [1, 8, 32]
     prefills = [512] if q else [512, 2048]
     n_llm = args.llm_tokens or (24 if q else 48)
-    enable_compilation_cache(None)
+    enable_compilation_cache(args.compilation_cache_dir)
 
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, seed=args.seed)
     gguf = default_model_path() if args.model == "default" else (
         args.model if args.model.endswith(".gguf") else None)
     peer_names = [p for p in args.peers.split(",") if p]
     t0 = time.perf_counter()
-    eng = EngineSide(loaded, max(batches), max(contexts), max(prefills))
-    per_layer = EngineSide(loaded, 1, max(contexts), max(prefills), layers_per_call=1)
+    eng = EngineSide(loaded, *runner_config(args, max(batches), max(contexts), max(prefills)))
+    per_layer = EngineSide(loaded, *runner_config(args, 1, max(contexts), max(prefills)),
+                           layers_per_call=1)
     peers = make_peers(peer_names, gguf, args.threads, max(max(contexts), max(prefills)) + 8)
 
     # every measure: name -> (work units, {side: callable})
@@ -158,7 +188,7 @@ def main() -> int:
     measures["decode_b1_ctx128_per_layer_calls"] = (1, {"engine": per_layer.decode_step(1, 128)})
     from conserve_jax import LLM
 
-    llm = LLM(model=args.model, max_model_len=2048)  # the defaults otherwise
+    llm = LLM(**llm_kwargs(args))
     llms = {offline: llm_generate_fns(llm, 127, n_llm, offline) for offline in (False, True)}
     gen_peer = [p for p in peers if p.has_generate]
     for f in [f for _, sides in measures.values() for f in sides.values()]:
@@ -194,7 +224,7 @@ def main() -> int:
     bw = max(bws.values())
     roofline = bw / wbytes
     res: dict = {
-        "model": args.model, "dtype": "float32", "quick": q, "rounds": repeats,
+        "model": args.model, "dtype": args.dtype, "quick": q, "rounds": repeats,
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                     "platform": platform.platform(), "jax": jax.__version__,
                     "load_avg_at_end": os.getloadavg()},
@@ -248,10 +278,7 @@ def main() -> int:
     for k, v in res["ratios"].items():
         print(f"{k:<44}{fmt3(v):>10}")
     print(f"load average at end {os.getloadavg()}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(res, f, indent=2)
-    print(f"wrote {args.json}")
+    bench_io.write_json(args.json, res)
     return 0
 
 

@@ -21,6 +21,10 @@ import sys
 import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [REPO, os.path.join(REPO, "scripts")]
+
+import bench_io  # noqa: E402
+
 KEYS = (("ttft_s", "p50"), ("ttft_s", "p99"), ("itl_s", "p50"), ("e2e_s", "p50"))
 
 
@@ -62,7 +66,6 @@ def main() -> int:
     p.add_argument("--token-delay", type=float, default=0.005, help="mock engine seconds per step")
     p.add_argument("--out", default="out/bench_http_vs_grpc.json")
     args = p.parse_args()
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     runs: dict[str, list[dict]] = {"grpc": [], "openai": []}
     with tempfile.TemporaryDirectory() as tmp:
         proc, ports = spawn(os.path.join(tmp, "data"), args.token_delay)
@@ -94,9 +97,8 @@ def main() -> int:
         g, o = summary["grpc"][key], summary["openai"][key]
         print(f"{key:14s} {g['median']:10.4f} {o['median']:11.4f} {g['min']:10.4f} {o['min']:11.4f} "
               f"{ratio:11.2f}")
-    with open(args.out, "w") as f:
-        json.dump({"config": vars(args), "runs": runs, "summary": summary, "ratios": ratios}, f, indent=2)
-    print(f"wrote {args.out}")
+    bench_io.write_json(args.out, {"config": vars(args), "runs": runs, "summary": summary,
+                                   "ratios": ratios})
     return 0
 
 

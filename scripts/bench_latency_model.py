@@ -8,11 +8,14 @@ whose millisecond iterations make timer and dispatch noise weigh most) and write
 This was a unit test; it depends on machine load, so it is a benchmark now (issue 9).
 
     python scripts/bench_latency_model.py --repeats 3 --json out/bench_latency_model.json
+
+Engine knobs are the engine's own flags (--model, --dtype, --block-size, ...), defaulting
+to the geometry the judged points need (max_model_len 512, 16 sequences, 256 prefill
+tokens, 512 KV blocks).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -20,13 +23,19 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(_HERE), _HERE]
 
-from conserve_jax.config import CacheConfig, EngineConfig  # noqa: E402
+import bench_io  # noqa: E402
+from conserve_jax.engine_args import add_engine_args, engine_config_from_args  # noqa: E402
 from conserve_jax.models.loader import load_model  # noqa: E402
 from conserve_jax.runtime.model_runner import ModelRunner  # noqa: E402
 from conserve_jax.scheduling.latency_model import LatencyModel  # noqa: E402
 from conserve_jax.scheduling.profiler import profile, synthetic_plan  # noqa: E402
+
+# the script's own defaults for engine knobs (the engine's defaults otherwise)
+ENGINE_DEFAULTS = {"model": "random:small", "max_model_len": 512, "max_num_seqs": 16,
+                   "max_prefill_tokens": 256, "num_blocks": 512}
 
 
 def one_round(runner, loaded, seed: int) -> list[float]:
@@ -54,16 +63,25 @@ def one_round(runner, loaded, seed: int) -> list[float]:
     return errs
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="random:small")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", default="out/bench_latency_model.json")
-    args = ap.parse_args()
-    loaded = load_model(args.model)
-    cfg = EngineConfig(max_model_len=512, max_num_seqs=16, max_prefill_tokens=256,
-                       cache=CacheConfig(num_blocks=512))
-    runner = ModelRunner(loaded.config, loaded.params, cfg)
+    add_engine_args(ap, defaults=ENGINE_DEFAULTS)
+    return ap
+
+
+def parse_args(argv=None):
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    bench_io.checked_engine_config(ap, args)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    loaded = load_model(args.model, seed=args.seed)
+    runner = ModelRunner(loaded.config, loaded.params, engine_config_from_args(args))
     rounds = []
     for r in range(args.repeats):
         errs = one_round(runner, loaded, seed=1 + r)
@@ -76,9 +94,7 @@ def main() -> int:
            "median_of_p90": p90, "min_median": min(x["median"] for x in rounds),
            "targets": {"median": 0.35, "p90": 0.8}, "met": med <= 0.35 and p90 <= 0.8}
     print(f"median of medians {med:.3f} (target <= 0.35), median p90 {p90:.3f} (target <= 0.8)")
-    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(out, f, indent=2)
+    bench_io.write_json(args.json, out)
     return 0
 
 

@@ -14,7 +14,6 @@ between repeats) and writes JSON. The results of the two variants are also compa
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
@@ -27,6 +26,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import bench_io  # noqa: E402
 from conserve_jax.client import Client  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -185,12 +185,9 @@ def main() -> int:
     print(f"  server CPU seconds after listening, recompute / saved-kv: "
           f"{', '.join(f'{r:.2f}x' for r in cpu_ratios)}; median "
           f"{summary['cpu_after_listen_ratio_median']:.2f}x")
-    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     for x in rows:
         x.pop("tokens")
-    with open(args.json, "w") as f:
-        json.dump(dict(config=vars(args), runs=rows, summary=summary), f, indent=1)
-    print(f"wrote {args.json}")
+    bench_io.write_json(args.json, dict(config=vars(args), runs=rows, summary=summary), indent=1)
     return 0
 
 

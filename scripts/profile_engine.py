@@ -7,6 +7,9 @@ norms+RoPE+elementwise / other, beside the step's wall time; the remainder is di
 host work (batch building, sampler, device->host copies), measured separately too.
 
     python scripts/profile_engine.py --batches 1,32 --context 256 --json out/profile_engine.json
+
+Engine knobs are the engine's own flags (--dtype, --block-size, --layers-per-call, ...);
+the batch (largest of --batches) and the KV blocks (room for --context) are set here.
 """
 from __future__ import annotations
 
@@ -24,9 +27,12 @@ import time
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(_HERE), _HERE]
 
-from conserve_jax.config import CacheConfig, EngineConfig  # noqa: E402
+import bench_io  # noqa: E402
+from conserve_jax.config import EngineConfig  # noqa: E402
+from conserve_jax.engine_args import add_engine_args, engine_config_from_args  # noqa: E402
 from conserve_jax.models.loader import load_model  # noqa: E402
 from conserve_jax.runtime.batch_arrays import build_batch  # noqa: E402
 from conserve_jax.runtime.model_runner import ModelRunner  # noqa: E402
@@ -41,6 +47,9 @@ CATEGORIES = [
     ("elementwise", re.compile(r"fusion|add|multiply|rsqrt|concatenate|select|convert|"
                                r"broadcast|transpose|copy|slice|cos|sin|iota|compare", re.I)),
 ]
+# the script's own defaults for engine knobs; knobs it sets from --batches / --context
+ENGINE_DEFAULTS = {"max_model_len": 2048, "max_prefill_tokens": 512, "block_size": 16}
+NOT_FLAGS = ("max_num_seqs", "num_blocks", "kv_cache_tokens")
 HOST_PREFIXES = ("PjitFunction", "ParseArguments", "ExecuteHelper", "Handle inputs")
 
 
@@ -100,21 +109,38 @@ def profile_batch(runner: ModelRunner, plan: StepPlan, steps: int) -> dict:
             "top_ops_ms": dict(sorted(by_name.items(), key=lambda kv: -kv[1])[:15])}
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="default")
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--json", default="out/profile_engine.json")
-    args = ap.parse_args()
-    batches = [int(b) for b in args.batches.split(",")]
-    loaded = load_model(args.model)
-    bs = 16
-    per_seq = -(-(args.context + 8) // bs)
-    cfg = EngineConfig(model=args.model, max_model_len=2048, max_num_seqs=max(batches),
-                       max_prefill_tokens=512,
-                       cache=CacheConfig(block_size=bs, num_blocks=max(batches) * per_seq + 8))
+    add_engine_args(ap, defaults=ENGINE_DEFAULTS, exclude=NOT_FLAGS)
+    return ap
+
+
+def parse_args(argv=None):
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    args.batches = [int(b) for b in args.batches.split(",")]
+    bench_io.checked_engine_config(ap, args)
+    return args
+
+
+def runner_config(args) -> tuple[EngineConfig, int]:
+    """(config, KV blocks per sequence): the engine flags, with the largest batch of
+    --batches and KV blocks for each sequence to hold --context + 8 tokens."""
+    per_seq = -(-(args.context + 8) // args.block_size)
+    cfg = engine_config_from_args(args, max_num_seqs=max(args.batches),
+                                  num_blocks=max(args.batches) * per_seq + 8)
+    return cfg, per_seq
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    batches = args.batches
+    loaded = load_model(args.model, seed=args.seed)
+    cfg, per_seq = runner_config(args)
     runner = ModelRunner(loaded.config, loaded.params, cfg)
     spec = SampleSpec(0.0, 0, 1.0, 0, 0, None)
     res = {"model": args.model, "context": args.context, "batches": {}}
@@ -131,10 +157,7 @@ def main() -> int:
             print(f"    {k:<18}{v:8.2f} ms")
         for k, v in list(r["top_ops_ms"].items())[:10]:
             print(f"      {k[:40]:<42}{v:8.3f} ms")
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(res, f, indent=2)
-    print(f"wrote {args.json}")
+    bench_io.write_json(args.json, res)
     return 0
 
 

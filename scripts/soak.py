@@ -50,6 +50,7 @@ import grpc
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import bench_io  # noqa: E402
 from conserve_jax.client import Client  # noqa: E402
 from conserve_jax.proto_gen.conserve.v1 import conserve_pb2 as pb  # noqa: E402
 
@@ -375,9 +376,7 @@ def main() -> int:
         "result_problems": problems[:20], "server_exit": rc, "checks": checks,
         "passed": all(checks.values()), "data_dir": data_dir,
     }
-    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(summary, f, indent=2)
+    bench_io.write_json(args.json, summary, announce=False)
     print(json.dumps({k: summary[k] for k in ("calls", "outcomes_by_code", "batches", "batch_items",
                                               "rss_mb", "fds", "server_exit")}, indent=1))
     for name, ok in checks.items():

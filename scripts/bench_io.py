@@ -1,0 +1,37 @@
+"""Input and output shared by the benchmark scripts: engine flags checked when parsed, and
+the result JSON written where the script's --json / --out flag says.
+
+Called from a script's main thread; holds no state. Scripts import it after putting the
+repository root on sys.path (they run as `python scripts/<name>.py`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from conserve_jax.config import EngineConfig
+from conserve_jax.engine_args import engine_config_from_args
+
+
+def checked_engine_config(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                          **overrides) -> EngineConfig:
+    """`engine_config_from_args(args, **overrides)`; a value EngineConfig rejects (an
+    isolation below 1, a safepoint interval of 0, ...) becomes the parser's usage error,
+    which names the field, instead of a traceback later."""
+    try:
+        return engine_config_from_args(args, **overrides)
+    except (TypeError, ValueError) as e:
+        parser.error(str(e))
+        raise  # parser.error exits; this is for type checkers
+
+
+def write_json(path: str, data, indent: int = 2, announce: bool = True) -> str:
+    """Create `path`'s directory, write `data` there as JSON (`indent`), print
+    `wrote <path>` unless `announce` is False; returns `path`."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=indent)
+    if announce:
+        print(f"wrote {path}", flush=True)
+    return path
