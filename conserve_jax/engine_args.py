@@ -23,7 +23,7 @@ from typing import Any, Iterator, Optional
 
 from conserve_jax.config import EngineConfig
 
-_MISSING = object()
+_DECLARED = "_engine_knobs_declared"
 
 
 def _fields(cls=EngineConfig, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], dataclasses.Field, Any]]:
@@ -64,10 +64,12 @@ def add_engine_args(parser: argparse.ArgumentParser, defaults: Optional[dict] = 
     if unknown:
         raise ValueError(f"no engine knob named {sorted(unknown)}")
     group = parser.add_argument_group("engine")
+    declared = []
     for path, f, tp in _fields():
         name = path[-1]
         if name in exclude:
             continue
+        declared.append(name)
         flag = "--" + name.replace("_", "-")
         default = defaults.get(name, _default(f))
         help_text = f.metadata.get("help", "")
@@ -81,6 +83,9 @@ def add_engine_args(parser: argparse.ArgumentParser, defaults: Optional[dict] = 
         conv = _optional(base) if optional else base
         group.add_argument(flag, dest=name, type=conv, default=default,
                            help=f"{help_text} (default {default})")
+    # which attributes of the parsed namespace are engine knobs: only these are read back
+    # (an entry point's own flag that happens to share a knob's name is never taken)
+    parser.set_defaults(**{_DECLARED: tuple(declared)})
 
 
 def _optional(base):
@@ -102,7 +107,10 @@ def engine_config(**kwargs) -> EngineConfig:
 def engine_config_from_args(args: argparse.Namespace, **overrides) -> EngineConfig:
     """The EngineConfig that `add_engine_args` flags parsed into `args` describe (knobs
     excluded from the flags keep their defaults unless given in `overrides`)."""
-    values = {n: getattr(args, n) for n in knob_names() if hasattr(args, n)}
+    declared = getattr(args, _DECLARED, None)
+    if declared is None:
+        raise ValueError("args were not parsed by a parser that add_engine_args set up")
+    values = {n: getattr(args, n) for n in declared}
     values.update(overrides)
     return engine_config(**values)
 

@@ -55,3 +55,17 @@ def test_keyword_arguments_and_unknown_names():
         engine_config(blok_size=8)
     with pytest.raises(ValueError, match="no engine knob"):
         add_engine_args(argparse.ArgumentParser(), defaults={"nope": 1})
+
+
+def test_only_declared_knobs_are_read_back():
+    """An entry point's own flag that shares a knob's name (excluded from the engine flags)
+    never reaches the config; overrides still do."""
+    p = argparse.ArgumentParser()
+    add_engine_args(p, exclude=("warmup", "policy"))
+    p.add_argument("--warmup", choices=["all", "none"], default="all")
+    args = p.parse_args(["--warmup", "none", "--block-size", "32"])
+    cfg = engine_config_from_args(args)
+    assert cfg.warmup == EngineConfig().warmup and cfg.cache.block_size == 32
+    assert engine_config_from_args(args, policy="sarathi").policy == "sarathi"
+    with pytest.raises(ValueError, match="add_engine_args"):
+        engine_config_from_args(argparse.Namespace(block_size=32))
