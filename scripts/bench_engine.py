@@ -24,6 +24,7 @@ Engine knobs are the engine's own flags (`add_engine_args`: --dtype, --block-siz
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import statistics
@@ -139,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--repeats", type=int, default=None, help="interleaved rounds")
     ap.add_argument("--steps", type=int, default=None, help="timed decode steps per round")
     ap.add_argument("--llm-tokens", type=int, default=None, help="N for the LLM.generate measure")
+    ap.add_argument("--compare-weight-dtype", default=None, metavar="DTYPE",
+                    help="also measure the runner with --weight-dtype DTYPE (e.g. bfloat16) as a "
+                         "second engine side, interleaved with the others")
     ap.add_argument("--json", default="out/bench_engine.json")
     add_engine_args(ap, defaults=ENGINE_DEFAULTS, exclude=NOT_FLAGS)
     return ap
@@ -170,13 +174,19 @@ def main(argv=None) -> int:
     eng = EngineSide(loaded, *runner_config(args, max(batches), max(contexts), max(prefills)))
     per_layer = EngineSide(loaded, *runner_config(args, 1, max(contexts), max(prefills)),
                            layers_per_call=1)
+    variants = {}  # extra engine sides: name -> EngineSide
+    if args.compare_weight_dtype:
+        cfg, per_seq = runner_config(args, max(batches), max(contexts), max(prefills))
+        cfg = dataclasses.replace(cfg, weight_dtype=args.compare_weight_dtype)
+        variants[f"engine_w{args.compare_weight_dtype}"] = EngineSide(loaded, cfg, per_seq)
     peers = make_peers(peer_names, gguf, args.threads, max(max(contexts), max(prefills)) + 8)
 
     # every measure: name -> (work units, {side: callable})
     measures: dict = {}
     for b in batches:
         for c in contexts:
-            sides = {"engine": eng.decode_step(b, c)}
+            sides = {"engine": eng.decode_step(b, c),
+                     **{v: side.decode_step(b, c) for v, side in variants.items()}}
             for p in peers:
                 f = p.decode_step(b, c)
                 if f is not None:
@@ -184,6 +194,7 @@ def main(argv=None) -> int:
             measures[f"decode_b{b}_ctx{c}"] = (b, sides)
     for n in prefills:
         measures[f"prefill{n}"] = (n, {"engine": eng.prefill(n),
+                                       **{v: side.prefill(n) for v, side in variants.items()},
                                        **{p.name: p.prefill(n) for p in peers}})
     measures["decode_b1_ctx128_per_layer_calls"] = (1, {"engine": per_layer.decode_step(1, 128)})
     from conserve_jax import LLM
@@ -203,7 +214,9 @@ def main(argv=None) -> int:
     bws: dict = {}
     for r in range(repeats):  # interleave every variant round by round
         for name, (work, sides) in measures.items():
-            for side, fn in sides.items():
+            order = list(sides.items())
+            order = order[r % len(order):] + order[:r % len(order)]  # rotate who goes first
+            for side, fn in order:
                 times[name][side] += timed(fn, 1 if name.startswith("prefill") else steps)
         for offline, (one, many) in llms.items():
             k = "offline" if offline else "online"
@@ -261,10 +274,22 @@ def main(argv=None) -> int:
             key = f"decode_b{b}_ctx128_vs_{p.name}"
             if key in res["ratios"]:
                 res["ratios"][f"b{b}_vs_{p.name}"] = res["ratios"][key]
+    for v in variants:  # the same ratios for each extra engine side, under its name
+        vr = res.setdefault("variant_ratios", {}).setdefault(v, {})
+        for p in peers:
+            for name, m in res["measures"].items():
+                if v in m and p.name in m:
+                    vr[f"{name}_vs_{p.name}"] = ratio(med(name, v), med(name, p.name))
+            for b in batches:
+                if f"decode_b{b}_ctx128_vs_{p.name}" in vr:
+                    vr[f"b{b}_vs_{p.name}"] = vr[f"decode_b{b}_ctx128_vs_{p.name}"]
+        for name, m in res["measures"].items():
+            if v in m:
+                vr[f"{name}_vs_engine"] = ratio(med(name, v), med(name))
 
     print("matvec bandwidth GB/s: " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in bws.items()))
     print(f"weights {wbytes / 1e6:.0f} MB/step -> batch-1 roofline {roofline:.1f} tokens/s")
-    sides = ["engine"] + [p.name for p in peers]
+    sides = ["engine"] + list(variants) + [p.name for p in peers]
     print(f"{'tokens/s (median / best)':<34}" + "".join(f"{s:>24}" for s in sides))
     fmt = lambda v: "n/a" if v is None else f"{v:.1f}"
     for name, m in res["measures"].items():
@@ -277,6 +302,9 @@ def main(argv=None) -> int:
         print(f"{k:<44}{fmt3(res[k]):>10}")
     for k, v in res["ratios"].items():
         print(f"{k:<44}{fmt3(v):>10}")
+    for name, vr in res.get("variant_ratios", {}).items():
+        for k, v in vr.items():
+            print(f"{name + ': ' + k:<58}{fmt3(v):>10}")
     print(f"load average at end {os.getloadavg()}")
     bench_io.write_json(args.json, res)
     return 0

@@ -22,6 +22,22 @@ import numpy as np
 from conserve_jax.config import ModelConfig
 
 NEG_INF = -1e30
+# XLA:CPU runs a bfloat16 dot with fewer than this many rows on a slow path (8x slower
+# than float32 at one row, measured here); padding to it costs ~1.2x a float32 row
+MIN_LOW_PRECISION_ROWS = 8
+
+
+def project(eq: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """einsum(eq, x, w) for a weight matmul (x's first axis: token rows). A weight stored
+    in a lower precision than x (`weight_dtype`) gets x rounded to its dtype, products
+    accumulated in float32, and the result back in x's dtype."""
+    if w.dtype == x.dtype:
+        return jnp.einsum(eq, x, w)
+    rows = x.shape[0]
+    xl = x.astype(w.dtype)
+    if rows < MIN_LOW_PRECISION_ROWS:
+        xl = jnp.pad(xl, [(0, MIN_LOW_PRECISION_ROWS - rows)] + [(0, 0)] * (x.ndim - 1))
+    return jnp.einsum(eq, xl, w, preferred_element_type=jnp.float32)[:rows].astype(x.dtype)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
@@ -163,7 +179,7 @@ def decoder_layer(p: dict, x, cos, sin, k_cache, v_cache, meta: AttentionMeta, *
     g = g2 - 2
     dt = x.dtype
     h = rms_norm(x, p["input_norm"], cfg.rms_norm_eps)
-    qkv = jnp.einsum("th,hkjd->tkjd", h, p["qkv"])  # [T, kvh, g+2, hd]
+    qkv = project("th,hkjd->tkjd", h, p["qkv"])  # [T, kvh, g+2, hd]
     if "qkv_bias" in p:
         qkv = qkv + p["qkv_bias"]
     c, s = cos[:, None, None, :], sin[:, None, None, :]
@@ -175,10 +191,10 @@ def decoder_layer(p: dict, x, cos, sin, k_cache, v_cache, meta: AttentionMeta, *
     v_cache = v_cache.at[:, meta.slot_blocks, meta.slot_offsets].set(
         v.transpose(1, 0, 2).astype(v_cache.dtype))
     a = paged_attention(q, k, v, k_cache, v_cache, meta, num_decode).reshape(t, kvh * g * hd)
-    x = x + a @ p["o"]
+    x = x + project("ta,ah->th", a, p["o"])
     h = rms_norm(x, p["post_norm"], cfg.rms_norm_eps)
-    gu = jnp.einsum("th,hci->tci", h, p["gate_up"])  # [T, 2, I]
-    x = x + (jax.nn.silu(gu[:, 0]) * gu[:, 1]) @ p["down"]
+    gu = project("th,hci->tci", h, p["gate_up"])  # [T, 2, I]
+    x = x + project("ti,ih->th", jax.nn.silu(gu[:, 0]) * gu[:, 1], p["down"])
     return x, k_cache, v_cache
 
 
@@ -203,17 +219,20 @@ def run_layers(layers: list, x, cos, sin, caches: list, meta: AttentionMeta, *,
 
 
 def embed_tokens(embed: jax.Array, token_ids: jax.Array, positions: jax.Array,
-                 inv_freq: jax.Array):
-    """-> hidden [T, H] and the RoPE cos/sin tables [T, hd/2] used by every layer."""
+                 inv_freq: jax.Array, dtype=None):
+    """-> hidden [T, H] (in `dtype`, default the table's) and the RoPE cos/sin tables
+    [T, hd/2] used by every layer."""
     cos, sin = rope_tables(positions, inv_freq)
-    return embed[token_ids], cos, sin
+    return embed[token_ids].astype(dtype or embed.dtype), cos, sin
 
 
 def final_logits(final_norm: jax.Array, head: jax.Array, hidden: jax.Array, eps: float,
                  tied: bool) -> jax.Array:
     """hidden [B, H] -> float32 logits [B, V]. `head` is [H, V], or the embedding [V, H]
     when tied."""
-    h = rms_norm(hidden, final_norm, eps)
+    h = rms_norm(hidden, final_norm, eps).astype(jnp.float32)
+    if head.dtype != jnp.float32:
+        return project("bh,vh->bv" if tied else "bh,hv->bv", h, head)
     if tied:
         return jnp.einsum("bh,vh->bv", h, head, preferred_element_type=jnp.float32)
     return jnp.einsum("bh,hv->bv", h, head, preferred_element_type=jnp.float32)

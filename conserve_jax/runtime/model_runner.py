@@ -14,6 +14,7 @@ executable per shape bucket; `warmup` compiles every (group size, bucket) up fro
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Callable, Optional
@@ -33,6 +34,9 @@ from conserve_jax.runtime.step_plan import SampledToken, StepPlan, StepResult
 
 log = logging.getLogger(__name__)
 
+# per-layer params stored in `weight_dtype` (the rest, norms and biases, in `dtype`)
+MATMUL_WEIGHTS = ("qkv", "o", "gate_up", "down")
+
 # A safepoint callback gets the number of layers done and returns True to abandon.
 Safepoint = Callable[[int], bool]
 
@@ -47,6 +51,8 @@ class ModelRunner:
         self.cfg = model_cfg
         self.engine_cfg = engine_cfg
         self.dtype = jnp.dtype(engine_cfg.dtype)
+        # matmul weights may be stored lower than the activations (see models.llama.project)
+        self.weight_dtype = jnp.dtype(engine_cfg.weight_dtype or engine_cfg.dtype)
         self.block_size = engine_cfg.cache.block_size
         self.mesh = shd.make_mesh(engine_cfg.tp)
         kv_repeat = shd.kv_repeat_for(engine_cfg.tp, model_cfg.num_kv_heads, model_cfg.num_heads)
@@ -75,21 +81,23 @@ class ModelRunner:
         return jax.device_put(x, sharding or shd.replicated(self.mesh))
 
     def _place_weights(self, params: dict, kv_repeat: int) -> None:
-        dt = np.dtype(self.dtype.name) if self.dtype != jnp.bfloat16 else jnp.bfloat16
+        dt, wdt = self.dtype, self.weight_dtype
         layers = [layer_params(lp, self.cfg, np.float32, kv_repeat) for lp in params["layers"]]
         self._layer_sh = shd.layer_shardings(self.mesh, layers[0]) if self.mesh else None
         self.layers = []
         for lp in layers:
-            if self.mesh is None:
-                self.layers.append({k: jnp.asarray(a, dt) for k, a in lp.items()})
-            else:
-                self.layers.append({k: jax.device_put(a.astype(dt), self._layer_sh[k])
-                                    for k, a in lp.items()})
-        self.embed = self._put(np.asarray(params["embed"], np.float32).astype(dt))
+            placed = {}
+            for k, a in lp.items():
+                a = a.astype(wdt if k in MATMUL_WEIGHTS else dt)
+                placed[k] = jnp.asarray(a) if self.mesh is None else jax.device_put(
+                    a, self._layer_sh[k])
+            self.layers.append(placed)
+        # the embedding table doubles as the LM head when tied: stored as a matmul weight
+        self.embed = self._put(np.asarray(params["embed"], np.float32).astype(wdt))
         self.final_norm = self._put(np.asarray(params["final_norm"], np.float32).astype(dt))
         self.tied = "lm_head" not in params
         self.head = self.embed if self.tied else self._put(
-            np.asarray(params["lm_head"], np.float32).astype(dt))
+            np.asarray(params["lm_head"], np.float32).astype(wdt))
         self.inv_freq = self._put(rope_inv_freq(self.cfg))
 
     def _new_caches(self) -> list[tuple[jax.Array, jax.Array]]:
@@ -117,7 +125,7 @@ class ModelRunner:
         # one executable per (group size, shape bucket)
         self._groups = {size: self._make_group_fn(size)
                         for size in sorted(set(self.fast_groups + self.safepoint_groups))}
-        self._embed = jax.jit(embed_tokens)
+        self._embed = jax.jit(functools.partial(embed_tokens, dtype=self.dtype))
         eps, tied = self.cfg.rms_norm_eps, self.tied
 
         self._select = jax.jit(lambda hidden, rows: hidden[rows])

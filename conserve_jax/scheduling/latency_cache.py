@@ -33,7 +33,8 @@ def _code_fingerprint(runner) -> str:
 
 
 def _cache_path(runner, cfg: EngineConfig) -> str:
-    key = json.dumps({"model": repr(runner.cfg), "dtype": str(runner.dtype), "tp": cfg.tp,
+    key = json.dumps({"model": repr(runner.cfg), "dtype": str(runner.dtype),
+                      "weight_dtype": str(getattr(runner, "weight_dtype", runner.dtype)), "tp": cfg.tp,
                       "buckets": repr(runner.buckets), "block": runner.block_size,
                       "layers_per_call": getattr(runner, "layers_per_call", None),
                       "code": _code_fingerprint(runner),
