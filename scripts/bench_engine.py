@@ -118,12 +118,13 @@ def llm_generate_fns(llm, prompt_len: int, n: int, offline: bool):
 SETTLE_S = 0.1  # idle before each timed block: the other process's threads go to sleep
 
 
-def timed(fn, n: int) -> list[float]:
-    """n durations of fn; a peer's measure (RemoteMeasure) is timed in its own process."""
+def timed(fn, n: int, warm: int = 0) -> list[float]:
+    """n durations of fn after `warm` untimed calls; a peer's measure (RemoteMeasure) is
+    timed in its own process."""
     time.sleep(SETTLE_S)
     if hasattr(fn, "timed"):
-        return fn.timed(n)
-    return timed_calls(fn, n)
+        return fn.timed(n, warm)
+    return timed_calls(fn, n, warm)
 
 
 def stats(times: list[float], work: int) -> dict:
@@ -140,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--repeats", type=int, default=None, help="interleaved rounds")
     ap.add_argument("--steps", type=int, default=None, help="timed decode steps per round")
     ap.add_argument("--llm-tokens", type=int, default=None, help="N for the LLM.generate measure")
+    ap.add_argument("--block-warmup", type=int, default=1,
+                    help="untimed calls before each timed block (every side): the block then "
+                         "measures the shape's steady state, not the cache misses left by the "
+                         "measures before it")
     ap.add_argument("--compare-weight-dtype", default=None, metavar="DTYPE",
                     help="also measure the runner with --weight-dtype DTYPE (e.g. bfloat16) as a "
                          "second engine side, interleaved with the others")
@@ -217,7 +222,8 @@ def main(argv=None) -> int:
             order = list(sides.items())
             order = order[r % len(order):] + order[:r % len(order)]  # rotate who goes first
             for side, fn in order:
-                times[name][side] += timed(fn, 1 if name.startswith("prefill") else steps)
+                times[name][side] += timed(fn, 1 if name.startswith("prefill") else steps,
+                                           args.block_warmup)
         for offline, (one, many) in llms.items():
             k = "offline" if offline else "online"
             llm_t[k]["one"] += timed(one, 1)
@@ -238,6 +244,8 @@ def main(argv=None) -> int:
     roofline = bw / wbytes
     res: dict = {
         "model": args.model, "dtype": args.dtype, "quick": q, "rounds": repeats,
+        "steps_per_block": steps, "untimed_calls_per_block": args.block_warmup,
+        "weight_dtype": args.weight_dtype,
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                     "platform": platform.platform(), "jax": jax.__version__,
                     "load_avg_at_end": os.getloadavg()},

@@ -148,7 +148,11 @@ def _new_peer(name: str, gguf_path: Optional[str], threads: int, n_ctx: int):
     raise ValueError(name)
 
 
-def timed_calls(fn: Callable[[], None], n: int) -> list[float]:
+def timed_calls(fn: Callable[[], None], n: int, warm: int = 0) -> list[float]:
+    """Durations of n calls of fn, after `warm` untimed ones (steady state for this shape:
+    weights and context back in cache after other measures ran)."""
+    for _ in range(warm):
+        fn()
     out = []
     for _ in range(n):
         t = time.perf_counter()
@@ -180,7 +184,7 @@ def _serve_peer(conn, name: str, gguf_path: Optional[str], threads: int, n_ctx: 
                 fns[key] = fn
             conn.send(fn is not None)
         elif op == "time":
-            conn.send(timed_calls(fns[key], args[0]))
+            conn.send(timed_calls(fns[key], *args))
 
 
 class RemoteMeasure:
@@ -189,8 +193,8 @@ class RemoteMeasure:
     def __init__(self, proc: "PeerProcess", key: str) -> None:
         self.proc, self.key = proc, key
 
-    def timed(self, n: int) -> list[float]:
-        return self.proc.request("time", self.key, (n,))
+    def timed(self, n: int, warm: int = 0) -> list[float]:
+        return self.proc.request("time", self.key, (n, warm))
 
     def __call__(self) -> None:
         self.timed(1)
