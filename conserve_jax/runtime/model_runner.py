@@ -29,6 +29,7 @@ from conserve_jax.models.llama import (AttentionMeta, embed_tokens, final_logits
 from conserve_jax.runtime import sharding as shd
 from conserve_jax.runtime.batch_arrays import BatchArrays, build_batch
 from conserve_jax.runtime.buckets import BucketSet
+from conserve_jax.runtime.map_budget import check_map_budget
 from conserve_jax.runtime.sampler import sample, sampler_mode
 from conserve_jax.runtime.step_plan import SampledToken, StepPlan, StepResult
 
@@ -72,6 +73,7 @@ class ModelRunner:
         self.safepoint_groups = group_sizes(n, max(1, engine_cfg.safepoint_interval or n))
         self._place_weights(params, kv_repeat)
         self._build_functions()
+        check_map_budget(len(self.buckets.layer_shapes()), len(self._groups))
         self.caches = self._new_caches()
 
     # ---- set-up -------------------------------------------------------------------------
