@@ -26,6 +26,13 @@ def checked_engine_config(parser: argparse.ArgumentParser, args: argparse.Namesp
         raise  # parser.error exits; this is for type checkers
 
 
+def parse_checked(parser: argparse.ArgumentParser, argv=None, **overrides) -> argparse.Namespace:
+    """Parse `argv` and check the engine flags (see checked_engine_config)."""
+    args = parser.parse_args(argv)
+    checked_engine_config(parser, args, **overrides)
+    return args
+
+
 def write_json(path: str, data, indent: int = 2, announce: bool = True) -> str:
     """Create `path`'s directory, write `data` there as JSON (`indent`), print
     `wrote <path>` unless `announce` is False; returns `path`."""

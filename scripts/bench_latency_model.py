@@ -72,10 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None):
-    ap = build_parser()
-    args = ap.parse_args(argv)
-    bench_io.checked_engine_config(ap, args)
-    return args
+    return bench_io.parse_checked(build_parser(), argv)
 
 
 def main(argv=None) -> int:
