@@ -104,15 +104,19 @@ def engine_config(**kwargs) -> EngineConfig:
     return _build(EngineConfig, (), kwargs)
 
 
-def engine_config_from_args(args: argparse.Namespace, **overrides) -> EngineConfig:
-    """The EngineConfig that `add_engine_args` flags parsed into `args` describe (knobs
-    excluded from the flags keep their defaults unless given in `overrides`)."""
+def engine_kwargs_from_args(args: argparse.Namespace) -> dict:
+    """The flat knob values (`LLM(**kwargs)` / `engine_config(**kwargs)` shape) of exactly
+    the flags `add_engine_args` declared on the parser that produced `args`."""
     declared = getattr(args, _DECLARED, None)
     if declared is None:
         raise ValueError("args were not parsed by a parser that add_engine_args set up")
-    values = {n: getattr(args, n) for n in declared}
-    values.update(overrides)
-    return engine_config(**values)
+    return {n: getattr(args, n) for n in declared}
+
+
+def engine_config_from_args(args: argparse.Namespace, **overrides) -> EngineConfig:
+    """The EngineConfig that `add_engine_args` flags parsed into `args` describe (knobs
+    excluded from the flags keep their defaults unless given in `overrides`)."""
+    return engine_config(**{**engine_kwargs_from_args(args), **overrides})
 
 
 def _build(cls, path: tuple[str, ...], values: dict):

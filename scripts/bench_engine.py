@@ -38,7 +38,8 @@ sys.path[:0] = [os.path.dirname(_HERE), _HERE]
 
 import bench_io  # noqa: E402
 from conserve_jax.config import EngineConfig  # noqa: E402
-from conserve_jax.engine_args import add_engine_args, engine_config_from_args, knob_names  # noqa: E402
+from conserve_jax.engine_args import (add_engine_args, engine_config_from_args,  # noqa: E402
+                                      engine_kwargs_from_args)
 from conserve_jax.models.loader import default_model_path, load_model  # noqa: E402
 from conserve_jax.runtime.compile_cache import enable_compilation_cache  # noqa: E402
 from conserve_jax.runtime.model_runner import ModelRunner  # noqa: E402
@@ -67,7 +68,7 @@ def runner_config(args, max_batch: int, max_context: int, prefill: int) -> tuple
 def llm_kwargs(args) -> dict:
     """Keyword arguments of the `LLM` the LLM.generate measure uses: every engine flag
     (the knobs that are not flags here keep the engine's defaults)."""
-    return {n: getattr(args, n) for n in knob_names() if hasattr(args, n)}
+    return engine_kwargs_from_args(args)
 
 
 class EngineSide:
