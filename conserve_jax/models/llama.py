@@ -231,11 +231,7 @@ def final_logits(final_norm: jax.Array, head: jax.Array, hidden: jax.Array, eps:
     """hidden [B, H] -> float32 logits [B, V]. `head` is [H, V], or the embedding [V, H]
     when tied."""
     h = rms_norm(hidden, final_norm, eps).astype(jnp.float32)
-    if head.dtype != jnp.float32:
-        return project("bh,vh->bv" if tied else "bh,hv->bv", h, head)
-    if tied:
-        return jnp.einsum("bh,vh->bv", h, head, preferred_element_type=jnp.float32)
-    return jnp.einsum("bh,hv->bv", h, head, preferred_element_type=jnp.float32)
+    return project("bh,vh->bv" if tied else "bh,hv->bv", h, head)
 
 
 def layer_params(layer: dict, cfg: ModelConfig, dtype, kv_repeat: int = 1) -> dict:
