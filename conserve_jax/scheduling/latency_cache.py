@@ -4,12 +4,14 @@ that later starts skip it. Called once by the engine constructor."""
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
 
 import jax
 
+import conserve_jax.models.llama as llama
 from conserve_jax.config import EngineConfig
 from conserve_jax.scheduling.latency_model import LatencyModel
 
@@ -19,10 +21,6 @@ log = logging.getLogger(__name__)
 def _code_fingerprint(runner) -> str:
     """Hash of the source of the code that sets iteration times (the runner's module and
     the model's), so that a changed engine re-profiles instead of trusting old timings."""
-    import inspect
-
-    import conserve_jax.models.llama as llama
-
     h = hashlib.sha256()
     for mod in (inspect.getmodule(type(runner)), llama):
         try:
@@ -34,9 +32,9 @@ def _code_fingerprint(runner) -> str:
 
 def _cache_path(runner, cfg: EngineConfig) -> str:
     key = json.dumps({"model": repr(runner.cfg), "dtype": str(runner.dtype),
-                      "weight_dtype": str(getattr(runner, "weight_dtype", runner.dtype)), "tp": cfg.tp,
+                      "weight_dtype": str(runner.weight_dtype), "tp": cfg.tp,
                       "buckets": repr(runner.buckets), "block": runner.block_size,
-                      "layers_per_call": getattr(runner, "layers_per_call", None),
+                      "layers_per_call": runner.layers_per_call,
                       "code": _code_fingerprint(runner),
                       "backend": jax.default_backend(), "cpus": os.cpu_count(),
                       "jax": jax.__version__}, sort_keys=True)
