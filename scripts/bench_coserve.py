@@ -325,8 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None):
-    p = build_parser()
-    a = p.parse_args(argv)
+    a = bench_io.parse_checked(build_parser(), argv, policy="conserve")
     q = a.quick
     a.duration = a.duration or (100.0 if q else 300.0)
     a.drain = a.drain if a.drain is not None else a.ttft + a.online_output_max * a.tpot + 2.0
@@ -338,7 +337,6 @@ def parse_args(argv=None):
         a.sweep_isolation = [parse_isolation(x) for x in a.sweep_isolation.split(",")]
     if a.sweep_sarathi:
         a.sweep_sarathi = [int(x) for x in a.sweep_sarathi.split(",")]
-    bench_io.checked_engine_config(p, a, policy="conserve")
     return a
 
 

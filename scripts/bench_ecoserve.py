@@ -258,11 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None):
-    p = build_parser()
-    a = p.parse_args(argv)
+    a = bench_io.parse_checked(build_parser(), argv, policy="fcfs")
     if a.quick:
         a.rates, a.repeats = "4,8", 1
-    bench_io.checked_engine_config(p, a, policy="fcfs")
     return a
 
 

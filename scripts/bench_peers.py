@@ -140,12 +140,13 @@ class LlamaCppPeer:
         return run
 
 
+PEER_NAMES = ("transformers", "llama-cpp", "llama_cpp")
+
+
 def _new_peer(name: str, gguf_path: Optional[str], threads: int, n_ctx: int):
     if name == "transformers":
         return TransformersPeer(gguf_path, threads)
-    if name in ("llama-cpp", "llama_cpp"):
-        return LlamaCppPeer(gguf_path, threads, n_ctx)
-    raise ValueError(name)
+    return LlamaCppPeer(gguf_path, threads, n_ctx)
 
 
 def timed_calls(fn: Callable[[], None], n: int, warm: int = 0) -> list[float]:
@@ -163,8 +164,9 @@ def timed_calls(fn: Callable[[], None], n: int, warm: int = 0) -> list[float]:
 
 def _serve_peer(conn, name: str, gguf_path: Optional[str], threads: int, n_ctx: int) -> None:
     """Worker process: build the peer, then answer (op, key, args) requests until None.
-    ops: "make" (key = method name, args for it; replies whether it exists), "time"
-    (run measure `key` args[0] times; replies the durations)."""
+    ops: "make" (args = method name and its arguments; replies whether the peer has that
+    measure, stored under `key`), "time" (args = (n, warm): `timed_calls` of measure `key`;
+    replies the durations)."""
     try:
         peer = _new_peer(name, gguf_path, threads, n_ctx)
         conn.send(("ok", peer.name, hasattr(peer, "generate")))
@@ -261,7 +263,7 @@ def make_peers(names: list[str], gguf_path: Optional[str], threads: int, n_ctx: 
     """One `PeerProcess` per named peer (a peer whose library is missing is skipped)."""
     peers = []
     for name in names:
-        if name not in ("transformers", "llama-cpp", "llama_cpp"):
+        if name not in PEER_NAMES:
             raise SystemExit(f"--peers: unknown peer {name!r} (transformers, llama-cpp)")
         if gguf_path is None:
             raise SystemExit(f"--peers {name} needs a GGUF model (e.g. --model default)")

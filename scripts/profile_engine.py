@@ -120,10 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None):
-    ap = build_parser()
-    args = ap.parse_args(argv)
+    args = bench_io.parse_checked(build_parser(), argv)
     args.batches = [int(b) for b in args.batches.split(",")]
-    bench_io.checked_engine_config(ap, args)
     return args
 
 
