@@ -5,7 +5,9 @@ is called by the engine's step-loop thread (the thread that owns `runner.caches`
 copies the given blocks of every layer into one fresh device array (a copy, so later donation
 of the caches cannot disturb it) and starts its device->host transfer; `scatter` writes host
 blocks back into the donated caches. Block counts are padded to powers of two (scratch block
-0 as padding) so that nothing compiles after `warmup`.
+0 as padding) so that nothing compiles after `warmup`. Restored blocks travel in the host
+pool's own layout [n, L, 2, kvh, bs, hd], moved to the device in one transfer, and are
+transposed to the caches' layout on the device (no host-side transposing copy).
 """
 from __future__ import annotations
 
@@ -20,8 +22,9 @@ def _gather(caches, ids):
     return jnp.stack([jnp.stack([k[:, ids], v[:, ids]]) for k, v in caches])  # [L,2,kvh,n,bs,hd]
 
 
-def _scatter(caches, ids, data):
-    return [(k.at[:, ids].set(data[i, 0]), v.at[:, ids].set(data[i, 1]))
+def _scatter(caches, ids, data):  # data [n, L, 2, kvh, bs, hd], the host pool's layout
+    return [(k.at[:, ids].set(jnp.moveaxis(data[:, i, 0], 0, 1)),
+             v.at[:, ids].set(jnp.moveaxis(data[:, i, 1], 0, 1)))
             for i, (k, v) in enumerate(caches)]
 
 
@@ -38,8 +41,12 @@ class KVTransfer:
         self._gather = jax.jit(_gather)
         self._scatter = jax.jit(_scatter, donate_argnums=(0,))
 
+    def padded_count(self, n: int) -> int:
+        """How many blocks a transfer of `n` blocks carries (its compiled bucket)."""
+        return bucket_for(n, self.sizes)
+
     def _padded(self, dev_ids: list[int]) -> np.ndarray:
-        ids = np.zeros(bucket_for(len(dev_ids), self.sizes), np.int32)
+        ids = np.zeros(self.padded_count(len(dev_ids)), np.int32)
         ids[: len(dev_ids)] = dev_ids
         return ids
 
@@ -52,12 +59,16 @@ class KVTransfer:
         return arr
 
     def scatter(self, dev_ids: list[int], blocks: np.ndarray) -> None:
-        """Write host `blocks` [n, L, 2, kvh, bs, hd] into device blocks `dev_ids` (same order)."""
-        assert len(dev_ids) == len(blocks) <= self.max_blocks_per_call
+        """Write host `blocks` [m, L, 2, kvh, bs, hd] into device blocks `dev_ids` (same
+        order; rows past len(dev_ids) are padding and land in scratch block 0). Passing
+        m == padded_count(len(dev_ids)) rows saves a host copy; fewer are padded here."""
+        assert len(dev_ids) <= len(blocks) and len(dev_ids) <= self.max_blocks_per_call
         ids = self._padded(dev_ids)
-        data = np.zeros((len(ids),) + self.block_shape, blocks.dtype)
-        data[: len(blocks)] = blocks
-        data = np.ascontiguousarray(np.moveaxis(data, 0, 3))  # -> [L, 2, kvh, n, bs, hd]
+        if len(blocks) != len(ids):
+            data = np.zeros((len(ids),) + self.block_shape, blocks.dtype)
+            data[: len(dev_ids)] = blocks[: len(dev_ids)]
+            blocks = data
+        data = jax.device_put(np.ascontiguousarray(blocks))  # one host->device transfer
         self.runner.caches = self._scatter(self.runner.caches, ids, data)
 
     def compiled_count(self) -> int:
@@ -68,6 +79,6 @@ class KVTransfer:
         `gather` and `scatter` pass (host numpy data for the scatter)."""
         for n in self.sizes:
             ids = np.zeros(n, np.int32)
-            arr = np.asarray(self._gather(self.runner.caches, ids))
-            self.runner.caches = self._scatter(self.runner.caches, ids, arr)
+            arr = np.asarray(self._gather(self.runner.caches, ids))  # [L, 2, kvh, n, bs, hd]
+            self.scatter([0] * n, np.moveaxis(arr, 3, 0))
         jax.block_until_ready(self.runner.caches)
