@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
-import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_peers import timed_calls  # noqa: E402  (module-level imports: numpy only)
 
 H, I, QKV, LAYERS = 576, 1536, 960, 30
 
@@ -55,13 +58,7 @@ def _worker(backend: str, rows: int, calls: int) -> dict:
     else:
         silu = lambda v: v / (1 + np.exp(-v))  # noqa: E731
         run = lambda: _chain(x0, ws, silu)  # noqa: E731
-    run()
-    times = []
-    for _ in range(calls):
-        t = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t)
-    return {"times_s": times, "bytes": nbytes}
+    return {"times_s": timed_calls(run, calls, warm=1), "bytes": nbytes}
 
 
 def main() -> None:

@@ -59,26 +59,23 @@ class KVTransfer:
         return arr
 
     def scatter(self, dev_ids: list[int], blocks: np.ndarray) -> None:
-        """Write host `blocks` [m, L, 2, kvh, bs, hd] into device blocks `dev_ids` (same
-        order; rows past len(dev_ids) are padding and land in scratch block 0). Passing
-        m == padded_count(len(dev_ids)) rows saves a host copy; fewer are padded here."""
-        assert len(dev_ids) <= len(blocks) and len(dev_ids) <= self.max_blocks_per_call
+        """Write host `blocks` [padded_count(len(dev_ids)), L, 2, kvh, bs, hd] into device
+        blocks `dev_ids` (same order). The caller pads (the checkpointer gathers its pool
+        rows already padded, so no second host copy is made here); rows past len(dev_ids)
+        land in scratch block 0."""
+        assert len(dev_ids) <= self.max_blocks_per_call
         ids = self._padded(dev_ids)
-        if len(blocks) != len(ids):
-            data = np.zeros((len(ids),) + self.block_shape, blocks.dtype)
-            data[: len(dev_ids)] = blocks[: len(dev_ids)]
-            blocks = data
-        data = jax.device_put(np.ascontiguousarray(blocks))  # one host->device transfer
+        assert len(blocks) == len(ids), (len(blocks), len(ids))
+        data = jax.device_put(blocks)  # one host->device transfer
         self.runner.caches = self._scatter(self.runner.caches, ids, data)
 
     def compiled_count(self) -> int:
         return self._gather._cache_size() + self._scatter._cache_size()
 
     def warmup(self) -> None:
-        """Compile gather and scatter for every block-count bucket, with the argument types
-        `gather` and `scatter` pass (host numpy data for the scatter)."""
+        """Compile gather and scatter for every block-count bucket, through `gather` and
+        `scatter` themselves (so the argument types are the ones used later)."""
         for n in self.sizes:
-            ids = np.zeros(n, np.int32)
-            arr = np.asarray(self._gather(self.runner.caches, ids))  # [L, 2, kvh, n, bs, hd]
+            arr = np.asarray(self.gather([0] * n))  # [L, 2, kvh, n, bs, hd]
             self.scatter([0] * n, np.moveaxis(arr, 3, 0))
         jax.block_until_ready(self.runner.caches)
