@@ -103,9 +103,11 @@ class EngineConfig:
     # sequence, so 1 is fastest on CPU
     max_prefill_seqs: int = _h("prompts chunked into one iteration", default=1)
     cache: CacheConfig = field(default_factory=CacheConfig)
-    safepoint_interval: int = _h("layers between preemption safepoints in iterations that carry "
-                                 "offline work (iterations with only online work have none)",
-                                 default=1)
+    safepoint_interval: Optional[int] = _h(
+        "layers between preemption safepoints in iterations that carry offline work "
+        "(iterations with only online work have none); none: no safepoints, an online arrival "
+        "waits for the running iteration (LLM's default: nothing arrives while generate "
+        "blocks)", default=1)
     layers_per_call: Optional[int] = _h("layers per jitted call in iterations without "
                                         "safepoints (default: the whole model; fewer "
                                         "compile faster, run slower)", default=None)
@@ -138,7 +140,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         self.isolation = parse_isolation(self.isolation)
-        if self.safepoint_interval < 1:
+        if self.safepoint_interval is not None and self.safepoint_interval < 1:
             raise ValueError(f"safepoint_interval must be >= 1, got {self.safepoint_interval}")
         if self.kv_cache_tokens is not None and self.kv_cache_tokens < 1:
             raise ValueError(f"kv_cache_tokens must be >= 1, got {self.kv_cache_tokens}")

@@ -6,8 +6,8 @@ Measures, interleaved round by round (medians and minimums over all rounds):
   prefill tokens/s of one 512- and one 2048-token prompt (the engine chunks by
     max_prefill_tokens=512, as it does by default);
   batch-1 decode through the public `LLM.generate` path (decode tokens/s from the time of
-    max_tokens=1+N minus max_tokens=1 generations), online and offline (offline iterations
-    carry layer safepoints);
+    max_tokens=1+N minus max_tokens=1 generations), online and offline (with LLM's
+    default of no layer safepoints; --safepoint-interval K measures it with them);
   the batch-1 roofline: matvec bandwidth (numpy / torch / jax, best) over the bytes of
     weights one decode step reads, and the fraction of it batch-1 decode reaches;
   one jitted call per layer vs the default layers-per-call (dispatch overhead).
@@ -47,7 +47,8 @@ from conserve_jax.runtime.step_plan import DecodeItem, PrefillItem, SampleSpec, 
 from bench_peers import make_peers, matvec_bandwidth_isolated, timed_calls  # noqa: E402
 
 # the script's own defaults for engine knobs (the engine's defaults otherwise)
-ENGINE_DEFAULTS = {"max_model_len": 2048, "max_prefill_tokens": 512, "block_size": 16}
+ENGINE_DEFAULTS = {"max_model_len": 2048, "max_prefill_tokens": 512, "block_size": 16,
+                   "safepoint_interval": None}  # LLM's own default
 # knobs the runner measures set per measure (batch, KV blocks)
 NOT_FLAGS = ("max_num_seqs", "num_blocks", "kv_cache_tokens")
 

@@ -35,12 +35,15 @@ def test_bench_engine():
     old_per_seq = _ceil(2048, 16) + 1
     old = EngineConfig(model="bench", max_model_len=2048, max_num_seqs=32, max_prefill_tokens=512,
                        cache=CacheConfig(block_size=16, num_blocks=32 * old_per_seq + 8))
-    # the runner never reads `model`; it was a label and is now the model measured
-    assert per_seq == old_per_seq and cfg == dataclasses.replace(old, model="default")
+    # the runner never reads `model`; it was a label and is now the model measured. The
+    # safepoint interval defaults to LLM's own (none) so that the LLM.generate measure
+    # times what LLM users get; runner measures pass their own grouping
+    assert per_seq == old_per_seq and cfg == dataclasses.replace(old, model="default",
+                                                                 safepoint_interval=None)
     assert bench_engine.runner_config(a, 1, 128, 512)[0].max_num_seqs == 1
     # LLM(**kw) builds engine_config(**kw); before: LLM(model=args.model, max_model_len=2048)
-    assert engine_config(**bench_engine.llm_kwargs(a)) == EngineConfig(model="default",
-                                                                      max_model_len=2048)
+    assert engine_config(**bench_engine.llm_kwargs(a)) == EngineConfig(
+        model="default", max_model_len=2048, safepoint_interval=None)
     b = bench_engine.parse_args(ENGINE_FLAGS + ["--max-prefill-tokens", "256"])
     cfg, per_seq = bench_engine.runner_config(b, 8, 128, 512)
     assert cfg.cache.block_size == 32 and cfg.dtype == "bfloat16" and per_seq == _ceil(512, 32) + 1

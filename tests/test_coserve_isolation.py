@@ -51,14 +51,14 @@ def make_seq(rid, n_prompt, online, arrival=0.0, ttft=None):
                     arrival=arrival)
 
 
-def make_sched(isolation, waiting=None, clock=None, num_blocks=512):
+def make_sched(isolation, waiting=None, clock=None, num_blocks=512, safepoint_every=1):
     cfg = EngineConfig(model="random:tiny", max_num_seqs=16, max_prefill_tokens=256,
                        max_prefill_seqs=1, isolation=isolation)
     waiting = waiting if waiting is not None else []
     pol = ConservePolicy(cfg.max_num_seqs, cfg.max_prefill_tokens, FakeModel(),
                          default_ttft_s=2.0, default_tpot_s=0.2,
                          online_waiting=lambda: list(waiting), isolation=cfg.isolation,
-                         clock=clock or FakeClock())
+                         safepoint_every=safepoint_every, clock=clock or FakeClock())
     return Scheduler(cfg, KVManager(num_blocks, 16), pol), pol
 
 
@@ -185,6 +185,14 @@ def test_iterations_with_online_work_have_no_safepoints():
     step = sched.schedule()
     assert step.has_online
     assert pol.safepoints(step) is None
+
+
+def test_no_safepoints_when_the_interval_is_none():
+    """safepoint_interval None (LLM's default): offline-only iterations run through."""
+    sched, pol = make_sched(1.2, safepoint_every=None)
+    assert pol.safepoints(offline_only_step(sched)) is None
+    sched, pol = make_sched(1.2, safepoint_every=3)
+    assert pol.safepoints(offline_only_step(sched)).every == 3
 
 
 def test_isolation_off_preempts_only_for_the_ttft_objective():

@@ -50,3 +50,28 @@ def test_chat_bad_input_names_the_conversation(llm):
         llm.generate(CONV)
     with pytest.raises(ValueError, match="sampling_params"):
         llm.chat([CONV, CONV], [SamplingParams()])
+
+
+def test_llm_runs_without_safepoints_unless_asked(llm):
+    """Nothing can arrive while generate blocks, so LLM's offline iterations carry no layer
+    safepoints by default; an explicit safepoint_interval is kept; tokens are the same."""
+    assert llm.engine.config.safepoint_interval is None
+    sp = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8, 7]]
+    calls = []
+    orig = llm.engine.runner.execute
+
+    def spy(plan, safepoint=None, every=None):
+        calls.append(safepoint)
+        return orig(plan, safepoint, every)
+
+    llm.engine.runner.execute = spy
+    try:
+        plain = [o.token_ids for o in llm.generate(prompts, sp)]
+    finally:
+        llm.engine.runner.execute = orig
+    assert calls and all(c is None for c in calls)
+    with LLM(model="random:tiny", max_model_len=256, max_num_seqs=4, max_prefill_tokens=64,
+             num_blocks=128, safepoint_interval=2) as other:
+        assert other.engine.config.safepoint_interval == 2
+        assert [o.token_ids for o in other.generate(prompts, sp)] == plain

@@ -171,7 +171,8 @@ class ModelRunner:
         if safepoint is None:
             groups = self.fast_groups
         else:
-            groups = group_sizes(n, max(1, safepoint_every or self.engine_cfg.safepoint_interval))
+            groups = group_sizes(n, max(1, safepoint_every or self.engine_cfg.safepoint_interval
+                                        or n))
         for size in groups:
             if size not in self._groups:  # an interval other than the configured one
                 self._groups[size] = self._make_group_fn(size)

@@ -87,7 +87,7 @@ class ConservePolicy(Policy):
     def __init__(self, max_num_seqs: int, max_prefill_tokens: int, model: LatencyModel,
                  default_ttft_s: float, default_tpot_s: float,
                  online_waiting: ArrivalsFn, isolation: Optional[float] = 1.2,
-                 safepoint_every: int = 1, knobs: Optional[ConserveConfig] = None,
+                 safepoint_every: Optional[int] = 1, knobs: Optional[ConserveConfig] = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(max_num_seqs, max_prefill_tokens)
         self.model = model
@@ -137,8 +137,10 @@ class ConservePolicy(Policy):
 
     def safepoints(self, step: "ScheduledStep") -> Optional[Safepoints]:
         """Offline-only iterations stop for a newly arrived online request (see module doc).
-        Online requests this iteration's plan left waiting (no room) do not stop it."""
-        if step.has_online or step.empty:
+        Online requests this iteration's plan left waiting (no room) do not stop it.
+        `safepoint_every` None: none at all (in-process batch use, where nothing arrives
+        while an iteration runs)."""
+        if step.has_online or step.empty or self.safepoint_every is None:
             return None
         n_layers = self.model.num_layers
         t_start = self.clock()
