@@ -115,10 +115,11 @@ class KVCheckpointer:
         step = self.transfer.max_blocks_per_call
         for start in range(0, len(slots), step):
             s = slots[start: start + step]
-            # one gather from the pool, already padded to the transfer's bucket (padding
-            # rows repeat a real slot and land in scratch block 0)
+            # one gather from the pool into its staging buffer, already padded to the
+            # transfer's bucket (padding rows repeat a real slot and land in scratch block
+            # 0); scatter has consumed it when it returns, so the next chunk may reuse it
             padded = s + [s[0]] * (self.transfer.padded_count(len(s)) - len(s))
-            self.transfer.scatter(dev_ids[start: start + step], self.pool.data[padded])
+            self.transfer.scatter(dev_ids[start: start + step], self.pool.gather(padded))
             self.counters.blocks_restored += len(s)
 
     # ---- export / import (persisting offline work across a restart) ---------------------

@@ -62,12 +62,15 @@ class KVTransfer:
         """Write host `blocks` [padded_count(len(dev_ids)), L, 2, kvh, bs, hd] into device
         blocks `dev_ids` (same order). The caller pads (the checkpointer gathers its pool
         rows already padded, so no second host copy is made here); rows past len(dev_ids)
-        land in scratch block 0."""
+        land in scratch block 0. On CPU `device_put` aliases a 64-byte-aligned `blocks`
+        instead of copying it, so this returns only once the caches are written: the caller
+        may then reuse `blocks` (the next iteration would wait for the caches anyway)."""
         assert len(dev_ids) <= self.max_blocks_per_call
         ids = self._padded(dev_ids)
         assert len(blocks) == len(ids), (len(blocks), len(ids))
-        data = jax.device_put(blocks)  # one host->device transfer
+        data = jax.device_put(blocks)  # one host->device transfer (or none: aliased)
         self.runner.caches = self._scatter(self.runner.caches, ids, data)
+        jax.block_until_ready(self.runner.caches)
 
     def compiled_count(self) -> int:
         return self._gather._cache_size() + self._scatter._cache_size()
