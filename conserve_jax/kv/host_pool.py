@@ -8,6 +8,8 @@ only after `KVCheckpointer.wait_pending()` (so reads never race writes).
 `gather` copies slots into a staging buffer that is reused (its pages stay resident) and
 aligned to 64 bytes, so that on CPU `jax.device_put` of it aliases instead of copying: a
 restore of 64 blocks (47 MB) then pays one copy instead of two plus their page faults.
+The buffer grows to the largest restore chunk seen (at most the transfer's
+`max_blocks_per_call` blocks) and is kept.
 """
 from __future__ import annotations
 
