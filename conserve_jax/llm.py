@@ -9,7 +9,8 @@ and `chat` may be called from one thread at a time; they block until every promp
 answered. Iterations run without layer safepoints unless `safepoint_interval` is given:
 nothing can arrive while `generate` blocks, so there is nothing to stop for (a safepoint
 after every layer costs ~25% at batch 1 on CPU). `kv_cache_tokens=N` sizes the KV cache
-in tokens (KV-bound experiments); a prompt's `SamplingParams.expected_output_tokens` is passed on as a length hint.
+in tokens (KV-bound experiments); a prompt's `SamplingParams.expected_output_tokens` is
+passed on as a length hint.
 """
 from __future__ import annotations
 

@@ -17,7 +17,9 @@ import argparse
 import json
 import os
 import sys
-import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_peers import timed_calls  # noqa: E402  (module-level imports: numpy only)
 
 
 def main() -> None:
@@ -45,12 +47,9 @@ def main() -> None:
                             SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))}
     res: dict = {"root": os.path.abspath(a.src_root)}
     for name, (ps, sp) in cases.items():
-        llm.generate(ps, sp)  # warm-up: compiles this case's shapes
-        times = []
-        for _ in range(3):
-            t = time.perf_counter()
-            outs = llm.generate(ps, sp)
-            times.append(time.perf_counter() - t)
+        outs = llm.generate(ps, sp)  # warm-up: compiles this case's shapes
+        # greedy with ignore_eos: every call generates the warm-up's token count
+        times = timed_calls(lambda: llm.generate(ps, sp), 3)
         toks = 512 if name == "prefill512" else sum(len(o.token_ids) for o in outs)
         res[name] = {"tok_s_median": toks / float(np.median(times)), "tok_s_best": toks / min(times),
                      "times_s": times}
