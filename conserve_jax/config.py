@@ -74,6 +74,10 @@ class ConserveConfig:
                             "tightest online TPOT objective", default=0.9)
     min_online_chunk: int = _h("an online prompt always advances at least this many tokens "
                                "per iteration", default=32)
+    resume_abandoned: bool = _h("continue an offline iteration preempted at a safepoint "
+                                "from the layer where it stopped, once no online work is "
+                                "left (off: discard it and recompute its tokens)",
+                                default=True)
     correction_alpha: float = _h("weight of one measured iteration in the latency model's "
                                  "online correction", default=0.05)
     correction_clamp: float = _h("one measurement moves the correction by at most this factor "

@@ -177,6 +177,7 @@ class Engine(EngineAPI):
             online_prefill_tokens_total=self._totals[2],
             offline_prefill_tokens_total=self._totals[3],
             preemptions=c.preemptions, preempted_tokens_discarded=c.preempted_tokens_discarded,
+            preemptions_resumed=c.preemptions_resumed,
             evictions=c.evictions, recomputed_tokens=c.recomputed_tokens,
             restored_tokens=c.restored_tokens, iterations=self._iterations)
         for name, value in self.policy.kv_stats(sch).items():  # reservations, predictor
@@ -322,21 +323,31 @@ class Engine(EngineAPI):
             done.set()
 
     def _iterate(self) -> None:
-        step = self._cur_step = self.scheduler.schedule()
-        if step.empty:
-            time.sleep(0.001)  # nothing fits now (e.g. memory); new intake may change that
-            return
-        for rid, blocks in step.restores:  # failures up to the commit: retried by `_guarded`
-            self.checkpointer.restore(rid, blocks)
-        sp = self.policy.safepoints(step)
-        t0 = time.perf_counter()
-        result = self.runner.execute(step.plan, sp and sp.check, sp and sp.every)
-        elapsed = time.perf_counter() - t0
+        parked = self._resumable()
+        if parked is not None:  # continue the preempted offline iteration at its layer
+            step = self._cur_step = parked.step
+            sp = self.policy.safepoints(step, parked.handle.layers_done)
+            result = self.runner.resume(parked.handle, sp and sp.check, sp and sp.every)
+        else:
+            step = self._cur_step = self.scheduler.schedule()
+            if step.empty:
+                time.sleep(0.001)  # nothing fits now (e.g. memory); new intake may change that
+                return
+            for rid, blocks in step.restores:  # failures up to the commit: retried by `_guarded`
+                self.checkpointer.restore(rid, blocks)
+            sp = self.policy.safepoints(step)
+            t0 = time.perf_counter()
+            result = self.runner.execute(step.plan, sp and sp.check, sp and sp.every)
+            if result is not None:  # (a resumed iteration's time is partial: not observed)
+                self.policy.on_step_done(step, time.perf_counter() - t0)
         if result is None:
-            self.scheduler.abandon(step)
+            handle = self.runner.take_suspended()
+            if self.policy.resumes_abandoned and handle is not None:
+                self.scheduler.park(step, handle)
+            else:
+                self.scheduler.abandon(step)
             self.policy.on_abandoned(step)
             return
-        self.policy.on_step_done(step, elapsed)
         self._committing = True  # from here a failure cannot be rolled back
         sampled = self.scheduler.commit(step, result)
         if self.checkpointer is not None:
@@ -358,6 +369,14 @@ class Engine(EngineAPI):
         self._totals = [a + b for a, b in zip(self._totals, counts)]
         with self._lock:
             self._history.append((time.monotonic(), counts[0], counts[1]))
+
+    def _resumable(self):
+        """The parked (preempted) iteration if it may continue now: no online work is
+        running or waiting (online work always goes first; the parked sequences wait)."""
+        sch = self.scheduler
+        if sch.parked is None or sch.waiting_online or any(s.online for s in sch.running):
+            return None
+        return sch.take_parked()
 
     def compiled_count(self) -> int:
         """Executables compiled so far by the runner and the checkpointer."""

@@ -135,6 +135,7 @@ class EngineStats:
     offline_prefill_tokens_total: int = 0
     preemptions: int = 0
     preempted_tokens_discarded: int = 0
+    preemptions_resumed: int = 0  # preempted iterations continued from their layer
     evictions: int = 0
     recomputed_tokens: int = 0
     restored_tokens: int = 0

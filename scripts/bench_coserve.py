@@ -26,7 +26,8 @@ Measured per variant:
 - offline tokens/s = offline output tokens generated in the arrival window / its length;
   offline_processed_tokens_per_s = offline prefill + decode tokens committed in the window
   / its length (the targets use this one; recomputation after an eviction counts again).
-- preemptions (iterations abandoned at a safepoint), preemption latency p50/p99 (conserve:
+- preemptions (iterations stopped at a safepoint), of them resumed from their layer
+  (`preemptions_resumed`), tokens discarded, preemption latency p50/p99 (conserve:
   arrival -> runner stopped, the policy's log, with each stop's layers run and measured time
   per layer), evictions, recomputed and restored tokens (checkpointing policies only; null
   elsewhere), whole run incl. drain.
@@ -80,7 +81,8 @@ from conserve_jax.sampling_params import SamplingParams  # noqa: E402
 POLICIES = ["online-only", "conserve", "priority-recompute", "sarathi", "non-preemptive"]
 METRICS = ["online_ttft_p50_s", "online_ttft_p99_s", "online_tpot_p50_s", "online_tpot_p99_s",
            "slo_attainment", "offline_tokens_per_s", "offline_processed_tokens_per_s",
-           "isolation", "preemptions", "preemption_latency_p50_s",
+           "isolation", "preemptions", "preemptions_resumed", "preempted_tokens_discarded",
+           "preemption_latency_p50_s",
            "preemption_latency_p99_s", "evictions", "recomputed_tokens", "restored_tokens",
            "online_requests"]
 # the benchmark's engine (same for every variant), where it differs from the engine's defaults
@@ -176,21 +178,28 @@ class OnlineClient(threading.Thread):
 
 
 class Probe:
-    """Instrumentation through the policy's `on_step_done` hook (the wrapper calls the
-    original): time, duration, online work present, offline tokens committed, per completed
-    iteration. Preemptions are read from conserve's own `preemption_log`."""
+    """Instrumentation by wrapping (the wrappers call the originals): every committed
+    iteration's time and offline tokens (`Scheduler.commit`, so iterations resumed from a
+    safepoint count too), and every timed iteration's duration and whether it carried
+    online work (the policy's `on_step_done`; resumed iterations are not timed).
+    Preemptions are read from conserve's own `preemption_log`."""
 
     def __init__(self, eng: Engine) -> None:
-        self.iters = []  # (t, elapsed, has_online, offline tokens committed)
-        pol = eng.policy
-        done = pol.on_step_done
+        self.commits = []  # (t, offline tokens committed)
+        self.iters = []  # (elapsed, has_online)
+        pol, sched = eng.policy, eng.scheduler
+        done, commit = pol.on_step_done, sched.commit
 
         def on_step_done(step, elapsed):
-            self.iters.append((time.monotonic(), elapsed, step.has_online,
-                               sum(e.num_tokens for e in step.entries if not e.seq.online)))
+            self.iters.append((elapsed, step.has_online))
             done(step, elapsed)
 
-        pol.on_step_done = on_step_done
+        def on_commit(step, result):
+            self.commits.append((time.monotonic(),
+                                 sum(e.num_tokens for e in step.entries if not e.seq.online)))
+            return commit(step, result)
+
+        pol.on_step_done, sched.commit = on_step_done, on_commit
 
 
 def preemption_detail(policy) -> dict:
@@ -247,7 +256,7 @@ def run_policy(a, v: pareto.Variant, loaded, work: wl.Workload, shared: SharedCo
     release(eng)
     reqs = [wl.request_record(c, t0, t_end, a.ttft, a.tpot) for c in clients]
     conserve = v.policy == "conserve"
-    processed = sum(n for t, _, _, n in probe.iters if t <= t0 + win_s) / win_s
+    processed = sum(n for t, n in probe.commits if t <= t0 + win_s) / win_s
     out = {
         "online_ttft_p50_s": wl.pct([r["ttft_s"] for r in reqs], 50),
         "online_ttft_p99_s": wl.pct([r["ttft_s"] for r in reqs], 99),
@@ -267,6 +276,7 @@ def run_policy(a, v: pareto.Variant, loaded, work: wl.Workload, shared: SharedCo
         "offline_tokens_in_window": st_win.offline_tokens_total - base.offline_tokens_total,
         "offline_waiting_at_window_end": st_win.offline_waiting,
         "preempted_tokens_discarded": st.preempted_tokens_discarded - base.preempted_tokens_discarded,
+        "preemptions_resumed": st.preemptions_resumed - base.preemptions_resumed,
         "iterations": st.iterations - base.iterations,
         "window_s": win_s, "drain_s": t_end - t0 - win_s,
         "checkpointer": dataclasses.asdict(ck.counters) if ck is not None else None,
@@ -276,7 +286,7 @@ def run_policy(a, v: pareto.Variant, loaded, work: wl.Workload, shared: SharedCo
         "offline_committed_tokens_per_s": processed,  # the same (older name)
         "isolation": v.isolation if conserve else None,
         "sarathi_token_budget": v.overrides.get("sarathi_token_budget") if v.policy == "sarathi" else None,
-        "_offline_iter_s": [e for _, e, online, _ in probe.iters if not online],
+        "_offline_iter_s": [e for e, online in probe.iters if not online],
     }
     if plot_path:
         wl.plot_policy(plot_path, v.label, reqs, samples, a.ttft, a.tpot, a.duration)
@@ -288,7 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true",
                    help="100 s per policy (40 online requests), offline outputs 32-64")
-    p.add_argument("--policies", default=",".join(POLICIES))
+    p.add_argument("--policies", default=",".join(POLICIES),
+                   help="comma-separated; also conserve-discard (conserve with preempted "
+                        "iterations discarded, not resumed)")
     p.add_argument("--sweep", action="store_true",
                    help="also conserve at isolation 1.05..2 and off, sarathi at 64..512 tokens; "
                         "Pareto plot of online p99 vs offline processed tokens/s")
@@ -325,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None):
-    a = bench_io.parse_checked(build_parser(), argv, policy="conserve")
+    parser = build_parser()
+    a = bench_io.parse_checked(parser, argv, policy="conserve")
     q = a.quick
     a.duration = a.duration or (100.0 if q else 300.0)
     a.drain = a.drain if a.drain is not None else a.ttft + a.online_output_max * a.tpot + 2.0
@@ -333,6 +346,9 @@ def parse_args(argv=None):
     a.offline_prompt = a.offline_prompt or [512, 1024]
     a.offline_output = a.offline_output or ([32, 64] if q else [64, 128])
     a.policies = [x for x in a.policies.split(",") if x]
+    unknown = [x for x in a.policies if x not in POLICIES + ["conserve-discard"]]
+    if unknown or not a.policies:
+        parser.error(f"--policies: unknown {unknown}; known: {POLICIES + ['conserve-discard']}")
     if a.sweep_isolation:
         a.sweep_isolation = [parse_isolation(x) for x in a.sweep_isolation.split(",")]
     if a.sweep_sarathi:

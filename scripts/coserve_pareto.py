@@ -2,7 +2,8 @@
 
 A variant is one policy with its knob: `conserve` at an isolation factor (or off),
 `sarathi` at a token budget, the other policies as they are. The default set is one
-variant per policy; `--sweep` adds conserve at isolation 1.05, 1.1, 1.2, 1.5, 2 and off and
+variant per policy (`conserve-discard` in the policy list adds conserve with preempted
+iterations discarded instead of resumed); `--sweep` adds conserve at isolation 1.05, 1.1, 1.2, 1.5, 2 and off and
 sarathi at token budgets 64, 128, 256 and 512. The sweep's points are plotted as online
 p99 TPOT and p99 TTFT against offline processed tokens/s, one curve per policy, and each
 baseline point is checked for a conserve point that dominates it (at least its offline
@@ -46,6 +47,9 @@ def variants(policies: list, isolation: Optional[float], sarathi_budget: int,
             if sweep:
                 out += [Variant(f"conserve@{iso_label(f)}", p, {"isolation": f})
                         for f in iso_pts if f != isolation]
+        elif p == "conserve-discard":  # A/B: preempted iterations discarded, not resumed
+            out.append(Variant(p, "conserve", {"isolation": isolation,
+                                               "resume_abandoned": False}))
         elif p == "sarathi":
             out.append(Variant(p, p, {"sarathi_token_budget": sarathi_budget}))
             if sweep:

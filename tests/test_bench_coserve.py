@@ -96,3 +96,18 @@ def test_sweep_variants_and_dominance():
     d = pareto.dominance(points)
     assert d["sarathi"] == {"dominated_by": ["conserve@2"], "dominated": True}
     assert d["non-preemptive"]["dominated"] is False and "online-only" not in d
+
+
+def test_conserve_discard_variant_and_policy_names():
+    import coserve_pareto as pareto
+
+    vs = pareto.variants(["conserve", "conserve-discard"], 1.2, 256, sweep=False)
+    assert [(v.label, v.policy) for v in vs] == [("conserve", "conserve"),
+                                                 ("conserve-discard", "conserve")]
+    assert "resume_abandoned" not in vs[0].overrides
+    assert vs[1].overrides == {"isolation": 1.2, "resume_abandoned": False}
+    a = bench_coserve.parse_args(TINY + ["--policies", "conserve,conserve-discard"])
+    assert not bench_coserve.engine_config(a, "conserve", **vs[1].overrides).conserve.resume_abandoned
+    assert bench_coserve.engine_config(a, "conserve").conserve.resume_abandoned
+    with pytest.raises(SystemExit):
+        bench_coserve.parse_args(TINY + ["--policies", "conserve,bogus"])

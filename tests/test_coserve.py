@@ -3,6 +3,8 @@ was abandoned at a layer safepoint, was checkpointed and resumed, or was evicted
 recomputed; no KV block or host-pool slot leaks; online requests are never preempted."""
 import pytest
 
+from conserve_jax.config import ConserveConfig
+
 from tests.coserve_helpers import (assert_no_leaks, collect, engine, prompts, req, wait_until)
 
 OFFLINE = prompts(4, 60, seed=1)
@@ -90,24 +92,26 @@ def test_host_pool_full_falls_back_to_recompute(alone):
         eng.shutdown()
 
 
-def test_abandoned_at_safepoint_matches_alone(alone):
+@pytest.mark.parametrize("resume", [True, False], ids=["resumed", "discarded"])
+def test_abandoned_at_safepoint_matches_alone(alone, resume):
     """An online request arrives in the middle of an offline-only iteration (injected
-    right after a safepoint check): the runner stops at the very next layer boundary, the
-    iteration is dropped, and the offline requests still produce exactly their solo tokens.
+    right after a safepoint check): the runner stops at the very next layer boundary, and
+    the offline requests still produce exactly their solo tokens, whether the stopped
+    iteration is parked and continued from that layer once the online request is done
+    (the default) or dropped and recomputed (`resume_abandoned` off).
     isolation=1.0 makes the rule strict (any remaining offline work preempts)."""
-    eng = engine(policy="conserve", num_blocks=256, isolation=1.0)
+    eng = engine(policy="conserve", num_blocks=256, isolation=1.0,
+                 conserve=ConserveConfig(resume_abandoned=resume))
     try:
         injected, checks = [], []  # checks: (iteration, layers_done, stopped, injected_before)
         current = [0]  # layers_done of the check in progress
         orig = eng.policy.online_waiting
-        abandoned_steps = []
-        orig_abandon = eng.scheduler.abandon
-
-        def abandon(step):
-            abandoned_steps.append(step)
-            orig_abandon(step)
-
-        eng.scheduler.abandon = abandon
+        stopped_steps, resumed = [], []  # steps stopped at a safepoint; (step, start layer)
+        for name in ("abandon", "park"):
+            def record(step, *a, _orig=getattr(eng.scheduler, name)):
+                stopped_steps.append(step)
+                _orig(step, *a)
+            setattr(eng.scheduler, name, record)
 
         def arrival():
             out = orig()
@@ -119,11 +123,13 @@ def test_abandoned_at_safepoint_matches_alone(alone):
 
         orig_safepoints = eng.policy.safepoints
 
-        def safepoints(step):
-            sp = orig_safepoints(step)
+        def safepoints(step, start_layer=0):
+            sp = orig_safepoints(step, start_layer)
             if sp is None:
                 return None
-            it = len(abandoned_steps), id(step)
+            if start_layer:
+                resumed.append((step, start_layer))
+            it = len(stopped_steps), id(step)
 
             def check(layers):
                 before, current[0] = bool(injected), layers
@@ -138,14 +144,21 @@ def test_abandoned_at_safepoint_matches_alone(alone):
         got = {k: collect(s)[0] for k, s in offs.items()}
         wait_until(lambda: injected)
         got["on0"] = collect(injected[0])[0]
-        assert eng.stats().preemptions >= 1
-        assert abandoned_steps and all(not s.has_online for s in abandoned_steps)
+        st = eng.stats()
+        assert st.preemptions >= 1
+        assert stopped_steps and all(not s.has_online for s in stopped_steps)
         # the first check that saw the injected request is the one that stopped, and it
         # came right after the check during which it was submitted (one layer later)
         i = next(n for n, c in enumerate(checks) if c[3])
         assert checks[i][2] and checks[i - 1][0] == checks[i][0]
         assert checks[i][1] == checks[i - 1][1] + 1
         assert eng.policy.preemption_log.layers_done[0] == checks[i][1]
+        if resume:  # continued from the layer it stopped at; nothing thrown away
+            assert resumed[0] == (stopped_steps[0], checks[i][1])
+            assert st.preemptions_resumed >= 1 and st.preempted_tokens_discarded == 0
+        else:
+            assert not resumed and st.preemptions_resumed == 0
+            assert st.preempted_tokens_discarded > 0
         for k in got:
             assert got[k] == alone[k], k
         assert_no_leaks(eng)

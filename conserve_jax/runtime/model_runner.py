@@ -8,16 +8,22 @@ an iteration runs `layers_per_call` layers per jitted call (default: the whole m
 call, no per-layer dispatch). With a safepoint it runs `safepoint_interval` layers per call
 and calls the safepoint between calls, after the device finished them; the iteration may be
 abandoned there (`safepoint_every` may override the interval per call; sizes other than
-the configured interval compile on first use): the KV it wrote lies beyond every sequence's committed length and is
-overwritten later, so dropping it is harmless. Every group of one size shares one compiled
-executable per shape bucket; `warmup` compiles every (group size, bucket) up front.
+the configured interval compile on first use): the KV it wrote lies beyond every sequence's
+committed length and is overwritten later, so dropping it is harmless. An abandoned
+iteration can also be continued from the layer where it stopped: `take_suspended` hands
+out its state (the hidden rows after the last finished layer) and `resume` runs the
+remaining layers, provided the caller kept the iteration's sequences and their blocks
+untouched meanwhile (their KV for the finished layers is already in those blocks). Every
+group of one size shares one compiled executable per shape bucket; `warmup` compiles every
+(group size, bucket) up front.
 """
 from __future__ import annotations
 
 import functools
 import logging
 import time
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +46,20 @@ MATMUL_WEIGHTS = ("qkv", "o", "gate_up", "down")
 
 # A safepoint callback gets the number of layers done and returns True to abandon.
 Safepoint = Callable[[int], bool]
+
+
+@dataclass
+class SuspendedIteration:
+    """An iteration abandoned at a safepoint, resumable from layer `layers_done` by
+    `ModelRunner.resume`. Holds device arrays (the hidden rows, RoPE tables): owned by the
+    step-loop thread; drop it to discard the iteration."""
+
+    plan: StepPlan
+    batch: BatchArrays
+    hidden: Any  # [T, hidden] after layer `layers_done`
+    rope: tuple  # (cos, sin)
+    layers_done: int
+    every: Optional[int]  # the safepoint interval it ran with
 
 
 def kv_bytes_per_block(cfg: ModelConfig, kv_heads: int, block_size: int, dtype) -> int:
@@ -75,6 +95,7 @@ class ModelRunner:
         self._build_functions()
         check_map_budget(len(self.buckets.layer_shapes()), len(self._groups))
         self.caches = self._new_caches()
+        self._suspended: Optional[SuspendedIteration] = None
 
     # ---- set-up -------------------------------------------------------------------------
     def _put(self, x, sharding=None):
@@ -150,29 +171,51 @@ class ModelRunner:
                 safepoint_every: Optional[int] = None) -> Optional[StepResult]:
         """Run one iteration. `safepoint(layers_done)` is called after every
         `safepoint_every` layers (None: `engine_cfg.safepoint_interval`; the policy chooses
-        it per iteration) and the iteration is abandoned (returns None) if it returns True.
+        it per iteration) and the iteration is abandoned (returns None) if it returns True;
+        `take_suspended` then returns its state until the next abandoned iteration.
         With `safepoint=None` there are no safepoints."""
         b = build_batch(plan, self.buckets, self.block_size)
-        hidden = self._forward(b, safepoint, safepoint_every)
+        x, cos, sin = self._embed(self.embed, b.token_ids, b.positions, self.inv_freq)
+        return self._run(SuspendedIteration(plan, b, x, (cos, sin), 0, safepoint_every),
+                         safepoint)
+
+    def resume(self, it: SuspendedIteration, safepoint: Optional[Safepoint] = None,
+               safepoint_every: Optional[int] = None) -> Optional[StepResult]:
+        """Continue an abandoned iteration (from `take_suspended`) at the layer where it
+        stopped; the result is the one `execute` would have returned for its plan, provided
+        the plan's sequences and block tables were left untouched in between. Safepoints as
+        in `execute` (`safepoint_every` None: the interval it ran with); it may be
+        abandoned again."""
+        every = safepoint_every if safepoint_every is not None else it.every
+        return self._run(SuspendedIteration(it.plan, it.batch, it.hidden, it.rope,
+                                            it.layers_done, every), safepoint)
+
+    def take_suspended(self) -> Optional[SuspendedIteration]:
+        """The state of the last iteration abandoned at a safepoint (once; then None)."""
+        it, self._suspended = self._suspended, None
+        return it
+
+    def _run(self, it: SuspendedIteration, safepoint: Optional[Safepoint]):
+        self._suspended = None
+        hidden = self._forward(it, safepoint)
         if hidden is None:
             return None
-        return self._sample(plan, b, hidden)
+        return self._sample(it.plan, it.batch, hidden)
 
     def _meta(self, b: BatchArrays) -> AttentionMeta:
         return AttentionMeta(b.slot_blocks, b.slot_offsets, b.positions, b.dec_tables,
                              b.dec_lens, b.pre_tables, b.pre_start, b.pre_seq)
 
-    def _forward(self, b: BatchArrays, safepoint: Optional[Safepoint],
-                 safepoint_every: Optional[int] = None):
-        x, cos, sin = self._embed(self.embed, b.token_ids, b.positions, self.inv_freq)
-        meta = self._meta(b)
+    def _forward(self, it: SuspendedIteration, safepoint: Optional[Safepoint]):
+        """Layers `it.layers_done`.. of the iteration; None (state kept for
+        `take_suspended`) if a safepoint abandons it."""
+        x, (cos, sin), meta = it.hidden, it.rope, self._meta(it.batch)
         n = self.cfg.num_layers
-        done = 0
-        if safepoint is None:
-            groups = self.fast_groups
-        else:
-            groups = group_sizes(n, max(1, safepoint_every or self.engine_cfg.safepoint_interval
-                                        or n))
+        done = it.layers_done
+        every = max(1, it.every or self.engine_cfg.safepoint_interval or n)
+        # a resumed iteration keeps its interval's groups (compiled; `done` is a multiple)
+        groups = self.fast_groups if safepoint is None and done == 0 else \
+            group_sizes(n - done, every)
         for size in groups:
             if size not in self._groups:  # an interval other than the configured one
                 self._groups[size] = self._make_group_fn(size)
@@ -183,6 +226,8 @@ class ModelRunner:
             if safepoint is not None and done < n:
                 x.block_until_ready()  # the safepoint is real only once the device got here
                 if safepoint(done):
+                    self._suspended = SuspendedIteration(it.plan, it.batch, x, (cos, sin),
+                                                         done, it.every)
                     return None
         return x
 

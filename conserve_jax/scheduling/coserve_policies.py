@@ -16,7 +16,9 @@ All run in the same engine so comparisons are fair:
   offline-only iteration stops it at the next safepoint (every layer by default) unless
   the rest of the iteration is within max((F - 1) x the arrival's predicted online-only
   TTFT, one layer). With isolation off the budget fills to the TPOT objective and an
-  arrival preempts only when the iteration would break its TTFT objective.
+  arrival preempts only when the iteration would break its TTFT objective. A preempted
+  iteration is parked and continued from the layer where it stopped as soon as no online
+  work is left (`ConserveConfig.resume_abandoned`; off: it is discarded and recomputed).
 
 Iterations with online work never carry safepoints and are never abandoned: with isolation
 F their offline part delays an arrival by at most (F - 1) x the online work's remaining
@@ -99,6 +101,7 @@ class ConservePolicy(Policy):
         knobs = knobs or ConserveConfig()
         self.tpot_margin = knobs.tpot_margin
         self.min_online_chunk = knobs.min_online_chunk
+        self.resumes_abandoned = knobs.resume_abandoned
         self.clock = clock  # same clock as Sequence.arrival
         self.preemption_log = PreemptionLog()
         self._not_placed: set = set()  # online requests the last plan left waiting
@@ -135,16 +138,17 @@ class ConservePolicy(Policy):
             total += self.model.predict(WorkShape().add_prefill(n, done, left == 0))
         return total
 
-    def safepoints(self, step: "ScheduledStep") -> Optional[Safepoints]:
+    def safepoints(self, step: "ScheduledStep", start_layer: int = 0) -> Optional[Safepoints]:
         """Offline-only iterations stop for a newly arrived online request (see module doc).
-        Online requests this iteration's plan left waiting (no room) do not stop it.
-        `safepoint_every` None: none at all (in-process batch use, where nothing arrives
-        while an iteration runs)."""
+        Online requests this iteration's plan left waiting (no room) do not stop it (a
+        resumed iteration was not planned now: every waiting one counts). `safepoint_every`
+        None: none at all (in-process batch use, where nothing arrives while an iteration
+        runs)."""
         if step.has_online or step.empty or self.safepoint_every is None:
             return None
         n_layers = self.model.num_layers
         t_start = self.clock()
-        not_placed = self._not_placed
+        not_placed = self._not_placed if start_layer == 0 else set()
         judged: set = set()
 
         def check(layers_done: int) -> bool:
@@ -153,7 +157,7 @@ class ConservePolicy(Policy):
             if not new:
                 return False
             now = self.clock()
-            layer_s = (now - t_start) / layers_done  # measured in this iteration
+            layer_s = (now - t_start) / (layers_done - start_layer)  # measured in this call
             rest = layer_s * (n_layers - layers_done)
             for seq in sorted(new, key=lambda s: s.arrival):
                 waited, own = now - seq.arrival, self.online_ttft_s(seq)

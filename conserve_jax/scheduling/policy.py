@@ -52,6 +52,9 @@ class Policy:
     name = "fcfs"
     priority = True  # online before offline, and online may evict offline
     checkpointing = False  # evicted offline requests keep a host copy of their KV
+    # an iteration abandoned at a safepoint is parked and continued from its layer later
+    # (at the next iteration without online work) instead of being discarded
+    resumes_abandoned = False
 
     def __init__(self, max_num_seqs: int, max_prefill_tokens: int) -> None:
         self.max_num_seqs = max_num_seqs
@@ -100,8 +103,9 @@ class Policy:
             max(0, sched.kv.num_blocks(s.request_id) - -(-s.num_computed // bs))
             for s in sched.running)}
 
-    def safepoints(self, step: "ScheduledStep") -> Optional[Safepoints]:
-        """The safepoint checks for this iteration, or None for none (run it whole)."""
+    def safepoints(self, step: "ScheduledStep", start_layer: int = 0) -> Optional[Safepoints]:
+        """The safepoint checks for this iteration (a parked one resumes at `start_layer`),
+        or None for none (run it whole)."""
         return None
 
     def on_arrival(self, seq: "Sequence") -> None:

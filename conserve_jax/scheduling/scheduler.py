@@ -6,7 +6,10 @@ sequence admitted only while the policy's `StepBudget` (tokens, and predicted ti
 latency model is present) still has room. KV memory: online sequences may evict offline
 ones; offline sequences never evict anybody. A policy without priority (non-preemptive)
 sees one queue in arrival order. `commit` applies a finished iteration, `abandon` drops
-one the runner gave up at a safepoint. A policy may steer KV through four hooks (see
+one the runner gave up at a safepoint, `park` keeps one to be continued from its layer:
+its sequences are skipped by `schedule` until `take_parked` hands it back (to resume) or
+something that needs them (eviction, removal, their blocks changing) drops it, discarding
+its tokens as `abandon` would. A policy may steer KV through four hooks (see
 `Policy`): `before_schedule`, `order_waiting` (admission order of a waiting queue),
 `admit` (may a waiting sequence start) and `kv_tokens_for` (KV to hold beyond a chunk,
 e.g. a reservation for the predicted response); their defaults change nothing.
@@ -33,7 +36,19 @@ class SchedulerCounters:
     recomputed_tokens: int = 0  # committed tokens thrown away by evictions
     restored_tokens: int = 0  # tokens brought back from host checkpoints
     preemptions: int = 0  # iterations abandoned at a safepoint
-    preempted_tokens_discarded: int = 0
+    preempted_tokens_discarded: int = 0  # their tokens, unless parked and resumed
+    preemptions_resumed: int = 0  # parked iterations continued from their layer
+
+
+@dataclass
+class Parked:
+    """An abandoned iteration kept to be continued: the step, the runner's opaque state
+    for it, and each sequence's block table when it stopped (its KV for the finished
+    layers lives there)."""
+
+    step: ScheduledStep
+    handle: object
+    tables: dict  # id(seq) -> tuple of block ids
 
 
 class Scheduler:
@@ -49,6 +64,7 @@ class Scheduler:
         # its host copies
         self.on_evict: Optional[Callable[[Sequence], int]] = None
         self.on_remove: Optional[Callable[[str], None]] = None
+        self.parked: Optional[Parked] = None
 
     # ---- intake -------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -56,6 +72,7 @@ class Scheduler:
 
     def remove(self, seq: Sequence) -> None:
         """Drop a sequence (finished, cancelled or failed) and free its KV at once."""
+        self._unpark_for(seq)
         if seq in self.running:
             self.running.remove(seq)
         for q in (self.waiting_online, self.waiting_offline):
@@ -90,9 +107,12 @@ class Scheduler:
 
     def _fill(self, step: ScheduledStep, budget: StepBudget, seqs: list[Sequence],
               waiting: bool = False) -> None:
+        parked = self.parked.tables if self.parked is not None else {}
         for seq in seqs:
             if seq.status is SeqStatus.FINISHED or (not waiting and seq.status is not SeqStatus.RUNNING):
                 continue  # (a running sequence evicted earlier in this fill is waiting now)
+            if id(seq) in parked:
+                continue  # its iteration waits to be resumed
             if waiting and len(self.running) >= self.cfg.max_num_seqs \
                     and not self._free_a_slot(seq, step):
                 return
@@ -175,6 +195,7 @@ class Scheduler:
     def evict(self, seq: Sequence) -> None:
         """Free a running offline sequence's device KV now. It resumes later from its host
         checkpoint (tokens `on_evict` reports kept) and recomputes the rest."""
+        self._unpark_for(seq)
         kept = self.on_evict(seq) if self.on_evict and not seq.online else 0
         self.counters.recomputed_tokens += seq.num_computed - kept
         seq.num_computed = kept
@@ -206,6 +227,9 @@ class Scheduler:
     def commit(self, step: ScheduledStep, result: StepResult) -> list[tuple[Sequence, SampledToken]]:
         """Advance every scheduled sequence; returns the new token of each that sampled,
         in the runner's row order (decode items first, then prefill items)."""
+        if self.parked is not None and self.parked.step is step:
+            self.parked = None
+            self.counters.preemptions_resumed += 1
         ordered = [e for e in step.entries if e.decode] + [e for e in step.entries if not e.decode]
         out, it = [], iter(result.tokens)
         now = time.monotonic()
@@ -221,7 +245,46 @@ class Scheduler:
         return out
 
     def abandon(self, step: ScheduledStep) -> None:
-        """The runner stopped at a safepoint: nothing is committed (the KV it wrote lies past
-        every committed length); the sequences stay where they are and run again later."""
+        """The runner stopped at a safepoint (or the iteration failed): nothing is committed
+        (the KV it wrote lies past every committed length); the sequences stay where they
+        are and run again later."""
+        if self.parked is not None and self.parked.step is step:
+            self.parked = None  # a resumed iteration failed or is given up
         self.counters.preemptions += 1
         self.counters.preempted_tokens_discarded += step.plan.num_tokens
+
+    def park(self, step: ScheduledStep, handle: object) -> None:
+        """The runner stopped `step` at a safepoint and can continue it (`handle`): keep
+        its sequences out of new iterations until `take_parked`. One parked step at most;
+        parking another replaces (discards) the older one. Counts a preemption (also when a
+        resumed step stops again)."""
+        if self.parked is not None and self.parked.step is not step:
+            self.drop_parked()
+        self.counters.preemptions += 1
+        self.parked = Parked(step, handle, {id(e.seq): tuple(self.kv.blocks(e.seq.request_id))
+                                            for e in step.entries})
+
+    def take_parked(self) -> Optional[Parked]:
+        """The parked iteration, to resume now (it stays parked until `commit`, `park` or
+        `abandon`), or None if there is none or it is no longer intact (a sequence left
+        RUNNING or its blocks at stopping time changed: then it is discarded)."""
+        p = self.parked
+        if p is None:
+            return None
+        for e in p.step.entries:
+            table = p.tables[id(e.seq)]
+            if e.seq.status is not SeqStatus.RUNNING \
+                    or tuple(self.kv.blocks(e.seq.request_id)[:len(table)]) != table:
+                self.drop_parked()
+                return None
+        return p
+
+    def drop_parked(self) -> None:
+        """Discard the parked iteration (its sequences run again from what they committed)."""
+        if self.parked is not None:
+            self.counters.preempted_tokens_discarded += self.parked.step.plan.num_tokens
+            self.parked = None
+
+    def _unpark_for(self, seq: Sequence) -> None:
+        if self.parked is not None and id(seq) in self.parked.tables:
+            self.drop_parked()

@@ -261,7 +261,7 @@ class GetServerStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerStats(_message.Message):
-    __slots__ = ("online_waiting", "online_running", "offline_waiting", "offline_running", "kv_blocks_total", "kv_blocks_online", "kv_blocks_offline", "host_pool_slots_total", "host_pool_slots_used", "online_tokens_per_s", "offline_tokens_per_s", "online_tokens_total", "offline_tokens_total", "preemptions", "preempted_tokens_discarded", "evictions", "recomputed_tokens", "restored_tokens", "iterations", "online_in_flight", "online_queue_limit", "batches_active", "batch_items_pending", "batch_items_in_flight", "uptime_s", "online_prefill_tokens_total", "offline_prefill_tokens_total", "kv_blocks_reserved_unused", "kv_reservations_grown", "kv_blocks_lent", "kv_blocks_returned", "kv_loans_recalled", "predictor_observed", "predictor_mae_tokens", "predictor_within_25pct", "predictor_baseline_mae_tokens")
+    __slots__ = ("online_waiting", "online_running", "offline_waiting", "offline_running", "kv_blocks_total", "kv_blocks_online", "kv_blocks_offline", "host_pool_slots_total", "host_pool_slots_used", "online_tokens_per_s", "offline_tokens_per_s", "online_tokens_total", "offline_tokens_total", "preemptions", "preempted_tokens_discarded", "preemptions_resumed", "evictions", "recomputed_tokens", "restored_tokens", "iterations", "online_in_flight", "online_queue_limit", "batches_active", "batch_items_pending", "batch_items_in_flight", "uptime_s", "online_prefill_tokens_total", "offline_prefill_tokens_total", "kv_blocks_reserved_unused", "kv_reservations_grown", "kv_blocks_lent", "kv_blocks_returned", "kv_loans_recalled", "predictor_observed", "predictor_mae_tokens", "predictor_within_25pct", "predictor_baseline_mae_tokens")
     ONLINE_WAITING_FIELD_NUMBER: _ClassVar[int]
     ONLINE_RUNNING_FIELD_NUMBER: _ClassVar[int]
     OFFLINE_WAITING_FIELD_NUMBER: _ClassVar[int]
@@ -277,6 +277,7 @@ class ServerStats(_message.Message):
     OFFLINE_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     PREEMPTED_TOKENS_DISCARDED_FIELD_NUMBER: _ClassVar[int]
+    PREEMPTIONS_RESUMED_FIELD_NUMBER: _ClassVar[int]
     EVICTIONS_FIELD_NUMBER: _ClassVar[int]
     RECOMPUTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     RESTORED_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -313,6 +314,7 @@ class ServerStats(_message.Message):
     offline_tokens_total: int
     preemptions: int
     preempted_tokens_discarded: int
+    preemptions_resumed: int
     evictions: int
     recomputed_tokens: int
     restored_tokens: int
@@ -334,4 +336,4 @@ class ServerStats(_message.Message):
     predictor_mae_tokens: float
     predictor_within_25pct: float
     predictor_baseline_mae_tokens: float
-    def __init__(self, online_waiting: _Optional[int] = ..., online_running: _Optional[int] = ..., offline_waiting: _Optional[int] = ..., offline_running: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_online: _Optional[int] = ..., kv_blocks_offline: _Optional[int] = ..., host_pool_slots_total: _Optional[int] = ..., host_pool_slots_used: _Optional[int] = ..., online_tokens_per_s: _Optional[float] = ..., offline_tokens_per_s: _Optional[float] = ..., online_tokens_total: _Optional[int] = ..., offline_tokens_total: _Optional[int] = ..., preemptions: _Optional[int] = ..., preempted_tokens_discarded: _Optional[int] = ..., evictions: _Optional[int] = ..., recomputed_tokens: _Optional[int] = ..., restored_tokens: _Optional[int] = ..., iterations: _Optional[int] = ..., online_in_flight: _Optional[int] = ..., online_queue_limit: _Optional[int] = ..., batches_active: _Optional[int] = ..., batch_items_pending: _Optional[int] = ..., batch_items_in_flight: _Optional[int] = ..., uptime_s: _Optional[float] = ..., online_prefill_tokens_total: _Optional[int] = ..., offline_prefill_tokens_total: _Optional[int] = ..., kv_blocks_reserved_unused: _Optional[int] = ..., kv_reservations_grown: _Optional[int] = ..., kv_blocks_lent: _Optional[int] = ..., kv_blocks_returned: _Optional[int] = ..., kv_loans_recalled: _Optional[int] = ..., predictor_observed: _Optional[int] = ..., predictor_mae_tokens: _Optional[float] = ..., predictor_within_25pct: _Optional[float] = ..., predictor_baseline_mae_tokens: _Optional[float] = ...) -> None: ...
+    def __init__(self, online_waiting: _Optional[int] = ..., online_running: _Optional[int] = ..., offline_waiting: _Optional[int] = ..., offline_running: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_online: _Optional[int] = ..., kv_blocks_offline: _Optional[int] = ..., host_pool_slots_total: _Optional[int] = ..., host_pool_slots_used: _Optional[int] = ..., online_tokens_per_s: _Optional[float] = ..., offline_tokens_per_s: _Optional[float] = ..., online_tokens_total: _Optional[int] = ..., offline_tokens_total: _Optional[int] = ..., preemptions: _Optional[int] = ..., preempted_tokens_discarded: _Optional[int] = ..., preemptions_resumed: _Optional[int] = ..., evictions: _Optional[int] = ..., recomputed_tokens: _Optional[int] = ..., restored_tokens: _Optional[int] = ..., iterations: _Optional[int] = ..., online_in_flight: _Optional[int] = ..., online_queue_limit: _Optional[int] = ..., batches_active: _Optional[int] = ..., batch_items_pending: _Optional[int] = ..., batch_items_in_flight: _Optional[int] = ..., uptime_s: _Optional[float] = ..., online_prefill_tokens_total: _Optional[int] = ..., offline_prefill_tokens_total: _Optional[int] = ..., kv_blocks_reserved_unused: _Optional[int] = ..., kv_reservations_grown: _Optional[int] = ..., kv_blocks_lent: _Optional[int] = ..., kv_blocks_returned: _Optional[int] = ..., kv_loans_recalled: _Optional[int] = ..., predictor_observed: _Optional[int] = ..., predictor_mae_tokens: _Optional[float] = ..., predictor_within_25pct: _Optional[float] = ..., predictor_baseline_mae_tokens: _Optional[float] = ...) -> None: ...
