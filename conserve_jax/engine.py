@@ -95,6 +95,7 @@ class Engine(EngineAPI):
         self._guard = StepGuard()
         self._failure: Optional[str] = None
         self._cur_step, self._committing = None, False  # what a failure can be blamed on
+        self._cur_entries: list = []  # its entries whose results count
         self._thread = threading.Thread(target=self._loop, name="engine-step-loop", daemon=True)
         self._thread.start()
 
@@ -280,7 +281,7 @@ class Engine(EngineAPI):
                 except Exception:
                     log.exception("rolling back the failed step failed")
                     rollback = False
-            for e in (step.entries if step is not None else ()):
+            for e in (self._cur_entries if step is not None else ()):
                 if e.seq.request_id not in self._seqs:
                     continue  # already finished in this iteration
                 if not rollback or self._guard.strike(e.seq.request_id):
@@ -326,10 +327,13 @@ class Engine(EngineAPI):
         parked = self._resumable()
         if parked is not None:  # continue the preempted offline iteration at its layer
             step = self._cur_step = parked.step
+            entries = self._cur_entries = [e for e in step.entries
+                                           if id(e.seq) not in parked.detached]
             sp = self.policy.safepoints(step, parked.handle.layers_done)
             result = self.runner.resume(parked.handle, sp and sp.check, sp and sp.every)
         else:
             step = self._cur_step = self.scheduler.schedule()
+            entries = self._cur_entries = step.entries
             if step.empty:
                 time.sleep(0.001)  # nothing fits now (e.g. memory); new intake may change that
                 return
@@ -342,7 +346,10 @@ class Engine(EngineAPI):
                 self.policy.on_step_done(step, time.perf_counter() - t0)
         if result is None:
             handle = self.runner.take_suspended()
-            if self.policy.resumes_abandoned and handle is not None:
+            if self.policy.resumes_abandoned and handle is not None \
+                    and any(not e.decode for e in step.entries):
+                # keep the prefill chunks' work; decodes (a token each) are cut loose
+                handle = self.runner.detach_decodes(handle, range(len(step.plan.decodes)))
                 self.scheduler.park(step, handle)
             else:
                 self.scheduler.abandon(step)
@@ -353,9 +360,9 @@ class Engine(EngineAPI):
         if self.checkpointer is not None:
             self.checkpointer.checkpoint_new_blocks(
                 [(e.seq.request_id, self.kv.blocks(e.seq.request_id), e.seq.num_computed)
-                 for e in step.entries if not e.seq.online])
+                 for e in entries if not e.seq.online])
         counts = [0, 0, 0, 0]
-        for e in step.entries:
+        for e in entries:
             if not e.decode:
                 counts[2 if e.seq.online else 3] += e.num_tokens
         for seq, tok in sampled:

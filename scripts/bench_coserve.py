@@ -130,15 +130,18 @@ def compiled_count(eng: Engine) -> int:
 
 
 def release(eng: Engine) -> None:
-    """After shutdown: drop the device KV caches and host pool. The checkpointer's copy
-    thread never exits and keeps the runner alive (reported), so free the big arrays.
+    """After shutdown: drop the device KV caches, the weights, the host pool and its
+    staging buffer (up to ~0.5 GB). The checkpointer's copy thread never exits and keeps
+    the runner alive (reported), so free the big arrays.
     `shutdown` waits at most 30 s for the step loop; on a loaded machine an iteration can
     take longer, so wait for it before taking its caches away."""
     eng._thread.join()
     eng.runner.caches = []
+    eng.runner.layers, eng.runner.embed, eng.runner.head = [], None, None
     if eng.checkpointer is not None:
         eng.checkpointer.wait_pending()
-        eng.checkpointer.pool.data = np.zeros((0,))
+        pool = eng.checkpointer.pool
+        pool.data, pool._staging = np.zeros((0,)), np.zeros((0,))
 
 
 # ---- one policy run --------------------------------------------------------------------

@@ -97,8 +97,9 @@ def test_abandoned_at_safepoint_matches_alone(alone, resume):
     """An online request arrives in the middle of an offline-only iteration (injected
     right after a safepoint check): the runner stops at the very next layer boundary, and
     the offline requests still produce exactly their solo tokens, whether the stopped
-    iteration is parked and continued from that layer once the online request is done
-    (the default) or dropped and recomputed (`resume_abandoned` off).
+    iteration is parked and its prefill chunk continued from that layer once the online
+    request is done while its decodes run on (the default; injected into an iteration
+    with both), or dropped and recomputed (`resume_abandoned` off).
     isolation=1.0 makes the rule strict (any remaining offline work preempts)."""
     eng = engine(policy="conserve", num_blocks=256, isolation=1.0,
                  conserve=ConserveConfig(resume_abandoned=resume))
@@ -113,11 +114,18 @@ def test_abandoned_at_safepoint_matches_alone(alone, resume):
                 _orig(step, *a)
             setattr(eng.scheduler, name, record)
 
+        cur_step = [None]
+
+        def ready():
+            if resume:  # an iteration with decodes (cut loose) and a prefill chunk (kept)
+                kinds = {e.decode for e in cur_step[0].entries}
+                return kinds == {True, False}
+            return eng.stats().offline_tokens_total >= 4  # after some progress
+
         def arrival():
             out = orig()
-            # after some progress, inject an online request once this check has looked
-            if not injected and eng.stats().offline_tokens_total >= 4 \
-                    and current[0] < eng.model_config.num_layers - 1:
+            # inject an online request once this check has looked
+            if not injected and ready() and current[0] < eng.model_config.num_layers - 1:
                 injected.append(eng.submit(req("on0", ONLINE[0], N_ON, online=True, tpot=30)))
             return out
 
@@ -127,6 +135,7 @@ def test_abandoned_at_safepoint_matches_alone(alone, resume):
             sp = orig_safepoints(step, start_layer)
             if sp is None:
                 return None
+            cur_step[0] = step
             if start_layer:
                 resumed.append((step, start_layer))
             it = len(stopped_steps), id(step)
@@ -153,9 +162,10 @@ def test_abandoned_at_safepoint_matches_alone(alone, resume):
         assert checks[i][2] and checks[i - 1][0] == checks[i][0]
         assert checks[i][1] == checks[i - 1][1] + 1
         assert eng.policy.preemption_log.layers_done[0] == checks[i][1]
-        if resume:  # continued from the layer it stopped at; nothing thrown away
+        if resume:  # continued from the layer it stopped at; only the decodes thrown away
             assert resumed[0] == (stopped_steps[0], checks[i][1])
-            assert st.preemptions_resumed >= 1 and st.preempted_tokens_discarded == 0
+            assert st.preemptions_resumed >= 1
+            assert st.preempted_tokens_discarded == sum(e.decode for e in stopped_steps[0].entries)
         else:
             assert not resumed and st.preemptions_resumed == 0
             assert st.preempted_tokens_discarded > 0

@@ -3,9 +3,10 @@ layer where it stopped instead of being recomputed.
 
 - Runner: abandon at layer k, run other iterations, resume: the same tokens, logprobs and
   KV as the iteration run through (also when stopped twice, and with grouped layers).
-- Scheduler: a parked iteration's sequences stay out of new plans; it is handed back
-  intact, or discarded (tokens counted) when one of its sequences is evicted, removed or
-  loses the blocks it wrote to.
+- Runner: decode rows cut loose (`detach_decodes`) no longer write their sequences' KV.
+- Scheduler: a parked iteration's prefill sequences stay out of new plans while its
+  decodes run on; it is handed back intact, or discarded (tokens counted) when a kept
+  sequence is evicted, removed or loses the blocks it wrote to.
 - Policy: a resumed iteration's safepoints measure the layer time of the resumed part.
 Deterministic: no timing assertions (the engine-level check is in test_coserve.py).
 """
@@ -83,63 +84,95 @@ def test_resumed_iteration_equals_the_uninterrupted_one(loaded, interval, stops)
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+def test_detached_decode_rows_leave_their_blocks_alone(loaded):
+    """A decode cut loose from a suspended iteration runs on in another iteration; the
+    resumed iteration then neither overwrites that sequence's KV nor changes the kept
+    prefill chunk's result."""
+    ref_tokens, _ = _reference(loaded, 1)
+    own = StepPlan(decodes=[DecodeItem(77, 20, [5, 6], SPEC)])  # the decode, run on its own
+    solo = _runner(loaded)
+    solo.execute(FIRST)
+    solo.execute(own)
+    want = [(np.asarray(k)[:, 6, 4], np.asarray(v)[:, 6, 4]) for k, v in solo.caches]
+    r = _runner(loaded)
+    r.execute(FIRST)
+    assert r.execute(OFFLINE, lambda done: done == 2) is None
+    it = r.detach_decodes(r.take_suspended(), [0])
+    r.execute(own)  # the detached sequence's next decode, at the same position
+    res = r.resume(it)
+    assert [t.token for t in res.tokens][1] == ref_tokens[1][0]  # the prefill row's token
+    for (k, v), (wk, wv) in zip(r.caches, want):  # position 20 = block 6, offset 4
+        np.testing.assert_allclose(np.asarray(k)[:, 6, 4], wk, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(v)[:, 6, 4], wv, atol=1e-6)
+
+
 def _parked_sched():
-    """An offline-only step planned, run and parked at a safepoint."""
+    """An offline-only step (a decode of `dec`, a prefill chunk of `pre`) planned, run and
+    parked at a safepoint."""
     sched, pol = make_sched(1.2)
-    for i in range(2):
-        sched.add(make_seq(f"off{i}", 300, online=False))
+    dec = make_seq("dec", 100, online=False)
+    sched.add(dec)
+    commit(sched, sched.schedule())  # its prompt: it decodes from now on
+    pre = make_seq("pre", 300, online=False)
+    sched.add(pre)
     step = sched.schedule()
-    assert step.entries and not step.has_online
+    assert [(e.seq, e.decode) for e in step.entries] == [(dec, True), (pre, False)]
     handle = object()
     sched.park(step, handle)
     return sched, pol, step, handle
 
 
-def test_parked_sequences_stay_out_of_new_plans():
+def test_parked_prefill_waits_and_the_decode_runs_on():
     sched, _, step, handle = _parked_sched()
-    parked = {id(e.seq) for e in step.entries}
+    dec, pre = step.entries[0].seq, step.entries[1].seq
+    assert sched.counters.preempted_tokens_discarded == 1  # the decode, cut loose
     sched.add(make_seq("on", 40, online=True))
-    sched.add(make_seq("off-late", 100, online=False))
     nxt = sched.schedule()
-    assert nxt.has_online and not parked & {id(e.seq) for e in nxt.entries}
+    seqs = [e.seq for e in nxt.entries]
+    assert nxt.has_online and dec in seqs and pre not in seqs
     commit(sched, nxt)
+    n_dec = dec.num_computed
     p = sched.take_parked()
     assert p is not None and p.step is step and p.handle is handle
-    before = [e.seq.num_computed for e in step.entries]
-    commit(sched, step)  # resumed and finished: committed as planned
+    before = pre.num_computed
+    commit(sched, step)  # resumed and finished: the chunk is committed, the decode is not
     assert sched.parked is None
-    assert [e.seq.num_computed for e in step.entries] == [b + e.num_tokens for b, e in
-                                                          zip(before, step.entries)]
+    assert pre.num_computed == before + step.entries[1].num_tokens
+    assert dec.num_computed == n_dec
     c = sched.counters
-    assert (c.preemptions, c.preemptions_resumed, c.preempted_tokens_discarded) == (1, 1, 0)
+    assert (c.preemptions, c.preemptions_resumed, c.preempted_tokens_discarded) == (1, 1, 1)
 
 
 @pytest.mark.parametrize("how", ["evict", "remove", "blocks_changed", "abandon"])
 def test_parked_iteration_is_discarded_when_its_sequences_change(how):
     sched, _, step, _ = _parked_sched()
-    seq = step.entries[0].seq
+    seq = step.entries[1].seq  # the kept prefill
     if how == "evict":
         sched.evict(seq)
     elif how == "remove":
         sched.remove(seq)
     elif how == "blocks_changed":  # e.g. a KV planner trimmed the blocks it wrote to
         sched.kv.trim(seq.request_id, 0)
-        sched.kv.grow(seq.request_id, False, seq.num_computed + step.entries[0].num_tokens)
+        sched.kv.grow(seq.request_id, False, seq.num_computed + step.entries[1].num_tokens)
         assert sched.parked is not None
     else:  # the resumed iteration failed
         sched.abandon(step)
     assert sched.take_parked() is None and sched.parked is None
     c = sched.counters
     assert c.preempted_tokens_discarded == step.plan.num_tokens and c.preemptions_resumed == 0
-    # the other sequences are schedulable again, from what they committed
-    nxt = sched.schedule()
-    others = {id(e.seq) for e in step.entries[1:]}
-    assert others <= {id(e.seq) for e in nxt.entries}
+    if how != "remove":  # schedulable again, from what it committed
+        assert seq in [e.seq for e in sched.schedule().entries] or seq.status.value == "waiting"
+
+
+def test_detached_decode_changing_does_not_discard():
+    sched, _, step, _ = _parked_sched()
+    sched.remove(step.entries[0].seq)  # the detached decode's request ends
+    assert sched.take_parked() is not None
 
 
 def test_blocks_grown_while_parked_keep_it_intact():
     sched, _, step, _ = _parked_sched()
-    seq = step.entries[0].seq
+    seq = step.entries[1].seq
     assert sched.kv.grow(seq.request_id, False, 16 * (sched.kv.num_blocks(seq.request_id) + 2))
     assert sched.take_parked() is not None
 

@@ -13,16 +13,17 @@ committed length and is overwritten later, so dropping it is harmless. An abando
 iteration can also be continued from the layer where it stopped: `take_suspended` hands
 out its state (the hidden rows after the last finished layer) and `resume` runs the
 remaining layers, provided the caller kept the iteration's sequences and their blocks
-untouched meanwhile (their KV for the finished layers is already in those blocks). Every
+untouched meanwhile (their KV for the finished layers is already in those blocks), or
+cut loose with `detach_decodes`. Every
 group of one size shares one compiled executable per shape bucket; `warmup` compiles every
 (group size, bucket) up front.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import jax
@@ -48,7 +49,7 @@ MATMUL_WEIGHTS = ("qkv", "o", "gate_up", "down")
 Safepoint = Callable[[int], bool]
 
 
-@dataclass
+@dataclasses.dataclass
 class SuspendedIteration:
     """An iteration abandoned at a safepoint, resumable from layer `layers_done` by
     `ModelRunner.resume`. Holds device arrays (the hidden rows, RoPE tables): owned by the
@@ -189,6 +190,19 @@ class ModelRunner:
         every = safepoint_every if safepoint_every is not None else it.every
         return self._run(SuspendedIteration(it.plan, it.batch, it.hidden, it.rope,
                                             it.layers_done, every), safepoint)
+
+    @staticmethod
+    def detach_decodes(it: SuspendedIteration, indices) -> SuspendedIteration:
+        """`it` with the decode items at `indices` (positions in `it.plan.decodes`) cut
+        loose: when resumed, their rows write KV to the scratch block instead of their
+        sequences' blocks and their sampled tokens are to be ignored, so those sequences
+        may run on (and their blocks change) meanwhile. The rows are still computed."""
+        rows = np.asarray(list(indices), np.int64)  # decode item j is row j
+        b = it.batch
+        blocks, offsets = b.slot_blocks.copy(), b.slot_offsets.copy()
+        blocks[rows], offsets[rows] = 0, 0
+        return dataclasses.replace(it, batch=dataclasses.replace(b, slot_blocks=blocks,
+                                                                 slot_offsets=offsets))
 
     def take_suspended(self) -> Optional[SuspendedIteration]:
         """The state of the last iteration abandoned at a safepoint (once; then None)."""

@@ -7,9 +7,10 @@ latency model is present) still has room. KV memory: online sequences may evict 
 ones; offline sequences never evict anybody. A policy without priority (non-preemptive)
 sees one queue in arrival order. `commit` applies a finished iteration, `abandon` drops
 one the runner gave up at a safepoint, `park` keeps one to be continued from its layer:
-its sequences are skipped by `schedule` until `take_parked` hands it back (to resume) or
-something that needs them (eviction, removal, their blocks changing) drops it, discarding
-its tokens as `abandon` would. A policy may steer KV through four hooks (see
+its prefill chunks' sequences are skipped by `schedule` until `take_parked` hands it back
+(to resume) or something that needs them (eviction, removal, their blocks changing) drops
+it, discarding its tokens as `abandon` would; its decodes (one token each) are discarded
+at once and their sequences run on. A policy may steer KV through four hooks (see
 `Policy`): `before_schedule`, `order_waiting` (admission order of a waiting queue),
 `admit` (may a waiting sequence start) and `kv_tokens_for` (KV to hold beyond a chunk,
 e.g. a reservation for the predicted response); their defaults change nothing.
@@ -43,12 +44,13 @@ class SchedulerCounters:
 @dataclass
 class Parked:
     """An abandoned iteration kept to be continued: the step, the runner's opaque state
-    for it, and each sequence's block table when it stopped (its KV for the finished
-    layers lives there)."""
+    for it, each kept (prefill) sequence's block table when it stopped (its KV for the
+    finished layers lives there), and the entries cut loose (decodes, not committed)."""
 
     step: ScheduledStep
     handle: object
-    tables: dict  # id(seq) -> tuple of block ids
+    tables: dict  # id(seq) -> tuple of block ids, kept sequences
+    detached: set  # id(seq) of the entries whose results are ignored
 
 
 class Scheduler:
@@ -227,16 +229,20 @@ class Scheduler:
     def commit(self, step: ScheduledStep, result: StepResult) -> list[tuple[Sequence, SampledToken]]:
         """Advance every scheduled sequence; returns the new token of each that sampled,
         in the runner's row order (decode items first, then prefill items)."""
+        skip: set = set()  # a resumed step's detached entries: results ignored
         if self.parked is not None and self.parked.step is step:
+            skip = self.parked.detached
             self.parked = None
             self.counters.preemptions_resumed += 1
         ordered = [e for e in step.entries if e.decode] + [e for e in step.entries if not e.decode]
         out, it = [], iter(result.tokens)
         now = time.monotonic()
         for e in ordered:
+            tok = next(it) if e.samples else None
+            if id(e.seq) in skip:
+                continue
             e.seq.num_computed += e.num_tokens
             if e.samples:
-                tok = next(it)
                 e.seq.token_ids.append(tok.token)
                 if e.seq.first_token_time is None:
                     e.seq.first_token_time = now
@@ -249,20 +255,27 @@ class Scheduler:
         (the KV it wrote lies past every committed length); the sequences stay where they
         are and run again later."""
         if self.parked is not None and self.parked.step is step:
-            self.parked = None  # a resumed iteration failed or is given up
+            self.drop_parked()  # a resumed iteration failed or is given up
+        else:
+            self.counters.preempted_tokens_discarded += step.plan.num_tokens
         self.counters.preemptions += 1
-        self.counters.preempted_tokens_discarded += step.plan.num_tokens
 
     def park(self, step: ScheduledStep, handle: object) -> None:
         """The runner stopped `step` at a safepoint and can continue it (`handle`): keep
-        its sequences out of new iterations until `take_parked`. One parked step at most;
+        its prefill entries' sequences out of new iterations until `take_parked`; its
+        decode entries are discarded now (`handle` must not write their KV: see
+        `ModelRunner.detach_decodes`) and those sequences run on. One parked step at most;
         parking another replaces (discards) the older one. Counts a preemption (also when a
         resumed step stops again)."""
         if self.parked is not None and self.parked.step is not step:
             self.drop_parked()
         self.counters.preemptions += 1
-        self.parked = Parked(step, handle, {id(e.seq): tuple(self.kv.blocks(e.seq.request_id))
-                                            for e in step.entries})
+        if self.parked is None:  # (a resumed step stopping again had its decodes cut already)
+            self.counters.preempted_tokens_discarded += sum(e.decode for e in step.entries)
+        self.parked = Parked(step, handle,
+                             {id(e.seq): tuple(self.kv.blocks(e.seq.request_id))
+                              for e in step.entries if not e.decode},
+                             {id(e.seq) for e in step.entries if e.decode})
 
     def take_parked(self) -> Optional[Parked]:
         """The parked iteration, to resume now (it stays parked until `commit`, `park` or
@@ -272,6 +285,8 @@ class Scheduler:
         if p is None:
             return None
         for e in p.step.entries:
+            if id(e.seq) in p.detached:
+                continue
             table = p.tables[id(e.seq)]
             if e.seq.status is not SeqStatus.RUNNING \
                     or tuple(self.kv.blocks(e.seq.request_id)[:len(table)]) != table:
@@ -282,7 +297,9 @@ class Scheduler:
     def drop_parked(self) -> None:
         """Discard the parked iteration (its sequences run again from what they committed)."""
         if self.parked is not None:
-            self.counters.preempted_tokens_discarded += self.parked.step.plan.num_tokens
+            self.counters.preempted_tokens_discarded += sum(
+                e.num_tokens for e in self.parked.step.entries
+                if id(e.seq) not in self.parked.detached)
             self.parked = None
 
     def _unpark_for(self, seq: Sequence) -> None:
