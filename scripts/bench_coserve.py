@@ -26,6 +26,8 @@ Measured per variant:
 - offline tokens/s = offline output tokens generated in the arrival window / its length;
   offline_processed_tokens_per_s = offline prefill + decode tokens committed in the window
   / its length (the targets use this one; recomputation after an eviction counts again).
+- online_busy_fraction: time of the window's iterations that carried online work / its
+  length (online-only: the share of the machine the online load needs on its own).
 - preemptions (iterations stopped at a safepoint), of them resumed from their layer
   (`preemptions_resumed`), tokens discarded, preemption latency p50/p99 (conserve:
   arrival -> runner stopped, the policy's log, with each stop's layers run and measured time
@@ -84,7 +86,7 @@ METRICS = ["online_ttft_p50_s", "online_ttft_p99_s", "online_tpot_p50_s", "onlin
            "isolation", "preemptions", "preemptions_resumed", "preempted_tokens_discarded",
            "preemption_latency_p50_s",
            "preemption_latency_p99_s", "evictions", "recomputed_tokens", "restored_tokens",
-           "online_requests"]
+           "online_requests", "online_busy_fraction"]
 # the benchmark's engine (same for every variant), where it differs from the engine's defaults
 ENGINE_DEFAULTS = {"max_model_len": 1280, "max_num_seqs": 16, "max_prefill_tokens": 512,
                    "block_size": 16, "host_pool_bytes": 4 << 30}
@@ -189,12 +191,12 @@ class Probe:
 
     def __init__(self, eng: Engine) -> None:
         self.commits = []  # (t, offline tokens committed)
-        self.iters = []  # (elapsed, has_online)
+        self.iters = []  # (t, elapsed, has_online)
         pol, sched = eng.policy, eng.scheduler
         done, commit = pol.on_step_done, sched.commit
 
         def on_step_done(step, elapsed):
-            self.iters.append((elapsed, step.has_online))
+            self.iters.append((time.monotonic(), elapsed, step.has_online))
             done(step, elapsed)
 
         def on_commit(step, result):
@@ -289,7 +291,9 @@ def run_policy(a, v: pareto.Variant, loaded, work: wl.Workload, shared: SharedCo
         "offline_committed_tokens_per_s": processed,  # the same (older name)
         "isolation": v.isolation if conserve else None,
         "sarathi_token_budget": v.overrides.get("sarathi_token_budget") if v.policy == "sarathi" else None,
-        "_offline_iter_s": [e for e, online in probe.iters if not online],
+        "online_busy_fraction": sum(e for t, e, online in probe.iters
+                                    if online and t <= t0 + win_s) / win_s,
+        "_offline_iter_s": [e for _, e, online in probe.iters if not online],
     }
     if plot_path:
         wl.plot_policy(plot_path, v.label, reqs, samples, a.ttft, a.tpot, a.duration)
