@@ -340,6 +340,12 @@ class Engine(EngineAPI):
             for rid, blocks in step.restores:  # failures up to the commit: retried by `_guarded`
                 self.checkpointer.restore(rid, blocks)
             sp = self.policy.safepoints(step)
+            if sp is not None and step.restores and sp.check(0):
+                # an online request arrived during the restores: it goes first, before any
+                # layer runs (the restored KV stays; nothing is discarded)
+                self.scheduler.abandon(step, ran=False)
+                self.policy.on_abandoned(step)
+                return
             t0 = time.perf_counter()
             result = self.runner.execute(step.plan, sp and sp.check, sp and sp.every)
             if result is not None:  # (a resumed iteration's time is partial: not observed)

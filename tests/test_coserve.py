@@ -109,9 +109,9 @@ def test_abandoned_at_safepoint_matches_alone(alone, resume):
         orig = eng.policy.online_waiting
         stopped_steps, resumed = [], []  # steps stopped at a safepoint; (step, start layer)
         for name in ("abandon", "park"):
-            def record(step, *a, _orig=getattr(eng.scheduler, name)):
+            def record(step, *a, _orig=getattr(eng.scheduler, name), **kw):
                 stopped_steps.append(step)
-                _orig(step, *a)
+                _orig(step, *a, **kw)
             setattr(eng.scheduler, name, record)
 
         cur_step = [None]
@@ -171,6 +171,46 @@ def test_abandoned_at_safepoint_matches_alone(alone, resume):
             assert st.preempted_tokens_discarded > 0
         for k in got:
             assert got[k] == alone[k], k
+        assert_no_leaks(eng)
+    finally:
+        eng.shutdown()
+
+
+def test_arrival_during_restores_goes_first(alone):
+    """An online request arriving while an offline-only iteration restores evicted KV from
+    the host pool stops that iteration before its first layer (nothing discarded, the
+    restored KV kept), and every output still equals its solo run."""
+    eng = engine(policy="conserve", num_blocks=30)
+    try:
+        injected, stopped, executed = [], [], []
+        restore, abandon, execute = (eng.checkpointer.restore, eng.scheduler.abandon,
+                                     eng.runner.execute)
+
+        def on_restore(rid, blocks):
+            restore(rid, blocks)
+            step = eng._cur_step
+            if not injected and not step.has_online:
+                injected.append((step, eng.submit(req("late", ONLINE[0], N_ON, online=True))))
+
+        def on_abandon(step, ran=True):
+            c = eng.scheduler.counters
+            before = c.preempted_tokens_discarded
+            abandon(step, ran)
+            stopped.append((step, ran, c.preempted_tokens_discarded - before))
+
+        def on_execute(plan, *a):
+            executed.append(plan)
+            return execute(plan, *a)
+
+        eng.checkpointer.restore, eng.scheduler.abandon = on_restore, on_abandon
+        eng.runner.execute = on_execute
+        got = _run_mix(eng)
+        assert injected, "no offline-only iteration restored KV"
+        step, stream = injected[0]
+        assert (step, False, 0) in stopped  # stopped before running: nothing discarded
+        assert all(p is not step.plan for p in executed)  # not a single layer ran
+        assert collect(stream)[0] == alone["on0"]
+        assert got == alone
         assert_no_leaks(eng)
     finally:
         eng.shutdown()

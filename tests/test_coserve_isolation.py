@@ -149,6 +149,26 @@ def test_arrival_stops_offline_iteration_at_next_layer():
     assert log.layer_times_s == [pytest.approx(0.012)]
 
 
+def test_check_before_the_first_layer_weighs_the_predicted_layer_time():
+    """Called before any layer ran (after host restores): a new arrival stops the
+    iteration; the log carries the predicted layer time."""
+    clock, waiting = FakeClock(), []
+    sched, pol = make_sched(1.2, waiting, clock)
+    step = offline_only_step(sched)
+    sp = pol.safepoints(step)
+    assert sp.check(0) is False  # nobody waiting
+    waiting.append(make_seq("on", 40, online=True, arrival=clock.t))
+    clock.t += 0.05
+    assert sp.check(0) is True
+    log = pol.preemption_log
+    assert log.layers_done == [0]
+    assert log.layer_times_s == [pytest.approx(pol.model.predict(step.work) / LAYERS)]
+    assert log.latencies_s == [pytest.approx(0.05)]
+    before = sched.counters.preempted_tokens_discarded
+    sched.abandon(step, ran=False)
+    assert sched.counters.preempted_tokens_discarded == before  # nothing ran, nothing lost
+
+
 def test_arrival_near_the_end_lets_the_last_layer_finish():
     """Within max((F-1) x own online-only TTFT, one layer) of the end: no preemption."""
     clock, waiting = FakeClock(), []

@@ -141,9 +141,10 @@ class ConservePolicy(Policy):
     def safepoints(self, step: "ScheduledStep", start_layer: int = 0) -> Optional[Safepoints]:
         """Offline-only iterations stop for a newly arrived online request (see module doc).
         Online requests this iteration's plan left waiting (no room) do not stop it (a
-        resumed iteration was not planned now: every waiting one counts). `safepoint_every`
-        None: none at all (in-process batch use, where nothing arrives while an iteration
-        runs)."""
+        resumed iteration was not planned now: every waiting one counts). `check` may also
+        be called before the first layer (`layers_done == start_layer`, e.g. after host
+        restores), weighing the predicted layer time. `safepoint_every` None: none at all
+        (in-process batch use, where nothing arrives while an iteration runs)."""
         if step.has_online or step.empty or self.safepoint_every is None:
             return None
         n_layers = self.model.num_layers
@@ -157,7 +158,10 @@ class ConservePolicy(Policy):
             if not new:
                 return False
             now = self.clock()
-            layer_s = (now - t_start) / (layers_done - start_layer)  # measured in this call
+            if layers_done > start_layer:
+                layer_s = (now - t_start) / (layers_done - start_layer)  # measured in this call
+            else:  # before the first layer (arrived while it was planned or restored)
+                layer_s = self.model.predict(step.work) / n_layers
             rest = layer_s * (n_layers - layers_done)
             for seq in sorted(new, key=lambda s: s.arrival):
                 waited, own = now - seq.arrival, self.online_ttft_s(seq)

@@ -250,13 +250,13 @@ class Scheduler:
                 out.append((e.seq, tok))
         return out
 
-    def abandon(self, step: ScheduledStep) -> None:
-        """The runner stopped at a safepoint (or the iteration failed): nothing is committed
-        (the KV it wrote lies past every committed length); the sequences stay where they
-        are and run again later."""
+    def abandon(self, step: ScheduledStep, ran: bool = True) -> None:
+        """The runner stopped at a safepoint (or the iteration failed, or, `ran` False, it
+        was stopped before its first layer): nothing is committed (the KV it wrote lies past
+        every committed length); the sequences stay where they are and run again later."""
         if self.parked is not None and self.parked.step is step:
             self.drop_parked()  # a resumed iteration failed or is given up
-        else:
+        elif ran:
             self.counters.preempted_tokens_discarded += step.plan.num_tokens
         self.counters.preemptions += 1
 
