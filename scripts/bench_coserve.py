@@ -81,6 +81,7 @@ from conserve_jax.models.loader import load_model  # noqa: E402
 from conserve_jax.sampling_params import SamplingParams  # noqa: E402
 
 POLICIES = ["online-only", "conserve", "priority-recompute", "sarathi", "non-preemptive"]
+VARIANT_NAMES = POLICIES + ["conserve-discard"]  # what --policies accepts
 METRICS = ["online_ttft_p50_s", "online_ttft_p99_s", "online_tpot_p50_s", "online_tpot_p99_s",
            "slo_attainment", "offline_tokens_per_s", "offline_processed_tokens_per_s",
            "isolation", "preemptions", "preemptions_resumed", "preempted_tokens_discarded",
@@ -353,9 +354,9 @@ def parse_args(argv=None):
     a.offline_prompt = a.offline_prompt or [512, 1024]
     a.offline_output = a.offline_output or ([32, 64] if q else [64, 128])
     a.policies = [x for x in a.policies.split(",") if x]
-    unknown = [x for x in a.policies if x not in POLICIES + ["conserve-discard"]]
+    unknown = [x for x in a.policies if x not in VARIANT_NAMES]
     if unknown or not a.policies:
-        parser.error(f"--policies: unknown {unknown}; known: {POLICIES + ['conserve-discard']}")
+        parser.error(f"--policies: unknown {unknown}; known: {VARIANT_NAMES}")
     if a.sweep_isolation:
         a.sweep_isolation = [parse_isolation(x) for x in a.sweep_isolation.split(",")]
     if a.sweep_sarathi:

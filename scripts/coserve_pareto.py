@@ -3,8 +3,8 @@
 A variant is one policy with its knob: `conserve` at an isolation factor (or off),
 `sarathi` at a token budget, the other policies as they are. The default set is one
 variant per policy (`conserve-discard` in the policy list adds conserve with preempted
-iterations discarded instead of resumed); `--sweep` adds conserve at isolation 1.05, 1.1, 1.2, 1.5, 2 and off and
-sarathi at token budgets 64, 128, 256 and 512. The sweep's points are plotted as online
+iterations discarded instead of resumed); `--sweep` adds conserve at isolation 1.05, 1.1,
+1.2, 1.5, 2 and off and sarathi at token budgets 64, 128, 256 and 512. The sweep's points are plotted as online
 p99 TPOT and p99 TTFT against offline processed tokens/s, one curve per policy, and each
 baseline point is checked for a conserve point that dominates it (at least its offline
 processed tokens/s with no worse online p99 TTFT and TPOT).

@@ -13,10 +13,9 @@ committed length and is overwritten later, so dropping it is harmless. An abando
 iteration can also be continued from the layer where it stopped: `take_suspended` hands
 out its state (the hidden rows after the last finished layer) and `resume` runs the
 remaining layers, provided the caller kept the iteration's sequences and their blocks
-untouched meanwhile (their KV for the finished layers is already in those blocks), or
-cut loose with `detach_decodes`. Every
-group of one size shares one compiled executable per shape bucket; `warmup` compiles every
-(group size, bucket) up front.
+untouched meanwhile (their KV for the finished layers is already in those blocks), or cut
+them loose with `detach_decodes`. Every group of one size shares one compiled executable
+per shape bucket; `warmup` compiles every (group size, bucket) up front.
 """
 from __future__ import annotations
 
@@ -187,9 +186,9 @@ class ModelRunner:
         the plan's sequences and block tables were left untouched in between. Safepoints as
         in `execute` (`safepoint_every` None: the interval it ran with); it may be
         abandoned again."""
-        every = safepoint_every if safepoint_every is not None else it.every
-        return self._run(SuspendedIteration(it.plan, it.batch, it.hidden, it.rope,
-                                            it.layers_done, every), safepoint)
+        if safepoint_every is not None:
+            it = dataclasses.replace(it, every=safepoint_every)
+        return self._run(it, safepoint)
 
     @staticmethod
     def detach_decodes(it: SuspendedIteration, indices) -> SuspendedIteration:
@@ -240,8 +239,7 @@ class ModelRunner:
             if safepoint is not None and done < n:
                 x.block_until_ready()  # the safepoint is real only once the device got here
                 if safepoint(done):
-                    self._suspended = SuspendedIteration(it.plan, it.batch, x, (cos, sin),
-                                                         done, it.every)
+                    self._suspended = dataclasses.replace(it, hidden=x, layers_done=done)
                     return None
         return x
 
