@@ -6,7 +6,8 @@ layer where it stopped instead of being recomputed.
 - Runner: decode rows cut loose (`detach_decodes`) no longer write their sequences' KV.
 - Scheduler: a parked iteration's prefill sequences stay out of new plans while its
   decodes run on; it is handed back intact, or discarded (tokens counted) when a kept
-  sequence is evicted, removed or loses the blocks it wrote to.
+  sequence is evicted, removed or loses the blocks it wrote to; online work short of KV
+  or slots evicts its sequences last.
 - Policy: a resumed iteration's safepoints measure the layer time of the resumed part.
 Deterministic: no timing assertions (the engine-level check is in test_coserve.py).
 """
@@ -162,6 +163,28 @@ def test_parked_iteration_is_discarded_when_its_sequences_change(how):
     assert c.preempted_tokens_discarded == step.plan.num_tokens and c.preemptions_resumed == 0
     if how != "remove":  # schedulable again, from what it committed
         assert seq in [e.seq for e in sched.schedule().entries] or seq.status.value == "waiting"
+
+
+@pytest.mark.parametrize("short_of", ["blocks", "slots"])
+def test_online_work_evicts_a_parked_iterations_sequences_last(short_of):
+    """An online arrival short of KV blocks (or of sequence slots) evicts the offline
+    sequence outside the parked iteration, though the parked one started later: the
+    parked work survives and is handed back intact."""
+    sched, _, step, _ = _parked_sched()
+    dec, pre = step.entries[0].seq, step.entries[1].seq
+    if short_of == "blocks":  # take every free block but what `dec` would give back
+        hog = make_seq("hog", 16 * (sched.kv.num_free - 1), online=False)
+        assert sched.kv.grow("hog", False, len(hog.token_ids))
+    else:
+        sched.cfg.max_num_seqs = len(sched.running)
+    on = make_seq("on", 40, online=True)
+    sched.add(on)
+    nxt = sched.schedule()
+    assert [e.seq for e in nxt.entries] == [on]
+    assert dec.status.value == "waiting" and pre.status.value == "running"
+    assert sched.counters.evictions == 1
+    assert sched.take_parked() is not None and sched.parked.step is step
+    assert sched.counters.preempted_tokens_discarded == 1  # only the detached decode
 
 
 def test_detached_decode_changing_does_not_discard():

@@ -4,7 +4,7 @@ Owned by the engine's step-loop thread; nothing here is thread-safe. Every itera
 online work first (running decodes, then prefill chunks), then offline work, each
 sequence admitted only while the policy's `StepBudget` (tokens, and predicted time when a
 latency model is present) still has room. KV memory: online sequences may evict offline
-ones; offline sequences never evict anybody. A policy without priority (non-preemptive)
+ones (a parked iteration's sequences last); offline sequences never evict anybody. A policy without priority (non-preemptive)
 sees one queue in arrival order. `commit` applies a finished iteration, `abandon` drops
 one the runner gave up at a safepoint, `park` keeps one to be continued from its layer:
 its prefill chunks' sequences are skipped by `schedule` until `take_parked` hands it back
@@ -157,11 +157,20 @@ class Scheduler:
         if not (seq.online and self.policy.priority):
             return False
         scheduled = {id(e.seq) for e in step.entries}
-        for v in reversed(self.running):
+        for v in self._parked_last(reversed(self.running)):
             if not v.online and id(v) not in scheduled:
                 self.evict(v)
                 return True
         return False
+
+    def _parked_last(self, seqs) -> list[Sequence]:
+        """`seqs` (in eviction order) with the parked step's kept sequences moved to the end:
+        evicting one of those discards the whole parked iteration's work."""
+        seqs = list(seqs)
+        if self.parked is None:
+            return seqs
+        kept = self.parked.tables
+        return [s for s in seqs if id(s) not in kept] + [s for s in seqs if id(s) in kept]
 
     def _start(self, seq: Sequence, step: ScheduledStep) -> None:
         (self.waiting_online if seq.online else self.waiting_offline).remove(seq)
@@ -180,8 +189,8 @@ class Scheduler:
             return True
         scheduled = {id(e.seq) for e in step.entries}
         later = lambda s: s.arrival > seq.arrival or (s.arrival == seq.arrival and id(s) != id(seq))
-        cands = [s for s in reversed(self.running) if s is not seq and id(s) not in scheduled
-                 and self.kv.num_blocks(s.request_id)]
+        cands = [s for s in self._parked_last(reversed(self.running)) if s is not seq
+                 and id(s) not in scheduled and self.kv.num_blocks(s.request_id)]
         if self.policy.priority and seq.online:
             victims = [s for s in cands if not s.online] + [s for s in cands if s.online and later(s)]
         elif self.policy.priority:
