@@ -28,6 +28,10 @@ Measured per variant:
   / its length (the targets use this one; recomputation after an eviction counts again).
 - online_busy_fraction: time of the window's iterations that carried online work / its
   length (online-only: the share of the machine the online load needs on its own).
+- offline_riding_tokens_per_s: offline tokens committed by iterations carrying online
+  work / the window; offline_rate_online_idle: offline tokens committed by offline-only
+  iterations / the window's time outside online iterations (non-preemptive: its whole
+  rate). Their split shows where offline throughput is lost against non-preemptive.
 - preemptions (iterations stopped at a safepoint), of them resumed from their layer
   (`preemptions_resumed`), tokens discarded, preemption latency p50/p99 (conserve:
   arrival -> runner stopped, the policy's log, with each stop's layers run and measured time
@@ -87,7 +91,8 @@ METRICS = ["online_ttft_p50_s", "online_ttft_p99_s", "online_tpot_p50_s", "onlin
            "isolation", "preemptions", "preemptions_resumed", "preempted_tokens_discarded",
            "preemption_latency_p50_s",
            "preemption_latency_p99_s", "evictions", "recomputed_tokens", "restored_tokens",
-           "online_requests", "online_busy_fraction"]
+           "online_requests", "online_busy_fraction", "offline_riding_tokens_per_s",
+           "offline_rate_online_idle"]
 # the benchmark's engine (same for every variant), where it differs from the engine's defaults
 ENGINE_DEFAULTS = {"max_model_len": 1280, "max_num_seqs": 16, "max_prefill_tokens": 512,
                    "block_size": 16, "host_pool_bytes": 4 << 30}
@@ -191,7 +196,7 @@ class Probe:
     Preemptions are read from conserve's own `preemption_log`."""
 
     def __init__(self, eng: Engine) -> None:
-        self.commits = []  # (t, offline tokens committed)
+        self.commits = []  # (t, offline tokens committed, iteration carried online work)
         self.iters = []  # (t, elapsed, has_online)
         pol, sched = eng.policy, eng.scheduler
         done, commit = pol.on_step_done, sched.commit
@@ -202,7 +207,8 @@ class Probe:
 
         def on_commit(step, result):
             self.commits.append((time.monotonic(),
-                                 sum(e.num_tokens for e in step.entries if not e.seq.online)))
+                                 sum(e.num_tokens for e in step.entries if not e.seq.online),
+                                 step.has_online))
             return commit(step, result)
 
         pol.on_step_done, sched.commit = on_step_done, on_commit
@@ -262,7 +268,9 @@ def run_policy(a, v: pareto.Variant, loaded, work: wl.Workload, shared: SharedCo
     release(eng)
     reqs = [wl.request_record(c, t0, t_end, a.ttft, a.tpot) for c in clients]
     conserve = v.policy == "conserve"
-    processed = sum(n for t, n in probe.commits if t <= t0 + win_s) / win_s
+    in_win = [(n, online) for t, n, online in probe.commits if t <= t0 + win_s]
+    processed = sum(n for n, _ in in_win) / win_s
+    busy = sum(e for t, e, online in probe.iters if online and t <= t0 + win_s) / win_s
     out = {
         "online_ttft_p50_s": wl.pct([r["ttft_s"] for r in reqs], 50),
         "online_ttft_p99_s": wl.pct([r["ttft_s"] for r in reqs], 99),
@@ -292,8 +300,12 @@ def run_policy(a, v: pareto.Variant, loaded, work: wl.Workload, shared: SharedCo
         "offline_committed_tokens_per_s": processed,  # the same (older name)
         "isolation": v.isolation if conserve else None,
         "sarathi_token_budget": v.overrides.get("sarathi_token_budget") if v.policy == "sarathi" else None,
-        "online_busy_fraction": sum(e for t, e, online in probe.iters
-                                    if online and t <= t0 + win_s) / win_s,
+        "online_busy_fraction": busy,
+        # offline tokens committed by iterations that carried online work (riders), and
+        # by offline-only iterations per second of the window's time without online work
+        "offline_riding_tokens_per_s": sum(n for n, online in in_win if online) / win_s,
+        "offline_rate_online_idle": sum(n for n, online in in_win if not online)
+        / max(1e-9, win_s * (1.0 - busy)),
         "_offline_iter_s": [e for _, e, online in probe.iters if not online],
     }
     if plot_path:

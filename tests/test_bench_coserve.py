@@ -52,6 +52,12 @@ def test_bench_coserve_tiny(tmp_path):
     assert cost["check_call_s"] > 0 and cost["shapes"]
     assert pol["conserve"]["isolation"] == 1.2 and pol["sarathi"]["isolation"] is None
     assert pol["conserve"]["offline_processed_tokens_per_s"] >= 0
+    for m in pol.values():  # the split adds up: riders + offline-only iterations
+        idle_s = m["window_s"] * (1.0 - m["online_busy_fraction"])
+        assert m["offline_riding_tokens_per_s"] * m["window_s"] \
+            + m["offline_rate_online_idle"] * idle_s == pytest.approx(
+                m["offline_processed_tokens_per_s"] * m["window_s"], rel=1e-6, abs=1e-6)
+    assert pol["online-only"]["offline_riding_tokens_per_s"] == 0
     for t in data["targets"].values():
         assert {"value", "threshold", "met", "description"} <= t.keys()
     assert data["workload"]["online"]["requests"] == 6
