@@ -216,8 +216,14 @@ class ModelRunner:
         return self._sample(it.plan, it.batch, hidden)
 
     def _meta(self, b: BatchArrays) -> AttentionMeta:
-        return AttentionMeta(b.slot_blocks, b.slot_offsets, b.positions, b.dec_tables,
-                             b.dec_lens, b.pre_tables, b.pre_start, b.pre_seq)
+        """The batch's attention metadata on device: put once per iteration, not converted
+        from numpy by every layer call (~0.1 ms per call here)."""
+        return self._put_meta(AttentionMeta(b.slot_blocks, b.slot_offsets, b.positions,
+                                            b.dec_tables, b.dec_lens, b.pre_tables,
+                                            b.pre_start, b.pre_seq))
+
+    def _put_meta(self, meta: AttentionMeta) -> AttentionMeta:
+        return jax.device_put(meta, shd.replicated(self.mesh) if self.mesh else None)
 
     def _forward(self, it: SuspendedIteration, safepoint: Optional[Safepoint]):
         """Layers `it.layers_done`.. of the iteration; None (state kept for
@@ -273,8 +279,8 @@ class ModelRunner:
         for (D, TP, BP, NB) in shapes:
             T = D + TP
             z = lambda *s: np.zeros(s, np.int32)
-            meta = AttentionMeta(z(T), z(T), z(T), z(D, NB), z(D), z(BP, NB), z(BP),
-                                 np.full(TP, -1, np.int32))
+            meta = self._put_meta(AttentionMeta(z(T), z(T), z(T), z(D, NB), z(D), z(BP, NB),
+                                                z(BP), np.full(TP, -1, np.int32)))
             x, cos, sin = self._embed(self.embed, z(T), z(T), self.inv_freq)
             for size, fn in self._groups.items():
                 _, new = fn(self.layers[:size], x, cos, sin, self.caches[:size], meta)
