@@ -32,6 +32,10 @@ Measured per variant:
   work / the window; offline_rate_online_idle: offline tokens committed by offline-only
   iterations / the window's time outside online iterations (non-preemptive: its whole
   rate). Their split shows where offline throughput is lost against non-preemptive.
+- offline_only_call_fraction: runner time (execute and resume calls, abandoned ones
+  included) of offline-only iterations / the window; offline_only_call_tokens_per_s: their
+  committed offline tokens per second of that time (per-iteration efficiency, against
+  non-preemptive's); runner_idle_fraction: the window's time outside any runner call.
 - preemptions (iterations stopped at a safepoint), of them resumed from their layer
   (`preemptions_resumed`), tokens discarded, preemption latency p50/p99 (conserve:
   arrival -> runner stopped, the policy's log, with each stop's layers run and measured time
@@ -92,7 +96,8 @@ METRICS = ["online_ttft_p50_s", "online_ttft_p99_s", "online_tpot_p50_s", "onlin
            "preemption_latency_p50_s",
            "preemption_latency_p99_s", "evictions", "recomputed_tokens", "restored_tokens",
            "online_requests", "online_busy_fraction", "offline_riding_tokens_per_s",
-           "offline_rate_online_idle"]
+           "offline_rate_online_idle", "offline_only_call_fraction",
+           "offline_only_call_tokens_per_s", "runner_idle_fraction"]
 # the benchmark's engine (same for every variant), where it differs from the engine's defaults
 ENGINE_DEFAULTS = {"max_model_len": 1280, "max_num_seqs": 16, "max_prefill_tokens": 512,
                    "block_size": 16, "host_pool_bytes": 4 << 30}
@@ -192,8 +197,9 @@ class Probe:
     """Instrumentation by wrapping (the wrappers call the originals): every committed
     iteration's time and offline tokens (`Scheduler.commit`, so iterations resumed from a
     safepoint count too), and every timed iteration's duration and whether it carried
-    online work (the policy's `on_step_done`; resumed iterations are not timed).
-    Preemptions are read from conserve's own `preemption_log`."""
+    online work (the policy's `on_step_done`; resumed iterations are not timed), and every
+    runner call (`execute` and `resume`, abandoned or not) with whether its iteration
+    carried online work. Preemptions are read from conserve's own `preemption_log`."""
 
     def __init__(self, eng: Engine) -> None:
         self.commits = []  # (t, offline tokens committed, iteration carried online work)
@@ -212,6 +218,28 @@ class Probe:
             return commit(step, result)
 
         pol.on_step_done, sched.commit = on_step_done, on_commit
+        self.calls = []  # (t at end, duration, has_online) per runner call
+        has_online: dict = {}  # id(plan) -> its step carried online work
+        runner, schedule = eng.runner, sched.schedule
+
+        def on_schedule(*args, **kw):
+            step = schedule(*args, **kw)
+            has_online[id(step.plan)] = step.has_online
+            return step
+
+        def timed(fn, plan_of):
+            def call(arg, *args, **kw):
+                t = time.monotonic()
+                try:
+                    return fn(arg, *args, **kw)
+                finally:
+                    end = time.monotonic()
+                    self.calls.append((end, end - t, has_online.get(id(plan_of(arg)), False)))
+            return call
+
+        sched.schedule = on_schedule
+        runner.execute = timed(runner.execute, lambda plan: plan)
+        runner.resume = timed(runner.resume, lambda it: it.plan)
 
 
 def preemption_detail(policy) -> dict:
@@ -271,6 +299,8 @@ def run_policy(a, v: pareto.Variant, loaded, work: wl.Workload, shared: SharedCo
     in_win = [(n, online) for t, n, online in probe.commits if t <= t0 + win_s]
     processed = sum(n for n, _ in in_win) / win_s
     busy = sum(e for t, e, online in probe.iters if online and t <= t0 + win_s) / win_s
+    calls_in_win = [c for c in probe.calls if t0 <= c[0] <= t0 + win_s]
+    off_call_s = sum(d for t, d, online in calls_in_win if not online)
     out = {
         "online_ttft_p50_s": wl.pct([r["ttft_s"] for r in reqs], 50),
         "online_ttft_p99_s": wl.pct([r["ttft_s"] for r in reqs], 99),
@@ -306,6 +336,13 @@ def run_policy(a, v: pareto.Variant, loaded, work: wl.Workload, shared: SharedCo
         "offline_riding_tokens_per_s": sum(n for n, online in in_win if online) / win_s,
         "offline_rate_online_idle": sum(n for n, online in in_win if not online)
         / max(1e-9, win_s * (1.0 - busy)),
+        # runner calls in the window: offline-only iterations' share of it (abandoned and
+        # resumed parts included), their committed offline tokens per second of that time,
+        # and the share with no runner call at all
+        "offline_only_call_fraction": off_call_s / win_s,
+        "offline_only_call_tokens_per_s": sum(n for n, online in in_win if not online)
+        / max(1e-9, off_call_s),
+        "runner_idle_fraction": 1.0 - sum(d for t, d, _ in calls_in_win) / win_s,
         "_offline_iter_s": [e for _, e, online in probe.iters if not online],
     }
     if plot_path:

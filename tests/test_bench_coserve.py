@@ -58,6 +58,11 @@ def test_bench_coserve_tiny(tmp_path):
             + m["offline_rate_online_idle"] * idle_s == pytest.approx(
                 m["offline_processed_tokens_per_s"] * m["window_s"], rel=1e-6, abs=1e-6)
     assert pol["online-only"]["offline_riding_tokens_per_s"] == 0
+    for m in pol.values():  # runner time: online + offline-only calls + idle = the window
+        assert 0 < m["runner_idle_fraction"] < 1 and 0 <= m["offline_only_call_fraction"] < 1
+    assert pol["online-only"]["offline_only_call_fraction"] == 0
+    npv = pol["non-preemptive"]
+    assert npv["offline_only_call_fraction"] > 0 and npv["offline_only_call_tokens_per_s"] > 0
     for t in data["targets"].values():
         assert {"value", "threshold", "met", "description"} <= t.keys()
     assert data["workload"]["online"]["requests"] == 6
