@@ -21,7 +21,7 @@ BASE = {"conserve_jax.config", "conserve_jax.engine_api",
         "conserve_jax.sampling_params", "conserve_jax.request", "conserve_jax.tokenizer"}
 ENGINE = {"conserve_jax.engine", "conserve_jax.engine_args", "conserve_jax.output_processor",
           "conserve_jax.output_delivery", "conserve_jax.mock_engine", "conserve_jax.engine_stats",
-          "conserve_jax.step_guard"}
+          "conserve_jax.step_guard", "conserve_jax.offline_suspension"}
 
 
 def layer_of(mod: str) -> str:
