@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from typing import Iterator, Optional
 
 import grpc
-from grpc_health.v1 import health
+from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 
 
@@ -77,6 +77,7 @@ class LimitedHealth(health.HealthServicer):
     def __init__(self, limiter: StreamLimiter) -> None:
         super().__init__()
         self.limiter = limiter
+        self._send_lock = threading.Lock()
 
     def Watch(self, request, context, send_response_callback=None):
         why = self.limiter.acquire()
@@ -85,6 +86,36 @@ class LimitedHealth(health.HealthServicer):
         if not context.add_callback(self.limiter.release):  # released when the call ends
             self.limiter.release()
         return super().Watch(request, context, send_response_callback)
+
+    # The stock `set` sends to every watcher while holding its lock. A send waits for the
+    # gRPC serve thread, which may at that moment be running a closing watch's callback
+    # that needs the same lock: a deadlock (seen in `ServerApp.stop` right after clients
+    # cancelled their watches). Here the status changes under the lock and the responses
+    # go out after it is released; `_send_lock` (never taken by close callbacks) keeps
+    # the updates and their sends in one order.
+    def set(self, service, status):
+        with self._send_lock:
+            with self._lock:
+                if self._gracefully_shutting_down:
+                    return
+                self._server_status[service] = status
+                sends = list(self._send_response_callbacks.get(service, ()))
+            for send in sends:
+                send(health_pb2.HealthCheckResponse(status=status))
+
+    def enter_graceful_shutdown(self):
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        with self._send_lock:
+            with self._lock:
+                if self._gracefully_shutting_down:
+                    return
+                sends = []
+                for service in self._server_status:
+                    self._server_status[service] = not_serving
+                    sends += self._send_response_callbacks.get(service, ())
+                self._gracefully_shutting_down = True
+            for send in sends:
+                send(health_pb2.HealthCheckResponse(status=not_serving))
 
 
 class LimitedReflection(reflection.ReflectionServicer):

@@ -197,6 +197,48 @@ def test_idle_streams_cannot_starve_authenticated_calls(tmp_path):
         s.stop()
 
 
+def test_health_status_change_does_not_deadlock_with_a_closing_watch():
+    """A status change (`set`, `enter_graceful_shutdown`) sends to the watchers; a send
+    waits for the gRPC serve thread, which may be running another watch's close callback.
+    Modelled here: the send waits for a close callback run on another thread; with the
+    stock servicer's lock held across sends that callback could never run."""
+    from grpc_health.v1 import health_pb2
+    from server.limits import LimitedHealth, StreamLimiter
+
+    class Ctx:
+        def __init__(self):
+            self.callbacks = []
+
+        def add_callback(self, cb):
+            self.callbacks.append(cb)
+            return True
+
+    h = LimitedHealth(StreamLimiter("Health.Watch", 4))
+    closing, watching = Ctx(), Ctx()
+    got = []
+    h.Watch(health_pb2.HealthCheckRequest(), closing, lambda r: None)
+    closed = threading.Event()
+
+    def close_other_watch():  # the serve thread: the closing watch's callbacks
+        for cb in closing.callbacks:
+            cb()
+        closed.set()
+
+    def send(resp):  # the watching stream's send: waits for the serve thread
+        got.append(resp and resp.status)
+        if resp is not None and resp.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+            threading.Thread(target=close_other_watch, daemon=True).start()
+            closed.wait(20)  # bounds a deadlock: the close callback never finishes
+
+    h.Watch(health_pb2.HealthCheckRequest(), watching, send)
+    h.enter_graceful_shutdown()
+    assert closed.is_set()
+    assert got == [health_pb2.HealthCheckResponse.SERVING,
+                   health_pb2.HealthCheckResponse.NOT_SERVING]
+    h.set("", health_pb2.HealthCheckResponse.SERVING)  # ignored once shutting down
+    assert len(got) == 2 and h.limiter.open == 1  # the closed watch gave its slot back
+
+
 # ---- 5. two servers, one data dir ---------------------------------------------------------
 def test_second_server_on_same_data_dir_is_refused(tmp_path):
     s = start_server(tmp_path)
