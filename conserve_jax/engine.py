@@ -328,8 +328,7 @@ class Engine(OfflineSuspension, EngineAPI):
         parked = self._resumable()
         if parked is not None:  # continue the preempted offline iteration at its layer
             step = self._cur_step = parked.step
-            entries = self._cur_entries = [e for e in step.entries
-                                           if id(e.seq) not in parked.detached]
+            entries = self._cur_entries = parked.kept_entries
             sp = self.policy.safepoints(step, parked.handle.layers_done)
             result = self.runner.resume(parked.handle, sp and sp.check, sp and sp.every)
         else:

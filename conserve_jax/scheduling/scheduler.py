@@ -52,6 +52,11 @@ class Parked:
     tables: dict  # id(seq) -> tuple of block ids, kept sequences
     detached: set  # id(seq) of the entries whose results are ignored
 
+    @property
+    def kept_entries(self) -> list:
+        """The step's entries whose results count (all but the detached ones)."""
+        return [e for e in self.step.entries if id(e.seq) not in self.detached]
+
 
 class Scheduler:
     def __init__(self, cfg: EngineConfig, kv: KVManager, policy: Policy) -> None:
@@ -293,9 +298,7 @@ class Scheduler:
         p = self.parked
         if p is None:
             return None
-        for e in p.step.entries:
-            if id(e.seq) in p.detached:
-                continue
+        for e in p.kept_entries:
             table = p.tables[id(e.seq)]
             if e.seq.status is not SeqStatus.RUNNING \
                     or tuple(self.kv.blocks(e.seq.request_id)[:len(table)]) != table:
@@ -307,8 +310,7 @@ class Scheduler:
         """Discard the parked iteration (its sequences run again from what they committed)."""
         if self.parked is not None:
             self.counters.preempted_tokens_discarded += sum(
-                e.num_tokens for e in self.parked.step.entries
-                if id(e.seq) not in self.parked.detached)
+                e.num_tokens for e in self.parked.kept_entries)
             self.parked = None
 
     def _unpark_for(self, seq: Sequence) -> None:
