@@ -77,6 +77,7 @@ import numpy as np
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(_HERE), _HERE]
 
+import coserve_accounting as accounting  # noqa: E402
 import coserve_pareto as pareto  # noqa: E402
 import coserve_probes as probes  # noqa: E402
 import coserve_workload as wl  # noqa: E402
@@ -193,55 +194,6 @@ class OnlineClient(threading.Thread):
                 return
 
 
-class Probe:
-    """Instrumentation by wrapping (the wrappers call the originals): every committed
-    iteration's time and offline tokens (`Scheduler.commit`, so iterations resumed from a
-    safepoint count too), and every timed iteration's duration and whether it carried
-    online work (the policy's `on_step_done`; resumed iterations are not timed), and every
-    runner call (`execute` and `resume`, abandoned or not) with whether its iteration
-    carried online work. Preemptions are read from conserve's own `preemption_log`."""
-
-    def __init__(self, eng: Engine) -> None:
-        self.commits = []  # (t, offline tokens committed, iteration carried online work)
-        self.iters = []  # (t, elapsed, has_online)
-        pol, sched = eng.policy, eng.scheduler
-        done, commit = pol.on_step_done, sched.commit
-
-        def on_step_done(step, elapsed):
-            self.iters.append((time.monotonic(), elapsed, step.has_online))
-            done(step, elapsed)
-
-        def on_commit(step, result):
-            self.commits.append((time.monotonic(),
-                                 sum(e.num_tokens for e in step.entries if not e.seq.online),
-                                 step.has_online))
-            return commit(step, result)
-
-        pol.on_step_done, sched.commit = on_step_done, on_commit
-        self.calls = []  # (t at end, duration, has_online) per runner call
-        has_online: dict = {}  # id(plan) -> its step carried online work
-        runner, schedule = eng.runner, sched.schedule
-
-        def on_schedule(*args, **kw):
-            step = schedule(*args, **kw)
-            has_online[id(step.plan)] = step.has_online
-            return step
-
-        def timed(fn, plan_of):
-            def call(arg, *args, **kw):
-                t = time.monotonic()
-                try:
-                    return fn(arg, *args, **kw)
-                finally:
-                    end = time.monotonic()
-                    self.calls.append((end, end - t, has_online.get(id(plan_of(arg)), False)))
-            return call
-
-        sched.schedule = on_schedule
-        runner.execute = timed(runner.execute, lambda plan: plan)
-        runner.resume = timed(runner.resume, lambda it: it.plan)
-
-
 def preemption_detail(policy) -> dict:
     """Per preemption (conserve): layers run before the stop, the iteration's measured time
     per layer, and arrival -> stop latency in units of that layer time."""
@@ -255,7 +207,7 @@ def run_policy(a, v: pareto.Variant, loaded, work: wl.Workload, shared: SharedCo
                plot_path: str) -> dict:
     eng = Engine(engine_config(a, v.policy, **v.overrides), loaded=loaded)
     shared.adopt(eng)
-    probe = Probe(eng)
+    probe = accounting.Probe(eng)
     compiled0 = compiled_count(eng)
     slo, stop = SLO(a.ttft, a.tpot), threading.Event()
     base = eng.stats()
@@ -296,11 +248,7 @@ def run_policy(a, v: pareto.Variant, loaded, work: wl.Workload, shared: SharedCo
     release(eng)
     reqs = [wl.request_record(c, t0, t_end, a.ttft, a.tpot) for c in clients]
     conserve = v.policy == "conserve"
-    in_win = [(n, online) for t, n, online in probe.commits if t <= t0 + win_s]
-    processed = sum(n for n, _ in in_win) / win_s
-    busy = sum(e for t, e, online in probe.iters if online and t <= t0 + win_s) / win_s
-    calls_in_win = [c for c in probe.calls if t0 <= c[0] <= t0 + win_s]
-    off_call_s = sum(d for t, d, online in calls_in_win if not online)
+    acc = probe.window(t0, win_s)
     out = {
         "online_ttft_p50_s": wl.pct([r["ttft_s"] for r in reqs], 50),
         "online_ttft_p99_s": wl.pct([r["ttft_s"] for r in reqs], 99),
@@ -326,24 +274,10 @@ def run_policy(a, v: pareto.Variant, loaded, work: wl.Workload, shared: SharedCo
         "checkpointer": dataclasses.asdict(ck.counters) if ck is not None else None,
         "compiles_during_run": compiles,
         "preemption_detail": preemption_detail(eng.policy) if conserve else None,
-        "offline_processed_tokens_per_s": processed,
-        "offline_committed_tokens_per_s": processed,  # the same (older name)
+        "offline_committed_tokens_per_s": acc["offline_processed_tokens_per_s"],  # older name
         "isolation": v.isolation if conserve else None,
         "sarathi_token_budget": v.overrides.get("sarathi_token_budget") if v.policy == "sarathi" else None,
-        "online_busy_fraction": busy,
-        # offline tokens committed by iterations that carried online work (riders), and
-        # by offline-only iterations per second of the window's time without online work
-        "offline_riding_tokens_per_s": sum(n for n, online in in_win if online) / win_s,
-        "offline_rate_online_idle": sum(n for n, online in in_win if not online)
-        / max(1e-9, win_s * (1.0 - busy)),
-        # runner calls in the window: offline-only iterations' share of it (abandoned and
-        # resumed parts included), their committed offline tokens per second of that time,
-        # and the share with no runner call at all
-        "offline_only_call_fraction": off_call_s / win_s,
-        "offline_only_call_tokens_per_s": sum(n for n, online in in_win if not online)
-        / max(1e-9, off_call_s),
-        "runner_idle_fraction": 1.0 - sum(d for t, d, _ in calls_in_win) / win_s,
-        "_offline_iter_s": [e for _, e, online in probe.iters if not online],
+        **acc,
     }
     if plot_path:
         wl.plot_policy(plot_path, v.label, reqs, samples, a.ttft, a.tpot, a.duration)
