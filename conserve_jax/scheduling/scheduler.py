@@ -4,8 +4,8 @@ Owned by the engine's step-loop thread; nothing here is thread-safe. Every itera
 online work first (running decodes, then prefill chunks), then offline work, each
 sequence admitted only while the policy's `StepBudget` (tokens, and predicted time when a
 latency model is present) still has room. KV memory: online sequences may evict offline
-ones (a parked iteration's sequences last); offline sequences never evict anybody. A policy without priority (non-preemptive)
-sees one queue in arrival order. `commit` applies a finished iteration, `abandon` drops
+ones (a parked iteration's sequences last); offline sequences never evict anybody. A
+policy without priority (non-preemptive) sees one queue in arrival order. `commit` applies a finished iteration, `abandon` drops
 one the runner gave up at a safepoint, `park` keeps one to be continued from its layer:
 its prefill chunks' sequences are skipped by `schedule` until `take_parked` hands it back
 (to resume) or something that needs them (eviction, removal, their blocks changing) drops
