@@ -48,6 +48,8 @@ checkpointed) / (prefill all of it again); safepoint_cost = offline-only iterati
 no safepoints, a no-op check every layer and every 4 layers (medians, alternating), and the
 cost of one real conserve check with nobody waiting.
 targets = issue 7's targets for conserve: value, threshold, met.
+idle_harvest = each policy's offline processed tokens/s against an idle ceiling: non-preemptive's
+rate x the share of the window online-only's runner was idle (coserve_workload.idle_harvest).
 
 Compiled code: each engine jits its own functions; to keep compiles out of the numbers the
 first engine compiles every shape bucket (--warmup all) and later engines reuse its jitted
@@ -428,6 +430,7 @@ def main(argv=None) -> dict:
                         f"{os.path.basename(loaded.source)}: online p99 vs offline processed tokens/s "
                         f"({res['mode']}, {a.duration:.0f} s, {a.repeats} repeat(s))")
     res["targets"] = wl.targets(policies, resume["ratio"], sp_cost)
+    res["idle_harvest"] = wl.idle_harvest(policies)
     res["setup"]["total_s"] = time.perf_counter() - t_start
     if a.json:
         bench_io.write_json(a.json, res, announce=False)

@@ -292,6 +292,26 @@ def targets(P: dict, ratio, sp_cost: dict) -> dict:
     return out
 
 
+def idle_harvest(P: dict) -> dict:
+    """How much of the offline work the online load leaves room for each policy harvested.
+    The ceiling is non-preemptive's processed offline tokens/s scaled by the share of the
+    window online-only's runner was not busy with online work: what an ideal co-server
+    would get by running non-preemptive's offline batches in every idle moment and nothing
+    alongside online iterations. `fraction` per policy = its offline processed tokens/s /
+    the ceiling (above 1 only by carrying offline tokens in online iterations). None
+    without both baselines."""
+    oo, npp = P.get("online-only"), P.get("non-preemptive")
+    off = "offline_processed_tokens_per_s"
+    if not oo or not npp or oo.get("online_busy_fraction") is None or not npp.get(off):
+        return {"ceiling_tokens_per_s": None, "fraction": {}}
+    idle = 1.0 - oo["online_busy_fraction"]
+    ceiling = idle * npp[off]
+    return {"online_only_idle_fraction": idle, "non_preemptive_tokens_per_s": npp[off],
+            "ceiling_tokens_per_s": ceiling,
+            "fraction": {k: (m[off] / ceiling if ceiling > 0 else None) for k, m in P.items()
+                         if k not in ("online-only", "non-preemptive") and m.get(off) is not None}}
+
+
 def fmt(v, spec=".3f") -> str:
     return "-" if v is None else format(v, spec) if isinstance(v, float) else str(v)
 
@@ -327,6 +347,11 @@ def print_table(res: dict) -> None:
         print(f"one conserve safepoint check (nobody waiting): {sc['check_call_s'] * 1e6:.1f} us")
     for label, d in (res.get("sweep_dominance") or {}).items():
         print(f"sweep: {label} dominated by conserve: {d['dominated']} {d['dominated_by']}")
+    ih = res.get("idle_harvest") or {}
+    if ih.get("ceiling_tokens_per_s"):
+        print(f"idle ceiling: {ih['online_only_idle_fraction']:.3f} idle x non-preemptive "
+              f"{ih['non_preemptive_tokens_per_s']:.1f} = {ih['ceiling_tokens_per_s']:.1f} tok/s; "
+              + ", ".join(f"{k} {fmt(v, '.2f')}" for k, v in ih["fraction"].items()))
     for k, v in res["targets"].items():
         print(f"target {k}: {fmt(v['value'])} (threshold {v['threshold']}) "
               f"{'MET' if v['met'] else 'n/a' if v['met'] is None else 'MISSED'}")

@@ -63,6 +63,13 @@ def test_bench_coserve_tiny(tmp_path):
     assert pol["online-only"]["offline_only_call_fraction"] == 0
     npv = pol["non-preemptive"]
     assert npv["offline_only_call_fraction"] > 0 and npv["offline_only_call_tokens_per_s"] > 0
+    ih = data["idle_harvest"]  # the idle ceiling: non-preemptive's rate in online-only's idle share
+    off = "offline_processed_tokens_per_s"
+    assert ih["ceiling_tokens_per_s"] == pytest.approx(
+        (1.0 - pol["online-only"]["online_busy_fraction"]) * npv[off])
+    assert set(ih["fraction"]) == set(pol) - {"online-only", "non-preemptive"}
+    assert ih["fraction"]["conserve"] == pytest.approx(
+        pol["conserve"][off] / ih["ceiling_tokens_per_s"])
     for t in data["targets"].values():
         assert {"value", "threshold", "met", "description"} <= t.keys()
     assert data["workload"]["online"]["requests"] == 6
