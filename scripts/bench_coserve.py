@@ -427,7 +427,7 @@ def main(argv=None) -> dict:
         if a.pareto_plot:
             os.makedirs(os.path.dirname(os.path.abspath(a.pareto_plot)), exist_ok=True)
             pareto.plot(a.pareto_plot, res["sweep"],
-                        f"{os.path.basename(loaded.source)}: online p99 vs offline processed tokens/s "
+                        f"{os.path.basename(loaded.source.rstrip(')'))}: online p99 vs offline processed tokens/s "
                         f"({res['mode']}, {a.duration:.0f} s, {a.repeats} repeat(s))")
     res["targets"] = wl.targets(policies, resume["ratio"], sp_cost)
     res["idle_harvest"] = wl.idle_harvest(policies)
