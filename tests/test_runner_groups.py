@@ -7,7 +7,7 @@ import pytest
 
 from conserve_jax.config import CacheConfig, EngineConfig
 from conserve_jax.models.loader import load_model
-from conserve_jax.runtime.model_runner import ModelRunner, group_sizes
+from conserve_jax.runtime.model_runner import ModelRunner, default_layers_per_call, group_sizes
 from conserve_jax.runtime.step_plan import DecodeItem, PrefillItem, SampleSpec, StepPlan
 
 
@@ -46,6 +46,17 @@ def test_group_sizes():
     assert group_sizes(30, 4) == [4] * 7 + [2]
     assert group_sizes(30, 30) == [30]
     assert group_sizes(5, 1) == [1] * 5
+
+
+def test_default_grouping_is_three_calls_and_no_unused_executables(loaded):
+    assert [default_layers_per_call(n) for n in (30, 32, 24, 2, 1)] == [10, 11, 8, 1, 1]
+    assert group_sizes(32, default_layers_per_call(32)) == [11, 11, 10]
+    small = load_model("random:small", seed=3)  # 4 layers: default calls of 2
+    runner = _runner(small, interval=None)  # no safepoints: only the default groups exist
+    assert runner.fast_groups == [2, 2]
+    assert set(runner._groups) == {2}
+    assert set(_runner(small, interval=1)._groups) == {1, 2}
+    assert set(_runner(small, layers_per_call=4, interval=None)._groups) == {4}
 
 
 def test_grouping_does_not_change_results(loaded):

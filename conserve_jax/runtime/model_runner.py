@@ -4,8 +4,8 @@ replaced by runtime/kv_transfer.py).
 
 Contract: constructed once by the engine; `execute` is called only from the engine's
 step-loop thread, which owns the caches. Without a safepoint (online work, never abandoned)
-an iteration runs `layers_per_call` layers per jitted call (default: the whole model in one
-call, no per-layer dispatch). With a safepoint it runs `safepoint_interval` layers per call
+an iteration runs `layers_per_call` layers per jitted call (default: `default_layers_per_call`,
+three calls, with no safepoint between them). With a safepoint it runs `safepoint_interval` layers per call
 and calls the safepoint between calls, after the device finished them; the iteration may be
 abandoned there (`safepoint_every` may override the interval per call; sizes other than
 the configured interval compile on first use): the KV it wrote lies beyond every sequence's
@@ -87,10 +87,13 @@ class ModelRunner:
         n = model_cfg.num_layers
         # layers per jitted call: iterations without safepoints run `layers_per_call` layers
         # per call; with safepoints every k layers, k per call (the safepoint sits between
-        # calls). A shorter last group takes the remainder.
-        self.layers_per_call = min(n, layers_per_call or engine_cfg.layers_per_call or n)
+        # calls). A shorter last group takes the remainder. Without a configured interval
+        # there are no safepoints, hence no groups of their own.
+        self.layers_per_call = min(n, layers_per_call or engine_cfg.layers_per_call
+                                   or default_layers_per_call(n))
         self.fast_groups = group_sizes(n, self.layers_per_call)
-        self.safepoint_groups = group_sizes(n, max(1, engine_cfg.safepoint_interval or n))
+        self.safepoint_groups = self.fast_groups if engine_cfg.safepoint_interval is None \
+            else group_sizes(n, max(1, engine_cfg.safepoint_interval))
         self._place_weights(params, kv_repeat)
         self._build_functions()
         check_map_budget(len(self.buckets.layer_shapes()), len(self._groups))
@@ -302,6 +305,15 @@ class ModelRunner:
         log.info("warm-up compiled %d layer shapes x %d group sizes in %.1f s", len(shapes),
                  len(self._groups), dt)
         return dt
+
+
+def default_layers_per_call(num_layers: int) -> int:
+    """Layers per call without safepoints by default: a third of the model, rounded up.
+    Measured on this CPU (SmolLM2-135M, 30 layers, A/B in one process): three calls of 10
+    layers ran batch-1 decode at 0.89-1.00 of one whole-model call's time, 8-32 sequences
+    and 512-token prefill at 0.93-1.04 (noise), and compiled a third faster with a quarter
+    less memory (groups of 5 and 3 were no better)."""
+    return max(1, -(-num_layers // 3))
 
 
 def group_sizes(num_layers: int, per_call: int) -> list[int]:
