@@ -4,18 +4,19 @@ replaced by runtime/kv_transfer.py).
 
 Contract: constructed once by the engine; `execute` is called only from the engine's
 step-loop thread, which owns the caches. Without a safepoint (online work, never abandoned)
-an iteration runs `layers_per_call` layers per jitted call (default: `default_layers_per_call`,
-three calls, with no safepoint between them). With a safepoint it runs `safepoint_interval` layers per call
-and calls the safepoint between calls, after the device finished them; the iteration may be
-abandoned there (`safepoint_every` may override the interval per call; sizes other than
-the configured interval compile on first use): the KV it wrote lies beyond every sequence's
-committed length and is overwritten later, so dropping it is harmless. An abandoned
-iteration can also be continued from the layer where it stopped: `take_suspended` hands
-out its state (the hidden rows after the last finished layer) and `resume` runs the
-remaining layers, provided the caller kept the iteration's sequences and their blocks
-untouched meanwhile (their KV for the finished layers is already in those blocks), or cut
-them loose with `detach_decodes`. Every group of one size shares one compiled executable
-per shape bucket; `warmup` compiles every (group size, bucket) up front.
+an iteration runs `layers_per_call` layers per jitted call (default:
+`default_layers_per_call`, three calls, with no safepoint between them). With a safepoint
+it runs `safepoint_interval` layers per call and calls the safepoint between calls, after
+the device finished them; the iteration may be abandoned there (`safepoint_every` may
+override the interval per call; sizes other than the configured interval compile on first
+use): the KV it wrote lies beyond every sequence's committed length and is overwritten
+later, so dropping it is harmless. An abandoned iteration can also be continued from the
+layer where it stopped: `take_suspended` hands out its state (the hidden rows after the
+last finished layer) and `resume` runs the remaining layers, provided the caller kept the
+iteration's sequences and their blocks untouched meanwhile (their KV for the finished
+layers is already in those blocks), or cut them loose with `detach_decodes`. Every group of
+one size shares one compiled executable per shape bucket; `warmup` compiles every (group
+size, bucket) up front.
 """
 from __future__ import annotations
 

@@ -5,12 +5,13 @@ online work first (running decodes, then prefill chunks), then offline work, eac
 sequence admitted only while the policy's `StepBudget` (tokens, and predicted time when a
 latency model is present) still has room. KV memory: online sequences may evict offline
 ones (a parked iteration's sequences last); offline sequences never evict anybody. A
-policy without priority (non-preemptive) sees one queue in arrival order. `commit` applies a finished iteration, `abandon` drops
-one the runner gave up at a safepoint, `park` keeps one to be continued from its layer:
-its prefill chunks' sequences are skipped by `schedule` until `take_parked` hands it back
-(to resume) or something that needs them (eviction, removal, their blocks changing) drops
-it, discarding its tokens as `abandon` would; its decodes (one token each) are discarded
-at once and their sequences run on. A policy may steer KV through four hooks (see
+policy without priority (non-preemptive) sees one queue in arrival order. `commit`
+applies a finished iteration, `abandon` drops one the runner gave up at a safepoint,
+`park` keeps one to be continued from its layer: its prefill chunks' sequences are
+skipped by `schedule` until `take_parked` hands it back (to resume) or something that
+needs them (eviction, removal, their blocks changing) drops it, discarding its tokens as
+`abandon` would; its decodes (one token each) are discarded at once and their sequences
+run on. A policy may steer KV through four hooks (see
 `Policy`): `before_schedule`, `order_waiting` (admission order of a waiting queue),
 `admit` (may a waiting sequence start) and `kv_tokens_for` (KV to hold beyond a chunk,
 e.g. a reservation for the predicted response); their defaults change nothing.
