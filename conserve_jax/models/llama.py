@@ -107,29 +107,78 @@ def _gather_context(cache: jax.Array, tables: jax.Array) -> jax.Array:
 PREFILL_QUERY_BLOCK = 128  # prefill rows per causal block (keys past a block are skipped)
 
 
-def paged_attention(q, k_new, v_new, k_cache, v_cache, meta: AttentionMeta, num_decode: int):
+def paged_attention(q, k_new, v_new, k_cache, v_cache, meta: AttentionMeta, num_decode: int,
+                    decode_chunk: int = 0):
     """q [T, kvh, g, hd] (scaled, rotated); k_new/v_new [T, kvh, hd] this iteration's keys
     and values, already written to the cache. Returns [T, kvh, g, hd].
 
-    Decode rows attend to their whole context read from the cache. Prefill rows attend to
-    (a) their sequence's context before the chunk, read from the cache, and (b) the chunk
-    itself, causally, from k_new/v_new in row blocks so that keys past a block's last row
-    are never computed; (a) and (b) share one softmax."""
+    Decode rows attend to their whole context read from the cache (`decode_attention`).
+    Prefill rows attend to (a) their sequence's context before the chunk, read from the
+    cache, and (b) the chunk itself, causally, from k_new/v_new in row blocks so that keys
+    past a block's last row are never computed; (a) and (b) share one softmax."""
     outs = []
     if num_decode:
-        # K is the dot's left operand ([L, hd] rows as gathered), so XLA needs no transposed
-        # copy of the gathered context; the softmax runs over axis 2 (keys)
-        kd = _gather_context(k_cache, meta.dec_tables)  # [kvh, Bd, L, hd]
-        vd = _gather_context(v_cache, meta.dec_tables)
-        s = jnp.einsum("kbld,bkgd->kblg", kd, q[:num_decode], preferred_element_type=jnp.float32)
-        valid = jnp.arange(kd.shape[2])[None, :] < meta.dec_lens[:, None]  # [Bd, L]
-        s = jnp.where(valid[None, :, :, None], s, NEG_INF)
-        p = jax.nn.softmax(s, axis=2).astype(q.dtype)
-        outs.append(jnp.einsum("kblg,kbld->bkgd", p, vd))
+        outs.append(decode_attention(q[:num_decode], k_cache, v_cache, meta.dec_tables,
+                                     meta.dec_lens, decode_chunk))
     if q.shape[0] > num_decode:
         outs.append(_prefill_attention(q[num_decode:], k_new[num_decode:], v_new[num_decode:],
                                        k_cache, v_cache, meta, num_decode))
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
+
+
+def decode_attention(q, k_cache, v_cache, tables, lens, chunk: int = 0):
+    """q [Bd, kvh, g, hd]; tables [Bd, nb] (the context bucket); lens [Bd] tokens of context
+    (rows with 0 are padding: finite garbage out). Returns [Bd, kvh, g, hd].
+
+    With `chunk` > 0 and a bucket of more than `chunk` blocks, the context is read `chunk`
+    blocks at a time in a loop that stops after the batch's longest context, with an
+    online softmax across chunks: the work follows max(lens), not the bucket, and each
+    chunk's gathered K/V stay in cache. Otherwise the whole bucket is gathered at once
+    (fewer, larger ops: faster for short contexts)."""
+    if not chunk or tables.shape[1] <= chunk:
+        return _decode_attention_once(q, k_cache, v_cache, tables, lens)
+    return _decode_attention_chunked(q, k_cache, v_cache, tables, lens, chunk)
+
+
+def _decode_attention_once(q, k_cache, v_cache, tables, lens):
+    # K is the dot's left operand ([L, hd] rows as gathered), so XLA needs no transposed
+    # copy of the gathered context; the softmax runs over axis 2 (keys)
+    kd = _gather_context(k_cache, tables)  # [kvh, Bd, L, hd]
+    vd = _gather_context(v_cache, tables)
+    s = jnp.einsum("kbld,bkgd->kblg", kd, q, preferred_element_type=jnp.float32)
+    valid = jnp.arange(kd.shape[2])[None, :] < lens[:, None]  # [Bd, L]
+    s = jnp.where(valid[None, :, :, None], s, NEG_INF)
+    p = jax.nn.softmax(s, axis=2).astype(q.dtype)
+    return jnp.einsum("kblg,kbld->bkgd", p, vd)
+
+
+def _decode_attention_chunked(q, k_cache, v_cache, tables, lens, chunk: int):
+    bd, nb = tables.shape
+    kvh, g, hd = q.shape[1:]
+    n = -(-nb // chunk)
+    # padding entries name the scratch block 0; positions past lens are masked anyway
+    tables = jnp.pad(tables, ((0, 0), (0, n * chunk - nb)))
+    span = chunk * k_cache.shape[2]  # tokens per chunk
+    trips = jnp.clip((jnp.max(lens) + span - 1) // span, 1, n)
+
+    def step(i, carry):
+        m, den, acc = carry  # running max and denominator [kvh, Bd, g]; acc [kvh, Bd, g, hd]
+        t = jax.lax.dynamic_slice_in_dim(tables, i * chunk, chunk, axis=1)
+        kd, vd = _gather_context(k_cache, t), _gather_context(v_cache, t)
+        s = jnp.einsum("kbld,bkgd->kblg", kd, q, preferred_element_type=jnp.float32)
+        valid = (i * span + jnp.arange(span))[None, :] < lens[:, None]  # [Bd, span]
+        s = jnp.where(valid[None, :, :, None], s, NEG_INF)
+        m_new = jnp.maximum(m, s.max(axis=2))
+        p = jnp.exp(s - m_new[:, :, None, :])
+        rescale = jnp.exp(m - m_new)
+        acc = acc * rescale[..., None] + jnp.einsum(
+            "kblg,kbld->kbgd", p.astype(q.dtype), vd, preferred_element_type=jnp.float32)
+        return m_new, den * rescale + p.sum(axis=2), acc
+
+    m0 = jnp.full((kvh, bd, g), NEG_INF, jnp.float32)
+    init = (m0, jnp.zeros_like(m0), jnp.zeros((kvh, bd, g, hd), jnp.float32))
+    _, den, acc = jax.lax.fori_loop(0, trips, step, init)
+    return (acc / den[..., None]).astype(q.dtype).transpose(1, 0, 2, 3)
 
 
 def _prefill_attention(qp, kn, vn, k_cache, v_cache, meta: AttentionMeta, num_decode: int):
@@ -169,7 +218,7 @@ def _prefill_attention(qp, kn, vn, k_cache, v_cache, meta: AttentionMeta, num_de
 
 
 def decoder_layer(p: dict, x, cos, sin, k_cache, v_cache, meta: AttentionMeta, *,
-                  cfg: ModelConfig, num_decode: int):
+                  cfg: ModelConfig, num_decode: int, decode_chunk: int = 0):
     """One pre-norm transformer block: attention over paged KV, then a SwiGLU MLP.
 
     `p` is one layer of `layer_params` (fused QKV and gate/up weights: one dot each).
@@ -190,7 +239,8 @@ def decoder_layer(p: dict, x, cos, sin, k_cache, v_cache, meta: AttentionMeta, *
         k.transpose(1, 0, 2).astype(k_cache.dtype))
     v_cache = v_cache.at[:, meta.slot_blocks, meta.slot_offsets].set(
         v.transpose(1, 0, 2).astype(v_cache.dtype))
-    a = paged_attention(q, k, v, k_cache, v_cache, meta, num_decode).reshape(t, kvh * g * hd)
+    a = paged_attention(q, k, v, k_cache, v_cache, meta, num_decode, decode_chunk)
+    a = a.reshape(t, kvh * g * hd)
     x = x + project("ta,ah->th", a, p["o"])
     h = rms_norm(x, p["post_norm"], cfg.rms_norm_eps)
     gu = project("th,hci->tci", h, p["gate_up"])  # [T, 2, I]
@@ -207,13 +257,14 @@ def apply_rope(x, c, s):
 
 
 def run_layers(layers: list, x, cos, sin, caches: list, meta: AttentionMeta, *,
-               cfg: ModelConfig):
-    """Apply consecutive layers (unrolled). caches: one (k, v) pair per layer.
-    Returns (x, new caches)."""
+               cfg: ModelConfig, decode_chunk: int = 0):
+    """Apply consecutive layers (unrolled). caches: one (k, v) pair per layer;
+    `decode_chunk`: see `decode_attention`. Returns (x, new caches)."""
     num_decode = meta.dec_tables.shape[0]
     new = []
     for p, (kc, vc) in zip(layers, caches):
-        x, kc, vc = decoder_layer(p, x, cos, sin, kc, vc, meta, cfg=cfg, num_decode=num_decode)
+        x, kc, vc = decoder_layer(p, x, cos, sin, kc, vc, meta, cfg=cfg, num_decode=num_decode,
+                                  decode_chunk=decode_chunk)
         new.append((kc, vc))
     return x, new
 

@@ -32,17 +32,31 @@ class BucketSet:
     prefill_seqs: list[int]  # sequences the prefill tokens come from
     context_blocks: list[int]  # blocks gathered per sequence
     sample_rows: list[int]  # rows of logits sampled per iteration
+    # decode attention reads buckets larger than this many blocks chunk by chunk, only up to
+    # the batch's longest context (0: always the whole bucket); models.llama.decode_attention
+    decode_chunk: int = 0
 
     @classmethod
     def build(cls, max_num_seqs: int, max_prefill_tokens: int, max_prefill_seqs: int,
-              max_blocks_per_seq: int) -> "BucketSet":
+              max_blocks_per_seq: int, decode_chunk: int = 0) -> "BucketSet":
         return cls(
             decode=[0] + powers_of_two(1, max_num_seqs),
             prefill_tokens=[0] + powers_of_two(min(32, max_prefill_tokens), max_prefill_tokens),
             prefill_seqs=powers_of_two(1, max_prefill_seqs),
             context_blocks=powers_of_two(min(4, max_blocks_per_seq), max_blocks_per_seq),
             sample_rows=powers_of_two(1, max_num_seqs + max_prefill_seqs),
+            decode_chunk=decode_chunk,
         )
+
+    def decode_blocks(self, need: int) -> int:
+        """Blocks of context each decode row's attention reads when the batch's longest
+        context takes `need` blocks: the bucket, or whole chunks up to `need` when the
+        bucket is larger than a chunk."""
+        nb = bucket_for(max(1, need), self.context_blocks)
+        c = self.decode_chunk
+        if not c or nb <= c:
+            return nb
+        return min(-(-nb // c), -(-need // c)) * c
 
     def layer_shapes(self) -> list[tuple[int, int, int, int]]:
         """Every (decode, prefill_tokens, prefill_seqs, context_blocks) the runner may use."""

@@ -84,7 +84,8 @@ class ModelRunner:
             2, engine_cfg.cache.kv_memory_bytes
             // kv_bytes_per_block(model_cfg, self.kv_heads, self.block_size, self.dtype))
         self.buckets = BucketSet.build(engine_cfg.max_num_seqs, engine_cfg.max_prefill_tokens,
-                                       engine_cfg.max_prefill_seqs, self.max_blocks_per_seq)
+                                       engine_cfg.max_prefill_seqs, self.max_blocks_per_seq,
+                                       engine_cfg.decode_attention_chunk)
         n = model_cfg.num_layers
         # layers per jitted call: iterations without safepoints run `layers_per_call` layers
         # per call; with safepoints every k layers, k per call (the safepoint sits between
@@ -135,10 +136,10 @@ class ModelRunner:
 
     def _make_group_fn(self, size: int):
         """jit of `size` consecutive layers; caches donated (updated in place)."""
-        cfg = self.cfg
+        cfg, chunk = self.cfg, self.engine_cfg.decode_attention_chunk
 
         def group_fn(layers, x, cos, sin, caches, meta):
-            return run_layers(layers, x, cos, sin, caches, meta, cfg=cfg)
+            return run_layers(layers, x, cos, sin, caches, meta, cfg=cfg, decode_chunk=chunk)
 
         kw = {}
         if self.mesh is not None:
