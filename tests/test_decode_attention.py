@@ -8,15 +8,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conserve_jax.models.llama import decode_attention
+from conserve_jax.config import CacheConfig, EngineConfig
+from conserve_jax.models.llama import DECODE_CHUNK_MIN_ROWS, decode_attention, uses_decode_chunks
+from conserve_jax.models.loader import load_model
 from conserve_jax.runtime.buckets import BucketSet
+from conserve_jax.runtime.model_runner import ModelRunner
+from conserve_jax.runtime.step_plan import DecodeItem, PrefillItem, SampleSpec, StepPlan
 
 KVH, G, HD, BS = 2, 3, 8, 4
 
 
 def _case(rng, lens, nb):
     """A cache with distinct random blocks per row and the rows' block tables (padding
-    entries name the scratch block 0, which holds garbage)."""
+    entries name the scratch block 0, which holds garbage). Rows of length 0 (padding) are
+    added up to the loop's minimum row count."""
+    lens = list(lens) + [0] * (DECODE_CHUNK_MIN_ROWS - len(lens))
     rows = len(lens)
     cache_blocks = 1 + rows * nb
     k = rng.standard_normal((KVH, cache_blocks, BS, HD)).astype(np.float32)
@@ -56,6 +62,7 @@ def _reference(q, k, v, tables, lens):
 def test_chunked_equals_whole_bucket_and_reference(lens, nb, chunk):
     rng = np.random.default_rng(sum(lens) + nb)
     q, k, v, tables, lens_a = _case(rng, lens, nb)
+    assert uses_decode_chunks(len(lens_a), nb, chunk) == (nb > chunk)
     args = [jnp.asarray(a) for a in (q, k, v, tables, lens_a)]
     once = np.asarray(jax.jit(lambda *a: decode_attention(*a, chunk=0))(*args))
     chunked = np.asarray(jax.jit(lambda *a: decode_attention(*a, chunk=chunk))(*args))
@@ -69,9 +76,51 @@ def test_chunked_equals_whole_bucket_and_reference(lens, nb, chunk):
 def test_latency_model_counts_the_blocks_the_loop_reads():
     b = BucketSet.build(8, 64, 1, 128, decode_chunk=16)
     assert b.context_blocks[-2:] == [64, 128]
-    assert b.decode_blocks(9) == 16  # bucket 16 <= chunk: the whole bucket
-    assert b.decode_blocks(65) == 80  # bucket 128, read in chunks of 16 up to 65 blocks
-    assert b.decode_blocks(128) == 128
-    assert BucketSet.build(8, 64, 1, 128).decode_blocks(65) == 128  # chunking off
+    assert b.decode_blocks(9, 8) == 16  # bucket 16 <= chunk: the whole bucket
+    assert b.decode_blocks(65, 8) == 80  # bucket 128, read in chunks of 16 up to 65 blocks
+    assert b.decode_blocks(65, 4) == 128  # too few rows to loop: the whole bucket
+    assert b.decode_blocks(128, 32) == 128
+    assert BucketSet.build(8, 64, 1, 128).decode_blocks(65, 8) == 128  # chunking off
     odd = BucketSet.build(8, 64, 1, 100, decode_chunk=16)  # last bucket 100: 7 chunks max
-    assert odd.decode_blocks(99) == 112
+    assert odd.decode_blocks(99, 8) == 112
+
+
+def _prefilled_runner(loaded, chunk, tp, contexts, prompts):
+    cfg = EngineConfig(model="random:tiny", max_model_len=128, max_num_seqs=8,
+                       max_prefill_tokens=32, tp=tp, decode_attention_chunk=chunk,
+                       cache=CacheConfig(block_size=4, num_blocks=1 + 8 * 32))
+    runner = ModelRunner(loaded.config, loaded.params, cfg)
+    for i, (n, prompt) in enumerate(zip(contexts, prompts)):
+        for s in range(0, n, 32):
+            runner.execute(StepPlan(prefills=[PrefillItem(prompt[s: s + 32], s, _table(i))]))
+    return runner
+
+
+def _table(i):
+    return list(range(1 + 32 * i, 1 + 32 * (i + 1)))
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_runner_decode_through_the_chunk_loop_matches_reading_at_once(tp):
+    """8 decode rows (the loop's minimum) with contexts of 3..101 tokens in blocks of 4:
+    buckets of 8-32 blocks, read in chunks of 2 blocks or at once, sharded or not."""
+    loaded = load_model("random:tiny", seed=3)
+    rng = np.random.default_rng(7)
+    contexts = [3, 101, 17, 40, 64, 9, 77, 33]
+    prompts = [[int(t) for t in rng.integers(3, 200, n)] for n in contexts]
+    spec = SampleSpec(0.0, 0, 1.0, 0, 0, 5)
+    assert uses_decode_chunks(8, 32, 2)
+    runners = [_prefilled_runner(loaded, c, tp, contexts, prompts) for c in (0, 2)]
+    outs = []
+    for runner in runners:
+        steps = []
+        for step in range(3):  # the contexts grow across chunk boundaries
+            plan = StepPlan(decodes=[DecodeItem(11 + step, n + step, _table(i), spec)
+                                     for i, n in enumerate(contexts)])
+            steps.append([(t.token, dict(t.top)) for t in runner.execute(plan).tokens])
+        outs.append(steps)
+    for once, looped in zip(*outs):
+        for (tok_a, top_a), (tok_b, top_b) in zip(once, looped):
+            assert tok_a == tok_b and top_a.keys() == top_b.keys()
+            for t in top_a:
+                assert abs(top_a[t] - top_b[t]) < 1e-5

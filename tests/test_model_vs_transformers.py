@@ -32,29 +32,29 @@ def test_single_request_matches_transformers(fixture, request):
         _check(llm.generate([prompt], GREEDY)[0], *ref)
 
 
-@pytest.mark.parametrize("chunk", [16, 2])
-def test_batched_requests_of_different_lengths(llama_dir, chunk):
+@pytest.mark.parametrize("slots,chunk", [(4, 16), (8, 2)])
+def test_batched_requests_of_different_lengths(llama_dir, slots, chunk):
     hf = load_hf(llama_dir)
     prompts = [random_prompt(n, 300, seed=n) for n in (5, 64, 17, 100, 1, 33, 250)]
     refs = [greedy_reference(hf, p, 32) for p in prompts]
-    # small chunks and few slots: prompts are chunked and mixed with other requests' decodes;
-    # decode attention read in chunks of 16 blocks (the default: contexts past 16 blocks go
-    # through the loop) and of 2 (every bucket past 2 blocks, many trips)
-    with _llm(llama_dir, max_num_seqs=4, max_prefill_tokens=32, max_prefill_seqs=2,
+    # small chunks and few slots: prompts are chunked and mixed with other requests' decodes.
+    # With 8 slots and chunks of 2 blocks, iterations with 5+ decodes (bucket 8) read their
+    # context through decode attention's chunk loop
+    with _llm(llama_dir, max_num_seqs=slots, max_prefill_tokens=32, max_prefill_seqs=2,
               decode_attention_chunk=chunk) as llm:
         outs = llm.generate(prompts, GREEDY)
     for out, ref in zip(outs, refs):
         _check(out, *ref)
 
 
-@pytest.mark.parametrize("tp,chunk", [(2, 16), (4, 16), (2, 2)])
+@pytest.mark.parametrize("tp", [2, 4])
 @pytest.mark.parametrize("fixture", ["llama_dir", "qwen2_dir"])
-def test_tensor_parallel_matches(fixture, tp, chunk, request):
+def test_tensor_parallel_matches(fixture, tp, request):
     path = request.getfixturevalue(fixture)
     hf = load_hf(path)
     prompts = [random_prompt(n, 300, seed=n) for n in (64, 9)]
     refs = [greedy_reference(hf, p, 32) for p in prompts]
-    with _llm(path, tp=tp, decode_attention_chunk=chunk) as llm:
+    with _llm(path, tp=tp) as llm:
         outs = llm.generate(prompts, GREEDY)
         cache = llm.engine.runner.caches[0][0]
         assert len(cache.sharding.device_set) == tp  # the KV cache really is split

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from conserve_jax.models.llama import uses_decode_chunks
+
 
 def powers_of_two(lo: int, hi: int) -> list[int]:
     """lo, 2lo, 4lo, ... up to the first value >= hi (hi itself if not a power)."""
@@ -48,13 +50,13 @@ class BucketSet:
             decode_chunk=decode_chunk,
         )
 
-    def decode_blocks(self, need: int) -> int:
+    def decode_blocks(self, need: int, rows: int) -> int:
         """Blocks of context each decode row's attention reads when the batch's longest
-        context takes `need` blocks: the bucket, or whole chunks up to `need` when the
-        bucket is larger than a chunk."""
+        context takes `need` blocks and the decode rows' bucket is `rows`: the bucket, or
+        whole chunks up to `need` when `decode_attention` loops over chunks."""
         nb = bucket_for(max(1, need), self.context_blocks)
         c = self.decode_chunk
-        if not c or nb <= c:
+        if not uses_decode_chunks(rows, nb, c):
             return nb
         return min(-(-nb // c), -(-need // c)) * c
 

@@ -54,7 +54,7 @@ def features(w: WorkShape, buckets: BucketSet, block_size: int) -> np.ndarray:
     BP = bucket_for(max(1, w.prefill_seqs), buckets.prefill_seqs) if TP else 0
     need = max(1, -(-w.max_context // block_size))
     L = bucket_for(need, buckets.context_blocks) * block_size
-    Ld = buckets.decode_blocks(need) * block_size  # decode attention may stop short of L
+    Ld = buckets.decode_blocks(need, D) * block_size  # decode attention may stop short of L
     S = bucket_for(max(1, w.sample_rows), buckets.sample_rows) if w.sample_rows else 0
     return np.array([1.0, D + TP, D * Ld, TP * BP * L, TP * TP, S], np.float64)
 
