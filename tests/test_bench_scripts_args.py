@@ -19,6 +19,7 @@ import bench_ecoserve  # noqa: E402
 import bench_engine  # noqa: E402
 import bench_io  # noqa: E402
 import bench_latency_model  # noqa: E402
+import probe_decode_chunk  # noqa: E402
 import profile_engine  # noqa: E402
 
 TRACE = ["--trace", "trace.csv"]  # bench_ecoserve's one required flag (not read here)
@@ -135,7 +136,7 @@ def test_write_json(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("script", [bench_engine, profile_engine, bench_latency_model,
-                                    bench_coserve, bench_ecoserve])
+                                    bench_coserve, bench_ecoserve, probe_decode_chunk])
 def test_no_script_flag_shadows_an_engine_knob(script):
     """engine_config_from_args reads every knob-named attribute of the parsed flags, so a
     script's own flag must not use a knob's name (bench_coserve's --warmup {all,none} did)."""
