@@ -117,10 +117,11 @@ class EngineConfig:
         "model, rounded up, so three calls: measured here as fast as one whole-model call "
         "or a few percent faster, and a third quicker to compile; 1: a call per layer, "
         "slower)", default=None)
-    decode_attention_chunk: int = _h(
-        "KV blocks per step of the decode attention over long contexts: when a batch's "
-        "context bucket is larger, decode rows read the cache chunk by chunk, only as far as "
-        "the batch's longest context (not the whole bucket), so the gathered K/V stay in "
+    attention_chunk: int = _h(
+        "KV blocks per step when attention reads a long context from the cache: decode "
+        "batches of 8+ rows whose context bucket is larger, and prefill chunks whose earlier "
+        "context's bucket is over twice as large, read it chunk by chunk, only as far as the "
+        "longest context (not the whole power-of-two bucket), so the gathered K/V stay in "
         "cache (0: always read the whole bucket at once)", default=16)
     max_logprobs: int = _h("largest logprobs a request may ask for", default=20)
     compilation_cache_dir: Optional[str] = _h("persistent XLA cache (default: "
@@ -153,9 +154,8 @@ class EngineConfig:
         self.isolation = parse_isolation(self.isolation)
         if self.safepoint_interval is not None and self.safepoint_interval < 1:
             raise ValueError(f"safepoint_interval must be >= 1, got {self.safepoint_interval}")
-        if self.decode_attention_chunk < 0:
-            raise ValueError(f"decode_attention_chunk must be >= 0, got "
-                             f"{self.decode_attention_chunk}")
+        if self.attention_chunk < 0:
+            raise ValueError(f"attention_chunk must be >= 0, got {self.attention_chunk}")
         if self.kv_cache_tokens is not None and self.kv_cache_tokens < 1:
             raise ValueError(f"kv_cache_tokens must be >= 1, got {self.kv_cache_tokens}")
 

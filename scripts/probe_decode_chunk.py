@@ -1,6 +1,6 @@
 """Decode attention read in chunks vs the whole context bucket at once, A/B in one process.
 
-Builds one runner per `--chunks` value (`decode_attention_chunk`; 0 = the whole bucket at
+Builds one runner per `--chunks` value (`attention_chunk`; 0 = the whole bucket at
 once) over the same weights and times decode iterations of the real runner for every
 `--cases` entry BxC (B sequences, each at C tokens of context: 1024 fills a 64-block
 bucket exactly, 1032 leaves a 128-block bucket half empty), the runners interleaved round by
@@ -31,14 +31,14 @@ from conserve_jax.runtime.model_runner import ModelRunner  # noqa: E402
 from conserve_jax.runtime.step_plan import DecodeItem, SampleSpec, StepPlan  # noqa: E402
 
 ENGINE_DEFAULTS = {"max_model_len": 2048, "block_size": 16}
-NOT_FLAGS = ("max_num_seqs", "num_blocks", "kv_cache_tokens", "decode_attention_chunk")
+NOT_FLAGS = ("max_num_seqs", "num_blocks", "kv_cache_tokens", "attention_chunk")
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default="1x1032,8x1032,32x1032,1x1024,8x1024,32x1024",
                     help="comma list of BxC: B sequences at C tokens of context")
-    ap.add_argument("--chunks", default="0,16", help="decode_attention_chunk values")
+    ap.add_argument("--chunks", default="0,16", help="attention_chunk values")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--json", default="out/probe_decode_chunk.json")
     add_engine_args(ap, defaults=ENGINE_DEFAULTS, exclude=NOT_FLAGS)
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     per_seq = -(-(max(c for _, c in args.cases) + 1) // args.block_size)
     cfg = engine_config_from_args(args, max_num_seqs=batch, num_blocks=batch * per_seq + 8)
     runners = {c: ModelRunner(loaded.config, loaded.params,
-                              dataclasses.replace(cfg, decode_attention_chunk=c))
+                              dataclasses.replace(cfg, attention_chunk=c))
                for c in args.chunks}
     spec = SampleSpec(0.0, 0, 1.0, 0, 0, None)
     res = {"model": args.model, "chunks": args.chunks, "cases": {}}

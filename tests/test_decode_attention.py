@@ -1,8 +1,9 @@
-"""Decode attention over the paged cache read chunk by chunk (`decode_chunk`): the same
-result as reading the whole context bucket at once and as a plain numpy softmax, for
-rows of different lengths, padding rows, chunk boundaries, buckets that are not a
-multiple of the chunk, and loops that stop before the bucket's end; and what the latency
-model counts as the blocks read."""
+"""Attention over the paged cache read chunk by chunk (`attention_chunk`): decode rows give
+the same result as reading the whole context bucket at once and as a plain numpy softmax,
+for rows of different lengths, padding rows, chunk boundaries, buckets that are not a
+multiple of the chunk, and loops that stop before the bucket's end; prefill rows' earlier
+context likewise, for packed sequences with and without earlier context; the runner with
+both; and what the latency model counts as the blocks read."""
 import json
 import os
 import sys
@@ -13,7 +14,8 @@ import numpy as np
 import pytest
 
 from conserve_jax.config import CacheConfig, EngineConfig
-from conserve_jax.models.llama import DECODE_CHUNK_MIN_ROWS, decode_attention, uses_decode_chunks
+from conserve_jax.models.llama import (DECODE_CHUNK_MIN_ROWS, AttentionMeta, decode_attention,
+                                       paged_attention, uses_decode_chunks, uses_prefill_chunks)
 from conserve_jax.models.loader import load_model
 from conserve_jax.runtime.buckets import BucketSet
 from conserve_jax.runtime.model_runner import ModelRunner
@@ -78,20 +80,57 @@ def test_chunked_equals_whole_bucket_and_reference(lens, nb, chunk):
 
 
 def test_latency_model_counts_the_blocks_the_loop_reads():
-    b = BucketSet.build(8, 64, 1, 128, decode_chunk=16)
+    b = BucketSet.build(8, 64, 1, 128, attention_chunk=16)
     assert b.context_blocks[-2:] == [64, 128]
     assert b.decode_blocks(9, 8) == 16  # bucket 16 <= chunk: the whole bucket
     assert b.decode_blocks(65, 8) == 80  # bucket 128, read in chunks of 16 up to 65 blocks
     assert b.decode_blocks(65, 4) == 128  # too few rows to loop: the whole bucket
     assert b.decode_blocks(128, 32) == 128
     assert BucketSet.build(8, 64, 1, 128).decode_blocks(65, 8) == 128  # chunking off
-    odd = BucketSet.build(8, 64, 1, 100, decode_chunk=16)  # last bucket 100: 7 chunks max
+    odd = BucketSet.build(8, 64, 1, 100, attention_chunk=16)  # last bucket 100: 7 chunks max
     assert odd.decode_blocks(99, 8) == 112
+    # prefill's earlier context: in chunks only past two chunks (bucket 64+ here)
+    assert b.prefill_blocks(20) == 32 and b.prefill_blocks(33) == 48 and b.prefill_blocks(69) == 80
+
+
+@pytest.mark.parametrize("starts,chunk", [
+    ([37, 0], 2),     # two packed sequences, one without earlier context
+    ([61, 13], 3),    # bucket 16 not a multiple of 3 (padded to 18 blocks)
+    ([5, 9], 1),      # the loop stops after 3 of 16 chunks
+])
+def test_prefill_earlier_context_in_chunks_equals_reading_at_once(starts, chunk):
+    rng = np.random.default_rng(sum(starts) + chunk)
+    nb, per = 16, [6, 5]  # context bucket; prefill rows per sequence (then 5 padding rows)
+    tp = 16
+    cache_blocks = 1 + 2 * nb
+    k = jnp.asarray(rng.standard_normal((KVH, cache_blocks, BS, HD)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((KVH, cache_blocks, BS, HD)), jnp.float32)
+    tables = np.zeros((2, nb), np.int32)
+    for b in range(2):
+        tables[b] = 1 + b * nb + np.arange(nb)
+    seq = np.array([0] * per[0] + [1] * per[1] + [-1] * (tp - sum(per)), np.int32)
+    pos = np.zeros(tp, np.int32)
+    for b in range(2):
+        rows = np.where(seq == b)[0]
+        pos[rows] = starts[b] + np.arange(len(rows))
+    meta = AttentionMeta(jnp.zeros(tp, jnp.int32), jnp.zeros(tp, jnp.int32), jnp.asarray(pos),
+                         jnp.zeros((0, nb), jnp.int32), jnp.zeros(0, jnp.int32),
+                         jnp.asarray(tables), jnp.asarray(starts, jnp.int32), jnp.asarray(seq))
+    q = jnp.asarray(rng.standard_normal((tp, KVH, G, HD)), jnp.float32)
+    kn = jnp.asarray(rng.standard_normal((tp, KVH, HD)), jnp.float32)
+    vn = jnp.asarray(rng.standard_normal((tp, KVH, HD)), jnp.float32)
+    assert uses_prefill_chunks(nb, chunk)
+    f = jax.jit(paged_attention, static_argnames=("num_decode", "chunk"))
+    once = np.asarray(f(q, kn, vn, k, v, meta, num_decode=0, chunk=0))
+    looped = np.asarray(f(q, kn, vn, k, v, meta, num_decode=0, chunk=chunk))
+    real = seq >= 0
+    np.testing.assert_allclose(looped[real], once[real], atol=2e-5, rtol=1e-5)
+    assert np.isfinite(looped).all()
 
 
 def _prefilled_runner(loaded, chunk, tp, contexts, prompts):
     cfg = EngineConfig(model="random:tiny", max_model_len=128, max_num_seqs=8,
-                       max_prefill_tokens=32, tp=tp, decode_attention_chunk=chunk,
+                       max_prefill_tokens=32, tp=tp, attention_chunk=chunk,
                        cache=CacheConfig(block_size=4, num_blocks=1 + 8 * 32))
     runner = ModelRunner(loaded.config, loaded.params, cfg)
     for i, (n, prompt) in enumerate(zip(contexts, prompts)):

@@ -41,7 +41,7 @@ def test_batched_requests_of_different_lengths(llama_dir, slots, chunk):
     # With 8 slots and chunks of 2 blocks, iterations with 5+ decodes (bucket 8) read their
     # context through decode attention's chunk loop
     with _llm(llama_dir, max_num_seqs=slots, max_prefill_tokens=32, max_prefill_seqs=2,
-              decode_attention_chunk=chunk) as llm:
+              attention_chunk=chunk) as llm:
         outs = llm.generate(prompts, GREEDY)
     for out, ref in zip(outs, refs):
         _check(out, *ref)

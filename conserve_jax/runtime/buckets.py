@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from conserve_jax.models.llama import uses_decode_chunks
+from conserve_jax.models.llama import uses_decode_chunks, uses_prefill_chunks
 
 
 def powers_of_two(lo: int, hi: int) -> list[int]:
@@ -34,20 +34,20 @@ class BucketSet:
     prefill_seqs: list[int]  # sequences the prefill tokens come from
     context_blocks: list[int]  # blocks gathered per sequence
     sample_rows: list[int]  # rows of logits sampled per iteration
-    # decode attention reads buckets larger than this many blocks chunk by chunk, only up to
-    # the batch's longest context (0: always the whole bucket); models.llama.decode_attention
-    decode_chunk: int = 0
+    # attention reads large context buckets this many blocks at a time, only up to the
+    # longest context (0: always the whole bucket); models.llama.paged_attention
+    attention_chunk: int = 0
 
     @classmethod
     def build(cls, max_num_seqs: int, max_prefill_tokens: int, max_prefill_seqs: int,
-              max_blocks_per_seq: int, decode_chunk: int = 0) -> "BucketSet":
+              max_blocks_per_seq: int, attention_chunk: int = 0) -> "BucketSet":
         return cls(
             decode=[0] + powers_of_two(1, max_num_seqs),
             prefill_tokens=[0] + powers_of_two(min(32, max_prefill_tokens), max_prefill_tokens),
             prefill_seqs=powers_of_two(1, max_prefill_seqs),
             context_blocks=powers_of_two(min(4, max_blocks_per_seq), max_blocks_per_seq),
             sample_rows=powers_of_two(1, max_num_seqs + max_prefill_seqs),
-            decode_chunk=decode_chunk,
+            attention_chunk=attention_chunk,
         )
 
     def decode_blocks(self, need: int, rows: int) -> int:
@@ -55,10 +55,16 @@ class BucketSet:
         context takes `need` blocks and the decode rows' bucket is `rows`: the bucket, or
         whole chunks up to `need` when `decode_attention` loops over chunks."""
         nb = bucket_for(max(1, need), self.context_blocks)
-        c = self.decode_chunk
-        if not uses_decode_chunks(rows, nb, c):
-            return nb
-        return min(-(-nb // c), -(-need // c)) * c
+        return self._read(need, nb) if uses_decode_chunks(rows, nb, self.attention_chunk) else nb
+
+    def prefill_blocks(self, need: int) -> int:
+        """The same for prefill rows' earlier context (`uses_prefill_chunks`)."""
+        nb = bucket_for(max(1, need), self.context_blocks)
+        return self._read(need, nb) if uses_prefill_chunks(nb, self.attention_chunk) else nb
+
+    def _read(self, need: int, nb: int) -> int:
+        c = self.attention_chunk
+        return min(-(-nb // c), -(-max(1, need) // c)) * c
 
     def layer_shapes(self) -> list[tuple[int, int, int, int]]:
         """Every (decode, prefill_tokens, prefill_seqs, context_blocks) the runner may use."""

@@ -85,7 +85,7 @@ class ModelRunner:
             // kv_bytes_per_block(model_cfg, self.kv_heads, self.block_size, self.dtype))
         self.buckets = BucketSet.build(engine_cfg.max_num_seqs, engine_cfg.max_prefill_tokens,
                                        engine_cfg.max_prefill_seqs, self.max_blocks_per_seq,
-                                       engine_cfg.decode_attention_chunk)
+                                       engine_cfg.attention_chunk)
         n = model_cfg.num_layers
         # layers per jitted call: iterations without safepoints run `layers_per_call` layers
         # per call; with safepoints every k layers, k per call (the safepoint sits between
@@ -136,10 +136,11 @@ class ModelRunner:
 
     def _make_group_fn(self, size: int):
         """jit of `size` consecutive layers; caches donated (updated in place)."""
-        cfg, chunk = self.cfg, self.engine_cfg.decode_attention_chunk
+        cfg, chunk = self.cfg, self.engine_cfg.attention_chunk
 
         def group_fn(layers, x, cos, sin, caches, meta):
-            return run_layers(layers, x, cos, sin, caches, meta, cfg=cfg, decode_chunk=chunk)
+            return run_layers(layers, x, cos, sin, caches, meta, cfg=cfg,
+                              attention_chunk=chunk)
 
         kw = {}
         if self.mesh is not None:

@@ -6,8 +6,8 @@ ConServe-style separate terms, fitted by least squares on profiled iterations:
           + c_chunk * Tp^2 + c_rows * S
 
 where T is the padded token count, D the decode-sequence bucket, L the gathered context
-per sequence (blocks * block size; for a prefill chunk, the context before it; for decode
-rows, what `BucketSet.decode_blocks` says they read), Tp/Bp the prefill token and
+per sequence (blocks * block size; for a prefill chunk, the context before it; what
+`BucketSet.decode_blocks` / `prefill_blocks` say the rows read), Tp/Bp the prefill token and
 sequence buckets (Tp^2: attention inside the chunks), S the sampled-row bucket. Features
 are taken on the *bucketed* shapes because that is the work the device really does. The engine corrects the fit online with a multiplicative factor
 (an exponential average of measured / predicted). Pure host code; the scheduler (step-loop
@@ -53,10 +53,11 @@ def features(w: WorkShape, buckets: BucketSet, block_size: int) -> np.ndarray:
     TP = bucket_for(w.prefill_tokens, buckets.prefill_tokens)
     BP = bucket_for(max(1, w.prefill_seqs), buckets.prefill_seqs) if TP else 0
     need = max(1, -(-w.max_context // block_size))
-    L = bucket_for(need, buckets.context_blocks) * block_size
-    Ld = buckets.decode_blocks(need, D) * block_size  # decode attention may stop short of L
+    # attention over a long context may stop short of the bucket (BucketSet.*_blocks)
+    Ld = buckets.decode_blocks(need, D) * block_size
+    Lp = buckets.prefill_blocks(need) * block_size
     S = bucket_for(max(1, w.sample_rows), buckets.sample_rows) if w.sample_rows else 0
-    return np.array([1.0, D + TP, D * Ld, TP * BP * L, TP * TP, S], np.float64)
+    return np.array([1.0, D + TP, D * Ld, TP * BP * Lp, TP * TP, S], np.float64)
 
 
 @dataclass
