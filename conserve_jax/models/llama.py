@@ -221,15 +221,8 @@ def _prefill_attention(qp, kn, vn, k_cache, v_cache, meta: AttentionMeta, num_de
     kn, vn = kn.transpose(1, 0, 2), vn.transpose(1, 0, 2)  # [kvh, Tp, hd]
     s_prev = jnp.einsum("kgtd,kjd->kgtj", q, kp, preferred_element_type=jnp.float32)
     s_prev = jnp.where(prev_ok[None, None], s_prev, NEG_INF)
-    tp = q.shape[2]
-    blk = min(PREFILL_QUERY_BLOCK, tp)
     outs = []
-    for lo in range(0, tp, blk):
-        hi = min(tp, lo + blk)
-        sc = jnp.einsum("kgtd,ksd->kgts", q[:, :, lo:hi], kn[:, :hi],
-                        preferred_element_type=jnp.float32)
-        ok = (seq[None, :hi] == seq[lo:hi, None]) & (pos[None, :hi] <= pos[lo:hi, None])
-        sc = jnp.where(ok[None, None], sc, NEG_INF)
+    for lo, hi, sc in _causal_blocks(q, kn, seq, pos):
         sp = s_prev[:, :, lo:hi]
         m = jnp.maximum(sp.max(-1, keepdims=True), sc.max(-1, keepdims=True))
         pp, pc = jnp.exp(sp - m), jnp.exp(sc - m)
@@ -237,8 +230,27 @@ def _prefill_attention(qp, kn, vn, k_cache, v_cache, meta: AttentionMeta, num_de
         o = (jnp.einsum("kgtj,kjd->kgtd", pp.astype(q.dtype), vp)
              + jnp.einsum("kgts,ksd->kgtd", pc.astype(q.dtype), vn[:, :hi]))
         outs.append(o / den.astype(q.dtype))
-    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
-    return out.transpose(2, 0, 1, 3)  # [Tp, kvh, g, hd]
+    return _rows_first(outs)
+
+
+def _causal_blocks(q, kn, seq, pos):
+    """(lo, hi, scores) for each block of PREFILL_QUERY_BLOCK prefill rows [lo, hi): the
+    rows against the chunk's own keys up to row hi, masked causally within each sequence
+    (q [kvh, g, Tp, hd], kn [kvh, Tp, hd], seq/pos [Tp])."""
+    tp = q.shape[2]
+    blk = min(PREFILL_QUERY_BLOCK, tp)
+    for lo in range(0, tp, blk):
+        hi = min(tp, lo + blk)
+        sc = jnp.einsum("kgtd,ksd->kgts", q[:, :, lo:hi], kn[:, :hi],
+                        preferred_element_type=jnp.float32)
+        ok = (seq[None, :hi] == seq[lo:hi, None]) & (pos[None, :hi] <= pos[lo:hi, None])
+        yield lo, hi, jnp.where(ok[None, None], sc, NEG_INF)
+
+
+def _rows_first(blocks: list):
+    """Query blocks [kvh, g, rows, hd] -> [Tp, kvh, g, hd]."""
+    out = blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=2)
+    return out.transpose(2, 0, 1, 3)
 
 
 def _prefill_attention_chunked(qp, kn, vn, k_cache, v_cache, meta: AttentionMeta,
@@ -278,22 +290,15 @@ def _prefill_attention_chunked(qp, kn, vn, k_cache, v_cache, meta: AttentionMeta
     m_prev, den_prev, acc_prev = jax.lax.fori_loop(
         0, trips, step, (m0, jnp.zeros_like(m0), jnp.zeros((kvh, g, tp, hd), jnp.float32)))
     # rows without earlier context keep m = NEG_INF: their loop sums are scaled by 0 below
-    blk = min(PREFILL_QUERY_BLOCK, tp)
     outs = []
-    for lo in range(0, tp, blk):
-        hi = min(tp, lo + blk)
-        sc = jnp.einsum("kgtd,ksd->kgts", q[:, :, lo:hi], kn[:, :hi],
-                        preferred_element_type=jnp.float32)
-        ok = (seq[None, :hi] == seq[lo:hi, None]) & (pos[None, :hi] <= pos[lo:hi, None])
-        sc = jnp.where(ok[None, None], sc, NEG_INF)
+    for lo, hi, sc in _causal_blocks(q, kn, seq, pos):
         m = jnp.maximum(m_prev[:, :, lo:hi], sc.max(-1))
         r, pc = jnp.exp(m_prev[:, :, lo:hi] - m), jnp.exp(sc - m[..., None])
         den = den_prev[:, :, lo:hi] * r + pc.sum(-1)
         o = acc_prev[:, :, lo:hi] * r[..., None] + jnp.einsum(
             "kgts,ksd->kgtd", pc.astype(q.dtype), vn[:, :hi], preferred_element_type=jnp.float32)
         outs.append((o / den[..., None]).astype(q.dtype))
-    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
-    return out.transpose(2, 0, 1, 3)  # [Tp, kvh, g, hd]
+    return _rows_first(outs)
 
 
 def decoder_layer(p: dict, x, cos, sin, k_cache, v_cache, meta: AttentionMeta, *,
