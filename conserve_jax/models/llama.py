@@ -173,28 +173,40 @@ def _decode_attention_once(q, k_cache, v_cache, tables, lens):
     return jnp.einsum("kblg,kbld->bkgd", p, vd)
 
 
-def _decode_attention_chunked(q, k_cache, v_cache, tables, lens, chunk: int):
-    bd, nb = tables.shape
-    kvh, g, hd = q.shape[1:]
-    n = -(-nb // chunk)
-    # padding entries name the scratch block 0; positions past lens are masked anyway
-    tables = jnp.pad(tables, ((0, 0), (0, n * chunk - nb)))
-    span = chunk * k_cache.shape[2]  # tokens per chunk
-    trips = jnp.clip((jnp.max(lens) + span - 1) // span, 1, n)
+def _chunk_loop(tables, chunk: int, block_size: int, longest):
+    """Bounds of a loop over `chunk`-block slices of `tables` [B, nb] that stops after
+    `longest` tokens: (tables padded to whole chunks with the scratch block 0, whose
+    positions are masked anyway; tokens per chunk; trips, at least one)."""
+    n = -(-tables.shape[1] // chunk)
+    tables = jnp.pad(tables, ((0, 0), (0, n * chunk - tables.shape[1])))
+    span = chunk * block_size
+    return tables, span, jnp.clip((longest + span - 1) // span, 1, n)
 
-    def step(i, carry):
-        m, den, acc = carry  # running max and denominator [kvh, Bd, g]; acc [kvh, Bd, g, hd]
+
+def _online_softmax_step(carry, s, axis: int, weighted_values):
+    """One chunk of keys into a running softmax: carry (max, denominator, accumulated
+    values), `s` the chunk's masked float32 scores with keys on `axis`, and
+    `weighted_values(p)` the chunk's values weighted by the (unnormalised) probabilities."""
+    m, den, acc = carry
+    m_new = jnp.maximum(m, s.max(axis))
+    p = jnp.exp(s - jnp.expand_dims(m_new, axis))
+    rescale = jnp.exp(m - m_new)
+    return m_new, den * rescale + p.sum(axis), acc * rescale[..., None] + weighted_values(p)
+
+
+def _decode_attention_chunked(q, k_cache, v_cache, tables, lens, chunk: int):
+    bd = tables.shape[0]
+    kvh, g, hd = q.shape[1:]
+    tables, span, trips = _chunk_loop(tables, chunk, k_cache.shape[2], jnp.max(lens))
+
+    def step(i, carry):  # carry: max and denominator [kvh, Bd, g]; values [kvh, Bd, g, hd]
         t = jax.lax.dynamic_slice_in_dim(tables, i * chunk, chunk, axis=1)
         kd, vd = _gather_context(k_cache, t), _gather_context(v_cache, t)
         s = jnp.einsum("kbld,bkgd->kblg", kd, q, preferred_element_type=jnp.float32)
         valid = (i * span + jnp.arange(span))[None, :] < lens[:, None]  # [Bd, span]
         s = jnp.where(valid[None, :, :, None], s, NEG_INF)
-        m_new = jnp.maximum(m, s.max(axis=2))
-        p = jnp.exp(s - m_new[:, :, None, :])
-        rescale = jnp.exp(m - m_new)
-        acc = acc * rescale[..., None] + jnp.einsum(
-            "kblg,kbld->kbgd", p.astype(q.dtype), vd, preferred_element_type=jnp.float32)
-        return m_new, den * rescale + p.sum(axis=2), acc
+        return _online_softmax_step(carry, s, 2, lambda p: jnp.einsum(
+            "kblg,kbld->kbgd", p.astype(q.dtype), vd, preferred_element_type=jnp.float32))
 
     m0 = jnp.full((kvh, bd, g), NEG_INF, jnp.float32)
     init = (m0, jnp.zeros_like(m0), jnp.zeros((kvh, bd, g, hd), jnp.float32))
@@ -206,19 +218,20 @@ def _prefill_attention(qp, kn, vn, k_cache, v_cache, meta: AttentionMeta, num_de
                        chunk: int = 0):
     """Runs in [kvh, g, T, ...] layout (KV heads and their query groups leading) so that
     scores and probabilities feed the dots without transposed copies."""
+    seq, pos = meta.pre_seq, meta.positions[num_decode:]
+    start = meta.pre_start[jnp.maximum(seq, 0)]  # [Tp]
+    q = qp.transpose(1, 2, 0, 3)  # [kvh, g, Tp, hd]
+    kn, vn = kn.transpose(1, 0, 2), vn.transpose(1, 0, 2)  # [kvh, Tp, hd]
     if uses_prefill_chunks(meta.pre_tables.shape[1], chunk):
-        return _prefill_attention_chunked(qp, kn, vn, k_cache, v_cache, meta, num_decode, chunk)
+        return _prefill_attention_chunked(q, kn, vn, seq, pos, start, k_cache, v_cache, meta,
+                                          chunk)
     kp = _gather_context(k_cache, meta.pre_tables)  # [kvh, Bp, L, hd]
     vp = _gather_context(v_cache, meta.pre_tables)
     kvh, bp, length, hd = kp.shape
     kp, vp = kp.reshape(kvh, bp * length, hd), vp.reshape(kvh, bp * length, hd)
-    seq, pos = meta.pre_seq, meta.positions[num_decode:]
     key_seq = jnp.repeat(jnp.arange(bp), length)
     key_pos = jnp.tile(jnp.arange(length), bp)
-    start = meta.pre_start[jnp.maximum(seq, 0)]  # [Tp]
     prev_ok = (key_seq[None, :] == seq[:, None]) & (key_pos[None, :] < start[:, None])
-    q = qp.transpose(1, 2, 0, 3)  # [kvh, g, Tp, hd]
-    kn, vn = kn.transpose(1, 0, 2), vn.transpose(1, 0, 2)  # [kvh, Tp, hd]
     s_prev = jnp.einsum("kgtd,kjd->kgtj", q, kp, preferred_element_type=jnp.float32)
     s_prev = jnp.where(prev_ok[None, None], s_prev, NEG_INF)
     outs = []
@@ -253,25 +266,19 @@ def _rows_first(blocks: list):
     return out.transpose(2, 0, 1, 3)
 
 
-def _prefill_attention_chunked(qp, kn, vn, k_cache, v_cache, meta: AttentionMeta,
-                               num_decode: int, chunk: int):
-    """`_prefill_attention` with the earlier context read `chunk` blocks at a time, only as
+def _prefill_attention_chunked(q, kn, vn, seq, pos, start, k_cache, v_cache,
+                               meta: AttentionMeta, chunk: int):
+    """`_prefill_attention` (its arrays already in [kvh, g, Tp, ...] layout; `start` each
+    row's earlier context) with the earlier context read `chunk` blocks at a time, only as
     far as the longest earlier context (online softmax across chunks), then merged with the
     causal part of each query block."""
-    seq, pos = meta.pre_seq, meta.positions[num_decode:]
-    start = meta.pre_start[jnp.maximum(seq, 0)]  # [Tp]
-    q = qp.transpose(1, 2, 0, 3)  # [kvh, g, Tp, hd]
-    kn, vn = kn.transpose(1, 0, 2), vn.transpose(1, 0, 2)  # [kvh, Tp, hd]
     kvh, g, tp, hd = q.shape
-    bp, nb = meta.pre_tables.shape
-    n = -(-nb // chunk)
-    tables = jnp.pad(meta.pre_tables, ((0, 0), (0, n * chunk - nb)))
-    span = chunk * k_cache.shape[2]
-    trips = jnp.clip((jnp.max(meta.pre_start) + span - 1) // span, 1, n)
+    bp = meta.pre_tables.shape[0]
+    tables, span, trips = _chunk_loop(meta.pre_tables, chunk, k_cache.shape[2],
+                                      jnp.max(meta.pre_start))
     key_seq = jnp.repeat(jnp.arange(bp), span)
 
-    def step(i, carry):
-        m, den, acc = carry  # [kvh, g, Tp], [kvh, g, Tp], [kvh, g, Tp, hd]
+    def step(i, carry):  # carry: max and denominator [kvh, g, Tp]; values [kvh, g, Tp, hd]
         t = jax.lax.dynamic_slice_in_dim(tables, i * chunk, chunk, axis=1)
         kp = _gather_context(k_cache, t).reshape(kvh, bp * span, hd)
         vp = _gather_context(v_cache, t).reshape(kvh, bp * span, hd)
@@ -279,12 +286,8 @@ def _prefill_attention_chunked(qp, kn, vn, k_cache, v_cache, meta: AttentionMeta
         ok = (key_seq[None, :] == seq[:, None]) & (key_pos[None, :] < start[:, None])
         s = jnp.einsum("kgtd,kjd->kgtj", q, kp, preferred_element_type=jnp.float32)
         s = jnp.where(ok[None, None], s, NEG_INF)
-        m_new = jnp.maximum(m, s.max(-1))
-        p = jnp.exp(s - m_new[..., None])
-        r = jnp.exp(m - m_new)
-        acc = acc * r[..., None] + jnp.einsum("kgtj,kjd->kgtd", p.astype(q.dtype), vp,
-                                              preferred_element_type=jnp.float32)
-        return m_new, den * r + p.sum(-1), acc
+        return _online_softmax_step(carry, s, -1, lambda p: jnp.einsum(
+            "kgtj,kjd->kgtd", p.astype(q.dtype), vp, preferred_element_type=jnp.float32))
 
     m0 = jnp.full((kvh, g, tp), NEG_INF, jnp.float32)
     m_prev, den_prev, acc_prev = jax.lax.fori_loop(

@@ -9,8 +9,9 @@ where T is the padded token count, D the decode-sequence bucket, L the gathered 
 per sequence (blocks * block size; for a prefill chunk, the context before it; what
 `BucketSet.decode_blocks` / `prefill_blocks` say the rows read), Tp/Bp the prefill token and
 sequence buckets (Tp^2: attention inside the chunks), S the sampled-row bucket. Features
-are taken on the *bucketed* shapes because that is the work the device really does. The engine corrects the fit online with a multiplicative factor
-(an exponential average of measured / predicted). Pure host code; the scheduler (step-loop
+are taken on the *bucketed* shapes because that is the work the device really does. The
+engine corrects the fit online with a multiplicative factor (an exponential average of
+measured / predicted). Pure host code; the scheduler (step-loop
 thread) calls `predict` many times per iteration, so it is cheap.
 """
 from __future__ import annotations
