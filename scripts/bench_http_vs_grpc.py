@@ -20,16 +20,14 @@ import subprocess
 import sys
 import tempfile
 
+from conserve_jax.bench import script_io
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [REPO, os.path.join(REPO, "scripts")]
-
-import bench_io  # noqa: E402
-
 KEYS = (("ttft_s", "p50"), ("ttft_s", "p99"), ("itl_s", "p50"), ("e2e_s", "p50"))
 
 
 def spawn(data_dir: str, token_delay: float) -> tuple[subprocess.Popen, dict]:
-    cmd = [sys.executable, "-m", "conserve_jax.cli", "serve", "--model", "mock", "--port", "0",
+    cmd = [sys.executable, "-m", "conserve_jax.entrypoints.cli", "serve", "--model", "mock", "--port", "0",
            "--http-port", "0", "--data-dir", data_dir, "--mock-token-delay", str(token_delay)]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     ports = {}
@@ -42,7 +40,7 @@ def spawn(data_dir: str, token_delay: float) -> tuple[subprocess.Popen, dict]:
 
 
 def loadtest(backend: str, target: str, args, out: str) -> dict:
-    cmd = [sys.executable, "-m", "conserve_jax.cli", "loadtest", "--backend", backend,
+    cmd = [sys.executable, "-m", "conserve_jax.entrypoints.cli", "loadtest", "--backend", backend,
            "--target", target, "--rate", str(args.rate), "--num-requests", str(args.num_requests),
            "--input-len", str(args.input_len), "--output-len", str(args.output_len),
            "--max-context", "512", "--seed", "1", "--no-progress", "--json", out,
@@ -97,7 +95,7 @@ def main() -> int:
         g, o = summary["grpc"][key], summary["openai"][key]
         print(f"{key:14s} {g['median']:10.4f} {o['median']:11.4f} {g['min']:10.4f} {o['min']:11.4f} "
               f"{ratio:11.2f}")
-    bench_io.write_json(args.out, {"config": vars(args), "runs": runs, "summary": summary,
+    script_io.write_json(args.out, {"config": vars(args), "runs": runs, "summary": summary,
                                    "ratios": ratios})
     return 0
 

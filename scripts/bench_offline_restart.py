@@ -24,16 +24,14 @@ import tempfile
 import threading
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import bench_io  # noqa: E402
-from conserve_jax.client import Client  # noqa: E402
+from conserve_jax.bench import script_io
+from conserve_jax.entrypoints.client import Client
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def spawn(data: str, extra: list[str]):
-    cmd = [sys.executable, "-m", "conserve_jax.cli", "-v", "serve", "--port", "0",
+    cmd = [sys.executable, "-m", "conserve_jax.entrypoints.cli", "-v", "serve", "--port", "0",
            "--data-dir", data, *extra]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
@@ -187,7 +185,7 @@ def main() -> int:
           f"{summary['cpu_after_listen_ratio_median']:.2f}x")
     for x in rows:
         x.pop("tokens")
-    bench_io.write_json(args.json, dict(config=vars(args), runs=rows, summary=summary), indent=1)
+    script_io.write_json(args.json, dict(config=vars(args), runs=rows, summary=summary), indent=1)
     return 0
 
 

@@ -5,7 +5,8 @@
 
 Runs grpcio-tools' protoc in-process. The generated `*_pb2_grpc.py` imports
 `conserve.v1.conserve_pb2`; that import is rewritten to the package path
-`conserve_jax.proto_gen.conserve.v1` so the code works without touching sys.path.
+`conserve_jax.proto_gen.conserve.v1` so the code imports from the installed package, with
+no import-path set-up.
 tests/test_proto_fresh.py fails when the committed files differ from a fresh run.
 """
 from __future__ import annotations

@@ -48,11 +48,9 @@ import time
 
 import grpc
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import bench_io  # noqa: E402
-from conserve_jax.client import Client  # noqa: E402
-from conserve_jax.proto_gen.conserve.v1 import conserve_pb2 as pb  # noqa: E402
+from conserve_jax.bench import script_io
+from conserve_jax.entrypoints.client import Client
+from conserve_jax.proto_gen.conserve.v1 import conserve_pb2 as pb
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TERMINAL = {"completed", "cancelled", "failed"}
@@ -81,7 +79,7 @@ def proc_usage(pid: int) -> tuple[int, int]:
 
 
 def start_server(args, data_dir: str) -> tuple[subprocess.Popen, int]:
-    cmd = [sys.executable, "-m", "conserve_jax.cli", "--log-level", "WARNING", "serve",
+    cmd = [sys.executable, "-m", "conserve_jax.entrypoints.cli", "--log-level", "WARNING", "serve",
            "--model", args.model, "--host", "127.0.0.1", "--port", "0", "--data-dir", data_dir,
            "--max-num-seqs", str(args.max_num_seqs), "--max-online-queue", str(args.max_online_queue),
            "--drain-timeout", "5"]
@@ -376,7 +374,7 @@ def main() -> int:
         "result_problems": problems[:20], "server_exit": rc, "checks": checks,
         "passed": all(checks.values()), "data_dir": data_dir,
     }
-    bench_io.write_json(args.json, summary, announce=False)
+    script_io.write_json(args.json, summary, announce=False)
     print(json.dumps({k: summary[k] for k in ("calls", "outcomes_by_code", "batches", "batch_items",
                                               "rss_mb", "fds", "server_exit")}, indent=1))
     for name, ok in checks.items():

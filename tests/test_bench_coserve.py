@@ -1,17 +1,14 @@
-"""scripts/bench_coserve.py end to end on a tiny random model: every policy runs a few
-seconds of the real workload recipe; the JSON has every field for every policy, the
-top-level resume/safepoint/targets sections, and a PNG exists per policy."""
+"""The co-serving benchmark (conserve_jax/bench/coserve.py, run as scripts/bench_coserve.py)
+end to end on a tiny random model: every policy runs a few seconds of the real workload
+recipe; the JSON has every field for every policy, the top-level resume/safepoint/targets
+sections, and a PNG exists per policy."""
 import json
-import os
-import sys
 
 import pytest
 
-SCRIPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
-sys.path.insert(0, SCRIPTS)
-
-import bench_coserve  # noqa: E402
-import coserve_workload  # noqa: E402
+from conserve_jax.bench import coserve as bench_coserve
+from conserve_jax.bench import coserve_pareto as pareto
+from conserve_jax.bench import coserve_workload
 
 TINY = ["--model", "random:small", "--duration", "3", "--drain", "3", "--rate", "2",
         "--max-model-len", "256", "--max-num-seqs", "4", "--max-prefill-tokens", "64",
@@ -94,8 +91,6 @@ def test_workload_recipe():
 
 
 def test_sweep_variants_and_dominance():
-    import coserve_pareto as pareto
-
     vs = pareto.variants(bench_coserve.POLICIES, 1.2, 256, sweep=True)
     labels = [v.label for v in vs]
     assert len(labels) == len(set(labels))
@@ -117,8 +112,6 @@ def test_sweep_variants_and_dominance():
 
 
 def test_conserve_discard_variant_and_policy_names():
-    import coserve_pareto as pareto
-
     vs = pareto.variants(["conserve", "conserve-discard"], 1.2, 256, sweep=False)
     assert [(v.label, v.policy) for v in vs] == [("conserve", "conserve"),
                                                  ("conserve-discard", "conserve")]

@@ -1,26 +1,19 @@
-"""The benchmark scripts' engine flags come from `add_engine_args`: with no flags each
-script builds the EngineConfig it built by hand before (written out below as it was), and
-engine flags such as --block-size and --dtype reach the config it runs. Parsing only; no
-model is loaded."""
+"""The benchmarks' engine flags come from `add_engine_args`: with no flags each benchmark
+(conserve_jax/bench/, run by the entry points in scripts/) builds the EngineConfig it built
+by hand before (written out below as it was), and engine flags such as --block-size and
+--dtype reach the config it runs. Parsing only; no model is loaded."""
 import dataclasses
-import os
-import sys
 
 import pytest
 
-from conserve_jax.config import CacheConfig, EngineConfig
+from conserve_jax.bench import coserve as bench_coserve
+from conserve_jax.bench import ecoserve as bench_ecoserve
+from conserve_jax.bench import engine_speed as bench_engine
+from conserve_jax.bench import latency_model_accuracy as bench_latency_model
+from conserve_jax.bench import script_io
+from conserve_jax.bench import step_profile as profile_engine
+from conserve_jax.config import CacheConfig, ConserveConfig, EngineConfig
 from conserve_jax.engine_args import engine_config, engine_config_from_args, knob_names
-
-SCRIPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
-sys.path.insert(0, SCRIPTS)
-
-import bench_coserve  # noqa: E402
-import bench_ecoserve  # noqa: E402
-import bench_engine  # noqa: E402
-import bench_io  # noqa: E402
-import bench_latency_model  # noqa: E402
-import probe_decode_chunk  # noqa: E402
-import profile_engine  # noqa: E402
 
 TRACE = ["--trace", "trace.csv"]  # bench_ecoserve's one required flag (not read here)
 ENGINE_FLAGS = ["--block-size", "32", "--dtype", "bfloat16"]
@@ -39,12 +32,12 @@ def test_bench_engine():
     # the runner never reads `model`; it was a label and is now the model measured. The
     # safepoint interval defaults to LLM's own (none) so that the LLM.generate measure
     # times what LLM users get; runner measures pass their own grouping
-    assert per_seq == old_per_seq and cfg == dataclasses.replace(old, model="default",
-                                                                 safepoint_interval=None)
+    assert per_seq == old_per_seq and cfg == dataclasses.replace(
+        old, model="default", conserve=ConserveConfig(safepoint_interval=None))
     assert bench_engine.runner_config(a, 1, 128, 512)[0].max_num_seqs == 1
     # LLM(**kw) builds engine_config(**kw); before: LLM(model=args.model, max_model_len=2048)
     assert engine_config(**bench_engine.llm_kwargs(a)) == EngineConfig(
-        model="default", max_model_len=2048, safepoint_interval=None)
+        model="default", max_model_len=2048, conserve=ConserveConfig(safepoint_interval=None))
     b = bench_engine.parse_args(ENGINE_FLAGS + ["--max-prefill-tokens", "256"])
     cfg, per_seq = bench_engine.runner_config(b, 8, 128, 512)
     assert cfg.cache.block_size == 32 and cfg.dtype == "bfloat16" and per_seq == _ceil(512, 32) + 1
@@ -80,11 +73,12 @@ def test_bench_latency_model():
 def test_bench_coserve():
     a = bench_coserve.parse_args([])
     old = EngineConfig(model="default", policy="conserve", max_model_len=1280, max_num_seqs=16,
-                       max_prefill_tokens=512, max_prefill_seqs=1, safepoint_interval=1,
+                       max_prefill_tokens=512, max_prefill_seqs=1,
                        default_ttft_s=1.0, default_tpot_s=0.2, latency_model_path=None, seed=0,
                        cache=CacheConfig(block_size=16, num_blocks=4 * _ceil(1280, 16) + 1,
                                          host_pool_bytes=int(4.0 * 2**30)),
-                       isolation=1.2, sarathi_token_budget=256)
+                       conserve=ConserveConfig(isolation=1.2, safepoint_interval=1),
+                       sarathi_token_budget=256)
     assert bench_coserve.engine_config(a, "conserve") == old
     v = [v for v in bench_coserve.pareto.variants(a.policies, a.isolation,
                                                   a.sarathi_token_budget, True)
@@ -94,7 +88,7 @@ def test_bench_coserve():
     b = bench_coserve.parse_args(ENGINE_FLAGS + ["--isolation", "off", "--kv-seqs", "2",
                                                  "--ttft", "3", "--seed", "5"])
     cfg = bench_coserve.engine_config(b, "conserve")
-    assert (cfg.cache.block_size, cfg.dtype, cfg.isolation, cfg.seed) == (32, "bfloat16", None, 5)
+    assert (cfg.cache.block_size, cfg.dtype, cfg.conserve.isolation, cfg.seed) == (32, "bfloat16", None, 5)
     assert cfg.cache.num_blocks == 2 * _ceil(1280, 32) + 1 and cfg.default_ttft_s == 3.0
     assert bench_coserve.engine_config(
         bench_coserve.parse_args(["--num-blocks", "99"]), "fcfs").cache.num_blocks == 99
@@ -114,7 +108,8 @@ def test_bench_ecoserve():
                        compilation_cache_dir="out/xla_cache")
     assert bench_ecoserve.config(a, "ecoserve") == old
     assert bench_ecoserve.config(a, "conserve", offline_kv_reservation=True) == \
-        dataclasses.replace(old, policy="conserve", offline_kv_reservation=True)
+        dataclasses.replace(old, policy="conserve",
+                            conserve=ConserveConfig(offline_kv_reservation=True))
     pre = dataclasses.replace(old, policy="fcfs", kv_cache_tokens=None)
     pre.cache = dataclasses.replace(pre.cache, num_blocks=32 * _ceil(768, 16) + 1)
     assert bench_ecoserve.prepass_config(a) == pre
@@ -128,15 +123,15 @@ def test_bench_ecoserve():
 
 def test_write_json(tmp_path, capsys):
     path = str(tmp_path / "a" / "b.json")
-    assert bench_io.write_json(path, {"x": [1, 2]}) == path
+    assert script_io.write_json(path, {"x": [1, 2]}) == path
     assert open(path).read() == '{\n  "x": [\n    1,\n    2\n  ]\n}'
     assert capsys.readouterr().out == f"wrote {path}\n"
-    bench_io.write_json(path, {}, indent=1, announce=False)
+    script_io.write_json(path, {}, indent=1, announce=False)
     assert capsys.readouterr().out == ""
 
 
 @pytest.mark.parametrize("script", [bench_engine, profile_engine, bench_latency_model,
-                                    bench_coserve, bench_ecoserve, probe_decode_chunk])
+                                    bench_coserve, bench_ecoserve])
 def test_no_script_flag_shadows_an_engine_knob(script):
     """engine_config_from_args reads every knob-named attribute of the parsed flags, so a
     script's own flag must not use a knob's name (bench_coserve's --warmup {all,none} did)."""

@@ -4,10 +4,6 @@ for rows of different lengths, padding rows, chunk boundaries, buckets that are 
 multiple of the chunk, and loops that stop before the bucket's end; prefill rows' earlier
 context likewise, for packed sequences with and without earlier context; the runner with
 both; and what the latency model counts as the blocks read."""
-import json
-import os
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -168,18 +164,3 @@ def test_runner_decode_through_the_chunk_loop_matches_reading_at_once(tp):
             for t in top_a:
                 assert abs(top_a[t] - top_b[t]) < 1e-5
 
-
-def test_probe_decode_chunk_script_runs_and_reports_each_chunk(tmp_path):
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts"))
-    import probe_decode_chunk
-
-    out = tmp_path / "probe.json"
-    probe_decode_chunk.main(["--model", "random:tiny", "--cases", "8x40,1x9", "--chunks", "0,2",
-                             "--rounds", "1", "--block-size", "4", "--max-model-len", "64",
-                             "--json", str(out)])
-    res = json.loads(out.read_text())
-    assert set(res["cases"]) == {"8x40", "1x9"}
-    for row in res["cases"].values():
-        assert set(row) == {"0", "2"} and row["0"]["speedup"] == 1.0
-        for r in row.values():
-            assert 0 < r["ms_min"] <= r["ms_median"]

@@ -1,13 +1,14 @@
-"""The co-serving benchmark's variants and its Pareto sweep (helpers of bench_coserve.py).
+"""The co-serving benchmark's variants and its Pareto sweep (helpers of `coserve`, run as
+scripts/bench_coserve.py; tests/test_bench_coserve.py checks the variants and dominance).
 
 A variant is one policy with its knob: `conserve` at an isolation factor (or off),
 `sarathi` at a token budget, the other policies as they are. The default set is one
 variant per policy (`conserve-discard` in the policy list adds conserve with preempted
 iterations discarded instead of resumed); `--sweep` adds conserve at isolation 1.05, 1.1,
-1.2, 1.5, 2 and off and sarathi at token budgets 64, 128, 256 and 512. The sweep's points are plotted as online
-p99 TPOT and p99 TTFT against offline processed tokens/s, one curve per policy, and each
-baseline point is checked for a conserve point that dominates it (at least its offline
-processed tokens/s with no worse online p99 TTFT and TPOT).
+1.2, 1.5, 2 and off and sarathi at token budgets 64, 128, 256 and 512. The sweep's points
+are plotted as online p99 TPOT and p99 TTFT against offline processed tokens/s, one curve
+per policy, and each baseline point is checked for a conserve point that dominates it (at
+least its offline processed tokens/s with no worse online p99 TTFT and TPOT).
 """
 from __future__ import annotations
 

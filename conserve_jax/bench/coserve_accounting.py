@@ -1,8 +1,8 @@
-"""Run accounting of the co-serving benchmark (a helper of bench_coserve.py): `Probe`
-wraps a live engine's scheduler, policy and runner to record every iteration, commit and
-runner call, and `Probe.window` turns them into the window's offline throughput and its
-split (see bench_coserve's module doc for each key). Wrappers run on the engine's
-step-loop thread; `window` is called after the engine stopped.
+"""Run accounting of the co-serving benchmark (a helper of `coserve`, run as
+scripts/bench_coserve.py): `Probe` wraps a live engine's scheduler, policy and runner to
+record every iteration, commit and runner call, and `Probe.window` turns them into the
+window's offline throughput and its split (see `coserve`'s module doc for each key).
+Wrappers run on the engine's step-loop thread; `window` is called after the engine stopped.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from conserve_jax.engine import Engine
+    from conserve_jax.engine.engine import Engine
 
 
 class Probe:

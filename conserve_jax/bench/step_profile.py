@@ -10,6 +10,10 @@ host work (batch building, sampler, device->host copies), measured separately to
 
 Engine knobs are the engine's own flags (--dtype, --block-size, --layers-per-call, ...);
 the batch (largest of --batches) and the KV blocks (room for --context) are set here.
+
+Callers: scripts/profile_engine.py (the entry point; also `python -m
+conserve_jax.bench.step_profile`); tests/test_bench_scripts_args.py checks `parse_args` and
+`runner_config`.
 """
 from __future__ import annotations
 
@@ -27,16 +31,13 @@ import time
 import jax
 import numpy as np
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.dirname(_HERE), _HERE]
-
-import bench_io  # noqa: E402
-from conserve_jax.config import EngineConfig  # noqa: E402
-from conserve_jax.engine_args import add_engine_args, engine_config_from_args  # noqa: E402
-from conserve_jax.models.loader import load_model  # noqa: E402
-from conserve_jax.runtime.batch_arrays import build_batch  # noqa: E402
-from conserve_jax.runtime.model_runner import ModelRunner  # noqa: E402
-from conserve_jax.runtime.step_plan import DecodeItem, SampleSpec, StepPlan  # noqa: E402
+from conserve_jax.bench import script_io
+from conserve_jax.config import EngineConfig
+from conserve_jax.engine_args import add_engine_args, engine_config_from_args
+from conserve_jax.models.loader import load_model
+from conserve_jax.runtime.batch_arrays import build_batch
+from conserve_jax.runtime.model_runner import ModelRunner
+from conserve_jax.runtime.step_plan import DecodeItem, SampleSpec, StepPlan
 
 # thunk-name patterns -> category (first match wins); names come from XLA's HLO op names
 CATEGORIES = [
@@ -120,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None):
-    args = bench_io.parse_checked(build_parser(), argv)
+    args = script_io.parse_checked(build_parser(), argv)
     args.batches = [int(b) for b in args.batches.split(",")]
     return args
 
@@ -155,7 +156,7 @@ def main(argv=None) -> int:
             print(f"    {k:<18}{v:8.2f} ms")
         for k, v in list(r["top_ops_ms"].items())[:10]:
             print(f"      {k[:40]:<42}{v:8.3f} ms")
-    bench_io.write_json(args.json, res)
+    script_io.write_json(args.json, res)
     return 0
 
 

@@ -1,5 +1,5 @@
 """The co-serving benchmark's workload, and its statistics, targets, table and plots
-(helpers of bench_coserve.py).
+(helpers of `coserve`, run as scripts/bench_coserve.py).
 
 Online load: a window of the Azure LLM inference trace 2023, conversation service
 (`data/traces/azure_llm_2023_conv.csv`; CC-BY 4.0, Patel et al., "Splitwise", ISCA 2024;
@@ -33,8 +33,9 @@ import numpy as np
 
 from conserve_jax.loadtest.trace import read_azure_trace
 
-TRACE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                     "data", "traces", "azure_llm_2023_conv.csv")
+# the repository's copy of the trace (conserve_jax/bench/ -> the repository root)
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TRACE = os.path.join(REPO, "data", "traces", "azure_llm_2023_conv.csv")
 
 
 @dataclass

@@ -1,5 +1,5 @@
-"""The KV-bound online workload of bench_ecoserve.py (helpers: workload, natural lengths,
-metrics).
+"""The KV-bound online workload of the EcoServe benchmark (helpers of `ecoserve`, run as
+scripts/bench_ecoserve.py: workload, natural lengths, metrics).
 
 Arrivals and sizes come from the Azure LLM inference trace 2023, conversation service
 (CC-BY 4.0, Patel et al., "Splitwise", ISCA 2024; see data/traces/README.md): the

@@ -1,7 +1,7 @@
 """EcoServe benchmark: fcfs, sarathi and ecoserve on the same KV-bound online workload, at
 several arrival rates, in one process.
 
-Workload (scripts/ecoserve_workload.py says exactly how): Azure conversation trace arrivals
+Workload (ecoserve_workload says exactly how): Azure conversation trace arrivals
 (bursts kept) stretched to each --rate over --duration s; prompts = shared system prefix +
 task marker + random content (ContextTokens/8 in [16, 256]); natural answer lengths from the
 trace (GeneratedTokens/3, long-tailed), produced by a per-request stop token found in a
@@ -10,8 +10,9 @@ cached greedy pre-pass; greedy, EOS/stop honoured, max_tokens --max-tokens for e
 Engine (same for every policy): --model (default random:small: 4 layers, fast enough on this
 2-core CPU that a run takes minutes while the KV cache, not compute, limits concurrency),
 --kv-cache-tokens (default 2048: ~9 average requests fit while --max-num-seqs 32 would
-allow more, so KV memory, not compute, limits the batch), 16-token blocks, 128 prefill tokens per iteration. Each (rate, policy) gets a fresh
-engine; policy order rotates per rate; compiled functions are shared between engines.
+allow more, so KV memory, not compute, limits the batch), 16-token blocks, 128 prefill
+tokens per iteration. Each (rate, policy) gets a fresh engine; policy order rotates per
+rate; compiled functions are shared between engines.
 
 Measured per rate and policy (client side, time.monotonic; medians over --repeats runs,
 each kept under `runs`): SLO attainment (finished with
@@ -31,6 +32,10 @@ Engine knobs are the engine's own flags (add_engine_args: --model, --kv-cache-to
 with the defaults above. Not flags here: --policy (--policies), --offline-kv-reservation
 (--offline-compare varies it), the engine's --warmup (the first engine compiles every
 bucket, later ones reuse it), --default-ttft-s/--default-tpot-s (--ttft/--tpot set them).
+
+Callers: scripts/bench_ecoserve.py (the entry point; also `python -m
+conserve_jax.bench.ecoserve`); tests/test_bench_scripts_args.py checks `parse_args`,
+`config` and `prepass_config`.
 """
 from __future__ import annotations
 
@@ -43,17 +48,14 @@ import time
 
 import numpy as np
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.dirname(_HERE), _HERE]
-
-import ecoserve_workload as wl  # noqa: E402
-import bench_io  # noqa: E402
-from conserve_jax.config import EngineConfig  # noqa: E402
-from conserve_jax.engine_args import add_engine_args, engine_config_from_args  # noqa: E402
-from conserve_jax.engine import Engine  # noqa: E402
-from conserve_jax.engine_api import SLO, GenerationRequest, RequestClass  # noqa: E402
-from conserve_jax.models.loader import load_model  # noqa: E402
-from conserve_jax.sampling_params import SamplingParams  # noqa: E402
+from conserve_jax.bench import ecoserve_workload as wl
+from conserve_jax.bench import script_io
+from conserve_jax.config import EngineConfig
+from conserve_jax.engine.engine import Engine
+from conserve_jax.engine_api import SLO, GenerationRequest, RequestClass
+from conserve_jax.engine_args import add_engine_args, engine_config_from_args
+from conserve_jax.models.loader import load_model
+from conserve_jax.sampling_params import SamplingParams
 
 # the benchmark's engine (same for every policy), where it differs from the engine's defaults
 ENGINE_DEFAULTS = {"model": "random:small", "kv_cache_tokens": 2048, "max_num_seqs": 32,
@@ -258,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None):
-    a = bench_io.parse_checked(build_parser(), argv, policy="fcfs")
+    a = script_io.parse_checked(build_parser(), argv, policy="fcfs")
     if a.quick:
         a.rates, a.repeats = "4,8", 1
     return a
@@ -331,7 +333,7 @@ def wl_fmt(v) -> str:
 
 
 def _write(path: str, res: dict) -> None:
-    bench_io.write_json(path, res, indent=1, announce=False)
+    script_io.write_json(path, res, indent=1, announce=False)
 
 
 if __name__ == "__main__":

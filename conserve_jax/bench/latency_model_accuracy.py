@@ -12,26 +12,26 @@ This was a unit test; it depends on machine load, so it is a benchmark now (issu
 Engine knobs are the engine's own flags (--model, --dtype, --block-size, ...), defaulting
 to the geometry the judged points need (max_model_len 512, 16 sequences, 256 prefill
 tokens, 512 KV blocks).
+
+Callers: scripts/bench_latency_model.py (the entry point; also `python -m
+conserve_jax.bench.latency_model_accuracy`); tests/test_bench_scripts_args.py checks
+`parse_args`.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
 
 import numpy as np
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.dirname(_HERE), _HERE]
-
-import bench_io  # noqa: E402
-from conserve_jax.engine_args import add_engine_args, engine_config_from_args  # noqa: E402
-from conserve_jax.models.loader import load_model  # noqa: E402
-from conserve_jax.runtime.model_runner import ModelRunner  # noqa: E402
-from conserve_jax.scheduling.latency_model import LatencyModel  # noqa: E402
-from conserve_jax.scheduling.profiler import profile, synthetic_plan  # noqa: E402
+from conserve_jax.bench import script_io
+from conserve_jax.engine_args import add_engine_args, engine_config_from_args
+from conserve_jax.models.loader import load_model
+from conserve_jax.runtime.model_runner import ModelRunner
+from conserve_jax.scheduling.latency_model import LatencyModel
+from conserve_jax.scheduling.profiler import profile, synthetic_plan
 
 # the script's own defaults for engine knobs (the engine's defaults otherwise)
 ENGINE_DEFAULTS = {"model": "random:small", "max_model_len": 512, "max_num_seqs": 16,
@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None):
-    return bench_io.parse_checked(build_parser(), argv)
+    return script_io.parse_checked(build_parser(), argv)
 
 
 def main(argv=None) -> int:
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
            "median_of_p90": p90, "min_median": min(x["median"] for x in rounds),
            "targets": {"median": 0.35, "p90": 0.8}, "met": med <= 0.35 and p90 <= 0.8}
     print(f"median of medians {med:.3f} (target <= 0.35), median p90 {p90:.3f} (target <= 0.8)")
-    bench_io.write_json(args.json, out)
+    script_io.write_json(args.json, out)
     return 0
 
 

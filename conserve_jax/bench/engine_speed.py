@@ -20,6 +20,11 @@ Engine knobs are the engine's own flags (`add_engine_args`: --dtype, --block-siz
 
     python scripts/bench_engine.py --peers transformers --json out/bench_engine.json
     python scripts/bench_engine.py --quick --peers transformers    # a few minutes
+
+Callers: scripts/bench_engine.py (the entry point; also `python -m
+conserve_jax.bench.engine_speed`); tests/test_bench_scripts_args.py checks `parse_args`,
+`runner_config` and `llm_kwargs`. The peers live in their own processes (`peers`): this
+process imports no torch.
 """
 from __future__ import annotations
 
@@ -33,18 +38,15 @@ import time
 
 import jax
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.dirname(_HERE), _HERE]
-
-import bench_io  # noqa: E402
-from conserve_jax.config import EngineConfig  # noqa: E402
-from conserve_jax.engine_args import (add_engine_args, engine_config_from_args,  # noqa: E402
+from conserve_jax.bench import script_io
+from conserve_jax.bench.peers import make_peers, matvec_bandwidth_isolated, timed_calls
+from conserve_jax.config import EngineConfig
+from conserve_jax.engine_args import (add_engine_args, engine_config_from_args,
                                       engine_kwargs_from_args)
-from conserve_jax.models.loader import default_model_path, load_model  # noqa: E402
-from conserve_jax.runtime.compile_cache import enable_compilation_cache  # noqa: E402
-from conserve_jax.runtime.model_runner import ModelRunner  # noqa: E402
-from conserve_jax.runtime.step_plan import DecodeItem, PrefillItem, SampleSpec, StepPlan  # noqa: E402
-from bench_peers import make_peers, matvec_bandwidth_isolated, timed_calls  # noqa: E402
+from conserve_jax.models.loader import default_model_path, load_model
+from conserve_jax.runtime.compile_cache import enable_compilation_cache
+from conserve_jax.runtime.model_runner import ModelRunner
+from conserve_jax.runtime.step_plan import DecodeItem, PrefillItem, SampleSpec, StepPlan
 
 # the script's own defaults for engine knobs (the engine's defaults otherwise)
 ENGINE_DEFAULTS = {"max_model_len": 2048, "max_prefill_tokens": 512, "block_size": 16,
@@ -156,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None):
-    return bench_io.parse_checked(build_parser(), argv)
+    return script_io.parse_checked(build_parser(), argv)
 
 
 def main(argv=None) -> int:
@@ -313,7 +315,7 @@ def main(argv=None) -> int:
         for k, v in vr.items():
             print(f"{name + ': ' + k:<58}{fmt3(v):>10}")
     print(f"load average at end {os.getloadavg()}")
-    bench_io.write_json(args.json, res)
+    script_io.write_json(args.json, res)
     return 0
 
 

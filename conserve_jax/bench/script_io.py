@@ -1,8 +1,9 @@
-"""Input and output shared by the benchmark scripts: engine flags checked when parsed, and
-the result JSON written where the script's --json / --out flag says.
+"""Input and output shared by the benchmarks: engine flags checked when parsed, and the
+result JSON written where the benchmark's --json / --out flag says.
 
-Called from a script's main thread; holds no state. Scripts import it after putting the
-repository root on sys.path (they run as `python scripts/<name>.py`).
+Called by the benchmark modules of conserve_jax/bench/ and the scripts in scripts/
+(soak.py, bench_http_vs_grpc.py, bench_offline_restart.py), from their main thread; holds
+no state. Imports only the configuration modules (no JAX).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""One-off measurements of the co-serving benchmark (helpers of bench_coserve.py), made on
-a `conserve` engine whose step loop is stopped, so the calling thread owns its runner,
-KV allocator and checkpointer:
+"""One-off measurements of the co-serving benchmark (helpers of `coserve`, run as
+scripts/bench_coserve.py), made on a `conserve` engine whose step loop is stopped, so the
+calling thread owns its runner, KV allocator and checkpointer:
 
 - `measure_resume`: resume from the host checkpoint vs recompute at a given context;
 - `measure_safepoint_cost`: what per-layer safepoints cost in an offline-only iteration
@@ -103,6 +103,22 @@ def _offline_plan(eng, decodes: int, decode_ctx: int, prefill: int, prefill_ctx:
     return plan, held
 
 
+def _execute_every(runner, plan: StepPlan, check, every) -> None:
+    """`runner.execute(plan)` with the safepoint `check` after every `every` layers (None:
+    no safepoints). The runner takes its interval from the configuration
+    (`runner.safepoint_every`); the caller owns this stopped engine's runner, so the interval
+    is set for the call and put back after it."""
+    if check is None:
+        runner.execute(plan)
+        return
+    saved = runner.safepoint_every
+    runner.safepoint_every = max(1, min(runner.cfg.num_layers, every))
+    try:
+        runner.execute(plan, check)
+    finally:
+        runner.safepoint_every = saved
+
+
 def measure_safepoint_cost(eng, seed: int, rounds: int = 3) -> dict:
     """Per shape (offline decode batch; decode batch + 128-token prefill chunk): iteration
     time with no safepoints, with a no-op check after every layer, and every 4 layers
@@ -125,7 +141,7 @@ def measure_safepoint_cost(eng, seed: int, rounds: int = 3) -> dict:
             keys = list(variants) if i % 2 == 0 else list(variants)[::-1]
             for k in keys:
                 t = time.perf_counter()
-                r.execute(plan, *variants[k])
+                _execute_every(r, plan, *variants[k])
                 if i:
                     times[k].append(time.perf_counter() - t)
         for b in held:

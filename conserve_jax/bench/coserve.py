@@ -1,6 +1,6 @@
 """Co-serving benchmark: every policy on the same online + offline workload, in one process.
 
-Workload (scripts/coserve_workload.py says exactly how): a window of the Azure conversation
+Workload (coserve_workload says exactly how): a window of the Azure conversation
 trace as online load (--rate 0.4 req/s over --duration s: 300 s, --quick 100 s = 40
 requests; token counts /8, prompts in [16, 512], outputs in [8, 64]) plus a saturating
 offline batch submitted at t=0 (0.6 x duration requests, prompts 512-1024, outputs 64-128;
@@ -9,7 +9,7 @@ prefill tokens and one prefill sequence per iteration, KV memory for 4 full cont
 blocks of 16: offline work fills it, so online arrivals must take blocks from it), 4 GB
 host pool; SLOs TTFT 1 s, TPOT 0.2 s; conserve at --isolation (default 1.2) with a
 safepoint after every layer of offline-only iterations.
-Variants (scripts/coserve_pareto.py): online-only, conserve, priority-recompute, sarathi
+Variants (coserve_pareto): online-only, conserve, priority-recompute, sarathi
 (256 tokens), non-preemptive; --sweep adds conserve at isolation 1.05, 1.1, 1.5, 2, off and
 sarathi at 64, 128, 512 tokens and draws the Pareto plot (--pareto-plot). Each variant gets
 a fresh engine (in-process, one alive at a time); --repeats N runs the set N times, the
@@ -42,7 +42,7 @@ Measured per variant:
   per layer), evictions, recomputed and restored tokens (checkpointing policies only; null
   elsewhere), whole run incl. drain.
 Once per run, on a conserve engine whose step loop is stopped (this thread then owns its
-runner and checkpointer; scripts/coserve_probes.py): resume_vs_recompute_ratio = (restore a
+runner and checkpointer; coserve_probes): resume_vs_recompute_ratio = (restore a
 --resume-context-token request's blocks from the host pool + recompute the one token not
 checkpointed) / (prefill all of it again); safepoint_cost = offline-only iterations run with
 no safepoints, a no-op check every layer and every 4 layers (medians, alternating), and the
@@ -59,6 +59,10 @@ callables (same model and geometry, hence the same executables).
     python scripts/bench_coserve.py --quick --sweep    # 13 x ~2 min + set-up
     python scripts/bench_coserve.py                    # 5 x ~5.5 min + set-up
 
+Callers: scripts/bench_coserve.py (the entry point; also `python -m
+conserve_jax.bench.coserve`); tests/test_bench_coserve.py runs `main` on a tiny model and
+tests/test_bench_scripts_args.py checks `parse_args` and `engine_config`.
+
 Engine knobs are the engine's own flags (add_engine_args: --model, --dtype, --block-size,
 --isolation, --sarathi-token-budget, --host-pool-bytes, --latency-model-path, ...) with the
 defaults above; --kv-seqs sizes the KV cache unless --num-blocks or --kv-cache-tokens is
@@ -70,26 +74,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
 import threading
 import time
 
 import numpy as np
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.dirname(_HERE), _HERE]
-
-import coserve_accounting as accounting  # noqa: E402
-import coserve_pareto as pareto  # noqa: E402
-import coserve_probes as probes  # noqa: E402
-import coserve_workload as wl  # noqa: E402
-import bench_io  # noqa: E402
-from conserve_jax.config import EngineConfig, parse_isolation  # noqa: E402
-from conserve_jax.engine_args import add_engine_args, engine_config_from_args  # noqa: E402
-from conserve_jax.engine import Engine  # noqa: E402
-from conserve_jax.engine_api import SLO, GenerationRequest, RequestClass  # noqa: E402
-from conserve_jax.models.loader import load_model  # noqa: E402
-from conserve_jax.sampling_params import SamplingParams  # noqa: E402
+from conserve_jax.bench import coserve_accounting as accounting
+from conserve_jax.bench import coserve_pareto as pareto
+from conserve_jax.bench import coserve_probes as probes
+from conserve_jax.bench import coserve_workload as wl
+from conserve_jax.bench import script_io
+from conserve_jax.config import EngineConfig, parse_isolation
+from conserve_jax.engine.engine import Engine
+from conserve_jax.engine_api import SLO, GenerationRequest, RequestClass
+from conserve_jax.engine_args import add_engine_args, engine_config_from_args
+from conserve_jax.models.loader import load_model
+from conserve_jax.sampling_params import SamplingParams
 
 POLICIES = ["online-only", "conserve", "priority-recompute", "sarathi", "non-preemptive"]
 VARIANT_NAMES = POLICIES + ["conserve-discard"]  # what --policies accepts
@@ -331,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv=None):
     parser = build_parser()
-    a = bench_io.parse_checked(parser, argv, policy="conserve")
+    a = script_io.parse_checked(parser, argv, policy="conserve")
     q = a.quick
     a.duration = a.duration or (100.0 if q else 300.0)
     a.drain = a.drain if a.drain is not None else a.ttft + a.online_output_max * a.tpot + 2.0
@@ -433,7 +433,7 @@ def main(argv=None) -> dict:
     res["idle_harvest"] = wl.idle_harvest(policies)
     res["setup"]["total_s"] = time.perf_counter() - t_start
     if a.json:
-        bench_io.write_json(a.json, res, announce=False)
+        script_io.write_json(a.json, res, announce=False)
     wl.print_table(res)
     print(f"total {res['setup']['total_s']:.0f}s; JSON: {a.json}")
     return res

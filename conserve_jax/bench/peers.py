@@ -1,5 +1,6 @@
-"""Peers for `bench_engine.py`: the same GGUF weights in transformers (float32, torch with the
-same thread count), llama-cpp-python when installed, and the matvec bandwidth roofline.
+"""Peers for the engine speed benchmark (`engine_speed`, run as scripts/bench_engine.py): the
+same GGUF weights in transformers (float32, torch with the same thread count),
+llama-cpp-python when installed, and the matvec bandwidth roofline.
 
 Every peer exposes the measures the engine side has, as zero-argument callables that run
 one timed unit of work (one decode step of a batch at a context, or one whole prefill), so
@@ -11,6 +12,8 @@ pools (numpy's OpenBLAS, torch's) keep spinning after a call, and sharing a proc
 XLA's pool they slowed the engine's own steps several-fold in a skeleton test here (a
 30-layer batch-1 matvec chain: 120 ms alone in its process, 420 ms with numpy and torch
 interleaved in the same process). Timing happens inside the process that does the work.
+So torch, transformers and llama_cpp are imported only inside the functions the worker
+processes run: importing this module loads numpy and nothing heavier.
 """
 from __future__ import annotations
 
