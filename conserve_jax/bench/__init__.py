@@ -10,10 +10,9 @@ Benchmarks (each has `build_parser`, `parse_args` and `main`; scripts/<name>.py 
   step_profile            where one decode iteration's time goes (scripts/profile_engine.py)
   latency_model_accuracy  the latency model's prediction error (scripts/bench_latency_model.py)
 Their helpers:
-  coserve_workload, coserve_accounting, coserve_pareto, coserve_probes
-                          the co-serving benchmark's workload (with its statistics and
-                          report), run accounting, variants and Pareto sweep, one-off
-                          measurements
+  coserve_workload, coserve_report, coserve_accounting, coserve_pareto, coserve_probes
+                          the co-serving benchmark's workload, statistics and report, run
+                          accounting, variants and Pareto sweep, one-off measurements
   ecoserve_workload       the EcoServe benchmark's workload and metrics
   peers                   transformers / llama.cpp peers and the matvec roofline, each in a
                           process of its own (torch is never imported in the engine's)

@@ -49,7 +49,7 @@ no safepoints, a no-op check every layer and every 4 layers (medians, alternatin
 cost of one real conserve check with nobody waiting.
 targets = issue 7's targets for conserve: value, threshold, met.
 idle_harvest = each policy's offline processed tokens/s against an idle ceiling: non-preemptive's
-rate x the share of the window online-only's runner was idle (coserve_workload.idle_harvest).
+rate x the share of the window online-only's runner was idle (coserve_report.idle_harvest).
 
 Compiled code: each engine jits its own functions; to keep compiles out of the numbers the
 first engine compiles every shape bucket (--warmup all) and later engines reuse its jitted
@@ -82,6 +82,7 @@ import numpy as np
 from conserve_jax.bench import coserve_accounting as accounting
 from conserve_jax.bench import coserve_pareto as pareto
 from conserve_jax.bench import coserve_probes as probes
+from conserve_jax.bench import coserve_report as report
 from conserve_jax.bench import coserve_workload as wl
 from conserve_jax.bench import script_io
 from conserve_jax.config import EngineConfig, parse_isolation
@@ -248,19 +249,19 @@ def run_policy(a, v: pareto.Variant, loaded, work: wl.Workload, shared: SharedCo
     compiles = compiled_count(eng) - compiled0
     eng.shutdown()
     release(eng)
-    reqs = [wl.request_record(c, t0, t_end, a.ttft, a.tpot) for c in clients]
+    reqs = [report.request_record(c, t0, t_end, a.ttft, a.tpot) for c in clients]
     conserve = v.policy == "conserve"
     acc = probe.window(t0, win_s)
     out = {
-        "online_ttft_p50_s": wl.pct([r["ttft_s"] for r in reqs], 50),
-        "online_ttft_p99_s": wl.pct([r["ttft_s"] for r in reqs], 99),
-        "online_tpot_p50_s": wl.pct([r["tpot_s"] for r in reqs], 50),
-        "online_tpot_p99_s": wl.pct([r["tpot_s"] for r in reqs], 99),
+        "online_ttft_p50_s": report.pct([r["ttft_s"] for r in reqs], 50),
+        "online_ttft_p99_s": report.pct([r["ttft_s"] for r in reqs], 99),
+        "online_tpot_p50_s": report.pct([r["tpot_s"] for r in reqs], 50),
+        "online_tpot_p99_s": report.pct([r["tpot_s"] for r in reqs], 99),
         "slo_attainment": sum(r["slo_met"] for r in reqs) / max(1, len(reqs)),
         "offline_tokens_per_s": (st_win.offline_tokens_total - base.offline_tokens_total) / win_s,
         "preemptions": st.preemptions - base.preemptions,
-        "preemption_latency_p50_s": wl.pct(lat, 50) if conserve else None,
-        "preemption_latency_p99_s": wl.pct(lat, 99) if conserve else None,
+        "preemption_latency_p50_s": report.pct(lat, 50) if conserve else None,
+        "preemption_latency_p99_s": report.pct(lat, 99) if conserve else None,
         "evictions": st.evictions - base.evictions,
         "recomputed_tokens": st.recomputed_tokens - base.recomputed_tokens,
         "restored_tokens": restored,
@@ -282,7 +283,7 @@ def run_policy(a, v: pareto.Variant, loaded, work: wl.Workload, shared: SharedCo
         **acc,
     }
     if plot_path:
-        wl.plot_policy(plot_path, v.label, reqs, samples, a.ttft, a.tpot, a.duration)
+        report.plot_policy(plot_path, v.label, reqs, samples, a.ttft, a.tpot, a.duration)
     return out
 
 
@@ -351,7 +352,7 @@ def parse_args(argv=None):
 
 def aggregate(rs: list) -> dict:
     """Medians over repeats of every numeric field; each repeat kept under `runs`."""
-    agg = {k: wl.median_of([r[k] for r in rs]) for k in rs[0]
+    agg = {k: report.median_of([r[k] for r in rs]) for k in rs[0]
            if k != "checkpointer" and all(isinstance(r[k], (int, float, type(None))) for r in rs)}
     for k in ("restored_tokens", "preemption_latency_p50_s", "preemption_latency_p99_s",
               "isolation", "sarathi_token_budget"):
@@ -401,7 +402,7 @@ def main(argv=None) -> dict:
             runs[v.label].append(run_policy(a, v, loaded, work, shared, png))
     offline_iters = [x for r in runs.get("conserve", []) for x in r["_offline_iter_s"]]
     stops = [x for r in runs.get("conserve", []) for x in r["preemption_detail"]["layer_time_s"]]
-    sp = wl.safepoint_interval(offline_iters, stops, a.safepoint_interval, loaded.config.num_layers)
+    sp = report.safepoint_interval(offline_iters, stops, a.safepoint_interval, loaded.config.num_layers)
     for rs in runs.values():
         for r in rs:
             r.pop("_offline_iter_s")
@@ -429,12 +430,12 @@ def main(argv=None) -> dict:
             pareto.plot(a.pareto_plot, res["sweep"],
                         f"{os.path.basename(loaded.source.rstrip(')'))}: online p99 vs offline processed tokens/s "
                         f"({res['mode']}, {a.duration:.0f} s, {a.repeats} repeat(s))")
-    res["targets"] = wl.targets(policies, resume["ratio"], sp_cost)
-    res["idle_harvest"] = wl.idle_harvest(policies)
+    res["targets"] = report.targets(policies, resume["ratio"], sp_cost)
+    res["idle_harvest"] = report.idle_harvest(policies)
     res["setup"]["total_s"] = time.perf_counter() - t_start
     if a.json:
         script_io.write_json(a.json, res, announce=False)
-    wl.print_table(res)
+    report.print_table(res)
     print(f"total {res['setup']['total_s']:.0f}s; JSON: {a.json}")
     return res
 
