@@ -9,6 +9,6 @@ __all__ = ["LLM", "SamplingParams"]
 
 def __getattr__(name):  # import the engine (and JAX) only when asked for
     if name == "LLM":
-        from conserve_jax.llm import LLM
+        from conserve_jax.entrypoints.llm import LLM
         return LLM
     raise AttributeError(name)

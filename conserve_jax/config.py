@@ -68,8 +68,25 @@ class CacheConfig:
 
 @dataclass
 class ConserveConfig:
-    """Knobs of the `conserve` policy and of the latency model's online correction."""
+    """Every knob of the `conserve` policy (isolation, layer-wise preemption, KV reservation)
+    and of the latency model's online correction; the policy gets this one object.
+    `safepoint_interval` also sets the runner's layer groups (the runner reads it; the policy
+    only decides whether an iteration has safepoints)."""
 
+    isolation: Optional[float] = _h(
+        "conserve: online latency within this factor of serving the online work alone; an "
+        "iteration with online work carries offline tokens only within F x its online work's "
+        "predicted time, and an online arrival preempts offline work unless it would still "
+        "start within (F - 1) x its own predicted TTFT. 'off': fill iterations up to the TPOT "
+        "objective", default=1.2)
+    safepoint_interval: Optional[int] = _h(
+        "layers between preemption safepoints in iterations that carry offline work "
+        "(iterations with only online work have none); none: no safepoints, an online arrival "
+        "waits for the running iteration (LLM's default: nothing arrives while generate "
+        "blocks)", default=1)
+    offline_kv_reservation: bool = _h(
+        "conserve: reserve KV for offline requests by predicted response length and admit "
+        "them KV-heavy-first with aging", default=False)
     tpot_margin: float = _h("offline work fills an iteration up to this fraction of the "
                             "tightest online TPOT objective", default=0.9)
     min_online_chunk: int = _h("an online prompt always advances at least this many tokens "
@@ -82,6 +99,11 @@ class ConserveConfig:
                                  "online correction", default=0.05)
     correction_clamp: float = _h("one measurement moves the correction by at most this factor "
                                  "(and at least its inverse)", default=4.0)
+
+    def __post_init__(self) -> None:
+        self.isolation = parse_isolation(self.isolation)
+        if self.safepoint_interval is not None and self.safepoint_interval < 1:
+            raise ValueError(f"safepoint_interval must be >= 1, got {self.safepoint_interval}")
 
 
 @dataclass
@@ -107,11 +129,6 @@ class EngineConfig:
     # sequence, so 1 is fastest on CPU
     max_prefill_seqs: int = _h("prompts chunked into one iteration", default=1)
     cache: CacheConfig = field(default_factory=CacheConfig)
-    safepoint_interval: Optional[int] = _h(
-        "layers between preemption safepoints in iterations that carry offline work "
-        "(iterations with only online work have none); none: no safepoints, an online arrival "
-        "waits for the running iteration (LLM's default: nothing arrives while generate "
-        "blocks)", default=1)
     layers_per_call: Optional[int] = _h(
         "layers per jitted call in iterations without safepoints (default: a third of the "
         "model, rounded up, so three calls: measured here as fast as one whole-model call "
@@ -136,24 +153,12 @@ class EngineConfig:
                                            "(default: profile at start, cached)", default=None)
     sarathi_token_budget: int = _h("tokens per iteration of the sarathi baseline", default=256)
     warmup: bool = _h("compile every shape bucket before serving", default=False)
-    isolation: Optional[float] = _h(
-        "conserve: online latency within this factor of serving the online work alone; an "
-        "iteration with online work carries offline tokens only within F x its online work's "
-        "predicted time, and an online arrival preempts offline work unless it would still "
-        "start within (F - 1) x its own predicted TTFT. 'off': fill iterations up to the TPOT "
-        "objective", default=1.2)
     kv_cache_tokens: Optional[int] = _h(
         "KV cache size in tokens, rounded up to whole blocks (overrides --num-blocks and "
         "--kv-memory-bytes; for KV-bound experiments)", default=None)
-    offline_kv_reservation: bool = _h(
-        "conserve: reserve KV for offline requests by predicted response length and admit "
-        "them KV-heavy-first with aging", default=False)
     conserve: ConserveConfig = field(default_factory=ConserveConfig)
 
     def __post_init__(self) -> None:
-        self.isolation = parse_isolation(self.isolation)
-        if self.safepoint_interval is not None and self.safepoint_interval < 1:
-            raise ValueError(f"safepoint_interval must be >= 1, got {self.safepoint_interval}")
         if self.attention_chunk < 0:
             raise ValueError(f"attention_chunk must be >= 0, got {self.attention_chunk}")
         if self.kv_cache_tokens is not None and self.kv_cache_tokens < 1:

@@ -3,12 +3,18 @@ and reflection into one gRPC server, and shuts it all down in order.
 
 Used by `server.main.run` and, in-process, by tests. `start` and `stop` are called by one
 controlling thread (the main thread in the CLI); everything else runs on gRPC worker
-threads, the batch-runner thread and the engine's own thread.
+threads, the HTTP front's thread, the batch-runner thread and the engine's own thread.
+
+Configuration: a `ServerConfig` (`conserve_server.config`, where every setting and its
+default is written once, and the `serve` flags come from) plus the `EngineConfig` the
+engine was built with; the constructor fills the engine-dependent defaults
+(`config.resolve`) and keeps the result as `self.config`. One `Admission` (online slots,
+tenant shares, flex limit, default objectives) serves both faces; `ServerMetrics` reads it.
 
 Shutdown order (`stop`): health NOT_SERVING; the gRPC server and the HTTP front (when on) refuse
 new calls and give open ones the drain timeout; meanwhile the batch runner stops claiming, lets in-flight
-items finish within the same timeout, saves the engine state of the rest (with
-`offline_kv_max_bytes`; `server/offline_resume.py`) and releases them (they run again
+items finish within the same timeout, saves the engine state of the rest (at most
+`offline_kv_max_mb`; `server/batch/offline_resume.py`) and releases them (they run again
 after a restart, resuming from the saved state); then the engine shuts down and the store
 closes. Every committed result is
 already on disk.
@@ -28,7 +34,6 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent import futures
-from dataclasses import dataclass, field
 from typing import Optional
 
 import grpc
@@ -36,78 +41,56 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_reflection.v1alpha import reflection_pb2_grpc
 
+from conserve_jax.config import EngineConfig
 from conserve_jax.proto_gen.conserve.v1 import conserve_pb2 as pb
-from server.auth import Authenticator
-from server.batch_runner import BatchRunner
-from server.batch_store import BatchStore
-from server.handlers import coserve_handler
-from server.limits import LimitedHealth, LimitedReflection, StreamLimiter
-from server.metrics import ObservedEngine, ServerMetrics, serve_metrics
-from server.offline_resume import OfflineResume
-from server.servicer import CoServeServicer, ServiceOptions
+from conserve_server.admission import Admission
+from conserve_server.auth import Authenticator
+from conserve_server.batch.offline_resume import OfflineResume
+from conserve_server.batch.runner import BatchRunner
+from conserve_server.batch.store import BatchStore
+from conserve_server.config import ServerConfig, resolve
+from conserve_server.grpc_api.handlers import coserve_handler
+from conserve_server.grpc_api.limits import LimitedHealth, LimitedReflection, StreamLimiter
+from conserve_server.grpc_api.servicer import CoServeServicer
+from conserve_server.metrics import ObservedEngine, ServerMetrics, serve_metrics
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CoServe"].full_name
-DEFAULT_MAX_MESSAGE_BYTES = 16 << 20
 
-
-@dataclass
-class ServerConfig:
-    data_dir: str
-    host: str = "127.0.0.1"
-    port: int = 0
-    auth_tokens: Optional[list[str]] = None  # None: auth off
-    tls_cert: Optional[bytes] = None  # PEM; with tls_key turns TLS on
-    tls_key: Optional[bytes] = None
-    options: ServiceOptions = field(default_factory=ServiceOptions)
-    batch_in_flight: int = 64  # batch items inside the engine at once
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    drain_timeout_s: float = 5.0
-    http_port: Optional[int] = None  # OpenAI-compatible HTTP front (+ /metrics); None: off
-    metrics_port: Optional[int] = None  # Prometheus /metrics alone; None: off
-    model_name: str = "default"  # the model id the HTTP front serves
-    max_reflection_streams: int = 8
-    max_health_watches: int = 16
-    unary_workers: int = 32  # worker threads left for unary calls when every stream cap is full
-    keepalive_time_s: float = 60.0  # ping idle-looking connections; drop dead peers
-    keepalive_timeout_s: float = 20.0
-    max_connection_idle_s: float = 300.0
-    max_connection_age_s: float = 3600.0  # then GOAWAY; open calls get the grace below
-    max_connection_age_grace_s: float = 600.0
-    busy_timeout_s: float = 5.0  # wait for a database lock held by another process
-    retention_s: float = 7 * 86400.0  # finished batches are deleted after this
-    # on stop, save unfinished batch items' engine state (KV + tokens) to
-    # <data_dir>/offline-kv, at most this many bytes; 0: off (they recompute)
-    offline_kv_max_bytes: int = 0
+__all__ = ["ServerApp", "ServerConfig", "SERVICE_NAME"]
 
 
 class ServerApp:
-    def __init__(self, engine, config: ServerConfig, store: Optional[BatchStore] = None) -> None:
-        """`store`: an already opened store (the CLI opens it before loading the model)."""
+    def __init__(self, engine, config: ServerConfig, store: Optional[BatchStore] = None,
+                 engine_config: Optional[EngineConfig] = None) -> None:
+        """`store`: an already opened store (the CLI opens it before loading the model).
+        `engine_config`: what `engine` was built with (default: `EngineConfig()`); it
+        supplies the defaults `config` leaves to the engine (`conserve_server.config.resolve`)."""
         self.engine = engine
-        self.config = config
+        self.config = config = resolve(config, engine_config or EngineConfig())
         self.port: Optional[int] = None
         self.http_port: Optional[int] = None
         self.metrics_port: Optional[int] = None
-        # one set of counters for GetServerStats and /metrics; faces use the observed engine
-        self.metrics = ServerMetrics(engine, config.options.max_online_queue,
-                                     config.options.default_slo)
-        observed = ObservedEngine(engine, self.metrics)
+        o = config.options
+        auth = Authenticator(config.auth_tokens) if config.auth_tokens is not None else None
+        # one gate for both faces, one set of counters for GetServerStats and /metrics
+        self.admission = Admission(o, auth.num_tenants if auth is not None else 1)
+        self.metrics = ServerMetrics(engine, self.admission)
+        observed = ObservedEngine(engine, self.metrics)  # the faces and the runner use this
         self.store = store or BatchStore(config.data_dir, busy_timeout_s=config.busy_timeout_s)
         self.runner = BatchRunner(self.store, observed, config.batch_in_flight,
                                   retention_s=config.retention_s)
         self.metrics.attach(self.store, self.runner)
         self.runner.offline = OfflineResume.create(observed, self.store, config.data_dir,
                                                    config.offline_kv_max_bytes)
-        auth = Authenticator(config.auth_tokens) if config.auth_tokens is not None else None
-        o = config.options
         self.servicer = CoServeServicer(observed, self.store, self.runner, auth, o,
-                                        metrics=self.metrics)
+                                        metrics=self.metrics, admission=self.admission)
         self.http = None
         if config.http_port is not None:
-            from server.openai_api.front import HttpFront  # imported only when the front is on
-            self.http = HttpFront(observed, self.store, self.runner, auth, self.metrics, config)
+            from conserve_server.openai_api.front import HttpFront  # imported only when the front is on
+            self.http = HttpFront(observed, self.store, self.runner, auth, self.metrics,
+                                  self.admission, config)
         self._metrics_server = None
         self.health = LimitedHealth(StreamLimiter("Health.Watch", config.max_health_watches))
         self.reflection = LimitedReflection(
@@ -115,7 +98,7 @@ class ServerApp:
             StreamLimiter("reflection", config.max_reflection_streams))
         workers = (o.max_online_queue + o.max_result_streams + config.max_reflection_streams
                    + config.max_health_watches + config.unary_workers)
-        limit = config.max_message_bytes
+        limit = o.max_message_bytes
         ms = lambda s: int(s * 1000)  # noqa: E731
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
@@ -179,11 +162,14 @@ class ServerApp:
                 return
 
     def stop(self, drain_timeout_s: Optional[float] = None) -> None:
+        """Shut down in the order the module docstring gives; open work gets
+        `drain_timeout_s` (default: `config.drain_timeout`). Idempotent; called by the
+        controlling thread."""
         if self._stopped:
             return
         self._stopped = True
         self._stop_watch.set()
-        grace = self.config.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
+        grace = self.config.drain_timeout if drain_timeout_s is None else drain_timeout_s
         self.health.enter_graceful_shutdown()
         self.servicer.admitting = False
         if self.http is not None:

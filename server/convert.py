@@ -133,15 +133,15 @@ def sampling_from_proto(sp: pb.SamplingParams) -> SamplingParams:
 
 
 def build_request(req: pb.GenerateRequest, engine, request_id: str, request_class: RequestClass,
-                  default_slo: SLO = SLO(), max_logprobs: int = 20,
-                  prefix: str = "") -> GenerationRequest:
+                  max_logprobs: int = 20, prefix: str = "") -> GenerationRequest:
     """Validate a GenerateRequest against the engine's model and turn it into a
-    GenerationRequest. Raises ValueError naming the field."""
+    GenerationRequest. Raises ValueError naming the field. Objectives the message does not
+    set stay None (a face fills in the server's defaults: `Admission.fill_defaults`)."""
     sampling = precheck(req, engine, max_logprobs, prefix)
     ids, kind = prompt_token_ids(req, engine.tokenizer, prefix)
     validate_prompt(ids, engine.vocab_size, engine.max_model_len, field_name=prefix + kind)
-    slo = SLO(ttft_s=req.ttft_s if req.HasField("ttft_s") else default_slo.ttft_s,
-              tpot_s=req.tpot_s if req.HasField("tpot_s") else default_slo.tpot_s)
+    slo = SLO(ttft_s=req.ttft_s if req.HasField("ttft_s") else None,
+              tpot_s=req.tpot_s if req.HasField("tpot_s") else None)
     expected = req.expected_output_tokens if req.HasField("expected_output_tokens") else None
     if expected is not None and expected < 1:
         raise ValueError(f"{prefix}expected_output_tokens must be >= 1, got {expected}")

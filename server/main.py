@@ -1,6 +1,10 @@
 """`conserve-jax serve`: the gRPC server process entry point.
 
-`add_arguments(parser)` declares the flags; `run(args)` builds the engine (the real
+`add_arguments(parser)` declares the flags, all generated from dataclass fields (each with
+its help text and its one default): the server's from `conserve_server.config.ServerConfig`
+(and its `ServiceOptions`), the files read at start from `ServeFiles`, the test engine's
+from `MockOptions`, the engine's from `EngineConfig` (`add_engine_args`). `run(args)`
+builds the engine (the real
 `conserve_jax.engine.Engine`, or `MockEngine` for `--model mock`), starts a `ServerApp`,
 prints `listening on HOST:PORT` (the bound port, so `--port 0` works), and waits for
 SIGTERM/SIGINT; then it stops admitting, drains or releases running work, persists batch
@@ -23,8 +27,11 @@ import signal
 import ssl
 import sys
 import threading
+from dataclasses import dataclass
+from typing import Optional
 
-from conserve_jax.engine_args import add_engine_args, engine_config_from_args
+from conserve_jax.engine_args import add_dataclass_args, add_engine_args, engine_config_from_args
+from conserve_server.config import add_server_args, flag_field, server_config_from_args
 
 EXIT_ENGINE_FAILED = 3
 EXIT_FORCED = 130
@@ -32,55 +39,50 @@ EXIT_FORCED = 130
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class ServeFiles:
+    """Files `run` reads (and checks) before the model loads; their contents become
+    `ServerConfig.auth_tokens` / `tls_cert` / `tls_key`."""
+
+    auth_token_file: Optional[str] = flag_field(
+        "one bearer token per line, each its own tenant; enables auth", default=None)
+    tls_cert: Optional[str] = flag_field("PEM certificate chain file (with --tls-key)",
+                                         default=None)
+    tls_key: Optional[str] = flag_field("PEM private key file (with --tls-cert)", default=None)
+
+
+@dataclass
+class MockOptions:
+    """The deterministic test engine (`--model mock`)."""
+
+    mock_token_delay: float = flag_field("with --model mock: seconds per generated token",
+                                         default=0.0)
+    mock_fail_after_steps: Optional[int] = flag_field(
+        "with --model mock: fault injection for tests; every step after the first N "
+        "raises, so the engine dies", default=None)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=50051, help="port; 0 picks a free one")
-    parser.add_argument("--data-dir", default="conserve-data", help="batch database directory")
-    parser.add_argument("--auth-token-file", default=None,
-                        help="one bearer token per line, each its own tenant; enables auth")
-    parser.add_argument("--tls-cert", default=None, help="PEM certificate chain (with --tls-key)")
-    parser.add_argument("--tls-key", default=None, help="PEM private key (with --tls-cert)")
-    parser.add_argument("--max-online-queue", type=int, default=256,
-                        help="online requests in flight before RESOURCE_EXHAUSTED")
-    parser.add_argument("--max-batch-size", type=int, default=10000, help="requests per batch")
-    parser.add_argument("--batch-in-flight", type=int, default=None,
-                        help="batch items inside the engine at once (default 2 x max-num-seqs)")
-    parser.add_argument("--max-message-mb", type=int, default=16, help="gRPC message size limit")
-    parser.add_argument("--retention-days", type=float, default=7.0,
-                        help="finished batches (and their results) are deleted after this")
-    parser.add_argument("--drain-timeout", type=float, default=10.0,
-                        help="seconds to let running work finish on SIGTERM")
-    parser.add_argument("--http-port", type=int, default=None,
-                        help="also serve the OpenAI-compatible HTTP API and /metrics on this port "
-                             "(same host, TLS and tokens; 0 picks a free one; default off)")
-    parser.add_argument("--metrics-port", type=int, default=None,
-                        help="serve Prometheus /metrics alone on this port (default off)")
-    parser.add_argument("--served-model-name", default=None,
-                        help="model id the HTTP API reports and accepts (default: --model)")
-    parser.add_argument("--offline-kv-max-mb", type=int, default=4096,
-                        help="on SIGTERM, save unfinished batch items' KV and tokens to "
-                             "--data-dir (at most this many MB) so they resume after a "
-                             "restart; 0 turns it off")
-    parser.add_argument("--mock-token-delay", type=float, default=0.0,
-                        help="with --model mock: seconds per generated token")
-    parser.add_argument("--mock-fail-after-steps", type=int, default=None,
-                        help="with --model mock: fault injection for tests; every step after "
-                             "the first N raises, so the engine dies")
+    add_server_args(parser)
+    add_dataclass_args(parser, ServeFiles, "files", "files")
+    add_dataclass_args(parser, MockOptions, "mock engine", "mock")
     add_engine_args(parser)  # --model (or 'mock': the deterministic test engine), --tp, ...
 
 
 def build_engine(args):
-    """The engine for `args`, and its max_num_seqs (to bound batch items in flight)."""
-    if args.model == "mock":
-        from conserve_jax.mock_engine import MockEngine
-
-        return MockEngine(token_delay_s=args.mock_token_delay, max_num_seqs=args.max_num_seqs,
-                          max_model_len=args.max_model_len,
-                          fail_after_steps=args.mock_fail_after_steps), args.max_num_seqs
-    from conserve_jax.engine import Engine  # heavy (JAX); imported only when serving a model
-
+    """The engine for `args`, and the `EngineConfig` its flags describe (its max_num_seqs
+    bounds batch items in flight, its model names the served model, its default
+    objectives are the server's)."""
     config = engine_config_from_args(args)
-    return Engine(config), config.max_num_seqs
+    if args.model == "mock":
+        from conserve_jax.engine.mock_engine import MockEngine
+
+        return MockEngine(token_delay_s=args.mock_token_delay, max_num_seqs=config.max_num_seqs,
+                          max_model_len=config.max_model_len,
+                          fail_after_steps=args.mock_fail_after_steps), config
+    from conserve_jax.engine.engine import Engine  # heavy (JAX); imported only when serving a model
+
+    return Engine(config), config
 
 
 def _read(path):
@@ -118,11 +120,9 @@ def _warn_about_exposure(args, tokens) -> None:
 
 
 def run(args) -> int:
-    from server.app import ServerApp, ServerConfig
-    from server.auth import read_tokens
-    from server.batch_store import BatchStore, DataDirInUse
-    from server.servicer import ServiceOptions
-    from conserve_jax.engine_api import SLO
+    from conserve_server.app import ServerApp
+    from conserve_server.auth import read_tokens
+    from conserve_server.batch.store import BatchStore, DataDirInUse
 
     if (args.tls_cert is None) != (args.tls_key is None):
         return _fail("--tls-cert and --tls-key go together")
@@ -138,32 +138,22 @@ def run(args) -> int:
         except (OSError, ssl.SSLError) as e:
             return _fail(f"cannot use --tls-cert/--tls-key: {e}")
     _warn_about_exposure(args, tokens)
+    config = server_config_from_args(
+        args, auth_tokens=tokens, tls_cert=_read(args.tls_cert) if args.tls_cert else None,
+        tls_key=_read(args.tls_key) if args.tls_key else None)
     try:  # before the (slow) model load: a bad or busy data dir fails at once
-        store = BatchStore(args.data_dir)
+        store = BatchStore(config.data_dir, busy_timeout_s=config.busy_timeout_s)
     except DataDirInUse as e:
         return _fail(str(e))
     except Exception as e:  # OSError, sqlite3.Error (not a database, unreadable, ...)
-        return _fail(f"cannot open the batch database in {args.data_dir}: {e}")
+        return _fail(f"cannot open the batch database in {config.data_dir}: {e}")
     try:
-        engine, max_num_seqs = build_engine(args)
+        engine, engine_config = build_engine(args)
     except (ImportError, ValueError, OSError) as e:
         store.close()
         return _fail(f"cannot build the engine for --model {args.model}: {e}")
-    config = ServerConfig(
-        data_dir=args.data_dir, host=args.host, port=args.port, auth_tokens=tokens,
-        tls_cert=_read(args.tls_cert) if args.tls_cert else None,
-        tls_key=_read(args.tls_key) if args.tls_key else None,
-        options=ServiceOptions(max_online_queue=args.max_online_queue,
-                               max_batch_size=args.max_batch_size,
-                               default_slo=SLO(args.default_ttft_s, args.default_tpot_s)),
-        batch_in_flight=args.batch_in_flight or 2 * max_num_seqs,
-        max_message_bytes=args.max_message_mb << 20, drain_timeout_s=args.drain_timeout,
-        retention_s=args.retention_days * 86400.0,
-        http_port=args.http_port, metrics_port=args.metrics_port,
-        model_name=args.served_model_name or args.model,
-        offline_kv_max_bytes=args.offline_kv_max_mb << 20)
     try:
-        app = ServerApp(engine, config, store=store)
+        app = ServerApp(engine, config, store=store, engine_config=engine_config)
         app.start()
     except Exception:
         engine.shutdown()
@@ -180,9 +170,9 @@ def run(args) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
     if app.http_port is not None:
-        print(f"http on {args.host}:{app.http_port}", flush=True)
+        print(f"http on {config.host}:{app.http_port}", flush=True)
     if app.metrics_port is not None:
-        print(f"metrics on {args.host}:{app.metrics_port}", flush=True)
+        print(f"metrics on {config.host}:{app.metrics_port}", flush=True)
     print(f"listening on {app.address}", flush=True)
     while not stop.wait(0.2):
         if app.engine_dead.is_set():

@@ -2,26 +2,23 @@
 `/metrics` both read.
 
 What it holds:
-- the online admission counter (requests in flight from every face: gRPC `Generate`,
-  HTTP chat/completions) with `try_admit_online` / `release_online`, so the
-  `max_online_queue` limit is process-wide;
 - latency histograms and SLO counters fed by `ObservedEngine` (below) from every finished
-  request's engine-measured `ttft_s` / `mean_tpot_s`, labelled by request class only (no
-  tenant or request labels, so cardinality stays fixed);
-- at scrape time (a custom collector) the engine's `EngineStats`, the batch store's item
-  counts and the batch runner's in-flight count: the very values `snapshot()` hands to
-  `GetServerStats`.
+  request's engine-measured `ttft_s` / `mean_tpot_s`, judged against the objectives the
+  request carries (the faces filled in the defaults: `Admission.fill_defaults`), labelled
+  by request class only (no tenant or request labels, so cardinality stays fixed);
+- at scrape time (a custom collector) the engine's `EngineStats`, the online counts of the
+  server's `Admission` (in flight, limit), the batch store's item counts and the batch
+  runner's in-flight count: the very values `snapshot()` hands to `GetServerStats`.
 
 Metric names (all prefixed `conserve_`) are listed in `METRIC_NAMES`.
 
-Threading: any thread may call any method. The admission counter is under `self._lock`;
-prometheus-client metrics are thread-safe. `ObservedEngine` observes a request when its
+Threading: any thread may call any method. The admission counts are read from
+`Admission` (its own lock); prometheus-client metrics are thread-safe. `ObservedEngine` observes a request when its
 final delta is taken from its stream, on whichever thread consumes it (gRPC worker, HTTP
 worker, batch runner).
 """
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
@@ -29,8 +26,9 @@ from typing import Any, Iterator, Optional
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from conserve_jax.engine_api import (SLO, EngineStats, GenerationRequest, RequestClass,
+from conserve_jax.engine_api import (EngineStats, GenerationRequest, RequestClass,
                                      RequestOutput, RequestStream)
+from conserve_server.admission import Admission
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
@@ -79,20 +77,12 @@ class ServerMetrics:
     """See the module docstring. `store`/`runner` may be attached after construction
     (`attach`), since `ServerApp` builds them from the observed engine."""
 
-    def __init__(self, engine, max_online_queue: int, default_slo: SLO = SLO()) -> None:
+    def __init__(self, engine, admission: Admission) -> None:
         self.engine = engine
-        self.max_online_queue = max_online_queue
+        self.admission = admission  # the online counts and limit come from here
         self.store = None
         self.runner = None
-        self._lock = threading.Lock()
-        self._online = 0
-        self._online_by_tenant: dict[str, int] = {}
-        self.online_per_tenant = max_online_queue  # the servicer sets a share with several tenants
         self._started = time.monotonic()
-        cfg = getattr(engine, "config", None)
-        self.default_slo = SLO(
-            default_slo.ttft_s if default_slo.ttft_s is not None else getattr(cfg, "default_ttft_s", None),
-            default_slo.tpot_s if default_slo.tpot_s is not None else getattr(cfg, "default_tpot_s", None))
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.ttft = Histogram("conserve_time_to_first_token_seconds", "Time to first token",
@@ -116,42 +106,6 @@ class ServerMetrics:
     def attach(self, store, runner) -> None:
         self.store, self.runner = store, runner
 
-    # ---- online admission (all faces) --------------------------------------------------
-    def try_admit_online(self, tenant: Optional[str] = None) -> Optional[str]:
-        """Count one more online request in flight; None when admitted, else why not
-        (nothing counted). With a tenant, that tenant's share (`online_per_tenant`) is
-        enforced too."""
-        with self._lock:
-            if self._online >= self.max_online_queue:
-                return f"online queue is full ({self.max_online_queue} requests); retry later"
-            if tenant is not None:
-                mine = self._online_by_tenant.get(tenant, 0)
-                if mine >= self.online_per_tenant:
-                    return (f"this tenant has {mine} online requests in flight (its limit); "
-                            "retry later")
-                self._online_by_tenant[tenant] = mine + 1
-            self._online += 1
-            return None
-
-    def release_online(self, tenant: Optional[str] = None) -> None:
-        with self._lock:
-            self._online -= 1
-            if tenant is not None:
-                n = self._online_by_tenant.get(tenant, 1) - 1
-                if n:
-                    self._online_by_tenant[tenant] = n
-                else:
-                    self._online_by_tenant.pop(tenant, None)
-
-    @property
-    def online_in_flight(self) -> int:
-        with self._lock:
-            return self._online
-
-    def online_in_flight_of(self, tenant: str) -> int:
-        with self._lock:
-            return self._online_by_tenant.get(tenant, 0)
-
     # ---- observation -------------------------------------------------------------------
     def observe_finished(self, request: GenerationRequest, out: RequestOutput) -> None:
         """Record one finished request (its final delta)."""
@@ -166,8 +120,7 @@ class ServerMetrics:
         self.e2e.labels(cls).observe(out.ttft_s + tpot * max(out.completion_tokens - 1, 0))
         if request.request_class is not RequestClass.ONLINE:
             return
-        ttft_slo = request.slo.ttft_s if request.slo.ttft_s is not None else self.default_slo.ttft_s
-        tpot_slo = request.slo.tpot_s if request.slo.tpot_s is not None else self.default_slo.tpot_s
+        ttft_slo, tpot_slo = request.slo.ttft_s, request.slo.tpot_s
         if ttft_slo is not None:
             self.slo.labels(cls, "ttft", str(out.ttft_s <= ttft_slo).lower()).inc()
         if tpot_slo is not None and out.completion_tokens > 1:
@@ -179,14 +132,14 @@ class ServerMetrics:
         (auth on), the batch and online counts are that tenant's own."""
         counts = self.store.counts(tenant) if self.store is not None else {}
         if tenant is None:
-            online = self.online_in_flight
+            online = self.admission.online_in_flight
             in_flight = self.runner.in_flight if self.runner is not None else 0
         else:
-            online = self.online_in_flight_of(tenant)
+            online = self.admission.online_in_flight_of(tenant)
             in_flight = counts.get("batch_items_running", 0)
         server = {
             "online_in_flight": online,
-            "online_queue_limit": self.max_online_queue,
+            "online_queue_limit": self.admission.max_online,
             "batches_active": counts.get("batches_active", 0),
             "batch_items_pending": counts.get("batch_items_pending", 0),
             "batch_items_in_flight": in_flight,
@@ -335,7 +288,7 @@ def serve_metrics(metrics: ServerMetrics, host: str, port: int, tls_cert: Option
     without the HTTP front. Returns (server with `.shutdown()`, bound port)."""
     from prometheus_client import start_http_server
 
-    from server.pem import pem_files
+    from conserve_server.pem import pem_files
 
     if tls_cert is not None and tls_key is not None:
         with pem_files(tls_cert, tls_key) as (cert_path, key_path):

@@ -1,7 +1,7 @@
 """Shared helpers for the server/client/batch tests (imported explicitly; not a conftest).
 
 `start_server` runs a real gRPC server in-process on 127.0.0.1 port 0 over a `MockEngine`;
-`spawn_server` runs `python -m conserve_jax.cli serve --model mock ...` as a subprocess
+`spawn_server` runs `python -m conserve_jax.entrypoints.cli serve --model mock ...` as a subprocess
 and reads the bound port from its `listening on HOST:PORT` line.
 """
 from __future__ import annotations
@@ -14,8 +14,10 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from conserve_jax.mock_engine import MockEngine
-from server.app import ServerApp, ServerConfig
+from conserve_jax.config import EngineConfig
+from conserve_jax.engine.mock_engine import MockEngine
+from conserve_server.app import ServerApp
+from conserve_server.config import ServerConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,9 +36,14 @@ class RunningServer:
         self.app.stop(drain_timeout_s=0.5)
 
 
-def start_server(data_dir, engine: Optional[MockEngine] = None, **config) -> RunningServer:
+def start_server(data_dir, engine: Optional[MockEngine] = None,
+                 engine_config: Optional[EngineConfig] = None, **config) -> RunningServer:
+    """`config`: `ServerConfig` fields (port defaults to 0 here: a free one);
+    `engine_config`: what the server takes the engine to be built with (ServerApp's)."""
     engine = engine or MockEngine()
-    app = ServerApp(engine, ServerConfig(data_dir=str(data_dir), **config))
+    config.setdefault("port", 0)
+    app = ServerApp(engine, ServerConfig(data_dir=str(data_dir), **config),
+                    engine_config=engine_config)
     port = app.start()
     return RunningServer(app, engine, port)
 
@@ -52,7 +59,7 @@ def wait_until(pred: Callable[[], bool], timeout: float = 5.0, interval: float =
 
 def spawn_server(data_dir, *extra: str, timeout: float = 30.0) -> tuple[subprocess.Popen, int]:
     """Start the CLI server as a subprocess; returns (process, port)."""
-    cmd = [sys.executable, "-m", "conserve_jax.cli", "serve", "--model", "mock", "--port", "0",
+    cmd = [sys.executable, "-m", "conserve_jax.entrypoints.cli", "serve", "--model", "mock", "--port", "0",
            "--data-dir", str(data_dir), *extra]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     found: list[int] = []

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import time
 
-from conserve_jax.config import CacheConfig, EngineConfig
-from conserve_jax.engine import Engine
+from conserve_jax.engine_args import engine_config
+from conserve_jax.engine.engine import Engine
 from conserve_jax.engine_api import SLO, GenerationRequest, RequestClass
 from conserve_jax.models.loader import load_model
 from conserve_jax.sampling_params import SamplingParams
@@ -24,9 +24,8 @@ def engine(policy="conserve", num_blocks=64, host_pool_bytes=1 << 26, name="rand
     base = dict(max_model_len=512, max_num_seqs=8, max_prefill_tokens=128, max_prefill_seqs=2,
                 safepoint_interval=1)
     base.update(kw)
-    cfg = EngineConfig(model=name, policy=policy,
-                       cache=CacheConfig(block_size=16, num_blocks=num_blocks,
-                                         host_pool_bytes=host_pool_bytes), **base)
+    cfg = engine_config(model=name, policy=policy, block_size=16, num_blocks=num_blocks,
+                        host_pool_bytes=host_pool_bytes, **base)
     return Engine(cfg, loaded=model(name))
 
 

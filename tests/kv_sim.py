@@ -7,7 +7,7 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass, field
 
-from conserve_jax.config import EngineConfig
+from conserve_jax.engine_args import engine_config
 from conserve_jax.engine_api import SLO, GenerationRequest, RequestClass, RequestStream
 from conserve_jax.kv.kv_manager import KVManager
 from conserve_jax.runtime.step_plan import SampledToken, StepResult
@@ -32,7 +32,7 @@ class Sim:
     @classmethod
     def build(cls, policy: str = "ecoserve", num_blocks: int = 65, max_num_seqs: int = 64,
               max_model_len: int = 1024, **kw) -> "Sim":
-        cfg = EngineConfig(policy=policy, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+        cfg = engine_config(policy=policy, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                            max_prefill_tokens=128, max_prefill_seqs=2, **kw)
         kv = KVManager(num_blocks, 16)
         return cls(Scheduler(cfg, kv, make_policy(cfg, lambda: None)))

@@ -14,7 +14,7 @@ MODEL = "mock"
 
 def start_http_server(data_dir, **config) -> RunningServer:
     config.setdefault("http_port", 0)
-    config.setdefault("model_name", MODEL)
+    config.setdefault("served_model_name", MODEL)
     return start_server(data_dir, **config)
 
 

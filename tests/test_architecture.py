@@ -1,8 +1,10 @@
 """The package's imports follow the one-way data flow of README's "How it works":
 
-    face (server, CLIs, LLM, client, load tester) -> engine -> scheduling -> runtime -> kv -> models
+    face (conserve_server, entrypoints, loadtest, bench) -> engine -> scheduling -> runtime
+    -> kv -> models
 
-and every part may use the neutral base modules (configuration, the engine contract's
+with each folder of the package in one layer (`FOLDERS`), and every part may use the
+neutral base modules (configuration, the engine contract's
 types, request state, sampling parameters, tokenizer). A module never imports from a part
 above its own, and no two modules import each other (directly or through a longer circle).
 Imports under `if TYPE_CHECKING:` count: a type annotation that needs a module above is
@@ -17,27 +19,30 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # rank: a module may import only modules of equal or lower rank (base is importable by all)
 LAYERS = {"base": 0, "models": 1, "kv": 2, "runtime": 3, "scheduling": 4, "engine": 5, "face": 6}
-BASE = {"conserve_jax.config", "conserve_jax.engine_api",
-        "conserve_jax.sampling_params", "conserve_jax.request", "conserve_jax.tokenizer"}
-ENGINE = {"conserve_jax.engine", "conserve_jax.engine_args", "conserve_jax.output_processor",
-          "conserve_jax.output_delivery", "conserve_jax.mock_engine", "conserve_jax.engine_stats",
-          "conserve_jax.step_guard", "conserve_jax.offline_suspension"}
+# folders -> layers: a module's layer is its folder's; modules directly in conserve_jax/ are
+# the neutral base (configuration, the engine contract's types, request state, sampling,
+# tokenizer), except the package root and the public alias of the gRPC client
+FOLDERS = {"models": "models", "kv": "kv", "runtime": "runtime", "scheduling": "scheduling",
+           "engine": "engine", "entrypoints": "face", "loadtest": "face", "bench": "face"}
+FACE_AT_ROOT = {"conserve_jax", "conserve_jax.client"}
 
 
 def layer_of(mod: str) -> str:
-    if mod in BASE:
-        return "base"
-    if mod in ENGINE:
-        return "engine"
-    for part in ("models", "kv", "runtime", "scheduling"):
-        if mod.startswith(f"conserve_jax.{part}.") or mod == f"conserve_jax.{part}":
-            return part
-    return "face"  # the package root (re-exports LLM), server, CLIs, client, loadtest
+    parts = mod.split(".")
+    if parts[0] == "conserve_server":
+        return "face"
+    if mod in FACE_AT_ROOT:
+        return "face"
+    if len(parts) > 2 or parts[1] in FOLDERS:
+        return FOLDERS[parts[1]]  # KeyError: a new folder must be placed in a layer here
+    return "base"
 
 
 def module_name(path: pathlib.Path) -> str:
     rel = path.relative_to(ROOT).with_suffix("")
     parts = list(rel.parts)
+    if parts[0] == "server":  # installed under its own import name (pyproject package-dir)
+        parts[0] = "conserve_server"
     if parts[-1] == "__init__":
         parts = parts[:-1]
     return ".".join(parts)
@@ -116,3 +121,24 @@ def test_layer_map_covers_the_parts_readme_names():
     readme = (ROOT / "README.md").read_text()
     for part in ("Scheduler", "ModelRunner", "KVCheckpointer", "request.py"):
         assert part in readme, f"README's diagram should name {part}"
+
+
+def test_every_folder_is_in_a_layer_and_installed():
+    """Each package folder maps to a layer, and pyproject installs every package (server/
+    as conserve_server), so a new folder cannot slip past this test or the wheel."""
+    import tomllib
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {module_name(p.parent / "__init__.py") for d in ("conserve_jax", "server")
+             for p in (ROOT / d).rglob("__init__.py")}
+    assert listed == found, f"pyproject packages differ from the tree: {sorted(listed ^ found)}"
+    for folder in (ROOT / "conserve_jax").iterdir():
+        if (folder / "__init__.py").exists() and folder.name != "proto_gen":
+            assert folder.name in FOLDERS, f"conserve_jax/{folder.name}/ has no layer"
+
+
+def test_batch_store_never_imports_a_face():
+    graph = package_imports()
+    bad = [f"{m} imports {d}" for m, deps in graph.items() if m.startswith("conserve_server.batch")
+           for d in deps if d.startswith(("conserve_server.grpc_api", "conserve_server.openai_api",
+                                          "conserve_server.app", "conserve_server.main"))]
+    assert not bad, "\n".join(bad)

@@ -6,9 +6,9 @@ import pytest
 
 from conserve_jax.client import Client
 from conserve_jax.engine_api import RequestClass
-from conserve_jax.mock_engine import MockEngine
+from conserve_jax.engine.mock_engine import MockEngine
 from conserve_jax.proto_gen.conserve.v1 import conserve_pb2 as pb
-from server.batch_store import BatchStore
+from conserve_server.batch.store import BatchStore
 from tests.conftest_server import echo_text, start_server, wait_until
 
 

@@ -7,7 +7,7 @@ import grpc
 import pytest
 
 from conserve_jax.client import AsyncClient, Client, make_request
-from conserve_jax.mock_engine import MockEngine
+from conserve_jax.engine.mock_engine import MockEngine
 from tests.conftest_server import echo_text, start_server, wait_until
 
 

@@ -3,7 +3,6 @@ was abandoned at a layer safepoint, was checkpointed and resumed, or was evicted
 recomputed; no KV block or host-pool slot leaks; online requests are never preempted."""
 import pytest
 
-from conserve_jax.config import ConserveConfig
 
 from tests.coserve_helpers import (assert_no_leaks, collect, engine, prompts, req, wait_until)
 
@@ -101,8 +100,7 @@ def test_abandoned_at_safepoint_matches_alone(alone, resume):
     request is done while its decodes run on (the default; injected into an iteration
     with both), or dropped and recomputed (`resume_abandoned` off).
     isolation=1.0 makes the rule strict (any remaining offline work preempts)."""
-    eng = engine(policy="conserve", num_blocks=256, isolation=1.0,
-                 conserve=ConserveConfig(resume_abandoned=resume))
+    eng = engine(policy="conserve", num_blocks=256, isolation=1.0, resume_abandoned=resume)
     try:
         injected, checks = [], []  # checks: (iteration, layers_done, stopped, injected_before)
         current = [0]  # layers_done of the check in progress
@@ -145,7 +143,7 @@ def test_abandoned_at_safepoint_matches_alone(alone, resume):
                 stopped = sp.check(layers)
                 checks.append((it, layers, stopped, before))
                 return stopped
-            return type(sp)(check, sp.every)
+            return type(sp)(check)
 
         eng.policy.online_waiting = arrival
         eng.policy.safepoints = safepoints

@@ -9,12 +9,13 @@ scheduler and policy, no device work and no timing assertions.
 """
 import pytest
 
-from conserve_jax.config import EngineConfig, parse_isolation
+from conserve_jax.config import ConserveConfig, EngineConfig, parse_isolation
 from conserve_jax.engine_api import SLO, GenerationRequest, RequestClass, RequestStream
 from conserve_jax.kv.kv_manager import KVManager
 from conserve_jax.runtime.step_plan import SampledToken, StepResult
 from conserve_jax.sampling_params import SamplingParams
-from conserve_jax.scheduling.coserve_policies import ConservePolicy, build
+from conserve_jax.scheduling.policies.conserve import ConservePolicy
+from conserve_jax.scheduling.policies.registry import build
 from conserve_jax.scheduling.latency_model import WorkShape
 from conserve_jax.scheduling.scheduler import Scheduler
 from conserve_jax.request import Sequence
@@ -51,14 +52,16 @@ def make_seq(rid, n_prompt, online, arrival=0.0, ttft=None):
                     arrival=arrival)
 
 
-def make_sched(isolation, waiting=None, clock=None, num_blocks=512, safepoint_every=1):
+def make_sched(isolation, waiting=None, clock=None, num_blocks=512, safepoint_interval=1):
     cfg = EngineConfig(model="random:tiny", max_num_seqs=16, max_prefill_tokens=256,
-                       max_prefill_seqs=1, isolation=isolation)
+                       max_prefill_seqs=1,
+                       conserve=ConserveConfig(isolation=isolation,
+                                               safepoint_interval=safepoint_interval))
     waiting = waiting if waiting is not None else []
     pol = ConservePolicy(cfg.max_num_seqs, cfg.max_prefill_tokens, FakeModel(),
                          default_ttft_s=2.0, default_tpot_s=0.2,
-                         online_waiting=lambda: list(waiting), isolation=cfg.isolation,
-                         safepoint_every=safepoint_every, clock=clock or FakeClock())
+                         online_waiting=lambda: list(waiting), knobs=cfg.conserve,
+                         clock=clock or FakeClock())
     return Scheduler(cfg, KVManager(num_blocks, 16), pol), pol
 
 
@@ -136,7 +139,7 @@ def test_arrival_stops_offline_iteration_at_next_layer():
     clock, waiting = FakeClock(), []
     sched, pol = make_sched(1.2, waiting, clock)
     sp = pol.safepoints(offline_only_step(sched))
-    assert sp is not None and sp.every == 1  # a check after every layer by default
+    assert sp is not None  # a check after every layer by default (the runner's interval)
     clock.t += 0.01
     assert sp.check(1) is False  # nobody waiting
     clock.t += 0.004
@@ -209,10 +212,10 @@ def test_iterations_with_online_work_have_no_safepoints():
 
 def test_no_safepoints_when_the_interval_is_none():
     """safepoint_interval None (LLM's default): offline-only iterations run through."""
-    sched, pol = make_sched(1.2, safepoint_every=None)
+    sched, pol = make_sched(1.2, safepoint_interval=None)
     assert pol.safepoints(offline_only_step(sched)) is None
-    sched, pol = make_sched(1.2, safepoint_every=3)
-    assert pol.safepoints(offline_only_step(sched)).every == 3
+    sched, pol = make_sched(1.2, safepoint_interval=3)
+    assert pol.safepoints(offline_only_step(sched)) is not None
 
 
 def test_isolation_off_preempts_only_for_the_ttft_objective():
@@ -231,10 +234,10 @@ def test_isolation_off_preempts_only_for_the_ttft_objective():
 def test_isolation_knob_parsing_names_the_field():
     assert parse_isolation("off") is None and parse_isolation(None) is None
     assert parse_isolation("1.5") == 1.5
-    assert EngineConfig(isolation="off").isolation is None
-    assert EngineConfig().isolation == 1.2
+    assert ConserveConfig(isolation="off").isolation is None
+    assert EngineConfig().conserve.isolation == 1.2
     for bad in ("0.9", "fast", float("nan"), -1):
         with pytest.raises(ValueError, match="isolation"):
-            EngineConfig(isolation=bad)
+            ConserveConfig(isolation=bad)
     with pytest.raises(ValueError, match="online_waiting"):
         build(EngineConfig(policy="conserve"), FakeModel)

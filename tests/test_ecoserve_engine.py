@@ -5,7 +5,7 @@ import pytest
 
 from conserve_jax.config import CacheConfig, EngineConfig
 from conserve_jax.engine_api import SLO, GenerationRequest, RequestClass
-from conserve_jax.llm import LLM
+from conserve_jax.entrypoints.llm import LLM
 from conserve_jax.sampling_params import SamplingParams
 
 from tests.coserve_helpers import assert_no_leaks, collect, engine, prompts
@@ -111,7 +111,7 @@ def test_proto_hint_mapped_and_validated():
     from types import SimpleNamespace
 
     from conserve_jax.client import make_request
-    from server.convert import build_request
+    from conserve_server.convert import build_request
 
     eng = SimpleNamespace(tokenizer=None, vocab_size=100, max_model_len=64)
     req = build_request(make_request(token_ids=[5, 6], expected_output_tokens=9), eng, "a",

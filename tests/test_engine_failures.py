@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 
 from conserve_jax.engine_api import GenerationRequest, RequestClass
-from conserve_jax.mock_engine import MockEngine
+from conserve_jax.engine.mock_engine import MockEngine
 from conserve_jax.sampling_params import SamplingParams
-from conserve_jax.step_guard import ENGINE_STOPPED, ITERATION_FAILED
+from conserve_jax.engine.step_guard import ENGINE_STOPPED, ITERATION_FAILED
 from tests.coserve_helpers import collect, engine, req
 
 

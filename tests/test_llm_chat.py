@@ -2,7 +2,7 @@
 conversation or a list of them, and bad input is a ValueError naming the conversation."""
 import pytest
 
-from conserve_jax.llm import LLM
+from conserve_jax.entrypoints.llm import LLM
 from conserve_jax.sampling_params import SamplingParams
 
 CONV = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi!"}]
@@ -55,15 +55,15 @@ def test_chat_bad_input_names_the_conversation(llm):
 def test_llm_runs_without_safepoints_unless_asked(llm):
     """Nothing can arrive while generate blocks, so LLM's offline iterations carry no layer
     safepoints by default; an explicit safepoint_interval is kept; tokens are the same."""
-    assert llm.engine.config.safepoint_interval is None
+    assert llm.engine.config.conserve.safepoint_interval is None
     sp = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
     prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8, 7]]
     calls = []
     orig = llm.engine.runner.execute
 
-    def spy(plan, safepoint=None, every=None):
+    def spy(plan, safepoint=None):
         calls.append(safepoint)
-        return orig(plan, safepoint, every)
+        return orig(plan, safepoint)
 
     llm.engine.runner.execute = spy
     try:
@@ -73,5 +73,5 @@ def test_llm_runs_without_safepoints_unless_asked(llm):
     assert calls and all(c is None for c in calls)
     with LLM(model="random:tiny", max_model_len=256, max_num_seqs=4, max_prefill_tokens=64,
              num_blocks=128, safepoint_interval=2) as other:
-        assert other.engine.config.safepoint_interval == 2
+        assert other.engine.config.conserve.safepoint_interval == 2
         assert [o.token_ids for o in other.generate(prompts, sp)] == plain

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conserve_jax.cli import main as cli_main
+from conserve_jax.entrypoints.cli import main as cli_main
 from conserve_jax.loadtest import cli
 from conserve_jax.loadtest.adapter import ClientAdapter
 from conserve_jax.loadtest.fake import FakeClient

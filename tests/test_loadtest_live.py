@@ -1,5 +1,5 @@
 """Smoke test of `conserve-jax loadtest` against a live server: starts
-`python -m conserve_jax.cli serve --model mock --port 0 --data-dir TMP` as a subprocess, replays
+`python -m conserve_jax.entrypoints.cli serve --model mock --port 0 --data-dir TMP` as a subprocess, replays
 a dozen lines of the real trace for ~6 s with a small offline batch next to it, through the
 real gRPC client, and checks the JSON report. Both processes are stopped by the test."""
 import json
@@ -21,7 +21,7 @@ def live_server(tmp_path):
     """(target, process) of a mock-model server on a free loopback port."""
     err = open(tmp_path / "server.err", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "conserve_jax.cli", "serve", "--model", "mock", "--port", "0",
+        [sys.executable, "-m", "conserve_jax.entrypoints.cli", "serve", "--model", "mock", "--port", "0",
          "--data-dir", str(tmp_path / "data"), "--mock-token-delay", "0.005"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True)
     found = []
@@ -58,7 +58,7 @@ def test_loadtest_against_live_server(tmp_path, live_server):
     lines = lines[:1] + lines[3001:3013]  # header + 12 rows, ~2.5 s of arrivals
     trace.write_text("".join(lines))
     out_json, out_png = tmp_path / "report.json", tmp_path / "report.png"
-    cmd = [sys.executable, "-m", "conserve_jax.cli", "loadtest", "--target", target,
+    cmd = [sys.executable, "-m", "conserve_jax.entrypoints.cli", "loadtest", "--target", target,
            "--trace", str(trace), "--token-scale", "0.05", "--max-context", "256",
            "--duration", "6", "--grace", "10", "--offline-requests", "6",
            "--offline-input-len", "16", "--offline-output-len", "16",

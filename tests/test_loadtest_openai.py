@@ -10,7 +10,7 @@ import pytest
 
 from conserve_jax.loadtest import cli
 from conserve_jax.loadtest.openai_backend import OpenAIClient
-from conserve_jax.mock_engine import MockEngine
+from conserve_jax.engine.mock_engine import MockEngine
 from tests.openai_helpers import TOKEN_A, start_http_server
 
 

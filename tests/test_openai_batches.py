@@ -8,7 +8,7 @@ import json
 import openai
 import pytest
 
-from conserve_jax.mock_engine import MockEngine, MockTokenizer
+from conserve_jax.engine.mock_engine import MockEngine, MockTokenizer
 from tests.conftest_server import echo_text, wait_until
 from tests.openai_helpers import MODEL, TOKEN_A, TOKEN_B, client, start_http_server
 
@@ -224,7 +224,7 @@ def test_idempotency_key(srv):
 
 
 def test_tenant_item_quota_is_429(tmp_path):
-    from server.servicer import ServiceOptions
+    from conserve_server.config import ServiceOptions
 
     s = start_http_server(tmp_path, options=ServiceOptions(max_tenant_items=3))
     try:

@@ -13,7 +13,8 @@ import pytest
 
 from conserve_jax.client import Client
 from conserve_jax.engine_api import RequestClass
-from conserve_jax.mock_engine import MockEngine, MockTokenizer
+from conserve_jax.engine.mock_engine import MockEngine, MockTokenizer
+from conserve_server.config import ServiceOptions
 from tests.conftest_server import echo_text, start_server, wait_until
 from tests.openai_helpers import MODEL, TOKEN_A, TOKEN_B, client, raw, start_http_server
 
@@ -242,8 +243,7 @@ def test_metrics_and_server_stats_share_counters(srv):
 
 def test_online_queue_full_is_429_across_faces(tmp_path):
     eng = MockEngine(token_delay_s=0.02)
-    s = start_http_server(tmp_path, engine=eng, options=__import__(
-        "server.servicer", fromlist=["ServiceOptions"]).ServiceOptions(max_online_queue=1))
+    s = start_http_server(tmp_path, engine=eng, options=ServiceOptions(max_online_queue=1))
     try:
         c = client(s)
         stream = c.completions.create(model=MODEL, prompt="slow", max_tokens=500, stream=True)
@@ -257,7 +257,7 @@ def test_online_queue_full_is_429_across_faces(tmp_path):
         r = c.completions.create(model=MODEL, prompt="f", max_tokens=2, extra_body={"service_tier": "flex"})
         assert r.service_tier == "flex"
         stream.close()  # client disconnect: the engine request is cancelled, the slot freed
-        assert wait_until(lambda: eng.stats().online_running == 0 and s.app.metrics.online_in_flight == 0)
+        assert wait_until(lambda: eng.stats().online_running == 0 and s.app.admission.online_in_flight == 0)
         assert c.completions.create(model=MODEL, prompt="x", max_tokens=2).choices[0].text == "xx"
         # a non-streaming request whose client goes away is cancelled too
         conn = http.client.HTTPConnection("127.0.0.1", s.app.http_port, timeout=10)
@@ -265,7 +265,7 @@ def test_online_queue_full_is_429_across_faces(tmp_path):
             {"model": MODEL, "prompt": "gone", "max_tokens": 1000}), {"Content-Type": "application/json"})
         assert wait_until(lambda: eng.stats().online_running == 1)
         conn.close()
-        assert wait_until(lambda: eng.stats().online_running == 0 and s.app.metrics.online_in_flight == 0)
+        assert wait_until(lambda: eng.stats().online_running == 0 and s.app.admission.online_in_flight == 0)
     finally:
         s.stop()
 
@@ -312,7 +312,7 @@ def test_shutting_down_is_503(srv):
 
 
 def test_body_size_limit_is_413(tmp_path):
-    s = start_http_server(tmp_path, max_message_bytes=4096)
+    s = start_http_server(tmp_path, options=ServiceOptions(max_message_mb=4096 / (1 << 20)))
     try:
         big = json.dumps({"model": MODEL, "prompt": "x" * 8000}).encode()
         status, body, _ = raw(s, "POST", "/v1/completions", big)
@@ -336,12 +336,10 @@ def test_stop_ends_open_streams(tmp_path):
     except Exception:  # the connection closed or the server sent its error event
         pass
     assert "length" not in reasons
-    assert eng.stats().online_running == 0 and s.app.metrics.online_in_flight == 0
+    assert eng.stats().online_running == 0 and s.app.admission.online_in_flight == 0
 
 
 def test_tenant_share_of_the_online_queue(tmp_path):
-    from server.servicer import ServiceOptions
-
     eng = MockEngine(token_delay_s=0.02)
     s = start_http_server(tmp_path, engine=eng, auth_tokens=[TOKEN_A, TOKEN_B],
                           options=ServiceOptions(max_online_queue=2))  # 1 each with 2 tenants

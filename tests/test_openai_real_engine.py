@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from conserve_jax.config import CacheConfig, EngineConfig
-from conserve_jax.engine import Engine
+from conserve_jax.engine.engine import Engine
 from conserve_jax.engine_api import GenerationRequest
 from conserve_jax.sampling_params import SamplingParams
 from tests.conftest_server import REPO, start_server, wait_until
@@ -26,7 +26,7 @@ MODEL = "random:tiny"
 def server(tmp_path_factory):
     eng = Engine(EngineConfig(model=MODEL, policy="conserve", max_model_len=256, max_num_seqs=4,
                               max_prefill_tokens=64, cache=CacheConfig(num_blocks=128)))
-    srv = start_server(tmp_path_factory.mktemp("data"), engine=eng, http_port=0, model_name=MODEL)
+    srv = start_server(tmp_path_factory.mktemp("data"), engine=eng, http_port=0, served_model_name=MODEL)
     yield srv
     srv.stop()
 
@@ -78,7 +78,7 @@ def test_completions_and_chat_match_engine(server):
 
 def _spawn(data_dir, *extra):
     """The CLI server as a subprocess; returns (process, {"http": port, "metrics": port})."""
-    cmd = [sys.executable, "-m", "conserve_jax.cli", "serve", "--model", "mock", "--port", "0",
+    cmd = [sys.executable, "-m", "conserve_jax.entrypoints.cli", "serve", "--model", "mock", "--port", "0",
            "--data-dir", str(data_dir), *extra]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     ports = {}

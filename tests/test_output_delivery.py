@@ -5,8 +5,8 @@ from __future__ import annotations
 import threading
 
 from conserve_jax.engine_api import GenerationRequest, RequestStream
-from conserve_jax.output_delivery import OutputDelivery
-from conserve_jax.output_processor import OutputProcessor
+from conserve_jax.engine.output_delivery import OutputDelivery
+from conserve_jax.engine.output_processor import OutputProcessor
 from conserve_jax.runtime.step_plan import SampledToken
 from conserve_jax.sampling_params import SamplingParams
 from tests.coserve_helpers import wait_until
@@ -67,7 +67,7 @@ def test_token_level_finish_comes_with_the_token():
 
 
 def test_engine_publishes_stats_and_stops_on_stop_string():
-    from conserve_jax.llm import LLM
+    from conserve_jax.entrypoints.llm import LLM
 
     with LLM(model="random:tiny", max_model_len=128, max_num_seqs=4, max_prefill_tokens=32,
              num_blocks=64) as llm:

@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from conserve_jax.config import CacheConfig, EngineConfig
+from conserve_jax.config import CacheConfig, ConserveConfig, EngineConfig
 from conserve_jax.models.loader import load_model
 from conserve_jax.runtime.model_runner import ModelRunner, default_layers_per_call, group_sizes
 from conserve_jax.runtime.step_plan import DecodeItem, PrefillItem, SampleSpec, StepPlan
@@ -18,8 +18,9 @@ def loaded():
 
 def _runner(loaded, layers_per_call=None, interval=2):
     cfg = EngineConfig(model="random:tiny", max_model_len=128, max_num_seqs=4,
-                       max_prefill_tokens=32, safepoint_interval=interval,
-                       cache=CacheConfig(block_size=16, num_blocks=32))
+                       max_prefill_tokens=32,
+                       cache=CacheConfig(block_size=16, num_blocks=32),
+                       conserve=ConserveConfig(safepoint_interval=interval))
     return ModelRunner(loaded.config, loaded.params, cfg, layers_per_call)
 
 

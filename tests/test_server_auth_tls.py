@@ -9,7 +9,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conserve_jax.client import Client
-from server.auth import Authenticator, read_tokens
+from conserve_server.auth import Authenticator, read_tokens
 from tests.conftest_server import start_server
 
 ALICE, BOB = "alice-secret-token", "bob-secret-token"

@@ -5,10 +5,10 @@ import grpc
 import pytest
 
 from conserve_jax.client import Client
-from conserve_jax.mock_engine import MockEngine
+from conserve_jax.engine.mock_engine import MockEngine
 from conserve_jax.proto_gen.conserve.v1 import conserve_pb2 as pb
 from conserve_jax.proto_gen.conserve.v1 import conserve_pb2_grpc as pb_grpc
-from server.servicer import ServiceOptions
+from conserve_server.config import ServiceOptions
 from tests.conftest_server import start_server, wait_until
 
 MAX_MODEL_LEN = 256

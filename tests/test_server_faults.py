@@ -14,11 +14,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from conserve_jax.client import Client
-from conserve_jax.mock_engine import MockEngine
+from conserve_jax.engine.mock_engine import MockEngine
 from conserve_jax.proto_gen.conserve.v1 import conserve_pb2 as pb
-from server.batch_store import BatchStore, DataDirInUse
-from server.main import EXIT_ENGINE_FAILED
-from server.servicer import ServiceOptions
+from conserve_server.batch.store import BatchStore, DataDirInUse
+from conserve_server.main import EXIT_ENGINE_FAILED
+from conserve_server.config import ServiceOptions
 from tests.conftest_server import echo_text, spawn_server, start_server, wait_until
 
 
@@ -203,7 +203,7 @@ def test_health_status_change_does_not_deadlock_with_a_closing_watch():
     Modelled here: the send waits for a close callback run on another thread; with the
     stock servicer's lock held across sends that callback could never run."""
     from grpc_health.v1 import health_pb2
-    from server.limits import LimitedHealth, StreamLimiter
+    from conserve_server.grpc_api.limits import LimitedHealth, StreamLimiter
 
     class Ctx:
         def __init__(self):

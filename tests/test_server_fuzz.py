@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conserve_jax.client import Client
-from conserve_jax.mock_engine import MockEngine
+from conserve_jax.engine.mock_engine import MockEngine
 from conserve_jax.proto_gen.conserve.v1 import conserve_pb2 as pb
-from server.servicer import ServiceOptions
+from conserve_server.config import ServiceOptions
 from tests.conftest_server import start_server
 
 DOCUMENTED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,

@@ -17,11 +17,11 @@ import grpc
 import pytest
 
 from conserve_jax.client import Client
-from conserve_jax.mock_engine import MockEngine
+from conserve_jax.engine.mock_engine import MockEngine
 from conserve_jax.proto_gen.conserve.v1 import conserve_pb2 as pb
-from server import convert, main as server_main
-from server.batch_store import BatchStore
-from server.servicer import ServiceOptions
+from conserve_server import convert, main as server_main
+from conserve_server.batch.store import BatchStore
+from conserve_server.config import ServiceOptions
 from tests.conftest_server import REPO, spawn_server, start_server, wait_until
 
 ALICE, BOB = "alice-token", "bob-token"
@@ -36,8 +36,8 @@ def _code(fn):
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory):
     s = start_server(tmp_path_factory.mktemp("hostile"), MockEngine(max_model_len=256),
-                     max_message_bytes=64 << 20,
-                     options=ServiceOptions(max_online_queue=4, max_tenant_items=10))
+                     options=ServiceOptions(max_online_queue=4, max_tenant_items=10,
+                                            max_message_mb=64))
     yield s
     s.stop()
 
@@ -276,7 +276,7 @@ def test_database_files_are_private(tmp_path):
 
 
 def test_exposure_warnings(caplog):
-    with caplog.at_level(logging.WARNING, logger="server.main"):
+    with caplog.at_level(logging.WARNING, logger="conserve_server.main"):
         server_main._warn_about_exposure(types.SimpleNamespace(host="0.0.0.0", tls_cert=None), None)
         server_main._warn_about_exposure(types.SimpleNamespace(host="10.1.2.3", tls_cert=None), ["t"])
         server_main._warn_about_exposure(types.SimpleNamespace(host="127.0.0.1", tls_cert=None), ["t"])
@@ -285,7 +285,7 @@ def test_exposure_warnings(caplog):
 
 
 def _serve(*args, timeout=60):
-    return subprocess.run([sys.executable, "-m", "conserve_jax.cli", "serve", "--port", "0", *args],
+    return subprocess.run([sys.executable, "-m", "conserve_jax.entrypoints.cli", "serve", "--port", "0", *args],
                           cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from conserve_jax.client import Client
 from conserve_jax.config import CacheConfig, EngineConfig
-from conserve_jax.engine import Engine
+from conserve_jax.engine.engine import Engine
 from tests.conftest_server import start_server, wait_until
 
 

@@ -12,7 +12,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import \
 
 from conserve_jax.client import Client
 from conserve_jax.engine_api import RequestClass
-from conserve_jax.mock_engine import MockEngine
+from conserve_jax.engine.mock_engine import MockEngine
 from tests.conftest_server import echo_text, start_server, wait_until
 
 

@@ -5,7 +5,7 @@ One job per module:
 - `trace`     reads an Azure LLM inference trace CSV; window, rate scale, token scale, clamp.
 - `arrivals`  synthetic workloads: gamma arrival process (vLLM's `--burstiness`) and lengths.
 - `prompts`   deterministic synthetic prompt token ids.
-- `adapter`   `ClientAdapter`: the few `conserve_jax.client.Client` calls used, normalised.
+- `adapter`   `ClientAdapter`: the few `conserve_jax.entrypoints.client.Client` calls used, normalised.
 - `runner`    drives the online load with threads on schedule; records time stamps.
 - `offline`   submits, polls and measures the offline batches next to the online load.
 - `metrics`   TTFT / TPOT / ITL / E2E statistics, SLO attainment, goodput.

@@ -1,4 +1,4 @@
-"""`ClientAdapter`: the small surface of `conserve_jax.client.Client` the runner uses.
+"""`ClientAdapter`: the small surface of `conserve_jax.entrypoints.client.Client` the runner uses.
 
 The runner talks only to this adapter, so anything with `Client`'s methods can be driven
 (the real gRPC client, or `fake.FakeClient` in tests). It normalises what may differ

@@ -3,7 +3,7 @@
 `add_arguments(parser)` declares the options; `run(args, client_factory=None) -> int`
 runs the test, prints the report table to stdout, and writes `--json` / `--plot` if asked.
 `client_factory(target, token, tls_ca)` builds the client (default:
-`conserve_jax.client.Client`); tests pass `fake.FakeClient` here. Only `--target` is ever
+`conserve_jax.entrypoints.client.Client`); tests pass `fake.FakeClient` here. Only `--target` is ever
 contacted, and the run ends by itself (see `runner`).
 
 Exit status: 0 when the run completed at least one request (online or offline) or had
@@ -148,7 +148,7 @@ def _workload(args: argparse.Namespace) -> list:
 
 
 def _default_factory(target: str, token: Optional[str], tls_ca: Optional[str]) -> Any:
-    from conserve_jax.client import Client
+    from conserve_jax.entrypoints.client import Client
     return Client(target, token=token, tls_ca=tls_ca)
 
 

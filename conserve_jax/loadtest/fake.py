@@ -1,4 +1,4 @@
-"""`FakeClient`: an in-process stand-in for `conserve_jax.client.Client`.
+"""`FakeClient`: an in-process stand-in for `conserve_jax.entrypoints.client.Client`.
 
 It has the methods the load tester uses, with the same signatures, and emulates a server
 by sleeping: `generate` waits `ttft_s`, then yields chunks of `chunk_size` tokens every

@@ -6,10 +6,9 @@ Contract: constructed once by the engine; `execute` is called only from the engi
 step-loop thread, which owns the caches. Without a safepoint (online work, never abandoned)
 an iteration runs `layers_per_call` layers per jitted call (default:
 `default_layers_per_call`, three calls, with no safepoint between them). With a safepoint
-it runs `safepoint_interval` layers per call and calls the safepoint between calls, after
-the device finished them; the iteration may be abandoned there (`safepoint_every` may
-override the interval per call; sizes other than the configured interval compile on first
-use): the KV it wrote lies beyond every sequence's committed length and is overwritten
+it runs `ConserveConfig.safepoint_interval` layers per call (read here, once: the only
+route the interval takes) and calls the safepoint between calls, after the device finished
+them; the iteration may be abandoned there: the KV it wrote lies beyond every sequence's committed length and is overwritten
 later, so dropping it is harmless. An abandoned iteration can also be continued from the
 layer where it stopped: `take_suspended` hands out its state (the hidden rows after the
 last finished layer) and `resume` runs the remaining layers, provided the caller kept the
@@ -60,7 +59,6 @@ class SuspendedIteration:
     hidden: Any  # [T, hidden] after layer `layers_done`
     rope: tuple  # (cos, sin)
     layers_done: int
-    every: Optional[int]  # the safepoint interval it ran with
 
 
 def kv_bytes_per_block(cfg: ModelConfig, kv_heads: int, block_size: int, dtype) -> int:
@@ -94,8 +92,10 @@ class ModelRunner:
         self.layers_per_call = min(n, layers_per_call or engine_cfg.layers_per_call
                                    or default_layers_per_call(n))
         self.fast_groups = group_sizes(n, self.layers_per_call)
-        self.safepoint_groups = self.fast_groups if engine_cfg.safepoint_interval is None \
-            else group_sizes(n, max(1, engine_cfg.safepoint_interval))
+        interval = engine_cfg.conserve.safepoint_interval
+        self.safepoint_every = n if interval is None else max(1, min(n, interval))
+        self.safepoint_groups = self.fast_groups if interval is None \
+            else group_sizes(n, self.safepoint_every)
         self._place_weights(params, kv_repeat)
         self._build_functions()
         check_map_budget(len(self.buckets.layer_shapes()), len(self._groups))
@@ -173,27 +173,22 @@ class ModelRunner:
         fns = list(self._groups.values()) + [self._embed, self._select, self._head]
         return sum(f._cache_size() for f in fns)
 
-    def execute(self, plan: StepPlan, safepoint: Optional[Safepoint] = None,
-                safepoint_every: Optional[int] = None) -> Optional[StepResult]:
+    def execute(self, plan: StepPlan, safepoint: Optional[Safepoint] = None) -> Optional[StepResult]:
         """Run one iteration. `safepoint(layers_done)` is called after every
-        `safepoint_every` layers (None: `engine_cfg.safepoint_interval`; the policy chooses
-        it per iteration) and the iteration is abandoned (returns None) if it returns True;
+        `safepoint_every` layers (the configured interval) and the iteration is abandoned
+        (returns None) if it returns True;
         `take_suspended` then returns its state until the next abandoned iteration.
         With `safepoint=None` there are no safepoints."""
         b = build_batch(plan, self.buckets, self.block_size)
         x, cos, sin = self._embed(self.embed, b.token_ids, b.positions, self.inv_freq)
-        return self._run(SuspendedIteration(plan, b, x, (cos, sin), 0, safepoint_every),
-                         safepoint)
+        return self._run(SuspendedIteration(plan, b, x, (cos, sin), 0), safepoint)
 
-    def resume(self, it: SuspendedIteration, safepoint: Optional[Safepoint] = None,
-               safepoint_every: Optional[int] = None) -> Optional[StepResult]:
+    def resume(self, it: SuspendedIteration,
+               safepoint: Optional[Safepoint] = None) -> Optional[StepResult]:
         """Continue an abandoned iteration (from `take_suspended`) at the layer where it
         stopped; the result is the one `execute` would have returned for its plan, provided
         the plan's sequences and block tables were left untouched in between. Safepoints as
-        in `execute` (`safepoint_every` None: the interval it ran with); it may be
-        abandoned again."""
-        if safepoint_every is not None:
-            it = dataclasses.replace(it, every=safepoint_every)
+        in `execute`; it may be abandoned again."""
         return self._run(it, safepoint)
 
     @staticmethod
@@ -237,12 +232,11 @@ class ModelRunner:
         x, (cos, sin), meta = it.hidden, it.rope, self._meta(it.batch)
         n = self.cfg.num_layers
         done = it.layers_done
-        every = max(1, it.every or self.engine_cfg.safepoint_interval or n)
-        # a resumed iteration keeps its interval's groups (compiled; `done` is a multiple)
+        # a resumed iteration keeps the interval's groups (compiled; `done` is a multiple)
         groups = self.fast_groups if safepoint is None and done == 0 else \
-            group_sizes(n - done, every)
+            group_sizes(n - done, self.safepoint_every)
         for size in groups:
-            if size not in self._groups:  # an interval other than the configured one
+            if size not in self._groups:  # safepoints with no interval configured: one group
                 self._groups[size] = self._make_group_fn(size)
             x, new = self._groups[size](self.layers[done: done + size], x, cos, sin,
                                         self.caches[done: done + size], meta)

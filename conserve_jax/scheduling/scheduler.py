@@ -27,7 +27,7 @@ from conserve_jax.config import EngineConfig
 from conserve_jax.kv.kv_manager import KVManager
 from conserve_jax.runtime.step_plan import (DecodeItem, PrefillItem, SampledToken, SampleSpec,
                                             StepPlan, StepResult)
-from conserve_jax.scheduling.policy import Policy, StepBudget
+from conserve_jax.scheduling.policies.base import Policy, StepBudget
 from conserve_jax.scheduling.scheduled_step import Scheduled, ScheduledStep
 from conserve_jax.request import Sequence, SeqStatus
 

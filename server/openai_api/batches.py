@@ -20,11 +20,11 @@ from typing import Optional
 
 from conserve_jax.engine_api import RequestClass
 from conserve_jax.proto_gen.conserve.v1 import conserve_pb2 as pb
-from server.batch_store import TERMINAL, BatchRow, BatchStore
-from server.openai_api import render
-from server.openai_api.errors import ApiError, bad_request, invalid_value
-from server.openai_api.files import FileStore
-from server.openai_api.schemas import ENDPOINTS, parse_body, to_generation
+from conserve_server.batch.store import TERMINAL, BatchRow, BatchStore
+from conserve_server.openai_api import render
+from conserve_server.openai_api.errors import ApiError, bad_request, invalid_value
+from conserve_server.openai_api.files import FileStore
+from conserve_server.openai_api.schemas import ENDPOINTS, parse_body, to_generation
 
 _WINDOW = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(h|m|s|d)\s*$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}

@@ -18,28 +18,25 @@ from typing import Optional
 
 import uvicorn
 
-from server.metrics import ServerMetrics
-from server.openai_api.files import FileStore
-from server.openai_api.routes import FrontOptions, OpenAIRoutes, build_app
-from server.pem import server_ssl_context
+from conserve_server.admission import Admission
+from conserve_server.config import ServerConfig
+from conserve_server.metrics import ServerMetrics
+from conserve_server.openai_api.files import FileStore
+from conserve_server.openai_api.routes import OpenAIRoutes, build_app
+from conserve_server.pem import server_ssl_context
 
 log = logging.getLogger(__name__)
 
 
 class HttpFront:
-    def __init__(self, engine, store, runner, auth, metrics: ServerMetrics, config) -> None:
-        """`config` is the `server.app.ServerConfig` (host, http_port, TLS, options)."""
-        o = config.options
+    def __init__(self, engine, store, runner, auth, metrics: ServerMetrics,
+                 admission: Admission, config: ServerConfig) -> None:
+        """`config`: the server's resolved `ServerConfig` (host, http_port, TLS, drain
+        timeout, served model name, and the `ServiceOptions` the gRPC face uses too)."""
         self.config = config
-        self.routes = OpenAIRoutes(engine, store, runner, auth, metrics, FileStore(config.data_dir),
-                                   FrontOptions(model_name=config.model_name,
-                                                max_online_queue=o.max_online_queue,
-                                                max_flex_in_flight=o.max_online_queue,
-                                                max_batch_size=o.max_batch_size,
-                                                max_file_bytes=config.max_message_bytes,
-                                                max_logprobs=o.max_logprobs,
-                                                default_slo=o.default_slo,
-                                                max_tenant_items=o.max_tenant_items))
+        self.routes = OpenAIRoutes(engine, store, runner, auth, metrics, admission,
+                                   FileStore(config.data_dir), config.options,
+                                   config.served_model_name)
         self.app = build_app(self.routes)
         self.port: Optional[int] = None
         self._server: Optional[uvicorn.Server] = None
@@ -63,7 +60,7 @@ class HttpFront:
         sock.setblocking(False)
         self.port = sock.getsockname()[1]
         ucfg = uvicorn.Config(self.app, log_config=None, access_log=False, lifespan="off",
-                              timeout_graceful_shutdown=max(1, int(c.drain_timeout_s)),
+                              timeout_graceful_shutdown=max(1, int(c.drain_timeout)),
                               timeout_keep_alive=30)
         ucfg.load()
         if c.tls_cert is not None and c.tls_key is not None:

@@ -15,7 +15,7 @@ from typing import Optional
 
 from conserve_jax.engine_api import RequestOutput, TokenLogprob
 from conserve_jax.proto_gen.conserve.v1 import conserve_pb2 as pb
-from server.openai_api.schemas import CHAT
+from conserve_server.openai_api.schemas import CHAT
 
 _FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length",
            pb.FINISH_REASON_CANCELLED: "cancelled", pb.FINISH_REASON_ERROR: "error"}

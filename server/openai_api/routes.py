@@ -8,9 +8,10 @@
 
 Handlers run on the uvicorn event-loop thread; anything that may block (tokenizing, the
 sqlite store, file I/O, waiting for engine output) runs in worker threads bounded by
-`limiter`. Shared state: the engine, batch store and runner (thread-safe by contract),
-`ServerMetrics` (online admission, shared with gRPC) and the `admitting` flag that
-`ServerApp.stop` clears. Auth: `Authorization: Bearer <token>`, each token a tenant; a
+`limiter`. Shared state: the engine, batch store and runner (thread-safe by contract), the
+server's `Admission` (online slots and tenant shares shared with gRPC, the flex limit, the
+default objectives), `ServerMetrics` and the `admitting` flag that `ServerApp.stop` clears.
+Limits are the server's `ServiceOptions`, the same object the gRPC face reads. Auth: `Authorization: Bearer <token>`, each token a tenant; a
 tenant sees only its own files and batches (others' are 404).
 """
 from __future__ import annotations
@@ -18,10 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import threading
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Optional
 
 import anyio
@@ -32,43 +31,35 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from conserve_jax.engine_api import SLO, RequestClass
-from server.auth import Authenticator
-from server.batch_store import IdempotencyConflict, QuotaExceeded
-from server.metrics import CONTENT_TYPE, ServerMetrics
-from server.openai_api import batches as B
-from server.openai_api import render
-from server.openai_api.errors import ApiError, bad_request, invalid_value, not_found
-from server.openai_api.files import FileStore
-from server.openai_api.schemas import CHAT, COMPLETION, ENDPOINTS, parse_body, to_generation
-from server.openai_api.streaming import ClientGone, SSEResponse, deltas, sse
+from conserve_jax.engine_api import RequestClass
+from conserve_server.admission import Admission
+from conserve_server.auth import Authenticator
+from conserve_server.batch.store import IdempotencyConflict, QuotaExceeded
+from conserve_server.config import ServiceOptions
+from conserve_server.metrics import CONTENT_TYPE, ServerMetrics
+from conserve_server.openai_api import batches as B
+from conserve_server.openai_api import render
+from conserve_server.openai_api.errors import ApiError, bad_request, invalid_value, not_found
+from conserve_server.openai_api.files import FileStore
+from conserve_server.openai_api.schemas import CHAT, COMPLETION, ENDPOINTS, parse_body, to_generation
+from conserve_server.openai_api.streaming import ClientGone, SSEResponse, deltas, sse
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class FrontOptions:
-    model_name: str = "default"
-    max_online_queue: int = 256  # shared with gRPC through ServerMetrics
-    max_flex_in_flight: int = 256  # service_tier=flex requests held open at once
-    max_batch_size: int = 10000
-    max_file_bytes: int = 64 << 20
-    max_logprobs: int = 20
-    default_slo: SLO = SLO()
-    max_tenant_items: Optional[int] = None  # unfinished batch items one tenant may store
-
-
 class OpenAIRoutes:
     def __init__(self, engine, store, runner, auth: Optional[Authenticator],
-                 metrics: ServerMetrics, files: FileStore, options: FrontOptions) -> None:
+                 metrics: ServerMetrics, admission: Admission, files: FileStore,
+                 options: ServiceOptions, model_name: str) -> None:
+        """`model_name`: the model id this front reports and accepts."""
         self.engine, self.store, self.runner, self.auth = engine, store, runner, auth
-        self.metrics, self.files, self.options = metrics, files, options
+        self.metrics, self.admission, self.files = metrics, admission, files
+        self.options, self.model_name = options, model_name
+        self.max_body_bytes = options.max_message_bytes  # request bodies and file uploads
         self.admitting = True
         self.created = int(time.time())
         workers = options.max_online_queue + options.max_flex_in_flight + 16
         self.limiter = anyio.CapacityLimiter(workers)
-        self._flex_lock = threading.Lock()
-        self._flex = 0
 
     # ---- helpers -----------------------------------------------------------------------
     def tenant(self, request: Request) -> Optional[str]:
@@ -85,7 +76,7 @@ class OpenAIRoutes:
         return await anyio.to_thread.run_sync(fn, *args, limiter=self.limiter)
 
     async def json_body(self, request: Request):
-        limit = self.options.max_file_bytes
+        limit = self.max_body_bytes
         if int(request.headers.get("content-length") or 0) > limit:
             raise ApiError(413, f"the request body exceeds {limit} bytes")
         raw = bytearray()
@@ -103,31 +94,13 @@ class OpenAIRoutes:
             raise ApiError(503, "server is shutting down")
 
     def check_model(self, model: str) -> None:
-        if model != self.options.model_name:
+        if model != self.model_name:
             raise ApiError(404, f"The model {model!r} does not exist; this server serves "
-                                f"{self.options.model_name!r}", "model", "model_not_found")
-
-    def _admit(self, cls: RequestClass, tenant: Optional[str]) -> Optional[str]:
-        """None when admitted, else why not. Online requests share the gRPC face's
-        process-wide queue and per-tenant share (ServerMetrics)."""
-        if cls is RequestClass.ONLINE:
-            return self.metrics.try_admit_online(tenant)
-        with self._flex_lock:
-            if self._flex >= self.options.max_flex_in_flight:
-                return f"the flex queue is full ({self.options.max_flex_in_flight} requests); retry later"
-            self._flex += 1
-            return None
-
-    def _release(self, cls: RequestClass, tenant: Optional[str]) -> None:
-        if cls is RequestClass.ONLINE:
-            self.metrics.release_online(tenant)
-        else:
-            with self._flex_lock:
-                self._flex -= 1
+                                f"{self.model_name!r}", "model", "model_not_found")
 
     # ---- models ------------------------------------------------------------------------
     def _model(self) -> dict:
-        return {"id": self.options.model_name, "object": "model", "created": self.created,
+        return {"id": self.model_name, "object": "model", "created": self.created,
                 "owned_by": "conserve-jax", "max_model_len": self.engine.max_model_len}
 
     async def list_models(self, request: Request):
@@ -154,9 +127,9 @@ class OpenAIRoutes:
         self.check_model(parsed.model)
         cls = parsed.request_class
         rid = f"{'on' if cls is RequestClass.ONLINE else 'flex'}:{uuid.uuid4().hex}"
-        gen = await self.run(to_generation, parsed, self.engine, rid, self.options.default_slo,
-                             self.options.max_logprobs)
-        why = self._admit(cls, tenant)
+        gen = await self.run(to_generation, parsed, self.engine, rid, self.options.max_logprobs)
+        self.admission.fill_defaults(gen)
+        why = self.admission.admit(cls, tenant)  # online: shared with gRPC; flex: its own
         if why is not None:
             raise ApiError(429, why, code="rate_limit_exceeded")
         state = {"open": True, "finished": False}
@@ -164,7 +137,7 @@ class OpenAIRoutes:
         def close() -> None:  # idempotent: release the slot, stop the engine request
             if state["open"]:
                 state["open"] = False
-                self._release(cls, tenant)
+                self.admission.release(cls, tenant)
                 if not state["finished"]:
                     self.engine.cancel(rid)
         try:
@@ -225,10 +198,10 @@ class OpenAIRoutes:
     async def upload_file(self, request: Request):
         tenant = self.tenant(request)
         self.require_admitting()
-        if int(request.headers.get("content-length") or 0) > self.options.max_file_bytes + (1 << 20):
-            raise ApiError(413, f"file exceeds {self.options.max_file_bytes} bytes", "file")
+        if int(request.headers.get("content-length") or 0) > self.max_body_bytes + (1 << 20):
+            raise ApiError(413, f"file exceeds {self.max_body_bytes} bytes", "file")
         try:
-            form = await request.form(max_part_size=self.options.max_file_bytes)
+            form = await request.form(max_part_size=self.max_body_bytes)
         except Exception as e:  # malformed multipart
             raise bad_request(f"the body must be multipart/form-data with file and purpose: {e}",
                               "file") from None
@@ -251,7 +224,7 @@ class OpenAIRoutes:
             if row is None or (tenant is not None and row.tenant != tenant) or not B.finished(row):
                 raise not_found("file", file_id, "file_id")
             data = await self.run(B.result_file, self.files, self.store, row, target[1],
-                                  self.options.model_name, self.engine.tokenizer)
+                                  self.model_name, self.engine.tokenizer)
             frow = await self.run(self.files.get, file_id)
             return frow, data
         frow = await self.run(self.files.get, file_id)
@@ -306,7 +279,7 @@ class OpenAIRoutes:
         data = await self.run(self.files.content, file_id)
         lines = await self.run(B.parse_jsonl, data, self.options.max_batch_size)
         items = await self.run(B.build_items, lines, endpoint, self.engine,
-                               self.options.model_name, self.options.max_logprobs)
+                               self.model_name, self.options.max_logprobs)
         deadline = time.time() + window
         key = request.headers.get("idempotency-key") or ""
         asked = {"endpoint": endpoint, "input_file_id": file_id, "metadata": metadata,

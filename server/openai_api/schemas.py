@@ -4,7 +4,7 @@
 names the parameter) and returns a `ParsedRequest` holding a `pb.GenerateRequest` (the
 same message the gRPC face and the batch store use) plus the HTTP-only options.
 `to_generation` then validates it against the engine (tokenizing, chat template, limits)
-through `server.convert.build_request`, so both faces share one validation path.
+through `conserve_server.convert.build_request`, so both faces share one validation path.
 
 Supported: `max_tokens`/`max_completion_tokens`, `temperature`, `top_p`, `seed`, `stop`,
 `logprobs`/`top_logprobs`, `n` (1 only), `stream`, `stream_options.include_usage`,
@@ -20,10 +20,10 @@ import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from conserve_jax.engine_api import SLO, GenerationRequest, RequestClass
+from conserve_jax.engine_api import GenerationRequest, RequestClass
 from conserve_jax.proto_gen.conserve.v1 import conserve_pb2 as pb
-from server import convert
-from server.openai_api.errors import ApiError, bad_request, invalid_value
+from conserve_server import convert
+from conserve_server.openai_api.errors import ApiError, bad_request, invalid_value
 
 CHAT, COMPLETION = "chat", "completion"
 ENDPOINTS = {"/v1/chat/completions": CHAT, "/v1/completions": COMPLETION}
@@ -252,17 +252,18 @@ def param_of(message: str, kind: str) -> Optional[str]:
     return name
 
 
-def to_generation(parsed: ParsedRequest, engine, request_id: str, default_slo: SLO = SLO(),
-                  max_logprobs: int = 20, request_class: Optional[RequestClass] = None,
+def to_generation(parsed: ParsedRequest, engine, request_id: str, max_logprobs: int = 20,
+                  request_class: Optional[RequestClass] = None,
                   prefix: str = "") -> GenerationRequest:
     """Validate against the engine (tokenize, render the chat template, check limits) and
-    build the engine request. Without max_tokens a chat request may use the rest of the
-    context (as vLLM does); `parsed.proto.sampling.max_tokens` is filled in accordingly.
-    Raises ApiError 400 naming the parameter."""
+    build the engine request (objectives it does not name stay None: the face fills in
+    the defaults). Without max_tokens a chat request may use the rest of the context (as
+    vLLM does); `parsed.proto.sampling.max_tokens` is filled in accordingly. Raises
+    ApiError 400 naming the parameter."""
     cls = request_class or parsed.request_class
     try:
-        req = convert.build_request(parsed.proto, engine, request_id, cls, default_slo,
-                                    max_logprobs, prefix=prefix)
+        req = convert.build_request(parsed.proto, engine, request_id, cls, max_logprobs,
+                                    prefix=prefix)
     except ValueError as e:
         msg = str(e).replace("token_ids", "prompt") if parsed.kind == COMPLETION else str(e)
         raise ApiError(400, msg, param_of(msg[len(prefix):], parsed.kind), "invalid_value") from None

@@ -1,7 +1,7 @@
 """KV planning from predicted response lengths: reservations, lending, KV-heavy-first order.
 
 Used by the `ecoserve` policy (every request planned) and by `conserve` when
-`EngineConfig.offline_kv_reservation` is set (offline requests planned). It answers the
+`ConserveConfig.offline_kv_reservation` is set (offline requests planned). It answers the
 scheduler's KV hooks (`Policy.before_schedule`, `order_waiting`, `admit`, `kv_tokens_for`)
 on the engine's step-loop thread; it may evict running sequences through `Scheduler.evict`
 and resize their block lists through `KVManager.grow/trim`, nothing else.

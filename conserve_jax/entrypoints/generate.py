@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from conserve_jax.engine import Engine
+    from conserve_jax.engine.engine import Engine
     from conserve_jax.engine_api import GenerationRequest
     from conserve_jax.sampling_params import SamplingParams
 

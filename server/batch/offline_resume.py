@@ -28,7 +28,7 @@ import threading
 import time
 from typing import Optional
 
-from server.batch_store import BatchStore, ClaimedItem
+from conserve_server.batch.store import BatchStore, ClaimedItem
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ engine, with CacheOPT's misprediction handling.
   before the owner reaches it, and is returned (or recalled) before the owner needs it.
 - KV-heavy-first admission with aging; misprediction grows the reservation before the
   request runs out, from a small global reserve; only when that fails are others preempted.
-All of it lives in `KVPlanner` (scheduling/kv_planner.py); this class fixes its settings.
+All of it lives in `KVPlanner` (policies/kv_planner.py); this class fixes its settings.
 Online latency objectives: a new prompt that does not fit lets smaller ones start until
 it has waited twice its TTFT objective (aging; then it goes first and holds the queue):
 a shorter limit made the KV-bound queue strictly FCFS under load (a simulation of the
@@ -22,9 +22,9 @@ prompts (p99 TTFT 3.6x). The token budget is the engine's (as `fcfs`).
 """
 from __future__ import annotations
 
-from conserve_jax.scheduling.kv_planner import KVPlanConfig, KVPlanner
+from conserve_jax.scheduling.policies.kv_planner import KVPlanConfig, KVPlanner
 from conserve_jax.scheduling.length_predictor import LengthPredictor, PredictorConfig
-from conserve_jax.scheduling.policy import Policy
+from conserve_jax.scheduling.policies.base import Policy
 
 
 class EcoservePolicy(Policy):

@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _start_server(model: str, data_dir: str, timeout: float):
-    cmd = [sys.executable, "-m", "conserve_jax.cli", "serve", "--model", model, "--port", "0",
+    cmd = [sys.executable, "-m", "conserve_jax.entrypoints.cli", "serve", "--model", model, "--port", "0",
            "--data-dir", data_dir]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     found: list[str] = []
@@ -48,7 +48,7 @@ def _start_server(model: str, data_dir: str, timeout: float):
 
 
 def run(args) -> int:
-    from conserve_jax.client import Client
+    from conserve_jax.entrypoints.client import Client
 
     data_dir = args.data_dir or tempfile.mkdtemp(prefix="conserve-demo-")
     print(f"starting the server on model {args.model!r} (first start profiles the latency "

@@ -1,10 +1,10 @@
 """`CoServeServicer`: the conserve.v1.CoServe RPCs over an `EngineAPI` and a `BatchStore`.
 
 Every method runs on a gRPC worker thread (sync server), many at once. Shared mutable
-state here is the online in-flight counters (in the shared `ServerMetrics`, under its lock),
-the result-stream limiter and the `admitting` flag, which `ServerApp` clears on shutdown. Engine calls are thread-safe by contract;
-batch work is handed to the `BatchRunner` thread through the store and `wake`/
-`cancel_batch`.
+state here is the server's `Admission` (online slots and per-tenant shares, shared with the
+HTTP front; its own lock), the result-stream limiter and the `admitting` flag, which
+`ServerApp` clears on shutdown. Engine calls are thread-safe by contract; batch work is
+handed to the `BatchRunner` thread through the store and `wake`/`cancel_batch`.
 
 Errors: bad input -> INVALID_ARGUMENT naming the field; online queue full (globally or
 for the caller's tenant), too many open result streams, or the tenant's batch-item quota
@@ -12,12 +12,13 @@ for the caller's tenant), too many open result streams, or the tenant's batch-it
 -> NOT_FOUND; missing/bad token -> UNAUTHENTICATED; an idempotency key reused for a
 different payload, or deleting an active batch -> FAILED_PRECONDITION; shutting down or
 the engine stopped -> UNAVAILABLE; an engine failure during a Generate -> INTERNAL with a
-fixed message. Store and unexpected failures are mapped by `server.handlers`. A Generate
+fixed message. Store and unexpected failures are mapped by `conserve_server.grpc_api.handlers`. A Generate
 call whose client cancels, disconnects or passes its deadline cancels its engine request
 at once (gRPC termination callback), which frees its KV.
 
-Work before limits: size bounds and sampling options (`convert.precheck`) and the online queue are checked
-before a prompt is tokenized. With auth on, GetServerStats' batch fields count only the
+Work before limits: size bounds and sampling options (`convert.precheck`) and the online
+queue are checked before a prompt is tokenized. A Generate request that names no TTFT/TPOT
+objective gets the server's default (`Admission.fill_defaults`, as on the HTTP face). With auth on, GetServerStats' batch fields count only the
 caller's batches, and list page tokens are batch ids (they reveal nothing global).
 """
 from __future__ import annotations
@@ -29,21 +30,22 @@ import re
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Optional
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from conserve_jax.engine_api import SLO, RequestClass
+from conserve_jax.engine_api import RequestClass
 from conserve_jax.proto_gen.conserve.v1 import conserve_pb2 as pb
 from conserve_jax.proto_gen.conserve.v1 import conserve_pb2_grpc as pb_grpc
-from server import convert
-from server.auth import Authenticator
-from server.batch_runner import BatchRunner
-from server.batch_store import BatchRow, BatchStore, IdempotencyConflict, QuotaExceeded
-from server.limits import StreamLimiter
-from server.metrics import ServerMetrics
+from conserve_server import convert
+from conserve_server.admission import Admission
+from conserve_server.auth import Authenticator
+from conserve_server.batch.runner import BatchRunner
+from conserve_server.batch.store import BatchRow, BatchStore, IdempotencyConflict, QuotaExceeded
+from conserve_server.config import ServiceOptions
+from conserve_server.grpc_api.limits import StreamLimiter
+from conserve_server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -53,20 +55,6 @@ _STATES = {"queued": pb.BATCH_STATE_QUEUED, "running": pb.BATCH_STATE_RUNNING,
 
 
 _BATCH_ID = re.compile(r"batch_[0-9a-f]{32}")
-
-
-@dataclass
-class ServiceOptions:
-    max_online_queue: int = 256  # online Generate calls admitted and not finished
-    max_batch_size: int = 10000  # requests per SubmitBatch
-    default_slo: SLO = SLO()
-    max_logprobs: int = 20
-    # one tenant's share of the online queue; None: half of it when there are several
-    # tenants, all of it otherwise
-    max_online_per_tenant: Optional[int] = None
-    max_result_streams: int = 64  # open StreamBatchResults calls, all tenants
-    max_result_streams_per_tenant: int = 8
-    max_tenant_items: int = 200_000  # unfinished batch items one tenant may have stored
 
 
 def _ts(t: Optional[float]) -> Optional[Timestamp]:
@@ -87,22 +75,23 @@ def batch_to_proto(row: BatchRow) -> pb.Batch:
 class CoServeServicer(pb_grpc.CoServeServicer):
     def __init__(self, engine, store: BatchStore, runner: BatchRunner,
                  auth: Optional[Authenticator], options: ServiceOptions,
-                 metrics: Optional[ServerMetrics] = None) -> None:
-        if metrics is None:  # standalone use (tests): counters of its own
-            metrics = ServerMetrics(engine, options.max_online_queue, options.default_slo)
+                 metrics: Optional[ServerMetrics] = None,
+                 admission: Optional[Admission] = None) -> None:
+        """`admission` and `metrics` are the server's, shared with the HTTP front; given
+        neither (standalone use), the servicer makes its own."""
+        if admission is None:
+            admission = Admission(options, auth.num_tenants if auth is not None else 1)
+        if metrics is None:
+            metrics = ServerMetrics(engine, admission)
             metrics.attach(store, runner)
-        self.metrics = metrics  # shared with the HTTP front and /metrics
+        self.admission = admission
+        self.metrics = metrics
         self.engine = engine
         self.store = store
         self.runner = runner
         self.auth = auth
         self.options = options
         self.admitting = True
-        per_tenant = options.max_online_per_tenant
-        if per_tenant is None:
-            several = auth is not None and auth.num_tenants > 1
-            per_tenant = max(1, options.max_online_queue // 2) if several else options.max_online_queue
-        self.metrics.online_per_tenant = per_tenant
         self.result_streams = StreamLimiter("StreamBatchResults", options.max_result_streams,
                                             options.max_result_streams_per_tenant)
 
@@ -135,25 +124,25 @@ class CoServeServicer(pb_grpc.CoServeServicer):
 
     # ---- online ------------------------------------------------------------------------
     def Generate(self, request, context):
-        tenant = self._tenant(context) or ""
+        tenant = self._tenant(context)
         self._require_admitting(context)
         rid = f"on:{uuid.uuid4().hex}"
         try:  # everything that needs no tokenizing, so bad input is refused even when busy
             convert.precheck(request, self.engine, self.options.max_logprobs)
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        why = self.metrics.try_admit_online(tenant)
+        why = self.admission.admit(RequestClass.ONLINE, tenant)
         if why is not None:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, why)
         try:
             try:  # tokenizing is work: it happens only inside an admitted slot
                 req = convert.build_request(request, self.engine, rid, RequestClass.ONLINE,
-                                            self.options.default_slo, self.options.max_logprobs)
+                                            max_logprobs=self.options.max_logprobs)
             except ValueError as e:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-            yield from self._stream(req, request.request_id, context)
+            yield from self._stream(self.admission.fill_defaults(req), request.request_id, context)
         finally:
-            self.metrics.release_online(tenant)
+            self.admission.release(RequestClass.ONLINE, tenant)
 
     def _stream(self, req, client_id: str, context):
         try:

@@ -29,20 +29,20 @@ from conserve_jax.kv.checkpointer import KVCheckpointer
 from conserve_jax.kv.kv_manager import KVManager
 from conserve_jax.kv.persist import SavedRequest
 from conserve_jax.runtime.kv_transfer import KVTransfer
-from conserve_jax.output_delivery import OutputDelivery
-from conserve_jax.offline_suspension import OfflineSuspension
-from conserve_jax.output_processor import OutputProcessor
+from conserve_jax.engine.output_delivery import OutputDelivery
+from conserve_jax.engine.offline_suspension import OfflineSuspension
+from conserve_jax.engine.output_processor import OutputProcessor
 from conserve_jax.runtime.compile_cache import enable_compilation_cache
 from conserve_jax.scheduling.latency_cache import load_or_profile
 from conserve_jax.scheduling.policies import make_policy
 from conserve_jax.scheduling.scheduler import Scheduler
 from conserve_jax.request import Sequence
-from conserve_jax.step_guard import ENGINE_STOPPED, ITERATION_FAILED, StepGuard, end_stream
+from conserve_jax.engine.step_guard import ENGINE_STOPPED, ITERATION_FAILED, StepGuard, end_stream
 
 log = logging.getLogger(__name__)
 
 
-class Engine(OfflineSuspension, EngineAPI):
+class Engine(EngineAPI):
     def __init__(self, config: EngineConfig, loaded=None, warmup: Optional[bool] = None) -> None:
         warmup = config.warmup if warmup is None else warmup
         enable_compilation_cache(config.compilation_cache_dir)
@@ -75,6 +75,8 @@ class Engine(OfflineSuspension, EngineAPI):
             self.scheduler.on_remove = self.checkpointer.release
             if warmup:
                 transfer.warmup()
+        self.suspension = OfflineSuspension(config, self.checkpointer, self.vocab_size,
+                                             self._max_model_len)
         self.outputs = OutputProcessor(self._tokenizer, self._max_model_len)
         self.delivery = OutputDelivery(self.outputs, self._stop_string_found)
         self._rng = np.random.default_rng(config.seed)
@@ -130,7 +132,7 @@ class Engine(OfflineSuspension, EngineAPI):
             seed = int(self._rng.integers(0, 2**31 - 1))
         ids = [int(t) for t in request.prompt_token_ids]
         if resume is not None:
-            seed = self._check_resume(request, resume)
+            seed = self.suspension.check(request, resume)
         prior = list(resume.generated_ids) if resume is not None else []
         seq = Sequence(request, stream, seed, token_ids=ids + prior, prompt_len=len(ids))
         with self._lock:
@@ -211,6 +213,27 @@ class Engine(OfflineSuspension, EngineAPI):
     def failure(self) -> Optional[str]:
         return self._failure
 
+    def checkpoint_layout(self) -> dict:
+        """What a request saved by `suspend_offline` depends on (`OfflineSuspension.layout`)."""
+        return self.suspension.layout()
+
+    def suspend_offline(self, request_ids: list[str],
+                        timeout_s: float = 60.0) -> dict[str, SavedRequest]:
+        """Any thread. Stop the given unfinished offline requests at the next iteration
+        boundary and return their saved state (token state + KV blocks already on host),
+        keyed by request id; their streams end "cancelled". Requests that are unknown,
+        online or have nothing worth saving are left alone. {} once the engine stops."""
+        job = (list(request_ids), {}, threading.Event())
+        with self._lock:
+            if self._stop:
+                return {}
+            self._suspends.append(job)
+            self._lock.notify_all()
+        if not job[2].wait(timeout_s):
+            log.warning("suspend_offline timed out after %.0f s", timeout_s)
+            return {}
+        return job[1]
+
     # ---- step loop ----------------------------------------------------------------------
     def _loop(self) -> None:
         try:
@@ -246,6 +269,19 @@ class Engine(OfflineSuspension, EngineAPI):
             done.set()
         self._publish_stats()
 
+    def _suspend(self, request_ids: list[str], out: dict, done: threading.Event) -> None:
+        """Step-loop thread: export and end the requests `suspend_offline` asked for."""
+        try:
+            for rid in request_ids:
+                seq = self._seqs.get(rid)
+                if self.suspension.worth_saving(seq):
+                    out[rid] = self.suspension.export(seq)
+                    self._finish(seq, "cancelled")
+        except Exception:
+            log.exception("suspending offline requests failed")
+        finally:
+            done.set()
+
     def _take_intake(self, new: list[Sequence], stopped: list[str], cancels: list[str],
                      resumes: dict) -> None:
         for seq in new:
@@ -254,7 +290,7 @@ class Engine(OfflineSuspension, EngineAPI):
                                    seq.token_ids[seq.prompt_len:])
             try:
                 if seq.request_id in resumes:
-                    self._take_resume(seq, resumes[seq.request_id])
+                    self.suspension.take(seq, resumes[seq.request_id])
                 self.scheduler.add(seq)
                 self.policy.on_arrival(seq)
             except Exception:
@@ -330,7 +366,7 @@ class Engine(OfflineSuspension, EngineAPI):
             step = self._cur_step = parked.step
             entries = self._cur_entries = parked.kept_entries
             sp = self.policy.safepoints(step, parked.handle.layers_done)
-            result = self.runner.resume(parked.handle, sp and sp.check, sp and sp.every)
+            result = self.runner.resume(parked.handle, sp and sp.check)
         else:
             step = self._cur_step = self.scheduler.schedule()
             entries = self._cur_entries = step.entries
@@ -347,7 +383,7 @@ class Engine(OfflineSuspension, EngineAPI):
                 self.policy.on_abandoned(step)
                 return
             t0 = time.perf_counter()
-            result = self.runner.execute(step.plan, sp and sp.check, sp and sp.every)
+            result = self.runner.execute(step.plan, sp and sp.check)
             if result is not None:  # (a resumed iteration's time is partial: not observed)
                 self.policy.on_step_done(step, time.perf_counter() - t0)
         if result is None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from conserve_jax.engine_api import GenerationRequest, RequestStream
-from conserve_jax.output_processor import OutputProcessor, OutputState
+from conserve_jax.engine.output_processor import OutputProcessor, OutputState
 from conserve_jax.runtime.step_plan import SampledToken
 
 log = logging.getLogger(__name__)

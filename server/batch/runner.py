@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 
 from conserve_jax.engine_api import GenerationRequest, RequestClass, RequestOutput, RequestStream
 from conserve_jax.proto_gen.conserve.v1 import conserve_pb2 as pb
-from server import convert
-from server.batch_store import BatchStore, ClaimedItem
+from conserve_server import convert
+from conserve_server.batch.store import BatchStore, ClaimedItem
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class BatchRunner:
         self._in_flight: dict[str, _InFlight] = {}
         self._terminated: dict[str, str] = {}  # batch_id -> outcome for its stopped items
         self._count = 0
-        # server.offline_resume.OfflineResume or None: resume items from saved state, save
+        # conserve_server.batch.offline_resume.OfflineResume or None: resume items from saved state, save
         # the unfinished ones at stop (set by ServerApp before start)
         self.offline = None
         self._thread = threading.Thread(target=self._run, name="batch-runner", daemon=True)

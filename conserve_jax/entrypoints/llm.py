@@ -46,7 +46,7 @@ class LLM:
     num_blocks=256, policy="fcfs"`; an unknown name raises TypeError."""
 
     def __init__(self, model: str = "default", **engine_kwargs) -> None:
-        from conserve_jax.engine import Engine
+        from conserve_jax.engine.engine import Engine
 
         engine_kwargs.setdefault("safepoint_interval", None)
         self.engine = Engine(engine_config(model=model, **engine_kwargs))

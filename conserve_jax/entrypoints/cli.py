@@ -14,11 +14,11 @@ import sys
 from absl import logging as absl_logging
 
 SUBCOMMANDS = {
-    "generate": ("conserve_jax.cli_generate", "generate text for a prompt with a local model"),
-    "serve": ("server.main", "run the gRPC server"),
-    "profile": ("conserve_jax.cli_profile", "fit the iteration latency model"),
+    "generate": ("conserve_jax.entrypoints.generate", "generate text for a prompt with a local model"),
+    "serve": ("conserve_server.main", "run the gRPC server"),
+    "profile": ("conserve_jax.entrypoints.profile", "fit the iteration latency model"),
     "loadtest": ("conserve_jax.loadtest.cli", "load-test a running server"),
-    "demo": ("conserve_jax.cli_demo", "serve the default model and show it working end to end"),
+    "demo": ("conserve_jax.entrypoints.demo", "serve the default model and show it working end to end"),
 }
 
 

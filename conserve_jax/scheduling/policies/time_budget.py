@@ -20,7 +20,7 @@ from typing import Optional
 
 from conserve_jax.request import SeqStatus
 from conserve_jax.scheduling.latency_model import LatencyModel, WorkShape
-from conserve_jax.scheduling.policy import StepBudget
+from conserve_jax.scheduling.policies.base import StepBudget
 
 def largest_fitting(room: int, fits) -> int:
     """The largest n in [0, room] with fits(n) (fits is monotone: true, then false)."""
@@ -77,7 +77,7 @@ class IsolationBudget(StepBudget):
     online work (the restore's copy time is not in the prediction)."""
 
     model: Optional[LatencyModel] = None
-    isolation: float = 1.2
+    isolation: Optional[float] = None  # F, always given (ConserveConfig.isolation)
     objective_s: float = float("inf")
     online_s: Optional[float] = None  # predicted time of the online work alone, once known
     # (work so far, tokens already computed) where not even one more prefill token fits:

@@ -29,7 +29,7 @@ from typing import Optional
 
 from conserve_jax.engine_api import (EngineAPI, EngineStats, GenerationRequest, RequestClass,
                                      RequestOutput, RequestStream, TokenLogprob, validate_prompt)
-from conserve_jax.step_guard import ENGINE_STOPPED, ITERATION_FAILED, StepGuard, end_stream
+from conserve_jax.engine.step_guard import ENGINE_STOPPED, ITERATION_FAILED, StepGuard, end_stream
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from conserve_jax.proto_gen.conserve.v1 import conserve_pb2 as pb
-from server.batch_store import is_full_error, is_locked_error
+from conserve_server.batch.store import is_full_error, is_locked_error
 
 log = logging.getLogger(__name__)
 

@@ -1,24 +1,15 @@
-"""Co-serving policies: `conserve` and the baselines it is compared with.
+"""`conserve`: latency-aware token-level budget, layer-wise preemption at safepoints,
+incremental KV checkpointing of offline requests (ConServe).
 
-All run in the same engine so comparisons are fair:
-- `online-only`: offline requests are refused.
-- `priority-recompute`: online first; offline fills a fixed token budget; preemption only at
-  iteration boundaries; evicted offline requests recompute from scratch (vLLM priority).
-  This is exactly the base `Policy` ("fcfs"), built under the baseline's name.
-- `sarathi`: online first with a fixed, smaller token budget and chunked prefill;
-  iteration-level preemption; recompute.
-- `non-preemptive`: one arrival-ordered queue; offline work never yields (online requests
-  wait for it).
-- `conserve`: latency-aware token-level budget, layer-wise preemption at safepoints,
-  incremental KV checkpointing of offline requests. With isolation F (default 1.2, see
-  `time_budget.IsolationBudget`) iterations with online work carry offline tokens only
-  within F x their online work's predicted time, and an online arrival during an
-  offline-only iteration stops it at the next safepoint (every layer by default) unless
-  the rest of the iteration is within max((F - 1) x the arrival's predicted online-only
-  TTFT, one layer). With isolation off the budget fills to the TPOT objective and an
-  arrival preempts only when the iteration would break its TTFT objective. A preempted
-  iteration is parked and continued from the layer where it stopped as soon as no online
-  work is left (`ConserveConfig.resume_abandoned`; off: it is discarded and recomputed).
+With isolation F (`ConserveConfig.isolation`, see `time_budget.IsolationBudget`)
+iterations with online work carry offline tokens only within F x their online work's
+predicted time, and an online arrival during an offline-only iteration stops it at the next
+safepoint (every `safepoint_interval` layers) unless the rest of the iteration is within
+max((F - 1) x the arrival's predicted online-only TTFT, one layer). With isolation off the
+budget fills to the TPOT objective and an arrival preempts only when the iteration would
+break its TTFT objective. A preempted iteration is parked and continued from the layer
+where it stopped as soon as no online work is left (`resume_abandoned`; off: it is
+discarded and recomputed).
 
 Iterations with online work never carry safepoints and are never abandoned: with isolation
 F their offline part delays an arrival by at most (F - 1) x the online work's remaining
@@ -26,8 +17,7 @@ time, which is within (F - 1) x the arrival's own online-only TTFT (it would hav
 for that online work anyway).
 
 Hooks run on the engine's step-loop thread, except `accepts` (caller's thread, pure) and
-the safepoint check (step-loop thread, between layer calls). Policies never see the
-engine: `build` hands them the functions they need.
+the safepoint check (step-loop thread, between layer calls).
 """
 from __future__ import annotations
 
@@ -36,10 +26,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Optional
 
 from conserve_jax.config import ConserveConfig
-from conserve_jax.engine_api import RequestClass
 from conserve_jax.scheduling.latency_model import LatencyModel, WorkShape
-from conserve_jax.scheduling.policy import Policy, Safepoints, StepBudget
-from conserve_jax.scheduling.time_budget import IsolationBudget, TimeBudget
+from conserve_jax.scheduling.policies.base import Policy, Safepoints, StepBudget
+from conserve_jax.scheduling.policies.time_budget import IsolationBudget, TimeBudget
 
 if TYPE_CHECKING:
     from conserve_jax.request import Sequence
@@ -47,30 +36,6 @@ if TYPE_CHECKING:
 
 # () -> the online requests submitted but not running yet (just submitted, or waiting)
 ArrivalsFn = Callable[[], list]
-
-
-class OnlineOnlyPolicy(Policy):
-    name = "online-only"
-
-    def accepts(self, request) -> bool:
-        return request.request_class is RequestClass.ONLINE
-
-
-class SarathiPolicy(Policy):
-    name = "sarathi"
-
-    def __init__(self, max_num_seqs: int, max_prefill_tokens: int, token_budget: int) -> None:
-        super().__init__(max_num_seqs, max_prefill_tokens)
-        self.token_budget = token_budget
-
-    def budget(self, sched: "Scheduler") -> StepBudget:
-        return StepBudget(self.token_budget, min(self.max_prefill_tokens, self.token_budget),
-                          self.max_num_seqs)
-
-
-class NonPreemptivePolicy(Policy):
-    name = "non-preemptive"
-    priority = False  # one queue in arrival order; online never evicts offline
 
 
 @dataclass
@@ -88,17 +53,15 @@ class ConservePolicy(Policy):
 
     def __init__(self, max_num_seqs: int, max_prefill_tokens: int, model: LatencyModel,
                  default_ttft_s: float, default_tpot_s: float,
-                 online_waiting: ArrivalsFn, isolation: Optional[float] = 1.2,
-                 safepoint_every: Optional[int] = 1, knobs: Optional[ConserveConfig] = None,
+                 online_waiting: ArrivalsFn, knobs: ConserveConfig,
                  clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(max_num_seqs, max_prefill_tokens)
         self.model = model
         self.default_ttft_s = default_ttft_s
         self.default_tpot_s = default_tpot_s
         self.online_waiting = online_waiting
-        self.isolation = isolation
-        self.safepoint_every = safepoint_every
-        knobs = knobs or ConserveConfig()
+        self.isolation = knobs.isolation
+        self.has_safepoints = knobs.safepoint_interval is not None
         self.tpot_margin = knobs.tpot_margin
         self.min_online_chunk = knobs.min_online_chunk
         self.resumes_abandoned = knobs.resume_abandoned
@@ -143,9 +106,9 @@ class ConservePolicy(Policy):
         Online requests this iteration's plan left waiting (no room) do not stop it (a
         resumed iteration was not planned now: every waiting one counts). `check` may also
         be called before the first layer (`layers_done == start_layer`, e.g. after host
-        restores), weighing the predicted layer time. `safepoint_every` None: none at all
+        restores), weighing the predicted layer time. `safepoint_interval` None: none at all
         (in-process batch use, where nothing arrives while an iteration runs)."""
-        if step.has_online or step.empty or self.safepoint_every is None:
+        if step.has_online or step.empty or not self.has_safepoints:
             return None
         n_layers = self.model.num_layers
         t_start = self.clock()
@@ -179,44 +142,4 @@ class ConservePolicy(Policy):
                 return True
             return False
 
-        return Safepoints(check, self.safepoint_every)
-
-
-def build(cfg, model_factory: Callable[[], LatencyModel],
-          online_waiting: Optional[ArrivalsFn] = None) -> Policy:
-    """The policy `cfg.policy` names. `model_factory()` returns the LatencyModel (called only
-    for policies that need it); `online_waiting()` lists the online requests submitted but
-    not running yet (the engine's; needed by `conserve`'s safepoints)."""
-    name = cfg.policy
-    if name in ("fcfs", "priority-recompute"):  # one policy; the baselines' name for it
-        p = Policy(cfg.max_num_seqs, cfg.max_prefill_tokens)
-        p.name = name
-        return p
-    if name == "online-only":
-        return OnlineOnlyPolicy(cfg.max_num_seqs, cfg.max_prefill_tokens)
-    if name == "sarathi":
-        return SarathiPolicy(cfg.max_num_seqs, cfg.max_prefill_tokens, cfg.sarathi_token_budget)
-    if name == "non-preemptive":
-        return NonPreemptivePolicy(cfg.max_num_seqs, cfg.max_prefill_tokens)
-    if name == "conserve":
-        if online_waiting is None:
-            raise ValueError("policy conserve needs online_waiting")
-        model = model_factory()
-        model.alpha, model.clamp = cfg.conserve.correction_alpha, cfg.conserve.correction_clamp
-        p = ConservePolicy(cfg.max_num_seqs, cfg.max_prefill_tokens, model,
-                           cfg.default_ttft_s, cfg.default_tpot_s, online_waiting,
-                           isolation=cfg.isolation, safepoint_every=cfg.safepoint_interval,
-                           knobs=cfg.conserve)
-        if cfg.offline_kv_reservation:
-            from conserve_jax.scheduling.ecoserve_policy import offline_planner
-            p.kv_planner = offline_planner(cfg)
-        return p
-    if name == "ecoserve":
-        from conserve_jax.scheduling.ecoserve_policy import EcoservePolicy
-        return EcoservePolicy(cfg.max_num_seqs, cfg.max_prefill_tokens, cfg.max_model_len,
-                              cfg.default_ttft_s)
-    raise ValueError(f"policy must be one of {POLICY_NAMES}, got {name!r}")
-
-
-POLICY_NAMES = ["conserve", "online-only", "priority-recompute", "sarathi", "non-preemptive", "fcfs",
-                "ecoserve"]
+        return Safepoints(check)

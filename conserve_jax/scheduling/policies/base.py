@@ -2,10 +2,9 @@
 may join it. Small and pluggable; the `Scheduler` asks, the policy answers.
 
 `Policy` itself ("fcfs") is the plain continuous-batching policy (online first, fixed token budget).
-The co-serving policies (conserve, priority-recompute, sarathi, non-preemptive,
-online-only) live in `coserve_policies.py`. A policy never sees the engine: what it needs
-from it (e.g. the earliest waiting online request) is handed to it as a function when it
-is built (`coserve_policies.build`).
+The co-serving policies live beside it (`conserve.py`, `baselines.py`, `ecoserve.py`). A
+policy never sees the engine: what it needs from it (e.g. the earliest waiting online
+request) is handed to it as a function when it is built (`registry.build`).
 """
 from __future__ import annotations
 
@@ -37,11 +36,11 @@ class StepBudget:
 
 @dataclass
 class Safepoints:
-    """The runner's checks for one iteration: after every `every` layers it calls
-    `check(layers_done)`, and abandons the iteration if that returns True."""
+    """The runner's checks for one iteration: after every `safepoint_interval` layers (the
+    runner's, from `ConserveConfig`) it calls `check(layers_done)`, and abandons the
+    iteration if that returns True."""
 
     check: Callable[[int], bool]
-    every: int
 
 
 class Policy:
