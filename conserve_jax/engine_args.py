@@ -18,8 +18,9 @@ The generator works for any dataclass (the server's `conserve_server.config.Serv
 uses it too): `add_dataclass_args(parser, cls, title, key)` declares `--field-name` for
 every leaf field (fields whose type is a dataclass are groups, flattened) with the
 field's help text (`field(metadata={"help": ...})`) and default; a field marked
-`metadata={"plain": "<why>"}` (e.g. bytes a process reads from a file) is never a flag. `dataclass_values(args, key)` reads back exactly the flags that
-call declared, and `build_dataclass(cls, values)` rebuilds the nested instance. Supported
+`metadata={"plain": "<why>"}` (e.g. bytes a process reads from a file) is never a flag.
+`dataclass_values(args, key)` reads back exactly the flags that call declared, and
+`build_dataclass(cls, values)` rebuilds the nested instance. Supported
 flag types: int, float, str, bool (`--x/--no-x`) and Optional of the first three (the
 values none/off/empty mean None). Pure functions; entry points call them on their main
 thread while parsing.
@@ -36,7 +37,8 @@ from conserve_jax.config import EngineConfig
 _DECLARED = "_engine_knobs_declared"
 
 
-def dataclass_fields(cls, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], dataclasses.Field, Any]]:
+def dataclass_fields(cls, path: tuple[str, ...] = ()
+                     ) -> Iterator[tuple[tuple[str, ...], dataclasses.Field, Any]]:
     """(path to the field, field, resolved type) for every leaf field of the dataclass
     `cls`; fields whose type is a dataclass (groups) are flattened."""
     hints = typing.get_type_hints(cls)

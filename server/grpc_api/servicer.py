@@ -12,14 +12,16 @@ for the caller's tenant), too many open result streams, or the tenant's batch-it
 -> NOT_FOUND; missing/bad token -> UNAUTHENTICATED; an idempotency key reused for a
 different payload, or deleting an active batch -> FAILED_PRECONDITION; shutting down or
 the engine stopped -> UNAVAILABLE; an engine failure during a Generate -> INTERNAL with a
-fixed message. Store and unexpected failures are mapped by `conserve_server.grpc_api.handlers`. A Generate
-call whose client cancels, disconnects or passes its deadline cancels its engine request
-at once (gRPC termination callback), which frees its KV.
+fixed message. Store and unexpected failures are mapped by
+`conserve_server.grpc_api.handlers`. A Generate call whose client cancels, disconnects or
+passes its deadline cancels its engine request at once (gRPC termination callback), which
+frees its KV.
 
 Work before limits: size bounds and sampling options (`convert.precheck`) and the online
 queue are checked before a prompt is tokenized. A Generate request that names no TTFT/TPOT
-objective gets the server's default (`Admission.fill_defaults`, as on the HTTP face). With auth on, GetServerStats' batch fields count only the
-caller's batches, and list page tokens are batch ids (they reveal nothing global).
+objective gets the server's default (`Admission.fill_defaults`, as on the HTTP face). With
+auth on, GetServerStats' batch fields count only the caller's batches, and list page
+tokens are batch ids (they reveal nothing global).
 """
 from __future__ import annotations
 

@@ -11,8 +11,9 @@ sqlite store, file I/O, waiting for engine output) runs in worker threads bounde
 `limiter`. Shared state: the engine, batch store and runner (thread-safe by contract), the
 server's `Admission` (online slots and tenant shares shared with gRPC, the flex limit, the
 default objectives), `ServerMetrics` and the `admitting` flag that `ServerApp.stop` clears.
-Limits are the server's `ServiceOptions`, the same object the gRPC face reads. Auth: `Authorization: Bearer <token>`, each token a tenant; a
-tenant sees only its own files and batches (others' are 404).
+Limits are the server's `ServiceOptions`, the same object the gRPC face reads. Auth:
+`Authorization: Bearer <token>`, each token a tenant; a tenant sees only its own files and
+batches (others' are 404).
 """
 from __future__ import annotations
 
