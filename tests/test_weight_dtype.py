@@ -13,7 +13,7 @@ from conserve_jax.runtime.model_runner import ModelRunner
 from conserve_jax.runtime.step_plan import DecodeItem, PrefillItem, SampleSpec, StepPlan
 
 # bfloat16 keeps 8 mantissa bits: rounding weights and matmul inputs moves the logprobs of
-# the tiny random model by ~1e-2; this is the tolerance the README states for the option
+# the tiny random model by ~1e-2; this is the tolerance docs/configuration.md states for the option
 LOGPROB_ATOL = 0.05
 
 
