@@ -47,7 +47,7 @@ from conserve_server.admission import Admission
 from conserve_server.auth import Authenticator
 from conserve_server.batch.offline_resume import OfflineResume
 from conserve_server.batch.runner import BatchRunner
-from conserve_server.batch.store import BatchStore
+from conserve_server.batch.store import StoreBase, open_store
 from conserve_server.config import ServerConfig, resolve
 from conserve_server.grpc_api.handlers import coserve_handler
 from conserve_server.grpc_api.limits import LimitedHealth, LimitedReflection, StreamLimiter
@@ -57,12 +57,15 @@ from conserve_server.metrics import ObservedEngine, ServerMetrics, serve_metrics
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CoServe"].full_name
+# health of the batch database, its own grpc.health.v1 service name: NOT_SERVING during a
+# store outage while "" and CoServe stay SERVING (online traffic goes on)
+STORE_HEALTH_NAME = "conserve.v1.BatchStore"
 
 __all__ = ["ServerApp", "ServerConfig", "SERVICE_NAME"]
 
 
 class ServerApp:
-    def __init__(self, engine, config: ServerConfig, store: Optional[BatchStore] = None,
+    def __init__(self, engine, config: ServerConfig, store: Optional[StoreBase] = None,
                  engine_config: Optional[EngineConfig] = None) -> None:
         """`store`: an already opened store (the CLI opens it before loading the model).
         `engine_config`: what `engine` was built with (default: `EngineConfig()`); it
@@ -78,7 +81,9 @@ class ServerApp:
         self.admission = Admission(o, auth.num_tenants if auth is not None else 1)
         self.metrics = ServerMetrics(engine, self.admission)
         observed = ObservedEngine(engine, self.metrics)  # the faces and the runner use this
-        self.store = store or BatchStore(config.data_dir, busy_timeout_s=config.busy_timeout_s)
+        self.store = store or open_store(config.batch_store, config.data_dir,
+                                         busy_timeout_s=config.busy_timeout_s,
+                                         replica_id=config.replica_id, lease_s=config.lease_s)
         self.runner = BatchRunner(self.store, observed, config.batch_in_flight,
                                   retention_s=config.retention_s)
         self.metrics.attach(self.store, self.runner)
@@ -116,6 +121,7 @@ class ServerApp:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(self.reflection, self.server)
         self.engine_dead = threading.Event()
+        self._store_up: Optional[bool] = None
         self._stopped = False
         self._stop_watch = threading.Event()
         self._watcher = threading.Thread(target=self._watch_engine, name="engine-watch", daemon=True)
@@ -145,6 +151,7 @@ class ServerApp:
                 self.metrics, c.host, c.metrics_port, c.tls_cert, c.tls_key)
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._watch_store()
         self._watcher.start()
         log.info("serving on %s (tls=%s, auth=%s)", self.address, c.tls_cert is not None,
                  c.auth_tokens is not None)
@@ -153,6 +160,7 @@ class ServerApp:
     def _watch_engine(self) -> None:
         """Monitor thread: engine death -> health NOT_SERVING and `engine_dead`."""
         while not self._stop_watch.wait(0.1):
+            self._watch_store()
             failure = self.engine.failure
             if failure is not None:
                 log.critical("engine failed (%s): health NOT_SERVING, refusing new work", failure)
@@ -160,6 +168,14 @@ class ServerApp:
                     self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
                 self.engine_dead.set()
                 return
+
+    def _watch_store(self) -> None:
+        """Mirror the store's reachability into health (`STORE_HEALTH_NAME`)."""
+        up = bool(self.store.healthy)
+        if up != self._store_up:
+            self._store_up = up
+            self.health.set(STORE_HEALTH_NAME, health_pb2.HealthCheckResponse.SERVING if up
+                            else health_pb2.HealthCheckResponse.NOT_SERVING)
 
     def stop(self, drain_timeout_s: Optional[float] = None) -> None:
         """Shut down in the order the module docstring gives; open work gets

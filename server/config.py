@@ -87,6 +87,17 @@ class ServerConfig:
     port: int = flag_field("gRPC port; 0 picks a free one", default=50051)
     data_dir: str = flag_field("batch database directory (also uploaded files and saved "
                                "offline KV)", default="conserve-data")
+    batch_store: Optional[str] = flag_field(
+        "batch store URL: sqlite:///DIR (one server) or postgresql://user@host:port/db "
+        "(a fleet of replicas sharing one queue; needs the postgres extra); none: sqlite "
+        "in --data-dir", default=None)
+    lease_s: float = flag_field(
+        "PostgreSQL store: seconds a claimed batch item stays leased to this replica without "
+        "a heartbeat (renewed every third of it); after that another replica may run it",
+        default=30.0)
+    replica_id: Optional[str] = flag_field(
+        "PostgreSQL store: this replica's name in item leases (none: host-pid-random)",
+        default=None)
     http_port: Optional[int] = flag_field(
         "also serve the OpenAI-compatible HTTP API and /metrics on this port (same host, "
         "TLS and tokens; 0 picks a free one; none: off)", default=None)

@@ -122,7 +122,7 @@ def _warn_about_exposure(args, tokens) -> None:
 def run(args) -> int:
     from conserve_server.app import ServerApp
     from conserve_server.auth import read_tokens
-    from conserve_server.batch.store import BatchStore, DataDirInUse
+    from conserve_server.batch.store import DataDirInUse, open_store, redact_url
 
     if (args.tls_cert is None) != (args.tls_key is None):
         return _fail("--tls-cert and --tls-key go together")
@@ -142,11 +142,14 @@ def run(args) -> int:
         args, auth_tokens=tokens, tls_cert=_read(args.tls_cert) if args.tls_cert else None,
         tls_key=_read(args.tls_key) if args.tls_key else None)
     try:  # before the (slow) model load: a bad or busy data dir fails at once
-        store = BatchStore(config.data_dir, busy_timeout_s=config.busy_timeout_s)
-    except DataDirInUse as e:
+        store = open_store(config.batch_store, config.data_dir,
+                           busy_timeout_s=config.busy_timeout_s, replica_id=config.replica_id,
+                           lease_s=config.lease_s)
+    except (DataDirInUse, ValueError) as e:
         return _fail(str(e))
-    except Exception as e:  # OSError, sqlite3.Error (not a database, unreadable, ...)
-        return _fail(f"cannot open the batch database in {config.data_dir}: {e}")
+    except Exception as e:  # OSError, sqlite3.Error, psycopg errors (unreachable, ...)
+        where = redact_url(config.batch_store) if config.batch_store else config.data_dir
+        return _fail(f"cannot open the batch database in {where}: {e}")
     try:
         engine, engine_config = build_engine(args)
     except (ImportError, ValueError, OSError) as e:

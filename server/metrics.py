@@ -29,6 +29,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from conserve_jax.engine_api import (EngineStats, GenerationRequest, RequestClass,
                                      RequestOutput, RequestStream)
 from conserve_server.admission import Admission
+from conserve_server.batch.base import STORE_ERRORS
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
@@ -60,6 +61,7 @@ METRIC_NAMES = {
     "conserve_recomputed_tokens_total": "counter: tokens recomputed after eviction",
     "conserve_iterations_total": "counter: engine iterations",
     "conserve_batches_active": "gauge: batches queued or running",
+    "conserve_batch_store_up": "gauge: 1 while the batch database answers, 0 during an outage",
     "conserve_batch_items": "gauge {state=pending|in_flight|succeeded|failed|cancelled}",
     "conserve_uptime_seconds": "gauge",
 }
@@ -130,7 +132,12 @@ class ServerMetrics:
     def snapshot(self, tenant: Optional[str] = None) -> Snapshot:
         """Engine stats and server fields, as `GetServerStats` reports them. With a tenant
         (auth on), the batch and online counts are that tenant's own."""
-        counts = self.store.counts(tenant) if self.store is not None else {}
+        counts = {}
+        if self.store is not None:
+            try:
+                counts = self.store.counts(tenant)
+            except STORE_ERRORS:  # the database is down: online stats still answer
+                counts = {}
         if tenant is None:
             online = self.admission.online_in_flight
             in_flight = self.runner.in_flight if self.runner is not None else 0
@@ -217,10 +224,18 @@ class _EngineCollector:
         yield gauge("conserve_batches_active", "Batches queued or running", srv["batches_active"])
         items = [("pending", srv["batch_items_pending"]), ("in_flight", srv["batch_items_in_flight"])]
         totals = getattr(self.m.store, "item_totals", None)
+        t = None
         if totals is not None:
-            t = totals()
+            try:
+                t = totals()
+            except STORE_ERRORS:
+                t = None
+        if t is not None:
             items += [("succeeded", t["succeeded"]), ("failed", t["failed"]),
                       ("cancelled", t["cancelled"])]
+        if self.m.store is not None:
+            yield gauge("conserve_batch_store_up", "Batch database reachable",
+                        int(bool(self.m.store.healthy)))
         yield gauge("conserve_batch_items", "Batch items by state", label="state", values=items)
         yield gauge("conserve_uptime_seconds", "Server uptime", srv["uptime_s"])
 

@@ -16,9 +16,25 @@ when the runner asked for it; otherwise (the engine is shutting down) it is rele
 runs again later, so no item is ever committed half-done by accident. Likewise an item
 ended by the engine's death ("engine stopped") is released, not failed.
 
-Store failures (database locked by another process, disk full): a result that cannot be
-committed stays with the runner, counted in flight, and is retried every
-`retry_commit_s` until it lands, so an item is never left "running" with its result lost.
+Store failures (database locked by another process, disk full, PostgreSQL restarting or
+unreachable: `STORE_ERRORS`): a result that cannot be committed stays with the runner,
+counted in flight, and is retried every `retry_commit_s` until it lands, so an item is
+never left "running" with its result lost. Results finished in one poll are committed
+together (`commit_many`, one transaction on PostgreSQL).
+
+Claim window (`_claim_window`): at most `max_in_flight` items inside the engine. On a
+shared store the runner also claims only as its engine has idle capacity: while
+`max_in_flight // 2` offline requests already wait in the engine's queue (online load is
+taking the capacity), none, so a busy replica leaves the queue to idle ones.
+
+Leases (shared store, i.e. PostgreSQL): every claimed item carries its lease epoch; commits
+and releases are fenced by it. Every `lease_s / 3` the runner renews the leases of its
+in-flight items (`StoreBase.renew`); an item whose lease is lost (this replica stalled
+past its lease and another replica took the item over) is cancelled in the engine and
+dropped with a log line, and a commit the store refuses is logged and dropped: another
+replica owns that item's one result. The same heartbeat notices batches ended on another
+replica (cancelled, deadline) and stops their items here, and runs `reap` (items of ended
+batches whose replica died).
 The runner also deletes batches that finished more than `retention_s` ago and truncates
 the WAL (every `purge_every_s`).
 """
@@ -26,7 +42,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import sqlite3
 import threading
 import time
 import uuid
@@ -35,7 +50,7 @@ from dataclasses import dataclass, field
 from conserve_jax.engine_api import GenerationRequest, RequestClass, RequestOutput, RequestStream
 from conserve_jax.proto_gen.conserve.v1 import conserve_pb2 as pb
 from conserve_server import convert
-from conserve_server.batch.store import BatchStore, ClaimedItem
+from conserve_server.batch.store import STORE_ERRORS, ClaimedItem, StoreBase
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +61,11 @@ class _InFlight:
     request_id: str
     stream: RequestStream
     outputs: list[RequestOutput] = field(default_factory=list)
+    lost: bool = False  # the lease went to another replica: drop, never commit
 
 
 class BatchRunner:
-    def __init__(self, store: BatchStore, engine, max_in_flight: int, poll_s: float = 0.01,
+    def __init__(self, store: StoreBase, engine, max_in_flight: int, poll_s: float = 0.01,
                  deadline_check_s: float = 0.25, retry_commit_s: float = 0.5,
                  retention_s: float = 7 * 86400.0, purge_every_s: float = 60.0) -> None:
         self.store = store
@@ -60,8 +76,8 @@ class BatchRunner:
         self.retry_commit_s = retry_commit_s
         self.retention_s = retention_s
         self.purge_every_s = purge_every_s
-        # store writes that failed, retried in order: ("commit", batch_id, result, outcome)
-        # or ("release", batch_id, index, None)
+        # store writes that failed, retried in order: ("commit", batch_id, result, outcome,
+        # item) or ("release", batch_id, index, epoch)
         self._unwritten: list[tuple] = []
         self._retry_at = 0.0
         self._requests: "queue.Queue[tuple[str, str]]" = queue.Queue()  # (batch_id, outcome)
@@ -71,6 +87,9 @@ class BatchRunner:
         self._in_flight: dict[str, _InFlight] = {}
         self._terminated: dict[str, str] = {}  # batch_id -> outcome for its stopped items
         self._count = 0
+        self.lost_leases = 0  # items dropped because another replica took them over
+        self.refused_commits = 0  # results the store refused (lease lost or already done)
+        self._next_heartbeat = 0.0
         # conserve_server.batch.offline_resume.OfflineResume or None: resume items from saved state, save
         # the unfinished ones at stop (set by ServerApp before start)
         self.offline = None
@@ -119,6 +138,9 @@ class BatchRunner:
                     if now >= next_deadline_check:
                         next_deadline_check = now + self.deadline_check_s
                         self._expire()
+                    if self.store.shared and now >= self._next_heartbeat:
+                        self._next_heartbeat = now + getattr(self.store, "lease_s", 30.0) / 3
+                        self._heartbeat()
                     if now >= next_purge:
                         next_purge = now + self.purge_every_s
                         self._purge()
@@ -144,7 +166,7 @@ class BatchRunner:
             return
         try:
             self._apply(op)
-        except sqlite3.Error as e:
+        except STORE_ERRORS as e:
             log.warning("batch store write failed (%s); keeping the result and retrying", e)
             self._unwritten.append(op)
             self._retry_at = time.monotonic() + self.retry_commit_s
@@ -152,10 +174,37 @@ class BatchRunner:
     def _apply(self, op: tuple) -> None:
         kind, batch_id, a, b = op[:4]
         if kind == "commit":
-            self.store.commit_result(batch_id, a, b)
+            if not self.store.commit_result(batch_id, a, b, op[4].epoch):
+                self._refused(op[4])
             self._item_done(op[4])
         else:
-            self.store.release(batch_id, a)
+            self.store.release(batch_id, a, b)
+
+    def _refused(self, item: ClaimedItem) -> None:
+        if self.store.shared:
+            self.refused_commits += 1
+            log.warning("result of batch item %s/%d not committed: its lease (epoch %d) was "
+                        "lost or it already has a result; another replica owns it",
+                        item.batch_id, item.index, item.epoch)
+
+    def _write_commits(self, ops: list[tuple]) -> None:
+        """Commit several results in one store call (or keep them all for a retry)."""
+        if len(ops) < 2 or self._unwritten:
+            for op in ops:
+                self._write(op)
+            return
+        try:
+            ok = self.store.commit_many([(op[1], op[2], op[3], op[4].epoch) for op in ops])
+        except STORE_ERRORS as e:
+            log.warning("batch store write failed (%s); keeping %d results and retrying",
+                        e, len(ops))
+            self._unwritten.extend(ops)
+            self._retry_at = time.monotonic() + self.retry_commit_s
+            return
+        for op, hit in zip(ops, ok):
+            if not hit:
+                self._refused(op[4])
+            self._item_done(op[4])
 
     def _retry_unwritten(self) -> None:
         if not self._unwritten or time.monotonic() < self._retry_at:
@@ -163,7 +212,7 @@ class BatchRunner:
         while self._unwritten:
             try:
                 self._apply(self._unwritten[0])
-            except sqlite3.Error as e:
+            except STORE_ERRORS as e:
                 log.warning("batch store write still failing (%s); %d results waiting",
                             e, len(self._unwritten))
                 self._retry_at = time.monotonic() + self.retry_commit_s
@@ -174,7 +223,7 @@ class BatchRunner:
     def _fill(self) -> bool:
         """Claim and submit items up to the in-flight bound. False if the engine refuses
         work (e.g. shutting down); claimed items it did not take are released."""
-        claimed = self.store.claim(self.max_in_flight - len(self._in_flight))
+        claimed = self.store.claim(self._claim_window())
         for n, item in enumerate(claimed):
             rid = f"b:{item.batch_id}:{item.index}:{uuid.uuid4().hex[:8]}"
             req = GenerationRequest(request_id=rid, prompt_token_ids=item.prompt_ids,
@@ -189,13 +238,26 @@ class BatchRunner:
             except RuntimeError as e:
                 log.info("engine refused batch items (%s); stop submitting", e)
                 for rest in claimed[n:]:
-                    self._write(("release", rest.batch_id, rest.index, None))
+                    self._write(("release", rest.batch_id, rest.index, rest.epoch))
                 return False
             self._in_flight[rid] = _InFlight(item, rid, stream)
         self._count = len(self._in_flight) + len(self._unwritten)
         return True
 
+    def _claim_window(self) -> int:
+        """How many items to claim now: room under `max_in_flight`, and only while the
+        engine's offline queue is short (its scheduler has idle capacity for them)."""
+        room = self.max_in_flight - len(self._in_flight)
+        if room <= 0 or not self.store.shared:  # alone on its store: nobody to leave work to
+            return max(0, room)
+        try:
+            waiting = self.engine.stats().offline_waiting
+        except Exception:  # an engine without stats: the in-flight bound alone
+            return room
+        return max(0, min(room, max(1, self.max_in_flight // 2) - waiting))
+
     def _collect(self) -> None:
+        commits: list[tuple] = []
         for rid, f in list(self._in_flight.items()):
             if not f.stream.done.is_set():
                 continue
@@ -205,34 +267,69 @@ class BatchRunner:
                 except queue.Empty:
                     break
             del self._in_flight[rid]
-            self._finish(f)
+            op = self._finish(f)
+            if op is not None:
+                commits.append(op)
+        if commits:
+            self._write_commits(commits)
         self._count = len(self._in_flight) + len(self._unwritten)
         if self._terminated:  # forget ended batches once their stopped items are in
             busy = {f.item.batch_id for f in self._in_flight.values()}
             self._terminated = {b: o for b, o in self._terminated.items() if b in busy}
 
-    def _finish(self, f: _InFlight) -> None:
+    def _finish(self, f: _InFlight):
+        """The commit op for a finished item (None when there is nothing to commit)."""
         item = f.item
+        if f.lost:
+            return None
         final = f.outputs[-1] if f.outputs else None
         reason = final.finish_reason if final is not None and final.finished else "cancelled"
         result = convert.outputs_to_result(item.index, item.request.request_id, f.outputs)
         if reason == "cancelled":
             outcome = self._terminated.get(item.batch_id)
             if outcome is None:  # not our doing: the engine is stopping; run it again later
-                self._write(("release", item.batch_id, item.index, None))
-                return
+                self._write(("release", item.batch_id, item.index, item.epoch))
+                return None
             if outcome == "error":
                 result = convert.error_result(item.index, item.request.request_id, "error",
                                               "batch deadline exceeded", partial=result)
-            self._write(("commit", item.batch_id, result, outcome, item))
-            return
+            return ("commit", item.batch_id, result, outcome, item)
         if reason == "error" and self.engine.failure is not None:
             # the engine died under it ("engine stopped"): not the item's fault; it runs
             # again when the restarted server resumes the batch
-            self._write(("release", item.batch_id, item.index, None))
-            return
+            self._write(("release", item.batch_id, item.index, item.epoch))
+            return None
         outcome = reason if reason in ("stop", "length") else "error"
-        self._write(("commit", item.batch_id, result, outcome, item))
+        return ("commit", item.batch_id, result, outcome, item)
+
+    def _heartbeat(self) -> None:
+        """Shared store: renew this replica's leases, drop the lost ones, stop items of
+        batches ended elsewhere, reap items of ended batches whose replica died."""
+        flights = [f for f in self._in_flight.values() if not f.lost]
+        try:
+            lost = self.store.renew([(f.item.batch_id, f.item.index, f.item.epoch) for f in flights])
+        except STORE_ERRORS as e:
+            log.warning("could not renew batch item leases (%s); retrying", e)
+            return
+        for f in flights:
+            if (f.item.batch_id, f.item.index) in lost:
+                f.lost = True
+                self.lost_leases += 1
+                log.warning("lost the lease of batch item %s/%d (epoch %d): another replica "
+                            "runs it now; dropping it here", f.item.batch_id, f.item.index,
+                            f.item.epoch)
+                self.engine.cancel(f.request_id)
+        try:
+            for batch_id in {f.item.batch_id for f in flights} - set(self._terminated):
+                row = self.store.get(batch_id)
+                if row is not None and row.state in ("cancelled", "failed"):
+                    self.cancel_batch(batch_id, "cancelled" if row.state == "cancelled" else "error")
+            n = self.store.reap()
+        except STORE_ERRORS as e:
+            log.warning("batch store unreachable in the heartbeat (%s); retrying", e)
+            return
+        if n:
+            log.info("finished %d items of ended batches left by a stopped replica", n)
 
     def _item_done(self, item: ClaimedItem) -> None:
         """After its result is durable: the item's saved engine state is not needed."""
@@ -275,7 +372,8 @@ class BatchRunner:
             self._collect()
             time.sleep(0.005)
         for f in self._in_flight.values():
-            self._write(("release", f.item.batch_id, f.item.index, None))
+            if not f.lost:
+                self._write(("release", f.item.batch_id, f.item.index, f.item.epoch))
         self._in_flight.clear()
         self._retry_at = 0.0
         self._retry_unwritten()  # last try; what still fails is "running" in the database,

@@ -7,7 +7,7 @@ Built from the proto's service descriptor instead of the generated
 - a request that does not parse (e.g. a string field holding invalid UTF-8) ends with
   INVALID_ARGUMENT naming the message type, not INTERNAL "Exception deserializing";
 - an exception that escapes a method is mapped: the batch database being locked by
-  another process -> UNAVAILABLE, full -> RESOURCE_EXHAUSTED, anything else -> INTERNAL
+  another process or unreachable (PostgreSQL down) -> UNAVAILABLE, full -> RESOURCE_EXHAUSTED, anything else -> INTERNAL
   "internal error" (the traceback goes to the log, never to the client). Aborts raised
   through `context.abort` pass unchanged.
 
@@ -22,7 +22,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from conserve_jax.proto_gen.conserve.v1 import conserve_pb2 as pb
-from conserve_server.batch.store import is_full_error, is_locked_error
+from conserve_server.batch.store import StoreUnavailable, is_full_error, is_locked_error
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,9 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if is_full_error(exc):
         return (grpc.StatusCode.RESOURCE_EXHAUSTED,
                 "the batch database cannot grow (disk full); retry later")
+    if isinstance(exc, StoreUnavailable):
+        return (grpc.StatusCode.UNAVAILABLE,
+                "the batch database cannot be reached; retry later")
     if isinstance(exc, sqlite3.Error):
         return grpc.StatusCode.UNAVAILABLE, "the batch database failed; retry later"
     return grpc.StatusCode.INTERNAL, "internal error (details are in the server log)"

@@ -44,7 +44,8 @@ from conserve_server import convert
 from conserve_server.admission import Admission
 from conserve_server.auth import Authenticator
 from conserve_server.batch.runner import BatchRunner
-from conserve_server.batch.store import BatchRow, BatchStore, IdempotencyConflict, QuotaExceeded
+from conserve_server.batch.store import (BatchRow, IdempotencyConflict, QuotaExceeded, StoreBase,
+                                         StoreUnavailable)
 from conserve_server.config import ServiceOptions
 from conserve_server.grpc_api.limits import StreamLimiter
 from conserve_server.metrics import ServerMetrics
@@ -75,7 +76,7 @@ def batch_to_proto(row: BatchRow) -> pb.Batch:
 
 
 class CoServeServicer(pb_grpc.CoServeServicer):
-    def __init__(self, engine, store: BatchStore, runner: BatchRunner,
+    def __init__(self, engine, store: StoreBase, runner: BatchRunner,
                  auth: Optional[Authenticator], options: ServiceOptions,
                  metrics: Optional[ServerMetrics] = None,
                  admission: Optional[Admission] = None) -> None:
@@ -278,7 +279,11 @@ class CoServeServicer(pb_grpc.CoServeServicer):
         while nxt < row.total:
             version = self.store.version
             progressed = False
-            for idx, blob in self.store.results(row.id, nxt):
+            try:
+                got = self.store.results(row.id, nxt)
+            except StoreUnavailable:  # the database is restarting: the stream waits it out
+                got = []
+            for idx, blob in got:
                 if idx != nxt:
                     break  # a gap: that item is not finished yet
                 yield pb.BatchResult.FromString(blob)
@@ -290,7 +295,11 @@ class CoServeServicer(pb_grpc.CoServeServicer):
                 return
             if self.store.closed:
                 context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
-            if self.store.get(row.id) is None:
+            try:
+                gone = self.store.get(row.id) is None
+            except StoreUnavailable:
+                continue
+            if gone:
                 context.abort(grpc.StatusCode.NOT_FOUND, f"batch {row.id!r} was deleted")
 
     # ---- stats -------------------------------------------------------------------------

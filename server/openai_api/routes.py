@@ -35,7 +35,7 @@ from starlette.routing import Route
 from conserve_jax.engine_api import RequestClass
 from conserve_server.admission import Admission
 from conserve_server.auth import Authenticator
-from conserve_server.batch.store import IdempotencyConflict, QuotaExceeded
+from conserve_server.batch.store import IdempotencyConflict, QuotaExceeded, StoreUnavailable
 from conserve_server.config import ServiceOptions
 from conserve_server.metrics import CONTENT_TYPE, ServerMetrics
 from conserve_server.openai_api import batches as B
@@ -384,6 +384,11 @@ async def _http_error(request: Request, exc: HTTPException):
     return ApiError(exc.status_code, msg).response()
 
 
+async def _store_down(request: Request, exc: StoreUnavailable):
+    log.warning("%s %s: batch store unreachable: %s", request.method, request.url.path, exc)
+    return ApiError(503, "the batch database cannot be reached; retry later").response()
+
+
 async def _server_error(request: Request, exc: Exception):
     log.exception("unhandled error in %s %s", request.method, request.url.path)
     return ApiError(500, f"internal server error: {type(exc).__name__}").response()
@@ -409,5 +414,6 @@ def build_app(routes: OpenAIRoutes) -> Starlette:
         Route("/health", r.health, methods=["GET"]),
     ]
     return Starlette(routes=table, exception_handlers={
-        ApiError: _api_error, HTTPException: _http_error, Exception: _server_error})
+        ApiError: _api_error, HTTPException: _http_error, StoreUnavailable: _store_down,
+        Exception: _server_error})
 
