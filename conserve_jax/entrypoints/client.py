@@ -14,7 +14,10 @@ deadline) and the `SamplingParams` fields as keywords. Server errors surface as
 `grpc.RpcError` with the server's status code; bad keyword arguments raise TypeError or
 ValueError locally. `submit_batch` gives every submission a fresh idempotency key (unless
 you pass one) and retries UNAVAILABLE / DEADLINE_EXCEEDED with that same key, so a retry
-never creates a second batch. A client object may be shared between threads (gRPC channels are
+never creates a second batch. `target` may name several replicas (`Client(["h1:50051", "h2:50051"])`, "h1:50051,h2:50051"
+or "dns:///name:50051"): calls are spread round robin over the healthy ones
+(`conserve_jax.entrypoints.targets`); every replica answers for every batch when they
+share a PostgreSQL batch store. A client object may be shared between threads (gRPC channels are
 thread-safe); an `AsyncClient` belongs to the event loop that created it.
 """
 from __future__ import annotations
@@ -32,6 +35,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from conserve_jax.engine_api import TokenLogprob
 from conserve_jax.proto_gen.conserve.v1 import conserve_pb2 as pb
 from conserve_jax.proto_gen.conserve.v1 import conserve_pb2_grpc as pb_grpc
+from conserve_jax.entrypoints.targets import TargetsT, channel_target
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
@@ -194,9 +198,12 @@ def _submit_request(requests: Iterable[dict], deadline, idempotency_key: Optiona
     return msg
 
 
-def _channel_args(target: str, token: Optional[str], tls_ca, tls: bool, max_message_bytes: int):
+def _channel_args(target: TargetsT, token: Optional[str], tls_ca, tls: bool, max_message_bytes: int):
+    """(gRPC target, options, credentials, metadata) for `target` (one address, several,
+    or dns:///: see `conserve_jax.entrypoints.targets`)."""
+    target, balanced = channel_target(target)
     options = [("grpc.max_receive_message_length", max_message_bytes),
-               ("grpc.max_send_message_length", max_message_bytes)]
+               ("grpc.max_send_message_length", max_message_bytes), *balanced]
     creds = None
     if tls_ca is not None or tls:
         ca = tls_ca
@@ -205,7 +212,7 @@ def _channel_args(target: str, token: Optional[str], tls_ca, tls: bool, max_mess
                 ca = f.read()
         creds = grpc.ssl_channel_credentials(root_certificates=ca)
     metadata = (("authorization", f"Bearer {token}"),) if token else ()
-    return options, creds, metadata
+    return target, options, creds, metadata
 
 
 DeadlineT = Union[None, float, _dt.datetime]
@@ -233,9 +240,10 @@ class GenerateStream:
 class Client:
     """Blocking client; see the module docstring."""
 
-    def __init__(self, target: str, token: Optional[str] = None, tls_ca=None, *, tls: bool = False,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
-        options, creds, self._md = _channel_args(target, token, tls_ca, tls, max_message_bytes)
+    def __init__(self, target: TargetsT, token: Optional[str] = None, tls_ca=None, *,
+                 tls: bool = False, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+        target, options, creds, self._md = _channel_args(target, token, tls_ca, tls,
+                                                         max_message_bytes)
         self._channel = (grpc.secure_channel(target, creds, options) if creds is not None
                          else grpc.insecure_channel(target, options))
         self._stub = pb_grpc.CoServeStub(self._channel)
@@ -315,9 +323,10 @@ class AsyncClient:
     """grpc.aio client with the same methods as `Client`; `generate` and `batch_results`
     are async iterators, the rest are coroutines."""
 
-    def __init__(self, target: str, token: Optional[str] = None, tls_ca=None, *, tls: bool = False,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
-        options, creds, self._md = _channel_args(target, token, tls_ca, tls, max_message_bytes)
+    def __init__(self, target: TargetsT, token: Optional[str] = None, tls_ca=None, *,
+                 tls: bool = False, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+        target, options, creds, self._md = _channel_args(target, token, tls_ca, tls,
+                                                         max_message_bytes)
         self._channel = (grpc.aio.secure_channel(target, creds, options) if creds is not None
                          else grpc.aio.insecure_channel(target, options))
         self._stub = pb_grpc.CoServeStub(self._channel)

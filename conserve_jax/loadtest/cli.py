@@ -32,7 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = ("Load-test a conserve-jax server with online requests (trace replay or "
                      "a gamma process) and, optionally, offline batches at the same time.")
     g = p.add_argument_group("server")
-    g.add_argument("--target", required=True, help="server address HOST:PORT")
+    g.add_argument("--target", required=True,
+                   help="server address HOST:PORT; grpc backend: several replicas as "
+                   "HOST:PORT,HOST:PORT or dns:///NAME:PORT (round robin over the healthy ones)")
     g.add_argument("--token", help="auth token (prefer --token-file)")
     g.add_argument("--token-file", help="file whose first non-empty line is the auth token")
     g.add_argument("--tls-ca", help="PEM file of the CA that signed the server certificate")

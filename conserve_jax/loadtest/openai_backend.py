@@ -101,6 +101,9 @@ class OpenAIClient:
                  flex_concurrency: int = 64) -> None:
         if offline_via not in ("batch", "flex"):
             raise ValueError(f"offline_via must be 'batch' or 'flex', got {offline_via!r}")
+        if "," in target:
+            raise ValueError("--target: the openai backend takes one server (HOST:PORT or a "
+                             "base URL); several replicas need the grpc backend")
         if not re.match(r"^https?://", target):
             target = f"{'https' if tls_ca else 'http'}://{target}"
         target = target.rstrip("/")
