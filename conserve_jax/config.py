@@ -135,11 +135,10 @@ class EngineConfig:
         "or a few percent faster, and a third quicker to compile; 1: a call per layer, "
         "slower)", default=None)
     attention_chunk: int = _h(
-        "KV blocks per step when attention reads a long context from the cache: decode "
-        "batches of 8+ rows whose context bucket is larger, and prefill chunks whose earlier "
-        "context's bucket is over twice as large, read it chunk by chunk, only as far as the "
-        "longest context (not the whole power-of-two bucket), so the gathered K/V stay in "
-        "cache (0: always read the whole bucket at once)", default=16)
+        "KV blocks attention reads per loop trip: every row reads its sequence's context "
+        "from the paged cache chunk by chunk, only as far as the longest context of the "
+        "iteration (a trip count that is data, not a compiled shape), so the gathered K/V "
+        "stay in cache (0: the whole block table in one trip)", default=16)
     max_logprobs: int = _h("largest logprobs a request may ask for", default=20)
     compilation_cache_dir: Optional[str] = _h("persistent XLA cache (default: "
                                               "~/.cache/conserve-jax/xla)", default=None)
@@ -152,7 +151,10 @@ class EngineConfig:
     latency_model_path: Optional[str] = _h("latency model from `conserve-jax profile` "
                                            "(default: profile at start, cached)", default=None)
     sarathi_token_budget: int = _h("tokens per iteration of the sarathi baseline", default=256)
-    warmup: bool = _h("compile every shape bucket before serving", default=False)
+    warmup: bool = _h("compile every executable (each token bucket x layer-group size, the "
+                      "sampler, the KV transfers) at start, so that serving never compiles on "
+                      "users' time; a second start takes seconds (persistent compilation "
+                      "cache). --no-warmup: compile on first use (tests)", default=True)
     kv_cache_tokens: Optional[int] = _h(
         "KV cache size in tokens, rounded up to whole blocks (overrides --num-blocks and "
         "--kv-memory-bytes; for KV-bound experiments)", default=None)

@@ -22,7 +22,7 @@ def model(name="random:small"):
 def engine(policy="conserve", num_blocks=64, host_pool_bytes=1 << 26, name="random:small",
            **kw) -> Engine:
     base = dict(max_model_len=512, max_num_seqs=8, max_prefill_tokens=128, max_prefill_seqs=2,
-                safepoint_interval=1)
+                safepoint_interval=1, warmup=False)  # warm-up: test_no_recompile
     base.update(kw)
     cfg = engine_config(model=name, policy=policy, block_size=16, num_blocks=num_blocks,
                         host_pool_bytes=host_pool_bytes, **base)

@@ -78,7 +78,7 @@ def test_bench_coserve():
                        cache=CacheConfig(block_size=16, num_blocks=4 * _ceil(1280, 16) + 1,
                                          host_pool_bytes=int(4.0 * 2**30)),
                        conserve=ConserveConfig(isolation=1.2, safepoint_interval=1),
-                       sarathi_token_budget=256)
+                       sarathi_token_budget=256, warmup=False)
     assert bench_coserve.engine_config(a, "conserve") == old
     v = [v for v in bench_coserve.pareto.variants(a.policies, a.isolation,
                                                   a.sarathi_token_budget, True)

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def llm():
-    with LLM(model="default", max_model_len=512, max_num_seqs=4, max_prefill_tokens=128,
+    with LLM(warmup=False, model="default", max_model_len=512, max_num_seqs=4, max_prefill_tokens=128,
              num_blocks=128) as llm:
         yield llm
 

@@ -92,7 +92,7 @@ def test_expected_output_tokens_validated_and_passed_through():
 
 
 def test_llm_passes_hint_and_kv_cache_tokens():
-    llm = LLM(model="random:tiny", policy="ecoserve", kv_cache_tokens=200, max_model_len=128,
+    llm = LLM(warmup=False, model="random:tiny", policy="ecoserve", kv_cache_tokens=200, max_model_len=128,
               max_num_seqs=4, max_prefill_tokens=64)
     try:
         assert llm.engine.kv.capacity == 13

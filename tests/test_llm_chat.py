@@ -10,7 +10,7 @@ CONV = [{"role": "system", "content": "You are terse."}, {"role": "user", "conte
 
 @pytest.fixture(scope="module")
 def llm():
-    with LLM(model="random:tiny", max_model_len=256, max_num_seqs=4, max_prefill_tokens=64,
+    with LLM(warmup=False, model="random:tiny", max_model_len=256, max_num_seqs=4, max_prefill_tokens=64,
              num_blocks=128) as llm:
         yield llm
 
@@ -71,7 +71,7 @@ def test_llm_runs_without_safepoints_unless_asked(llm):
     finally:
         llm.engine.runner.execute = orig
     assert calls and all(c is None for c in calls)
-    with LLM(model="random:tiny", max_model_len=256, max_num_seqs=4, max_prefill_tokens=64,
+    with LLM(warmup=False, model="random:tiny", max_model_len=256, max_num_seqs=4, max_prefill_tokens=64,
              num_blocks=128, safepoint_interval=2) as other:
         assert other.engine.config.conserve.safepoint_interval == 2
         assert [o.token_ids for o in other.generate(prompts, sp)] == plain

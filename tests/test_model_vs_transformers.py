@@ -17,7 +17,8 @@ def _check(out, ref_toks, ref_lps):
 
 
 def _llm(path, **kw):
-    base = dict(max_model_len=512, max_num_seqs=8, max_prefill_tokens=64, num_blocks=256)
+    base = dict(max_model_len=512, max_num_seqs=8, max_prefill_tokens=64, num_blocks=256,
+                warmup=False)
     base.update(kw)
     return LLM(model=path, **base)
 

@@ -19,7 +19,7 @@ from tests.conftest_server import REPO, wait_until
 N_ITEMS, MAX_TOKENS = 4, 48
 ENGINE = ("--model", "random:tiny", "--max-model-len", "512", "--max-num-seqs", "4",
           "--batch-in-flight", "4", "--block-size", "4", "--num-blocks", "512",
-          "--drain-timeout", "0")
+          "--drain-timeout", "0", "--no-warmup")
 
 
 def _items():

@@ -24,7 +24,7 @@ MODEL = "random:tiny"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    eng = Engine(EngineConfig(model=MODEL, policy="conserve", max_model_len=256, max_num_seqs=4,
+    eng = Engine(EngineConfig(warmup=False, model=MODEL, policy="conserve", max_model_len=256, max_num_seqs=4,
                               max_prefill_tokens=64, cache=CacheConfig(num_blocks=128)))
     srv = start_server(tmp_path_factory.mktemp("data"), engine=eng, http_port=0, served_model_name=MODEL)
     yield srv

@@ -69,7 +69,7 @@ def test_token_level_finish_comes_with_the_token():
 def test_engine_publishes_stats_and_stops_on_stop_string():
     from conserve_jax.entrypoints.llm import LLM
 
-    with LLM(model="random:tiny", max_model_len=128, max_num_seqs=4, max_prefill_tokens=32,
+    with LLM(warmup=False, model="random:tiny", max_model_len=128, max_num_seqs=4, max_prefill_tokens=32,
              num_blocks=64) as llm:
         greedy = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
         full = llm.generate([[5, 6, 7]], greedy)[0]

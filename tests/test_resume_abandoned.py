@@ -82,8 +82,10 @@ def test_resumed_iteration_equals_the_uninterrupted_one(loaded, interval, stops)
     assert [t[2] for t in tokens] == [t[2] for t in ref_tokens]
     np.testing.assert_allclose([t[1] for t in tokens], [t[1] for t in ref_tokens], atol=1e-5)
     jax.block_until_ready(r.caches)
+    # every block but the scratch block 0, where padding rows write garbage in whatever
+    # order the iterations ran (it is never read as context)
     for a, b in zip([np.asarray(k) for k, _ in r.caches], ref_kv):
-        np.testing.assert_allclose(a, b, atol=1e-5)
+        np.testing.assert_allclose(a[:, 1:], b[:, 1:], atol=1e-5)
 
 
 def test_detached_decode_rows_leave_their_blocks_alone(loaded):

@@ -53,7 +53,7 @@ def test_logprobs_are_of_the_raw_distribution():
 
 @pytest.fixture(scope="module")
 def llm():
-    with LLM(model="random:tiny", max_model_len=256, max_num_seqs=8, max_prefill_tokens=64,
+    with LLM(warmup=False, model="random:tiny", max_model_len=256, max_num_seqs=8, max_prefill_tokens=64,
              num_blocks=256) as llm:
         yield llm
 

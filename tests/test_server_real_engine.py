@@ -12,7 +12,7 @@ from tests.conftest_server import start_server, wait_until
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    eng = Engine(EngineConfig(model="random:tiny", policy="conserve", max_model_len=256,
+    eng = Engine(EngineConfig(warmup=False, model="random:tiny", policy="conserve", max_model_len=256,
                               max_num_seqs=4, max_prefill_tokens=64,
                               cache=CacheConfig(num_blocks=128)))
     srv = start_server(tmp_path_factory.mktemp("data"), engine=eng)

@@ -112,10 +112,12 @@ RUNNER_FNS, CKPT_FNS = ("_groups", "_embed", "_select", "_head"), ("_gather", "_
 # ---- engines ---------------------------------------------------------------------------
 def engine_config(a, policy: str, **overrides) -> EngineConfig:
     """The engine flags with `policy`, the SLO as the engine's default objectives, KV for
-    --kv-seqs full contexts unless --num-blocks says, and a variant's `overrides`."""
+    --kv-seqs full contexts unless --num-blocks says, and a variant's `overrides`. The
+    engine's own warm-up is off: the script warms the first engine (--warmup) and hands its
+    compiled functions to the others (`SharedCompiled`)."""
     nb = a.num_blocks or a.kv_seqs * -(-a.max_model_len // a.block_size) + 1
     return engine_config_from_args(a, policy=policy, num_blocks=nb, default_ttft_s=a.ttft,
-                                   default_tpot_s=a.tpot, **overrides)
+                                   default_tpot_s=a.tpot, warmup=False, **overrides)
 
 
 class SharedCompiled:

@@ -33,8 +33,9 @@ from conserve_jax.engine.output_delivery import OutputDelivery
 from conserve_jax.engine.offline_suspension import OfflineSuspension
 from conserve_jax.engine.output_processor import OutputProcessor
 from conserve_jax.runtime.compile_cache import enable_compilation_cache
+from conserve_jax.runtime.map_budget import check_map_budget
 from conserve_jax.scheduling.latency_cache import load_or_profile
-from conserve_jax.scheduling.policies import make_policy
+from conserve_jax.scheduling.policies import make_policy, uses_checkpointing
 from conserve_jax.scheduling.scheduler import Scheduler
 from conserve_jax.request import Sequence
 from conserve_jax.engine.step_guard import ENGINE_STOPPED, ITERATION_FAILED, StepGuard, end_stream
@@ -46,10 +47,16 @@ class Engine(EngineAPI):
     def __init__(self, config: EngineConfig, loaded=None, warmup: Optional[bool] = None) -> None:
         warmup = config.warmup if warmup is None else warmup
         enable_compilation_cache(config.compilation_cache_dir)
+        from conserve_jax.runtime.model_runner import ModelRunner, planned_executables_for
+        checkpointing = uses_checkpointing(config.policy)
         if loaded is None:
-            from conserve_jax.models.loader import load_model
+            from conserve_jax.models.loader import load_model, load_model_config
+            # refuse a configuration XLA could not compile, before the weights load
+            check_map_budget(planned_executables_for(load_model_config(config.model), config,
+                                                     checkpointing))
             loaded = load_model(config.model, seed=config.seed)
-        from conserve_jax.runtime.model_runner import ModelRunner
+        else:
+            check_map_budget(planned_executables_for(loaded.config, config, checkpointing))
 
         self.config = config
         self.model_config = loaded.config
@@ -57,7 +64,12 @@ class Engine(EngineAPI):
         self._max_model_len = min(config.max_model_len, loaded.config.max_position_embeddings)
         self.runner = ModelRunner(loaded.config, loaded.params, config)
         if warmup:
-            self.runner.warmup()
+            n = len(self.runner.buckets.tokens)
+            done = iter(range(1, n + 1))
+            log.info("warm-up: compiling %d token buckets x %d layer-group sizes, then the "
+                     "sampler", n, len(set(self.runner.fast_groups + self.runner.safepoint_groups)))
+            self.runner.warmup(progress=lambda t: log.info(
+                "warm-up: token bucket %d compiled (%d/%d)", t, next(done), n))
         self.kv = KVManager(self.runner.num_blocks, config.cache.block_size)
         cache_tokens = self.kv.capacity * config.cache.block_size
         if cache_tokens < self._max_model_len:  # one request must always fit on its own

@@ -96,6 +96,25 @@ def load_model(spec: str, seed: int = 0) -> LoadedModel:
                      f"(presets: {', '.join(presets.PRESETS)}), a Hugging Face model directory or a .gguf file")
 
 
+def load_model_config(spec: str) -> ModelConfig:
+    """Only the architecture of the model `spec` names (no weights read), so that the engine
+    can check a configuration before the model loads. Errors as `load_model`'s."""
+    if spec == "default" or (isinstance(spec, str) and spec.endswith(".gguf")):
+        import gguf
+        from conserve_jax.models.gguf_loader import config_from_gguf
+        path = default_model_path() if spec == "default" else os.path.expanduser(spec)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+        return config_from_gguf(gguf.GGUFReader(path))  # a memory map: headers only
+    if isinstance(spec, str) and spec.startswith("random:"):
+        return presets.preset_config(spec[len("random:"):])
+    path = os.path.expanduser(spec) if isinstance(spec, str) and spec else ""
+    cfg = _read_json(os.path.join(path, "config.json")) if os.path.isdir(path) else None
+    if cfg is None:
+        return load_model(spec).config  # raises the loader's error for a bad spec
+    return config_from_hf(cfg, _read_json(os.path.join(path, "generation_config.json")))
+
+
 # ------------------------------------------------------------------------------ HF config
 def _read_json(path: str) -> Optional[dict]:
     if not os.path.isfile(path):

@@ -1,13 +1,20 @@
 """Shape buckets: every array shape that reaches jitted code is one of a small set.
 
+One ragged token axis (decode rows and prefill chunks together, `models/attention.py`)
+padded to a token-count bucket is the only dimension of the layer calls that depends on
+the work: block tables are [rows, max_blocks_per_seq] with lengths as data, the decode
+rows' table has min(T, max_num_seqs) rows, the prefill tables `max_prefill_seqs` rows. So
+the layer executables are one per (token bucket, layer-group size). Sampling follows the
+token bucket too: an iteration of T rows samples min(T, max_num_seqs + max_prefill_seqs)
+rows (padded), so the row select compiles once per token bucket and the sampler head once
+per distinct row count and sampler variant.
+
 Pure functions of the engine configuration; the runner pads to them and the warm-up
 compiles them all, so serving never compiles after warm-up.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from conserve_jax.models.llama import uses_decode_chunks, uses_prefill_chunks
 
 
 def powers_of_two(lo: int, hi: int) -> list[int]:
@@ -29,51 +36,52 @@ def bucket_for(n: int, buckets: list[int]) -> int:
 
 @dataclass(frozen=True)
 class BucketSet:
-    decode: list[int]  # decode sequences per iteration (0 = none)
-    prefill_tokens: list[int]  # prefill tokens per iteration (0 = none)
-    prefill_seqs: list[int]  # sequences the prefill tokens come from
-    context_blocks: list[int]  # blocks gathered per sequence
-    sample_rows: list[int]  # rows of logits sampled per iteration
-    # attention reads large context buckets this many blocks at a time, only up to the
-    # longest context (0: always the whole bucket); models.llama.paged_attention
-    attention_chunk: int = 0
+    tokens: list[int]  # token-axis sizes: decode rows + prefill rows of one iteration
+    max_sample_rows: int  # sampled rows at most (a decode each, a last prefill row each)
+    max_num_seqs: int  # decode rows at most (the decode table has min(T, this) rows)
+    max_prefill_seqs: int  # prefill sequences per iteration (rows of the prefill table)
+    max_blocks_per_seq: int  # width of every block table
+    # KV blocks attention reads per loop trip (models.attention; only as far as the
+    # longest context of each part)
+    attention_chunk: int
 
     @classmethod
     def build(cls, max_num_seqs: int, max_prefill_tokens: int, max_prefill_seqs: int,
-              max_blocks_per_seq: int, attention_chunk: int = 0) -> "BucketSet":
+              max_blocks_per_seq: int, attention_chunk: int = 16) -> "BucketSet":
+        """`attention_chunk` 0: read the whole table in one trip."""
+        chunk = min(attention_chunk or max_blocks_per_seq, max_blocks_per_seq)
         return cls(
-            decode=[0] + powers_of_two(1, max_num_seqs),
-            prefill_tokens=[0] + powers_of_two(min(32, max_prefill_tokens), max_prefill_tokens),
-            prefill_seqs=powers_of_two(1, max_prefill_seqs),
-            context_blocks=powers_of_two(min(4, max_blocks_per_seq), max_blocks_per_seq),
-            sample_rows=powers_of_two(1, max_num_seqs + max_prefill_seqs),
-            attention_chunk=attention_chunk,
-        )
+            tokens=powers_of_two(1, max_num_seqs + max_prefill_tokens),
+            max_sample_rows=max_num_seqs + max_prefill_seqs,
+            max_num_seqs=max_num_seqs, max_prefill_seqs=max_prefill_seqs,
+            max_blocks_per_seq=max_blocks_per_seq, attention_chunk=max(1, chunk))
 
-    def decode_blocks(self, need: int, rows: int) -> int:
-        """Blocks of context each decode row's attention reads when the batch's longest
-        context takes `need` blocks and the decode rows' bucket is `rows`: the bucket, or
-        whole chunks up to `need` when `decode_attention` loops over chunks."""
-        nb = bucket_for(max(1, need), self.context_blocks)
-        return self._read(need, nb) if uses_decode_chunks(rows, nb, self.attention_chunk) else nb
+    def decode_rows(self, tokens: int) -> int:
+        """Rows of the decode table (and of the decode part of attention) in a token bucket."""
+        return min(tokens, self.max_num_seqs)
 
-    def prefill_blocks(self, need: int) -> int:
-        """The same for prefill rows' earlier context (`uses_prefill_chunks`)."""
-        nb = bucket_for(max(1, need), self.context_blocks)
-        return self._read(need, nb) if uses_prefill_chunks(nb, self.attention_chunk) else nb
-
-    def _read(self, need: int, nb: int) -> int:
+    def blocks_read(self, need: int) -> int:
+        """Blocks attention reads for a context of `need` blocks: whole chunks up to it
+        (0 for no context)."""
+        if need <= 0:
+            return 0
         c = self.attention_chunk
-        return min(-(-nb // c), -(-max(1, need) // c)) * c
+        return min(-(-self.max_blocks_per_seq // c), -(-need // c)) * c
 
-    def layer_shapes(self) -> list[tuple[int, int, int, int]]:
-        """Every (decode, prefill_tokens, prefill_seqs, context_blocks) the runner may use."""
-        out = []
-        for d in self.decode:
-            for t in self.prefill_tokens:
-                if d == 0 and t == 0:
-                    continue
-                for b in (self.prefill_seqs if t else [1]):
-                    for nb in self.context_blocks:
-                        out.append((d, t, b, nb))
-        return out
+    def layer_shapes(self) -> list[int]:
+        """Every token bucket the layer calls may see."""
+        return list(self.tokens)
+
+    def sample_rows(self, tokens: int) -> int:
+        """Rows of logits sampled in a token bucket (padded): every sampled row is one of
+        the bucket's tokens. Large buckets (prefill) sample a few real rows in a padded
+        head of at most max_sample_rows rows: a few ms against a prefill's hundreds."""
+        return min(tokens, self.max_sample_rows)
+
+    def select_shapes(self) -> list[tuple[int, int]]:
+        """Every (token bucket, sampled rows) pair the row select sees."""
+        return [(t, self.sample_rows(t)) for t in self.tokens]
+
+    def head_rows(self) -> list[int]:
+        """Every row count the sampler head sees."""
+        return sorted({self.sample_rows(t) for t in self.tokens})

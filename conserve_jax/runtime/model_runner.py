@@ -35,7 +35,8 @@ from conserve_jax.models.llama import (AttentionMeta, embed_tokens, final_logits
 from conserve_jax.runtime import sharding as shd
 from conserve_jax.runtime.batch_arrays import BatchArrays, build_batch
 from conserve_jax.runtime.buckets import BucketSet
-from conserve_jax.runtime.map_budget import check_map_budget
+from conserve_jax.runtime.kv_transfer import transfer_sizes
+from conserve_jax.runtime.map_budget import ExecutablePlan, planned_executables
 from conserve_jax.runtime.sampler import sample, sampler_mode
 from conserve_jax.runtime.step_plan import SampledToken, StepPlan, StepResult
 
@@ -81,24 +82,12 @@ class ModelRunner:
         self.num_blocks = engine_cfg.kv_cache_blocks or max(
             2, engine_cfg.cache.kv_memory_bytes
             // kv_bytes_per_block(model_cfg, self.kv_heads, self.block_size, self.dtype))
-        self.buckets = BucketSet.build(engine_cfg.max_num_seqs, engine_cfg.max_prefill_tokens,
-                                       engine_cfg.max_prefill_seqs, self.max_blocks_per_seq,
-                                       engine_cfg.attention_chunk)
+        self.buckets = engine_buckets(engine_cfg)
         n = model_cfg.num_layers
-        # layers per jitted call: iterations without safepoints run `layers_per_call` layers
-        # per call; with safepoints every k layers, k per call (the safepoint sits between
-        # calls). A shorter last group takes the remainder. Without a configured interval
-        # there are no safepoints, hence no groups of their own.
-        self.layers_per_call = min(n, layers_per_call or engine_cfg.layers_per_call
-                                   or default_layers_per_call(n))
-        self.fast_groups = group_sizes(n, self.layers_per_call)
-        interval = engine_cfg.conserve.safepoint_interval
-        self.safepoint_every = n if interval is None else max(1, min(n, interval))
-        self.safepoint_groups = self.fast_groups if interval is None \
-            else group_sizes(n, self.safepoint_every)
+        self.layers_per_call, self.fast_groups, self.safepoint_every, self.safepoint_groups = \
+            layer_groups(n, engine_cfg, layers_per_call)
         self._place_weights(params, kv_repeat)
         self._build_functions()
-        check_map_budget(len(self.buckets.layer_shapes()), len(self._groups))
         self.caches = self._new_caches()
         self._suspended: Optional[SuspendedIteration] = None
 
@@ -136,7 +125,7 @@ class ModelRunner:
 
     def _make_group_fn(self, size: int):
         """jit of `size` consecutive layers; caches donated (updated in place)."""
-        cfg, chunk = self.cfg, self.engine_cfg.attention_chunk
+        cfg, chunk = self.cfg, self.buckets.attention_chunk
 
         def group_fn(layers, x, cos, sin, caches, meta):
             return run_layers(layers, x, cos, sin, caches, meta, cfg=cfg,
@@ -271,26 +260,35 @@ class ModelRunner:
         return StepResult(out, self.cfg.num_layers)
 
     # ---- warm-up ------------------------------------------------------------------------
-    def warmup(self, shapes: Optional[list[tuple[int, int, int, int]]] = None) -> float:
-        """Compile every group size's executable for every bucket (or `shapes`) and the head
-        for every (tokens, sample rows) bucket pair and sampler variant. Returns seconds."""
+    def warmup(self, shapes: Optional[list[int]] = None,
+               progress: Optional[Callable[[int], None]] = None) -> float:
+        """Compile every group size's executable for every token bucket (or `shapes`), the
+        row select for every (tokens, sample rows) bucket pair and the head for every
+        sample-row bucket and sampler variant. `progress(T)` is called after each token
+        bucket. Returns seconds."""
         t0 = time.perf_counter()
-        shapes = shapes if shapes is not None else self.buckets.layer_shapes()
-        for (D, TP, BP, NB) in shapes:
-            T = D + TP
+        b = self.buckets
+        shapes = shapes if shapes is not None else b.layer_shapes()
+        mb = b.max_blocks_per_seq
+        for T in shapes:
             z = lambda *s: np.zeros(s, np.int32)
-            meta = self._put_meta(AttentionMeta(z(T), z(T), z(T), z(D, NB), z(D), z(BP, NB),
-                                                z(BP), np.full(TP, -1, np.int32)))
+            dc = b.decode_rows(T)
+            meta = self._put_meta(AttentionMeta(z(T), z(T), z(T), z(dc, mb), z(dc),
+                                                z(b.max_prefill_seqs, mb), z(b.max_prefill_seqs),
+                                                np.full(T, -1, np.int32)))
             x, cos, sin = self._embed(self.embed, z(T), z(T), self.inv_freq)
             for size, fn in self._groups.items():
                 _, new = fn(self.layers[:size], x, cos, sin, self.caches[:size], meta)
                 self.caches[:size] = new
+            if progress is not None:
+                progress(T)
         jax.block_until_ready(self.caches)
-        for T in sorted({D + TP for (D, TP, _, _) in shapes}):
-            hidden = jnp.zeros((T, self.cfg.hidden_size), self.dtype)
-            for S in self.buckets.sample_rows:
-                self._select(hidden, np.zeros(S, np.int32))
-        for S in self.buckets.sample_rows:
+        for T, S in b.select_shapes():
+            if T in shapes:
+                self._select(jnp.zeros((T, self.cfg.hidden_size), self.dtype),
+                             np.zeros(S, np.int32))
+        head_rows = sorted({b.sample_rows(T) for T in shapes})
+        for S in head_rows:
             f32, i32 = np.zeros(S, np.float32), np.zeros(S, np.int32)
             hidden = jnp.zeros((S, self.cfg.hidden_size), self.dtype)
             for mode in ("greedy", "sample", "filter"):
@@ -299,9 +297,38 @@ class ModelRunner:
                                np.ones(S, np.float32), np.zeros(S, np.uint32), i32,
                                mode=mode, num_top=num_top)[0].block_until_ready()
         dt = time.perf_counter() - t0
-        log.info("warm-up compiled %d layer shapes x %d group sizes in %.1f s", len(shapes),
-                 len(self._groups), dt)
+        log.info("warm-up compiled %d token buckets x %d layer-group sizes and the sampler "
+                 "in %.1f s", len(shapes), len(self._groups), dt)
         return dt
+
+
+def engine_buckets(engine_cfg: EngineConfig) -> BucketSet:
+    """The shape buckets of a configuration (pure; the runner's and the start-up check's)."""
+    max_blocks = -(-engine_cfg.max_model_len // engine_cfg.cache.block_size)
+    return BucketSet.build(engine_cfg.max_num_seqs, engine_cfg.max_prefill_tokens,
+                           engine_cfg.max_prefill_seqs, max_blocks, engine_cfg.attention_chunk)
+
+
+def layer_groups(n: int, engine_cfg: EngineConfig, layers_per_call: Optional[int] = None):
+    """(layers per call, groups without safepoints, safepoint interval, groups with
+    safepoints) for a model of `n` layers. Iterations without safepoints run
+    `layers_per_call` layers per call; with safepoints every k layers, k per call (the
+    safepoint sits between calls). A shorter last group takes the remainder. Without a
+    configured interval there are no safepoints, hence no groups of their own."""
+    per_call = min(n, layers_per_call or engine_cfg.layers_per_call or default_layers_per_call(n))
+    fast = group_sizes(n, per_call)
+    interval = engine_cfg.conserve.safepoint_interval
+    every = n if interval is None else max(1, min(n, interval))
+    return per_call, fast, every, (fast if interval is None else group_sizes(n, every))
+
+
+def planned_executables_for(model_cfg: ModelConfig, engine_cfg: EngineConfig,
+                            checkpointing: bool) -> ExecutablePlan:
+    """What an engine with this model and configuration compiles (`map_budget`)."""
+    _, fast, _, safe = layer_groups(model_cfg.num_layers, engine_cfg)
+    buckets = engine_buckets(engine_cfg)
+    transfers = len(transfer_sizes(buckets.max_blocks_per_seq)) if checkpointing else 0
+    return planned_executables(buckets, fast + safe, transfers)
 
 
 def default_layers_per_call(num_layers: int) -> int:

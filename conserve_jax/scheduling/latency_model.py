@@ -2,14 +2,17 @@
 
 ConServe-style separate terms, fitted by least squares on profiled iterations:
 
-    t = c0 + c_tok * T + c_dec_ctx * (D * L) + c_pre_ctx * (Tp * Bp * L)
-          + c_chunk * Tp^2 + c_rows * S
+    t = c0 + c_tok * T + c_dec_ctx * (Dc * L) + c_pre_ctx * (T * Bp * L)
+          + c_chunk * T^2 + c_rows * S
 
-where T is the padded token count, D the decode-sequence bucket, L the gathered context
-per sequence (blocks * block size; for a prefill chunk, the context before it; what
-`BucketSet.decode_blocks` / `prefill_blocks` say the rows read), Tp/Bp the prefill token and
-sequence buckets (Tp^2: attention inside the chunks), S the sampled-row bucket. Features
-are taken on the *bucketed* shapes because that is the work the device really does. The
+where T is the token bucket (decode and prefill rows on one axis), Dc = min(T,
+max_num_seqs) the rows of the decode part of attention (counted when there are decodes),
+L the context each row reads from the cache (whole attention chunks up to the longest
+context, `BucketSet.blocks_read`; for a prefill chunk, the context before it), Bp the
+prefill sequences per iteration (counted when there is a prefill), T^2 the causal
+attention inside the chunks (query blocks against the token axis), S the sampled rows
+(padded: `BucketSet.sample_rows`). Features are taken on the *bucketed* shapes because
+that is the work the device really does. The
 engine corrects the fit online with a multiplicative factor (an exponential average of
 measured / predicted). Pure host code; the scheduler (step-loop
 thread) calls `predict` many times per iteration, so it is cheap.
@@ -50,15 +53,12 @@ class WorkShape:
 
 
 def features(w: WorkShape, buckets: BucketSet, block_size: int) -> np.ndarray:
-    D = bucket_for(w.num_decodes, buckets.decode)
-    TP = bucket_for(w.prefill_tokens, buckets.prefill_tokens)
-    BP = bucket_for(max(1, w.prefill_seqs), buckets.prefill_seqs) if TP else 0
-    need = max(1, -(-w.max_context // block_size))
-    # attention over a long context may stop short of the bucket (BucketSet.*_blocks)
-    Ld = buckets.decode_blocks(need, D) * block_size
-    Lp = buckets.prefill_blocks(need) * block_size
-    S = bucket_for(max(1, w.sample_rows), buckets.sample_rows) if w.sample_rows else 0
-    return np.array([1.0, D + TP, D * Ld, TP * BP * Lp, TP * TP, S], np.float64)
+    T = bucket_for(max(1, w.num_decodes + w.prefill_tokens), buckets.tokens)
+    L = buckets.blocks_read(-(-w.max_context // block_size)) * block_size
+    dec = buckets.decode_rows(T) * L if w.num_decodes else 0
+    pre = T * buckets.max_prefill_seqs * L if w.prefill_seqs else 0
+    S = buckets.sample_rows(T) if w.sample_rows else 0
+    return np.array([1.0, T, dec, pre, T * T, S], np.float64)
 
 
 @dataclass

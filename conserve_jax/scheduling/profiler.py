@@ -11,6 +11,7 @@ import logging
 import statistics
 import time
 
+from conserve_jax.runtime.buckets import powers_of_two
 from conserve_jax.runtime.model_runner import ModelRunner
 from conserve_jax.runtime.step_plan import DecodeItem, PrefillItem, SampleSpec, StepPlan
 from conserve_jax.scheduling.latency_model import LatencyModel, WorkShape
@@ -41,10 +42,12 @@ def synthetic_plan(runner: ModelRunner, decodes: int, prefill: int, context: int
 
 
 def sweep_points(runner: ModelRunner, quick: bool) -> list[tuple[int, int, int]]:
-    b = runner.buckets
+    b, c = runner.buckets, runner.engine_cfg
     max_ctx = runner.max_blocks_per_seq * runner.block_size
-    decodes = [d for d in b.decode if d][:: 2 if quick else 1] + [b.decode[-1]]
-    prefills = [t for t in b.prefill_tokens if t][:: 2 if quick else 1] + [b.prefill_tokens[-1]]
+    dec_sizes = powers_of_two(1, b.max_num_seqs)
+    pre_sizes = powers_of_two(min(32, c.max_prefill_tokens), c.max_prefill_tokens)
+    decodes = dec_sizes[:: 2 if quick else 1] + [dec_sizes[-1]]
+    prefills = pre_sizes[:: 2 if quick else 1] + [pre_sizes[-1]]
     contexts = sorted({min(max_ctx, c) for c in (64, 256, 1024, max_ctx)})
     if quick:
         contexts = sorted({contexts[0], contexts[len(contexts) // 2], contexts[-1]})

@@ -49,3 +49,14 @@ def build(cfg, model_factory: Callable[[], LatencyModel],
 
 POLICY_NAMES = ["conserve", "online-only", "priority-recompute", "sarathi", "non-preemptive", "fcfs",
                 "ecoserve"]
+
+_CLASSES = {"conserve": ConservePolicy, "online-only": OnlineOnlyPolicy,
+            "priority-recompute": Policy, "fcfs": Policy, "sarathi": SarathiPolicy,
+            "non-preemptive": NonPreemptivePolicy, "ecoserve": EcoservePolicy}
+
+
+def uses_checkpointing(name: str) -> bool:
+    """Whether the policy `name` keeps offline KV on host (so the engine compiles the KV
+    transfer executables); False for an unknown name (`build` reports it)."""
+    cls = _CLASSES.get(name)
+    return bool(cls and cls.checkpointing)

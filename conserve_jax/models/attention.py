@@ -1,0 +1,178 @@
+"""Ragged paged attention: every row of one token axis attends to its own sequence's KV.
+
+The layout is the contract (the runner builds it, `ragged_paged_attention` reads it; a
+Pallas ragged paged-attention kernel on TPU/GPU can replace the XLA code below without
+touching the scheduler or the runner). An iteration's tokens form one axis of T rows
+(T from a few token-count buckets); no other dimension of any array depends on the work:
+
+- rows [0, n_dec) are decode rows, one per decoding sequence; the next rows are the prefill
+  chunks of at most `max_prefill_seqs` sequences, each chunk's rows contiguous and in
+  position order; the rest is padding (written to the scratch block 0, never read);
+- `dec_tables` [Dc, MB], `dec_lens` [Dc]: the block table and context length (the new
+  token included) of decode row i < Dc, where Dc = min(T, max_num_seqs); rows without a
+  decode have length 0;
+- `pre_tables` [Bp, MB], `pre_start` [Bp]: for each prefill sequence (Bp =
+  max_prefill_seqs), its blocks and where its chunk starts (its context before the chunk);
+  `pre_seq` [T]: which prefill sequence a row belongs to (-1: not a prefill row);
+- MB = max_blocks_per_seq, fixed: lengths are data, not shapes.
+
+Each part of the context is read by a loop whose trip count is data (`chunk` blocks per
+trip, only as far as the longest context of that part), with one online softmax across
+the parts: decode rows read their whole context from the cache (this iteration's key is
+already written); prefill rows read their context before the chunk from the cache and the
+chunk itself, causally, from this iteration's keys (`k_new`, `v_new`) in blocks of
+QUERY_BLOCK rows, so that keys past a block's last row are never scored. Short contexts
+cost few trips, long ones more, in the same executable.
+
+Scores of masked keys are NEG_INF, a finite number: a row with nothing to attend to (a
+padding row) ends with finite garbage, never NaN, so it cannot poison other rows through
+a 0 x NaN product. Pure functions, jitted by the runner inside each layer group.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -1e30
+QUERY_BLOCK = 128  # prefill rows per causal block (keys past a block's last row are skipped)
+
+
+@dataclass(frozen=True)
+class AttentionMeta:
+    """Per-iteration indices shared by every layer (device arrays, int32; see the module
+    docstring). slot_blocks/slot_offsets [T]: where each row's K/V is written (padding ->
+    block 0); positions [T]."""
+
+    slot_blocks: jax.Array
+    slot_offsets: jax.Array
+    positions: jax.Array
+    dec_tables: jax.Array
+    dec_lens: jax.Array
+    pre_tables: jax.Array
+    pre_start: jax.Array
+    pre_seq: jax.Array
+
+
+jax.tree_util.register_dataclass(
+    AttentionMeta,
+    data_fields=["slot_blocks", "slot_offsets", "positions", "dec_tables", "dec_lens",
+                 "pre_tables", "pre_start", "pre_seq"],
+    meta_fields=[])
+
+
+def _gather(cache: jax.Array, tables: jax.Array) -> jax.Array:
+    """cache [kvh, NB, bs, hd], tables [B, nb] -> [kvh, B, nb*bs, hd]."""
+    g = cache.at[:, tables].get(mode="promise_in_bounds")  # [kvh, B, nb, bs, hd]
+    kvh, b, nb, bs, hd = g.shape
+    return g.reshape(kvh, b, nb * bs, hd)
+
+
+def chunk_trips(tables, chunk: int, block_size: int, longest):
+    """Bounds of a loop over `chunk`-block slices of `tables` [B, nb] that stops after
+    `longest` tokens: (tables padded to whole chunks with the scratch block 0, whose
+    positions are masked anyway; tokens per chunk; trips, possibly 0)."""
+    n = -(-tables.shape[1] // chunk)
+    tables = jnp.pad(tables, ((0, 0), (0, n * chunk - tables.shape[1])))
+    span = chunk * block_size
+    return tables, span, jnp.clip((longest + span - 1) // span, 0, n)
+
+
+def _online_step(carry, s, weighted_values):
+    """One chunk of keys into a running softmax. carry: (max, denominator) [..., rows] and
+    accumulated values [..., rows, hd]; `s` the chunk's masked float32 scores [..., rows,
+    keys]; `weighted_values(p)` the chunk's values weighted by the probabilities."""
+    m, den, acc = carry
+    m_new = jnp.maximum(m, s.max(-1))
+    p = jnp.exp(s - m_new[..., None])
+    rescale = jnp.exp(m - m_new)
+    return m_new, den * rescale + p.sum(-1), acc * rescale[..., None] + weighted_values(p)
+
+
+def _merge(a, b):
+    """Two partial softmaxes (max, denominator, values) over disjoint keys -> one."""
+    m = jnp.maximum(a[0], b[0])
+    ra, rb = jnp.exp(a[0] - m), jnp.exp(b[0] - m)
+    return m, a[1] * ra + b[1] * rb, a[2] * ra[..., None] + b[2] * rb[..., None]
+
+
+def _empty(kvh: int, g: int, rows: int, hd: int):
+    m = jnp.full((kvh, g, rows), NEG_INF, jnp.float32)
+    return m, jnp.zeros_like(m), jnp.zeros((kvh, g, rows, hd), jnp.float32)
+
+
+def _decode_part(q, k_cache, v_cache, tables, lens, chunk: int):
+    """Decode rows' whole context from the cache. q [kvh, g, Dc, hd] -> partial softmax
+    over [kvh, g, Dc]. Each row gathers its own table's chunk: [kvh, Dc, span, hd]."""
+    kvh, g, dc, hd = q.shape
+    tables, span, trips = chunk_trips(tables, chunk, k_cache.shape[2], jnp.max(lens))
+    qd = q.transpose(2, 0, 1, 3)  # [Dc, kvh, g, hd]: K stays the dot's left operand
+
+    def step(i, carry):
+        t = jax.lax.dynamic_slice_in_dim(tables, i * chunk, chunk, axis=1)
+        kd, vd = _gather(k_cache, t), _gather(v_cache, t)  # [kvh, Dc, span, hd]
+        s = jnp.einsum("kbld,bkgd->kgbl", kd, qd, preferred_element_type=jnp.float32)
+        valid = (i * span + jnp.arange(span))[None, :] < lens[:, None]  # [Dc, span]
+        s = jnp.where(valid[None, None], s, NEG_INF)
+        return _online_step(carry, s, lambda p: jnp.einsum(
+            "kgbl,kbld->kgbd", p.astype(q.dtype), vd, preferred_element_type=jnp.float32))
+
+    return jax.lax.fori_loop(0, trips, step, _empty(kvh, g, dc, hd))
+
+
+def _prefill_context_part(q, k_cache, v_cache, meta: AttentionMeta, chunk: int):
+    """Prefill rows' context before their chunk, from the cache, for all T rows (rows of
+    other kinds are masked). q [kvh, g, T, hd] -> partial softmax over [kvh, g, T]."""
+    kvh, g, t, hd = q.shape
+    bp = meta.pre_tables.shape[0]
+    seq = meta.pre_seq
+    start = jnp.where(seq >= 0, meta.pre_start[jnp.maximum(seq, 0)], 0)  # [T]
+    tables, span, trips = chunk_trips(meta.pre_tables, chunk, k_cache.shape[2],
+                                      jnp.max(meta.pre_start))
+    key_seq = jnp.repeat(jnp.arange(bp), span)
+
+    def step(i, carry):
+        tb = jax.lax.dynamic_slice_in_dim(tables, i * chunk, chunk, axis=1)
+        kp = _gather(k_cache, tb).reshape(kvh, bp * span, hd)
+        vp = _gather(v_cache, tb).reshape(kvh, bp * span, hd)
+        key_pos = i * span + jnp.tile(jnp.arange(span), bp)
+        ok = (key_seq[None, :] == seq[:, None]) & (key_pos[None, :] < start[:, None])
+        s = jnp.einsum("kgtd,kjd->kgtj", q, kp, preferred_element_type=jnp.float32)
+        s = jnp.where(ok[None, None], s, NEG_INF)
+        return _online_step(carry, s, lambda p: jnp.einsum(
+            "kgtj,kjd->kgtd", p.astype(q.dtype), vp, preferred_element_type=jnp.float32))
+
+    return jax.lax.fori_loop(0, trips, step, _empty(kvh, g, t, hd))
+
+
+def ragged_paged_attention(q, k_new, v_new, k_cache, v_cache, meta: AttentionMeta,
+                           chunk: int):
+    """q [T, kvh, g, hd] (scaled, rotated); k_new/v_new [T, kvh, hd] this iteration's keys
+    and values, already written to the caches. Returns [T, kvh, g, hd]. `chunk`: KV blocks
+    per loop trip (> 0)."""
+    t, kvh, g, hd = q.shape
+    dc = meta.dec_tables.shape[0]
+    qt = q.transpose(1, 2, 0, 3)  # [kvh, g, T, hd]
+    kn, vn = k_new.transpose(1, 0, 2), v_new.transpose(1, 0, 2)  # [kvh, T, hd]
+    dec = _decode_part(qt[:, :, :dc], k_cache, v_cache, meta.dec_tables, meta.dec_lens, chunk)
+    if dc < t:  # rows past the decode capacity have no decode part
+        rest = _empty(kvh, g, t - dc, hd)
+        dec = tuple(jnp.concatenate([a, b], axis=2) for a, b in zip(dec, rest))
+    ctx = _merge(dec, _prefill_context_part(qt, k_cache, v_cache, meta, chunk))
+    seq, pos = meta.pre_seq, meta.positions
+    outs = []
+    blk = min(QUERY_BLOCK, t)
+    for lo in range(0, t, blk):  # the chunks' own keys, causally, per query block
+        hi = min(t, lo + blk)
+        sc = jnp.einsum("kgtd,ksd->kgts", qt[:, :, lo:hi], kn[:, :hi],
+                        preferred_element_type=jnp.float32)
+        ok = ((seq[None, :hi] == seq[lo:hi, None]) & (seq[lo:hi, None] >= 0)
+              & (pos[None, :hi] <= pos[lo:hi, None]))
+        sc = jnp.where(ok[None, None], sc, NEG_INF)
+        part = _online_step(_empty(kvh, g, hi - lo, hd), sc, lambda p: jnp.einsum(
+            "kgts,ksd->kgtd", p.astype(q.dtype), vn[:, :hi], preferred_element_type=jnp.float32))
+        m, den, acc = _merge(tuple(a[:, :, lo:hi] for a in ctx), part)
+        outs.append((acc / den[..., None]).astype(q.dtype))
+    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
+    return out.transpose(2, 0, 1, 3)
