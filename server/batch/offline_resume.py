@@ -16,19 +16,26 @@
   SIGKILL at any point keeps today's behaviour: the item runs again (from a checkpoint only
   if one was completely written) and commits exactly one result.
 
+Leases: the claim epoch of each saved item is kept beside the checkpoints
+(`leases.json`). A checkpoint is used only if this replica's new claim directly follows the
+one it saved under (epoch + 1: nobody claimed the item in between); otherwise another
+replica took the item over meanwhile (a shared PostgreSQL store), and the checkpoint is
+discarded with a log line and the item starts from its prompt.
+
 `sweep()` (at start and after saving) deletes checkpoints whose item already has a result or
 whose batch is gone (e.g. a batch cancelled while its saved items were pending).
 """
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 import threading
 import time
 from typing import Optional
 
-from conserve_server.batch.store import BatchStore, ClaimedItem
+from conserve_server.batch.store import ClaimedItem, StoreBase
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +45,7 @@ def _key(batch_id: str, index: int) -> str:
 
 
 class OfflineResume:
-    def __init__(self, engine, store: BatchStore, data_dir: str, max_bytes: int) -> None:
+    def __init__(self, engine, store: StoreBase, data_dir: str, max_bytes: int) -> None:
         from conserve_jax.kv.persist import CheckpointDir
 
         self.engine = engine
@@ -52,7 +59,7 @@ class OfflineResume:
                          name="orbax-import", daemon=True).start()
 
     @classmethod
-    def create(cls, engine, store: BatchStore, data_dir: str,
+    def create(cls, engine, store: StoreBase, data_dir: str,
                max_bytes: int) -> Optional["OfflineResume"]:
         """None when persisting is off (max_bytes 0) or the engine cannot suspend/resume
         (the mock engine)."""
@@ -64,6 +71,9 @@ class OfflineResume:
     def submit(self, item: ClaimedItem, request):
         key = _key(item.batch_id, item.index)
         saved = self.dir.load(key)
+        if saved is not None and not self._lease_continues(key, item):
+            self.dir.delete(key)
+            saved = None
         if saved is not None:
             try:
                 stream = self.engine.submit(request, resume=saved)
@@ -76,6 +86,31 @@ class OfflineResume:
                          key, len(saved.generated_ids), saved.num_saved_tokens)
                 return stream
         return self.engine.submit(request)
+
+    def _leases_path(self) -> str:
+        return os.path.join(self.dir.directory, "leases.json")
+
+    def _read_leases(self) -> dict:
+        try:
+            with open(self._leases_path()) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {}
+
+    def _write_leases(self, leases: dict) -> None:
+        tmp = self._leases_path() + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(leases, f)
+        os.replace(tmp, self._leases_path())
+
+    def _lease_continues(self, key: str, item: ClaimedItem) -> bool:
+        saved_epoch = self._read_leases().get(key)
+        if saved_epoch is None or item.epoch == saved_epoch + 1:
+            return True
+        log.warning("discarding the saved state of batch item %s: saved under lease epoch %d, "
+                    "claimed now with epoch %d (another replica ran it meanwhile)", key,
+                    saved_epoch, item.epoch)
+        return False
 
     def item_done(self, item: ClaimedItem) -> None:
         self.dir.delete(_key(item.batch_id, item.index))
@@ -90,6 +125,13 @@ class OfflineResume:
         entries = [(_key(in_flight[rid].batch_id, in_flight[rid].index), s)
                    for rid, s in saved.items()]
         written = self.dir.save_all(entries)
+        by_key = {_key(i.batch_id, i.index): i.epoch for i in in_flight.values()}
+        try:
+            leases = self._read_leases()
+            leases.update({k: by_key[k] for k in written if k in by_key})
+            self._write_leases(leases)
+        except OSError:
+            log.exception("recording the lease epochs of saved batch items failed")
         log.info("saved %d of %d unfinished batch items (%d tokens of KV, %.1f MB) to %s: "
                  "engine %.2f s, writing %.2f s", len(written), len(in_flight),
                  sum(s.num_saved_tokens for s in saved.values()),

@@ -219,10 +219,12 @@ class PgBatchStore(StoreBase):
                 "FROM c WHERE i.batch_id=c.batch_id AND i.idx=c.idx "
                 "RETURNING i.idx, i.request, i.prompt_ids, i.lease_epoch, i.attempts",
                 (batches[0], now, want - len(out), self.replica_id, now + self.lease_s)).fetchall()
+            again = sorted((idx, attempts) for idx, _, _, _, attempts in rows if attempts > 1)
+            if again:  # a lease expired (its replica died or stalled) or the item was released
+                log.warning("batch %s: %d items claimed again (indexes %s; attempts up to %d)",
+                            batches[0], len(again), [i for i, _ in again[:10]],
+                            max(a for _, a in again))
             for idx, req, ids, epoch, attempts in sorted(rows):
-                if attempts > 1:
-                    log.warning("batch item %s/%d claimed again (attempt %d, epoch %d)",
-                             batches[0], idx, attempts, epoch)
                 out.append(ClaimedItem(batches[0], idx, pb.GenerateRequest.FromString(bytes(req)),
                                        json.loads(ids), epoch))
             if len(rows) < want:
