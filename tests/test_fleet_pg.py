@@ -198,3 +198,43 @@ def test_two_servers_start_at_once_on_an_empty_database(pg_url, tmp_path):
     finally:
         a.stop()
         b.stop()
+
+
+def test_store_outage_in_process_http_503_and_grpc_unavailable(pg_cluster, pg_url, tmp_path):
+    """In-process: the HTTP front answers 503 for store-backed calls while the database is
+    down, gRPC GetBatch UNAVAILABLE, online Generate still works; both recover after."""
+    import json
+    import urllib.error
+    import urllib.request
+    from tests.conftest_server import start_server
+
+    s = start_server(tmp_path / "d", batch_store=pg_url, http_port=0)
+    url = f"http://127.0.0.1:{s.app.http_port}/v1/batches"
+    try:
+        with Client(s.target) as c:
+            bid = c.submit_batch(_requests(2))
+            assert len(list(c.batch_results(bid, timeout=30))) == 2
+            pg_cluster.stop("fast")
+            try:
+                with pytest.raises(urllib.error.HTTPError) as err:
+                    urllib.request.urlopen(url, timeout=30)
+                assert err.value.code == 503
+                assert "batch database" in json.loads(err.value.read())["error"]["message"]
+                with pytest.raises(grpc.RpcError) as gerr:
+                    c.get_batch(bid, timeout=30)
+                assert gerr.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert _text(c.generate("up", max_tokens=2)) == "up"
+            finally:
+                pg_cluster.start()
+            wait_for(lambda: _ok(lambda: c.get_batch(bid)), 30, "the store to answer again")
+            assert c.get_batch(bid).state == "completed"
+    finally:
+        s.stop()
+
+
+def _ok(fn) -> bool:
+    try:
+        fn()
+        return True
+    except grpc.RpcError:
+        return False

@@ -16,11 +16,12 @@
   SIGKILL at any point keeps today's behaviour: the item runs again (from a checkpoint only
   if one was completely written) and commits exactly one result.
 
-Leases: the claim epoch of each saved item is kept beside the checkpoints
-(`leases.json`). A checkpoint is used only if this replica's new claim directly follows the
-one it saved under (epoch + 1: nobody claimed the item in between); otherwise another
-replica took the item over meanwhile (a shared PostgreSQL store), and the checkpoint is
-discarded with a log line and the item starts from its prompt.
+Leases (shared PostgreSQL store): the claim epoch of each saved item is kept beside the
+checkpoints (`<data-dir>/offline-kv-leases.json`). A checkpoint is used only if this
+replica's new claim directly follows the one it saved under (epoch + 1: nobody claimed the
+item in between); otherwise another replica took the item over meanwhile, and the
+checkpoint is discarded with a log line and the item starts from its prompt. (With sqlite
+one process claims, so a checkpoint is always its own.)
 
 `sweep()` (at start and after saving) deletes checkpoints whose item already has a result or
 whose batch is gone (e.g. a batch cancelled while its saved items were pending).
@@ -52,6 +53,7 @@ class OfflineResume:
         self.store = store
         self.dir = CheckpointDir(os.path.join(data_dir, "offline-kv"),
                                  engine.checkpoint_layout(), max_bytes)
+        self.leases_path = os.path.join(data_dir, "offline-kv-leases.json")
         self.resumed = 0  # items started from a checkpoint (for tests and logs)
         self.sweep()
         # orbax takes seconds to import: do it now, off the listening and the shutdown path
@@ -87,23 +89,22 @@ class OfflineResume:
                 return stream
         return self.engine.submit(request)
 
-    def _leases_path(self) -> str:
-        return os.path.join(self.dir.directory, "leases.json")
-
     def _read_leases(self) -> dict:
         try:
-            with open(self._leases_path()) as f:
+            with open(self.leases_path) as f:
                 return json.load(f)
         except (OSError, ValueError):
             return {}
 
     def _write_leases(self, leases: dict) -> None:
-        tmp = self._leases_path() + ".tmp"
+        tmp = self.leases_path + ".tmp"
         with open(tmp, "w") as f:
             json.dump(leases, f)
-        os.replace(tmp, self._leases_path())
+        os.replace(tmp, self.leases_path)
 
     def _lease_continues(self, key: str, item: ClaimedItem) -> bool:
+        if not self.store.shared:  # one process claims from this store: nobody else ran it
+            return True
         saved_epoch = self._read_leases().get(key)
         if saved_epoch is None or item.epoch == saved_epoch + 1:
             return True
@@ -129,7 +130,8 @@ class OfflineResume:
         try:
             leases = self._read_leases()
             leases.update({k: by_key[k] for k in written if k in by_key})
-            self._write_leases(leases)
+            on_disk = set(self.dir.keys())
+            self._write_leases({k: e for k, e in leases.items() if k in on_disk})
         except OSError:
             log.exception("recording the lease epochs of saved batch items failed")
         log.info("saved %d of %d unfinished batch items (%d tokens of KV, %.1f MB) to %s: "

@@ -5,6 +5,9 @@ servers starting at once on an empty database serialize: the first applies what 
 missing, the second finds every version recorded and does nothing. Idempotent; a version
 once released is never edited (add a new one).
 
+Version 4 adds the OpenAI Files API's files and batch documents (`openai_api/pg_files.py`),
+so every replica serves them.
+
 Items carry their lease: `lease_owner` (replica id), `lease_epoch` (bumped by every claim;
 the fencing token a commit must still match) and `lease_expiry` (unix seconds of the
 database's clock; the owner renews it by heartbeat, and once it passes the item is
@@ -62,6 +65,22 @@ CREATE INDEX items_open ON items(batch_id, idx) WHERE state <> 'done';
 """),
     (3, """
 ALTER TABLE items ADD COLUMN done_by TEXT;  -- replica whose result committed (audit)
+"""),
+    (4, """
+CREATE TABLE files (
+  id TEXT PRIMARY KEY,
+  tenant TEXT NOT NULL,
+  filename TEXT NOT NULL,
+  purpose TEXT NOT NULL,
+  bytes BIGINT NOT NULL,
+  created_at BIGINT NOT NULL,
+  data BYTEA NOT NULL
+);
+CREATE INDEX files_tenant ON files(tenant, created_at);
+CREATE TABLE docs (
+  key TEXT PRIMARY KEY,
+  doc TEXT NOT NULL
+);
 """),
 ]
 

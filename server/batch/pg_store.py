@@ -111,6 +111,16 @@ class PgBatchStore(StoreBase):
                 self._version += 1
                 self._cond.notify_all()
 
+    def transaction(self, write: bool = True):
+        """`with store.transaction() as cur:` one transaction on the shared pool, for the
+        other tables of this database (the OpenAI files: `openai_api/pg_files.py`); the
+        same failure rules as the store's own calls."""
+        return self._tx(write)
+
+    def read(self, fn):
+        """fn(cursor) in a read transaction, retried once on a fresh connection."""
+        return self._read(fn)
+
     def _read(self, fn):
         """Run fn(cursor) in a read transaction, retried once on a fresh connection."""
         try:

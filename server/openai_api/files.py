@@ -4,8 +4,9 @@ and small JSON documents (the OpenAI-side metadata of a batch), under `<data_dir
 Each file is `<id>.data` (the bytes) plus `<id>.json` (its metadata: owner tenant,
 filename, purpose, size, creation time). Both are written to a temporary name, fsynced and
 renamed, metadata last, so a file either exists completely or not at all after a crash.
-Batch jobs themselves live in the sqlite `BatchStore`; this store only keeps what the
-OpenAI shape needs around them.
+Batch jobs themselves live in the batch store; this store only keeps what the OpenAI shape
+needs around them. With a shared (PostgreSQL) batch store, `front.open_file_store` gives
+`pg_files.PgFileStore` instead, in the same database, so every replica serves every file.
 
 Threading: any thread (HTTP worker threads). Writes of distinct ids never touch the same
 paths; the directory listing is read without a lock (rename is atomic).
@@ -112,3 +113,4 @@ class FileStore:
             return None
         with open(path, "rb") as f:
             return json.loads(f.read())
+

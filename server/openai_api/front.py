@@ -22,10 +22,17 @@ from conserve_server.admission import Admission
 from conserve_server.config import ServerConfig
 from conserve_server.metrics import ServerMetrics
 from conserve_server.openai_api.files import FileStore
+from conserve_server.openai_api.pg_files import PgFileStore
 from conserve_server.openai_api.routes import OpenAIRoutes, build_app
 from conserve_server.pem import server_ssl_context
 
 log = logging.getLogger(__name__)
+
+
+def open_file_store(store, data_dir: str):
+    """The file store that goes with `store`: in its database when a fleet shares it
+    (PostgreSQL), else under `data_dir`."""
+    return PgFileStore(store) if getattr(store, "shared", False) else FileStore(data_dir)
 
 
 class HttpFront:
@@ -35,7 +42,7 @@ class HttpFront:
         timeout, served model name, and the `ServiceOptions` the gRPC face uses too)."""
         self.config = config
         self.routes = OpenAIRoutes(engine, store, runner, auth, metrics, admission,
-                                   FileStore(config.data_dir), config.options,
+                                   open_file_store(store, config.data_dir), config.options,
                                    config.served_model_name)
         self.app = build_app(self.routes)
         self.port: Optional[int] = None
