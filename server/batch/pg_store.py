@@ -17,7 +17,8 @@ Threading: every method may be called from any thread; each takes a connection f
 `psycopg_pool.ConnectionPool`. When the database cannot be reached (restart, lost
 connection, pool exhausted past `connect_timeout_s`) a method raises `StoreUnavailable`
 and `healthy` turns False until an operation succeeds again; reads are retried once on a
-fresh connection first (a restart breaks every pooled connection at once).
+fresh connection first (a restart breaks every pooled connection at once). While unhealthy,
+calls probe the database at most once a second and replace the pool as soon as it answers.
 `wait_for_change` wakes on this process's writes; other replicas' writes are seen by
 the caller's next read (callers poll with a timeout).
 """
@@ -46,7 +47,8 @@ from conserve_server.batch.pg_schema import migrate
 log = logging.getLogger(__name__)
 
 _NOW = "EXTRACT(EPOCH FROM clock_timestamp())::double precision"
-_DOWN = (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout)
+_DOWN = (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout,
+         psycopg_pool.PoolClosed)
 
 
 def default_replica_id() -> str:
@@ -69,10 +71,14 @@ class PgBatchStore(StoreBase):
         self._rr_last: Optional[str] = None
         self._cond = threading.Condition()
         self._version = 0
-        self._pool = psycopg_pool.ConnectionPool(
-            url, min_size=1, max_size=pool_size, open=False, timeout=connect_timeout_s,
-            kwargs={"connect_timeout": max(1, int(connect_timeout_s))},
-            name="batch-store", check=psycopg_pool.ConnectionPool.check_connection)
+        self._pool_args = dict(min_size=1, max_size=pool_size, open=False,
+                               timeout=connect_timeout_s,
+                               kwargs={"connect_timeout": max(1, int(connect_timeout_s))},
+                               name="batch-store",
+                               check=psycopg_pool.ConnectionPool.check_connection)
+        self._swap_lock = threading.Lock()
+        self._next_probe = 0.0
+        self._pool = psycopg_pool.ConnectionPool(url, **self._pool_args)
         try:
             self._pool.open(wait=True, timeout=connect_timeout_s)
             with self._pool.connection() as conn:
@@ -93,6 +99,8 @@ class PgBatchStore(StoreBase):
         """One transaction on a pooled connection; connection failures -> StoreUnavailable."""
         if self.closed:
             raise StoreUnavailable("the batch store is closed")
+        if not self._healthy:
+            self._recover()
         try:
             with self._pool.connection() as conn:
                 with conn.transaction():
@@ -110,6 +118,26 @@ class PgBatchStore(StoreBase):
             with self._cond:
                 self._version += 1
                 self._cond.notify_all()
+
+    def _recover(self) -> None:
+        """While unhealthy, at most once a second: try a direct connection, and once the
+        database answers, replace the pool (its own reconnect backoff grows to seconds
+        during an outage). The old pool closes in the background after its users return
+        their connections."""
+        with self._swap_lock:
+            now = time.monotonic()
+            if self._healthy or self.closed or now < self._next_probe:
+                return
+            self._next_probe = now + 1.0
+            try:
+                psycopg.connect(self.url, connect_timeout=1).close()
+            except psycopg.Error:
+                return
+            old, self._pool = self._pool, psycopg_pool.ConnectionPool(self.url, **self._pool_args)
+            self._pool.open(wait=False)
+        log.info("batch database answers again: new connection pool")
+        threading.Thread(target=old.close, kwargs={"timeout": 5.0}, name="pool-close",
+                         daemon=True).start()
 
     def transaction(self, write: bool = True):
         """`with store.transaction() as cur:` one transaction on the shared pool, for the
