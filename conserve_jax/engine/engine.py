@@ -64,12 +64,11 @@ class Engine(EngineAPI):
         self._max_model_len = min(config.max_model_len, loaded.config.max_position_embeddings)
         self.runner = ModelRunner(loaded.config, loaded.params, config)
         if warmup:
-            n = len(self.runner.buckets.tokens)
-            done = iter(range(1, n + 1))
             log.info("warm-up: compiling %d token buckets x %d layer-group sizes, then the "
-                     "sampler", n, len(set(self.runner.fast_groups + self.runner.safepoint_groups)))
-            self.runner.warmup(progress=lambda t: log.info(
-                "warm-up: token bucket %d compiled (%d/%d)", t, next(done), n))
+                     "sampler", len(self.runner.buckets.tokens),
+                     len(set(self.runner.fast_groups + self.runner.safepoint_groups)))
+            self.runner.warmup(progress=lambda t, i, n: log.info(
+                "warm-up: token bucket %d compiled (%d/%d)", t, i, n))
         self.kv = KVManager(self.runner.num_blocks, config.cache.block_size)
         cache_tokens = self.kv.capacity * config.cache.block_size
         if cache_tokens < self._max_model_len:  # one request must always fit on its own

@@ -8,8 +8,8 @@ an iteration runs `layers_per_call` layers per jitted call (default:
 `default_layers_per_call`, three calls, with no safepoint between them). With a safepoint
 it runs `ConserveConfig.safepoint_interval` layers per call (read here, once: the only
 route the interval takes) and calls the safepoint between calls, after the device finished
-them; the iteration may be abandoned there: the KV it wrote lies beyond every sequence's committed length and is overwritten
-later, so dropping it is harmless. An abandoned iteration can also be continued from the
+them; the iteration may be abandoned there: the KV it wrote lies beyond every sequence's
+committed length and is overwritten later, so dropping it is harmless. An abandoned iteration can also be continued from the
 layer where it stopped: `take_suspended` hands out its state (the hidden rows after the
 last finished layer) and `resume` runs the remaining layers, provided the caller kept the
 iteration's sequences and their blocks untouched meanwhile (their KV for the finished
@@ -78,11 +78,11 @@ class ModelRunner:
         self.mesh = shd.make_mesh(engine_cfg.tp)
         kv_repeat = shd.kv_repeat_for(engine_cfg.tp, model_cfg.num_kv_heads, model_cfg.num_heads)
         self.kv_heads = model_cfg.num_kv_heads * kv_repeat
-        self.max_blocks_per_seq = -(-engine_cfg.max_model_len // self.block_size)
         self.num_blocks = engine_cfg.kv_cache_blocks or max(
             2, engine_cfg.cache.kv_memory_bytes
             // kv_bytes_per_block(model_cfg, self.kv_heads, self.block_size, self.dtype))
         self.buckets = engine_buckets(engine_cfg)
+        self.max_blocks_per_seq = self.buckets.max_blocks_per_seq
         n = model_cfg.num_layers
         self.layers_per_call, self.fast_groups, self.safepoint_every, self.safepoint_groups = \
             layer_groups(n, engine_cfg, layers_per_call)
@@ -261,16 +261,16 @@ class ModelRunner:
 
     # ---- warm-up ------------------------------------------------------------------------
     def warmup(self, shapes: Optional[list[int]] = None,
-               progress: Optional[Callable[[int], None]] = None) -> float:
+               progress: Optional[Callable[[int, int, int], None]] = None) -> float:
         """Compile every group size's executable for every token bucket (or `shapes`), the
-        row select for every (tokens, sample rows) bucket pair and the head for every
-        sample-row bucket and sampler variant. `progress(T)` is called after each token
-        bucket. Returns seconds."""
+        row select for each of those buckets and the sampler head for each row count they
+        sample and every sampler variant. `progress(T, done, total)` follows each token bucket.
+        Returns seconds."""
         t0 = time.perf_counter()
         b = self.buckets
         shapes = shapes if shapes is not None else b.layer_shapes()
         mb = b.max_blocks_per_seq
-        for T in shapes:
+        for i, T in enumerate(shapes, 1):
             z = lambda *s: np.zeros(s, np.int32)
             dc = b.decode_rows(T)
             meta = self._put_meta(AttentionMeta(z(T), z(T), z(T), z(dc, mb), z(dc),
@@ -281,7 +281,7 @@ class ModelRunner:
                 _, new = fn(self.layers[:size], x, cos, sin, self.caches[:size], meta)
                 self.caches[:size] = new
             if progress is not None:
-                progress(T)
+                progress(T, i, len(shapes))
         jax.block_until_ready(self.caches)
         for T, S in b.select_shapes():
             if T in shapes:
