@@ -7,6 +7,8 @@ Benchmarks (each has `build_parser`, `parse_args` and `main`; scripts/<name>.py 
   ecoserve                fcfs, sarathi and ecoserve on a KV-bound online workload
                           (scripts/bench_ecoserve.py)
   engine_speed            the engine's decode/prefill speed beside peers (scripts/bench_engine.py)
+  prefix                  the prefix cache on and off: shared-instruction offline batch, chat,
+                          co-serving, no sharing (scripts/bench_prefix.py)
   step_profile            where one decode iteration's time goes (scripts/profile_engine.py)
   latency_model_accuracy  the latency model's prediction error (scripts/bench_latency_model.py)
 Their helpers:
@@ -14,6 +16,7 @@ Their helpers:
                           the co-serving benchmark's workload, statistics and report, run
                           accounting, variants and Pareto sweep, one-off measurements
   ecoserve_workload       the EcoServe benchmark's workload and metrics
+  prefix_workload         the prefix-caching benchmark's workloads, hit-rate optimum, summaries
   peers                   transformers / llama.cpp peers and the matvec roofline, each in a
                           process of its own (torch is never imported in the engine's)
   script_io               engine flags checked when parsed, result JSON written (also used by
