@@ -85,7 +85,7 @@ class ServerApp:
                                          busy_timeout_s=config.busy_timeout_s,
                                          replica_id=config.replica_id, lease_s=config.lease_s)
         self.runner = BatchRunner(self.store, observed, config.batch_in_flight,
-                                  retention_s=config.retention_s)
+                                  retention_s=config.retention_s, cache_salt=o.cache_salt)
         self.metrics.attach(self.store, self.runner)
         self.runner.offline = OfflineResume.create(observed, self.store, config.data_dir,
                                                    config.offline_kv_max_bytes)

@@ -67,6 +67,12 @@ class ServiceOptions:
                                          default=64)
     max_result_streams_per_tenant: int = flag_field("open StreamBatchResults calls of one tenant",
                                                     default=8)
+    share_prefix_cache_across_tenants: bool = flag_field(
+        "let every tenant's requests (and batch items) reuse the cached KV of prompt prefixes "
+        "other tenants computed; off: each tenant's requests share cached KV only with that "
+        "tenant's own (the prefix cache salt is the tenant), so no tenant can learn from "
+        "cache timing what another sent. Without --auth-token-file there are no tenants and "
+        "all requests share", default=False)
     max_logprobs: int = plain_field(
         "the server's cap on logprobs, checked before tokenizing (the engine checks its "
         "own --max-logprobs)", default=20)
@@ -77,6 +83,15 @@ class ServiceOptions:
     @property
     def max_message_bytes(self) -> int:
         return int(self.max_message_mb * (1 << 20))
+
+    def cache_salt(self, tenant: Optional[str]) -> Optional[str]:
+        """The prefix-cache salt of a tenant's requests (`GenerationRequest.cache_salt`):
+        the tenant id, so tenants never share cached KV, unless
+        `share_prefix_cache_across_tenants`; None without a tenant (auth off; a batch
+        stored without auth has tenant "")."""
+        if self.share_prefix_cache_across_tenants or not tenant:
+            return None
+        return tenant
 
 
 @dataclass

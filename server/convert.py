@@ -162,6 +162,7 @@ def usage_to_proto(out: RequestOutput) -> pb.Usage:
         u.ttft_s = out.ttft_s
     if out.mean_tpot_s is not None:
         u.tpot_s = out.mean_tpot_s
+    u.num_cached_tokens = out.num_cached_tokens or 0
     return u
 
 

@@ -78,8 +78,9 @@ def build_engine(args):
         from conserve_jax.engine.mock_engine import MockEngine
 
         return MockEngine(token_delay_s=args.mock_token_delay, max_num_seqs=config.max_num_seqs,
-                          max_model_len=config.max_model_len,
-                          fail_after_steps=args.mock_fail_after_steps), config
+                          max_model_len=config.max_model_len, block_size=config.cache.block_size,
+                          fail_after_steps=args.mock_fail_after_steps,
+                          enable_prefix_caching=config.enable_prefix_caching), config
     from conserve_jax.engine.engine import Engine  # heavy (JAX); imported only when serving a model
 
     return Engine(config), config

@@ -60,6 +60,10 @@ METRIC_NAMES = {
     "conserve_restored_tokens_total": "counter: tokens restored from the host pool",
     "conserve_recomputed_tokens_total": "counter: tokens recomputed after eviction",
     "conserve_iterations_total": "counter: engine iterations",
+    "conserve_prefix_cache_queries_total": "counter {class}: prompt tokens looked up in the prefix cache",
+    "conserve_prefix_cache_hits_total": "counter {class}: prompt tokens found there (KV reused)",
+    "conserve_kv_blocks_cached_free": "gauge: cached KV blocks no request holds (reusable, evictable)",
+    "conserve_prefix_cache_evictions_total": "counter: cached blocks whose content was dropped for reuse",
     "conserve_batches_active": "gauge: batches queued or running",
     "conserve_batch_store_up": "gauge: 1 while the batch database answers, 0 during an outage",
     "conserve_batch_items": "gauge {state=pending|in_flight|succeeded|failed|cancelled}",
@@ -221,6 +225,20 @@ class _EngineCollector:
                 ("recomputed_tokens", s.recomputed_tokens, "Tokens recomputed after eviction"),
                 ("iterations", s.iterations, "Engine iterations")):
             yield counter(f"conserve_{name}", doc, value)
+        yield counter("conserve_prefix_cache_queries",
+                      "Prompt tokens looked up in the prefix cache (at a request's first start)",
+                      label="class", values=[("online", s.prefix_cache_queries_online),
+                                             ("offline", s.prefix_cache_queries_offline)])
+        yield counter("conserve_prefix_cache_hits",
+                      "Prompt tokens whose KV was found in the prefix cache", label="class",
+                      values=[("online", s.prefix_cache_hits_online),
+                              ("offline", s.prefix_cache_hits_offline)])
+        yield gauge("conserve_kv_blocks_cached_free",
+                    "Cached KV blocks no request holds (reusable at once, evicted when needed)",
+                    s.kv_blocks_cached_free)
+        yield counter("conserve_prefix_cache_evictions",
+                      "Cached KV blocks whose content was dropped to reuse the block",
+                      s.prefix_cache_evictions)
         yield gauge("conserve_batches_active", "Batches queued or running", srv["batches_active"])
         items = [("pending", srv["batch_items_pending"]), ("in_flight", srv["batch_items_in_flight"])]
         totals = getattr(self.m.store, "item_totals", None)

@@ -88,7 +88,8 @@ def test_completions_batch_with_logprobs(srv):
     out = {ln["custom_id"]: ln["response"]["body"] for ln in lines_of(c, b.output_file_id)}
     assert out["c-0"]["choices"][0]["text"] == "abcab"
     assert out["c-0"]["choices"][0]["logprobs"]["tokens"] == list("abcab")
-    assert out["c-1"]["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+    assert out["c-1"]["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6,
+                                   "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 def test_cancel_batch(tmp_path):

@@ -7,6 +7,16 @@ It keeps a pool of "KV blocks": a request reserves `ceil(min(prompt + max_tokens
 max_model_len) / block_size)` blocks when admitted and frees them when it finishes or is
 cancelled, so tests can assert through `stats()` that cancellation frees KV.
 
+Prefix caching, a deterministic stand-in for the engine's (`enable_prefix_caching`, on by
+default): when a request is admitted, its prompt's full blocks are remembered under a key
+chained from the request's `cache_salt` and the block's tokens (an LRU of at most
+`num_blocks` keys; the least recent is dropped, counted as an eviction). A later request
+of the same salt whose prompt starts with remembered blocks reports them as cached:
+`num_cached_tokens` on its final delta = the leading remembered full blocks covering at
+most all but its last prompt token, times `block_size` (0 with the cache off). `stats()`
+counts queries and hits by class, the remembered blocks as `kv_blocks_cached_free`, and the
+evictions. Nothing about generation changes.
+
 Threading: one step-loop thread (started by the constructor) owns generation; `submit`,
 `cancel`, `stats` and `shutdown` may be called from any thread. All request state is
 guarded by `self._lock`; outputs go through each request's thread-safe `RequestStream`.
@@ -20,6 +30,7 @@ stream with "engine stopped" and sets `failure`. `fail_after_steps` (tests, `ser
 from __future__ import annotations
 
 import collections
+import hashlib
 import logging
 import math
 import threading
@@ -72,6 +83,7 @@ class _Req:
     text_emitted: str = ""
     blocks: int = 0
     first_token_at: Optional[float] = None
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
 
 
 class MockEngine(EngineAPI):
@@ -80,7 +92,8 @@ class MockEngine(EngineAPI):
     def __init__(self, token_delay_s: float = 0.0, max_num_seqs: int = 32,
                  max_model_len: int = 2048, vocab_size: int = 512, num_blocks: int = 4096,
                  block_size: int = 16, max_logprobs: int = 20,
-                 fail_after_steps: Optional[int] = None) -> None:
+                 fail_after_steps: Optional[int] = None,
+                 enable_prefix_caching: bool = True) -> None:
         self.token_delay_s = token_delay_s
         self.max_num_seqs = max_num_seqs
         self.block_size = block_size
@@ -101,6 +114,11 @@ class MockEngine(EngineAPI):
         self.submitted = {RequestClass.ONLINE: 0, RequestClass.OFFLINE: 0}
         self.peak_offline = 0  # most offline requests ever inside the engine at once
         self.fail_after_steps = fail_after_steps
+        self.enable_prefix_caching = enable_prefix_caching
+        self._cached: collections.OrderedDict[bytes, None] = collections.OrderedDict()  # LRU
+        self._cache_queries = {RequestClass.ONLINE: 0, RequestClass.OFFLINE: 0}
+        self._cache_hits = {RequestClass.ONLINE: 0, RequestClass.OFFLINE: 0}
+        self._cache_evictions = 0
         self._guard = StepGuard()
         self._failure: Optional[str] = None
         self._thread = threading.Thread(target=self._loop, name="mock-engine", daemon=True)
@@ -161,7 +179,13 @@ class MockEngine(EngineAPI):
         with self._lock:
             s = EngineStats(kv_blocks_total=self.num_blocks, iterations=self._iterations,
                             online_tokens_total=self._tokens[RequestClass.ONLINE],
-                            offline_tokens_total=self._tokens[RequestClass.OFFLINE])
+                            offline_tokens_total=self._tokens[RequestClass.OFFLINE],
+                            prefix_cache_queries_online=self._cache_queries[RequestClass.ONLINE],
+                            prefix_cache_queries_offline=self._cache_queries[RequestClass.OFFLINE],
+                            prefix_cache_hits_online=self._cache_hits[RequestClass.ONLINE],
+                            prefix_cache_hits_offline=self._cache_hits[RequestClass.OFFLINE],
+                            kv_blocks_cached_free=len(self._cached),
+                            prefix_cache_evictions=self._cache_evictions)
             for r in self._waiting:
                 if r.request.request_class is RequestClass.ONLINE:
                     s.online_waiting += 1
@@ -241,7 +265,32 @@ class MockEngine(EngineAPI):
             self._waiting.popleft()
             self._free_blocks -= need
             req.blocks = need
+            if self.enable_prefix_caching:
+                self._prefix_lookup(req)
             self._running[r.request_id] = req
+
+    def _prefix_lookup(self, req: _Req) -> None:
+        """At admission: count the request's cached prompt prefix, remember its full
+        blocks (caller holds the lock). See the module docstring."""
+        r, bs = req.request, self.block_size
+        prompt = r.prompt_token_ids
+        key = hashlib.blake2b(repr(r.cache_salt).encode(), digest_size=16).digest()
+        hit, counting = 0, True
+        for b in range(len(prompt) // bs):
+            key = hashlib.blake2b(key + repr(prompt[b * bs:(b + 1) * bs]).encode(),
+                                  digest_size=16).digest()
+            if counting and (b + 1) * bs <= len(prompt) - 1 and key in self._cached:
+                hit += 1
+            else:
+                counting = False
+            self._cached[key] = None
+            self._cached.move_to_end(key)
+        while len(self._cached) > self.num_blocks:
+            self._cached.popitem(last=False)
+            self._cache_evictions += 1
+        req.cached_tokens = hit * bs
+        self._cache_queries[r.request_class] += len(prompt)
+        self._cache_hits[r.request_class] += req.cached_tokens
 
     def _die(self, exc: BaseException) -> None:
         """The loop is broken (caller holds the lock): end every stream, refuse work."""
@@ -312,6 +361,7 @@ class MockEngine(EngineAPI):
         now = time.monotonic()
         out.finished, out.finish_reason = True, reason
         out.prompt_tokens, out.completion_tokens = len(req.request.prompt_token_ids), n
+        out.num_cached_tokens = req.cached_tokens
         if req.first_token_at is not None:
             out.ttft_s = req.first_token_at - req.arrival
             out.mean_tpot_s = (now - req.first_token_at) / (n - 1) if n > 1 else 0.0

@@ -54,11 +54,15 @@ class Usage:
     completion_tokens: int
     ttft_s: Optional[float] = None
     tpot_s: Optional[float] = None
+    # prompt tokens whose KV came from the server's prefix cache (vLLM's num_cached_tokens)
+    num_cached_tokens: int = 0
 
 
 @dataclass
 class Chunk:
-    """One streamed delta of `generate`; the last has finished=True, finish_reason, usage."""
+    """One streamed delta of `generate`; the last has finished=True, finish_reason, usage
+    (token counts, TTFT/TPOT, and `num_cached_tokens`: prompt tokens served from the
+    server's prefix cache)."""
 
     token_ids: list[int]
     text: str
@@ -149,7 +153,8 @@ def make_request(prompt: Optional[str] = None, *, messages=None, token_ids=None,
 
 def _usage(u: pb.Usage) -> Usage:
     return Usage(u.prompt_tokens, u.completion_tokens,
-                 u.ttft_s if u.HasField("ttft_s") else None, u.tpot_s if u.HasField("tpot_s") else None)
+                 u.ttft_s if u.HasField("ttft_s") else None, u.tpot_s if u.HasField("tpot_s") else None,
+                 u.num_cached_tokens)
 
 
 def _logprobs(items) -> list[TokenLogprob]:

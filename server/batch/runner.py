@@ -37,6 +37,11 @@ replica (cancelled, deadline) and stops their items here, and runs `reap` (items
 batches whose replica died).
 The runner also deletes batches that finished more than `retention_s` ago and truncates
 the WAL (every `purge_every_s`).
+
+Prefix-cache salt: an item's engine request carries `cache_salt(tenant)` of its batch's
+tenant (`ServiceOptions.cache_salt`: the tenant, so one tenant's items never reuse another
+tenant's cached KV), looked up once per batch (`store.get`) and kept while the batch has
+items here; if the store cannot say, the claimed items are released and retried later.
 """
 from __future__ import annotations
 
@@ -46,6 +51,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 from conserve_jax.engine_api import GenerationRequest, RequestClass, RequestOutput, RequestStream
 from conserve_jax.proto_gen.conserve.v1 import conserve_pb2 as pb
@@ -67,7 +73,10 @@ class _InFlight:
 class BatchRunner:
     def __init__(self, store: StoreBase, engine, max_in_flight: int, poll_s: float = 0.01,
                  deadline_check_s: float = 0.25, retry_commit_s: float = 0.5,
-                 retention_s: float = 7 * 86400.0, purge_every_s: float = 60.0) -> None:
+                 retention_s: float = 7 * 86400.0, purge_every_s: float = 60.0,
+                 cache_salt: Optional[Callable[[str], Optional[str]]] = None) -> None:
+        """`cache_salt`: a batch tenant's prefix-cache salt (default: the tenant itself, None
+        for "", a batch stored without auth)."""
         self.store = store
         self.engine = engine
         self.max_in_flight = max(1, int(max_in_flight))
@@ -76,6 +85,8 @@ class BatchRunner:
         self.retry_commit_s = retry_commit_s
         self.retention_s = retention_s
         self.purge_every_s = purge_every_s
+        self.cache_salt = cache_salt or (lambda tenant: tenant or None)
+        self._tenant_of: dict[str, str] = {}  # batch id -> its tenant (salts of its items)
         # store writes that failed, retried in order: ("commit", batch_id, result, outcome,
         # item) or ("release", batch_id, index, epoch)
         self._unwritten: list[tuple] = []
@@ -224,11 +235,18 @@ class BatchRunner:
         """Claim and submit items up to the in-flight bound. False if the engine refuses
         work (e.g. shutting down); claimed items it did not take are released."""
         claimed = self.store.claim(self._claim_window())
+        if not self._learn_tenants(claimed):
+            return False
         for n, item in enumerate(claimed):
             rid = f"b:{item.batch_id}:{item.index}:{uuid.uuid4().hex[:8]}"
+            tenant = self._tenant_of.get(item.batch_id)
+            if tenant is None:  # the batch was deleted after the claim: nothing to run
+                self._write(("release", item.batch_id, item.index, item.epoch))
+                continue
             req = GenerationRequest(request_id=rid, prompt_token_ids=item.prompt_ids,
                                     sampling=convert.sampling_from_proto(item.request.sampling),
-                                    request_class=RequestClass.OFFLINE)
+                                    request_class=RequestClass.OFFLINE,
+                                    cache_salt=self.cache_salt(tenant))
             try:
                 stream = self.offline.submit(item, req) if self.offline else self.engine.submit(req)
             except ValueError as e:  # e.g. the model changed since the batch was stored
@@ -242,6 +260,22 @@ class BatchRunner:
                 return False
             self._in_flight[rid] = _InFlight(item, rid, stream)
         self._count = len(self._in_flight) + len(self._unwritten)
+        return True
+
+    def _learn_tenants(self, claimed: list[ClaimedItem]) -> bool:
+        """Look up the tenant of every claimed item's batch not yet known (one `get` per
+        batch). False, with the claimed items released, if the store cannot answer now."""
+        try:
+            for batch_id in {c.batch_id for c in claimed} - set(self._tenant_of):
+                row = self.store.get(batch_id)
+                if row is not None:
+                    self._tenant_of[batch_id] = row.tenant
+        except STORE_ERRORS as e:
+            log.warning("batch store unreachable after a claim (%s); releasing %d items",
+                        e, len(claimed))
+            for item in claimed:
+                self._write(("release", item.batch_id, item.index, item.epoch))
+            return False
         return True
 
     def _claim_window(self) -> int:
@@ -273,9 +307,12 @@ class BatchRunner:
         if commits:
             self._write_commits(commits)
         self._count = len(self._in_flight) + len(self._unwritten)
-        if self._terminated:  # forget ended batches once their stopped items are in
+        if self._terminated or len(self._tenant_of) > 256:
             busy = {f.item.batch_id for f in self._in_flight.values()}
+            # forget ended batches once their stopped items are in
             self._terminated = {b: o for b, o in self._terminated.items() if b in busy}
+            if len(self._tenant_of) > 256:  # tenants of batches with items here, looked up again
+                self._tenant_of = {b: t for b, t in self._tenant_of.items() if b in busy}
 
     def _finish(self, f: _InFlight):
         """The commit op for a finished item (None when there is nothing to commit)."""

@@ -19,7 +19,8 @@ frees its KV.
 
 Work before limits: size bounds and sampling options (`convert.precheck`) and the online
 queue are checked before a prompt is tokenized. A Generate request that names no TTFT/TPOT
-objective gets the server's default (`Admission.fill_defaults`, as on the HTTP face). With
+objective gets the server's default (`Admission.fill_defaults`, as on the HTTP face); its
+prefix-cache salt is the caller's tenant (`ServiceOptions.cache_salt`). With
 auth on, GetServerStats' batch fields count only the caller's batches, and list page
 tokens are batch ids (they reveal nothing global).
 """
@@ -143,6 +144,7 @@ class CoServeServicer(pb_grpc.CoServeServicer):
                                             max_logprobs=self.options.max_logprobs)
             except ValueError as e:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            req.cache_salt = self.options.cache_salt(tenant)  # no cached KV across tenants
             yield from self._stream(self.admission.fill_defaults(req), request.request_id, context)
         finally:
             self.admission.release(RequestClass.ONLINE, tenant)

@@ -34,6 +34,7 @@ class Answer:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str = ""
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
     def add(self, out: RequestOutput) -> None:
         self.text += out.text
@@ -43,18 +44,23 @@ class Answer:
             self.finish_reason = out.finish_reason
             self.prompt_tokens, self.completion_tokens = out.prompt_tokens, out.completion_tokens
             self.error = out.error or ""
+            self.cached_tokens = out.num_cached_tokens or 0
 
     @classmethod
     def from_result(cls, r: pb.BatchResult) -> "Answer":
         lps = [TokenLogprob(lp.token_id, lp.logprob, [(t.token_id, t.logprob) for t in lp.top])
                for lp in r.logprobs]
         return cls(r.text, list(r.token_ids), lps, _FINISH.get(r.finish_reason),
-                   r.usage.prompt_tokens, r.usage.completion_tokens, r.error)
+                   r.usage.prompt_tokens, r.usage.completion_tokens, r.error,
+                   r.usage.num_cached_tokens)
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage object; `prompt_tokens_details.cached_tokens` counts the prompt
+    tokens served from the prefix cache (as OpenAI and vLLM report them)."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def _spell(tokenizer, token_id: int) -> str:
@@ -121,7 +127,8 @@ def full_response(meta: Meta, tokenizer, ans: Answer) -> dict:
                   "finish_reason": finish}
         obj = "text_completion"
     return {"id": meta.id, "object": obj, "created": meta.created, "model": meta.model,
-            "choices": [choice], "usage": usage(ans.prompt_tokens, ans.completion_tokens),
+            "choices": [choice],
+            "usage": usage(ans.prompt_tokens, ans.completion_tokens, ans.cached_tokens),
             "service_tier": meta.service_tier, "system_fingerprint": None}
 
 
@@ -142,9 +149,10 @@ def chunk(meta: Meta, tokenizer, text: str, items: list[TokenLogprob],
             "usage": None}
 
 
-def usage_chunk(meta: Meta, prompt_tokens: int, completion_tokens: int) -> dict:
+def usage_chunk(meta: Meta, prompt_tokens: int, completion_tokens: int,
+                cached_tokens: int = 0) -> dict:
     """The last chunk when `stream_options.include_usage` is set: no choices, the usage."""
     obj = "chat.completion.chunk" if meta.kind == CHAT else "text_completion"
     return {"id": meta.id, "object": obj, "created": meta.created, "model": meta.model,
             "choices": [], "service_tier": meta.service_tier, "system_fingerprint": None,
-            "usage": usage(prompt_tokens, completion_tokens)}
+            "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}

@@ -13,7 +13,8 @@ server's `Admission` (online slots and tenant shares shared with gRPC, the flex 
 default objectives), `ServerMetrics` and the `admitting` flag that `ServerApp.stop` clears.
 Limits are the server's `ServiceOptions`, the same object the gRPC face reads. Auth:
 `Authorization: Bearer <token>`, each token a tenant; a tenant sees only its own files and
-batches (others' are 404).
+batches (others' are 404), and its requests reuse only its own cached prompt prefixes
+(`ServiceOptions.cache_salt`).
 """
 from __future__ import annotations
 
@@ -129,6 +130,7 @@ class OpenAIRoutes:
         cls = parsed.request_class
         rid = f"{'on' if cls is RequestClass.ONLINE else 'flex'}:{uuid.uuid4().hex}"
         gen = await self.run(to_generation, parsed, self.engine, rid, self.options.max_logprobs)
+        gen.cache_salt = self.options.cache_salt(tenant)  # no cached KV across tenants
         self.admission.fill_defaults(gen)
         why = self.admission.admit(cls, tenant)  # online: shared with gRPC; flex: its own
         if why is not None:
@@ -186,7 +188,8 @@ class OpenAIRoutes:
                     yield sse(render.chunk(meta, tok, out.text, out.logprobs, out.finish_reason,
                                            first, sent))
                     if include_usage:
-                        yield sse(render.usage_chunk(meta, out.prompt_tokens, out.completion_tokens))
+                        yield sse(render.usage_chunk(meta, out.prompt_tokens, out.completion_tokens,
+                                                     out.num_cached_tokens or 0))
                 elif out.text or out.logprobs or first:
                     yield sse(render.chunk(meta, tok, out.text, out.logprobs, None, first, sent))
                     first = False

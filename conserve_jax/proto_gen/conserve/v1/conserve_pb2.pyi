@@ -119,16 +119,18 @@ class TokenLogprob(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens", "ttft_s", "tpot_s")
+    __slots__ = ("prompt_tokens", "completion_tokens", "ttft_s", "tpot_s", "num_cached_tokens")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TTFT_S_FIELD_NUMBER: _ClassVar[int]
     TPOT_S_FIELD_NUMBER: _ClassVar[int]
+    NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
     ttft_s: float
     tpot_s: float
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., ttft_s: _Optional[float] = ..., tpot_s: _Optional[float] = ...) -> None: ...
+    num_cached_tokens: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., ttft_s: _Optional[float] = ..., tpot_s: _Optional[float] = ..., num_cached_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "token_ids", "text", "logprobs", "finished", "finish_reason", "usage")
@@ -261,7 +263,7 @@ class GetServerStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerStats(_message.Message):
-    __slots__ = ("online_waiting", "online_running", "offline_waiting", "offline_running", "kv_blocks_total", "kv_blocks_online", "kv_blocks_offline", "host_pool_slots_total", "host_pool_slots_used", "online_tokens_per_s", "offline_tokens_per_s", "online_tokens_total", "offline_tokens_total", "preemptions", "preempted_tokens_discarded", "preemptions_resumed", "evictions", "recomputed_tokens", "restored_tokens", "iterations", "online_in_flight", "online_queue_limit", "batches_active", "batch_items_pending", "batch_items_in_flight", "uptime_s", "online_prefill_tokens_total", "offline_prefill_tokens_total", "kv_blocks_reserved_unused", "kv_reservations_grown", "kv_blocks_lent", "kv_blocks_returned", "kv_loans_recalled", "predictor_observed", "predictor_mae_tokens", "predictor_within_25pct", "predictor_baseline_mae_tokens")
+    __slots__ = ("online_waiting", "online_running", "offline_waiting", "offline_running", "kv_blocks_total", "kv_blocks_online", "kv_blocks_offline", "host_pool_slots_total", "host_pool_slots_used", "online_tokens_per_s", "offline_tokens_per_s", "online_tokens_total", "offline_tokens_total", "preemptions", "preempted_tokens_discarded", "preemptions_resumed", "evictions", "recomputed_tokens", "restored_tokens", "iterations", "online_in_flight", "online_queue_limit", "batches_active", "batch_items_pending", "batch_items_in_flight", "uptime_s", "online_prefill_tokens_total", "offline_prefill_tokens_total", "kv_blocks_reserved_unused", "kv_reservations_grown", "kv_blocks_lent", "kv_blocks_returned", "kv_loans_recalled", "predictor_observed", "predictor_mae_tokens", "predictor_within_25pct", "predictor_baseline_mae_tokens", "prefix_cache_queries_online", "prefix_cache_queries_offline", "prefix_cache_hits_online", "prefix_cache_hits_offline", "kv_blocks_cached_free", "prefix_cache_evictions")
     ONLINE_WAITING_FIELD_NUMBER: _ClassVar[int]
     ONLINE_RUNNING_FIELD_NUMBER: _ClassVar[int]
     OFFLINE_WAITING_FIELD_NUMBER: _ClassVar[int]
@@ -299,6 +301,12 @@ class ServerStats(_message.Message):
     PREDICTOR_MAE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PREDICTOR_WITHIN_25PCT_FIELD_NUMBER: _ClassVar[int]
     PREDICTOR_BASELINE_MAE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_QUERIES_ONLINE_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_QUERIES_OFFLINE_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_HITS_ONLINE_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_HITS_OFFLINE_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_CACHED_FREE_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_EVICTIONS_FIELD_NUMBER: _ClassVar[int]
     online_waiting: int
     online_running: int
     offline_waiting: int
@@ -336,4 +344,10 @@ class ServerStats(_message.Message):
     predictor_mae_tokens: float
     predictor_within_25pct: float
     predictor_baseline_mae_tokens: float
-    def __init__(self, online_waiting: _Optional[int] = ..., online_running: _Optional[int] = ..., offline_waiting: _Optional[int] = ..., offline_running: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_online: _Optional[int] = ..., kv_blocks_offline: _Optional[int] = ..., host_pool_slots_total: _Optional[int] = ..., host_pool_slots_used: _Optional[int] = ..., online_tokens_per_s: _Optional[float] = ..., offline_tokens_per_s: _Optional[float] = ..., online_tokens_total: _Optional[int] = ..., offline_tokens_total: _Optional[int] = ..., preemptions: _Optional[int] = ..., preempted_tokens_discarded: _Optional[int] = ..., preemptions_resumed: _Optional[int] = ..., evictions: _Optional[int] = ..., recomputed_tokens: _Optional[int] = ..., restored_tokens: _Optional[int] = ..., iterations: _Optional[int] = ..., online_in_flight: _Optional[int] = ..., online_queue_limit: _Optional[int] = ..., batches_active: _Optional[int] = ..., batch_items_pending: _Optional[int] = ..., batch_items_in_flight: _Optional[int] = ..., uptime_s: _Optional[float] = ..., online_prefill_tokens_total: _Optional[int] = ..., offline_prefill_tokens_total: _Optional[int] = ..., kv_blocks_reserved_unused: _Optional[int] = ..., kv_reservations_grown: _Optional[int] = ..., kv_blocks_lent: _Optional[int] = ..., kv_blocks_returned: _Optional[int] = ..., kv_loans_recalled: _Optional[int] = ..., predictor_observed: _Optional[int] = ..., predictor_mae_tokens: _Optional[float] = ..., predictor_within_25pct: _Optional[float] = ..., predictor_baseline_mae_tokens: _Optional[float] = ...) -> None: ...
+    prefix_cache_queries_online: int
+    prefix_cache_queries_offline: int
+    prefix_cache_hits_online: int
+    prefix_cache_hits_offline: int
+    kv_blocks_cached_free: int
+    prefix_cache_evictions: int
+    def __init__(self, online_waiting: _Optional[int] = ..., online_running: _Optional[int] = ..., offline_waiting: _Optional[int] = ..., offline_running: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_online: _Optional[int] = ..., kv_blocks_offline: _Optional[int] = ..., host_pool_slots_total: _Optional[int] = ..., host_pool_slots_used: _Optional[int] = ..., online_tokens_per_s: _Optional[float] = ..., offline_tokens_per_s: _Optional[float] = ..., online_tokens_total: _Optional[int] = ..., offline_tokens_total: _Optional[int] = ..., preemptions: _Optional[int] = ..., preempted_tokens_discarded: _Optional[int] = ..., preemptions_resumed: _Optional[int] = ..., evictions: _Optional[int] = ..., recomputed_tokens: _Optional[int] = ..., restored_tokens: _Optional[int] = ..., iterations: _Optional[int] = ..., online_in_flight: _Optional[int] = ..., online_queue_limit: _Optional[int] = ..., batches_active: _Optional[int] = ..., batch_items_pending: _Optional[int] = ..., batch_items_in_flight: _Optional[int] = ..., uptime_s: _Optional[float] = ..., online_prefill_tokens_total: _Optional[int] = ..., offline_prefill_tokens_total: _Optional[int] = ..., kv_blocks_reserved_unused: _Optional[int] = ..., kv_reservations_grown: _Optional[int] = ..., kv_blocks_lent: _Optional[int] = ..., kv_blocks_returned: _Optional[int] = ..., kv_loans_recalled: _Optional[int] = ..., predictor_observed: _Optional[int] = ..., predictor_mae_tokens: _Optional[float] = ..., predictor_within_25pct: _Optional[float] = ..., predictor_baseline_mae_tokens: _Optional[float] = ..., prefix_cache_queries_online: _Optional[int] = ..., prefix_cache_queries_offline: _Optional[int] = ..., prefix_cache_hits_online: _Optional[int] = ..., prefix_cache_hits_offline: _Optional[int] = ..., kv_blocks_cached_free: _Optional[int] = ..., prefix_cache_evictions: _Optional[int] = ...) -> None: ...
