@@ -174,6 +174,30 @@ def test_pg_heartbeat_keeps_the_lease(pg_url, tmp_path):
         b.close()
 
 
+def test_pg_replica_stalled_inside_a_transaction_loses_its_row_locks(pg_url, tmp_path):
+    """A replica stopped (SIGSTOP) in the middle of a transaction holds row locks that
+    SKIP LOCKED claims skip: the server ends its idle transaction after a lease, so the
+    other replica takes the item once its lease has expired."""
+    stalled = open_store(pg_url, str(tmp_path), lease_s=1.0, replica_id="stalled")
+    other = open_store(pg_url, str(tmp_path), lease_s=1.0, replica_id="other")
+    try:
+        bid, _ = stalled.create_batch("t", _items(1))
+        [item] = stalled.claim(1)
+        got, t0 = [], time.monotonic()
+        with pytest.raises(Exception):  # its session is ended under it
+            with stalled._tx() as cur:
+                cur.execute("SELECT idx FROM items WHERE batch_id=%s FOR UPDATE", (bid,))
+                while not got and time.monotonic() - t0 < 15:  # "stopped" in the transaction
+                    got = other.claim(1)
+                    time.sleep(0.2)
+                cur.execute("SELECT 1")
+        assert [c.index for c in got] == [0] and got[0].epoch > item.epoch
+        assert time.monotonic() - t0 < 10
+    finally:
+        stalled.close()
+        other.close()
+
+
 def test_pg_reap_finishes_a_dead_replicas_items_of_a_cancelled_batch(pg_url, tmp_path):
     dead = open_store(pg_url, str(tmp_path), lease_s=0.2, replica_id="dead")
     live = open_store(pg_url, str(tmp_path), lease_s=5, replica_id="live")

@@ -73,7 +73,13 @@ class PgBatchStore(StoreBase):
         self._version = 0
         self._pool_args = dict(min_size=1, max_size=pool_size, open=False,
                                timeout=connect_timeout_s,
-                               kwargs={"connect_timeout": max(1, int(connect_timeout_s))},
+                               kwargs={"connect_timeout": max(1, int(connect_timeout_s)),
+                                       # a replica stalled inside a transaction (SIGSTOP,
+                                       # a VM pause) would hold its row locks, which every
+                                       # other replica's SKIP LOCKED claim skips forever:
+                                       # the server ends such a session after a lease
+                                       "options": "-c idle_in_transaction_session_timeout="
+                                                  f"{max(1000, int(lease_s * 1000))}"},
                                name="batch-store",
                                check=psycopg_pool.ConnectionPool.check_connection)
         self._swap_lock = threading.Lock()
