@@ -155,6 +155,14 @@ class EngineConfig:
                       "sampler, the KV transfers) at start, so that serving never compiles on "
                       "users' time; a second start takes seconds (persistent compilation "
                       "cache). --no-warmup: compile on first use (tests)", default=True)
+    enable_prefix_caching: bool = _h(
+        "reuse the KV of full blocks whose token prefix another request computed (a shared "
+        "instruction, an earlier chat turn): a prompt prefills only its uncached part; "
+        "requests share only with requests of the same cache salt (the server's tenant)",
+        default=True)
+    prefix_group_hold_s: float = _h(
+        "prefix caching: an offline request whose prompt shares a not yet cached prefix with "
+        "an offline request computing it waits for it, at most this long (s)", default=10.0)
     kv_cache_tokens: Optional[int] = _h(
         "KV cache size in tokens, rounded up to whole blocks (overrides --num-blocks and "
         "--kv-memory-bytes; for KV-bound experiments)", default=None)
@@ -163,6 +171,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.attention_chunk < 0:
             raise ValueError(f"attention_chunk must be >= 0, got {self.attention_chunk}")
+        if self.prefix_group_hold_s < 0:
+            raise ValueError(f"prefix_group_hold_s must be >= 0, got {self.prefix_group_hold_s}")
         if self.kv_cache_tokens is not None and self.kv_cache_tokens < 1:
             raise ValueError(f"kv_cache_tokens must be >= 1, got {self.kv_cache_tokens}")
 

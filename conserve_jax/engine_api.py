@@ -44,6 +44,9 @@ class GenerationRequest:
     # the client's guess of the response length: a prior for the length predictor, never
     # a limit (None: no guess)
     expected_output_tokens: Optional[int] = None
+    # prefix caching: requests share cached KV only with requests of the same salt (the
+    # server sets the tenant; None is its own group)
+    cache_salt: Optional[str] = None
 
 
 @dataclass
@@ -73,6 +76,9 @@ class RequestOutput:
     completion_tokens: int = 0
     ttft_s: Optional[float] = None  # set on the final delta
     mean_tpot_s: Optional[float] = None  # set on the final delta
+    # prompt tokens whose KV came from the prefix cache (vLLM's num_cached_tokens); set
+    # on the final delta
+    num_cached_tokens: Optional[int] = None
 
 
 class RequestStream:
@@ -150,6 +156,15 @@ class EngineStats:
     predictor_mae_tokens: float = 0.0
     predictor_within_25pct: float = 0.0  # fraction of predictions within +-25%
     predictor_baseline_mae_tokens: float = 0.0  # always predicting the running mean
+    # prefix caching: prompt tokens of requests at their first start (queries) and those
+    # found cached (hits), by class; cached blocks nobody holds (reusable at once), and
+    # cached blocks whose content was dropped to reuse them
+    prefix_cache_queries_online: int = 0
+    prefix_cache_queries_offline: int = 0
+    prefix_cache_hits_online: int = 0
+    prefix_cache_hits_offline: int = 0
+    kv_blocks_cached_free: int = 0
+    prefix_cache_evictions: int = 0
 
 
 class EngineAPI(abc.ABC):

@@ -36,6 +36,14 @@ class Sequence:
     last_token_time: Optional[float] = None
     num_preemptions: int = 0
     finish_reason: Optional[str] = None  # set by the engine when the request ends
+    # prefix caching: the key chain's root for this request's salt (set at intake), the
+    # keys of its full blocks computed so far, and the prompt tokens found cached when it
+    # first started (None until then)
+    cache_root: bytes = b""
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_cached_tokens: Optional[int] = None
+    # tokens of its current block table taken from the prefix cache (0 when it holds none)
+    prefix_hit_tokens: int = 0
 
     @property
     def request_id(self) -> str:

@@ -184,8 +184,8 @@ def test_arrival_during_restores_goes_first(alone):
         restore, abandon, execute = (eng.checkpointer.restore, eng.scheduler.abandon,
                                      eng.runner.execute)
 
-        def on_restore(rid, blocks):
-            restore(rid, blocks)
+        def on_restore(rid, blocks, first=0):
+            restore(rid, blocks, first)
             step = eng._cur_step
             if not injected and not step.has_online:
                 injected.append((step, eng.submit(req("late", ONLINE[0], N_ON, online=True))))

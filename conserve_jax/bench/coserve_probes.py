@@ -52,7 +52,7 @@ def measure_resume(eng, ctx: int, seed: int, rounds: int = 5) -> dict:
 
     b1 = alloc.allocate(nb)
     tok1 = run(prompt, 0, b1)
-    ck.checkpoint_new_blocks([("resume", b1, ctx)])
+    ck.checkpoint_new_blocks([("resume", b1, ctx, 0)])
     kept = ck.kept_tokens("resume", ctx, ctx + 1)
     saved = ck.num_saved_blocks("resume")
     full = prompt + [tok1]

@@ -28,6 +28,7 @@ from conserve_jax.engine_api import (EngineAPI, EngineStats, GenerationRequest,
 from conserve_jax.kv.checkpointer import KVCheckpointer
 from conserve_jax.kv.kv_manager import KVManager
 from conserve_jax.kv.persist import SavedRequest
+from conserve_jax.kv.prefix_hash import root_key
 from conserve_jax.runtime.kv_transfer import KVTransfer
 from conserve_jax.engine.output_delivery import OutputDelivery
 from conserve_jax.engine.offline_suspension import OfflineSuspension
@@ -69,7 +70,8 @@ class Engine(EngineAPI):
                      len(set(self.runner.fast_groups + self.runner.safepoint_groups)))
             self.runner.warmup(progress=lambda t, i, n: log.info(
                 "warm-up: token bucket %d compiled (%d/%d)", t, i, n))
-        self.kv = KVManager(self.runner.num_blocks, config.cache.block_size)
+        self.kv = KVManager(self.runner.num_blocks, config.cache.block_size,
+                            prefix_caching=config.enable_prefix_caching)
         cache_tokens = self.kv.capacity * config.cache.block_size
         if cache_tokens < self._max_model_len:  # one request must always fit on its own
             log.warning("KV cache holds %d tokens: max_model_len lowered from %d",
@@ -84,6 +86,7 @@ class Engine(EngineAPI):
             self.checkpointer = KVCheckpointer(transfer, config.cache.host_pool_bytes)
             self.scheduler.on_evict = self._kept_on_host
             self.scheduler.on_remove = self.checkpointer.release
+            self.scheduler.host_blocks = self.checkpointer.saved_run
             if warmup:
                 transfer.warmup()
         self.suspension = OfflineSuspension(config, self.checkpointer, self.vocab_size,
@@ -91,6 +94,7 @@ class Engine(EngineAPI):
         self.outputs = OutputProcessor(self._tokenizer, self._max_model_len)
         self.delivery = OutputDelivery(self.outputs, self._stop_string_found)
         self._rng = np.random.default_rng(config.seed)
+        self._roots: dict = {}  # cache salt -> prefix-cache key root
         self._lock = threading.Condition()
         self._intake: list[Sequence] = []
         self._ids_in_use: set[str] = set()  # request ids submitted and not finished (_lock)
@@ -134,6 +138,8 @@ class Engine(EngineAPI):
         validate_prompt(request.prompt_token_ids, self.vocab_size, self._max_model_len)
         request.sampling.validate(self.config.max_logprobs, self.vocab_size)
         validate_expected_output_tokens(request.expected_output_tokens)
+        if request.cache_salt is not None and not isinstance(request.cache_salt, str):
+            raise ValueError(f"cache_salt must be a string, got {type(request.cache_salt).__name__}")
         if not self.policy.accepts(request):
             raise ValueError(f"policy {self.policy.name} does not accept "
                              f"{request.request_class.value} requests")
@@ -145,7 +151,8 @@ class Engine(EngineAPI):
         if resume is not None:
             seed = self.suspension.check(request, resume)
         prior = list(resume.generated_ids) if resume is not None else []
-        seq = Sequence(request, stream, seed, token_ids=ids + prior, prompt_len=len(ids))
+        seq = Sequence(request, stream, seed, token_ids=ids + prior, prompt_len=len(ids),
+                       cache_root=self._cache_root(request.cache_salt))
         with self._lock:
             if self._failure is not None:
                 raise RuntimeError(ENGINE_STOPPED)
@@ -194,7 +201,13 @@ class Engine(EngineAPI):
             preemptions=c.preemptions, preempted_tokens_discarded=c.preempted_tokens_discarded,
             preemptions_resumed=c.preemptions_resumed,
             evictions=c.evictions, recomputed_tokens=c.recomputed_tokens,
-            restored_tokens=c.restored_tokens, iterations=self._iterations)
+            restored_tokens=c.restored_tokens, iterations=self._iterations,
+            prefix_cache_queries_online=c.prefix_query_tokens[True],
+            prefix_cache_queries_offline=c.prefix_query_tokens[False],
+            prefix_cache_hits_online=c.prefix_hit_tokens[True],
+            prefix_cache_hits_offline=c.prefix_hit_tokens[False],
+            kv_blocks_cached_free=kv.allocator.num_cached_free,
+            prefix_cache_evictions=kv.allocator.evictions)
         for name, value in self.policy.kv_stats(sch).items():  # reservations, predictor
             setattr(st, name, value)
         if self.checkpointer is not None:
@@ -286,7 +299,7 @@ class Engine(EngineAPI):
             for rid in request_ids:
                 seq = self._seqs.get(rid)
                 if self.suspension.worth_saving(seq):
-                    out[rid] = self.suspension.export(seq)
+                    out[rid] = self.suspension.export(seq, self.kv.blocks(rid))
                     self._finish(seq, "cancelled")
         except Exception:
             log.exception("suspending offline requests failed")
@@ -384,8 +397,8 @@ class Engine(EngineAPI):
             if step.empty:
                 time.sleep(0.001)  # nothing fits now (e.g. memory); new intake may change that
                 return
-            for rid, blocks in step.restores:  # failures up to the commit: retried by `_guarded`
-                self.checkpointer.restore(rid, blocks)
+            for rid, blocks, first in step.restores:  # failures up to the commit: retried
+                self.checkpointer.restore(rid, blocks, first)  # by `_guarded`
             sp = self.policy.safepoints(step)
             if sp is not None and step.restores and sp.check(0):
                 # an online request arrived during the restores: it goes first, before any
@@ -412,7 +425,8 @@ class Engine(EngineAPI):
         sampled = self.scheduler.commit(step, result)
         if self.checkpointer is not None:
             self.checkpointer.checkpoint_new_blocks(
-                [(e.seq.request_id, self.kv.blocks(e.seq.request_id), e.seq.num_computed)
+                [(e.seq.request_id, self.kv.blocks(e.seq.request_id), e.seq.num_computed,
+                  (e.seq.num_cached_tokens or 0) // self.kv.block_size)
                  for e in entries if not e.seq.online])
         counts = [0, 0, 0, 0]
         for e in entries:
@@ -437,6 +451,17 @@ class Engine(EngineAPI):
         if sch.parked is None or sch.waiting_online or any(s.online for s in sch.running):
             return None
         return sch.take_parked()
+
+    def _cache_root(self, salt: Optional[str]) -> bytes:
+        """The prefix-cache key root of requests with `salt` (any thread; pure, memoized)."""
+        root = self._roots.get(salt)
+        if root is None:
+            c = self.config
+            layout = {"model": c.model, "dtype": c.dtype, "weight_dtype": c.weight_dtype,
+                      "weights_seed": c.seed if c.model.startswith("random:") else None,
+                      "block_size": c.cache.block_size}
+            root = self._roots[salt] = root_key(layout, salt)
+        return root
 
     def compiled_count(self) -> int:
         """Executables compiled so far by the runner and the checkpointer."""
@@ -464,14 +489,15 @@ class Engine(EngineAPI):
             self._lock.notify_all()
 
     @staticmethod
-    def _timings(seq: Sequence) -> tuple[Optional[float], Optional[float]]:
-        """(TTFT, mean TPOT) of a sequence so far, for its final output."""
+    def _timings(seq: Sequence) -> tuple[Optional[float], Optional[float], Optional[int]]:
+        """(TTFT, mean TPOT, prompt tokens found in the prefix cache) of a sequence so far,
+        for its final output."""
         if seq.first_token_time is None:
-            return None, None
+            return None, None, seq.num_cached_tokens
         tpot = None
         if seq.num_generated > 1 and seq.last_token_time is not None:
             tpot = (seq.last_token_time - seq.first_token_time) / (seq.num_generated - 1)
-        return seq.first_token_time - seq.arrival, tpot
+        return seq.first_token_time - seq.arrival, tpot, seq.num_cached_tokens
 
     def _finish(self, seq: Sequence, reason: str, error: Optional[str] = None,
                 notify: bool = True) -> None:

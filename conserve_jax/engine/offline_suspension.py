@@ -46,11 +46,12 @@ class OfflineSuspension:
         """An unfinished offline sequence that computed or generated something."""
         return seq is not None and not seq.online and bool(seq.num_computed or seq.num_generated)
 
-    def export(self, seq: Sequence) -> SavedRequest:
-        """Step-loop thread: `seq`'s token state and the KV blocks already on host."""
+    def export(self, seq: Sequence, table: list[int] = ()) -> SavedRequest:
+        """Step-loop thread: `seq`'s token state and the KV blocks already on host (and its
+        prefix-hit blocks, read from `table`, its device block table)."""
         blocks = np.zeros((0,), np.float32)
         if self.checkpointer is not None:
-            blocks = self.checkpointer.export_blocks(seq.request_id, seq.num_computed)
+            blocks = self.checkpointer.export_blocks(seq.request_id, seq.num_computed, table)
         return SavedRequest(seq.token_ids[: seq.prompt_len], seq.token_ids[seq.prompt_len:],
                             seq.seed, len(blocks) * self.config.cache.block_size, blocks)
 

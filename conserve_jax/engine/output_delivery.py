@@ -39,6 +39,7 @@ class _Token:
     finish_reason: Optional[str]  # set when this token ends the request
     ttft_s: Optional[float]
     mean_tpot_s: Optional[float]
+    num_cached_tokens: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class _Finish:
     error: Optional[str]
     ttft_s: Optional[float]
     mean_tpot_s: Optional[float]
+    num_cached_tokens: Optional[int] = None
 
 
 @dataclass
@@ -74,12 +76,16 @@ class OutputDelivery:
         self._q.put(_Register(request, stream, prompt_len, tuple(prior_ids)))
 
     def token(self, request_id: str, token: SampledToken, finish_reason: Optional[str] = None,
-              ttft_s: Optional[float] = None, mean_tpot_s: Optional[float] = None) -> None:
-        self._q.put(_Token(request_id, token, finish_reason, ttft_s, mean_tpot_s))
+              ttft_s: Optional[float] = None, mean_tpot_s: Optional[float] = None,
+              num_cached_tokens: Optional[int] = None) -> None:
+        self._q.put(_Token(request_id, token, finish_reason, ttft_s, mean_tpot_s,
+                           num_cached_tokens))
 
     def finish(self, request_id: str, reason: str, error: Optional[str] = None,
-               ttft_s: Optional[float] = None, mean_tpot_s: Optional[float] = None) -> None:
-        self._q.put(_Finish(request_id, reason, error, ttft_s, mean_tpot_s))
+               ttft_s: Optional[float] = None, mean_tpot_s: Optional[float] = None,
+               num_cached_tokens: Optional[int] = None) -> None:
+        self._q.put(_Finish(request_id, reason, error, ttft_s, mean_tpot_s,
+                            num_cached_tokens))
 
     def close(self) -> None:
         """Deliver everything sent so far, then stop the thread (engine shutdown)."""
@@ -113,7 +119,8 @@ class OutputDelivery:
         if isinstance(ev, _Finish):
             del self._live[ev.request_id]
             if not live.done:
-                self._end(live, ev.reason, ev.error, ev.ttft_s, ev.mean_tpot_s)
+                self._end(live, ev.reason, ev.error, ev.ttft_s, ev.mean_tpot_s,
+                          ev.num_cached_tokens)
             return
         if live.done:  # stopped by a stop string; the step loop has not seen it yet
             if ev.finish_reason is not None:  # ...and never will: it ended the request itself
@@ -121,19 +128,22 @@ class OutputDelivery:
             return
         hit_stop = self.processor.on_token(live.reg.request, live.state, ev.token)
         if hit_stop:
-            self._end(live, "stop", None, ev.ttft_s, ev.mean_tpot_s)
+            self._end(live, "stop", None, ev.ttft_s, ev.mean_tpot_s, ev.num_cached_tokens)
             self.on_stop(ev.request_id)
         elif ev.finish_reason is not None:
             del self._live[ev.request_id]
-            self._end(live, ev.finish_reason, None, ev.ttft_s, ev.mean_tpot_s)
+            self._end(live, ev.finish_reason, None, ev.ttft_s, ev.mean_tpot_s,
+                      ev.num_cached_tokens)
         else:
             live.reg.stream.put(self.processor.delta(live.reg.request, live.reg.prompt_len,
                                                      live.state, finished=False))
 
-    def _end(self, live: _Live, reason: str, error: Optional[str], ttft_s, mean_tpot_s) -> None:
+    def _end(self, live: _Live, reason: str, error: Optional[str], ttft_s, mean_tpot_s,
+             num_cached_tokens: Optional[int] = None) -> None:
         live.done = True
         out = self.processor.delta(live.reg.request, live.reg.prompt_len, live.state,
                                    finished=True)
         out.finished, out.finish_reason, out.error = True, reason, error
         out.ttft_s, out.mean_tpot_s = ttft_s, mean_tpot_s
+        out.num_cached_tokens = num_cached_tokens
         live.reg.stream.put(out)

@@ -38,6 +38,8 @@ class GenerateOutput:
     text: str = ""
     logprobs: Optional[list[TokenLogprob]] = None
     finish_reason: Optional[str] = None
+    # prompt tokens whose KV came from the prefix cache (vLLM's num_cached_tokens)
+    num_cached_tokens: int = 0
 
 
 class LLM:
@@ -103,6 +105,7 @@ class LLM:
                     out.logprobs.extend(delta.logprobs)
                 if delta.finished:
                     out.finish_reason = delta.finish_reason
+                    out.num_cached_tokens = delta.num_cached_tokens or 0
                     if delta.error:
                         raise RuntimeError(f"request failed: {delta.error}")
         return outputs

@@ -11,6 +11,11 @@ iteration, `checkpoint_new_blocks` asks the transfer to gather the newly *comple
 of offline requests and hands the copy to the copy thread, which writes the host pool. The
 step loop never waits for a copy except in `wait_pending`, called before a checkpoint is
 relied on (eviction, restore). Host slots are kept per request id; `release` frees them.
+
+With prefix caching a request's leading blocks may be shared cached blocks (its prefix
+hits): those are not copied (their slot is None, a gap); on restore the scheduler takes
+them from the cache again, and copies from host only the blocks after the hits
+(`saved_run` says how far the host copy runs without a gap).
 """
 from __future__ import annotations
 
@@ -39,7 +44,7 @@ class KVCheckpointer:
         self.block_size = transfer.block_size
         self.pool = HostPool.sized(pool_bytes, transfer.block_shape, transfer.dtype)
         self.counters = CheckpointCounters()
-        self._slots: dict[str, list[int]] = {}  # request id -> host slot of block i
+        self._slots: dict[str, list] = {}  # request id -> host slot of block i (None: not copied)
         self._jobs: "queue.Queue" = queue.Queue()
         self._pending = 0
         self._cv = threading.Condition()
@@ -48,16 +53,29 @@ class KVCheckpointer:
         self._thread.start()
 
     def num_saved_blocks(self, request_id: str) -> int:
+        """Leading blocks checkpointed or deliberately left out (cached prefix hits)."""
         return len(self._slots.get(request_id, ()))
 
+    def saved_run(self, request_id: str, first: int) -> int:
+        """How many blocks from block `first` on are on host, without a gap."""
+        n = 0
+        for s in self._slots.get(request_id, ())[first:]:
+            if s is None:
+                break
+            n += 1
+        return n
+
     # ---- device -> host ---------------------------------------------------------------
-    def checkpoint_new_blocks(self, requests: list[tuple[str, list[int], int]]) -> None:
-        """For each (request id, block table, committed tokens): copy the newly completed,
-        not yet checkpointed blocks to host."""
+    def checkpoint_new_blocks(self, requests: list) -> None:
+        """For each (request id, block table, committed tokens, leading blocks to leave
+        out): copy the newly completed, not yet checkpointed blocks to host. The blocks
+        left out are the request's prefix-cache hits (shared; the cache keeps them)."""
         dev_ids, slots = [], []
-        for rid, blocks, num_computed in requests:
+        for rid, blocks, num_computed, skip in requests:
             have = self._slots.setdefault(rid, [])
             full = min(num_computed // self.block_size, len(blocks))
+            if len(have) < min(skip, full):
+                have.extend([None] * (min(skip, full) - len(have)))
             new = list(range(len(have), full))
             if not new:
                 continue
@@ -108,10 +126,14 @@ class KVCheckpointer:
                    num_tokens - 1)
 
     # ---- host -> device -----------------------------------------------------------------
-    def restore(self, request_id: str, dev_ids: list[int]) -> None:
-        """Write the request's first len(dev_ids) saved blocks into device blocks `dev_ids`."""
+    def restore(self, request_id: str, dev_ids: list[int], first: int = 0) -> None:
+        """Write the request's saved blocks `first`, `first + 1`, ... into device blocks
+        `dev_ids` (each must be on host: see `saved_run`)."""
         self.wait_pending()
-        slots = self._slots[request_id][: len(dev_ids)]
+        slots = self._slots[request_id][first: first + len(dev_ids)]
+        if len(slots) < len(dev_ids) or any(s is None for s in slots):
+            raise RuntimeError(f"{request_id}: blocks {first}..{first + len(dev_ids) - 1} "
+                               f"are not all on host")
         step = self.transfer.max_blocks_per_call
         for start in range(0, len(slots), step):
             s = slots[start: start + step]
@@ -123,13 +145,33 @@ class KVCheckpointer:
             self.counters.blocks_restored += len(s)
 
     # ---- export / import (persisting offline work across a restart) ---------------------
-    def export_blocks(self, request_id: str, num_computed: int) -> np.ndarray:
-        """A copy of the request's saved blocks that hold committed KV (the first
-        min(saved, num_computed // block_size)), [n, *block_shape]; waits for copies under
-        way. Step-loop thread."""
+    def export_blocks(self, request_id: str, num_computed: int,
+                      table: list[int] = ()) -> np.ndarray:
+        """A copy of the request's blocks that hold committed KV, [n, *block_shape]: the
+        first num_computed // block_size, each from host, or, for a block left out of the
+        checkpoint (a prefix hit), from device block `table[i]` (the request's block
+        table: it must still hold those blocks); stops at the first block found in
+        neither. Waits for copies under way. Step-loop thread."""
         self.wait_pending()
-        slots = self._slots.get(request_id, [])[: num_computed // self.block_size]
-        return self.pool.data[slots]  # fancy indexing: a copy, safe after release
+        slots = self._slots.get(request_id, [])
+        n = min(len(slots), num_computed // self.block_size)
+        take = []
+        for i in range(n):
+            if slots[i] is None and i >= len(table):
+                break
+            take.append(i)
+        out = np.empty((len(take), *self.pool.data.shape[1:]), self.pool.data.dtype)
+        host = [j for j, i in enumerate(take) if slots[i] is not None]
+        if host:
+            out[host] = self.pool.data[[slots[take[j]] for j in host]]
+        dev = [j for j, i in enumerate(take) if slots[i] is None]
+        step = self.transfer.max_blocks_per_call
+        for start in range(0, len(dev), step):
+            part = dev[start: start + step]
+            arr = np.asarray(self.transfer.gather([table[take[j]] for j in part]))
+            for c, j in enumerate(part):
+                out[j] = arr[:, :, :, c]
+        return out
 
     def import_blocks(self, request_id: str, blocks: np.ndarray) -> int:
         """Put a resumed request's saved blocks ([n, *block_shape]) into the host pool, as if
@@ -153,7 +195,7 @@ class KVCheckpointer:
     def release(self, request_id: str) -> None:
         slots = self._slots.pop(request_id, None)
         if slots:
-            self.pool.free(slots)
+            self.pool.free([s for s in slots if s is not None])
 
     def close(self) -> None:
         """Finish pending copies and stop the copy thread (engine shutdown)."""

@@ -36,7 +36,8 @@ class ScheduledStep:
     plan: StepPlan
     entries: list[Scheduled] = field(default_factory=list)
     work: WorkShape = field(default_factory=WorkShape)
-    restores: list[tuple[str, list[int]]] = field(default_factory=list)  # (request id, blocks)
+    # (request id, device blocks, index of the first of them in the request's table)
+    restores: list[tuple[str, list[int], int]] = field(default_factory=list)
 
     @property
     def has_online(self) -> bool:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import collections
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from conserve_jax.config import EngineConfig
@@ -28,6 +28,7 @@ from conserve_jax.kv.kv_manager import KVManager
 from conserve_jax.runtime.step_plan import (DecodeItem, PrefillItem, SampledToken, SampleSpec,
                                             StepPlan, StepResult)
 from conserve_jax.scheduling.policies.base import Policy, StepBudget
+from conserve_jax.scheduling.prefix_groups import PrefixGroups
 from conserve_jax.scheduling.scheduled_step import Scheduled, ScheduledStep
 from conserve_jax.request import Sequence, SeqStatus
 
@@ -40,6 +41,10 @@ class SchedulerCounters:
     preemptions: int = 0  # iterations abandoned at a safepoint
     preempted_tokens_discarded: int = 0  # their tokens, unless parked and resumed
     preemptions_resumed: int = 0  # parked iterations continued from their layer
+    # prefix caching, by class (index: online): prompt tokens of requests at their first
+    # start, and those found in the cache
+    prefix_query_tokens: list = field(default_factory=lambda: [0, 0])
+    prefix_hit_tokens: list = field(default_factory=lambda: [0, 0])
 
 
 @dataclass
@@ -72,7 +77,12 @@ class Scheduler:
         # its host copies
         self.on_evict: Optional[Callable[[Sequence], int]] = None
         self.on_remove: Optional[Callable[[str], None]] = None
+        # host_blocks(request id, first block) -> how many of its blocks from `first` on
+        # are saved on host without a gap (None: no host checkpoints)
+        self.host_blocks: Optional[Callable[[str, int], int]] = None
         self.parked: Optional[Parked] = None
+        self.groups = (PrefixGroups(kv.block_size, cfg.prefix_group_hold_s)
+                       if kv.prefix_caching else None)
 
     # ---- intake -------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -110,12 +120,16 @@ class Scheduler:
         self._fill(step, budget, [s for s in self.running if s.online])
         self._fill(step, budget, order(self, list(self.waiting_online)), waiting=True)
         self._fill(step, budget, [s for s in self.running if not s.online])
-        self._fill(step, budget, order(self, list(self.waiting_offline)), waiting=True)
+        offline = list(self.waiting_offline)
+        if self.groups is not None:
+            offline = self.groups.order(offline)
+        self._fill(step, budget, order(self, offline), waiting=True)
         return step
 
     def _fill(self, step: ScheduledStep, budget: StepBudget, seqs: list[Sequence],
               waiting: bool = False) -> None:
         parked = self.parked.tables if self.parked is not None else {}
+        leaders = None  # prefix groups' members computing their prompt (offline intake)
         for seq in seqs:
             if seq.status is SeqStatus.FINISHED or (not waiting and seq.status is not SeqStatus.RUNNING):
                 continue  # (a running sequence evicted earlier in this fill is waiting now)
@@ -124,39 +138,89 @@ class Scheduler:
             if waiting and len(self.running) >= self.cfg.max_num_seqs \
                     and not self._free_a_slot(seq, step):
                 return
-            decode = not seq.in_prefill
-            if decode:
-                n = 1
-                if budget.decodes_left(step, seq) <= 0:
-                    continue
-            else:
-                if len(step.plan.prefills) >= self.cfg.max_prefill_seqs:
-                    continue
-                n = budget.prefill_tokens_for(step, seq)
-                if n <= 0:
-                    continue
-            end = seq.num_computed + n
-            if waiting:
-                ok = self.policy.admit(self, seq, end)
-                if ok is None:
-                    continue  # not now; later requests may start
-                if not ok:
-                    return  # the policy keeps its admission order: later requests wait too
-            # KV the policy wants held beyond this chunk (a reservation) comes from free
-            # blocks only; what the chunk itself needs follows the eviction rules below
-            want = self.policy.kv_tokens_for(self, seq, end)
-            if want is None:  # the policy holds it back this iteration (no KV for it)
-                if waiting:
-                    return
-                continue
-            if not (want > end and self.kv.grow(seq.request_id, seq.online, want)) \
-                    and not self._ensure_blocks(seq, end, step):
-                if waiting:
-                    return  # keep arrival order: later requests do not jump ahead
-                continue
-            if waiting:
-                self._start(seq, step)
-            self._add_entry(step, seq, n, decode)
+            if waiting and seq.in_prefill and (
+                    len(step.plan.prefills) >= self.cfg.max_prefill_seqs
+                    or budget.prefill_tokens_for(step, seq) <= 0):
+                continue  # no room (checked before prefix hits are taken and given back)
+            if waiting and not seq.online and self.groups is not None:
+                if leaders is None:
+                    leaders = self.groups.leaders(self.running)
+                if leaders and self.groups.held(seq, leaders, self._cached_blocks):
+                    continue  # a twin is computing the prefix it would share
+            undo = self._take_prefix(seq) if waiting else None
+            verdict = self._try_add(step, budget, seq, waiting)
+            if verdict != "added" and undo is not None:
+                self.kv.release(seq.request_id)  # give the cached blocks back
+                seq.num_computed, seq.prefix_hit_tokens = undo, 0
+            if verdict == "stop":
+                return
+            if verdict == "added" and leaders is not None and not seq.online:
+                k = self.groups.key(seq)  # started now: its twins wait for it too
+                if k is not None and seq.num_computed < seq.prompt_len:
+                    leaders.setdefault(k, []).append(seq)
+
+    def _try_add(self, step: ScheduledStep, budget: StepBudget, seq: Sequence,
+                 waiting: bool) -> str:
+        """Schedule `seq`'s next tokens if the budget, the policy and KV allow: "added",
+        "skip" (later sequences may still go) or "stop" (none of `seqs` after it may)."""
+        decode = not seq.in_prefill
+        if decode:
+            n = 1
+            if budget.decodes_left(step, seq) <= 0:
+                return "skip"
+        else:
+            if len(step.plan.prefills) >= self.cfg.max_prefill_seqs:
+                return "skip"
+            n = budget.prefill_tokens_for(step, seq)
+            if n <= 0:
+                return "skip"
+        end = seq.num_computed + n
+        if waiting:
+            ok = self.policy.admit(self, seq, end)
+            if ok is None:
+                return "skip"  # not now; later requests may start
+            if not ok:
+                return "stop"  # the policy keeps its admission order: later requests wait too
+        # KV the policy wants held beyond this chunk (a reservation) comes from free
+        # blocks only; what the chunk itself needs follows the eviction rules below
+        want = self.policy.kv_tokens_for(self, seq, end)
+        if want is None:  # the policy holds it back this iteration (no KV for it)
+            return "stop" if waiting else "skip"
+        if not (want > end and self.kv.grow(seq.request_id, seq.online, want)) \
+                and not self._ensure_blocks(seq, end, step):
+            # keep arrival order: later requests do not jump ahead
+            return "stop" if waiting else "skip"
+        if waiting:
+            self._start(seq, step)
+        self._add_entry(step, seq, n, decode)
+        return "added"
+
+    # ---- prefix caching -----------------------------------------------------------------
+    def _cached_blocks(self, seq: Sequence) -> int:
+        return len(self.kv.match_prefix(seq.token_ids, seq.block_hashes, seq.cache_root,
+                                        len(seq.token_ids) - 1))
+
+    def _take_prefix(self, seq: Sequence) -> Optional[int]:
+        """A waiting sequence about to be considered: start its block table with the cached
+        blocks of its longest cached prefix, and count those tokens as computed (past KV
+        still on host, if any, is restored from where the hits end: `_start`). Returns the
+        committed length to go back to if it does not start now (None: nothing taken)."""
+        if not self.kv.prefix_caching or self.kv.num_blocks(seq.request_id):
+            return None
+        hits = self.kv.match_prefix(seq.token_ids, seq.block_hashes, seq.cache_root,
+                                    len(seq.token_ids) - 1)
+        old = seq.num_computed
+        if not hits and not old:
+            return None
+        h = len(hits) * self.kv.block_size
+        seq.num_computed = h
+        if old > h and self.host_blocks is not None:
+            # host copies continue the hits only as far as they run without a gap
+            run = self.host_blocks(seq.request_id, len(hits))
+            seq.num_computed = max(h, min(old, (len(hits) + run) * self.kv.block_size))
+        self.kv.attach_prefix(seq.request_id, seq.online, hits)
+        seq.prefix_hit_tokens = h
+        return old
 
     def _free_a_slot(self, seq: Sequence, step: ScheduledStep) -> bool:
         """An online request finding every slot taken evicts an offline one."""
@@ -182,10 +246,17 @@ class Scheduler:
         (self.waiting_online if seq.online else self.waiting_offline).remove(seq)
         seq.status = SeqStatus.RUNNING
         self.running.append(seq)
-        if seq.num_computed:  # evicted with KV kept on host: resume from the checkpoint
-            n = -(-seq.num_computed // self.kv.block_size)
-            step.restores.append((seq.request_id, self.kv.blocks(seq.request_id)[:n]))
-            self.counters.restored_tokens += seq.num_computed
+        bs = self.kv.block_size
+        hit = seq.prefix_hit_tokens  # from the prefix cache
+        if seq.num_cached_tokens is None:  # first start: the request's cache hit
+            seq.num_cached_tokens = hit
+            c = self.counters
+            c.prefix_query_tokens[seq.online] += seq.prompt_len
+            c.prefix_hit_tokens[seq.online] += hit
+        if seq.num_computed > hit:  # evicted with KV kept on host: resume from the checkpoint
+            first, n = hit // bs, -(-seq.num_computed // bs)
+            step.restores.append((seq.request_id, self.kv.blocks(seq.request_id)[first:n], first))
+            self.counters.restored_tokens += seq.num_computed - hit
 
     def _ensure_blocks(self, seq: Sequence, upto: int, step: ScheduledStep) -> bool:
         """Grow `seq`'s blocks, evicting others when memory is short: online requests evict
@@ -215,7 +286,7 @@ class Scheduler:
         self._unpark_for(seq)
         kept = self.on_evict(seq) if self.on_evict and not seq.online else 0
         self.counters.recomputed_tokens += seq.num_computed - kept
-        seq.num_computed = kept
+        seq.num_computed, seq.prefix_hit_tokens = kept, 0
         self.kv.release(seq.request_id)
         self.running.remove(seq)
         seq.status = SeqStatus.WAITING
@@ -257,6 +328,8 @@ class Scheduler:
             if id(e.seq) in skip:
                 continue
             e.seq.num_computed += e.num_tokens
+            self.kv.register_full(e.seq.request_id, e.seq.token_ids, e.seq.block_hashes,
+                                  e.seq.cache_root, e.seq.num_computed)
             if e.samples:
                 e.seq.token_ids.append(tok.token)
                 if e.seq.first_token_time is None:

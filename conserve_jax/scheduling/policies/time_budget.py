@@ -103,7 +103,7 @@ class IsolationBudget(StepBudget):
         room = super().prefill_tokens_for(step, seq)
         if room <= 0 or seq.online:
             return room
-        if seq.status is SeqStatus.WAITING and seq.num_computed:
+        if seq.status is SeqStatus.WAITING and seq.num_computed > seq.prefix_hit_tokens:
             return 0  # would be restored from its host checkpoint: only without online work
         key = (dataclasses.astuple(step.work), seq.num_computed)
         if key in self._full:
