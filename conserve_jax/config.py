@@ -138,7 +138,8 @@ class EngineConfig:
         "KV blocks attention reads per loop trip: every row reads its sequence's context "
         "from the paged cache chunk by chunk, only as far as the longest context of the "
         "iteration (a trip count that is data, not a compiled shape), so the gathered K/V "
-        "stay in cache (0: the whole block table in one trip)", default=16)
+        "stay in cache; what whole chunks leave over is read a quarter chunk a trip (0: "
+        "the whole block table per trip)", default=16)
     max_logprobs: int = _h("largest logprobs a request may ask for", default=20)
     compilation_cache_dir: Optional[str] = _h("persistent XLA cache (default: "
                                               "~/.cache/conserve-jax/xla)", default=None)

@@ -96,11 +96,13 @@ def test_ragged_attention_matches_a_plain_softmax(decodes, prefills, t, dc, bp, 
 def test_latency_model_counts_the_blocks_the_loop_reads():
     b = BucketSet.build(8, 64, 1, 128, attention_chunk=16)
     assert b.tokens == [1, 2, 4, 8, 16, 32, 64, 72]
-    assert b.blocks_read(0) == 0 and b.blocks_read(9) == 16 and b.blocks_read(65) == 80
-    assert b.blocks_read(128) == 128
-    assert BucketSet.build(8, 64, 1, 128, attention_chunk=0).blocks_read(9) == 128  # one trip
-    odd = BucketSet.build(8, 64, 1, 100, attention_chunk=16)  # 7 chunks cover 100 blocks
-    assert odd.blocks_read(99) == 112
+    # whole chunks of 16, then tail chunks of 4 up to the context
+    assert b.blocks_read(0) == 0 and b.blocks_read(9) == 12 and b.blocks_read(65) == 68
+    assert b.blocks_read(8) == 8 and b.blocks_read(16) == 16 and b.blocks_read(128) == 128
+    # 0: the whole table per trip, its quarter for the tail
+    assert BucketSet.build(8, 64, 1, 128, attention_chunk=0).blocks_read(9) == 32
+    odd = BucketSet.build(8, 64, 1, 100, attention_chunk=16)  # 6 chunks, then tails
+    assert odd.blocks_read(99) == 100 and odd.blocks_read(100) == 100
     assert b.decode_rows(4) == 4 and b.decode_rows(72) == 8
 
 

@@ -69,14 +69,48 @@ def _gather(cache: jax.Array, tables: jax.Array) -> jax.Array:
     return g.reshape(kvh, b, nb * bs, hd)
 
 
-def chunk_trips(tables, chunk: int, block_size: int, longest):
-    """Bounds of a loop over `chunk`-block slices of `tables` [B, nb] that stops after
-    `longest` tokens: (tables padded to whole chunks with the scratch block 0, whose
-    positions are masked anyway; tokens per chunk; trips, possibly 0)."""
-    n = -(-tables.shape[1] // chunk)
-    tables = jnp.pad(tables, ((0, 0), (0, n * chunk - tables.shape[1])))
-    span = chunk * block_size
-    return tables, span, jnp.clip((longest + span - 1) // span, 0, n)
+def tail_chunk(chunk: int) -> int:
+    """Blocks per trip of the tail loop that reads what whole `chunk`s leave over."""
+    return max(1, chunk // 4)
+
+
+def chunked_reads(tables, chunk: int, block_size: int, longest, step, init):
+    """Run `step(i, carry, blocks, first_token)` over slices of `tables` [B, nb] as far
+    as `longest` tokens: whole `chunk`-block slices first, then the rest in
+    `tail_chunk(chunk)`-block slices, so a short context reads no more than a tail chunk
+    past its end (a 128-token context reads 8 blocks, not 16). `blocks` [B, c] is the
+    slice (the scratch block 0 past the table's end: its positions are masked anyway),
+    `first_token` the position of its first key. Trip counts are data."""
+    nb = tables.shape[1]
+    small = tail_chunk(chunk)
+    width = max(-(-nb // chunk) * chunk, nb + small)
+    tables = jnp.pad(tables, ((0, 0), (0, width - nb)))
+    big_trips = jnp.clip(longest // (chunk * block_size), 0, nb // chunk)
+    first = big_trips * chunk  # blocks the big loop covers
+    rest = jnp.maximum(longest - first * block_size, 0)
+    small_trips = (rest + small * block_size - 1) // (small * block_size)
+
+    def big(i, carry):
+        blocks = jax.lax.dynamic_slice_in_dim(tables, i * chunk, chunk, axis=1)
+        return step(carry, blocks, i * chunk * block_size)
+
+    def tail(i, carry):
+        at = first + i * small
+        blocks = jax.lax.dynamic_slice_in_dim(tables, at, small, axis=1)
+        return step(carry, blocks, at * block_size)
+
+    carry = jax.lax.fori_loop(0, big_trips, big, init)
+    return jax.lax.fori_loop(0, small_trips, tail, carry)
+
+
+def blocks_read(need: int, chunk: int, max_blocks: int) -> int:
+    """Blocks `chunked_reads` reads for a context of `need` blocks (host-side mirror, for
+    the latency model's features)."""
+    if need <= 0:
+        return 0
+    big = min(need // chunk, max_blocks // chunk) * chunk
+    small = tail_chunk(chunk)
+    return big + -(-(need - big) // small) * small
 
 
 def _online_step(carry, s, weighted_values):
@@ -111,14 +145,13 @@ def _decode_part(q, k_cache, v_cache, tables, lens, chunk: int):
     matmuls over (kvh, Dc) with no transposed copy of the gathered context (with the
     scores as [kvh, g, Dc, span] XLA:CPU ran the values dot ~5x slower)."""
     kvh, g, dc, hd = q.shape
-    tables, span, trips = chunk_trips(tables, chunk, k_cache.shape[2], jnp.max(lens))
     qd = q.transpose(2, 0, 1, 3)  # [Dc, kvh, g, hd]
 
-    def step(i, carry):
-        t = jax.lax.dynamic_slice_in_dim(tables, i * chunk, chunk, axis=1)
-        kd, vd = _gather(k_cache, t), _gather(v_cache, t)  # [kvh, Dc, span, hd]
+    def step(carry, blocks, first_token):
+        kd, vd = _gather(k_cache, blocks), _gather(v_cache, blocks)  # [kvh, Dc, span, hd]
+        span = kd.shape[2]
         s = jnp.einsum("kbld,bkgd->kblg", kd, qd, preferred_element_type=jnp.float32)
-        valid = (i * span + jnp.arange(span))[None, :] < lens[:, None]  # [Dc, span]
+        valid = (first_token + jnp.arange(span))[None, :] < lens[:, None]  # [Dc, span]
         s = jnp.where(valid[None, :, :, None], s, NEG_INF)
         m, den, acc = carry  # [kvh, Dc, g], [kvh, Dc, g], [kvh, Dc, g, hd]
         m_new = jnp.maximum(m, s.max(2))
@@ -129,8 +162,8 @@ def _decode_part(q, k_cache, v_cache, tables, lens, chunk: int):
         return m_new, den * rescale + p.sum(2), acc * rescale[..., None] + pv
 
     m0 = jnp.full((kvh, dc, g), NEG_INF, jnp.float32)
-    m, den, acc = jax.lax.fori_loop(0, trips, step,
-                                    (m0, jnp.zeros_like(m0), jnp.zeros((kvh, dc, g, hd), jnp.float32)))
+    m, den, acc = chunked_reads(tables, chunk, k_cache.shape[2], jnp.max(lens), step,
+                                (m0, jnp.zeros_like(m0), jnp.zeros((kvh, dc, g, hd), jnp.float32)))
     # to the merge layout [kvh, g, Dc(, hd)]
     return m.transpose(0, 2, 1), den.transpose(0, 2, 1), acc.transpose(0, 2, 1, 3)
 
@@ -142,22 +175,22 @@ def _prefill_context_part(q, k_cache, v_cache, meta: AttentionMeta, chunk: int):
     bp = meta.pre_tables.shape[0]
     seq = meta.pre_seq
     start = jnp.where(seq >= 0, meta.pre_start[jnp.maximum(seq, 0)], 0)  # [T]
-    tables, span, trips = chunk_trips(meta.pre_tables, chunk, k_cache.shape[2],
-                                      jnp.max(meta.pre_start))
-    key_seq = jnp.repeat(jnp.arange(bp), span)
 
-    def step(i, carry):
-        tb = jax.lax.dynamic_slice_in_dim(tables, i * chunk, chunk, axis=1)
-        kp = _gather(k_cache, tb).reshape(kvh, bp * span, hd)
-        vp = _gather(v_cache, tb).reshape(kvh, bp * span, hd)
-        key_pos = i * span + jnp.tile(jnp.arange(span), bp)
+    def step(carry, blocks, first_token):
+        kp = _gather(k_cache, blocks)  # [kvh, bp, span, hd]
+        span = kp.shape[2]
+        kp = kp.reshape(kvh, bp * span, hd)
+        vp = _gather(v_cache, blocks).reshape(kvh, bp * span, hd)
+        key_seq = jnp.repeat(jnp.arange(bp), span)
+        key_pos = first_token + jnp.tile(jnp.arange(span), bp)
         ok = (key_seq[None, :] == seq[:, None]) & (key_pos[None, :] < start[:, None])
         s = jnp.einsum("kgtd,kjd->kgtj", q, kp, preferred_element_type=jnp.float32)
         s = jnp.where(ok[None, None], s, NEG_INF)
         return _online_step(carry, s, lambda p: jnp.einsum(
             "kgtj,kjd->kgtd", p.astype(q.dtype), vp, preferred_element_type=jnp.float32))
 
-    return jax.lax.fori_loop(0, trips, step, _empty(kvh, g, t, hd))
+    return chunked_reads(meta.pre_tables, chunk, k_cache.shape[2], jnp.max(meta.pre_start),
+                         step, _empty(kvh, g, t, hd))
 
 
 def ragged_paged_attention(q, k_new, v_new, k_cache, v_cache, meta: AttentionMeta,

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from conserve_jax.models.attention import blocks_read as attention_blocks_read
+
 
 def powers_of_two(lo: int, hi: int) -> list[int]:
     """lo, 2lo, 4lo, ... up to the first value >= hi (hi itself if not a power)."""
@@ -34,6 +36,9 @@ def bucket_for(n: int, buckets: list[int]) -> int:
     raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
 
 
+SMALL_SAMPLE_ROWS = 8  # sampled rows of the small token buckets (see BucketSet.sample_rows)
+
+
 @dataclass(frozen=True)
 class BucketSet:
     tokens: list[int]  # token-axis sizes: decode rows + prefill rows of one iteration
@@ -48,7 +53,7 @@ class BucketSet:
     @classmethod
     def build(cls, max_num_seqs: int, max_prefill_tokens: int, max_prefill_seqs: int,
               max_blocks_per_seq: int, attention_chunk: int = 16) -> "BucketSet":
-        """`attention_chunk` 0: read the whole table in one trip."""
+        """`attention_chunk` 0: the whole table per trip."""
         chunk = min(attention_chunk or max_blocks_per_seq, max_blocks_per_seq)
         return cls(
             tokens=powers_of_two(1, max_num_seqs + max_prefill_tokens),
@@ -61,12 +66,9 @@ class BucketSet:
         return min(tokens, self.max_num_seqs)
 
     def blocks_read(self, need: int) -> int:
-        """Blocks attention reads for a context of `need` blocks: whole chunks up to it
-        (0 for no context)."""
-        if need <= 0:
-            return 0
-        c = self.attention_chunk
-        return min(-(-self.max_blocks_per_seq // c), -(-need // c)) * c
+        """Blocks attention reads for a context of `need` blocks (whole chunks, then tail
+        chunks up to it; 0 for no context: `models.attention.chunked_reads`)."""
+        return attention_blocks_read(need, self.attention_chunk, self.max_blocks_per_seq)
 
     def layer_shapes(self) -> list[int]:
         """Every token bucket the layer calls may see."""
@@ -75,8 +77,15 @@ class BucketSet:
     def sample_rows(self, tokens: int) -> int:
         """Rows of logits sampled in a token bucket (padded): every sampled row is one of
         the bucket's tokens. Large buckets (prefill) sample a few real rows in a padded
-        head of at most max_sample_rows rows: a few ms against a prefill's hundreds."""
-        return min(tokens, self.max_sample_rows)
+        head of at most max_sample_rows rows: a few ms against a prefill's hundreds. Three
+        sizes only (1 row; up to SMALL_SAMPLE_ROWS; max_sample_rows), so the sampler head
+        compiles 3 x its variants at warm-up instead of once per token bucket: the head
+        reads the whole vocabulary's weights whatever the rows, so a few padded rows cost
+        little."""
+        if tokens <= 1:
+            return 1
+        return min(self.max_sample_rows, SMALL_SAMPLE_ROWS if tokens <= SMALL_SAMPLE_ROWS
+                   else self.max_sample_rows)
 
     def select_shapes(self) -> list[tuple[int, int]]:
         """Every (token bucket, sampled rows) pair the row select sees."""
