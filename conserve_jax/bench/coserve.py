@@ -208,6 +208,25 @@ def preemption_detail(policy) -> dict:
                                         if y > 0]}
 
 
+
+def drive_online(eng, online: list, slo, stop: threading.Event, t0: float, duration: float,
+                 drain: float):
+    """Start each online request's client at its arrival (seconds after `t0`), wait out the
+    window, then up to `drain` seconds for the clients to finish. Returns (clients, stats
+    at the end of the window, the window's seconds, end time, stats at the end)."""
+    clients = []
+    for r in online:
+        time.sleep(max(0.0, t0 + r.arrival_s - time.monotonic()))
+        clients.append(OnlineClient(eng, r, slo, stop))
+        clients[-1].start()
+    time.sleep(max(0.0, t0 + duration - time.monotonic()))
+    st_win = eng.stats()
+    win_s = time.monotonic() - t0
+    deadline = time.monotonic() + drain
+    for c in clients:
+        c.join(timeout=max(0.0, deadline - time.monotonic()))
+    return clients, st_win, win_s, time.monotonic(), eng.stats()
+
 def run_policy(a, v: pareto.Variant, loaded, work: wl.Workload, shared: SharedCompiled,
                plot_path: str) -> dict:
     eng = Engine(engine_config(a, v.policy, **v.overrides), loaded=loaded)
@@ -230,19 +249,8 @@ def run_policy(a, v: pareto.Variant, loaded, work: wl.Workload, shared: SharedCo
 
     sampler = threading.Thread(target=sample_loop, daemon=True)
     sampler.start()
-    clients = []
-    for r in work.online:
-        time.sleep(max(0.0, t0 + r.arrival_s - time.monotonic()))
-        clients.append(OnlineClient(eng, r, slo, stop))
-        clients[-1].start()
-    time.sleep(max(0.0, t0 + a.duration - time.monotonic()))
-    st_win = eng.stats()
-    win_s = time.monotonic() - t0
-    deadline = time.monotonic() + a.drain
-    for c in clients:
-        c.join(timeout=max(0.0, deadline - time.monotonic()))
-    t_end = time.monotonic()
-    st = eng.stats()
+    clients, st_win, win_s, t_end, st = drive_online(eng, work.online, slo, stop, t0,
+                                                     a.duration, a.drain)
     stop.set()
     sampler.join()
     lat = list(getattr(getattr(eng.policy, "preemption_log", None), "latencies_s", []) or [])

@@ -406,19 +406,8 @@ def run_coserve(a, engines: Engines, label: str, policy: str, cache_on: bool, on
         for it in offline:
             eng.submit(GenerationRequest(it.request_id, list(it.prompt), _greedy(it.output_len),
                                          RequestClass.OFFLINE))
-    clients = []
-    for r in online:
-        time.sleep(max(0.0, t0 + r.arrival_s - time.monotonic()))
-        clients.append(cs.OnlineClient(eng, r, slo, stop))
-        clients[-1].start()
-    time.sleep(max(0.0, t0 + a.coserve_duration - time.monotonic()))
-    st_win = eng.stats()
-    win_s = time.monotonic() - t0
-    deadline = time.monotonic() + a.drain
-    for c in clients:
-        c.join(timeout=max(0.0, deadline - time.monotonic()))
-    t_end = time.monotonic()
-    st = eng.stats()
+    clients, st_win, win_s, t_end, st = cs.drive_online(eng, online, slo, stop, t0,
+                                                        a.coserve_duration, a.drain)
     stop.set()
     compiles = eng.compiled_count() - c0
     eng.shutdown()
