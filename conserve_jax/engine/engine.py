@@ -426,7 +426,7 @@ class Engine(EngineAPI):
         if self.checkpointer is not None:
             self.checkpointer.checkpoint_new_blocks(
                 [(e.seq.request_id, self.kv.blocks(e.seq.request_id), e.seq.num_computed,
-                  (e.seq.num_cached_tokens or 0) // self.kv.block_size)
+                  e.seq.prefix_hit_tokens // self.kv.block_size)
                  for e in entries if not e.seq.online])
         counts = [0, 0, 0, 0]
         for e in entries:

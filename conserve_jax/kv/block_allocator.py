@@ -60,9 +60,6 @@ class BlockAllocator:
     def ref_count(self, block: int) -> int:
         return self._ref.get(block, 0)
 
-    def key_of(self, block: int):
-        return self._key.get(block)
-
     def allocate(self, n: int) -> list[int]:
         if n > self.num_free:
             raise OutOfBlocks(f"asked for {n} KV blocks, {self.num_free} free")
