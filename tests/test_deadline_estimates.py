@@ -1,0 +1,112 @@
+"""Harvest-rate meter and slack arithmetic (issue 27, item 1): a fake clock and made-up
+counters, no engine."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from conserve_jax.scheduling.harvest import HarvestMeter, WorkCost
+from conserve_jax.scheduling.slack import JobWork, admit, edf_order, estimate
+
+
+def test_meter_counts_only_backlogged_time():
+    m = HarvestMeter(WorkCost(), window_s=100.0, min_span_s=1.0)
+    m.observe(0.0, 0, 0, backlogged=True)
+    m.observe(10.0, 0, 50, backlogged=True)  # 50 tokens in 10 backlogged seconds
+    assert m.rate() == pytest.approx(5.0)
+    # idle for 40 s (no offline work waiting): says nothing about the rate
+    m.observe(50.0, 0, 50, backlogged=False)
+    m.observe(60.0, 0, 50, backlogged=True)
+    assert m.rate() == pytest.approx(5.0)
+    m.observe(70.0, 0, 70, backlogged=True)  # 20 more tokens in 10 s
+    assert m.rate() == pytest.approx(70 / 20)
+
+
+def test_meter_window_slides_and_weights_work():
+    m = HarvestMeter(WorkCost(prefill_s=0.5, decode_s=2.0), window_s=10.0, min_span_s=1.0)
+    m.observe(0.0, 0, 0, True)
+    m.observe(10.0, 0, 100, True)  # 200 units in 10 s
+    assert m.rate() == pytest.approx(20.0)
+    m.observe(20.0, 20, 100, True)  # 10 units in 10 s: the first interval slid out
+    assert m.rate() == pytest.approx(1.0)
+    m.observe(25.0, 20, 110, True)  # half window: 5 s of the old interval (5 units) + 20
+    assert m.rate() == pytest.approx((5 + 20) / 10)
+
+
+def test_meter_needs_history_and_restarts_on_counter_reset():
+    m = HarvestMeter(WorkCost(), window_s=60.0, min_span_s=5.0)
+    assert m.rate() is None
+    m.observe(0.0, 0, 0, True)
+    m.observe(4.0, 0, 40, True)
+    assert m.rate() is None  # under min_span_s of backlogged time
+    m.observe(6.0, 0, 60, True)
+    assert m.rate() == pytest.approx(10.0)
+    m.observe(7.0, 0, 5, True)  # the engine restarted: counters went down
+    assert m.rate() is None
+    with pytest.raises(ValueError, match="min_span_s"):
+        HarvestMeter(window_s=1.0, min_span_s=2.0)
+    with pytest.raises(ValueError, match="positive"):
+        WorkCost(0.0, 1.0)
+
+
+def test_cost_from_a_latency_model():
+    class Fake:  # 1 ms per token processed, whatever the shape
+        def predict(self, w):
+            return 0.001 * (w.prefill_tokens + w.num_decodes)
+    c = WorkCost.from_latency_model(Fake(), max_prefill_tokens=256, max_num_seqs=8)
+    assert c.prefill_s == pytest.approx(0.001) and c.decode_s == pytest.approx(0.001)
+
+    class Zero:
+        def predict(self, w):
+            return 0.0
+    assert WorkCost.from_latency_model(Zero(), 256, 8) == WorkCost()
+
+
+def test_estimates_follow_earliest_deadline_first():
+    now = 1000.0
+    jobs = [JobWork("loose", now + 500, 100.0), JobWork("none", None, 50.0),
+            JobWork("tight", now + 30, 20.0)]
+    assert [j.job_id for j in edf_order(jobs)] == ["tight", "loose", "none"]
+    est = estimate(jobs, rate=2.0, now=now, at_risk_margin=0.2)
+    assert est["tight"].finish_at == pytest.approx(now + 10)  # 20 units at 2/s
+    assert est["tight"].slack_s == pytest.approx(20)
+    assert est["loose"].finish_at == pytest.approx(now + 60)  # behind tight's 20
+    assert est["none"].finish_at == pytest.approx(now + 85) and est["none"].slack_s is None
+    assert not any(e.at_risk for e in est.values())
+    # at half the rate: 10 s of slack for 20 s of work is more than 0.2 x 20 s
+    est = estimate(jobs, rate=1.0, now=now, at_risk_margin=0.2)
+    assert est["tight"].slack_s == pytest.approx(10) and not est["tight"].at_risk
+    est = estimate(jobs, rate=0.75, now=now, at_risk_margin=0.2)  # needs 26.7 s of its 30
+    assert est["tight"].slack_s == pytest.approx(30 - 20 / 0.75) and est["tight"].at_risk
+    assert not est["loose"].at_risk
+
+
+def test_estimates_without_history_or_harvest():
+    now = 0.0
+    jobs = [JobWork("a", 100.0, 10.0), JobWork("done", 50.0, 0.0)]
+    est = estimate(jobs, rate=None, now=now)
+    assert all(e.finish_at is None and e.slack_s is None and not e.at_risk for e in est.values())
+    est = estimate(jobs, rate=0.0, now=now)
+    assert est["a"].at_risk and est["a"].finish_at is None
+    assert not est["done"].at_risk and est["done"].finish_at == now
+
+
+def test_admission_counts_work_promised_to_earlier_deadlines():
+    now = 0.0
+    promised = [JobWork("early", 50.0, 60.0), JobWork("late", 1000.0, 500.0)]
+    # 60 units ahead + 30 of its own at 1/s: finishes at 90, window 100 -> fits
+    v = admit(promised, JobWork("new", 100.0, 30.0), rate=1.0, now=now)
+    assert v.feasible and v.finish_at == pytest.approx(90.0) and v.reason == "fits"
+    # the later-deadline job does not count; but at 0.5/s 90 units need 180 s
+    v = admit(promised, JobWork("new", 100.0, 30.0), rate=0.5, now=now)
+    assert not v.feasible and v.finish_at == pytest.approx(180.0) and "80 s" in v.reason
+    # alone it would fit: the refusal is due to the promised work
+    assert admit([], JobWork("new", 100.0, 30.0), rate=0.5, now=now).feasible
+    v = admit(promised, JobWork("new", 100.0, 30.0), rate=None, now=now)
+    assert v.feasible and v.finish_at is None and v.reason == "no harvest history"
+    v = admit(promised, JobWork("new", 100.0, 30.0), rate=0.0, now=now)
+    assert not v.feasible and v.finish_at is None and "forever" in v.reason
+    v = admit(promised, JobWork("new", None, 30.0), rate=1.0, now=now)
+    assert v.feasible and v.finish_at == pytest.approx(590.0)
+    assert math.isfinite(v.finish_at)
