@@ -11,6 +11,7 @@ import time
 import pytest
 
 from conserve_jax.proto_gen.conserve.v1 import conserve_pb2 as pb
+from conserve_server.batch.base import BatchWork
 from conserve_server.batch.store import (IdempotencyConflict, QuotaExceeded, SqliteBatchStore,
                                          open_store)
 from tests.pg_cluster import pg_cluster, pg_url  # noqa: F401  (fixtures)
@@ -126,6 +127,22 @@ def test_expired_batches(make_store):
     assert store.expired(time.time() + 1) == [bid]
     assert store.terminate(bid, "failed", "batch deadline exceeded")
     assert store.get(bid).failed == 2
+
+
+def test_deadline_work_is_stored_and_active_lists_unfinished(make_store):
+    store = make_store()
+    a, _ = store.create_batch("t1", _items(2), deadline=time.time() + 60,
+                              work=BatchWork(prompt_tokens=7, output_tokens=40,
+                                             estimate_at=1234.5))
+    b, _ = store.create_batch("t2", _items(1))  # no work recorded: zeros, no estimate
+    row = store.get(a)
+    assert (row.work_prompt_tokens, row.work_output_tokens, row.estimate_at) == (7, 40, 1234.5)
+    row = store.get(b)
+    assert (row.work_prompt_tokens, row.work_output_tokens, row.estimate_at) == (0, 0, None)
+    assert [r.id for r in store.active()] == [a, b]
+    store.terminate(b, "cancelled", "batch cancelled")
+    assert [r.id for r in store.active()] == [a]
+    assert store.list("t1", 10)[0].work_output_tokens == 40
 
 
 def test_recovery_after_a_crash(make_store):

@@ -60,6 +60,21 @@ class BatchRow:
     deadline: Optional[float]
     error: str
     seq: int
+    # deadline bookkeeping (issue 27), written once at creation: the batch's work in
+    # tokens (prompt tokens, expected output tokens) and its estimated completion time
+    # then (unix s; None: no estimate, e.g. no harvest history yet)
+    work_prompt_tokens: int = 0
+    work_output_tokens: int = 0
+    estimate_at: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class BatchWork:
+    """What `create_batch` records for deadline estimates (see `BatchRow`)."""
+
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    estimate_at: Optional[float] = None
 
 
 @dataclass
@@ -72,7 +87,8 @@ class ClaimedItem:
 
 
 BATCH_COLS = ("id, tenant, state, total, done, failed, cancelled, created_at, started_at, "
-              "finished_at, deadline, error, seq")
+              "finished_at, deadline, error, seq, work_prompt_tokens, work_output_tokens, "
+              "estimate_at")
 
 
 def payload_digest(items: list[tuple[pb.GenerateRequest, list[int]]],
@@ -140,7 +156,12 @@ class StoreBase(abc.ABC):
     @abc.abstractmethod
     def create_batch(self, tenant: str, items: list[tuple[pb.GenerateRequest, list[int]]],
                      deadline: Optional[float] = None, idempotency_key: str = "",
-                     max_tenant_items: Optional[int] = None) -> tuple[str, bool]: ...
+                     max_tenant_items: Optional[int] = None,
+                     work: Optional[BatchWork] = None) -> tuple[str, bool]: ...
+
+    @abc.abstractmethod
+    def active(self) -> list[BatchRow]:
+        """Every queued or running batch of every tenant (deadline estimates)."""
 
     @abc.abstractmethod
     def claim(self, n: int) -> list[ClaimedItem]: ...

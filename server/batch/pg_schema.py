@@ -6,7 +6,8 @@ missing, the second finds every version recorded and does nothing. Idempotent; a
 once released is never edited (add a new one).
 
 Version 4 adds the OpenAI Files API's files and batch documents (`openai_api/pg_files.py`),
-so every replica serves them.
+so every replica serves them. Version 5 adds the batches' deadline bookkeeping (work in
+tokens, the estimate at creation; issue 27).
 
 Items carry their lease: `lease_owner` (replica id), `lease_epoch` (bumped by every claim;
 the fencing token a commit must still match) and `lease_expiry` (unix seconds of the
@@ -81,6 +82,11 @@ CREATE TABLE docs (
   key TEXT PRIMARY KEY,
   doc TEXT NOT NULL
 );
+"""),
+    (5, """
+ALTER TABLE batches ADD COLUMN work_prompt_tokens BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE batches ADD COLUMN work_output_tokens BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE batches ADD COLUMN estimate_at DOUBLE PRECISION;
 """),
 ]
 

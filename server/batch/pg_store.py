@@ -39,8 +39,8 @@ import psycopg
 import psycopg_pool
 
 from conserve_jax.proto_gen.conserve.v1 import conserve_pb2 as pb
-from conserve_server.batch.base import (BATCH_COLS, BatchRow, ClaimedItem, IdempotencyConflict,
-                                        QuotaExceeded, StoreBase, StoreUnavailable, end_result,
+from conserve_server.batch.base import (BATCH_COLS, BatchRow, BatchWork, ClaimedItem,
+                                        IdempotencyConflict, QuotaExceeded, StoreBase, StoreUnavailable, end_result,
                                         payload_digest, redact_url, without_prompt)
 from conserve_server.batch.pg_schema import migrate
 
@@ -176,7 +176,7 @@ class PgBatchStore(StoreBase):
 
     # ---- writes ------------------------------------------------------------------------
     def create_batch(self, tenant, items, deadline=None, idempotency_key="",
-                     max_tenant_items=None):
+                     max_tenant_items=None, work=None):
         """As `SqliteBatchStore.create_batch`; one tenant's submissions serialize on an
         advisory lock, so its quota and idempotency keys hold across replicas."""
         digest = payload_digest(items, deadline)
@@ -200,10 +200,13 @@ class PgBatchStore(StoreBase):
                         f"this tenant has {have} unfinished batch items; the limit is "
                         f"{max_tenant_items}; wait for batches to finish or cancel some")
             bid = "batch_" + uuid.uuid4().hex
+            w = work or BatchWork()
             cur.execute(
                 "INSERT INTO batches (id, tenant, state, total, created_at, deadline, "
-                "idempotency_key, payload_sha) VALUES (%s, %s, 'queued', %s, %s, %s, %s, %s)",
-                (bid, tenant, len(items), time.time(), deadline, idempotency_key or None, digest))
+                "idempotency_key, payload_sha, work_prompt_tokens, work_output_tokens, "
+                "estimate_at) VALUES (%s, %s, 'queued', %s, %s, %s, %s, %s, %s, %s, %s)",
+                (bid, tenant, len(items), time.time(), deadline, idempotency_key or None, digest,
+                 int(w.prompt_tokens), int(w.output_tokens), w.estimate_at))
             with cur.copy("COPY items (batch_id, idx, request, prompt_ids, state) FROM STDIN") as cp:
                 for i, (req, ids) in enumerate(items):
                     cp.write_row((bid, i, without_prompt(req), json.dumps(ids), "pending"))
@@ -415,6 +418,11 @@ class PgBatchStore(StoreBase):
             "SELECT idx, result FROM items WHERE batch_id=%s AND idx>=%s AND state='done' "
             "ORDER BY idx LIMIT %s", (batch_id, start, limit)).fetchall())
         return [(i, bytes(r)) for i, r in rows]
+
+    def active(self):
+        return [BatchRow(*r) for r in self._read(lambda c: c.execute(
+            f"SELECT {BATCH_COLS} FROM batches WHERE state IN ('queued','running') "
+            "ORDER BY seq").fetchall())]
 
     def expired(self, now):
         return [r[0] for r in self._read(lambda c: c.execute(

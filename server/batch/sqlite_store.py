@@ -32,8 +32,8 @@ import uuid
 from typing import Optional
 
 from conserve_jax.proto_gen.conserve.v1 import conserve_pb2 as pb
-from conserve_server.batch.base import (BATCH_COLS as _BATCH_COLS, BatchRow, ClaimedItem,
-                                        DataDirInUse, IdempotencyConflict, QuotaExceeded,
+from conserve_server.batch.base import (BATCH_COLS as _BATCH_COLS, BatchRow, BatchWork,
+                                        ClaimedItem, DataDirInUse, IdempotencyConflict, QuotaExceeded,
                                         StoreBase, end_result, payload_digest)
 from conserve_server.batch.base import without_prompt as _without_prompt
 
@@ -55,7 +55,10 @@ CREATE TABLE IF NOT EXISTS batches (
   deadline REAL,
   error TEXT NOT NULL DEFAULT '',
   idempotency_key TEXT,
-  payload_sha TEXT
+  payload_sha TEXT,
+  work_prompt_tokens INTEGER NOT NULL DEFAULT 0,
+  work_output_tokens INTEGER NOT NULL DEFAULT 0,
+  estimate_at REAL
 );
 CREATE INDEX IF NOT EXISTS batches_tenant ON batches(tenant, seq);
 CREATE INDEX IF NOT EXISTS batches_state ON batches(state);
@@ -98,6 +101,10 @@ class SqliteBatchStore(StoreBase):
             cols = {r[1] for r in self._db.execute("PRAGMA table_info(batches)")}
             if "payload_sha" not in cols:  # a database from before payload digests
                 self._db.execute("ALTER TABLE batches ADD COLUMN payload_sha TEXT")
+            if "estimate_at" not in cols:  # a database from before deadline estimates
+                for col in ("work_prompt_tokens INTEGER NOT NULL DEFAULT 0",
+                            "work_output_tokens INTEGER NOT NULL DEFAULT 0", "estimate_at REAL"):
+                    self._db.execute("ALTER TABLE batches ADD COLUMN " + col)
             self.recover()
         except BaseException:
             os.close(self._lock_fd)
@@ -148,8 +155,9 @@ class SqliteBatchStore(StoreBase):
 
     def create_batch(self, tenant: str, items: list[tuple[pb.GenerateRequest, list[int]]],
                      deadline: Optional[float] = None, idempotency_key: str = "",
-                     max_tenant_items: Optional[int] = None) -> tuple[str, bool]:
-        """Store a batch; returns (batch_id, created). With an idempotency key seen before
+                     max_tenant_items: Optional[int] = None,
+                     work: Optional[BatchWork] = None) -> tuple[str, bool]:
+        """Store a batch; returns (batch_id, created). `work`: its deadline bookkeeping. With an idempotency key seen before
         for this tenant and the same payload, returns the earlier batch and created=False;
         with a different payload raises IdempotencyConflict. Raises QuotaExceeded when the
         tenant would hold more than `max_tenant_items` unfinished items. The prompt is
@@ -175,10 +183,13 @@ class SqliteBatchStore(StoreBase):
                         f"this tenant has {have} unfinished batch items; the limit is "
                         f"{max_tenant_items}; wait for batches to finish or cancel some")
             bid = "batch_" + uuid.uuid4().hex
+            w = work or BatchWork()
             self._db.execute(
                 "INSERT INTO batches (id, tenant, state, total, created_at, deadline, "
-                "idempotency_key, payload_sha) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?)",
-                (bid, tenant, len(items), time.time(), deadline, idempotency_key or None, digest))
+                "idempotency_key, payload_sha, work_prompt_tokens, work_output_tokens, "
+                "estimate_at) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
+                (bid, tenant, len(items), time.time(), deadline, idempotency_key or None, digest,
+                 int(w.prompt_tokens), int(w.output_tokens), w.estimate_at))
             self._db.executemany(
                 "INSERT INTO items (batch_id, idx, request, prompt_ids, state) VALUES (?, ?, ?, ?, 'pending')",
                 [(bid, i, _without_prompt(req), json.dumps(ids)) for i, (req, ids) in enumerate(items)])
@@ -327,6 +338,12 @@ class SqliteBatchStore(StoreBase):
             return self._db.execute(
                 "SELECT idx, result FROM items WHERE batch_id=? AND idx>=? AND state='done' "
                 "ORDER BY idx LIMIT ?", (batch_id, start, limit)).fetchall()
+
+    def active(self) -> list[BatchRow]:
+        with self._lock:
+            rows = self._db.execute(f"SELECT {_BATCH_COLS} FROM batches "
+                                    "WHERE state IN ('queued','running') ORDER BY seq").fetchall()
+        return [BatchRow(*r) for r in rows]
 
     def expired(self, now: float) -> list[str]:
         with self._lock:
