@@ -45,6 +45,7 @@ from conserve_jax.config import EngineConfig
 from conserve_jax.proto_gen.conserve.v1 import conserve_pb2 as pb
 from conserve_server.admission import Admission
 from conserve_server.auth import Authenticator
+from conserve_server.batch.deadlines import DeadlineTracker, engine_work_cost
 from conserve_server.batch.offline_resume import OfflineResume
 from conserve_server.batch.runner import BatchRunner
 from conserve_server.batch.store import StoreBase, open_store
@@ -89,13 +90,20 @@ class ServerApp:
         self.metrics.attach(self.store, self.runner)
         self.runner.offline = OfflineResume.create(observed, self.store, config.data_dir,
                                                    config.offline_kv_max_bytes)
+        ecfg = engine_config or EngineConfig()
+        self.deadlines = DeadlineTracker(
+            self.store, engine, config.deadlines,
+            engine_work_cost(engine, ecfg.max_prefill_tokens, ecfg.max_num_seqs))
+        self.runner.deadlines = self.deadlines
+        self.metrics.deadlines = self.deadlines
         self.servicer = CoServeServicer(observed, self.store, self.runner, auth, o,
-                                        metrics=self.metrics, admission=self.admission)
+                                        metrics=self.metrics, admission=self.admission,
+                                        deadlines=self.deadlines)
         self.http = None
         if config.http_port is not None:
             from conserve_server.openai_api.front import HttpFront  # imported only when the front is on
             self.http = HttpFront(observed, self.store, self.runner, auth, self.metrics,
-                                  self.admission, config)
+                                  self.admission, config, self.deadlines)
         self._metrics_server = None
         self.health = LimitedHealth(StreamLimiter("Health.Watch", config.max_health_watches))
         self.reflection = LimitedReflection(

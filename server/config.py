@@ -94,6 +94,37 @@ class ServiceOptions:
         return tenant
 
 
+@dataclass(frozen=True)
+class DeadlineOptions:
+    """Completion windows of offline batches (issue 27; `conserve_server.batch.deadlines`):
+    the harvest-rate meter, the at-risk threshold, and whether a batch predicted to miss
+    its window is refused at submission or accepted to expire."""
+
+    accept_infeasible: bool = flag_field(
+        "accept a batch even when it is predicted to miss its completion window (it then "
+        "expires at the deadline, as OpenAI's do); default: refuse it up front with gRPC "
+        "RESOURCE_EXHAUSTED / HTTP 429 resource_unavailable naming the estimate",
+        default=False)
+    harvest_window_s: float = flag_field(
+        "seconds of recent offline progress the harvest rate (offline work per wall second "
+        "while offline work waits) is measured over", default=120.0)
+    harvest_min_history_s: float = flag_field(
+        "backlogged seconds the meter needs before it estimates anything; until then no "
+        "estimate is given and every batch is accepted", default=5.0)
+    at_risk_margin: float = flag_field(
+        "a batch is at risk when its slack (deadline - estimated finish) is below this "
+        "fraction of the time it still needs (or negative)", default=0.2)
+
+    def __post_init__(self) -> None:
+        if not self.harvest_window_s > 0:
+            raise ValueError(f"harvest_window_s must be > 0, got {self.harvest_window_s}")
+        if not 0 <= self.harvest_min_history_s <= self.harvest_window_s:
+            raise ValueError("harvest_min_history_s must be in [0, harvest_window_s], got "
+                             f"{self.harvest_min_history_s}")
+        if not self.at_risk_margin >= 0:
+            raise ValueError(f"at_risk_margin must be >= 0, got {self.at_risk_margin}")
+
+
 @dataclass
 class ServerConfig:
     """Everything `ServerApp` is configured with (see the module docstring)."""
@@ -146,6 +177,7 @@ class ServerConfig:
     max_connection_age_grace_s: float = flag_field(
         "seconds open calls get after that GOAWAY", default=600.0)
     options: ServiceOptions = field(default_factory=ServiceOptions)
+    deadlines: DeadlineOptions = field(default_factory=DeadlineOptions)
     auth_tokens: Optional[list[str]] = plain_field(
         "bearer tokens, each its own tenant (main reads --auth-token-file); None: auth off",
         default=None)

@@ -24,12 +24,13 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from conserve_jax.engine_api import (EngineStats, GenerationRequest, RequestClass,
                                      RequestOutput, RequestStream)
 from conserve_server.admission import Admission
 from conserve_server.batch.base import STORE_ERRORS
+from conserve_server.batch.deadlines import SLACK_BUCKETS_S
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
@@ -68,6 +69,13 @@ METRIC_NAMES = {
     "conserve_batch_store_up": "gauge: 1 while the batch database answers, 0 during an outage",
     "conserve_batch_items": "gauge {state=pending|in_flight|succeeded|failed|cancelled}",
     "conserve_uptime_seconds": "gauge",
+    "conserve_deadline_batches_total": "counter {class, outcome=met|missed}: batches with a "
+                                       "completion window, by outcome",
+    "conserve_deadline_refused_total": "counter: batches refused as infeasible at submission",
+    "conserve_deadline_at_risk": "gauge {unit=batches|items}: at-risk batches and their unfinished items",
+    "conserve_harvest_rate": "gauge: offline work units per backlogged second (absent: no history)",
+    "conserve_deadline_estimate_error": "gauge {stat=mean_abs|mean|count}: (estimate at submit - actual) / actual duration",
+    "conserve_deadline_slack_at_finish_seconds": "histogram: deadline - finish time of ended batches",
 }
 
 
@@ -88,6 +96,7 @@ class ServerMetrics:
         self.admission = admission  # the online counts and limit come from here
         self.store = None
         self.runner = None
+        self.deadlines = None  # conserve_server.batch.deadlines.DeadlineTracker, set by ServerApp
         self._started = time.monotonic()
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -156,6 +165,14 @@ class ServerMetrics:
             "batch_items_in_flight": in_flight,
             "uptime_s": time.monotonic() - self._started,
         }
+        if self.deadlines is not None and tenant is None:  # server-wide: not per tenant
+            d = self.deadlines.snapshot()
+            errs = d.estimate_errors
+            server.update(
+                deadline_met=sum(d.met.values()), deadline_missed=sum(d.missed.values()),
+                deadline_refused=d.refused, deadline_at_risk_batches=d.at_risk_batches,
+                deadline_at_risk_items=d.at_risk_items, harvest_rate=d.harvest_rate or 0.0,
+                deadline_estimate_error_mean=sum(abs(e) for e in errs) / len(errs) if errs else 0.0)
         return Snapshot(self.engine.stats(), server)
 
     def exposition(self) -> bytes:
@@ -256,6 +273,39 @@ class _EngineCollector:
                         int(bool(self.m.store.healthy)))
         yield gauge("conserve_batch_items", "Batch items by state", label="state", values=items)
         yield gauge("conserve_uptime_seconds", "Server uptime", srv["uptime_s"])
+        if self.m.deadlines is not None:
+            yield from _deadline_metrics(self.m.deadlines.snapshot(), gauge)
+
+
+def _deadline_metrics(d, gauge):
+    """The deadline families of one `DeadlineStats` snapshot (see METRIC_NAMES)."""
+    c = CounterMetricFamily("conserve_deadline_batches", "Batches with a completion window, "
+                            "by outcome (missed: expired or finished late)",
+                            labels=["class", "outcome"])
+    for cls in sorted(set(d.met) | set(d.missed) | {"batch"}):
+        c.add_metric([cls, "met"], d.met.get(cls, 0))
+        c.add_metric([cls, "missed"], d.missed.get(cls, 0))
+    yield c
+    yield CounterMetricFamily("conserve_deadline_refused", "Batches refused as infeasible at "
+                              "submission", value=d.refused)
+    yield gauge("conserve_deadline_at_risk", "At-risk batches and their unfinished items",
+                label="unit", values=[("batches", d.at_risk_batches), ("items", d.at_risk_items)])
+    if d.harvest_rate is not None:
+        yield gauge("conserve_harvest_rate", "Offline work units per backlogged second",
+                    d.harvest_rate)
+    errs = d.estimate_errors
+    yield gauge("conserve_deadline_estimate_error", "(estimate at submit - actual) / actual "
+                "duration of completed batches (the last 1000)", label="stat",
+                values=[("mean_abs", sum(abs(e) for e in errs) / len(errs) if errs else 0.0),
+                        ("mean", sum(errs) / len(errs) if errs else 0.0), ("count", len(errs))])
+    h = HistogramMetricFamily("conserve_deadline_slack_at_finish_seconds",
+                              "Deadline minus finish time of ended batches (negative: missed)")
+    cum, buckets = 0, []
+    for bound, n in zip(list(SLACK_BUCKETS_S) + [float("inf")], d.slack_hist):
+        cum += n
+        buckets.append(("+Inf" if bound == float("inf") else repr(bound), cum))
+    h.add_metric([], buckets, sum_value=d.slack_sum_s)
+    yield h
 
 
 class ObservedStream:

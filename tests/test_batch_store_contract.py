@@ -143,6 +143,9 @@ def test_deadline_work_is_stored_and_active_lists_unfinished(make_store):
     store.terminate(b, "cancelled", "batch cancelled")
     assert [r.id for r in store.active()] == [a]
     assert store.list("t1", 10)[0].work_output_tokens == 40
+    k, _ = store.create_batch("t1", _items(1), idempotency_key="key-1")
+    assert store.find_by_key("t1", "key-1").id == k
+    assert store.find_by_key("t2", "key-1") is None and store.find_by_key("t1", "other") is None
 
 
 def test_recovery_after_a_crash(make_store):

@@ -32,6 +32,10 @@ def test_meter_window_slides_and_weights_work():
     assert m.rate() == pytest.approx(1.0)
     m.observe(25.0, 20, 110, True)  # half window: 5 s of the old interval (5 units) + 20
     assert m.rate() == pytest.approx((5 + 20) / 10)
+    # idle for an hour (not backlogged): the window slides over backlogged time only
+    m.observe(3625.0, 20, 110, False)
+    m.observe(3626.0, 20, 110, True)
+    assert m.rate() == pytest.approx(2.5) and m.span() == pytest.approx((10.0, 25.0))
 
 
 def test_meter_needs_history_and_restarts_on_counter_reset():

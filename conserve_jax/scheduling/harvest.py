@@ -13,13 +13,15 @@ engine) both costs are 1: the unit is a token.
 was waiting at that moment (backlogged). Only intervals that were backlogged at both ends
 count: an engine with nothing offline to do harvests nothing, and that says nothing about
 the rate it *could* harvest. `rate()` is work units per backlogged wall second over the last
-`window_s`; None until at least `min_span_s` of backlogged time is in the window (no
-history: callers must say what they assume instead, see `slack.py`).
+`window_s` backlogged seconds (the window slides over backlogged time, so an engine idle
+for an hour still reports the rate it last harvested at); None until at least
+`min_span_s` backlogged seconds were measured (no history: callers must say what they
+assume instead, see `slack.py`).
 
 Pure host code with an explicit clock (callers pass `now`), so tests drive it with a fake
-clock. Not thread-safe: one owner (the batch runner's thread) feeds it; readers on other
-threads call `rate()`, which only reads an immutable snapshot (`_samples` is replaced, never
-mutated in place, so a reader never sees a half-updated window).
+clock. One owner (the batch runner's thread) feeds it; readers on other threads call
+`rate()`, which reads an immutable tuple (`_intervals` is replaced whole, never mutated in
+place, so a reader never sees a half-updated window).
 """
 from __future__ import annotations
 
@@ -60,14 +62,15 @@ class WorkCost:
 
 
 @dataclass(frozen=True)
-class _Sample:
+class _Reading:
     t: float
     work: float  # cumulative work units
     backlogged: bool
 
 
 class HarvestMeter:
-    """Offline work units per backlogged wall second over a sliding window (module doc)."""
+    """Offline work units per backlogged wall second over the last `window_s` backlogged
+    seconds (module doc)."""
 
     def __init__(self, cost: WorkCost = WorkCost(), window_s: float = 120.0,
                  min_span_s: float = 5.0) -> None:
@@ -78,44 +81,47 @@ class HarvestMeter:
         self.cost = cost
         self.window_s = window_s
         self.min_span_s = min_span_s
-        self._samples: tuple[_Sample, ...] = ()
+        self._last: Optional[_Reading] = None
+        # backlogged intervals (seconds, work units), oldest first, covering at most
+        # window_s seconds; replaced whole on every change (readers see a consistent tuple)
+        self._intervals: tuple[tuple[float, float], ...] = ()
 
     def observe(self, now: float, prefill_tokens_total: int, output_tokens_total: int,
                 backlogged: bool) -> None:
         """One reading of the engine's cumulative offline counters at wall time `now`.
-        Readings must come in time order; a counter that went down (engine restart) starts
-        the window afresh."""
+        A reading earlier than the previous one, or counters that went down (the engine
+        restarted), forget the history."""
         work = self.cost.of(prefill_tokens_total, output_tokens_total)
-        s = self._samples
-        if s and (now < s[-1].t or work < s[-1].work):
-            s = ()
-        cut = now - self.window_s
-        first = next((i for i, x in enumerate(s) if x.t >= cut), len(s))
-        keep = list(s[max(0, first - 1):])  # one sample at or before the cut covers its edge
-        keep.append(_Sample(now, work, bool(backlogged)))
-        self._samples = tuple(keep)
+        last, self._last = self._last, _Reading(now, work, bool(backlogged))
+        if last is None:
+            return
+        if now < last.t or work < last.work:
+            self._intervals = ()
+            return
+        dt = now - last.t
+        if not (last.backlogged and backlogged) or dt <= 0:
+            return
+        iv = list(self._intervals) + [(dt, work - last.work)]
+        excess = sum(d for d, _ in iv) - self.window_s
+        while excess > 0 and iv:
+            d, w = iv[0]
+            if d <= excess:  # wholly outside the window
+                iv.pop(0)
+                excess -= d
+            else:  # partly: keep the share inside
+                keep = (d - excess) / d
+                iv[0] = (d * keep, w * keep)
+                excess = 0
+        self._intervals = tuple(iv)
 
     def span(self) -> tuple[float, float]:
         """(backlogged seconds, work units done in them) inside the window."""
-        s = self._samples
-        if not s:
-            return 0.0, 0.0
-        start = s[-1].t - self.window_s
-        secs = work = 0.0
-        for a, b in zip(s, s[1:]):
-            if not (a.backlogged and b.backlogged) or b.t <= start:
-                continue
-            dt = b.t - a.t
-            if dt <= 0:
-                continue
-            frac = min(1.0, (b.t - start) / dt)  # part of the interval inside the window
-            secs += dt * frac
-            work += (b.work - a.work) * frac
-        return secs, work
+        iv = self._intervals
+        return sum(d for d, _ in iv), sum(w for _, w in iv)
 
     def rate(self) -> Optional[float]:
         """Work units per backlogged wall second, or None with under `min_span_s` of
-        backlogged time in the window."""
+        backlogged time measured."""
         secs, work = self.span()
         if secs < self.min_span_s or secs <= 0:
             return None

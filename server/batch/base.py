@@ -160,6 +160,10 @@ class StoreBase(abc.ABC):
                      work: Optional[BatchWork] = None) -> tuple[str, bool]: ...
 
     @abc.abstractmethod
+    def find_by_key(self, tenant: str, idempotency_key: str) -> Optional[BatchRow]:
+        """The tenant's batch created with this idempotency key, if any."""
+
+    @abc.abstractmethod
     def active(self) -> list[BatchRow]:
         """Every queued or running batch of every tenant (deadline estimates)."""
 

@@ -419,6 +419,12 @@ class PgBatchStore(StoreBase):
             "ORDER BY idx LIMIT %s", (batch_id, start, limit)).fetchall())
         return [(i, bytes(r)) for i, r in rows]
 
+    def find_by_key(self, tenant, idempotency_key):
+        row = self._read(lambda c: c.execute(
+            f"SELECT {BATCH_COLS} FROM batches WHERE tenant=%s AND idempotency_key=%s",
+            (tenant, idempotency_key)).fetchone())
+        return BatchRow(*row) if row else None
+
     def active(self):
         return [BatchRow(*r) for r in self._read(lambda c: c.execute(
             f"SELECT {BATCH_COLS} FROM batches WHERE state IN ('queued','running') "

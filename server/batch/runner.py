@@ -4,7 +4,9 @@ One thread (started by `start`) owns everything in here: it claims pending items
 the `BatchStore`, submits at most `max_in_flight` of them to the engine at a time (the
 engine is never flooded; its scheduler decides how many of those actually run), polls
 their streams, and commits each item's result the moment its final delta arrives. It
-also fails batches whose completion deadline has passed.
+also fails batches whose completion deadline has passed, and at the same checks ticks the
+`DeadlineTracker` (harvest rate, estimates; `deadlines.py`), which it also tells the length
+of every finished item (the expected-output predictor behind the estimates).
 
 Other threads only call `wake`, `cancel_batch` (after `BatchStore.terminate`), `stop`
 and read `in_flight`; requests from them travel through a queue, so the in-flight table
@@ -104,6 +106,10 @@ class BatchRunner:
         # conserve_server.batch.offline_resume.OfflineResume or None: resume items from saved state, save
         # the unfinished ones at stop (set by ServerApp before start)
         self.offline = None
+        # conserve_server.batch.deadlines.DeadlineTracker or None: ticked at every deadline
+        # check (harvest rate, estimates), told the length of every finished item (set by
+        # ServerApp before start)
+        self.deadlines = None
         self._thread = threading.Thread(target=self._run, name="batch-runner", daemon=True)
 
     @property
@@ -149,6 +155,8 @@ class BatchRunner:
                     if now >= next_deadline_check:
                         next_deadline_check = now + self.deadline_check_s
                         self._expire()
+                        if self.deadlines is not None:
+                            self.deadlines.tick()
                     if self.store.shared and now >= self._next_heartbeat:
                         self._next_heartbeat = now + getattr(self.store, "lease_s", 30.0) / 3
                         self._heartbeat()
@@ -337,6 +345,10 @@ class BatchRunner:
             self._write(("release", item.batch_id, item.index, item.epoch))
             return None
         outcome = reason if reason in ("stop", "length") else "error"
+        if outcome != "error" and self.deadlines is not None:
+            self.deadlines.observe_length(item.request, item.prompt_ids,
+                                          self._tenant_of.get(item.batch_id, ""),
+                                          final.completion_tokens)
         return ("commit", item.batch_id, result, outcome, item)
 
     def _heartbeat(self) -> None:

@@ -339,6 +339,12 @@ class SqliteBatchStore(StoreBase):
                 "SELECT idx, result FROM items WHERE batch_id=? AND idx>=? AND state='done' "
                 "ORDER BY idx LIMIT ?", (batch_id, start, limit)).fetchall()
 
+    def find_by_key(self, tenant: str, idempotency_key: str) -> Optional[BatchRow]:
+        with self._lock:
+            row = self._db.execute(f"SELECT {_BATCH_COLS} FROM batches WHERE tenant=? AND "
+                                   "idempotency_key=?", (tenant, idempotency_key)).fetchone()
+        return BatchRow(*row) if row else None
+
     def active(self) -> list[BatchRow]:
         with self._lock:
             rows = self._db.execute(f"SELECT {_BATCH_COLS} FROM batches "

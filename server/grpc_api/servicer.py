@@ -9,7 +9,9 @@ handed to the `BatchRunner` thread through the store and `wake`/`cancel_batch`.
 Errors: bad input -> INVALID_ARGUMENT naming the field; online queue full (globally or
 for the caller's tenant), too many open result streams, or the tenant's batch-item quota
 -> RESOURCE_EXHAUSTED; unknown batch, or another tenant's (indistinguishable on purpose)
--> NOT_FOUND; missing/bad token -> UNAUTHENTICATED; an idempotency key reused for a
+-> NOT_FOUND; a batch predicted to miss its deadline (completion window) at the
+current harvest rate, unless --accept-infeasible -> RESOURCE_EXHAUSTED naming the deadline
+and the estimate (`conserve_server.batch.deadlines`); missing/bad token -> UNAUTHENTICATED; an idempotency key reused for a
 different payload, or deleting an active batch -> FAILED_PRECONDITION; shutting down or
 the engine stopped -> UNAVAILABLE; an engine failure during a Generate -> INTERNAL with a
 fixed message. Store and unexpected failures are mapped by
@@ -41,9 +43,11 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from conserve_jax.engine_api import RequestClass
 from conserve_jax.proto_gen.conserve.v1 import conserve_pb2 as pb
 from conserve_jax.proto_gen.conserve.v1 import conserve_pb2_grpc as pb_grpc
+from conserve_jax.scheduling.slack import Estimate
 from conserve_server import convert
 from conserve_server.admission import Admission
 from conserve_server.auth import Authenticator
+from conserve_server.batch.deadlines import DeadlineTracker
 from conserve_server.batch.runner import BatchRunner
 from conserve_server.batch.store import (BatchRow, IdempotencyConflict, QuotaExceeded, StoreBase,
                                          StoreUnavailable)
@@ -69,20 +73,29 @@ def _ts(t: Optional[float]) -> Optional[Timestamp]:
     return ts
 
 
-def batch_to_proto(row: BatchRow) -> pb.Batch:
-    return pb.Batch(batch_id=row.id, state=_STATES[row.state], total=row.total, done=row.done,
-                    failed=row.failed, cancelled=row.cancelled, created_at=_ts(row.created_at),
-                    started_at=_ts(row.started_at), finished_at=_ts(row.finished_at),
-                    deadline=_ts(row.deadline), error=row.error)
+def batch_to_proto(row: BatchRow, est: Optional[Estimate] = None) -> pb.Batch:
+    """`est`: the batch's current deadline estimate (None: unknown or not active)."""
+    b = pb.Batch(batch_id=row.id, state=_STATES[row.state], total=row.total, done=row.done,
+                 failed=row.failed, cancelled=row.cancelled, created_at=_ts(row.created_at),
+                 started_at=_ts(row.started_at), finished_at=_ts(row.finished_at),
+                 deadline=_ts(row.deadline), error=row.error,
+                 estimated_completion_at_submit=_ts(row.estimate_at))
+    if est is not None and est.finish_at is not None and row.state in ("queued", "running"):
+        b.estimated_completion_at.CopyFrom(_ts(est.finish_at))
+        b.slack_s = est.slack_s if est.slack_s is not None else 0.0
+        b.at_risk = est.at_risk
+    return b
 
 
 class CoServeServicer(pb_grpc.CoServeServicer):
     def __init__(self, engine, store: StoreBase, runner: BatchRunner,
                  auth: Optional[Authenticator], options: ServiceOptions,
                  metrics: Optional[ServerMetrics] = None,
-                 admission: Optional[Admission] = None) -> None:
+                 admission: Optional[Admission] = None,
+                 deadlines: Optional[DeadlineTracker] = None) -> None:
         """`admission` and `metrics` are the server's, shared with the HTTP front; given
-        neither (standalone use), the servicer makes its own."""
+        neither (standalone use), the servicer makes its own. `deadlines`: completion-window
+        admission and estimates (None: every batch accepted, no estimates)."""
         if admission is None:
             admission = Admission(options, auth.num_tenants if auth is not None else 1)
         if metrics is None:
@@ -95,6 +108,7 @@ class CoServeServicer(pb_grpc.CoServeServicer):
         self.runner = runner
         self.auth = auth
         self.options = options
+        self.deadlines = deadlines
         self.admitting = True
         self.result_streams = StreamLimiter("StreamBatchResults", options.max_result_streams,
                                             options.max_result_streams_per_tenant)
@@ -219,10 +233,18 @@ class CoServeServicer(pb_grpc.CoServeServicer):
             deadline = request.deadline.ToNanoseconds() / 1e9
             if not math.isfinite(deadline) or deadline <= time.time():
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "deadline is in the past")
+        work = None
+        key = request.idempotency_key
+        # a retry of a stored batch is not judged again (the store answers it)
+        if self.deadlines is not None and not (key and self.store.find_by_key(tenant or "", key)):
+            work, refusal = self.deadlines.judge(items, tenant or "", deadline,
+                                                 "deadline (completion window)")
+            if refusal is not None:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
         try:
             batch_id, created = self.store.create_batch(
-                tenant or "", items, deadline, request.idempotency_key,
-                max_tenant_items=self.options.max_tenant_items)
+                tenant or "", items, deadline, key,
+                max_tenant_items=self.options.max_tenant_items, work=work)
         except IdempotencyConflict as e:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         except QuotaExceeded as e:
@@ -230,11 +252,19 @@ class CoServeServicer(pb_grpc.CoServeServicer):
         if created:
             log.info("batch %s: %d requests", batch_id, n)
             self.runner.wake()
-        return pb.SubmitBatchResponse(batch_id=batch_id)
+            estimate_at = work.estimate_at if work is not None else None
+        else:
+            row = self.store.get(batch_id)
+            estimate_at = row.estimate_at if row is not None else None
+        return pb.SubmitBatchResponse(batch_id=batch_id, estimated_completion_at=_ts(estimate_at))
+
+    def _batch(self, row: BatchRow) -> pb.Batch:
+        est = self.deadlines.estimate_of(row.id) if self.deadlines is not None else None
+        return batch_to_proto(row, est)
 
     def GetBatch(self, request, context):
         tenant = self._tenant(context)
-        return batch_to_proto(self._owned_batch(request.batch_id, tenant, context))
+        return self._batch(self._owned_batch(request.batch_id, tenant, context))
 
     def ListBatches(self, request, context):
         tenant = self._tenant(context)
@@ -248,7 +278,7 @@ class CoServeServicer(pb_grpc.CoServeServicer):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "page_token is invalid")
         rows = self.store.list(tenant, size, after)
         token = rows[-1].id if len(rows) == size else ""
-        return pb.ListBatchesResponse(batches=[batch_to_proto(r) for r in rows], next_page_token=token)
+        return pb.ListBatchesResponse(batches=[self._batch(r) for r in rows], next_page_token=token)
 
     def CancelBatch(self, request, context):
         tenant = self._tenant(context)
@@ -256,7 +286,7 @@ class CoServeServicer(pb_grpc.CoServeServicer):
         if self.store.terminate(row.id, "cancelled", "batch cancelled"):
             log.info("batch %s cancelled", row.id)
             self.runner.cancel_batch(row.id, "cancelled")
-        return batch_to_proto(self.store.get(row.id))
+        return self._batch(self.store.get(row.id))
 
     def DeleteBatch(self, request, context):
         tenant = self._tenant(context)

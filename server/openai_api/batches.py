@@ -20,6 +20,7 @@ from typing import Optional
 
 from conserve_jax.engine_api import RequestClass
 from conserve_jax.proto_gen.conserve.v1 import conserve_pb2 as pb
+from conserve_server.batch.deadlines import DEADLINE_ERROR
 from conserve_server.batch.store import TERMINAL, BatchRow, BatchStore
 from conserve_server.openai_api import render
 from conserve_server.openai_api.errors import ApiError, bad_request, invalid_value
@@ -28,7 +29,6 @@ from conserve_server.openai_api.schemas import ENDPOINTS, parse_body, to_generat
 
 _WINDOW = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(h|m|s|d)\s*$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-DEADLINE_ERROR = "batch deadline exceeded"
 
 
 def parse_window(value) -> float:
@@ -132,7 +132,10 @@ def finished(row: BatchRow) -> bool:
     return row.state in TERMINAL and row.done >= row.total
 
 
-def batch_object(row: BatchRow, meta: Optional[dict]) -> dict:
+def batch_object(row: BatchRow, meta: Optional[dict], est=None) -> dict:
+    """The OpenAI batch object, plus this server's deadline estimates (unix s, null when
+    unknown): `estimated_completion_at` (current, `est`: a `slack.Estimate`, while the batch
+    is in progress) and `estimated_completion_at_submit`."""
     meta = meta or {}
     status = _status(row)
     ok = row.done - row.failed - row.cancelled
@@ -162,6 +165,9 @@ def batch_object(row: BatchRow, meta: Optional[dict]) -> dict:
         "request_counts": {"total": row.total, "completed": ok,
                            "failed": row.failed + row.cancelled},
         "metadata": meta.get("metadata"),
+        "estimated_completion_at_submit": ts(row.estimate_at),
+        "estimated_completion_at": (ts(est.finish_at) if est is not None and status == "in_progress"
+                                    else None),
     }
 
 

@@ -37,13 +37,14 @@ def open_file_store(store, data_dir: str):
 
 class HttpFront:
     def __init__(self, engine, store, runner, auth, metrics: ServerMetrics,
-                 admission: Admission, config: ServerConfig) -> None:
+                 admission: Admission, config: ServerConfig, deadlines=None) -> None:
         """`config`: the server's resolved `ServerConfig` (host, http_port, TLS, drain
-        timeout, served model name, and the `ServiceOptions` the gRPC face uses too)."""
+        timeout, served model name, and the `ServiceOptions` the gRPC face uses too).
+        `deadlines`: the server's `DeadlineTracker` (None: no completion-window admission)."""
         self.config = config
         self.routes = OpenAIRoutes(engine, store, runner, auth, metrics, admission,
                                    open_file_store(store, config.data_dir), config.options,
-                                   config.served_model_name)
+                                   config.served_model_name, deadlines)
         self.app = build_app(self.routes)
         self.port: Optional[int] = None
         self._server: Optional[uvicorn.Server] = None

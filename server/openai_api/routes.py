@@ -52,9 +52,12 @@ log = logging.getLogger(__name__)
 class OpenAIRoutes:
     def __init__(self, engine, store, runner, auth: Optional[Authenticator],
                  metrics: ServerMetrics, admission: Admission, files: FileStore,
-                 options: ServiceOptions, model_name: str) -> None:
-        """`model_name`: the model id this front reports and accepts."""
+                 options: ServiceOptions, model_name: str, deadlines=None) -> None:
+        """`model_name`: the model id this front reports and accepts. `deadlines`: the
+        server's `DeadlineTracker` (completion-window admission and estimates; None: every
+        batch accepted, no estimates)."""
         self.engine, self.store, self.runner, self.auth = engine, store, runner, auth
+        self.deadlines = deadlines
         self.metrics, self.admission, self.files = metrics, admission, files
         self.options, self.model_name = options, model_name
         self.max_body_bytes = options.max_message_bytes  # request bodies and file uploads
@@ -290,9 +293,16 @@ class OpenAIRoutes:
                  "completion_window": body.get("completion_window")}
         if key and (prior := await self._idempotent(tenant, key, asked)) is not None:
             return JSONResponse(await self._batch_json(prior))
+        work = None
+        if self.deadlines is not None:
+            work, refusal = await self.run(self.deadlines.judge, items, tenant or "", deadline,
+                                           "completion_window")
+            if refusal is not None:
+                raise ApiError(429, refusal, "completion_window", "resource_unavailable")
         try:
             batch_id, created = await self.run(self.store.create_batch, tenant or "", items,
-                                               deadline, key, self.options.max_tenant_items)
+                                               deadline, key, self.options.max_tenant_items,
+                                               work)
         except IdempotencyConflict as e:
             # a concurrent retry with this key may have created it a moment ago
             if (prior := await self._idempotent(tenant, key, asked)) is not None:
@@ -325,9 +335,13 @@ class OpenAIRoutes:
                            "Idempotency-Key", "idempotency_conflict")
         return doc["batch_id"]
 
+    def _estimate(self, batch_id: str):
+        return self.deadlines.estimate_of(batch_id) if self.deadlines is not None else None
+
     async def _batch_json(self, batch_id: str) -> dict:
         row = await self.run(self.store.get, batch_id)
-        return B.batch_object(row, await self.run(self.files.get_doc, batch_id))
+        return B.batch_object(row, await self.run(self.files.get_doc, batch_id),
+                              self._estimate(batch_id))
 
     async def _owned_batch(self, request: Request):
         tenant = self.tenant(request)
@@ -339,7 +353,8 @@ class OpenAIRoutes:
 
     async def get_batch(self, request: Request):
         row = await self._owned_batch(request)
-        return JSONResponse(B.batch_object(row, await self.run(self.files.get_doc, row.id)))
+        return JSONResponse(B.batch_object(row, await self.run(self.files.get_doc, row.id),
+                                           self._estimate(row.id)))
 
     async def cancel_batch(self, request: Request):
         row = await self._owned_batch(request)
@@ -362,7 +377,8 @@ class OpenAIRoutes:
             if cursor is None or (tenant is not None and cursor.tenant != tenant):
                 raise invalid_value("after", f"after: no such batch {after!r}")
         rows = await self.run(self.store.list, tenant, limit + 1, after)
-        data = [B.batch_object(r, await self.run(self.files.get_doc, r.id)) for r in rows[:limit]]
+        data = [B.batch_object(r, await self.run(self.files.get_doc, r.id), self._estimate(r.id))
+                for r in rows[:limit]]
         return JSONResponse({"object": "list", "data": data, "has_more": len(rows) > limit,
                              "first_id": data[0]["id"] if data else None,
                              "last_id": data[-1]["id"] if data else None})

@@ -161,13 +161,15 @@ class SubmitBatchRequest(_message.Message):
     def __init__(self, requests: _Optional[_Iterable[_Union[GenerateRequest, _Mapping]]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class SubmitBatchResponse(_message.Message):
-    __slots__ = ("batch_id",)
+    __slots__ = ("batch_id", "estimated_completion_at")
     BATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_COMPLETION_AT_FIELD_NUMBER: _ClassVar[int]
     batch_id: str
-    def __init__(self, batch_id: _Optional[str] = ...) -> None: ...
+    estimated_completion_at: _timestamp_pb2.Timestamp
+    def __init__(self, batch_id: _Optional[str] = ..., estimated_completion_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Batch(_message.Message):
-    __slots__ = ("batch_id", "state", "total", "done", "failed", "cancelled", "created_at", "started_at", "finished_at", "deadline", "error")
+    __slots__ = ("batch_id", "state", "total", "done", "failed", "cancelled", "created_at", "started_at", "finished_at", "deadline", "error", "estimated_completion_at_submit", "estimated_completion_at", "slack_s", "at_risk")
     BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     TOTAL_FIELD_NUMBER: _ClassVar[int]
@@ -179,6 +181,10 @@ class Batch(_message.Message):
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_COMPLETION_AT_SUBMIT_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_COMPLETION_AT_FIELD_NUMBER: _ClassVar[int]
+    SLACK_S_FIELD_NUMBER: _ClassVar[int]
+    AT_RISK_FIELD_NUMBER: _ClassVar[int]
     batch_id: str
     state: BatchState
     total: int
@@ -190,7 +196,11 @@ class Batch(_message.Message):
     finished_at: _timestamp_pb2.Timestamp
     deadline: _timestamp_pb2.Timestamp
     error: str
-    def __init__(self, batch_id: _Optional[str] = ..., state: _Optional[_Union[BatchState, str]] = ..., total: _Optional[int] = ..., done: _Optional[int] = ..., failed: _Optional[int] = ..., cancelled: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
+    estimated_completion_at_submit: _timestamp_pb2.Timestamp
+    estimated_completion_at: _timestamp_pb2.Timestamp
+    slack_s: float
+    at_risk: bool
+    def __init__(self, batch_id: _Optional[str] = ..., state: _Optional[_Union[BatchState, str]] = ..., total: _Optional[int] = ..., done: _Optional[int] = ..., failed: _Optional[int] = ..., cancelled: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[str] = ..., estimated_completion_at_submit: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., estimated_completion_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., slack_s: _Optional[float] = ..., at_risk: _Optional[bool] = ...) -> None: ...
 
 class GetBatchRequest(_message.Message):
     __slots__ = ("batch_id",)
@@ -263,7 +273,7 @@ class GetServerStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerStats(_message.Message):
-    __slots__ = ("online_waiting", "online_running", "offline_waiting", "offline_running", "kv_blocks_total", "kv_blocks_online", "kv_blocks_offline", "host_pool_slots_total", "host_pool_slots_used", "online_tokens_per_s", "offline_tokens_per_s", "online_tokens_total", "offline_tokens_total", "preemptions", "preempted_tokens_discarded", "preemptions_resumed", "evictions", "recomputed_tokens", "restored_tokens", "iterations", "online_in_flight", "online_queue_limit", "batches_active", "batch_items_pending", "batch_items_in_flight", "uptime_s", "online_prefill_tokens_total", "offline_prefill_tokens_total", "kv_blocks_reserved_unused", "kv_reservations_grown", "kv_blocks_lent", "kv_blocks_returned", "kv_loans_recalled", "predictor_observed", "predictor_mae_tokens", "predictor_within_25pct", "predictor_baseline_mae_tokens", "prefix_cache_queries_online", "prefix_cache_queries_offline", "prefix_cache_hits_online", "prefix_cache_hits_offline", "kv_blocks_cached_free", "prefix_cache_evictions")
+    __slots__ = ("online_waiting", "online_running", "offline_waiting", "offline_running", "kv_blocks_total", "kv_blocks_online", "kv_blocks_offline", "host_pool_slots_total", "host_pool_slots_used", "online_tokens_per_s", "offline_tokens_per_s", "online_tokens_total", "offline_tokens_total", "preemptions", "preempted_tokens_discarded", "preemptions_resumed", "evictions", "recomputed_tokens", "restored_tokens", "iterations", "online_in_flight", "online_queue_limit", "batches_active", "batch_items_pending", "batch_items_in_flight", "uptime_s", "online_prefill_tokens_total", "offline_prefill_tokens_total", "kv_blocks_reserved_unused", "kv_reservations_grown", "kv_blocks_lent", "kv_blocks_returned", "kv_loans_recalled", "predictor_observed", "predictor_mae_tokens", "predictor_within_25pct", "predictor_baseline_mae_tokens", "prefix_cache_queries_online", "prefix_cache_queries_offline", "prefix_cache_hits_online", "prefix_cache_hits_offline", "kv_blocks_cached_free", "prefix_cache_evictions", "deadline_met", "deadline_missed", "deadline_refused", "deadline_at_risk_batches", "deadline_at_risk_items", "harvest_rate", "deadline_estimate_error_mean")
     ONLINE_WAITING_FIELD_NUMBER: _ClassVar[int]
     ONLINE_RUNNING_FIELD_NUMBER: _ClassVar[int]
     OFFLINE_WAITING_FIELD_NUMBER: _ClassVar[int]
@@ -307,6 +317,13 @@ class ServerStats(_message.Message):
     PREFIX_CACHE_HITS_OFFLINE_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_CACHED_FREE_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_MET_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_MISSED_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_REFUSED_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_AT_RISK_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_AT_RISK_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    HARVEST_RATE_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_ESTIMATE_ERROR_MEAN_FIELD_NUMBER: _ClassVar[int]
     online_waiting: int
     online_running: int
     offline_waiting: int
@@ -350,4 +367,11 @@ class ServerStats(_message.Message):
     prefix_cache_hits_offline: int
     kv_blocks_cached_free: int
     prefix_cache_evictions: int
-    def __init__(self, online_waiting: _Optional[int] = ..., online_running: _Optional[int] = ..., offline_waiting: _Optional[int] = ..., offline_running: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_online: _Optional[int] = ..., kv_blocks_offline: _Optional[int] = ..., host_pool_slots_total: _Optional[int] = ..., host_pool_slots_used: _Optional[int] = ..., online_tokens_per_s: _Optional[float] = ..., offline_tokens_per_s: _Optional[float] = ..., online_tokens_total: _Optional[int] = ..., offline_tokens_total: _Optional[int] = ..., preemptions: _Optional[int] = ..., preempted_tokens_discarded: _Optional[int] = ..., preemptions_resumed: _Optional[int] = ..., evictions: _Optional[int] = ..., recomputed_tokens: _Optional[int] = ..., restored_tokens: _Optional[int] = ..., iterations: _Optional[int] = ..., online_in_flight: _Optional[int] = ..., online_queue_limit: _Optional[int] = ..., batches_active: _Optional[int] = ..., batch_items_pending: _Optional[int] = ..., batch_items_in_flight: _Optional[int] = ..., uptime_s: _Optional[float] = ..., online_prefill_tokens_total: _Optional[int] = ..., offline_prefill_tokens_total: _Optional[int] = ..., kv_blocks_reserved_unused: _Optional[int] = ..., kv_reservations_grown: _Optional[int] = ..., kv_blocks_lent: _Optional[int] = ..., kv_blocks_returned: _Optional[int] = ..., kv_loans_recalled: _Optional[int] = ..., predictor_observed: _Optional[int] = ..., predictor_mae_tokens: _Optional[float] = ..., predictor_within_25pct: _Optional[float] = ..., predictor_baseline_mae_tokens: _Optional[float] = ..., prefix_cache_queries_online: _Optional[int] = ..., prefix_cache_queries_offline: _Optional[int] = ..., prefix_cache_hits_online: _Optional[int] = ..., prefix_cache_hits_offline: _Optional[int] = ..., kv_blocks_cached_free: _Optional[int] = ..., prefix_cache_evictions: _Optional[int] = ...) -> None: ...
+    deadline_met: int
+    deadline_missed: int
+    deadline_refused: int
+    deadline_at_risk_batches: int
+    deadline_at_risk_items: int
+    harvest_rate: float
+    deadline_estimate_error_mean: float
+    def __init__(self, online_waiting: _Optional[int] = ..., online_running: _Optional[int] = ..., offline_waiting: _Optional[int] = ..., offline_running: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_online: _Optional[int] = ..., kv_blocks_offline: _Optional[int] = ..., host_pool_slots_total: _Optional[int] = ..., host_pool_slots_used: _Optional[int] = ..., online_tokens_per_s: _Optional[float] = ..., offline_tokens_per_s: _Optional[float] = ..., online_tokens_total: _Optional[int] = ..., offline_tokens_total: _Optional[int] = ..., preemptions: _Optional[int] = ..., preempted_tokens_discarded: _Optional[int] = ..., preemptions_resumed: _Optional[int] = ..., evictions: _Optional[int] = ..., recomputed_tokens: _Optional[int] = ..., restored_tokens: _Optional[int] = ..., iterations: _Optional[int] = ..., online_in_flight: _Optional[int] = ..., online_queue_limit: _Optional[int] = ..., batches_active: _Optional[int] = ..., batch_items_pending: _Optional[int] = ..., batch_items_in_flight: _Optional[int] = ..., uptime_s: _Optional[float] = ..., online_prefill_tokens_total: _Optional[int] = ..., offline_prefill_tokens_total: _Optional[int] = ..., kv_blocks_reserved_unused: _Optional[int] = ..., kv_reservations_grown: _Optional[int] = ..., kv_blocks_lent: _Optional[int] = ..., kv_blocks_returned: _Optional[int] = ..., kv_loans_recalled: _Optional[int] = ..., predictor_observed: _Optional[int] = ..., predictor_mae_tokens: _Optional[float] = ..., predictor_within_25pct: _Optional[float] = ..., predictor_baseline_mae_tokens: _Optional[float] = ..., prefix_cache_queries_online: _Optional[int] = ..., prefix_cache_queries_offline: _Optional[int] = ..., prefix_cache_hits_online: _Optional[int] = ..., prefix_cache_hits_offline: _Optional[int] = ..., kv_blocks_cached_free: _Optional[int] = ..., prefix_cache_evictions: _Optional[int] = ..., deadline_met: _Optional[int] = ..., deadline_missed: _Optional[int] = ..., deadline_refused: _Optional[int] = ..., deadline_at_risk_batches: _Optional[int] = ..., deadline_at_risk_items: _Optional[int] = ..., harvest_rate: _Optional[float] = ..., deadline_estimate_error_mean: _Optional[float] = ...) -> None: ...

@@ -1,0 +1,259 @@
+"""`DeadlineTracker`: completion windows of stored batches, seen from this replica: the
+harvest rate (`conserve_jax.scheduling.harvest`), each active batch's estimated finish and
+slack (`conserve_jax.scheduling.slack`), admission of a new batch against the work
+already promised, and the deadline statistics.
+
+Who calls what:
+- the batch runner's thread: `tick(now)` every deadline check (reads the engine's offline
+  counters into the meter, re-estimates every active batch from the store, notices batches
+  that ended and records their outcome), `observe_length` when an item finishes;
+- gRPC / HTTP worker threads: `work_of` and `admit` while creating a batch, `estimate_of`
+  when rendering one, `at_risk` and `snapshot` (metrics).
+Shared state is replaced whole under `self._lock` (estimates, statistics); the length
+predictor has its own lock (it is not thread-safe by itself).
+
+A batch's work is fixed at creation: its prompt tokens plus the expected output tokens
+of every item (the length predictor's point estimate: the client's
+`expected_output_tokens` as a prior, what finished items of the same shape generated,
+else min(128, max_tokens) before anything was seen), weighted by `WorkCost` into work
+units and stored with the batch (`BatchWork`), so every replica sees the same numbers. Its
+remaining work is that times the share of items without a result (items are assumed alike;
+an item half done counts as not done).
+
+No harvest history (fewer than `harvest_min_history_s` backlogged seconds measured, e.g.
+a fresh server): no estimate is made (None everywhere) and every batch is admitted; the
+meter learns the rate from the work it accepted. With a shared store each replica
+measures only its own rate and estimates as if it served every batch alone (a fleet rate
+is not summed across replicas yet).
+
+Outcomes: a batch that ends `completed` with `finished_at <= deadline` met its window;
+one that ends failed by its deadline (`DEADLINE_ERROR`), or completes after it, missed
+(class "batch"). Estimate error: (estimated duration at submit - actual) / actual, for
+completed batches that had an estimate. Slack at finish: deadline - finished_at (negative
+for a miss), in a histogram. Counted by the replica that sees the batch end (in a fleet,
+every replica that saw it active: sum with care).
+"""
+from __future__ import annotations
+
+import bisect
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from conserve_jax.proto_gen.conserve.v1 import conserve_pb2 as pb
+from conserve_jax.scheduling.harvest import HarvestMeter, WorkCost
+from conserve_jax.scheduling.length_predictor import LengthPredictor
+from conserve_jax.scheduling.slack import Estimate, JobWork, Verdict, admit, estimate
+from conserve_server import convert
+from conserve_server.batch.base import STORE_ERRORS, BatchRow, BatchWork, StoreBase
+from conserve_server.config import DeadlineOptions
+
+log = logging.getLogger(__name__)
+
+DEADLINE_ERROR = "batch deadline exceeded"
+# upper bounds (s) of the slack-at-finish histogram's buckets; +Inf is implied
+SLACK_BUCKETS_S = (-3600.0, -600.0, -60.0, -10.0, 0.0, 10.0, 60.0, 600.0, 3600.0, 86400.0)
+
+
+def length_inputs(req: pb.GenerateRequest) -> tuple[int, Optional[int]]:
+    """(max_tokens, the client's expected_output_tokens or None) of a stored request."""
+    hint = req.expected_output_tokens if req.HasField("expected_output_tokens") else None
+    return convert.sampling_from_proto(req.sampling).max_tokens, hint
+
+
+def engine_work_cost(engine, max_prefill_tokens: int, max_num_seqs: int) -> WorkCost:
+    """Work units for `engine`: dedicated-engine seconds from its policy's latency model
+    when it has one, else tokens (e.g. the mock engine)."""
+    model = getattr(getattr(engine, "policy", None), "model", None)
+    if model is None or not hasattr(model, "predict"):
+        return WorkCost()
+    return WorkCost.from_latency_model(model, max_prefill_tokens, max_num_seqs)
+
+
+@dataclass
+class DeadlineStats:
+    """Cumulative since start (this replica's view)."""
+
+    met: dict = field(default_factory=dict)  # class -> batches that finished in their window
+    missed: dict = field(default_factory=dict)  # class -> expired, or completed late
+    refused: int = 0  # batches refused as infeasible at submission
+    accepted_infeasible: int = 0  # accepted although predicted to miss (--accept-infeasible)
+    estimate_errors: list = field(default_factory=list)  # relative, completed batches
+    slack_hist: list = field(default_factory=lambda: [0] * (len(SLACK_BUCKETS_S) + 1))
+    slack_sum_s: float = 0.0
+    at_risk_batches: int = 0  # now
+    at_risk_items: int = 0  # now: unfinished items of at-risk batches
+    harvest_rate: Optional[float] = None  # work units per backlogged second, now
+
+
+class DeadlineTracker:
+    def __init__(self, store: StoreBase, engine, options: DeadlineOptions = DeadlineOptions(),
+                 cost: WorkCost = WorkCost(), clock: Callable[[], float] = time.time,
+                 default_max_tokens: int = 16) -> None:
+        self.store = store
+        self.engine = engine
+        self.options = options
+        self.cost = cost
+        self.clock = clock
+        self.default_max_tokens = default_max_tokens
+        self.meter = HarvestMeter(cost, options.harvest_window_s, options.harvest_min_history_s)
+        self._predictor = LengthPredictor()
+        self._predictor_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._estimates: dict[str, Estimate] = {}
+        self._active: dict[str, BatchRow] = {}
+        self._stats = DeadlineStats()
+
+    # ---- work of a new batch (worker threads) -------------------------------------------
+    def work_of(self, items: list[tuple[pb.GenerateRequest, list[int]]],
+                tenant: str) -> tuple[int, int]:
+        """(prompt tokens, expected output tokens) of a batch's items (as stored: request,
+        prompt token ids)."""
+        prompt = out = 0
+        with self._predictor_lock:
+            for req, ids in items:
+                prompt += len(ids)
+                max_tokens, hint = length_inputs(req)
+                f = self._predictor.features(ids, max_tokens, tenant, hint)
+                out += self._predictor.predict(f).point
+        return prompt, out
+
+    def observe_length(self, req: pb.GenerateRequest, prompt_ids: list[int], tenant: str,
+                       generated: int) -> None:
+        """A batch item finished (stop or length) after `generated` tokens (runner thread)."""
+        max_tokens, hint = length_inputs(req)
+        with self._predictor_lock:
+            f = self._predictor.features(prompt_ids, max_tokens, tenant, hint)
+            self._predictor.observe(f, generated)
+
+    def units(self, prompt_tokens: float, output_tokens: float) -> float:
+        return self.cost.of(prompt_tokens, output_tokens)
+
+    @staticmethod
+    def remaining_tokens(row: BatchRow) -> tuple[float, float]:
+        """(prompt, output) tokens of `row`'s items without a result."""
+        left = max(0, row.total - row.done) / row.total if row.total else 0.0
+        return row.work_prompt_tokens * left, row.work_output_tokens * left
+
+    def _job(self, row: BatchRow) -> JobWork:
+        return JobWork(row.id, row.deadline, self.units(*self.remaining_tokens(row)))
+
+    def admit(self, work: BatchWork, deadline: Optional[float]) -> tuple[Verdict, BatchWork]:
+        """Judge a new batch of `work` (tokens) with `deadline` against the active batches
+        (read from the store now) at the current harvest rate. Returns the verdict and the
+        `BatchWork` to store (with the estimate). The caller refuses an infeasible batch
+        unless `accept_infeasible`; `note_refused` / `note_accepted` count it."""
+        now = self.clock()
+        jobs = [self._job(r) for r in self.store.active()]
+        new = JobWork("new", deadline, self.units(work.prompt_tokens, work.output_tokens))
+        v = admit(jobs, new, self.meter.rate(), now)
+        return v, BatchWork(work.prompt_tokens, work.output_tokens, v.finish_at)
+
+    def judge(self, items: list[tuple[pb.GenerateRequest, list[int]]], tenant: str,
+              deadline: Optional[float], field_name: str) -> tuple[BatchWork, Optional[str]]:
+        """Admission of a new batch (worker thread): the `BatchWork` to store with it, and
+        None to accept or the refusal message (naming `field_name` and the estimate) when
+        it is predicted to miss its window and `accept_infeasible` is off. Counted in the
+        statistics either way."""
+        prompt, out = self.work_of(items, tenant)
+        verdict, work = self.admit(BatchWork(prompt, out), deadline)
+        if verdict.feasible:
+            return work, None
+        with self._lock:
+            if self.options.accept_infeasible:
+                self._stats.accepted_infeasible += 1
+                return work, None
+            self._stats.refused += 1
+        now = self.clock()
+        when = ("never at the current harvest rate (the online load leaves offline work "
+                "nothing)" if verdict.finish_at is None
+                else f"in about {verdict.finish_at - now:.0f} s")
+        return work, (f"{field_name}: this batch cannot finish inside its completion window "
+                      f"(ends in {deadline - now:.0f} s): estimated completion {when}, "
+                      f"counting the work already promised to earlier deadlines "
+                      f"({verdict.reason}); give a longer {field_name}, fewer requests, or "
+                      f"retry later")
+
+    # ---- reads (any thread) --------------------------------------------------------------
+    def estimate_of(self, batch_id: str) -> Optional[Estimate]:
+        """The latest estimate of an active batch (None: unknown, or not active)."""
+        with self._lock:
+            return self._estimates.get(batch_id)
+
+    def at_risk(self) -> set[str]:
+        with self._lock:
+            return {b for b, e in self._estimates.items() if e.at_risk}
+
+    def snapshot(self) -> DeadlineStats:
+        with self._lock:
+            s = self._stats
+            return DeadlineStats(dict(s.met), dict(s.missed), s.refused, s.accepted_infeasible,
+                                 list(s.estimate_errors), list(s.slack_hist), s.slack_sum_s,
+                                 s.at_risk_batches, s.at_risk_items, s.harvest_rate)
+
+    # ---- runner thread -------------------------------------------------------------------
+    def observe_engine(self, now: float) -> None:
+        """Read the engine's cumulative offline counters into the harvest meter."""
+        st = self.engine.stats()
+        backlogged = st.offline_waiting + st.offline_running > 0
+        self.meter.observe(now, st.offline_prefill_tokens_total, st.offline_tokens_total,
+                           backlogged)
+
+    def tick(self, now: Optional[float] = None) -> None:
+        """Observe the engine, re-estimate the active batches, record ended ones."""
+        now = self.clock() if now is None else now
+        try:
+            self.observe_engine(now)
+        except Exception:
+            log.exception("reading engine stats for the harvest rate failed")
+        try:
+            rows = self.store.active()
+        except STORE_ERRORS as e:
+            log.warning("batch store unreachable for deadline estimates (%s)", e)
+            return
+        rate = self.meter.rate()
+        active = {r.id: r for r in rows}
+        est = estimate([self._job(r) for r in rows], rate, now, self.options.at_risk_margin)
+        ended = [b for b in self._active if b not in active]
+        finished: list[BatchRow] = []
+        for b in ended:
+            try:
+                row = self.store.get(b)
+            except STORE_ERRORS:
+                active[b] = self._active[b]  # look again next tick
+                continue
+            if row is not None:
+                finished.append(row)
+        with self._lock:
+            self._estimates = est
+            self._active = active
+            s = self._stats
+            s.harvest_rate = rate
+            risky = [r for r in rows if est[r.id].at_risk]
+            s.at_risk_batches = len(risky)
+            s.at_risk_items = sum(r.total - r.done for r in risky)
+            for row in finished:
+                self._record_end(row)
+
+    def _record_end(self, row: BatchRow) -> None:
+        """Count one ended batch (caller holds the lock)."""
+        if row.deadline is None or row.state == "cancelled":
+            return
+        s = self._stats
+        expired = row.state == "failed" and row.error == DEADLINE_ERROR
+        if row.state != "completed" and not expired:
+            return
+        end = row.finished_at if row.finished_at is not None else self.clock()
+        slack = row.deadline - end
+        met = row.state == "completed" and slack >= 0
+        bucket = s.met if met else s.missed
+        bucket["batch"] = bucket.get("batch", 0) + 1
+        s.slack_hist[bisect.bisect_left(SLACK_BUCKETS_S, slack)] += 1
+        s.slack_sum_s += slack
+        if row.state == "completed" and row.estimate_at is not None:
+            actual = end - row.created_at
+            if actual > 0:
+                s.estimate_errors.append((row.estimate_at - row.created_at - actual) / actual)
+                del s.estimate_errors[:-1000]  # the last 1000

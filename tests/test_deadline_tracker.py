@@ -1,0 +1,148 @@
+"""`DeadlineTracker` (issue 27, items 1, 4, 6) over a real sqlite store, a fake engine whose
+offline counters the test advances, and a fake clock: harvest rate, admission of infeasible
+batches (refused with the field named, or accepted with --accept-infeasible), estimates,
+at-risk, and the outcome statistics of ended batches."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from conserve_jax.engine_api import EngineStats
+from conserve_jax.proto_gen.conserve.v1 import conserve_pb2 as pb
+from conserve_server.batch.deadlines import DEADLINE_ERROR, DeadlineTracker
+from conserve_server.batch.store import SqliteBatchStore
+from conserve_server.config import DeadlineOptions
+
+
+class FakeEngine:
+    def __init__(self):
+        self.st = EngineStats()
+
+    def stats(self):
+        return self.st
+
+
+class Clock:
+    def __init__(self, t=None):
+        self.t = time.time() if t is None else t
+
+    def __call__(self):
+        return self.t
+
+
+def items(n, prompt_len=10, max_tokens=20, hint=None):
+    out = []
+    for i in range(n):
+        r = pb.GenerateRequest(request_id=f"r{i}", sampling=pb.SamplingParams(max_tokens=max_tokens))
+        if hint is not None:
+            r.expected_output_tokens = hint
+        out.append((r, list(range(3, 3 + prompt_len))))
+    return out
+
+
+@pytest.fixture
+def setup(tmp_path):
+    store = SqliteBatchStore(str(tmp_path))
+    eng, clock = FakeEngine(), Clock()
+    tr = DeadlineTracker(store, eng, DeadlineOptions(harvest_window_s=60.0,
+                                                     harvest_min_history_s=5.0,
+                                                     at_risk_margin=0.2), clock=clock)
+    yield store, eng, clock, tr
+    store.close()
+
+
+def harvest(eng, clock, tr, seconds, tokens_per_s):
+    """Advance the fake clock `seconds`, the engine generating offline tokens at a rate."""
+    eng.st.offline_waiting = 1
+    for _ in range(int(seconds)):
+        clock.t += 1.0
+        eng.st.offline_tokens_total += tokens_per_s
+        tr.tick()
+
+
+def test_no_history_accepts_without_estimate(setup):
+    store, eng, clock, tr = setup
+    work, refusal = tr.judge(items(4), "t", clock.t + 1.0, "completion_window")
+    assert refusal is None and work.estimate_at is None
+    assert work.prompt_tokens == 40 and 4 <= work.output_tokens <= 80  # predictor: <= max_tokens
+
+
+def test_infeasible_batch_refused_naming_the_field(setup):
+    store, eng, clock, tr = setup
+    harvest(eng, clock, tr, 10, 10)  # 10 tokens (work units) per second
+    assert tr.meter.rate() == pytest.approx(10.0)
+    # 4 items x (10 prompt + 20 hinted output) = 120 units: 12 s at 10/s
+    work, refusal = tr.judge(items(4, hint=20), "t", clock.t + 60, "completion_window")
+    assert refusal is None and work.estimate_at == pytest.approx(clock.t + 12.0)
+    bid, _ = store.create_batch("t", items(4, hint=20), clock.t + 60, work=work)
+    # a second one due in 20 s: 120 units of its own, and the first one's 120 are due later
+    # (60 s), so it fits alone
+    work2, refusal = tr.judge(items(4, hint=20), "t", clock.t + 20, "completion_window")
+    assert refusal is None and work2.estimate_at == pytest.approx(clock.t + 12.0)
+    # due in 15 s but behind an earlier deadline's 120 units: 24 s > 15 s -> refused
+    store.create_batch("t", items(4, hint=20), clock.t + 10, work=work2)
+    _, refusal = tr.judge(items(4, hint=20), "t", clock.t + 15, "completion_window")
+    assert refusal is not None and refusal.startswith("completion_window:")
+    assert "in about 24 s" in refusal and "ends in 15 s" in refusal
+    assert tr.snapshot().refused == 1
+    # the same batch accepted (to expire) with accept_infeasible
+    tr.options = DeadlineOptions(accept_infeasible=True)
+    work3, refusal = tr.judge(items(4, hint=20), "t", clock.t + 15, "completion_window")
+    assert refusal is None and work3.estimate_at == pytest.approx(clock.t + 24.0)
+    assert tr.snapshot().accepted_infeasible == 1
+
+
+def test_nothing_harvested_refuses_every_deadline(setup):
+    store, eng, clock, tr = setup
+    harvest(eng, clock, tr, 10, 0)  # backlogged, but the online load takes everything
+    assert tr.meter.rate() == 0.0
+    _, refusal = tr.judge(items(1), "t", clock.t + 3600, "deadline")
+    assert refusal is not None and "never" in refusal and refusal.startswith("deadline:")
+    work, refusal = tr.judge(items(1), "t", None, "deadline")  # no deadline: always accepted
+    assert refusal is None
+
+
+def test_estimates_at_risk_and_outcomes(setup):
+    store, eng, clock, tr = setup
+    harvest(eng, clock, tr, 10, 10)
+    w, _ = tr.judge(items(2, hint=20), "t", clock.t + 100, "deadline")  # 60 units: 6 s
+    ok, _ = store.create_batch("t", items(2, hint=20), clock.t + 100, work=w)
+    w2, _ = tr.judge(items(2, hint=20), "t", clock.t + 13, "deadline")  # 6 s, only 13 s left
+    risky, _ = store.create_batch("t", items(2, hint=20), clock.t + 13, work=w2)
+    tr.tick()
+    # EDF: risky (due first) finishes in 6 s: slack 7 s of 6 s needed -> not at risk
+    e = tr.estimate_of(risky)
+    assert e.finish_at == pytest.approx(clock.t + 6.0) and not e.at_risk
+    assert tr.estimate_of(ok).finish_at == pytest.approx(clock.t + 12.0)
+    # the harvest rate drops to 1/s: risky now needs 60 s for 13 s: at risk
+    harvest(eng, clock, tr, 60, 1)
+    assert tr.meter.rate() == pytest.approx(1.0)
+    assert tr.at_risk() == {risky, ok}  # ok: 120 s of work behind risky for 40 s left
+    snap = tr.snapshot()
+    assert snap.at_risk_batches == 2 and snap.at_risk_items == 4
+    # ok completes in its window, risky expires
+    for c in store.claim(10):
+        if c.batch_id == ok:
+            store.commit_result(ok, pb.BatchResult(index=c.index), "stop")
+    store.terminate(risky, "failed", DEADLINE_ERROR)
+    tr.tick()
+    snap = tr.snapshot()
+    assert snap.met == {"batch": 1} and snap.missed == {"batch": 1}
+    assert snap.at_risk_batches == 0 and snap.at_risk_items == 0
+    assert len(snap.estimate_errors) == 1  # only the completed batch has an error
+    row = store.get(ok)
+    actual = row.finished_at - row.created_at
+    assert snap.estimate_errors[0] == pytest.approx((row.estimate_at - row.created_at - actual) / actual)
+    assert sum(snap.slack_hist) == 2
+    tr.tick()  # ended batches are counted once
+    assert tr.snapshot().met == {"batch": 1}
+
+
+def test_deadline_options_are_checked():
+    with pytest.raises(ValueError, match="harvest_window_s"):
+        DeadlineOptions(harvest_window_s=0)
+    with pytest.raises(ValueError, match="harvest_min_history_s"):
+        DeadlineOptions(harvest_window_s=5, harvest_min_history_s=10)
+    with pytest.raises(ValueError, match="at_risk_margin"):
+        DeadlineOptions(at_risk_margin=-1)
