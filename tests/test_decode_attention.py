@@ -2,7 +2,8 @@
 chunks and padding, every row reading its own sequence's paged context in loops whose trip
 counts are data. Checked against a plain numpy softmax over each row's keys for mixed
 batches, padding rows, chunk boundaries, tables that are not a multiple of the chunk,
-loops that stop early or run no trip at all, several prefill sequences; the runner with
+loops that stop early or run no trip at all, several prefill sequences, decode
+rows in several groups; the runner with
 the loop at different chunk sizes and sharded; what the latency model counts as read."""
 import jax
 import jax.numpy as jnp
@@ -81,6 +82,11 @@ def _reference(q, keys):
     ([1, 2, 3, 4, 5, 6, 7, 61], [(20, 7)], 16, 8, 1, 16, 3),  # decode capacity full
     ([12], [(5, 40)], 64, 8, 1, 16, 2),               # one causal query block, padding
     ([30], [(3, 150)], 160, 8, 1, 48, 4),             # prefill rows span two query blocks
+    # decode rows in groups of DECODE_GROUP (8): a table that is not a group multiple,
+    # one live group of two (the second holds prefill rows), three live groups
+    ([9, 40, 3, 17, 1, 25, 6, 11, 30], [(4, 3)], 16, 12, 1, 12, 2),
+    ([5, 33, 2], [(21, 9)], 32, 16, 1, 12, 4),
+    ([(i * 7) % 29 + 1 for i in range(17)], [], 32, 20, 1, 8, 2),
 ])
 def test_ragged_attention_matches_a_plain_softmax(decodes, prefills, t, dc, bp, mb, chunk):
     rng = np.random.default_rng(sum(decodes) + t + mb)

@@ -136,36 +136,73 @@ def _empty(kvh: int, g: int, rows: int, hd: int):
     return m, jnp.zeros_like(m), jnp.zeros((kvh, g, rows, hd), jnp.float32)
 
 
+DECODE_GROUP = 8  # decode rows per group: only groups holding a decode row read the cache
+
+
 def _decode_part(q, k_cache, v_cache, tables, lens, chunk: int):
     """Decode rows' whole context from the cache. q [kvh, g, Dc, hd] -> partial softmax
-    over [kvh, g, Dc]. Each row gathers its own table's chunk: [kvh, Dc, span, hd].
+    over [kvh, g, Dc]. Rows with a decode are rows [0, n_dec) (`lens` > 0 there).
+
+    Rows go in groups of DECODE_GROUP, in a loop whose trip count is the number of groups
+    holding a decode (data): an iteration with 7 decodes in a 16-row decode table reads
+    one group's contexts, not two, and each group reads only as far as its own longest
+    context. Rows of groups never visited keep an empty softmax (max NEG_INF, denominator
+    0), which `_merge` weighs as nothing."""
+    kvh, g, dc, hd = q.shape
+    grp = min(DECODE_GROUP, dc)
+    groups = -(-dc // grp)
+    pad = groups * grp - dc
+    qd = q.transpose(2, 0, 1, 3)  # [Dc, kvh, g, hd]
+    if pad:
+        qd = jnp.pad(qd, ((0, pad), (0, 0), (0, 0), (0, 0)))
+        tables = jnp.pad(tables, ((0, pad), (0, 0)))
+        lens = jnp.pad(lens, (0, pad))
+    live = (jnp.sum(lens > 0) + grp - 1) // grp
+
+    def one_group(i, out):
+        rows = i * grp
+        qg = jax.lax.dynamic_slice_in_dim(qd, rows, grp, axis=0)
+        tg = jax.lax.dynamic_slice_in_dim(tables, rows, grp, axis=0)
+        lg = jax.lax.dynamic_slice_in_dim(lens, rows, grp, axis=0)
+        part = _decode_rows(qg, k_cache, v_cache, tg, lg, chunk)
+        return tuple(jax.lax.dynamic_update_slice_in_dim(o, p, rows, axis=1)
+                     for o, p in zip(out, part))
+
+    m0 = jnp.full((kvh, groups * grp, g), NEG_INF, jnp.float32)
+    init = (m0, jnp.zeros_like(m0), jnp.zeros((kvh, groups * grp, g, hd), jnp.float32))
+    m, den, acc = jax.lax.fori_loop(0, live, one_group, init)
+    m, den, acc = m[:, :dc], den[:, :dc], acc[:, :dc]
+    # to the merge layout [kvh, g, Dc(, hd)]
+    return m.transpose(0, 2, 1), den.transpose(0, 2, 1), acc.transpose(0, 2, 1, 3)
+
+
+def _decode_rows(qd, k_cache, v_cache, tables, lens, chunk: int):
+    """One group of decode rows: qd [G, kvh, g, hd] -> (max, denominator) [kvh, G, g] and
+    values [kvh, G, g, hd]. Each row gathers its own table's chunk: [kvh, G, span, hd].
 
     Layout matters on CPU: the gathered K is the scores dot's left operand and the keys
-    stay on axis 2 of the scores [kvh, Dc, span, g], so both dots are plain batched
-    matmuls over (kvh, Dc) with no transposed copy of the gathered context (with the
-    scores as [kvh, g, Dc, span] XLA:CPU ran the values dot ~5x slower)."""
-    kvh, g, dc, hd = q.shape
-    qd = q.transpose(2, 0, 1, 3)  # [Dc, kvh, g, hd]
+    stay on axis 2 of the scores [kvh, G, span, g], so both dots are plain batched
+    matmuls over (kvh, G) with no transposed copy of the gathered context (with the
+    scores as [kvh, g, G, span] XLA:CPU ran the values dot ~5x slower)."""
+    rows, kvh, g, hd = qd.shape
 
     def step(carry, blocks, first_token):
-        kd, vd = _gather(k_cache, blocks), _gather(v_cache, blocks)  # [kvh, Dc, span, hd]
+        kd, vd = _gather(k_cache, blocks), _gather(v_cache, blocks)  # [kvh, G, span, hd]
         span = kd.shape[2]
         s = jnp.einsum("kbld,bkgd->kblg", kd, qd, preferred_element_type=jnp.float32)
-        valid = (first_token + jnp.arange(span))[None, :] < lens[:, None]  # [Dc, span]
+        valid = (first_token + jnp.arange(span))[None, :] < lens[:, None]  # [G, span]
         s = jnp.where(valid[None, :, :, None], s, NEG_INF)
-        m, den, acc = carry  # [kvh, Dc, g], [kvh, Dc, g], [kvh, Dc, g, hd]
+        m, den, acc = carry  # [kvh, G, g], [kvh, G, g], [kvh, G, g, hd]
         m_new = jnp.maximum(m, s.max(2))
         p = jnp.exp(s - m_new[:, :, None, :])
         rescale = jnp.exp(m - m_new)
-        pv = jnp.einsum("kblg,kbld->kbgd", p.astype(q.dtype), vd,
+        pv = jnp.einsum("kblg,kbld->kbgd", p.astype(qd.dtype), vd,
                         preferred_element_type=jnp.float32)
         return m_new, den * rescale + p.sum(2), acc * rescale[..., None] + pv
 
-    m0 = jnp.full((kvh, dc, g), NEG_INF, jnp.float32)
-    m, den, acc = chunked_reads(tables, chunk, k_cache.shape[2], jnp.max(lens), step,
-                                (m0, jnp.zeros_like(m0), jnp.zeros((kvh, dc, g, hd), jnp.float32)))
-    # to the merge layout [kvh, g, Dc(, hd)]
-    return m.transpose(0, 2, 1), den.transpose(0, 2, 1), acc.transpose(0, 2, 1, 3)
+    m0 = jnp.full((kvh, rows, g), NEG_INF, jnp.float32)
+    return chunked_reads(tables, chunk, k_cache.shape[2], jnp.max(lens), step,
+                         (m0, jnp.zeros_like(m0), jnp.zeros((kvh, rows, g, hd), jnp.float32)))
 
 
 def _prefill_context_part(q, k_cache, v_cache, meta: AttentionMeta, chunk: int):

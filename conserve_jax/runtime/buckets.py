@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from conserve_jax.models.attention import DECODE_GROUP
 from conserve_jax.models.attention import blocks_read as attention_blocks_read
 
 
@@ -64,6 +65,13 @@ class BucketSet:
     def decode_rows(self, tokens: int) -> int:
         """Rows of the decode table (and of the decode part of attention) in a token bucket."""
         return min(tokens, self.max_num_seqs)
+
+    def decode_rows_read(self, tokens: int, decodes: int) -> int:
+        """Decode-table rows whose contexts attention reads: whole groups of DECODE_GROUP
+        rows up to the last decode (`models.attention._decode_part`), at most the table."""
+        dc = self.decode_rows(tokens)
+        grp = min(DECODE_GROUP, dc)
+        return min(dc, -(-decodes // grp) * grp) if decodes > 0 else 0
 
     def blocks_read(self, need: int) -> int:
         """Blocks attention reads for a context of `need` blocks (whole chunks, then tail

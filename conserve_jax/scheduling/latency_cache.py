@@ -11,7 +11,9 @@ import os
 
 import jax
 
+import conserve_jax.models.attention as attention
 import conserve_jax.models.llama as llama
+import conserve_jax.scheduling.latency_model as latency_model
 from conserve_jax.config import EngineConfig
 from conserve_jax.scheduling.latency_model import LatencyModel
 
@@ -20,9 +22,10 @@ log = logging.getLogger(__name__)
 
 def _code_fingerprint(runner) -> str:
     """Hash of the source of the code that sets iteration times (the runner's module and
-    the model's), so that a changed engine re-profiles instead of trusting old timings."""
+    the model's, its attention and the latency model's features), so that a changed
+    engine re-profiles instead of trusting old timings."""
     h = hashlib.sha256()
-    for mod in (inspect.getmodule(type(runner)), llama):
+    for mod in (inspect.getmodule(type(runner)), llama, attention, latency_model):
         try:
             h.update(inspect.getsource(mod).encode())
         except (OSError, TypeError):

@@ -55,7 +55,7 @@ class WorkShape:
 def features(w: WorkShape, buckets: BucketSet, block_size: int) -> np.ndarray:
     T = bucket_for(max(1, w.num_decodes + w.prefill_tokens), buckets.tokens)
     L = buckets.blocks_read(-(-w.max_context // block_size)) * block_size
-    dec = buckets.decode_rows(T) * L if w.num_decodes else 0
+    dec = buckets.decode_rows_read(T, w.num_decodes) * L
     pre = T * buckets.max_prefill_seqs * L if w.prefill_seqs else 0
     S = buckets.sample_rows(T) if w.sample_rows else 0
     return np.array([1.0, T, dec, pre, T * T, S], np.float64)
