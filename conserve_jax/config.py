@@ -99,9 +99,26 @@ class ConserveConfig:
                                  "online correction", default=0.05)
     correction_clamp: float = _h("one measurement moves the correction by at most this factor "
                                  "(and at least its inverse)", default=4.0)
+    deadline_policy: str = _h(
+        "offline work of jobs at risk of missing their deadline: 'isolate' (served first "
+        "among offline work; online isolation is never relaxed, a job that cannot make it "
+        "expires) or 'borrow' (also rides along online iterations up to --isolation-max x "
+        "their online work's predicted time, only while at risk)", default="isolate")
+    isolation_max: float = _h(
+        "deadline_policy borrow: the isolation factor at-risk offline work may use (>= "
+        "--isolation)", default=1.5)
 
     def __post_init__(self) -> None:
         self.isolation = parse_isolation(self.isolation)
+        if self.deadline_policy not in ("isolate", "borrow"):
+            raise ValueError(f"deadline_policy must be 'isolate' or 'borrow', got "
+                             f"{self.deadline_policy!r}")
+        if not (self.isolation_max >= 1.0 and self.isolation_max != float("inf")):
+            raise ValueError(f"isolation_max must be a number >= 1, got {self.isolation_max!r}")
+        if self.deadline_policy == "borrow" and self.isolation is not None \
+                and self.isolation_max < self.isolation:
+            raise ValueError(f"isolation_max ({self.isolation_max}) must be >= isolation "
+                             f"({self.isolation})")
         if self.safepoint_interval is not None and self.safepoint_interval < 1:
             raise ValueError(f"safepoint_interval must be >= 1, got {self.safepoint_interval}")
 

@@ -165,6 +165,9 @@ class EngineStats:
     prefix_cache_hits_offline: int = 0
     kv_blocks_cached_free: int = 0
     prefix_cache_evictions: int = 0
+    # offline deadlines: predicted seconds of online iterations' time beyond the isolation
+    # budget that at-risk offline work was given (deadline_policy "borrow")
+    deadline_borrowed_s: float = 0.0
 
 
 class EngineAPI(abc.ABC):
@@ -199,6 +202,12 @@ class EngineAPI(abc.ABC):
     def shutdown(self, drain_timeout_s: float = 0.0) -> None:
         """Stop admitting; wait up to drain_timeout_s for running work; stop the loop.
         Unfinished requests end with finish_reason "cancelled"."""
+
+    def set_urgent(self, request_ids: frozenset) -> None:
+        """Offline requests to serve first among offline work (items of jobs at risk of
+        missing their deadline; under deadline_policy "borrow" they may also use online
+        iterations' budget up to isolation_max). Replaces the previous set; ids not in the
+        engine are ignored. Any thread. Default: ignored (an engine without that order)."""
 
     @property
     def failure(self) -> Optional[str]:

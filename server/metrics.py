@@ -76,6 +76,7 @@ METRIC_NAMES = {
     "conserve_harvest_rate": "gauge: offline work units per backlogged second (absent: no history)",
     "conserve_deadline_estimate_error": "gauge {stat=mean_abs|mean|count}: (estimate at submit - actual) / actual duration",
     "conserve_deadline_slack_at_finish_seconds": "histogram: deadline - finish time of ended batches",
+    "conserve_deadline_borrowed_seconds_total": "counter: online budget used by at-risk offline work (borrow)",
 }
 
 
@@ -273,6 +274,9 @@ class _EngineCollector:
                         int(bool(self.m.store.healthy)))
         yield gauge("conserve_batch_items", "Batch items by state", label="state", values=items)
         yield gauge("conserve_uptime_seconds", "Server uptime", srv["uptime_s"])
+        yield counter("conserve_deadline_borrowed_seconds", "Predicted seconds of online "
+                      "iterations beyond the isolation budget used by at-risk offline work "
+                      "(deadline_policy borrow)", s.deadline_borrowed_s)
         if self.m.deadlines is not None:
             yield from _deadline_metrics(self.m.deadlines.snapshot(), gauge)
 
@@ -299,7 +303,9 @@ def _deadline_metrics(d, gauge):
                 values=[("mean_abs", sum(abs(e) for e in errs) / len(errs) if errs else 0.0),
                         ("mean", sum(errs) / len(errs) if errs else 0.0), ("count", len(errs))])
     h = HistogramMetricFamily("conserve_deadline_slack_at_finish_seconds",
-                              "Deadline minus finish time of ended batches (negative: missed)")
+                              "Deadline minus finish time of ended batches (negative: "
+                              "missed; prometheus-client leaves out _count and _sum while "
+                              "the sum is negative)")
     cum, buckets = 0, []
     for bound, n in zip(list(SLACK_BUCKETS_S) + [float("inf")], d.slack_hist):
         cum += n

@@ -80,6 +80,20 @@ def test_deadline_order_and_tenant_turns(make_store):
     assert sum(c.batch_id == other for c in got) == 2  # tenant b got its turn
 
 
+def test_at_risk_batches_are_claimed_first(make_store):
+    store = make_store()
+    soon, _ = store.create_batch("a", _items(2), deadline=time.time() + 100)
+    risky, _ = store.create_batch("a", _items(3), deadline=time.time() + 1000)
+    other, _ = store.create_batch("b", _items(2))
+    got = store.claim(4, first=[risky, "batch_gone"])  # unknown ids are ignored
+    assert [c.batch_id for c in got[:3]] == [risky] * 3 and [c.index for c in got[:3]] == [0, 1, 2]
+    assert got[3].batch_id in (soon, other)  # then the fair order
+    assert store.get(risky).state == "running"
+    rest = store.claim(10, first=[risky])  # nothing left of it: the fair order alone
+    assert sorted((c.batch_id, c.index) for c in rest + got[3:]) == sorted(
+        [(soon, 0), (soon, 1), (other, 0), (other, 1)])
+
+
 def test_terminate_delete_purge(make_store):
     store = make_store()
     bid, _ = store.create_batch("t", _items(3))

@@ -98,6 +98,10 @@ def test_accept_infeasible_expires_instead(tmp_path):
             results = list(c.batch_results(resp.batch_id, timeout=10))
             assert sorted(r.index for r in results) == list(range(40))  # one record per item
             assert wait_until(lambda: c.stats()["deadline_missed"] == 1, timeout=5)
+            text = s.app.metrics.exposition().decode()
+            assert 'conserve_deadline_batches_total{class="batch",outcome="missed"} 1.0' in text
+            assert 'conserve_deadline_slack_at_finish_seconds_bucket{le="0.0"} 1.0' in text  # missed
+            assert "conserve_harvest_rate " in text and "conserve_deadline_borrowed_seconds_total 0.0" in text
     finally:
         s.stop()
 

@@ -118,7 +118,8 @@ def test_estimates_at_risk_and_outcomes(setup):
     # the harvest rate drops to 1/s: risky now needs 60 s for 13 s: at risk
     harvest(eng, clock, tr, 60, 1)
     assert tr.meter.rate() == pytest.approx(1.0)
-    assert tr.at_risk() == {risky, ok}  # ok: 120 s of work behind risky for 40 s left
+    # ok: 120 s of work behind risky for 40 s left; risky (past due) has the least slack
+    assert tr.at_risk() == [risky, ok]
     snap = tr.snapshot()
     assert snap.at_risk_batches == 2 and snap.at_risk_items == 4
     # ok completes in its window, risky expires

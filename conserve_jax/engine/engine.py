@@ -99,6 +99,7 @@ class Engine(EngineAPI):
         self._intake: list[Sequence] = []
         self._ids_in_use: set[str] = set()  # request ids submitted and not finished (_lock)
         self._cancels: list[str] = []
+        self._urgent: frozenset = frozenset()  # set_urgent's latest set (replaced whole)
         self._resumes: dict[str, SavedRequest] = {}  # submitted with saved state (_lock)
         self._suspends: list[tuple[list[str], dict, threading.Event]] = []  # (_lock)
         self._stopped: list[str] = []  # ended by a stop string on the output thread
@@ -173,6 +174,9 @@ class Engine(EngineAPI):
             self._cancels.append(request_id)
             self._lock.notify_all()
 
+    def set_urgent(self, request_ids: frozenset) -> None:
+        self._urgent = frozenset(request_ids)  # one reference swap: read by the step loop
+
     def stats(self) -> EngineStats:
         """The step loop's latest snapshot, with token rates over the last 10 s."""
         with self._lock:
@@ -210,6 +214,7 @@ class Engine(EngineAPI):
             prefix_cache_evictions=kv.allocator.evictions)
         for name, value in self.policy.kv_stats(sch).items():  # reservations, predictor
             setattr(st, name, value)
+        st.deadline_borrowed_s = self.policy.borrowed_s
         if self.checkpointer is not None:
             st.host_pool_slots_total = self.checkpointer.pool.num_slots
             st.host_pool_slots_used = self.checkpointer.pool.num_used
@@ -392,6 +397,7 @@ class Engine(EngineAPI):
             sp = self.policy.safepoints(step, parked.handle.layers_done)
             result = self.runner.resume(parked.handle, sp and sp.check)
         else:
+            self.scheduler.urgent = self._urgent
             step = self._cur_step = self.scheduler.schedule()
             entries = self._cur_entries = step.entries
             if step.empty:

@@ -3,9 +3,11 @@
 It echoes the prompt: output token k is `prompt[k % len(prompt)]`, one token per request
 per step, so results are known in advance. `token_delay_s` (mutable at any time) sleeps
 between steps so cancellation, deadlines and crashes can be tested mid-generation.
-It keeps a pool of "KV blocks": a request reserves `ceil(min(prompt + max_tokens,
-max_model_len) / block_size)` blocks when admitted and frees them when it finishes or is
-cancelled, so tests can assert through `stats()` that cancellation frees KV.
+Waiting requests are admitted online first, then the offline ones `set_urgent` names, then
+the rest in arrival order. It keeps a pool of "KV blocks": a request reserves
+`ceil(min(prompt + max_tokens, max_model_len) / block_size)` blocks when admitted and frees
+them when it finishes or is cancelled, so tests can assert through `stats()` that
+cancellation frees KV.
 
 Prefix caching, a deterministic stand-in for the engine's (`enable_prefix_caching`, on by
 default): when a request is admitted, its prompt's full blocks are remembered under a key
@@ -105,6 +107,7 @@ class MockEngine(EngineAPI):
         self._wake = threading.Event()
         self._waiting: collections.deque[_Req] = collections.deque()
         self._running: dict[str, _Req] = {}
+        self._urgent: frozenset = frozenset()  # set_urgent: offline ids admitted first
         self._free_blocks = num_blocks
         self._accepting = True
         self._stop = False
@@ -254,15 +257,23 @@ class MockEngine(EngineAPI):
                 self._wake.wait(0.05)
                 self._wake.clear()
 
+    def set_urgent(self, request_ids: frozenset) -> None:
+        """Urgent offline requests are admitted before other offline ones (after online)."""
+        with self._lock:
+            self._urgent = frozenset(request_ids)
+
     def _admit(self) -> None:
         while self._waiting and len(self._running) < self.max_num_seqs:
-            req = self._waiting[0]
+            first = next((i for i, q in enumerate(self._waiting)
+                          if q.request.request_class is RequestClass.ONLINE
+                          or q.request.request_id in self._urgent), 0)
+            req = self._waiting[first]
             r = req.request
             need = math.ceil(min(len(r.prompt_token_ids) + r.sampling.max_tokens,
                                  self.max_model_len) / self.block_size)
             if need > self._free_blocks:
                 break
-            self._waiting.popleft()
+            del self._waiting[first]
             self._free_blocks -= need
             req.blocks = need
             if self.enable_prefix_caching:

@@ -3,7 +3,9 @@
 Owned by the engine's step-loop thread; nothing here is thread-safe. Every iteration:
 online work first (running decodes, then prefill chunks), then offline work, each
 sequence admitted only while the policy's `StepBudget` (tokens, and predicted time when a
-latency model is present) still has room. KV memory: online sequences may evict offline
+latency model is present) still has room. Among offline work, `urgent` sequences (items of
+jobs at risk of missing their deadline) go first, each part in its usual order. KV
+memory: online sequences may evict offline
 ones (a parked iteration's sequences last); offline sequences never evict anybody. A
 policy without priority (non-preemptive) sees one queue in arrival order. `commit`
 applies a finished iteration, `abandon` drops one the runner gave up at a safepoint,
@@ -81,6 +83,9 @@ class Scheduler:
         # are saved on host without a gap (None: no host checkpoints)
         self.host_blocks: Optional[Callable[[str, int], int]] = None
         self.parked: Optional[Parked] = None
+        # offline request ids to serve first among offline work (at-risk jobs' items; the
+        # engine sets it before every `schedule` from `EngineAPI.set_urgent`)
+        self.urgent: frozenset = frozenset()
         self.groups = (PrefixGroups(kv.block_size, cfg.prefix_group_hold_s)
                        if kv.prefix_caching else None)
 
@@ -119,12 +124,20 @@ class Scheduler:
             return step
         self._fill(step, budget, [s for s in self.running if s.online])
         self._fill(step, budget, order(self, list(self.waiting_online)), waiting=True)
-        self._fill(step, budget, [s for s in self.running if not s.online])
+        self._fill(step, budget, self._urgent_first([s for s in self.running if not s.online]))
         offline = list(self.waiting_offline)
         if self.groups is not None:
             offline = self.groups.order(offline)
-        self._fill(step, budget, order(self, offline), waiting=True)
+        self._fill(step, budget, self._urgent_first(order(self, offline)), waiting=True)
         return step
+
+    def _urgent_first(self, seqs: list[Sequence]) -> list[Sequence]:
+        """`seqs` with the urgent ones (at-risk jobs' items) moved to the front; each part
+        keeps its order (the throughput order: prefix groups, the policy's)."""
+        if not self.urgent:
+            return seqs
+        u = self.urgent
+        return [s for s in seqs if s.request_id in u] + [s for s in seqs if s.request_id not in u]
 
     def _fill(self, step: ScheduledStep, budget: StepBudget, seqs: list[Sequence],
               waiting: bool = False) -> None:

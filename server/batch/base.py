@@ -17,7 +17,7 @@ import abc
 import hashlib
 import sqlite3
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 from urllib.parse import urlsplit
 
 from conserve_jax.proto_gen.conserve.v1 import conserve_pb2 as pb
@@ -168,7 +168,9 @@ class StoreBase(abc.ABC):
         """Every queued or running batch of every tenant (deadline estimates)."""
 
     @abc.abstractmethod
-    def claim(self, n: int) -> list[ClaimedItem]: ...
+    def claim(self, n: int, first: Sequence[str] = ()) -> list[ClaimedItem]:
+        """Claim up to n items: of the batches `first` names (at-risk jobs, in that
+        order) before anything else, then in the store's fair order."""
 
     @abc.abstractmethod
     def release(self, batch_id: str, index: int, epoch: Optional[int] = None) -> None: ...

@@ -182,9 +182,13 @@ class DeadlineTracker:
         with self._lock:
             return self._estimates.get(batch_id)
 
-    def at_risk(self) -> set[str]:
+    def at_risk(self) -> list[str]:
+        """Ids of the active batches at risk, least slack first."""
         with self._lock:
-            return {b for b, e in self._estimates.items() if e.at_risk}
+            risky = [e for e in self._estimates.values() if e.at_risk]
+        inf = float("inf")
+        return [e.job_id for e in sorted(risky, key=lambda e: (e.slack_s if e.slack_s is not None
+                                                                else -inf))]
 
     def snapshot(self) -> DeadlineStats:
         with self._lock:

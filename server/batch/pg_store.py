@@ -212,9 +212,10 @@ class PgBatchStore(StoreBase):
                     cp.write_row((bid, i, without_prompt(req), json.dumps(ids), "pending"))
         return bid, True
 
-    def claim(self, n: int) -> list[ClaimedItem]:
-        """Lease up to n claimable items of active batches. Tenants take turns (round robin
-        from the tenant this replica served last, each a fair share per round); within a
+    def claim(self, n: int, first=()) -> list[ClaimedItem]:
+        """Lease up to n claimable items of active batches. Items of the batches in `first`
+        (at-risk jobs) go first, in that order; then tenants take turns (round robin from
+        the tenant this replica served last, each a fair share per round); within a
         tenant, earliest deadline first, then oldest batch, then index."""
         if n <= 0:
             return []
@@ -223,13 +224,17 @@ class PgBatchStore(StoreBase):
             active = cur.execute(
                 "SELECT id, tenant FROM batches WHERE state IN ('queued','running') "
                 "ORDER BY deadline IS NULL, deadline, seq").fetchall()
+            now = cur.execute(f"SELECT {_NOW}").fetchone()[0]
+            known = {bid for bid, _ in active}
+            urgent = [b for b in dict.fromkeys(first) if b in known]
+            if urgent:
+                got.extend(self._claim_from(cur, urgent, n, now))
             by_tenant: dict[str, list[str]] = {}
             for bid, tenant in active:
                 by_tenant.setdefault(tenant, []).append(bid)
             order = sorted(by_tenant)
             if self._rr_last is not None:
                 order = [t for t in order if t > self._rr_last] + [t for t in order if t <= self._rr_last]
-            now = cur.execute(f"SELECT {_NOW}").fetchone()[0]
             while len(got) < n and order:
                 share = max(1, math.ceil((n - len(got)) / len(order)))
                 for tenant in list(order):

@@ -24,6 +24,9 @@ counted in flight, and is retried every `retry_commit_s` until it lands, so an i
 never left "running" with its result lost. Results finished in one poll are committed
 together (`commit_many`, one transaction on PostgreSQL).
 
+Deadlines: items of batches the tracker finds at risk are claimed first and marked urgent
+in the engine (`EngineAPI.set_urgent`: served first among offline work).
+
 Claim window (`_claim_window`): at most `max_in_flight` items inside the engine. On a
 shared store the runner also claims only as its engine has idle capacity: while
 `max_in_flight // 2` offline requests already wait in the engine's queue (online load is
@@ -110,6 +113,8 @@ class BatchRunner:
         # check (harvest rate, estimates), told the length of every finished item (set by
         # ServerApp before start)
         self.deadlines = None
+        self._at_risk: list[str] = []  # batch ids at risk, least slack first (last tick)
+        self._urgent_sent: frozenset = frozenset()  # request ids last given to set_urgent
         self._thread = threading.Thread(target=self._run, name="batch-runner", daemon=True)
 
     @property
@@ -154,9 +159,7 @@ class BatchRunner:
                     now = time.monotonic()
                     if now >= next_deadline_check:
                         next_deadline_check = now + self.deadline_check_s
-                        self._expire()
-                        if self.deadlines is not None:
-                            self.deadlines.tick()
+                        self._deadline_check()
                     if self.store.shared and now >= self._next_heartbeat:
                         self._next_heartbeat = now + getattr(self.store, "lease_s", 30.0) / 3
                         self._heartbeat()
@@ -242,7 +245,7 @@ class BatchRunner:
     def _fill(self) -> bool:
         """Claim and submit items up to the in-flight bound. False if the engine refuses
         work (e.g. shutting down); claimed items it did not take are released."""
-        claimed = self.store.claim(self._claim_window())
+        claimed = self.store.claim(self._claim_window(), first=self._at_risk)
         if not self._learn_tenants(claimed):
             return False
         for n, item in enumerate(claimed):
@@ -268,7 +271,27 @@ class BatchRunner:
                 return False
             self._in_flight[rid] = _InFlight(item, rid, stream)
         self._count = len(self._in_flight) + len(self._unwritten)
+        if self._at_risk and claimed:
+            self._mark_urgent()
         return True
+
+    def _deadline_check(self) -> None:
+        """Expire batches past their deadline; re-estimate (tracker) and mark the items of
+        at-risk batches urgent."""
+        self._expire()
+        if self.deadlines is not None:
+            self.deadlines.tick()
+            self._at_risk = self.deadlines.at_risk()
+            self._mark_urgent()
+
+    def _mark_urgent(self) -> None:
+        """Tell the engine which in-flight items belong to at-risk batches (served first
+        among offline work; under deadline_policy borrow they may use online budget)."""
+        risky = set(self._at_risk)
+        urgent = frozenset(rid for rid, f in self._in_flight.items() if f.item.batch_id in risky)
+        if urgent != self._urgent_sent:
+            self.engine.set_urgent(urgent)
+            self._urgent_sent = urgent
 
     def _learn_tenants(self, claimed: list[ClaimedItem]) -> bool:
         """Look up the tenant of every claimed item's batch not yet known (one `get` per

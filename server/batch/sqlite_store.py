@@ -29,7 +29,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from typing import Optional
+from typing import Optional, Sequence
 
 from conserve_jax.proto_gen.conserve.v1 import conserve_pb2 as pb
 from conserve_server.batch.base import (BATCH_COLS as _BATCH_COLS, BatchRow, BatchWork,
@@ -195,9 +195,10 @@ class SqliteBatchStore(StoreBase):
                 [(bid, i, _without_prompt(req), json.dumps(ids)) for i, (req, ids) in enumerate(items)])
         return bid, True
 
-    def claim(self, n: int) -> list[ClaimedItem]:
-        """Mark up to n pending items of active batches running and return them. Tenants
-        take turns (round robin, starting after the tenant served last); within a tenant,
+    def claim(self, n: int, first: Sequence[str] = ()) -> list[ClaimedItem]:
+        """Mark up to n pending items of active batches running and return them. Items of
+        the batches in `first` (at-risk jobs) go first, in that order; then tenants take
+        turns (round robin, starting after the tenant served last); within a tenant,
         earliest deadline first, then oldest batch, then index. Cost grows with the number
         of active batches and n, not with the number of stored items."""
         if n <= 0:
@@ -207,6 +208,13 @@ class SqliteBatchStore(StoreBase):
             active = self._db.execute(
                 "SELECT id, state, tenant FROM batches WHERE state IN ('queued','running') "
                 "ORDER BY deadline IS NULL, deadline, seq").fetchall()
+            states = {bid: state for bid, state, _ in active}
+            urgent = [(b, states[b]) for b in dict.fromkeys(first) if b in states]
+            while len(rows) < n:
+                got = self._claim_one(urgent)
+                if got is None:
+                    break
+                rows.append(got)
             by_tenant: dict[str, list[tuple[str, str]]] = {}
             for bid, state, tenant in active:
                 by_tenant.setdefault(tenant, []).append((bid, state))
@@ -215,7 +223,7 @@ class SqliteBatchStore(StoreBase):
                 later = [t for t in order if t > self._rr_last]
                 order = later + [t for t in order if t <= self._rr_last]
             now = time.time()
-            started: set[str] = set()
+            started: set[str] = {r[0] for r in rows}
             while len(rows) < n and order:
                 for tenant in list(order):
                     got = self._claim_one(by_tenant[tenant])

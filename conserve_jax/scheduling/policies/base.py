@@ -54,6 +54,9 @@ class Policy:
     # an iteration abandoned at a safepoint is parked and continued from its layer later
     # (at the next iteration without online work) instead of being discarded
     resumes_abandoned = False
+    # predicted seconds of online iterations' time given beyond the isolation budget to
+    # urgent offline work (deadline_policy "borrow"); EngineStats.deadline_borrowed_s
+    borrowed_s = 0.0
 
     def __init__(self, max_num_seqs: int, max_prefill_tokens: int) -> None:
         self.max_num_seqs = max_num_seqs

@@ -11,6 +11,11 @@ break its TTFT objective. A preempted iteration is parked and continued from the
 where it stopped as soon as no online work is left (`resume_abandoned`; off: it is
 discarded and recomputed).
 
+Offline deadlines (`ConserveConfig.deadline_policy`): the scheduler serves urgent offline
+work (at-risk jobs' items) first; under "borrow" that work may also fill iterations with
+online work up to `isolation_max` instead of F (and never past the objective limit); the
+predicted seconds beyond F x the online work's time are summed in `borrowed_s`.
+
 Iterations with online work never carry safepoints and are never abandoned: with isolation
 F their offline part delays an arrival by at most (F - 1) x the online work's remaining
 time, which is within (F - 1) x the arrival's own online-only TTFT (it would have waited
@@ -61,6 +66,9 @@ class ConservePolicy(Policy):
         self.default_tpot_s = default_tpot_s
         self.online_waiting = online_waiting
         self.isolation = knobs.isolation
+        # at-risk offline work may use online iterations' budget up to this factor
+        self.borrow_factor = knobs.isolation_max if knobs.deadline_policy == "borrow" else None
+        self._budget: Optional[StepBudget] = None  # the last iteration's (borrowed time)
         self.has_safepoints = knobs.safepoint_interval is not None
         self.tpot_margin = knobs.tpot_margin
         self.min_online_chunk = knobs.min_online_chunk
@@ -77,20 +85,38 @@ class ConservePolicy(Policy):
 
     def budget(self, sched: "Scheduler") -> StepBudget:
         base = super().budget(sched)
+        self._budget = None
         self._not_placed = {id(s) for s in sched.waiting_online}
         online = [s for s in sched.running if s.online] + list(sched.waiting_online)
         if not online:
             return TimeBudget(base.max_tokens, base.max_prefill_tokens, base.max_decodes)
         objective = min(self.tpot(s) for s in online) * self.tpot_margin
         if self.isolation is not None:
-            return IsolationBudget(base.max_tokens, base.max_prefill_tokens, base.max_decodes,
-                                   self.model, self.isolation, objective)
+            urgent = getattr(sched, "urgent", frozenset())
+            self._budget = IsolationBudget(
+                base.max_tokens, base.max_prefill_tokens, base.max_decodes, self.model,
+                self.isolation, objective, urgent=urgent,
+                borrow_factor=self.borrow_factor if urgent else None)
+            return self._budget
         decoding = any(s.online and not s.in_prefill for s in sched.running)
         return TimeBudget(base.max_tokens, base.max_prefill_tokens, base.max_decodes,
                           self.model, objective, decoding, self.min_online_chunk)
 
     def on_step_done(self, step, elapsed_s) -> None:
         self.model.observe(step.work, elapsed_s)
+        self.borrowed_s += self.borrowed_in(step)
+
+    def borrowed_in(self, step) -> float:
+        """Predicted seconds `step` (just planned with the last budget) takes beyond its
+        isolation limit because urgent work borrowed (0 when nothing did)."""
+        b = self._budget
+        if not (isinstance(b, IsolationBudget) and b.borrow_factor is not None
+                and b.online_s is not None and step.has_online):
+            return 0.0
+        if not any(b.borrows(e.seq) for e in step.entries if not e.seq.online):
+            return 0.0
+        return max(0.0, self.model.predict(step.work) - min(b.isolation * b.online_s,
+                                                            b.objective_s))
 
     def online_ttft_s(self, seq: "Sequence") -> float:
         """Predicted TTFT of `seq` on an idle engine: its prompt's prefill, chunk by chunk."""

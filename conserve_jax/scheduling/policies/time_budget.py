@@ -8,7 +8,9 @@ iteration and asked by the scheduler (step-loop thread) entry by entry; pure hos
 - `IsolationBudget` (isolation F): online work is planned exactly as with no offline work
   at all (the token budget only); offline work joins an iteration with online work only
   while the iteration's predicted time stays within F x the predicted time of its online
-  work alone, and within the objective limit, whichever is tighter.
+  work alone, and within the objective limit, whichever is tighter. With `borrow_factor`
+  (deadline_policy "borrow"), `urgent` offline sequences (at-risk jobs' items) may fill it
+  up to that larger factor instead (still within the objective limit).
 With no online work at all the policy hands out a plain token budget (offline batches grow
 to the throughput limit).
 """
@@ -80,24 +82,34 @@ class IsolationBudget(StepBudget):
     isolation: Optional[float] = None  # F, always given (ConserveConfig.isolation)
     objective_s: float = float("inf")
     online_s: Optional[float] = None  # predicted time of the online work alone, once known
+    urgent: frozenset = frozenset()  # request ids that may borrow (at-risk jobs' items)
+    borrow_factor: Optional[float] = None  # their factor (isolation_max); None: no borrowing
     # (work so far, tokens already computed) where not even one more prefill token fits:
     # the many waiting offline requests then cost one prediction, not a search each
     _full: set = field(default_factory=set)
 
-    def limit_s(self, step) -> float:
+    def limit_s(self, step, seq=None) -> float:
+        """The predicted-time limit for offline `seq` joining `step` (None: the usual one)."""
         if self.online_s is None:
             assert all(e.seq.online for e in step.entries), "online work is planned first"
             self.online_s = self.model.predict(step.work) if step.entries else 0.0
-        return min(self.isolation * self.online_s, self.objective_s)
+        f = self.isolation
+        if self.borrows(seq):
+            f = max(f, self.borrow_factor)
+        return min(f * self.online_s, self.objective_s)
 
-    def _fits(self, step, w: WorkShape) -> bool:
-        return self.model.predict(w) <= self.limit_s(step)
+    def borrows(self, seq) -> bool:
+        return (self.borrow_factor is not None and seq is not None
+                and seq.request_id in self.urgent)
+
+    def _fits(self, step, w: WorkShape, seq=None) -> bool:
+        return self.model.predict(w) <= self.limit_s(step, seq)
 
     def decodes_left(self, step, seq=None) -> int:
         left = super().decodes_left(step)
         if left <= 0 or seq is None or seq.online:
             return left
-        return left if self._fits(step, step.work.add_decode(seq.num_computed + 1)) else 0
+        return left if self._fits(step, step.work.add_decode(seq.num_computed + 1), seq) else 0
 
     def prefill_tokens_for(self, step, seq) -> int:
         room = super().prefill_tokens_for(step, seq)
@@ -105,10 +117,10 @@ class IsolationBudget(StepBudget):
             return room
         if seq.status is SeqStatus.WAITING and seq.num_computed > seq.prefix_hit_tokens:
             return 0  # would be restored from its host checkpoint: only without online work
-        key = (dataclasses.astuple(step.work), seq.num_computed)
+        key = (dataclasses.astuple(step.work), seq.num_computed, self.borrows(seq))
         if key in self._full:
             return 0
-        fits = lambda n: self._fits(step, chunk_work(step, seq, n))  # noqa: E731
+        fits = lambda n: self._fits(step, chunk_work(step, seq, n), seq)  # noqa: E731
         if not fits(1):
             self._full.add(key)
             return 0

@@ -1,0 +1,67 @@
+"""The batch runner's part in offline deadlines (issue 27, item 2 of "What to build"):
+items of at-risk batches are claimed before the fair order and marked urgent in the engine,
+and unmarked once the batch is no longer at risk. A stub tracker says which batches are at
+risk; the runner's steps are called directly (no runner thread)."""
+from __future__ import annotations
+
+import time
+
+from conserve_jax.engine.mock_engine import MockEngine
+from conserve_jax.proto_gen.conserve.v1 import conserve_pb2 as pb
+from conserve_server.batch.runner import BatchRunner
+from conserve_server.batch.store import SqliteBatchStore
+
+
+class RecordingEngine(MockEngine):
+    def __init__(self):
+        super().__init__(token_delay_s=0.05)  # items stay in flight while the test looks
+        self.urgent_calls = []
+
+    def set_urgent(self, request_ids):
+        self.urgent_calls.append(frozenset(request_ids))
+        super().set_urgent(request_ids)
+
+
+class StubTracker:
+    def __init__(self):
+        self.risky = []
+        self.ticks = 0
+
+    def tick(self):
+        self.ticks += 1
+
+    def at_risk(self):
+        return list(self.risky)
+
+    def observe_length(self, *a):
+        pass
+
+
+def _items(n):
+    return [(pb.GenerateRequest(request_id=f"r{i}", sampling=pb.SamplingParams(max_tokens=50)),
+             [10 + i]) for i in range(n)]
+
+
+def test_at_risk_items_claimed_first_and_marked_urgent(tmp_path):
+    store, eng = SqliteBatchStore(str(tmp_path)), RecordingEngine()
+    try:
+        early, _ = store.create_batch("t", _items(5), deadline=time.time() + 1000)
+        late, _ = store.create_batch("t", _items(5), deadline=time.time() + 2000)
+        runner = BatchRunner(store, eng, max_in_flight=3)
+        runner.deadlines = tracker = StubTracker()
+        tracker.risky = [late]
+        runner._deadline_check()
+        assert tracker.ticks == 1 and eng.urgent_calls == []  # nothing in flight to mark yet
+        assert runner._fill()
+        flights = list(runner._in_flight.values())
+        assert [f.item.batch_id for f in flights] == [late] * 3  # EDF alone would take `early`
+        assert eng.urgent_calls[-1] == frozenset(f.request_id for f in flights)
+        tracker.risky = []  # no longer at risk: unmarked
+        runner._deadline_check()
+        assert eng.urgent_calls[-1] == frozenset()
+        n = len(eng.urgent_calls)
+        runner._deadline_check()  # unchanged: the engine is not told again
+        assert len(eng.urgent_calls) == n
+    finally:
+        eng.shutdown()
+        store.close()

@@ -1,0 +1,118 @@
+"""Offline deadlines in the scheduler (issue 27, items 2-3 of "What to build"),
+deterministic: the fake latency model and clock of the isolation tests, the real scheduler
+and conserve policy, no device work.
+
+- Urgent offline sequences (at-risk jobs' items) go first among offline work; online work
+  still goes first.
+- deadline_policy "isolate": urgent work never takes an iteration past F x its online
+  work's predicted time, and nothing is recorded as borrowed.
+- deadline_policy "borrow": urgent work may take an iteration up to isolation_max x, only
+  while it is urgent, and the predicted seconds beyond F x are recorded as borrowed.
+"""
+import pytest
+
+from conserve_jax.config import ConserveConfig, EngineConfig
+from conserve_jax.kv.kv_manager import KVManager
+from conserve_jax.scheduling.policies.conserve import ConservePolicy
+from conserve_jax.scheduling.scheduler import Scheduler
+from tests.test_coserve_isolation import FakeClock, FakeModel, commit, make_seq, online_alone
+
+F, F_MAX = 1.2, 1.5
+
+
+def make_sched(policy="isolate", isolation=F, isolation_max=F_MAX):
+    cfg = EngineConfig(model="random:tiny", max_num_seqs=16, max_prefill_tokens=256,
+                       max_prefill_seqs=1,
+                       conserve=ConserveConfig(isolation=isolation, safepoint_interval=1,
+                                               deadline_policy=policy,
+                                               isolation_max=isolation_max))
+    pol = ConservePolicy(cfg.max_num_seqs, cfg.max_prefill_tokens, FakeModel(),
+                         default_ttft_s=2.0, default_tpot_s=0.2, online_waiting=lambda: [],
+                         knobs=cfg.conserve, clock=FakeClock())
+    return Scheduler(cfg, KVManager(512, 16), pol), pol
+
+
+def test_urgent_offline_work_goes_first_after_online():
+    def fresh(urgent=()):
+        sched, _ = make_sched()
+        for i in range(4):
+            sched.add(make_seq(f"off{i}", 100, online=False, arrival=i))
+        sched.urgent = frozenset(urgent)
+        return sched
+    # the throughput order (arrival here) without urgency: off0's prompt
+    assert [e.seq.request_id for e in fresh().schedule().entries] == ["off0"]
+    assert [e.seq.request_id for e in fresh({"off2"}).schedule().entries] == ["off2"]
+    sched = fresh({"off2"})
+    sched.add(make_seq("on", 40, online=True, arrival=10))
+    step = sched.schedule()  # urgent offline work never goes before online work
+    assert [e.seq.request_id for e in step.entries][0] == "on"
+
+
+def run(policy, urgent_from=None, urgent_until=None, iterations=90):
+    """Offline backlog; online requests arrive every 10 iterations and leave after 8 tokens;
+    every offline request is urgent in iterations [urgent_from, urgent_until). Returns
+    [(step, online-alone shape, urgent?)] and the policy."""
+    sched, pol = make_sched(policy)
+    offs = [make_seq(f"off{i}", 300 + 40 * i, online=False, arrival=i) for i in range(8)]
+    for s in offs:
+        sched.add(s)
+    online, out = [], []
+    for it in range(iterations):
+        if it % 10 == 3:
+            s = make_seq(f"on{it}", 60, online=True, arrival=100 + it)
+            sched.add(s)
+            online.append(s)
+        urgent = urgent_from is not None and urgent_from <= it < urgent_until
+        sched.urgent = frozenset(s.request_id for s in offs) if urgent else frozenset()
+        step = sched.schedule()
+        out.append((step, online_alone(step), urgent))
+        before = pol.borrowed_s
+        pol.on_step_done(step, 0.0)
+        step.borrowed = pol.borrowed_s - before
+        commit(sched, step)
+        for s in online:
+            if s.status.value == "running" and s.num_generated >= 8:
+                sched.remove(s)
+    return out, pol
+
+
+def test_isolate_never_exceeds_the_isolation_budget():
+    steps, pol = run("isolate", urgent_from=0, urgent_until=10**9)
+    mixed = [(s, w) for s, w, _ in steps if s.has_online]
+    assert mixed and any(any(not e.seq.online for e in s.entries) for s, _ in mixed)
+    for step, alone in mixed:
+        assert pol.model.predict(step.work) <= F * pol.model.predict(alone) + 1e-12
+    assert pol.borrowed_s == 0.0
+
+
+def test_borrow_only_while_at_risk_and_within_isolation_max():
+    steps, pol = run("borrow", urgent_from=30, urgent_until=60)
+    model = pol.model
+    borrowed = 0.0
+    exceeded = 0
+    for step, alone, urgent in steps:
+        if not step.has_online:
+            assert step.borrowed == 0.0
+            continue
+        t, base = model.predict(step.work), model.predict(alone)
+        if urgent:
+            assert t <= F_MAX * base + 1e-12
+            exceeded += t > F * base + 1e-12
+            assert step.borrowed == pytest.approx(max(0.0, t - F * base))
+        else:  # not at risk: the plain isolation budget, nothing borrowed
+            assert t <= F * base + 1e-12
+            assert step.borrowed == 0.0
+        borrowed += step.borrowed
+    assert exceeded > 0, "urgent work did borrow online budget"
+    assert pol.borrowed_s == pytest.approx(borrowed) and pol.borrowed_s > 0
+
+
+def test_deadline_policy_knobs_name_the_field():
+    with pytest.raises(ValueError, match="deadline_policy"):
+        ConserveConfig(deadline_policy="always")
+    with pytest.raises(ValueError, match="isolation_max"):
+        ConserveConfig(isolation=1.2, isolation_max=1.1, deadline_policy="borrow")
+    ConserveConfig(isolation=2.0, isolation_max=1.5)  # irrelevant under isolate
+    with pytest.raises(ValueError, match="isolation_max"):
+        ConserveConfig(isolation_max=float("inf"))
+    assert ConserveConfig().deadline_policy == "isolate"
