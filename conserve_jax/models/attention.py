@@ -149,7 +149,10 @@ def _decode_part(q, k_cache, v_cache, tables, lens, chunk: int):
     context. Rows of groups never visited keep an empty softmax (max NEG_INF, denominator
     0), which `_merge` weighs as nothing."""
     kvh, g, dc, hd = q.shape
-    grp = min(DECODE_GROUP, dc)
+    if dc <= DECODE_GROUP:  # one group: no outer loop (its trip count is 0 without decodes)
+        m, den, acc = _decode_rows(q.transpose(2, 0, 1, 3), k_cache, v_cache, tables, lens, chunk)
+        return m.transpose(0, 2, 1), den.transpose(0, 2, 1), acc.transpose(0, 2, 1, 3)
+    grp = DECODE_GROUP
     groups = -(-dc // grp)
     pad = groups * grp - dc
     qd = q.transpose(2, 0, 1, 3)  # [Dc, kvh, g, hd]
