@@ -36,6 +36,9 @@ class StubTracker:
     def observe_length(self, *a):
         pass
 
+    def note_expired(self, batch_id):
+        pass
+
 
 def _items(n):
     return [(pb.GenerateRequest(request_id=f"r{i}", sampling=pb.SamplingParams(max_tokens=50)),

@@ -104,6 +104,7 @@ class DeadlineTracker:
         self._lock = threading.Lock()
         self._estimates: dict[str, Estimate] = {}
         self._active: dict[str, BatchRow] = {}
+        self._recorded: dict[str, None] = {}  # ended batches counted (the last 10,000)
         self._stats = DeadlineStats()
 
     # ---- work of a new batch (worker threads) -------------------------------------------
@@ -241,9 +242,20 @@ class DeadlineTracker:
             for row in finished:
                 self._record_end(row)
 
+    def note_expired(self, batch_id: str) -> None:
+        """The runner expired `batch_id` (runner thread): count it now, also when this
+        process never saw it active (its deadline passed while the server was down)."""
+        try:
+            row = self.store.get(batch_id)
+        except STORE_ERRORS:
+            return  # the next tick sees it ended, if it saw it active
+        if row is not None:
+            with self._lock:
+                self._record_end(row)
+
     def _record_end(self, row: BatchRow) -> None:
-        """Count one ended batch (caller holds the lock)."""
-        if row.deadline is None or row.state == "cancelled":
+        """Count one ended batch, once (caller holds the lock)."""
+        if row.deadline is None or row.state == "cancelled" or row.id in self._recorded:
             return
         s = self._stats
         expired = row.state == "failed" and row.error == DEADLINE_ERROR
@@ -252,6 +264,9 @@ class DeadlineTracker:
         end = row.finished_at if row.finished_at is not None else self.clock()
         slack = row.deadline - end
         met = row.state == "completed" and slack >= 0
+        self._recorded[row.id] = None
+        if len(self._recorded) > 10_000:
+            del self._recorded[next(iter(self._recorded))]
         bucket = s.met if met else s.missed
         bucket["batch"] = bucket.get("batch", 0) + 1
         s.slack_hist[bisect.bisect_left(SLACK_BUCKETS_S, slack)] += 1

@@ -427,6 +427,13 @@ class BatchRunner:
             if self.store.terminate(batch_id, "failed", "batch deadline exceeded"):
                 log.info("batch %s failed: completion deadline passed", batch_id)
                 self._requests.put((batch_id, "error"))
+                if self.deadlines is not None:
+                    self.deadlines.note_expired(batch_id)
+                if self.offline is not None:  # saved state of its items ended now: dropped
+                    try:
+                        self.offline.sweep()
+                    except Exception:
+                        log.exception("dropping saved state of an expired batch failed")
 
     def _abandon(self) -> None:
         """At stop: cancel what is still in flight; results that arrive finished anyway are
