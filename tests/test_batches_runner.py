@@ -101,7 +101,7 @@ def test_completion_deadline_fails_unfinished_items(tmp_path):
         with Client(s.target) as c:
             bid = c.submit_batch([{"prompt": "d", "max_tokens": 3}] * 2
                                  + [{"prompt": "slow", "max_tokens": 1000}] * 4, deadline=0.5)
-            assert wait_until(lambda: c.get_batch(bid).state == "failed", timeout=3)
+            assert wait_until(lambda: c.get_batch(bid).state == "expired", timeout=3)
             assert wait_until(lambda: c.get_batch(bid).done == 6, timeout=2)
             info = c.get_batch(bid)
             assert info.failed == 4 and info.error == "batch deadline exceeded"
@@ -138,3 +138,50 @@ def test_many_small_items(tmp_path, n):
             assert [r.token_ids for r in results] == [[5 + i % 200] for i in range(n)]
     finally:
         s.stop()
+
+
+class _CountingStore:
+    """A store proxy that counts claims (what the runner asks the store while it works)."""
+
+    def __init__(self, store):
+        self._store, self.claims = store, 0
+
+    def claim(self, *a, **k):
+        self.claims += 1
+        return self._store.claim(*a, **k)
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+
+def test_runner_does_not_poll_a_drained_queue(tmp_path):
+    """With items in flight and nothing left to claim, the runner claims again only every
+    idle_claim_s (it used to claim every poll_s: 100 store round trips a second); a local
+    submit (wake) is claimed at once."""
+    from conserve_server.batch.runner import BatchRunner
+    engine = MockEngine(token_delay_s=0.05)
+    store = _CountingStore(BatchStore(str(tmp_path)))
+    runner = BatchRunner(store, engine, max_in_flight=8, poll_s=0.01, idle_claim_s=5.0)
+    slow = [(pb.GenerateRequest(prompt=f"p{i}", request_id=f"r{i}",
+                                sampling=pb.SamplingParams(max_tokens=40, ignore_eos=True)),
+             [10 + i]) for i in range(2)]
+    bid, _ = store.create_batch("t", slow)
+    runner.start()
+    try:
+        wait_until(lambda: runner.in_flight == 2, timeout=10)
+        before = store.claims
+        import time
+        time.sleep(1.0)  # both items still running (40 tokens x 50 ms)
+        assert runner.in_flight == 2
+        polled = store.claims - before
+        assert polled <= 2, f"{polled} claims in 1 s on a drained queue"
+        bid2, _ = store.create_batch("t", _items(1))
+        t0 = time.monotonic()
+        runner.wake()
+        wait_until(lambda: store.get(bid2).state != "queued", timeout=10)
+        assert time.monotonic() - t0 < 2.5  # claimed on the wake, not after idle_claim_s
+        wait_until(lambda: store.get(bid).state == "completed", timeout=30)
+    finally:
+        runner.stop()
+        store.close()
+        engine.shutdown()

@@ -94,7 +94,7 @@ def test_accept_infeasible_expires_instead(tmp_path):
         with Client(s.target) as c:
             assert wait_until(lambda: c.get_batch(resp.batch_id).done == 40, timeout=20)
             info = c.get_batch(resp.batch_id)
-            assert info.state == "failed" and info.error == "batch deadline exceeded"
+            assert info.state == "expired" and info.error == "batch deadline exceeded"
             results = list(c.batch_results(resp.batch_id, timeout=10))
             assert sorted(r.index for r in results) == list(range(40))  # one record per item
             assert wait_until(lambda: c.stats()["deadline_missed"] == 1, timeout=5)

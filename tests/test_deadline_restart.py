@@ -59,7 +59,7 @@ def test_batch_expires_exactly_once_after_a_restart_past_its_deadline(tmp_path, 
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
-    assert (info.state, info.error, info.total) == ("failed", "batch deadline exceeded", N)
+    assert (info.state, info.error, info.total) == ("expired", "batch deadline exceeded", N)
     assert [r.index for r in results] == list(range(N))  # exactly one record per item
     for r in results:
         if r.index in before:  # committed before the stop: kept as it was

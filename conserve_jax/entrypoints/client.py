@@ -45,7 +45,7 @@ _FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length",
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 _STATE = {pb.BATCH_STATE_QUEUED: "queued", pb.BATCH_STATE_RUNNING: "running",
           pb.BATCH_STATE_COMPLETED: "completed", pb.BATCH_STATE_CANCELLED: "cancelled",
-          pb.BATCH_STATE_FAILED: "failed"}
+          pb.BATCH_STATE_FAILED: "failed", pb.BATCH_STATE_EXPIRED: "expired"}
 
 
 @dataclass

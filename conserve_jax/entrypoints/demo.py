@@ -73,7 +73,8 @@ def run(args) -> int:
                 {"messages": [{"role": "user", "content": q}], "max_tokens": 24,
                  "temperature": 0.0} for q in questions])
             print(f"\noffline batch {batch_id} submitted ({len(questions)} requests)")
-            while client.get_batch(batch_id).state not in ("completed", "failed", "cancelled"):
+            ended = ("completed", "failed", "cancelled", "expired")
+            while client.get_batch(batch_id).state not in ended:
                 time.sleep(0.2)
             for r in client.batch_results(batch_id):
                 print(f"  [{r.index}] {questions[r.index]} -> {r.text.strip()!r} ({r.finish_reason})")

@@ -17,8 +17,9 @@ from typing import Any, Callable, Iterator, Optional
 
 log = logging.getLogger(__name__)
 
-BATCH_STATES = ("unspecified", "queued", "running", "completed", "cancelled", "failed")
-TERMINAL_STATES = frozenset({"completed", "cancelled", "failed"})
+BATCH_STATES = ("unspecified", "queued", "running", "completed", "cancelled", "failed",
+                "expired")
+TERMINAL_STATES = frozenset({"completed", "cancelled", "failed", "expired"})
 FAILED_REASONS = frozenset({"cancelled", "error", "abort", "aborted"})
 
 

@@ -47,7 +47,7 @@ from conserve_jax.scheduling.slack import Estimate
 from conserve_server import convert
 from conserve_server.admission import Admission
 from conserve_server.auth import Authenticator
-from conserve_server.batch.deadlines import DeadlineTracker
+from conserve_server.batch.deadlines import DEADLINE_ERROR, DeadlineTracker
 from conserve_server.batch.runner import BatchRunner
 from conserve_server.batch.store import (BatchRow, IdempotencyConflict, QuotaExceeded, StoreBase,
                                          StoreUnavailable)
@@ -75,7 +75,10 @@ def _ts(t: Optional[float]) -> Optional[Timestamp]:
 
 def batch_to_proto(row: BatchRow, est: Optional[Estimate] = None) -> pb.Batch:
     """`est`: the batch's current deadline estimate (None: unknown or not active)."""
-    b = pb.Batch(batch_id=row.id, state=_STATES[row.state], total=row.total, done=row.done,
+    state = _STATES[row.state]
+    if row.state == "failed" and row.error == DEADLINE_ERROR:
+        state = pb.BATCH_STATE_EXPIRED
+    b = pb.Batch(batch_id=row.id, state=state, total=row.total, done=row.done,
                  failed=row.failed, cancelled=row.cancelled, created_at=_ts(row.created_at),
                  started_at=_ts(row.started_at), finished_at=_ts(row.finished_at),
                  deadline=_ts(row.deadline), error=row.error,

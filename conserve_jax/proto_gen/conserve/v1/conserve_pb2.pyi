@@ -26,6 +26,7 @@ class BatchState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     BATCH_STATE_COMPLETED: _ClassVar[BatchState]
     BATCH_STATE_CANCELLED: _ClassVar[BatchState]
     BATCH_STATE_FAILED: _ClassVar[BatchState]
+    BATCH_STATE_EXPIRED: _ClassVar[BatchState]
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
@@ -37,6 +38,7 @@ BATCH_STATE_RUNNING: BatchState
 BATCH_STATE_COMPLETED: BatchState
 BATCH_STATE_CANCELLED: BatchState
 BATCH_STATE_FAILED: BatchState
+BATCH_STATE_EXPIRED: BatchState
 
 class SamplingParams(_message.Message):
     __slots__ = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos", "logprobs")
