@@ -114,6 +114,10 @@ class DeadlineOptions:
     at_risk_margin: float = flag_field(
         "a batch is at risk when its slack (deadline - estimated finish) is below this "
         "fraction of the time it still needs (or negative)", default=0.2)
+    flex_max_wait_s: Optional[float] = flag_field(
+        "an HTTP service_tier=flex request that has not started (no first token) within "
+        "this many seconds is cancelled with HTTP 429 resource_unavailable, OpenAI's flex "
+        "contract (none: it waits as long as it takes)", default=600.0)
 
     def __post_init__(self) -> None:
         if not self.harvest_window_s > 0:
@@ -123,6 +127,8 @@ class DeadlineOptions:
                              f"{self.harvest_min_history_s}")
         if not self.at_risk_margin >= 0:
             raise ValueError(f"at_risk_margin must be >= 0, got {self.at_risk_margin}")
+        if self.flex_max_wait_s is not None and not self.flex_max_wait_s > 0:
+            raise ValueError(f"flex_max_wait_s must be > 0 or none, got {self.flex_max_wait_s}")
 
 
 @dataclass

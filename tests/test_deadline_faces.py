@@ -152,3 +152,35 @@ def test_accept_infeasible_flag():
     cfg = server_config_from_args(p.parse_args(["--accept-infeasible", "--at-risk-margin", "0.5"]))
     assert cfg.deadlines.accept_infeasible and cfg.deadlines.at_risk_margin == 0.5
     assert not server_config_from_args(p.parse_args([])).deadlines.accept_infeasible
+
+
+def test_flex_request_gets_429_after_its_wait_bound(tmp_path):
+    """One engine slot, taken by a long batch item (~10 s): a flex request cannot start
+    within its 0.3 s bound and is refused; once the slot is free, one starts and is served."""
+    eng = MockEngine(token_delay_s=0.01, max_num_seqs=1)
+    s = start_http_server(tmp_path, engine=eng, batch_in_flight=1,
+                          deadlines=DeadlineOptions(flex_max_wait_s=0.3))
+    try:
+        body = {"model": MODEL, "prompt": "hello", "max_tokens": 3, "service_tier": "flex"}
+        with Client(s.target) as c:
+            bid = c.submit_batch([{"prompt": "hog", "max_tokens": 1000}])
+            assert wait_until(lambda: eng.stats().offline_running == 1, timeout=5)
+            for stream in (False, True):
+                status, raw_body, _ = raw(s, "POST", "/v1/completions",
+                                          json.dumps({**body, "stream": stream}).encode(), token=None)
+                err = json.loads(raw_body)["error"]
+                assert status == 429, raw_body
+                assert err["code"] == "resource_unavailable" and err["param"] == "service_tier"
+                assert "flex_max_wait_s" in err["message"]
+            assert wait_until(lambda: eng.stats().offline_waiting == 0, timeout=5)  # cancelled
+            c.cancel_batch(bid)
+            assert wait_until(lambda: eng.stats().offline_running == 0, timeout=5)
+            status, raw_body, _ = raw(s, "POST", "/v1/completions", json.dumps(body).encode(),
+                                      token=None)
+            assert status == 200 and json.loads(raw_body)["choices"][0]["text"] == "hel"
+            st = c.stats()
+        snap = s.app.deadlines.snapshot()
+        assert snap.missed.get("flex") == 2 and snap.met.get("flex") == 1
+        assert st["deadline_missed"] >= 2
+    finally:
+        s.stop()

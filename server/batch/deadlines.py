@@ -28,7 +28,8 @@ is not summed across replicas yet).
 
 Outcomes: a batch that ends `completed` with `finished_at <= deadline` met its window;
 one that ends failed by its deadline (`DEADLINE_ERROR`), or completes after it, missed
-(class "batch"). Estimate error: (estimated duration at submit - actual) / actual, for
+(class "batch"); an HTTP flex request met its bound if it started (first token) within
+`flex_max_wait_s`, else it missed (class "flex", refused with 429). Estimate error: (estimated duration at submit - actual) / actual, for
 completed batches that had an estimate. Slack at finish: deadline - finished_at (negative
 for a miss), in a histogram. Counted by the replica that sees the batch end (in a fleet,
 every replica that saw it active: sum with care).
@@ -241,6 +242,13 @@ class DeadlineTracker:
             s.at_risk_items = sum(r.total - r.done for r in risky)
             for row in finished:
                 self._record_end(row)
+
+    def note_flex(self, started: bool) -> None:
+        """An HTTP flex request started within its wait bound (met) or was refused with
+        429 after it (missed; class "flex"). Any thread."""
+        with self._lock:
+            bucket = self._stats.met if started else self._stats.missed
+            bucket["flex"] = bucket.get("flex", 0) + 1
 
     def note_expired(self, batch_id: str) -> None:
         """The runner expired `batch_id` (runner thread): count it now, also when this

@@ -15,9 +15,15 @@ Limits are the server's `ServiceOptions`, the same object the gRPC face reads. A
 `Authorization: Bearer <token>`, each token a tenant; a tenant sees only its own files and
 batches (others' are 404), and its requests reuse only its own cached prompt prefixes
 (`ServiceOptions.cache_salt`).
+
+Deadlines (`DeadlineTracker`): POST /v1/batches refuses a batch that cannot finish inside
+its completion_window (429 resource_unavailable, unless --accept-infeasible); a flex
+request that has not started within `flex_max_wait_s` is cancelled with 429
+resource_unavailable instead of waiting on.
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -159,11 +165,24 @@ class OpenAIRoutes:
             raise
         meta = render.Meta(kind, render.new_id(kind), parsed.model, parsed.service_tier,
                            parsed.logprobs, parsed.top_logprobs)
+        # (a stream's disconnects are the SSE response's to notice)
+        source = deltas(stream, self.limiter, None if parsed.stream else request.is_disconnected)
+        bound = self.deadlines.options.flex_max_wait_s if self.deadlines is not None else None
+        if cls is RequestClass.OFFLINE and bound is not None:
+            try:
+                source = await self._flex_start(source, bound)
+            except ClientGone:
+                close()
+                return Response(status_code=499)
+            except BaseException:
+                close()
+                raise
         if parsed.stream:
-            return SSEResponse(self._events(stream, meta, parsed.include_usage, state), close)
+            return SSEResponse(self._events(stream, meta, parsed.include_usage, state, source),
+                               close)
         try:
             ans = render.Answer()
-            async for out in deltas(stream, self.limiter, request.is_disconnected):
+            async for out in source:
                 ans.add(out)
                 state["finished"] = out.finished
             self._raise_for(ans.finish_reason, ans.error)
@@ -173,6 +192,27 @@ class OpenAIRoutes:
         finally:
             close()
 
+    async def _flex_start(self, source, bound: float):
+        """A flex request's deltas, once it has started (its first delta came within
+        `bound` seconds); ApiError 429 resource_unavailable if it did not (the caller
+        cancels it)."""
+        try:
+            first = await asyncio.wait_for(source.__anext__(), bound)
+        except asyncio.TimeoutError:
+            self.deadlines.note_flex(False)
+            raise ApiError(429, f"service_tier flex: the request could not start within "
+                                f"{bound:g} s (flex_max_wait_s): offline capacity is taken; "
+                                f"retry later, or use service_tier default",
+                           "service_tier", "resource_unavailable") from None
+        self.deadlines.note_flex(True)
+
+        async def rest():
+            yield first
+            if not first.finished:
+                async for out in source:
+                    yield out
+        return rest()
+
     def _raise_for(self, finish_reason: Optional[str], error: str) -> None:
         if finish_reason == "error":
             raise ApiError(500, error or "engine error")
@@ -180,11 +220,15 @@ class OpenAIRoutes:
             raise ApiError(503, "server is shutting down" if not self.admitting
                            else "the request was cancelled by the server")
 
-    async def _events(self, stream, meta: render.Meta, include_usage: bool, state: dict):
+    async def _events(self, stream, meta: render.Meta, include_usage: bool, state: dict,
+                      source=None):
+        """SSE events of `source` (default: the stream's deltas)."""
         tok = self.engine.tokenizer
         first, sent = True, 0
+        if source is None:
+            source = deltas(stream, self.limiter)
         try:
-            async for out in deltas(stream, self.limiter):
+            async for out in source:
                 state["finished"] = out.finished
                 if out.finished:
                     self._raise_for(out.finish_reason, out.error or "")
