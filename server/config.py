@@ -33,9 +33,31 @@ from conserve_jax.engine_args import add_dataclass_args, build_dataclass, datacl
 _KEY = "server"
 
 
-def flag_field(help_text: str, **kw):
-    """A dataclass field that is a `serve` flag with this help text."""
-    return field(metadata={"help": help_text}, **kw)
+def flag_field(help_text: str, parse=None, **kw):
+    """A dataclass field that is a `serve` flag with this help text; `parse` (text ->
+    value) replaces the flag's default converter."""
+    meta = {"help": help_text}
+    if parse is not None:
+        meta["parse"] = parse
+    return field(metadata=meta, **kw)
+
+
+def parse_http_port(text: str) -> Optional[int]:
+    """`--http-port`'s value: 0, none or off -> None (HTTP off); free -> 0 (a free port,
+    chosen at bind); otherwise a port number 1-65535 (ArgumentTypeError otherwise)."""
+    t = text.strip().lower()
+    if t in ("0", "none", "off", ""):
+        return None
+    if t == "free":
+        return 0
+    try:
+        port = int(t)
+    except ValueError:
+        port = -1
+    if not 0 < port < 65536:  # argparse prints the message after the flag's name
+        raise argparse.ArgumentTypeError(
+            f"expected a port number, 0 or none (HTTP off) or free, got {text!r}")
+    return port
 
 
 def plain_field(why: str, **kw):
@@ -114,6 +136,10 @@ class DeadlineOptions:
     at_risk_margin: float = flag_field(
         "a batch is at risk when its slack (deadline - estimated finish) is below this "
         "fraction of the time it still needs (or negative)", default=0.2)
+    deadline_order: bool = flag_field(
+        "serve at-risk batches' items first (claimed first, urgent in the engine); off: "
+        "claim by deadline alone, the order before deadlines were tracked (for comparison)",
+        default=True)
     flex_max_wait_s: Optional[float] = flag_field(
         "an HTTP service_tier=flex request that has not started (no first token) within "
         "this many seconds is cancelled with HTTP 429 resource_unavailable, OpenAI's flex "
@@ -151,8 +177,9 @@ class ServerConfig:
         "PostgreSQL store: this replica's name in item leases (none: host-pid-random)",
         default=None)
     http_port: Optional[int] = flag_field(
-        "also serve the OpenAI-compatible HTTP API and /metrics on this port (same host, "
-        "TLS and tokens; 0 picks a free one; none: off)", default=None)
+        "port of the OpenAI-compatible HTTP API and /metrics (same host, TLS and tokens as "
+        "gRPC); 0 or none: HTTP off; free: a free port, printed as `http on HOST:PORT`",
+        parse=parse_http_port, default=8000)  # the field: None off, 0 a free port
     metrics_port: Optional[int] = flag_field(
         "serve Prometheus /metrics alone on this port (none: off)", default=None)
     served_model_name: Optional[str] = flag_field(

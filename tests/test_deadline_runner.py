@@ -30,7 +30,7 @@ class StubTracker:
     def tick(self):
         self.ticks += 1
 
-    def at_risk(self):
+    def urgent_batches(self):
         return list(self.risky)
 
     def observe_length(self, *a):

@@ -122,6 +122,9 @@ def test_estimates_at_risk_and_outcomes(setup):
     assert tr.at_risk() == [risky, ok]
     snap = tr.snapshot()
     assert snap.at_risk_batches == 2 and snap.at_risk_items == 4
+    assert tr.urgent_batches() == [risky, ok]
+    tr.options = DeadlineOptions(deadline_order=False)  # claim by deadline alone
+    assert tr.urgent_batches() == [] and tr.at_risk() == [risky, ok]
     # ok completes in its window, risky expires
     for c in store.claim(10):
         if c.batch_id == ok:

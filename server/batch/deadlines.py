@@ -192,6 +192,10 @@ class DeadlineTracker:
         return [e.job_id for e in sorted(risky, key=lambda e: (e.slack_s if e.slack_s is not None
                                                                 else -inf))]
 
+    def urgent_batches(self) -> list[str]:
+        """The batches whose items go first (`at_risk`), or none with `deadline_order` off."""
+        return self.at_risk() if self.options.deadline_order else []
+
     def snapshot(self) -> DeadlineStats:
         with self._lock:
             s = self._stats

@@ -296,7 +296,7 @@ class BatchRunner:
         self._expire()
         if self.deadlines is not None:
             self.deadlines.tick()
-            self._at_risk = self.deadlines.at_risk()
+            self._at_risk = self.deadlines.urgent_batches()
             self._mark_urgent()
 
     def _mark_urgent(self) -> None:
