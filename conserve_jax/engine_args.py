@@ -22,8 +22,9 @@ field's help text (`field(metadata={"help": ...})`) and default; a field marked
 `dataclass_values(args, key)` reads back exactly the flags that call declared, and
 `build_dataclass(cls, values)` rebuilds the nested instance. Supported
 flag types: int, float, str, bool (`--x/--no-x`) and Optional of the first three (the
-values none/off/empty mean None). Pure functions; entry points call them on their main
-thread while parsing.
+values none/off/empty mean None); a field's `metadata={"parse": fn}` replaces the
+converter of its flag (fn(text) -> value, raising ValueError on bad text). Pure
+functions; entry points call them on their main thread while parsing.
 """
 from __future__ import annotations
 
@@ -113,7 +114,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, title: str, key: st
             continue
         if base not in (int, float, str):
             raise TypeError(f"{cls.__name__}.{name} has a type flags cannot carry: {tp}")
-        conv = _optional(base) if optional else base
+        conv = f.metadata.get("parse") or (_optional(base) if optional else base)
         group.add_argument(flag, dest=name, type=conv, default=default,
                            help=f"{help_text} (default {default})")
     # which attributes of the parsed namespace are this dataclass's fields: only these are

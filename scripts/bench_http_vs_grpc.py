@@ -1,6 +1,6 @@
 """What the OpenAI-compatible HTTP front costs next to gRPC, measured with the load tester.
 
-Starts one `conserve-jax serve --model mock --http-port 0` subprocess (MockEngine with a
+Starts one `conserve-jax serve --model mock --http-port free` subprocess (MockEngine with a
 per-step delay, so latencies are dominated by the serving path, not a model), then replays
 the same synthetic online workload through `conserve-jax loadtest --backend grpc` and
 `--backend openai` (each run a subprocess), interleaved over `--repeats` rounds with the
@@ -28,7 +28,7 @@ KEYS = (("ttft_s", "p50"), ("ttft_s", "p99"), ("itl_s", "p50"), ("e2e_s", "p50")
 
 def spawn(data_dir: str, token_delay: float) -> tuple[subprocess.Popen, dict]:
     cmd = [sys.executable, "-m", "conserve_jax.entrypoints.cli", "serve", "--model", "mock", "--port", "0",
-           "--http-port", "0", "--data-dir", data_dir, "--mock-token-delay", str(token_delay)]
+           "--http-port", "free", "--data-dir", data_dir, "--mock-token-delay", str(token_delay)]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     ports = {}
     for line in proc.stdout:

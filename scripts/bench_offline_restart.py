@@ -32,7 +32,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def spawn(data: str, extra: list[str]):
     cmd = [sys.executable, "-m", "conserve_jax.entrypoints.cli", "-v", "serve", "--port", "0",
-           "--data-dir", data, *extra]
+           "--http-port", "0", "--data-dir", data, *extra]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     port, log = [], []

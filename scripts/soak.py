@@ -80,7 +80,8 @@ def proc_usage(pid: int) -> tuple[int, int]:
 
 def start_server(args, data_dir: str) -> tuple[subprocess.Popen, int]:
     cmd = [sys.executable, "-m", "conserve_jax.entrypoints.cli", "--log-level", "WARNING", "serve",
-           "--model", args.model, "--host", "127.0.0.1", "--port", "0", "--data-dir", data_dir,
+           "--model", args.model, "--host", "127.0.0.1", "--port", "0",
+           "--http-port", "0", "--data-dir", data_dir,
            "--max-num-seqs", str(args.max_num_seqs), "--max-online-queue", str(args.max_online_queue),
            "--drain-timeout", "5"]
     if args.model == "mock":

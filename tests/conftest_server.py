@@ -1,6 +1,7 @@
 """Shared helpers for the server/client/batch tests (imported explicitly; not a conftest).
 
-`start_server` runs a real gRPC server in-process on 127.0.0.1 port 0 over a `MockEngine`;
+`start_server` runs a real gRPC server in-process on 127.0.0.1 port 0 over a `MockEngine`
+(HTTP off unless `http_port` is given: 0 picks a free one);
 `spawn_server` runs `python -m conserve_jax.entrypoints.cli serve --model mock ...` as a subprocess
 and reads the bound port from its `listening on HOST:PORT` line.
 """
@@ -38,10 +39,12 @@ class RunningServer:
 
 def start_server(data_dir, engine: Optional[MockEngine] = None,
                  engine_config: Optional[EngineConfig] = None, **config) -> RunningServer:
-    """`config`: `ServerConfig` fields (port defaults to 0 here: a free one);
+    """`config`: `ServerConfig` fields (port defaults to 0 here: a free one; http_port to
+    None: off);
     `engine_config`: what the server takes the engine to be built with (ServerApp's)."""
     engine = engine or MockEngine()
     config.setdefault("port", 0)
+    config.setdefault("http_port", None)  # HTTP off unless asked (its default is :8000)
     app = ServerApp(engine, ServerConfig(data_dir=str(data_dir), **config),
                     engine_config=engine_config)
     port = app.start()
@@ -60,7 +63,7 @@ def wait_until(pred: Callable[[], bool], timeout: float = 5.0, interval: float =
 def spawn_server(data_dir, *extra: str, timeout: float = 30.0) -> tuple[subprocess.Popen, int]:
     """Start the CLI server as a subprocess; returns (process, port)."""
     cmd = [sys.executable, "-m", "conserve_jax.entrypoints.cli", "serve", "--model", "mock", "--port", "0",
-           "--data-dir", str(data_dir), *extra]
+           "--http-port", "0", "--data-dir", str(data_dir), *extra]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     found: list[int] = []
     errors: list[str] = []

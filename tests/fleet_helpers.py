@@ -41,8 +41,8 @@ def spawn_replica(tmp_path, name: str, url: str, *extra: str, timeout: float = 6
     data = tmp_path / name
     log_path = str(tmp_path / f"{name}.log")
     cmd = [sys.executable, "-m", "conserve_jax.entrypoints.cli", "serve", "--model", "mock",
-           "--port", "0", "--data-dir", str(data), "--batch-store", url, "--replica-id", name,
-           *extra]
+           "--port", "0", "--http-port", "0", "--data-dir", str(data), "--batch-store", url,
+           "--replica-id", name, *extra]
     out = open(log_path, "w")
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, text=True)
     out.close()

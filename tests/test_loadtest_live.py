@@ -22,7 +22,7 @@ def live_server(tmp_path):
     err = open(tmp_path / "server.err", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "conserve_jax.entrypoints.cli", "serve", "--model", "mock", "--port", "0",
-         "--data-dir", str(tmp_path / "data"), "--mock-token-delay", "0.005"],
+         "--http-port", "0", "--data-dir", str(tmp_path / "data"), "--mock-token-delay", "0.005"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True)
     found = []
 

@@ -29,7 +29,8 @@ def _items():
 
 
 def _spawn(data, *extra):
-    cmd = [sys.executable, "-m", "conserve_jax.entrypoints.cli", "-v", "serve", "--port", "0", "--data-dir",
+    cmd = [sys.executable, "-m", "conserve_jax.entrypoints.cli", "-v", "serve", "--port", "0",
+           "--http-port", "0", "--data-dir",
            str(data), *ENGINE, *extra]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)

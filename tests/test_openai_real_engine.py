@@ -79,7 +79,7 @@ def test_completions_and_chat_match_engine(server):
 def _spawn(data_dir, *extra):
     """The CLI server as a subprocess; returns (process, {"http": port, "metrics": port})."""
     cmd = [sys.executable, "-m", "conserve_jax.entrypoints.cli", "serve", "--model", "mock", "--port", "0",
-           "--data-dir", str(data_dir), *extra]
+           "--http-port", "0", "--data-dir", str(data_dir), *extra]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     ports = {}
     for line in proc.stdout:  # "http on H:P", "metrics on H:P", then "listening on H:P"
@@ -95,7 +95,7 @@ def test_cli_http_and_metrics_ports_with_tls(tmp_path):
     (tmp_path / "cert.pem").write_bytes(cert)
     (tmp_path / "key.pem").write_bytes(key)
     (tmp_path / "tokens").write_text("secret-token\n")
-    proc, ports = _spawn(tmp_path / "data", "--http-port", "0", "--metrics-port", "0",
+    proc, ports = _spawn(tmp_path / "data", "--http-port", "free", "--metrics-port", "0",
                          "--tls-cert", str(tmp_path / "cert.pem"), "--tls-key", str(tmp_path / "key.pem"),
                          "--auth-token-file", str(tmp_path / "tokens"))
     try:

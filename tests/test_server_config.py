@@ -24,12 +24,13 @@ from conserve_server.config import ServerConfig, ServiceOptions, resolve, server
 from tests.conftest_server import REPO, start_server, wait_until
 from tests.openai_helpers import MODEL, client, start_http_server
 
-# every flag `serve` had before its flags were generated, with its default then
+# every flag `serve` had before its flags were generated, with its default then (except
+# --http-port: HTTP is on by default since issue 29, as vLLM users expect)
 OLD_FLAGS = {"--host": "127.0.0.1", "--port": 50051, "--data-dir": "conserve-data",
              "--auth-token-file": None, "--tls-cert": None, "--tls-key": None,
              "--max-online-queue": 256, "--max-batch-size": 10000, "--batch-in-flight": None,
              "--max-message-mb": 16, "--retention-days": 7.0, "--drain-timeout": 10.0,
-             "--http-port": None, "--metrics-port": None, "--served-model-name": None,
+             "--http-port": 8000, "--metrics-port": None, "--served-model-name": None,
              "--offline-kv-max-mb": 4096, "--mock-token-delay": 0.0,
              "--mock-fail-after-steps": None}
 PLAIN = {"auth_tokens", "tls_cert", "tls_key", "max_logprobs", "default_slo"}

@@ -285,7 +285,8 @@ def test_exposure_warnings(caplog):
 
 
 def _serve(*args, timeout=60):
-    return subprocess.run([sys.executable, "-m", "conserve_jax.entrypoints.cli", "serve", "--port", "0", *args],
+    return subprocess.run([sys.executable, "-m", "conserve_jax.entrypoints.cli", "serve", "--port", "0",
+                           "--http-port", "0", *args],
                           cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 

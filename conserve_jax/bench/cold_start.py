@@ -32,7 +32,7 @@ from conserve_jax.bench.script_io import write_json
 def _spawn(home: str, extra: list[str]):
     env = {**os.environ, "HOME": home}
     cmd = [sys.executable, "-m", "conserve_jax.entrypoints.cli", "serve", "--port", "0",
-           "--data-dir", os.path.join(home, "data"),
+           "--http-port", "0", "--data-dir", os.path.join(home, "data"),
            "--compilation-cache-dir", os.path.join(home, "xla"), *extra]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             text=True)

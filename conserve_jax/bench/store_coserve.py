@@ -187,7 +187,7 @@ def _stop(proc: subprocess.Popen, timeout: float) -> Optional[int]:
 
 def serve_command(a: argparse.Namespace, data_dir: str, store_url: Optional[str]) -> list[str]:
     cmd = [sys.executable, "-m", "conserve_jax.entrypoints.cli", "serve", "--model", a.model,
-           "--port", "0", "--data-dir", data_dir]
+           "--port", "0", "--http-port", "0", "--data-dir", data_dir]
     if store_url:
         cmd += ["--batch-store", store_url]
     return cmd + list(a.serve_args)

@@ -15,7 +15,8 @@ from absl import logging as absl_logging
 
 SUBCOMMANDS = {
     "generate": ("conserve_jax.entrypoints.generate", "generate text for a prompt with a local model"),
-    "serve": ("conserve_server.main", "run the gRPC server"),
+    "serve": ("conserve_server.main", "serve a model: gRPC on :50051 and the OpenAI-compatible "
+              "HTTP API on :8000 (--http-port 0 turns HTTP off)"),
     "profile": ("conserve_jax.entrypoints.profile", "fit the iteration latency model"),
     "loadtest": ("conserve_jax.loadtest.cli", "load-test a running server"),
     "demo": ("conserve_jax.entrypoints.demo", "serve the default model and show it working end to end"),
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     modules = {}
     for name, (module_name, help_text) in SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text)
         try:
             module = importlib.import_module(module_name)
         except ImportError as e:  # a subcommand whose module is missing should not break the rest

@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _start_server(model: str, data_dir: str, timeout: float):
     cmd = [sys.executable, "-m", "conserve_jax.entrypoints.cli", "serve", "--model", model, "--port", "0",
-           "--data-dir", data_dir]
+           "--http-port", "0", "--data-dir", data_dir]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     found: list[str] = []
 
