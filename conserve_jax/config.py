@@ -202,6 +202,16 @@ class EngineConfig:
             return self.cache.num_blocks
         return -(-self.kv_cache_tokens // self.cache.block_size) + 1
 
+    def kv_content(self) -> dict:
+        """What the values in a KV block depend on besides its tokens: the prefix cache's
+        key root (`Engine._cache_root`) and a saved checkpoint's layout
+        (`OfflineSuspension.layout`) both start from this, so that neither can miss a field
+        the other has (weights, their seed and dtype, the compute dtype, the block size)."""
+        return {"model": self.model,
+                "weights_seed": self.seed if self.model.startswith("random:") else None,
+                "dtype": self.dtype, "weight_dtype": self.weight_dtype,
+                "block_size": self.cache.block_size}
+
 
 def parse_isolation(value) -> Optional[float]:
     """`isolation` from a flag or keyword: a number >= 1, or None / "off" (fill-to-objective).

@@ -462,11 +462,7 @@ class Engine(EngineAPI):
         """The prefix-cache key root of requests with `salt` (any thread; pure, memoized)."""
         root = self._roots.get(salt)
         if root is None:
-            c = self.config
-            layout = {"model": c.model, "dtype": c.dtype, "weight_dtype": c.weight_dtype,
-                      "weights_seed": c.seed if c.model.startswith("random:") else None,
-                      "block_size": c.cache.block_size}
-            root = self._roots[salt] = root_key(layout, salt)
+            root = self._roots[salt] = root_key(self.config.kv_content(), salt)
         return root
 
     def compiled_count(self) -> int:

@@ -32,14 +32,12 @@ class OfflineSuspension:
 
     def layout(self) -> dict:
         """What a saved request's KV depends on: a checkpoint made under another layout is
-        not used (model, random-weight seed, dtype, block size, tensor-parallel degree,
-        block shape)."""
+        not used (`EngineConfig.kv_content`: model, random-weight seed, dtypes of weights
+        and compute, block size; plus the tensor-parallel degree and block shape)."""
         c = self.config
         shape = (self.checkpointer.transfer.block_shape if self.checkpointer is not None
                  else None)
-        return {"model": c.model, "weights_seed": c.seed if c.model.startswith("random:") else None,
-                "dtype": c.dtype, "block_size": c.cache.block_size, "tp": c.tp,
-                "block_shape": list(shape) if shape else None}
+        return {**c.kv_content(), "tp": c.tp, "block_shape": list(shape) if shape else None}
 
     @staticmethod
     def worth_saving(seq: Optional[Sequence]) -> bool:
