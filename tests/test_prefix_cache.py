@@ -23,6 +23,21 @@ BS = 4
 ROOT = root_key({"model": "m"})
 
 
+# ---- what KV content depends on ---------------------------------------------------------
+def test_cache_root_and_checkpoint_layout_follow_every_kv_content_field():
+    """The prefix cache's root and a saved checkpoint's layout both change with each field
+    the KV values depend on (the layout used to miss the weights' dtype)."""
+    from conserve_jax.engine.offline_suspension import OfflineSuspension
+    base = EngineConfig(model="random:tiny", seed=1)
+    variants = [base.__class__(**{**base.__dict__, **kw}) for kw in (
+        {"weight_dtype": "bfloat16"}, {"dtype": "bfloat16"}, {"seed": 2}, {"model": "random:small"})]
+    roots = {root_key(c.kv_content(), None) for c in [base] + variants}
+    layouts = [OfflineSuspension(c, None, 100, 64).layout() for c in [base] + variants]
+    assert len(roots) == 5
+    assert all(a != b for i, a in enumerate(layouts) for b in layouts[i + 1:])
+    assert set(base.kv_content()) <= set(layouts[0])
+
+
 # ---- key chain ------------------------------------------------------------------------
 def test_chain_depends_on_every_earlier_token_and_the_salt():
     a = extend_chain([], ROOT, list(range(12)), BS, 3)
@@ -236,6 +251,27 @@ class _Transfer:
     def scatter(self, ids, blocks):
         for j, i in enumerate(ids):
             self.dev[i] = np.asarray(blocks)[j]
+
+
+def test_checkpoint_fills_the_gap_of_hit_blocks_recomputed_after_an_eviction():
+    """Two hit blocks left out; the cache then evicts them and the resumed request hits
+    only the first, recomputing the second: the second is copied now, so the host copy
+    runs from block 1 to the end without a gap (a later restore reaches past it)."""
+    ck = KVCheckpointer(_Transfer(), pool_bytes=64 * 4 * BS * 4)
+    try:
+        ck.checkpoint_new_blocks([("r", [11, 12, 13, 14], 16, 2)])
+        ck.wait_pending()
+        assert ck.saved_run("r", 1) == 0  # block 1 is a gap
+        ck.checkpoint_new_blocks([("r", [11, 22, 13, 14, 15], 20, 1)])  # 1 hit now
+        ck.wait_pending()
+        assert ck.saved_run("r", 1) == 4 and ck.saved_run("r", 0) == 0
+        ck.restore("r", [30, 31], first=1)
+        assert float(ck.transfer.dev[30].ravel()[0]) == 22.0  # the recomputed block
+        assert float(ck.transfer.dev[31].ravel()[0]) == 13.0
+        ck.release("r")
+        assert ck.pool.num_free == ck.pool.num_slots
+    finally:
+        ck.close()
 
 
 def test_checkpoint_skips_hit_blocks_and_restores_after_them():

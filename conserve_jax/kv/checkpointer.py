@@ -69,21 +69,27 @@ class KVCheckpointer:
     def checkpoint_new_blocks(self, requests: list) -> None:
         """For each (request id, block table, committed tokens, leading blocks to leave
         out): copy the newly completed, not yet checkpointed blocks to host. The blocks
-        left out are the request's prefix-cache hits (shared; the cache keeps them)."""
+        left out are the request's prefix-cache hits (shared; the cache keeps them). A
+        hit block left out earlier (a None slot) that is past `skip` now was evicted from
+        the cache and recomputed by the request itself: it is copied too, so that the
+        host copy runs without a gap again and a later restore reaches past it."""
         dev_ids, slots = [], []
         for rid, blocks, num_computed, skip in requests:
             have = self._slots.setdefault(rid, [])
             full = min(num_computed // self.block_size, len(blocks))
             if len(have) < min(skip, full):
                 have.extend([None] * (min(skip, full) - len(have)))
-            new = list(range(len(have), full))
+            gaps = [i for i in range(skip, min(len(have), full)) if have[i] is None]
+            new = gaps + list(range(len(have), full))
             if not new:
                 continue
             got = self.pool.allocate(len(new))
             if not got:
                 self.counters.blocks_skipped_pool_full += len(new)
                 continue
-            have.extend(got)
+            for i, slot in zip(gaps, got):
+                have[i] = slot
+            have.extend(got[len(gaps):])
             dev_ids += [blocks[i] for i in new]
             slots += got
         step = self.transfer.max_blocks_per_call
