@@ -155,12 +155,20 @@ class Scheduler:
                     len(step.plan.prefills) >= self.cfg.max_prefill_seqs
                     or budget.prefill_tokens_for(step, seq) <= 0):
                 continue  # no room (checked before prefix hits are taken and given back)
+            hits = None  # its cached blocks, if the group check looked them up
             if waiting and not seq.online and self.groups is not None:
                 if leaders is None:
                     leaders = self.groups.leaders(self.running)
-                if leaders and self.groups.held(seq, leaders, self._cached_blocks):
+                looked: list = []
+
+                def cached_blocks(s: Sequence) -> int:
+                    looked.append(self._match(s))
+                    return len(looked[-1])
+
+                if leaders and self.groups.held(seq, leaders, cached_blocks):
                     continue  # a twin is computing the prefix it would share
-            undo = self._take_prefix(seq) if waiting else None
+                hits = looked[-1] if looked else None
+            undo = self._take_prefix(seq, hits) if waiting else None
             verdict = self._try_add(step, budget, seq, waiting)
             if verdict != "added" and undo is not None:
                 self.kv.release(seq.request_id)  # give the cached blocks back
@@ -209,19 +217,21 @@ class Scheduler:
         return "added"
 
     # ---- prefix caching -----------------------------------------------------------------
-    def _cached_blocks(self, seq: Sequence) -> int:
-        return len(self.kv.match_prefix(seq.token_ids, seq.block_hashes, seq.cache_root,
-                                        len(seq.token_ids) - 1))
+    def _match(self, seq: Sequence) -> list:
+        """The cached blocks of `seq`'s longest cached prefix (its last token always runs)."""
+        return self.kv.match_prefix(seq.token_ids, seq.block_hashes, seq.cache_root,
+                                    len(seq.token_ids) - 1)
 
-    def _take_prefix(self, seq: Sequence) -> Optional[int]:
+    def _take_prefix(self, seq: Sequence, hits: Optional[list] = None) -> Optional[int]:
         """A waiting sequence about to be considered: start its block table with the cached
         blocks of its longest cached prefix, and count those tokens as computed (past KV
         still on host, if any, is restored from where the hits end: `_start`). Returns the
-        committed length to go back to if it does not start now (None: nothing taken)."""
+        committed length to go back to if it does not start now (None: nothing taken).
+        `hits`: `_match(seq)` if the caller already looked it up in this fill."""
         if not self.kv.prefix_caching or self.kv.num_blocks(seq.request_id):
             return None
-        hits = self.kv.match_prefix(seq.token_ids, seq.block_hashes, seq.cache_root,
-                                    len(seq.token_ids) - 1)
+        if hits is None:
+            hits = self._match(seq)
         old = seq.num_computed
         if not hits and not old:
             return None
