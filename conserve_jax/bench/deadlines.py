@@ -1,0 +1,353 @@
+"""Offline deadlines benchmark (issue 27): `bench_coserve`'s online load plus three batch
+jobs with completion windows, under three deadline policies, in one process.
+
+Run as scripts/bench_deadlines.py. Per variant a fresh engine (the first engine's compiled
+functions are reused, as in `coserve`) and an in-process `ServerApp` on it (gRPC on a free
+loopback port, sqlite store in a temporary directory), so batches go through the real
+admission, store, runner, deadline tracker and scheduler:
+
+- t = 0: the online load starts (the Azure trace window of `coserve_workload`, submitted
+  straight to the engine as in `coserve`) and a warm-up batch (no deadline) gives the
+  harvest meter history;
+- t = --warm-s: the warm-up batch is cancelled and three jobs are submitted over gRPC with
+  deadlines --windows x the run's duration (tight, medium, loose; sizes --job-items, prompt
+  and output lengths as coserve's offline requests); every variant accepts them
+  (--accept-infeasible), so a job the estimator thinks cannot fit still runs, and the JSON
+  says what admission would have answered;
+- the run ends when every job has ended (completed, or expired at its deadline).
+
+Variants: online-only (the reference: no batches at all), today (claim by deadline alone:
+--no-deadline-order), isolate (at-risk jobs' items first; isolation never relaxed), borrow
+(at-risk items may use online iterations' budget up to --isolation-max).
+
+Reported per variant and job: state, finish time and slack, missed, the estimate at submit
+and its error against the actual duration ((estimated - actual) / actual), items with exactly
+one record (results streamed back and counted). Per variant: online p99 TTFT/TPOT over all
+requests and over those during which no job was at risk (sampled every 0.5 s), their ratio
+to online-only's, offline processed tokens/s over the online window, borrowed seconds, the
+tracker's harvest rate at submit. Targets: the issue's. Sizes and windows are guesses for
+this machine: read the estimates at submit and adjust --job-items / --windows so that one
+job is infeasible without borrowing.
+
+    python scripts/bench_deadlines.py --quick     # 4 variants x ~2 min
+    python scripts/bench_deadlines.py             # 4 variants x ~5 min
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import threading
+import time
+from typing import Optional
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from conserve_jax.bench import coserve, coserve_report as report, coserve_workload as wl
+from conserve_jax.bench import script_io
+from conserve_jax.client import Client
+from conserve_jax.engine.engine import Engine
+from conserve_jax.engine_api import SLO
+from conserve_jax.engine_args import add_engine_args
+from conserve_jax.models.loader import load_model
+from conserve_jax.proto_gen.conserve.v1 import conserve_pb2 as pb
+from conserve_jax.proto_gen.conserve.v1 import conserve_pb2_grpc as pb_grpc
+from conserve_server.app import ServerApp
+from conserve_server.config import DeadlineOptions, ServerConfig
+
+VARIANTS = ("online-only", "today", "isolate", "borrow")
+JOBS = ("tight", "medium", "loose")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="90 s online window, shorter outputs")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--duration", type=float, help="online arrival window (s); 240, quick 90")
+    p.add_argument("--rate", type=float, default=0.4, help="online requests/s")
+    p.add_argument("--ttft", type=float, default=1.0, help="online TTFT objective (s)")
+    p.add_argument("--tpot", type=float, default=0.2, help="online TPOT objective (s)")
+    p.add_argument("--warm-s", type=float, help="harvest history before the jobs (s); "
+                   "default 0.2 x duration")
+    p.add_argument("--windows", default="0.35,0.6,1.2",
+                   help="tight,medium,loose completion windows as fractions of --duration")
+    p.add_argument("--job-items", default="12,16,24", help="items of tight,medium,loose")
+    p.add_argument("--offline-prompt", type=int, nargs=2, metavar=("MIN", "MAX"))
+    p.add_argument("--offline-output", type=int, nargs=2, metavar=("MIN", "MAX"))
+    p.add_argument("--kv-seqs", type=int, default=4, help="KV memory in full contexts")
+    # dest is not `warmup`: engine_config_from_args would take it for the engine's knob
+    p.add_argument("--warmup", dest="warmup_buckets", choices=["all", "none"], default="all",
+                   help="all: the first engine compiles every shape bucket")
+    p.add_argument("--json", default="out/bench_deadlines.json")
+    add_engine_args(p, defaults=coserve.ENGINE_DEFAULTS, exclude=coserve.NOT_FLAGS)
+    return p
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    a = script_io.parse_checked(parser, argv, policy="conserve")
+    a.duration = a.duration or (90.0 if a.quick else 240.0)
+    a.warm_s = a.warm_s if a.warm_s is not None else 0.2 * a.duration
+    a.offline_prompt = a.offline_prompt or [512, 1024]
+    a.offline_output = a.offline_output or ([32, 64] if a.quick else [64, 128])
+    a.drain = a.ttft + 64 * a.tpot + 2.0  # as coserve: an SLO-meeting request is never cut
+    a.variants = [v for v in a.variants.split(",") if v]
+    bad = [v for v in a.variants if v not in VARIANTS]
+    if bad or not a.variants:
+        parser.error(f"--variants: unknown {bad}; known: {list(VARIANTS)}")
+    try:
+        a.windows = [float(x) for x in a.windows.split(",")]
+        a.job_items = [int(x) for x in a.job_items.split(",")]
+    except ValueError:
+        parser.error("--windows and --job-items take three comma-separated numbers")
+    if len(a.windows) != 3 or len(a.job_items) != 3 or min(a.windows) <= 0 or min(a.job_items) < 1:
+        parser.error("--windows and --job-items take three positive numbers (tight,medium,loose)")
+    return a
+
+
+def _ts(t: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(t * 1e9))
+    return ts
+
+
+def _secs(ts) -> Optional[float]:
+    return ts.ToNanoseconds() / 1e9 if ts.seconds or ts.nanos else None
+
+
+def _job_requests(work: wl.Workload, a) -> dict:
+    """Each job's items: coserve's offline requests, cut into the three jobs in order."""
+    out, k = {}, 0
+    for name, n in zip(JOBS, a.job_items):
+        reqs = []
+        for r in work.offline[k:k + n]:
+            reqs.append(pb.GenerateRequest(
+                request_id=r.request_id, token_ids=pb.TokenIds(ids=r.prompt),
+                sampling=pb.SamplingParams(max_tokens=r.output_len, temperature=0.0,
+                                           ignore_eos=True),
+                expected_output_tokens=r.output_len))
+        out[name] = reqs
+        k += n
+    return out
+
+
+def _online_stats(reqs: list, at_risk_spans: list, ref: Optional[dict]) -> dict:
+    """p50/p99 over all online requests and over those no at-risk period overlapped."""
+    def overlaps(r):
+        return any(s < r["end"] and e > r["start"] for s, e in at_risk_spans)
+    calm = [r for r in reqs if not overlaps(r)]
+    out = {"online_requests": len(reqs), "online_requests_no_job_at_risk": len(calm)}
+    for label, rs in (("", reqs), ("_no_job_at_risk", calm)):
+        for m in ("ttft", "tpot"):
+            out[f"online_{m}_p99_s{label}"] = report.pct([r[f"{m}_s"] for r in rs], 99)
+    out["slo_attainment"] = sum(r["slo_met"] for r in reqs) / max(1, len(reqs))
+    if ref is not None:
+        for m in ("ttft", "tpot"):
+            for label in ("", "_no_job_at_risk"):
+                v, base = out[f"online_{m}_p99_s{label}"], ref.get(f"online_{m}_p99_s")
+                out[f"online_{m}_p99_vs_online_only{label}"] = (
+                    v / base if v is not None and base else None)
+    return out
+
+
+def run_variant(a, variant: str, loaded, work: wl.Workload, shared, ref) -> dict:
+    borrow = variant == "borrow"
+    cfg = coserve.engine_config(a, "conserve", deadline_policy="borrow" if borrow else "isolate")
+    eng = Engine(cfg, loaded=loaded)
+    shared.adopt(eng)
+    slo, stop = SLO(a.ttft, a.tpot), threading.Event()
+    tmp = tempfile.TemporaryDirectory(prefix="bench_deadlines_")
+    app = None
+    if variant != "online-only":
+        opts = DeadlineOptions(accept_infeasible=True, deadline_order=variant != "today",
+                               harvest_window_s=max(10.0, a.warm_s),
+                               harvest_min_history_s=min(5.0, a.warm_s / 2))
+        app = ServerApp(eng, ServerConfig(port=0, data_dir=tmp.name, deadlines=opts),
+                        engine_config=cfg)
+        app.start()
+    base = eng.stats()
+    t0 = time.monotonic()
+    box: dict = {}
+    driver = threading.Thread(target=lambda: box.update(r=coserve.drive_online(
+        eng, work.online, slo, stop, t0, a.duration, a.drain)), daemon=True)
+    driver.start()
+    jobs: dict = {}
+    spans: list = []  # (start, end) monotonic times while some job was at risk
+    rate = None
+    if app is not None:
+        jobs, spans, rate = _run_jobs(a, app, work, t0)
+    driver.join()
+    stop.set()
+    clients, st_win, win_s, t_end, st = box["r"]
+    reqs = [report.request_record(c, t0, t_end, a.ttft, a.tpot) for c in clients]
+    for r, c in zip(reqs, clients):
+        r["start"] = c.submit_t if c.submit_t is not None else t0
+        r["end"] = c.finish_t if c.finish_t is not None else t_end
+    processed = ((st_win.offline_tokens_total - base.offline_tokens_total)
+                 + (st_win.offline_prefill_tokens_total - base.offline_prefill_tokens_total))
+    out = {"variant": variant, **_online_stats(reqs, spans, ref),
+           "offline_processed_tokens_per_s": processed / win_s if variant != "online-only" else None,
+           "borrowed_s": eng.stats().deadline_borrowed_s, "jobs": jobs,
+           "at_risk_seconds": sum(e - s for s, e in spans), "harvest_rate_at_submit": rate}
+    if app is not None:
+        d = app.deadlines.snapshot()
+        out["tracker"] = {"met": d.met, "missed": d.missed, "refused": d.refused,
+                          "accepted_infeasible": d.accepted_infeasible,
+                          "estimate_errors": d.estimate_errors}
+        app.stop(drain_timeout_s=0.0)
+    else:
+        eng.shutdown()
+    coserve.release(eng)
+    tmp.cleanup()
+    return out
+
+
+def _run_jobs(a, app: ServerApp, work: wl.Workload, t0: float):
+    """Warm-up batch, then the three jobs; wait until every job ended. Returns the jobs'
+    records, the (monotonic) spans during which some job was at risk, and the harvest rate
+    when the jobs were submitted."""
+    target = f"127.0.0.1:{app.port}"
+    channel = grpc.insecure_channel(target)
+    stub = pb_grpc.CoServeStub(channel)
+    client = Client(target)
+    warm = [pb.GenerateRequest(request_id=f"warm-{r.request_id}",
+                               token_ids=pb.TokenIds(ids=r.prompt),
+                               sampling=pb.SamplingParams(max_tokens=r.output_len, temperature=0.0,
+                                                          ignore_eos=True))
+            for r in work.offline[sum(a.job_items):]]
+    warm_id = stub.SubmitBatch(pb.SubmitBatchRequest(requests=warm)).batch_id if warm else None
+    time.sleep(max(0.0, t0 + a.warm_s - time.monotonic()))
+    if warm_id:
+        stub.CancelBatch(pb.CancelBatchRequest(batch_id=warm_id))
+    rate_at_submit = app.deadlines.snapshot().harvest_rate
+    ids, submitted = {}, {}
+    for name, frac, reqs in zip(JOBS, a.windows, _job_requests(work, a).values()):
+        now = time.time()
+        resp = stub.SubmitBatch(pb.SubmitBatchRequest(requests=reqs,
+                                                      deadline=_ts(now + frac * a.duration)))
+        ids[name], submitted[name] = resp.batch_id, (now, _secs(resp.estimated_completion_at))
+    spans, risk_start = [], None
+    give_up = time.monotonic() + max(a.windows) * a.duration + 60.0
+    while time.monotonic() < give_up:
+        risky = app.deadlines.at_risk()
+        m = time.monotonic()
+        if risky and risk_start is None:
+            risk_start = m
+        elif not risky and risk_start is not None:
+            spans.append((risk_start, m))
+            risk_start = None
+        infos = [stub.GetBatch(pb.GetBatchRequest(batch_id=b)) for b in ids.values()]
+        if all(i.state not in (pb.BATCH_STATE_QUEUED, pb.BATCH_STATE_RUNNING)
+               and i.done == i.total for i in infos):
+            break
+        time.sleep(0.5)
+    if risk_start is not None:
+        spans.append((risk_start, time.monotonic()))
+    jobs = {}
+    for name, bid in ids.items():
+        b = stub.GetBatch(pb.GetBatchRequest(batch_id=bid))
+        sub_t, est = submitted[name]
+        fin, dl = _secs(b.finished_at), _secs(b.deadline)
+        records = [r.index for r in client.batch_results(bid, timeout=30)]
+        completed = b.state == pb.BATCH_STATE_COMPLETED
+        jobs[name] = {
+            "batch_id": bid, "items": b.total, "window_s": dl - sub_t,
+            "state": pb.BatchState.Name(b.state).removeprefix("BATCH_STATE_").lower(),
+            "missed": not completed or fin is None or fin > dl,
+            "finished_after_s": fin - sub_t if fin is not None else None,
+            "slack_at_finish_s": dl - fin if fin is not None else None,
+            "failed_items": b.failed,
+            "estimate_at_submit_s": est - sub_t if est is not None else None,
+            "predicted_feasible": est is not None and est <= dl,
+            "estimate_error": ((est - sub_t) - (fin - sub_t)) / (fin - sub_t)
+            if completed and est is not None and fin is not None and fin > sub_t else None,
+            "one_record_per_item": sorted(records) == list(range(b.total)),
+        }
+    client.close()
+    channel.close()
+    return jobs, spans, rate_at_submit
+
+
+def targets(V: dict) -> dict:
+    """The issue's targets, from the variants' results (None where a variant is missing)."""
+    def misses(v):
+        return None if v not in V else {j: V[v]["jobs"][j]["missed"] for j in JOBS}
+    out = {}
+    iso, today = misses("isolate"), misses("today")
+    if iso and today:
+        feasible = [j for j in JOBS if V["isolate"]["jobs"][j]["predicted_feasible"]]
+        out["isolate_zero_misses_on_feasible_windows"] = {
+            "feasible_jobs": feasible, "isolate_misses": [j for j in feasible if iso[j]],
+            "today_misses": [j for j in feasible if today[j]],
+            "met": not any(iso[j] for j in feasible) and any(today[j] for j in feasible)}
+    if "borrow" in V:
+        r = V["borrow"].get("online_ttft_p99_vs_online_only_no_job_at_risk")
+        out["borrow_meets_tight"] = {"met": not V["borrow"]["jobs"]["tight"]["missed"]}
+        out["online_p99_within_1.2x_when_no_job_at_risk"] = {"ttft_ratio": r, "met": r is not None
+                                                            and r <= 1.2}
+    errs = [j["estimate_error"] for v in V.values() for j in v["jobs"].values()
+            if j["estimate_error"] is not None]
+    out["estimate_within_25pct"] = {"errors": errs,
+                                    "met": bool(errs) and all(abs(e) <= 0.25 for e in errs)}
+    recs = [j["one_record_per_item"] for v in V.values() for j in v["jobs"].values()]
+    out["one_record_per_item"] = {"met": bool(recs) and all(recs)}
+    return out
+
+
+def print_table(V: dict) -> None:
+    def f(x, spec=".2f"):
+        return "–" if x is None else format(x, spec)
+    print("| variant | misses (tight/medium/loose) | estimate error at submit | online p99 TTFT (s) "
+          "| TPOT (s) | TTFT vs online-only (no job at risk) | offline processed tok/s | borrowed s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, v in V.items():
+        jobs = v.get("jobs") or {}
+        miss = "/".join("miss" if jobs[j]["missed"] else "ok" for j in JOBS) if jobs else "–"
+        errs = ", ".join(f(jobs[j]["estimate_error"], "+.0%") for j in JOBS) if jobs else "–"
+        print(f"| {name} | {miss} | {errs} | {f(v['online_ttft_p99_s'], '.3f')} | "
+              f"{f(v['online_tpot_p99_s'], '.3f')} | "
+              f"{f(v.get('online_ttft_p99_vs_online_only_no_job_at_risk'))} | "
+              f"{f(v['offline_processed_tokens_per_s'], '.1f')} | {f(v['borrowed_s'], '.1f')} |")
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
+    t_start = time.perf_counter()
+    loaded = load_model(a.model, seed=a.seed)
+    n_off = sum(a.job_items) + max(a.job_items)  # the jobs, then the warm-up batch
+    spec = wl.WorkloadSpec(duration_s=a.duration, rate=a.rate, offline_requests=n_off,
+                           offline_prompt_min=a.offline_prompt[0],
+                           offline_prompt_max=a.offline_prompt[1],
+                           offline_output_min=a.offline_output[0],
+                           offline_output_max=a.offline_output[1], seed=a.seed)
+    work = wl.build(spec, loaded.config.vocab_size, a.max_model_len)
+    shared = coserve.SharedCompiled()
+    first = Engine(coserve.engine_config(a, "conserve"), loaded=loaded)  # latency model
+    first.shutdown()
+    if a.warmup_buckets == "all":
+        first.runner.warmup()
+        first.checkpointer.transfer.warmup()
+    shared.adopt(first)
+    coserve.release(first)
+    del first
+    order = ["online-only"] + [v for v in a.variants if v != "online-only"] \
+        if "online-only" in a.variants else a.variants
+    V: dict = {}
+    for v in order:
+        print(f"[{time.perf_counter() - t_start:6.0f}s] {v}", flush=True)
+        V[v] = run_variant(a, v, loaded, work, shared, V.get("online-only"))
+    res = {"model": loaded.source, "duration_s": a.duration, "warm_s": a.warm_s,
+           "windows": dict(zip(JOBS, a.windows)), "job_items": dict(zip(JOBS, a.job_items)),
+           "slo": {"ttft_s": a.ttft, "tpot_s": a.tpot}, "workload": work.describe(),
+           "machine": {"cpus": os.cpu_count()}, "variants": V, "targets": targets(V),
+           "total_s": time.perf_counter() - t_start}
+    if a.json:
+        script_io.write_json(a.json, res, announce=False)
+    print_table(V)
+    print(f"total {res['total_s']:.0f}s; JSON: {a.json}")
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""The deadlines benchmark (conserve_jax/bench/deadlines.py, run as
+scripts/bench_deadlines.py) end to end on a tiny random model: every variant runs a few
+seconds of the real recipe through an in-process server; the JSON holds every job's
+outcome and estimate, the online statistics and the targets. (Whether jobs meet their
+windows depends on the machine: not asserted here.)"""
+import json
+
+import pytest
+
+from conserve_jax.bench import deadlines as bench
+
+TINY = ["--model", "random:small", "--duration", "6", "--rate", "1", "--warm-s", "2",
+        "--windows", "0.5,1,2", "--job-items", "2,2,3", "--max-model-len", "256",
+        "--max-num-seqs", "4", "--max-prefill-tokens", "64", "--offline-prompt", "32", "64",
+        "--offline-output", "8", "16", "--warmup", "none"]
+
+
+def test_parse_args_checks_the_job_lists():
+    a = bench.parse_args([])
+    assert a.duration == 240.0 and a.warm_s == 48.0 and a.windows == [0.35, 0.6, 1.2]
+    assert bench.parse_args(["--quick"]).duration == 90.0
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--windows", "0.5,1"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--variants", "fifo"])
+
+
+@pytest.mark.timeout(400)
+def test_bench_deadlines_tiny(tmp_path):
+    out = tmp_path / "bench.json"
+    bench.main(TINY + ["--json", str(out)])
+    data = json.loads(out.read_text())
+    V = data["variants"]
+    assert list(V) == list(bench.VARIANTS)
+    assert V["online-only"]["jobs"] == {} and V["online-only"]["offline_processed_tokens_per_s"] is None
+    for name in ("today", "isolate", "borrow"):
+        v = V[name]
+        assert v["online_requests"] == 6
+        assert set(v["jobs"]) == set(bench.JOBS)
+        for job, j in v["jobs"].items():
+            assert j["state"] in ("completed", "expired"), (name, job, j)
+            assert j["one_record_per_item"], (name, job)
+            assert j["missed"] == (j["state"] != "completed" or j["slack_at_finish_s"] < 0)
+            if j["estimate_at_submit_s"] is not None and j["state"] == "completed":
+                assert j["estimate_error"] is not None
+        assert v["offline_processed_tokens_per_s"] > 0
+        assert v["online_ttft_p99_vs_online_only"] is not None
+        assert v["borrowed_s"] >= 0.0
+    assert V["today"]["borrowed_s"] == 0.0 and V["isolate"]["borrowed_s"] == 0.0
+    assert data["targets"]["one_record_per_item"]["met"]
+    assert {"estimate_within_25pct", "borrow_meets_tight",
+            "isolate_zero_misses_on_feasible_windows"} <= set(data["targets"])
