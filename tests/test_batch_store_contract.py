@@ -162,6 +162,29 @@ def test_deadline_work_is_stored_and_active_lists_unfinished(make_store):
     assert store.find_by_key("t2", "key-1") is None and store.find_by_key("t1", "other") is None
 
 
+def test_fleet_harvest_rate(make_store):
+    """PostgreSQL: the replicas' published rates add up (stale and withdrawn ones left out);
+    sqlite has no fleet: None (the process uses its own)."""
+    a = make_store(replica_id="ra")
+    if make_store.backend == "sqlite":
+        a.publish_rate(5.0)
+        assert a.fleet_rate(60.0) is None
+        return
+    b = make_store(replica_id="rb")
+    a.publish_rate(None)
+    b.publish_rate(None)
+    assert a.fleet_rate(60.0) is None
+    a.publish_rate(5.0)
+    b.publish_rate(2.5)
+    assert a.fleet_rate(60.0) == pytest.approx(7.5) and b.fleet_rate(60.0) == pytest.approx(7.5)
+    a.publish_rate(4.0)  # replaced, not added
+    assert b.fleet_rate(60.0) == pytest.approx(6.5)
+    b.publish_rate(None)  # no history any more: withdrawn
+    assert a.fleet_rate(60.0) == pytest.approx(4.0)
+    time.sleep(0.3)
+    assert a.fleet_rate(0.2) is None  # stale
+
+
 def test_recovery_after_a_crash(make_store):
     """A claimed item whose process died runs again: sqlite at reopen, PostgreSQL once its
     lease expires (with a new epoch; the dead claim can no longer commit)."""

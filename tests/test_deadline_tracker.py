@@ -11,8 +11,9 @@ import pytest
 from conserve_jax.engine_api import EngineStats
 from conserve_jax.proto_gen.conserve.v1 import conserve_pb2 as pb
 from conserve_server.batch.deadlines import DEADLINE_ERROR, DeadlineTracker
-from conserve_server.batch.store import SqliteBatchStore
+from conserve_server.batch.store import SqliteBatchStore, open_store
 from conserve_server.config import DeadlineOptions
+from tests.pg_cluster import pg_cluster, pg_url  # noqa: F401  (fixtures)
 
 
 class FakeEngine:
@@ -150,3 +151,41 @@ def test_deadline_options_are_checked():
         DeadlineOptions(harvest_window_s=5, harvest_min_history_s=10)
     with pytest.raises(ValueError, match="at_risk_margin"):
         DeadlineOptions(at_risk_margin=-1)
+
+
+def test_fleet_rate_on_a_shared_store(pg_url, tmp_path):
+    """Two replicas on one PostgreSQL store: each publishes its own rate and both estimate
+    with the sum (a replica without history publishes none)."""
+    a_store = open_store(pg_url, str(tmp_path), replica_id="fleet-a")
+    b_store = open_store(pg_url, str(tmp_path), replica_id="fleet-b")
+    try:
+        for s in (a_store, b_store):
+            s.publish_rate(None)
+        clock = Clock()
+        ea, eb = FakeEngine(), FakeEngine()
+        ta = DeadlineTracker(a_store, ea, DeadlineOptions(harvest_window_s=60.0), clock=clock)
+        tb = DeadlineTracker(b_store, eb, DeadlineOptions(harvest_window_s=60.0), clock=clock)
+        for eng in (ea, eb):
+            eng.st.offline_waiting = 1
+        for _ in range(10):
+            clock.t += 1.0
+            ea.st.offline_tokens_total += 10
+            eb.st.offline_tokens_total += 5
+            ta.tick()
+            tb.tick()
+        ra, rb = ta.meter.rate(), tb.meter.rate()
+        assert (ra, rb) == (pytest.approx(10.0), pytest.approx(5.0))
+        # both publish now (same clock: the meters do not move), then both read
+        ta._next_publish = tb._next_publish = 0.0
+        ta.tick()
+        tb.tick()
+        ta._next_publish = 0.0
+        ta.tick()
+        assert ta.rate() == pytest.approx(15.0) and tb.rate() == pytest.approx(15.0)
+        assert tb.snapshot().harvest_rate == pytest.approx(15.0)
+        # admission judges against the fleet's rate: 100 units need 100/15 s, not 100/5
+        work, refusal = tb.judge(items(2, prompt_len=10, hint=40), "t", clock.t + 15, "deadline")
+        assert refusal is None and work.estimate_at == pytest.approx(clock.t + 100 / 15.0)
+    finally:
+        a_store.close()
+        b_store.close()

@@ -193,6 +193,16 @@ class StoreBase(abc.ABC):
         or the item ended). A store without other claimants loses none."""
         return set()
 
+    def publish_rate(self, rate: Optional[float]) -> None:
+        """Record this process's offline harvest rate (work units per second; None: no
+        history yet) for the fleet's estimates. A store without other claimants keeps
+        nothing."""
+
+    def fleet_rate(self, max_age_s: float) -> Optional[float]:
+        """The sum of the harvest rates replicas published within `max_age_s` (None: none
+        did, or the store has no other claimants: use this process's own)."""
+        return None
+
     def reap(self) -> int:
         """Maintenance any replica may run: end items of ended batches whose lease
         expired (their owner died). Returns how many got their result."""

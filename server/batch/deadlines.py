@@ -23,8 +23,9 @@ an item half done counts as not done).
 No harvest history (fewer than `harvest_min_history_s` backlogged seconds measured, e.g.
 a fresh server): no estimate is made (None everywhere) and every batch is admitted; the
 meter learns the rate from the work it accepted. With a shared store each replica
-measures only its own rate and estimates as if it served every batch alone (a fleet rate
-is not summed across replicas yet).
+publishes its own rate every `FLEET_EVERY_S` and estimates with the sum of the rates the
+replicas published within the last three such periods (the fleet's harvest rate; a replica
+without history publishes none, so the sum errs low).
 
 Outcomes: a batch that ends `completed` with `finished_at <= deadline` met its window;
 one that ends failed by its deadline (`DEADLINE_ERROR`), or completes after it, missed
@@ -54,6 +55,7 @@ from conserve_server.config import DeadlineOptions
 log = logging.getLogger(__name__)
 
 DEADLINE_ERROR = "batch deadline exceeded"
+FLEET_EVERY_S = 2.0  # shared store: how often a replica publishes and reads harvest rates
 # upper bounds (s) of the slack-at-finish histogram's buckets; +Inf is implied
 SLACK_BUCKETS_S = (-3600.0, -600.0, -60.0, -10.0, 0.0, 10.0, 60.0, 600.0, 3600.0, 86400.0)
 
@@ -106,6 +108,8 @@ class DeadlineTracker:
         self._estimates: dict[str, Estimate] = {}
         self._active: dict[str, BatchRow] = {}
         self._recorded: dict[str, None] = {}  # ended batches counted (the last 10,000)
+        self._fleet_rate: Optional[float] = None  # shared store: the replicas' sum
+        self._next_publish = 0.0
         self._stats = DeadlineStats()
 
     # ---- work of a new batch (worker threads) -------------------------------------------
@@ -150,7 +154,7 @@ class DeadlineTracker:
         now = self.clock()
         jobs = [self._job(r) for r in self.store.active()]
         new = JobWork("new", deadline, self.units(work.prompt_tokens, work.output_tokens))
-        v = admit(jobs, new, self.meter.rate(), now)
+        v = admit(jobs, new, self.rate(), now)
         return v, BatchWork(work.prompt_tokens, work.output_tokens, v.finish_at)
 
     def judge(self, items: list[tuple[pb.GenerateRequest, list[int]]], tenant: str,
@@ -204,6 +208,25 @@ class DeadlineTracker:
                                  s.at_risk_batches, s.at_risk_items, s.harvest_rate)
 
     # ---- runner thread -------------------------------------------------------------------
+    def rate(self) -> Optional[float]:
+        """The harvest rate estimates use: with a shared store the fleet's (the rates the
+        replicas published lately, this one's included), else (or before any replica
+        published) this replica's own."""
+        fleet = self._fleet_rate
+        return fleet if fleet is not None else self.meter.rate()
+
+    def _share_rate(self, now: float) -> None:
+        """Shared store: publish this replica's rate and read the fleet's, every
+        `FLEET_EVERY_S` (runner thread)."""
+        if not self.store.shared or now < self._next_publish:
+            return
+        self._next_publish = now + FLEET_EVERY_S
+        try:
+            self.store.publish_rate(self.meter.rate())
+            self._fleet_rate = self.store.fleet_rate(3 * FLEET_EVERY_S)
+        except STORE_ERRORS as e:
+            log.warning("could not share the harvest rate (%s)", e)
+
     def observe_engine(self, now: float) -> None:
         """Read the engine's cumulative offline counters into the harvest meter."""
         st = self.engine.stats()
@@ -223,7 +246,8 @@ class DeadlineTracker:
         except STORE_ERRORS as e:
             log.warning("batch store unreachable for deadline estimates (%s)", e)
             return
-        rate = self.meter.rate()
+        self._share_rate(now)
+        rate = self.rate()
         active = {r.id: r for r in rows}
         est = estimate([self._job(r) for r in rows], rate, now, self.options.at_risk_margin)
         ended = [b for b in self._active if b not in active]

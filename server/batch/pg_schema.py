@@ -7,7 +7,8 @@ once released is never edited (add a new one).
 
 Version 4 adds the OpenAI Files API's files and batch documents (`openai_api/pg_files.py`),
 so every replica serves them. Version 5 adds the batches' deadline bookkeeping (work in
-tokens, the estimate at creation; issue 27).
+tokens, the estimate at creation; issue 27); version 6 the replicas' harvest rates, summed
+into the fleet's.
 
 Items carry their lease: `lease_owner` (replica id), `lease_epoch` (bumped by every claim;
 the fencing token a commit must still match) and `lease_expiry` (unix seconds of the
@@ -87,6 +88,13 @@ CREATE TABLE docs (
 ALTER TABLE batches ADD COLUMN work_prompt_tokens BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE batches ADD COLUMN work_output_tokens BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE batches ADD COLUMN estimate_at DOUBLE PRECISION;
+"""),
+    (6, """
+CREATE TABLE harvest_rates (  -- each replica's offline harvest rate (fleet deadline estimates)
+  replica TEXT PRIMARY KEY,
+  rate DOUBLE PRECISION NOT NULL,
+  updated_at DOUBLE PRECISION NOT NULL
+);
 """),
 ]
 

@@ -430,6 +430,22 @@ class PgBatchStore(StoreBase):
             (tenant, idempotency_key)).fetchone())
         return BatchRow(*row) if row else None
 
+    def publish_rate(self, rate):
+        with self._tx() as cur:
+            if rate is None:
+                cur.execute("DELETE FROM harvest_rates WHERE replica=%s", (self.replica_id,))
+            else:
+                cur.execute(f"INSERT INTO harvest_rates (replica, rate, updated_at) "
+                            f"VALUES (%s, %s, {_NOW}) ON CONFLICT (replica) DO UPDATE "
+                            f"SET rate=EXCLUDED.rate, updated_at=EXCLUDED.updated_at",
+                            (self.replica_id, float(rate)))
+
+    def fleet_rate(self, max_age_s):
+        total, n = self._read(lambda c: c.execute(
+            f"SELECT COALESCE(SUM(rate), 0), COUNT(*) FROM harvest_rates "
+            f"WHERE updated_at > {_NOW} - %s", (max_age_s,)).fetchone())
+        return float(total) if n else None
+
     def active(self):
         return [BatchRow(*r) for r in self._read(lambda c: c.execute(
             f"SELECT {BATCH_COLS} FROM batches WHERE state IN ('queued','running') "
