@@ -190,6 +190,10 @@ class ServerConfig:
         "finished batches (and their results) are deleted after this many days", default=7.0)
     drain_timeout: float = flag_field("seconds to let running work finish on SIGTERM",
                                       default=10.0)
+    stats_interval: Optional[float] = flag_field(
+        "seconds between the stats lines logged while busy (running/waiting by class, "
+        "tokens/s, KV usage, preemptions, offline harvest; INFO on stderr; 0 or none: off)",
+        default=10.0)
     offline_kv_max_mb: int = flag_field(
         "on SIGTERM, save unfinished batch items' KV and tokens to --data-dir (at most this "
         "many MB) so they resume after a restart; 0 turns it off", default=4096)

@@ -6,7 +6,9 @@ its help text and its one default): the server's from `conserve_server.config.Se
 from `MockOptions`, the engine's from `EngineConfig` (`add_engine_args`). `run(args)`
 builds the engine (the real
 `conserve_jax.engine.Engine`, or `MockEngine` for `--model mock`), starts a `ServerApp`,
-prints `listening on HOST:PORT` (the bound port, so `--port 0` works), and waits for
+prints `listening on HOST:PORT` (the bound port, so `--port 0` works; before it `http on
+HOST:PORT` and `metrics on HOST:PORT` for the faces that are on) on stdout, logs one
+"ready in N s" line with every address (stderr, INFO), and waits for
 SIGTERM/SIGINT; then it stops admitting, drains or releases running work, persists batch
 state and returns 0. Runs on the main thread (signal handlers need it); logging is
 configured by the CLI, not here.
@@ -27,6 +29,7 @@ import signal
 import ssl
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -82,8 +85,11 @@ def build_engine(args):
                           fail_after_steps=args.mock_fail_after_steps,
                           enable_prefix_caching=config.enable_prefix_caching), config
     from conserve_jax.engine.engine import Engine  # heavy (JAX); imported only when serving a model
+    from conserve_jax.engine.startup import StartupProgress
 
-    return Engine(config), config
+    # progress bars on stderr whenever the start-up lines show (INFO, the CLI's default)
+    bars = logging.getLogger("conserve_jax.startup").isEnabledFor(logging.INFO)
+    return Engine(config, startup=StartupProgress(bars=bars)), config
 
 
 def _read(path):
@@ -120,7 +126,21 @@ def _warn_about_exposure(args, tokens) -> None:
                     "the server and read every batch", args.host)
 
 
+def _addresses(app) -> list[str]:
+    """Where the started `app` answers, for the ready line."""
+    c = app.config
+    scheme = "https" if c.tls_cert is not None else "http"
+    host = f"[{c.host}]" if ":" in c.host else c.host
+    out = [f"gRPC on {app.address}"]
+    if app.http_port is not None:
+        out.append(f"OpenAI-compatible HTTP on {scheme}://{host}:{app.http_port}/v1")
+    if app.metrics_port is not None:
+        out.append(f"metrics on {scheme}://{host}:{app.metrics_port}/metrics")
+    return out
+
+
 def run(args) -> int:
+    started = time.monotonic()
     from conserve_server.app import ServerApp
     from conserve_server.auth import read_tokens
     from conserve_server.batch.store import DataDirInUse, open_store, redact_url
@@ -142,6 +162,8 @@ def run(args) -> int:
     config = server_config_from_args(
         args, auth_tokens=tokens, tls_cert=_read(args.tls_cert) if args.tls_cert else None,
         tls_key=_read(args.tls_key) if args.tls_key else None)
+    if config.stats_interval is not None and config.stats_interval < 0:
+        return _fail(f"--stats-interval must be >= 0 seconds (0: off), got {config.stats_interval}")
     try:  # before the (slow) model load: a bad or busy data dir fails at once
         store = open_store(config.batch_store, config.data_dir,
                            busy_timeout_s=config.busy_timeout_s, replica_id=config.replica_id,
@@ -178,10 +200,18 @@ def run(args) -> int:
     if app.metrics_port is not None:
         print(f"metrics on {config.host}:{app.metrics_port}", flush=True)
     print(f"listening on {app.address}", flush=True)
+    log.info("ready in %.1f s: %s", time.monotonic() - started, ", ".join(_addresses(app)))
+    stats_log = None
+    if config.stats_interval:
+        from conserve_server.stats_log import StatsLog
+
+        stats_log = StatsLog(engine.stats, config.stats_interval).start()
     while not stop.wait(0.2):
         if app.engine_dead.is_set():
             break
     dead = app.engine_dead.is_set()
+    if stats_log is not None:
+        stats_log.stop()
     app.stop()
     if dead:
         print(f"engine failed ({engine.failure}); exiting for a restart", file=sys.stderr, flush=True)

@@ -33,6 +33,7 @@ from conserve_jax.runtime.kv_transfer import KVTransfer
 from conserve_jax.engine.output_delivery import OutputDelivery
 from conserve_jax.engine.offline_suspension import OfflineSuspension
 from conserve_jax.engine.output_processor import OutputProcessor
+from conserve_jax.engine.startup import StartupProgress, params_nbytes
 from conserve_jax.runtime.compile_cache import enable_compilation_cache
 from conserve_jax.runtime.map_budget import check_map_budget
 from conserve_jax.scheduling.latency_cache import load_or_profile
@@ -45,8 +46,11 @@ log = logging.getLogger(__name__)
 
 
 class Engine(EngineAPI):
-    def __init__(self, config: EngineConfig, loaded=None, warmup: Optional[bool] = None) -> None:
+    def __init__(self, config: EngineConfig, loaded=None, warmup: Optional[bool] = None,
+                 startup: Optional[StartupProgress] = None) -> None:
+        """`startup` reports the start-up stages (default: INFO log lines, no bars)."""
         warmup = config.warmup if warmup is None else warmup
+        startup = startup if startup is not None else StartupProgress()
         enable_compilation_cache(config.compilation_cache_dir)
         from conserve_jax.runtime.model_runner import ModelRunner, planned_executables_for
         checkpointing = uses_checkpointing(config.policy)
@@ -55,7 +59,11 @@ class Engine(EngineAPI):
             # refuse a configuration XLA could not compile, before the weights load
             check_map_budget(planned_executables_for(load_model_config(config.model), config,
                                                      checkpointing))
+            startup.loading_weights(config.model)
+            t_load = time.perf_counter()
             loaded = load_model(config.model, seed=config.seed)
+            startup.weights_loaded(loaded.source, params_nbytes(loaded.params),
+                                   time.perf_counter() - t_load)
         else:
             check_map_budget(planned_executables_for(loaded.config, config, checkpointing))
 
@@ -65,11 +73,11 @@ class Engine(EngineAPI):
         self._max_model_len = min(config.max_model_len, loaded.config.max_position_embeddings)
         self.runner = ModelRunner(loaded.config, loaded.params, config)
         if warmup:
-            log.info("warm-up: compiling %d token buckets x %d layer-group sizes, then the "
-                     "sampler", len(self.runner.buckets.tokens),
-                     len(set(self.runner.fast_groups + self.runner.safepoint_groups)))
-            self.runner.warmup(progress=lambda t, i, n: log.info(
-                "warm-up: token bucket %d compiled (%d/%d)", t, i, n))
+            what = (f"{len(self.runner.buckets.tokens)} token buckets x "
+                    f"{len(set(self.runner.fast_groups + self.runner.safepoint_groups))} "
+                    "layer-group sizes, then the sampler")
+            with startup.compiling(what, len(self.runner.buckets.layer_shapes())) as progress:
+                self.runner.warmup(progress=progress)
         self.kv = KVManager(self.runner.num_blocks, config.cache.block_size,
                             prefix_caching=config.enable_prefix_caching)
         cache_tokens = self.kv.capacity * config.cache.block_size
@@ -77,8 +85,14 @@ class Engine(EngineAPI):
             log.warning("KV cache holds %d tokens: max_model_len lowered from %d",
                         cache_tokens, self._max_model_len)
             self._max_model_len = cache_tokens
-        self.policy = make_policy(config, lambda: load_or_profile(self.runner, config),
-                                  self.online_waiting)
+        latency_models = []
+
+        def latency_model():
+            latency_models.append(load_or_profile(self.runner, config, startup.profiled))
+            return latency_models[-1]
+        self.policy = make_policy(config, latency_model, self.online_waiting)
+        if latency_models:
+            startup.latency_model_ready()
         self.scheduler = Scheduler(config, self.kv, self.policy)
         self.checkpointer = None
         if self.policy.checkpointing:

@@ -22,13 +22,18 @@ SUBCOMMANDS = {
     "demo": ("conserve_jax.entrypoints.demo", "serve the default model and show it working end to end"),
 }
 
+OWN_LOGGERS = ("conserve_jax", "conserve_server")
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="conserve-jax")
-    parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
+    parser.add_argument("--log-level", default="INFO",
+                        help="level of conserve-jax's own log lines on stderr (default INFO: "
+                             "start-up stages with progress bars, the ready line, stats "
+                             "lines; warning quiets them)")
     parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="-v: INFO, -vv: DEBUG, also for libraries that log through "
-                             "absl (orbax)")
+                        help="-v: INFO also for libraries (jax, ...), -vv: DEBUG, also for "
+                             "libraries that log through absl (orbax)")
     sub = parser.add_subparsers(dest="command", required=True)
     modules = {}
     for name, (module_name, help_text) in SUBCOMMANDS.items():
@@ -41,14 +46,21 @@ def main(argv: list[str] | None = None) -> int:
         module.add_arguments(p)
         modules[name] = module
     args = parser.parse_args(argv)
-    level = getattr(logging, str(args.log_level).upper(), logging.WARNING)
+    level = logging.getLevelName(str(args.log_level).upper())
+    if not isinstance(level, int):
+        parser.error(f"--log-level: expected DEBUG, INFO, WARNING, ERROR or CRITICAL, got "
+                     f"{args.log_level!r}")
     if args.verbose:
         level = min(level, logging.INFO if args.verbose == 1 else logging.DEBUG)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # our own loggers at `level`; libraries (jax, httpx, ...) only warn unless -v
+    lib_level = level if args.verbose else max(level, logging.WARNING)
+    logging.basicConfig(level=lib_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for own in OWN_LOGGERS:
+        logging.getLogger(own).setLevel(level)
     # libraries that log through absl (orbax: dozens of INFO lines per checkpoint) speak
     # from -vv on
-    lib_level = level if args.verbose >= 2 else max(level, logging.WARNING)
-    absl_logging.set_verbosity(logging.getLevelName(lib_level).lower())
+    absl_level = level if args.verbose >= 2 else max(level, logging.WARNING)
+    absl_logging.set_verbosity(logging.getLevelName(absl_level).lower())
     if getattr(args, "_missing", None):
         print(args._missing, file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ import inspect
 import json
 import logging
 import os
+from typing import Callable, Optional
 
 import jax
 
@@ -47,7 +48,10 @@ def _cache_path(runner, cfg: EngineConfig) -> str:
     return os.path.join(base, "latency", f"{h}.json")
 
 
-def load_or_profile(runner, cfg: EngineConfig) -> LatencyModel:
+def load_or_profile(runner, cfg: EngineConfig,
+                    progress: Optional[Callable[[int, int], None]] = None) -> LatencyModel:
+    """The latency model of `cfg.latency_model_path`, else the cached one for this runner,
+    else a quick profiling sweep (`progress(done, total)` follows its points), saved."""
     args = (runner.buckets, runner.block_size, runner.cfg.num_layers)
     if cfg.latency_model_path:
         return LatencyModel.load(cfg.latency_model_path, *args)
@@ -60,7 +64,7 @@ def load_or_profile(runner, cfg: EngineConfig) -> LatencyModel:
     from conserve_jax.scheduling.profiler import profile_and_fit
 
     log.info("no latency model given: profiling (quick sweep)")
-    model = profile_and_fit(runner, quick=True)
+    model = profile_and_fit(runner, quick=True, progress=progress)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     model.save(path)
     return model

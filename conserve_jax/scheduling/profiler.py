@@ -10,6 +10,7 @@ import itertools
 import logging
 import statistics
 import time
+from typing import Callable, Optional
 
 from conserve_jax.runtime.buckets import powers_of_two
 from conserve_jax.runtime.model_runner import ModelRunner
@@ -63,11 +64,16 @@ def sweep_points(runner: ModelRunner, quick: bool) -> list[tuple[int, int, int]]
 
 
 def profile(runner: ModelRunner, quick: bool = False, repeats: int = 3,
-            max_seconds: float = 300.0) -> list[tuple[WorkShape, float]]:
-    """Time each sweep point (median of `repeats` after one compile/warm run)."""
+            max_seconds: float = 300.0,
+            progress: Optional[Callable[[int, int], None]] = None
+            ) -> list[tuple[WorkShape, float]]:
+    """Time each sweep point (median of `repeats` after one compile/warm run);
+    `progress(done, total)` is called before the first point and after each."""
     samples = []
     start = time.perf_counter()
     points = sweep_points(runner, quick)
+    if progress is not None:
+        progress(0, len(points))
     for i, (d, t, c) in enumerate(points):
         if time.perf_counter() - start > max_seconds:
             log.warning("profiling stopped after %d of %d points (time limit)", i, len(points))
@@ -80,11 +86,14 @@ def profile(runner: ModelRunner, quick: bool = False, repeats: int = 3,
             runner.execute(plan)
             times.append(time.perf_counter() - t0)
         samples.append((w, statistics.median(times)))
+        if progress is not None:
+            progress(i + 1, len(points))
     return samples
 
 
-def profile_and_fit(runner: ModelRunner, quick: bool = False) -> LatencyModel:
-    samples = profile(runner, quick=quick)
+def profile_and_fit(runner: ModelRunner, quick: bool = False,
+                    progress: Optional[Callable[[int, int], None]] = None) -> LatencyModel:
+    samples = profile(runner, quick=quick, progress=progress)
     model = LatencyModel.fit(samples, runner.buckets, runner.block_size, runner.cfg.num_layers)
     log.info("latency model fitted on %d points: %s", len(samples), model.fit_error)
     return model
