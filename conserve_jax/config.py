@@ -130,7 +130,8 @@ class EngineConfig:
 
     model: str = _h("default, a Hugging Face directory, a .gguf file, or random:<preset>",
                     default="default")
-    tp: int = _h("tensor-parallel devices", default=1)
+    tp: int = _h("tensor-parallel devices (multi-process: every process's devices; the "
+                 "default 1 means all of them)", default=1)
     dtype: str = _h("weights, activations and KV dtype (float32 is fastest on CPU)",
                     default="float32")
     weight_dtype: Optional[str] = _h(
@@ -185,8 +186,36 @@ class EngineConfig:
         "KV cache size in tokens, rounded up to whole blocks (overrides --num-blocks and "
         "--kv-memory-bytes; for KV-bound experiments)", default=None)
     conserve: ConserveConfig = field(default_factory=ConserveConfig)
+    # one model over several processes (hosts): runtime/distributed.py
+    coordinator_address: Optional[str] = _h(
+        "multi-process run: host:port of the jax.distributed coordinator, which process 0 "
+        "starts (every process passes the same address)", default=None)
+    num_processes: int = _h(
+        "processes (one per host) serving one model over one device mesh: process 0 runs "
+        "the scheduler and the faces, the others run its step plans on their shards",
+        default=1)
+    process_id: int = _h("this process's index in a multi-process run (0: the leader)",
+                         default=0)
+    cpu_devices: Optional[int] = _h(
+        "CPU devices of this process (jax_num_cpu_devices, set before JAX starts; none: "
+        "JAX's default)", default=None)
+    process_timeout_s: int = _h(
+        "multi-process: a process silent this long (no heartbeat to the coordinator) is "
+        "dead and every process exits with an error; start-up waits for the others "
+        "10x as long", default=30)
 
     def __post_init__(self) -> None:
+        if self.num_processes < 1:
+            raise ValueError(f"num_processes must be >= 1, got {self.num_processes}")
+        if not 0 <= self.process_id < self.num_processes:
+            raise ValueError(f"process_id must be in [0, {self.num_processes}), got "
+                             f"{self.process_id}")
+        if self.num_processes > 1 and not self.coordinator_address:
+            raise ValueError("num_processes > 1 needs coordinator_address (host:port)")
+        if self.cpu_devices is not None and self.cpu_devices < 1:
+            raise ValueError(f"cpu_devices must be >= 1, got {self.cpu_devices}")
+        if self.process_timeout_s < 1:
+            raise ValueError(f"process_timeout_s must be >= 1, got {self.process_timeout_s}")
         if self.attention_chunk < 0:
             raise ValueError(f"attention_chunk must be >= 0, got {self.attention_chunk}")
         if self.prefix_group_hold_s < 0:

@@ -34,6 +34,7 @@ from conserve_jax.engine.output_delivery import OutputDelivery
 from conserve_jax.engine.offline_suspension import OfflineSuspension
 from conserve_jax.engine.output_processor import OutputProcessor
 from conserve_jax.engine.startup import StartupProgress, params_nbytes
+from conserve_jax.runtime import distributed
 from conserve_jax.runtime.compile_cache import enable_compilation_cache
 from conserve_jax.runtime.map_budget import check_map_budget
 from conserve_jax.scheduling.latency_cache import load_or_profile
@@ -49,11 +50,13 @@ class Engine(EngineAPI):
     def __init__(self, config: EngineConfig, loaded=None, warmup: Optional[bool] = None,
                  startup: Optional[StartupProgress] = None) -> None:
         """`startup` reports the start-up stages (default: INFO log lines, no bars)."""
+        config = distributed.start(config)  # before any JAX work; resolves a multi-process tp
         warmup = config.warmup if warmup is None else warmup
         startup = startup if startup is not None else StartupProgress()
         enable_compilation_cache(config.compilation_cache_dir)
         from conserve_jax.runtime.model_runner import ModelRunner, planned_executables_for
-        checkpointing = uses_checkpointing(config.policy)
+        # multi-process: no offline KV checkpoints yet (each process would copy its shards)
+        checkpointing = uses_checkpointing(config.policy) and config.num_processes == 1
         if loaded is None:
             from conserve_jax.models.loader import load_model, load_model_config
             # refuse a configuration XLA could not compile, before the weights load
@@ -95,7 +98,7 @@ class Engine(EngineAPI):
             startup.latency_model_ready()
         self.scheduler = Scheduler(config, self.kv, self.policy)
         self.checkpointer = None
-        if self.policy.checkpointing:
+        if self.policy.checkpointing and checkpointing:
             transfer = KVTransfer(self.runner)
             self.checkpointer = KVCheckpointer(transfer, config.cache.host_pool_bytes)
             self.scheduler.on_evict = self._kept_on_host
@@ -125,7 +128,9 @@ class Engine(EngineAPI):
         self._history: collections.deque = collections.deque(maxlen=512)  # (t, online, offline)
         self._totals = [0, 0, 0, 0]  # generated online/offline, prefilled online/offline
         self._iterations = 0
-        self._guard = StepGuard()
+        # multi-process: a failed step may have left followers inside a collective (or one
+        # died): the run cannot go on, so the first failure stops the loop
+        self._guard = StepGuard(max_consecutive=1) if config.num_processes > 1 else StepGuard()
         self._failure: Optional[str] = None
         self._cur_step, self._committing = None, False  # what a failure can be blamed on
         self._cur_entries: list = []  # its entries whose results count
@@ -248,6 +253,7 @@ class Engine(EngineAPI):
             self._stop = True
             self._lock.notify_all()
         self._thread.join(timeout=30)
+        self.runner.close()  # a multi-process run's followers stop
         self.delivery.close()
         if self.checkpointer is not None:
             self.checkpointer.close()

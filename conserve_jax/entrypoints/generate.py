@@ -1,6 +1,9 @@
 """`conserve-jax generate`: stream an answer to one prompt from a local model.
 
 The chat template is applied when the model has one (instruct models), unless --raw.
+In a multi-process run (`--num-processes`) every process runs the same command with its
+own `--process-id`; process 0 prints the answer, the others follow its step plans and exit
+0 when it is done.
 """
 from __future__ import annotations
 
@@ -25,10 +28,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from conserve_jax.engine.engine import Engine
     from conserve_jax.engine_api import GenerationRequest
+    from conserve_jax.runtime.follower import follow_if_follower
     from conserve_jax.sampling_params import SamplingParams
 
     try:
-        engine = Engine(engine_config_from_args(args))
+        config = engine_config_from_args(args)
+        code = follow_if_follower(config)
+        if code is not None:
+            return code
+        engine = Engine(config)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -54,6 +62,9 @@ def run(args) -> int:
             sys.stdout.flush()
             if delta.finished:
                 reason = delta.finish_reason
+                if delta.error:
+                    print(f"\nerror: {delta.error}", file=sys.stderr)
+                    return 1
         total = time.perf_counter() - t0
         sys.stdout.write("\n")
         rate = (n - 1) / (total - first) if n > 1 and first is not None else 0.0

@@ -11,6 +11,12 @@ nothing can arrive while `generate` blocks, so there is nothing to stop for (a s
 after every layer costs ~25% at batch 1 on CPU). `kv_cache_tokens=N` sizes the KV cache
 in tokens (KV-bound experiments); a prompt's `SamplingParams.expected_output_tokens` is
 passed on as a length hint.
+
+One model over several processes (hosts): every process runs the same script with
+`coordinator_address=, num_processes=, process_id=`; on process 0 `LLM` is an engine as
+above, on every other process the constructor follows process 0's step plans and, when
+process 0 closes its `LLM`, ends the process (`SystemExit(0)`): code after it runs on
+process 0 only.
 """
 from __future__ import annotations
 
@@ -49,9 +55,13 @@ class LLM:
 
     def __init__(self, model: str = "default", **engine_kwargs) -> None:
         from conserve_jax.engine.engine import Engine
+        from conserve_jax.runtime.follower import follow_if_follower
 
         engine_kwargs.setdefault("safepoint_interval", None)
-        self.engine = Engine(engine_config(model=model, **engine_kwargs))
+        config = engine_config(model=model, **engine_kwargs)
+        if follow_if_follower(config) is not None:  # a follower: process 0 has closed
+            raise SystemExit(0)
+        self.engine = Engine(config)
         self._ids = itertools.count()
 
     @property

@@ -16,6 +16,12 @@ iteration's sequences and their blocks untouched meanwhile (their KV for the fin
 layers is already in those blocks), or cut them loose with `detach_decodes`. Every group of
 one size shares one compiled executable per shape bucket; `warmup` compiles every (group
 size, bucket) up front.
+
+Multi-process (runtime/distributed.py): the mesh spans every process's devices and every
+process runs the same jitted calls in the same order. On the leader (process 0) `channel`
+is set: `execute` and `resume` send their padded batch arrays, and every safepoint its
+decision, to the followers before the layers run; a follower's loop (runtime/follower.py)
+feeds them to `execute_batch` and `resume`, and `close` tells it to stop.
 """
 from __future__ import annotations
 
@@ -37,6 +43,7 @@ from conserve_jax.runtime.batch_arrays import BatchArrays, build_batch
 from conserve_jax.runtime.buckets import BucketSet
 from conserve_jax.runtime.kv_transfer import transfer_sizes
 from conserve_jax.runtime.map_budget import ExecutablePlan, planned_executables
+from conserve_jax.runtime.plan_channel import PlanChannel
 from conserve_jax.runtime.sampler import sample, sampler_mode
 from conserve_jax.runtime.step_plan import SampledToken, StepPlan, StepResult
 
@@ -60,6 +67,8 @@ class SuspendedIteration:
     hidden: Any  # [T, hidden] after layer `layers_done`
     rope: tuple  # (cos, sin)
     layers_done: int
+    num_top: int = 0  # top logprobs the sampler returns (0: none)
+    iteration: int = 0  # which `execute` started it (names it to followers)
 
 
 def kv_bytes_per_block(cfg: ModelConfig, kv_heads: int, block_size: int, dtype) -> int:
@@ -90,12 +99,18 @@ class ModelRunner:
         self._build_functions()
         self.caches = self._new_caches()
         self._suspended: Optional[SuspendedIteration] = None
+        self._iteration = 0
+        # leader of a multi-process run: followers get every plan and safepoint decision
+        self.channel: Optional[PlanChannel] = None
+        if engine_cfg.num_processes > 1 and engine_cfg.process_id == 0:
+            self.channel = PlanChannel.connect(leader=True,
+                                               timeout_s=engine_cfg.process_timeout_s)
 
     # ---- set-up -------------------------------------------------------------------------
     def _put(self, x, sharding=None):
         if self.mesh is None:
             return jnp.asarray(x)
-        return jax.device_put(x, sharding or shd.replicated(self.mesh))
+        return shd.put(x, sharding or shd.replicated(self.mesh))
 
     def _place_weights(self, params: dict, kv_repeat: int) -> None:
         dt, wdt = self.dtype, self.weight_dtype
@@ -106,7 +121,7 @@ class ModelRunner:
             placed = {}
             for k, a in lp.items():
                 a = a.astype(wdt if k in MATMUL_WEIGHTS else dt)
-                placed[k] = jnp.asarray(a) if self.mesh is None else jax.device_put(
+                placed[k] = jnp.asarray(a) if self.mesh is None else shd.put(
                     a, self._layer_sh[k])
             self.layers.append(placed)
         # the embedding table doubles as the LM head when tied: stored as a matmul weight
@@ -169,8 +184,23 @@ class ModelRunner:
         `take_suspended` then returns its state until the next abandoned iteration.
         With `safepoint=None` there are no safepoints."""
         b = build_batch(plan, self.buckets, self.block_size)
+        num_top = self._num_top(plan)
+        self._iteration += 1
+        if self.channel is not None:
+            self.channel.send_execute(b, num_top, safepoint is not None, self._iteration)
+        return self.execute_batch(b, num_top, safepoint, self._iteration, plan)
+
+    def execute_batch(self, b: BatchArrays, num_top: int, safepoint: Optional[Safepoint],
+                      iteration: int, plan: Optional[StepPlan] = None) -> Optional[StepResult]:
+        """`execute` on built batch arrays (a follower's entry; `plan` None: the sampled
+        tokens are computed, as every process must, but not read back)."""
         x, cos, sin = self._embed(self.embed, b.token_ids, b.positions, self.inv_freq)
-        return self._run(SuspendedIteration(plan, b, x, (cos, sin), 0), safepoint)
+        return self._run(SuspendedIteration(plan, b, x, (cos, sin), 0, num_top, iteration),
+                         safepoint)
+
+    def _num_top(self, plan: StepPlan) -> int:
+        want = any(s.num_logprobs for s in plan.sampled_specs())
+        return self.engine_cfg.max_logprobs if want else 0
 
     def resume(self, it: SuspendedIteration,
                safepoint: Optional[Safepoint] = None) -> Optional[StepResult]:
@@ -178,7 +208,15 @@ class ModelRunner:
         stopped; the result is the one `execute` would have returned for its plan, provided
         the plan's sequences and block tables were left untouched in between. Safepoints as
         in `execute`; it may be abandoned again."""
+        if self.channel is not None:
+            self.channel.send_resume(it.batch, it.num_top, safepoint is not None, it.iteration)
         return self._run(it, safepoint)
+
+    def close(self) -> None:
+        """Leader: tell the followers the run is over (the engine's shutdown calls it)."""
+        if self.channel is not None:
+            self.channel.send_stop()
+            self.channel = None
 
     @staticmethod
     def detach_decodes(it: SuspendedIteration, indices) -> SuspendedIteration:
@@ -203,7 +241,7 @@ class ModelRunner:
         hidden = self._forward(it, safepoint)
         if hidden is None:
             return None
-        return self._sample(it.plan, it.batch, hidden)
+        return self._sample(it.plan, it.batch, hidden, it.num_top)
 
     def _meta(self, b: BatchArrays) -> AttentionMeta:
         """The batch's attention metadata on device: put once per iteration, not converted
@@ -213,7 +251,10 @@ class ModelRunner:
                                             b.pre_start, b.pre_seq))
 
     def _put_meta(self, meta: AttentionMeta) -> AttentionMeta:
-        return jax.device_put(meta, shd.replicated(self.mesh) if self.mesh else None)
+        if self.mesh is None:
+            return jax.device_put(meta)
+        rep = shd.replicated(self.mesh)
+        return jax.tree_util.tree_map(lambda a: shd.put(a, rep), meta)
 
     def _forward(self, it: SuspendedIteration, safepoint: Optional[Safepoint]):
         """Layers `it.layers_done`.. of the iteration; None (state kept for
@@ -233,23 +274,28 @@ class ModelRunner:
             done += size
             if safepoint is not None and done < n:
                 x.block_until_ready()  # the safepoint is real only once the device got here
-                if safepoint(done):
+                abandon = safepoint(done)
+                if self.channel is not None:  # followers stop (or go on) with the leader
+                    self.channel.send_decision(done, abandon)
+                if abandon:
                     self._suspended = dataclasses.replace(it, hidden=x, layers_done=done)
                     return None
         return x
 
-    def _sample(self, plan: StepPlan, b: BatchArrays, hidden) -> StepResult:
-        specs = plan.sampled_specs()
-        if not specs:
+    def _sample(self, plan: Optional[StepPlan], b: BatchArrays, hidden,
+                num_top: int) -> StepResult:
+        if not b.num_sampled:
             hidden.block_until_ready()
             return StepResult([], self.cfg.num_layers)
-        want = [s.num_logprobs for s in specs if s.num_logprobs]
-        num_top = self.engine_cfg.max_logprobs if want else 0
         r = b.sampling
         tokens, chosen, top_ids, top_lp = self._head(
             self.final_norm, self.head, self._select(hidden, b.sample_rows), r.temperature,
             r.top_k, r.top_p,
             r.seed, r.counter, mode=sampler_mode(r, b.num_sampled), num_top=num_top)
+        if plan is None:  # a follower: nothing to read back
+            jax.block_until_ready(tokens)
+            return StepResult([], self.cfg.num_layers)
+        specs = plan.sampled_specs()
         tokens, chosen = np.asarray(tokens), np.asarray(chosen)
         top_ids, top_lp = np.asarray(top_ids), np.asarray(top_lp)
         out = []

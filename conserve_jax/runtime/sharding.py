@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Optional
 
 import jax
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXIS = "tp"
@@ -17,6 +18,8 @@ SPLIT_AXIS = {"qkv": 1, "qkv_bias": 0, "gate_up": 2, "o": 0, "down": 0}
 
 
 def make_mesh(tp: int) -> Optional[Mesh]:
+    """The tp mesh over the first `tp` of `jax.devices()` (in a multi-process run: every
+    process's devices, in process order); None for tp 1."""
     if tp == 1:
         return None
     devices = jax.devices()
@@ -24,6 +27,17 @@ def make_mesh(tp: int) -> Optional[Mesh]:
         raise ValueError(f"tp={tp} needs {tp} devices, {len(devices)} available")
     return jax.make_mesh((tp,), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
                          devices=devices[:tp])
+
+
+def put(x, sharding: NamedSharding) -> jax.Array:
+    """`x` (a host array, the same on every process) placed with `sharding`. A sharding
+    spanning other processes' devices is filled from this process's copy, shard by shard:
+    `jax.device_put` would first check with a collective that every process passed the
+    same value, on every call."""
+    if sharding.is_fully_addressable:
+        return jax.device_put(x, sharding)
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
 
 def layer_shardings(mesh: Mesh, layer_params: dict) -> dict:

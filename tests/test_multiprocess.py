@@ -1,0 +1,121 @@
+"""One model over two processes (multi-controller JAX over gloo on 127.0.0.1, 2 CPU devices
+each, tp 4): greedy tokens and top logprobs of `LLM.generate` equal one process with tp 4
+and with tp 1, with the leader's safepoint decisions crossing processes; a follower killed
+with SIGKILL makes the leader exit non-zero within a bound instead of hanging; processes
+started with different flags are refused at start-up, the message naming the flag.
+
+Each test launches its processes itself (tests/multiprocess_worker.py or the CLI) on a free
+port, with hard timeouts, and kills whatever is still running when it ends."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from tests.conftest_server import REPO, wait_until
+from tests.multiprocess_worker import ENGINE, PROMPTS, outputs_json, sampling
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Proc:
+    """A launched process whose stdout and stderr are collected by reader threads."""
+
+    def __init__(self, cmd: list[str]) -> None:
+        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # cpu_devices decides
+        env["PYTHONUNBUFFERED"] = "1"
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        self.out: list[str] = []
+        self.err: list[str] = []
+        for stream, sink in ((self.proc.stdout, self.out), (self.proc.stderr, self.err)):
+            threading.Thread(target=lambda s=stream, k=sink: k.extend(s), daemon=True).start()
+
+    def wait(self, timeout: float) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def log(self) -> str:
+        return "".join(self.err[-40:])
+
+
+@pytest.fixture
+def launched():
+    """Processes a test launches; every one still running at the end is killed."""
+    procs: list[Proc] = []
+    yield procs
+    for p in procs:
+        if p.proc.poll() is None:
+            p.proc.kill()
+            p.proc.wait(timeout=30)
+
+
+def worker(launched, pid: int, port: int, *extra: str) -> Proc:
+    p = Proc([sys.executable, "-m", "tests.multiprocess_worker", "--process-id", str(pid),
+              "--coordinator", f"127.0.0.1:{port}", *extra])
+    launched.append(p)
+    return p
+
+
+@pytest.mark.slow
+def test_two_processes_generate_the_tokens_of_one(tmp_path, launched):
+    out = tmp_path / "out.json"
+    port = free_port()
+    procs = [worker(launched, pid, port, "--out", str(out)) for pid in (0, 1)]
+    for p in procs:
+        assert p.wait(timeout=400) == 0, p.log()
+    got = json.loads(out.read_text())
+
+    from conserve_jax.entrypoints.llm import LLM
+
+    refs = {}
+    for tp in (4, 1):
+        with LLM(**ENGINE, tp=tp) as llm:
+            refs[tp] = outputs_json(llm.generate(PROMPTS, sampling()))
+    for tp, ref in refs.items():
+        assert [o["token_ids"] for o in got] == [o["token_ids"] for o in ref], f"tp {tp}"
+        for g, r in zip(got, ref):
+            for (gt, glp, gtop), (rt, rlp, rtop) in zip(g["logprobs"], r["logprobs"]):
+                assert gt == rt and glp == pytest.approx(rlp, abs=1e-4)
+                assert [t for t, _ in gtop] == [t for t, _ in rtop]
+                assert [v for _, v in gtop] == pytest.approx([v for _, v in rtop], abs=1e-4)
+    assert all(len(o["token_ids"]) == 12 and len(o["logprobs"]) == 12 for o in got)
+    assert all(len(top) == 3 for o in got for _, _, top in o["logprobs"])
+
+
+@pytest.mark.slow
+def test_leader_exits_with_an_error_when_a_follower_dies(launched):
+    port = free_port()
+    leader, follower = (worker(launched, pid, port, "--rounds", "100000", "--timeout", "5")
+                        for pid in (0, 1))
+    assert wait_until(lambda: any("round 0 done" in line for line in leader.out)
+                      or leader.proc.poll() is not None, 400, 0.1), leader.log()
+    assert leader.proc.poll() is None, leader.log()
+    follower.proc.kill()  # SIGKILL, mid-run
+    code = leader.wait(timeout=120)  # a bound, not a speed target: a hang fails here
+    assert code != 0
+    text = "".join(leader.err)
+    assert "step loop stopped" in text or "another task died" in text, text[-3000:]
+
+
+def test_processes_with_different_flags_are_refused(launched):
+    port = free_port()
+    procs = []
+    for pid, seqs in ((0, "4"), (1, "8")):
+        p = Proc([sys.executable, "-m", "conserve_jax.entrypoints.cli", "generate", "hello",
+                  "--model", "random:tiny", "--no-warmup", "--max-num-seqs", seqs,
+                  "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2",
+                  "--process-id", str(pid), "--cpu-devices", "2", "--process-timeout-s", "10"])
+        launched.append(p)
+        procs.append(p)
+    for p in procs:
+        assert p.wait(timeout=120) == 2, p.log()
+        assert "max_num_seqs" in p.log() and "were started differently" in p.log(), p.log()
