@@ -139,8 +139,25 @@ def _addresses(app) -> list[str]:
     return out
 
 
+def _follow(args) -> Optional[int]:
+    """On a follower process of a multi-process run (`--num-processes`, `--process-id` > 0):
+    no faces, no batch store; run process 0's step plans until it shuts down and return the
+    exit code (runtime/follower.py). None on process 0 or a single process."""
+    if args.model == "mock" or args.num_processes <= 1:
+        return None
+    from conserve_jax.runtime.follower import follow_if_follower
+
+    try:
+        return follow_if_follower(engine_config_from_args(args))
+    except (ValueError, OSError) as e:
+        return _fail(f"cannot follow process 0: {e}")
+
+
 def run(args) -> int:
     started = time.monotonic()
+    code = _follow(args)
+    if code is not None:
+        return code
     from conserve_server.app import ServerApp
     from conserve_server.auth import read_tokens
     from conserve_server.batch.store import DataDirInUse, open_store, redact_url

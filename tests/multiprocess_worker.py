@@ -3,7 +3,8 @@
 `PROMPTS` for `--rounds` rounds; process 0 prints "round i done" after each round and writes
 the outputs (token ids, chosen and top logprobs) of the last round as JSON to `--out`.
 Followers never get past the `LLM` constructor (it exits the process when process 0
-closes). Not a test module (pytest collects test_*.py only)."""
+closes). `--mode runner` drives the runner alone through abandon and resume
+(`preempt_and_resume`). Not a test module (pytest collects test_*.py only)."""
 from __future__ import annotations
 
 import argparse
@@ -33,6 +34,32 @@ def outputs_json(outs) -> list[dict]:
             for o in outs]
 
 
+def preempt_and_resume(config, out: str) -> None:
+    """`--mode runner`: the runner alone (no engine). Process 0 runs one plan straight
+    through, then abandons it at the safepoint after layer 1 and resumes it, then abandons
+    it again, cuts its decode rows loose and resumes it; the followers follow. Writes the
+    sampled tokens of the three runs."""
+    from conserve_jax.models.loader import load_model
+    from conserve_jax.runtime import distributed
+    from conserve_jax.runtime.model_runner import ModelRunner
+    from conserve_jax.scheduling.profiler import synthetic_plan
+
+    config = distributed.start(config)
+    loaded = load_model(config.model, seed=config.seed)
+    runner = ModelRunner(loaded.config, loaded.params, config)
+    plan, _ = synthetic_plan(runner, 2, 8, 16)
+    tokens = lambda r: [t.token for t in r.tokens]
+    straight = tokens(runner.execute(plan))
+    assert runner.execute(plan, lambda done: True) is None
+    resumed = tokens(runner.resume(runner.take_suspended(), lambda done: False))
+    assert runner.execute(plan, lambda done: True) is None
+    it = runner.detach_decodes(runner.take_suspended(), range(len(plan.decodes)))
+    detached = tokens(runner.resume(it))
+    runner.close()
+    with open(out, "w") as f:
+        json.dump({"straight": straight, "resumed": resumed, "detached": detached}, f)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--process-id", type=int, required=True)
@@ -43,9 +70,20 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=int, default=10)
     p.add_argument("--out", default=None)
     p.add_argument("--engine", default="{}", help="JSON: engine keyword arguments over ENGINE")
+    p.add_argument("--mode", choices=("llm", "runner"), default="llm")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"p{args.process_id} %(levelname)s %(name)s: %(message)s")
+    if args.mode == "runner":
+        from conserve_jax.engine_args import engine_config
+        from conserve_jax.runtime.follower import follow_if_follower
+
+        config = engine_config(**ENGINE, coordinator_address=args.coordinator,
+                               num_processes=args.num_processes, process_id=args.process_id,
+                               cpu_devices=args.cpu_devices, process_timeout_s=args.timeout)
+        if follow_if_follower(config) is None:
+            preempt_and_resume(config, args.out)
+        return 0
     llm = LLM(**{**ENGINE, **json.loads(args.engine)},
               coordinator_address=args.coordinator, num_processes=args.num_processes,
               process_id=args.process_id, cpu_devices=args.cpu_devices,

@@ -1,8 +1,10 @@
 """One model over two processes (multi-controller JAX over gloo on 127.0.0.1, 2 CPU devices
 each, tp 4): greedy tokens and top logprobs of `LLM.generate` equal one process with tp 4
-and with tp 1, with the leader's safepoint decisions crossing processes; a follower killed
-with SIGKILL makes the leader exit non-zero within a bound instead of hanging; processes
-started with different flags are refused at start-up, the message naming the flag.
+and with tp 1, with the leader's safepoint decisions crossing processes; `serve` on two
+processes answers gRPC with the same tokens and both processes end with 0 on SIGTERM; a
+follower killed with SIGKILL or stopped with SIGSTOP makes the leader exit non-zero within
+a bound instead of hanging; processes started with different flags are refused at
+start-up, the message naming the flag.
 
 Each test launches its processes itself (tests/multiprocess_worker.py or the CLI) on a free
 port, with hard timeouts, and kills whatever is still running when it ends."""
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -119,3 +122,71 @@ def test_processes_with_different_flags_are_refused(launched):
     for p in procs:
         assert p.wait(timeout=120) == 2, p.log()
         assert "max_num_seqs" in p.log() and "were started differently" in p.log(), p.log()
+
+
+@pytest.mark.slow
+def test_leader_exits_with_an_error_when_a_follower_hangs(launched):
+    """SIGSTOP: the follower's sockets stay open, so only the missing heartbeats tell."""
+    port = free_port()
+    leader, follower = (worker(launched, pid, port, "--rounds", "100000", "--timeout", "5")
+                        for pid in (0, 1))
+    assert wait_until(lambda: any("round 0 done" in line for line in leader.out)
+                      or leader.proc.poll() is not None, 400, 0.1), leader.log()
+    assert leader.proc.poll() is None, leader.log()
+    follower.proc.send_signal(signal.SIGSTOP)
+    code = leader.wait(timeout=120)  # a bound, not a speed target: a hang fails here
+    assert code != 0
+    text = "".join(leader.err)
+    assert "heartbeat" in text or "another task died" in text, text[-3000:]
+
+
+@pytest.mark.slow
+def test_serve_over_two_processes(tmp_path, launched):
+    """`serve` on two processes: process 0 answers gRPC with the tokens of one process;
+    SIGTERM on process 0 ends both with 0."""
+    from conserve_jax.client import Client
+    from conserve_jax.entrypoints.llm import LLM
+
+    port = free_port()
+    engine = ["--model", "random:tiny", "--no-warmup", "--max-model-len", "64",
+              "--max-num-seqs", "4", "--max-prefill-tokens", "32", "--block-size", "4",
+              "--kv-cache-tokens", "256", "--no-enable-prefix-caching", "--policy", "fcfs"]
+    multi = ["--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2",
+             "--cpu-devices", "2", "--process-timeout-s", "10"]
+    procs = []
+    for pid in (0, 1):
+        p = Proc([sys.executable, "-m", "conserve_jax.entrypoints.cli", "serve", "--port", "0",
+                  "--http-port", "0", "--data-dir", str(tmp_path / f"data{pid}"), *engine,
+                  *multi, "--process-id", str(pid)])
+        launched.append(p)
+        procs.append(p)
+    leader, follower = procs
+    assert wait_until(lambda: any(line.startswith("listening on ") for line in leader.out)
+                      or leader.proc.poll() is not None, 400, 0.1), leader.log()
+    grpc_port = int(next(l for l in leader.out if l.startswith("listening on ")).rsplit(":", 1)[1])
+    with Client(f"127.0.0.1:{grpc_port}") as c:
+        got = [[t for ch in c.generate(token_ids=ids, max_tokens=12, temperature=0.0,
+                                       ignore_eos=True) for t in ch.token_ids]
+               for ids in PROMPTS]
+    leader.proc.send_signal(signal.SIGTERM)
+    assert leader.wait(timeout=120) == 0, leader.log()
+    assert follower.wait(timeout=120) == 0, follower.log()
+    with LLM(**{**ENGINE, "policy": "fcfs"}, tp=4) as llm:
+        ref = [o.token_ids for o in llm.generate(PROMPTS, sampling())]
+    assert got == ref
+
+
+@pytest.mark.slow
+def test_an_iteration_abandoned_at_a_safepoint_resumes_across_processes(tmp_path, launched):
+    """The leader's safepoint decisions stop the followers at the same layer, and a resume
+    (also with decode rows cut loose) continues there on every process."""
+    out = tmp_path / "runner.json"
+    port = free_port()
+    procs = [worker(launched, pid, port, "--mode", "runner", "--out", str(out))
+             for pid in (0, 1)]
+    for p in procs:
+        assert p.wait(timeout=400) == 0, p.log()
+    got = json.loads(out.read_text())
+    assert len(got["straight"]) == 3  # two decodes and the prefill chunk's token
+    assert got["resumed"] == got["straight"]
+    assert got["detached"][-1] == got["straight"][-1]
