@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
 from conserve_jax.engine_args import engine_config
+from conserve_jax.entrypoints.progress import RequestsBar
 from conserve_jax.engine_api import (GenerationRequest, RequestClass, TokenLogprob,
                                      validate_prompt)
 from conserve_jax.sampling_params import SamplingParams
@@ -35,8 +36,21 @@ Conversation = list[Message]
 
 
 @dataclass
+class CompletionOutput:
+    """One sampled answer, vLLM's `CompletionOutput` shape (`out.outputs[0].text`)."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: Optional[float]
+    logprobs: Optional[list[TokenLogprob]]
+    finish_reason: Optional[str]
+
+
+@dataclass
 class GenerateOutput:
-    """The answer to one prompt."""
+    """The answer to one prompt. Its fields are the one answer's; `outputs` gives the same
+    answer the vLLM way (`out.outputs[0].text`)."""
 
     prompt: Optional[str]
     prompt_token_ids: list[int]
@@ -46,6 +60,18 @@ class GenerateOutput:
     finish_reason: Optional[str] = None
     # prompt tokens whose KV came from the prefix cache (vLLM's num_cached_tokens)
     num_cached_tokens: int = 0
+
+    @property
+    def outputs(self) -> list[CompletionOutput]:
+        """vLLM's `RequestOutput.outputs`: this answer as the one `CompletionOutput`."""
+        cumulative = (sum(lp.logprob for lp in self.logprobs)
+                      if self.logprobs is not None else None)
+        return [CompletionOutput(0, self.text, self.token_ids, cumulative, self.logprobs,
+                                 self.finish_reason)]
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
 
 
 class LLM:
@@ -70,9 +96,11 @@ class LLM:
 
     def generate(self, prompts: Union[Prompt, Sequence[Prompt]],
                  sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
-                 offline: bool = True) -> list[GenerateOutput]:
+                 offline: bool = True, use_tqdm: bool = True) -> list[GenerateOutput]:
         """One `GenerateOutput` per prompt, in order. A prompt is a string or a list of token
-        ids. Raises ValueError naming the field for bad input before anything runs."""
+        ids. Raises ValueError naming the field for bad input before anything runs.
+        `use_tqdm` (vLLM's default, on): a progress bar on stderr with the prompts done and
+        the input/output tokens per second."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts
                                         and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -107,23 +135,26 @@ class LLM:
                                               expected_output_tokens=sp.expected_output_tokens))
             outputs.append(GenerateOutput(text, ids, logprobs=[] if sp.logprobs is not None else None))
         streams = [self.engine.submit(r) for r in requests]
-        for out, stream in zip(outputs, streams):
-            for delta in stream:
-                out.token_ids.extend(delta.token_ids)
-                out.text += delta.text
-                if out.logprobs is not None:
-                    out.logprobs.extend(delta.logprobs)
-                if delta.finished:
-                    out.finish_reason = delta.finish_reason
-                    out.num_cached_tokens = delta.num_cached_tokens or 0
-                    if delta.error:
-                        raise RuntimeError(f"request failed: {delta.error}")
+        with RequestsBar(len(streams), enabled=use_tqdm) as bar:
+            for out, stream in zip(outputs, streams):
+                for delta in stream:
+                    out.token_ids.extend(delta.token_ids)
+                    out.text += delta.text
+                    if out.logprobs is not None:
+                        out.logprobs.extend(delta.logprobs)
+                    if delta.finished:
+                        out.finish_reason = delta.finish_reason
+                        out.num_cached_tokens = delta.num_cached_tokens or 0
+                        if delta.error:
+                            raise RuntimeError(f"request failed: {delta.error}")
+                bar.done(len(out.prompt_token_ids), len(out.token_ids))
         return outputs
 
     def chat(self, messages: Union[Conversation, Sequence[Conversation]],
              sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
              offline: bool = True, add_generation_prompt: bool = True,
-             chat_template_kwargs: Optional[dict] = None) -> list[GenerateOutput]:
+             chat_template_kwargs: Optional[dict] = None,
+             use_tqdm: bool = True) -> list[GenerateOutput]:
         """Answer one conversation (a list of {"role", "content"} dicts) or a list of them,
         as vLLM's `LLM.chat`: each is rendered with the model's chat template (as
         transformers' `apply_chat_template` would), tokenized without adding special tokens
@@ -150,7 +181,7 @@ class LLM:
             except ValueError as e:
                 raise ValueError(f"{name}: {e}") from None
         ids = [tok.encode(text, add_special_tokens=False) for text in rendered]
-        outputs = self.generate(ids, sampling_params, offline=offline)
+        outputs = self.generate(ids, sampling_params, offline=offline, use_tqdm=use_tqdm)
         for out, text in zip(outputs, rendered):
             out.prompt = text
         return outputs

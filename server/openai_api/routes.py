@@ -5,6 +5,7 @@
     POST /v1/files; GET /v1/files, /v1/files/{id}, /v1/files/{id}/content; DELETE /v1/files/{id}
     POST /v1/batches; GET /v1/batches, /v1/batches/{id}; POST /v1/batches/{id}/cancel
     GET  /metrics (Prometheus, no auth), /health
+    GET  /version; POST /tokenize, /detokenize (vLLM's shapes; tokenize.py)
 
 Handlers run on the uvicorn event-loop thread; anything that may block (tokenizing, the
 sqlite store, file I/O, waiting for engine output) runs in worker threads bounded by
@@ -51,6 +52,7 @@ from conserve_server.openai_api.errors import ApiError, bad_request, invalid_val
 from conserve_server.openai_api.files import FileStore
 from conserve_server.openai_api.schemas import CHAT, COMPLETION, ENDPOINTS, parse_body, to_generation
 from conserve_server.openai_api.streaming import ClientGone, SSEResponse, deltas, sse
+from conserve_server.openai_api.tokenize import TokenizeRoutes
 
 log = logging.getLogger(__name__)
 
@@ -459,6 +461,7 @@ async def _server_error(request: Request, exc: Exception):
 
 def build_app(routes: OpenAIRoutes) -> Starlette:
     r = routes
+    t = TokenizeRoutes(r)
     table = [
         Route("/v1/models", r.list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", r.get_model, methods=["GET"]),
@@ -475,6 +478,9 @@ def build_app(routes: OpenAIRoutes) -> Starlette:
         Route("/v1/batches/{batch_id}/cancel", r.cancel_batch, methods=["POST"]),
         Route("/metrics", r.metrics_endpoint, methods=["GET"]),
         Route("/health", r.health, methods=["GET"]),
+        Route("/version", t.version, methods=["GET"]),
+        Route("/tokenize", t.tokenize, methods=["POST"]),
+        Route("/detokenize", t.detokenize, methods=["POST"]),
     ]
     return Starlette(routes=table, exception_handlers={
         ApiError: _api_error, HTTPException: _http_error, StoreUnavailable: _store_down,

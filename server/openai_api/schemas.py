@@ -167,6 +167,10 @@ def parse_body(kind: str, body: Any) -> ParsedRequest:
     if n is not None and n != 1:
         raise invalid_value("n", f"n must be 1 (one choice per request), got {n!r}")
     _unsupported(body)
+    # vLLM's `priority` (an integer; lower runs sooner under vLLM's priority scheduling) is
+    # accepted and checked, and does not reorder: this engine orders work by class (online
+    # before offline; service_tier flex is offline), see docs/serving.md
+    _int(body, "priority")
     req = pb.GenerateRequest()
     if kind == CHAT:
         req.messages.CopyFrom(_messages(body))
