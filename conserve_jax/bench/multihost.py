@@ -1,0 +1,166 @@
+"""Multi-process step time (issue 28): 2 processes x 2 CPU devices against 1 process x 4
+devices, tp 4 both, on the same model and synthetic plans (the profiler's): decode at batch
+1 and 8 and a 512-token prefill, and the cost of sending each step's plan to the followers.
+
+The orchestrator (`main`, run by scripts/bench_multihost.py) launches, per layout and
+repeat (layouts interleaved), the processes of one run as `python -m
+conserve_jax.bench.multihost --worker ...` on 127.0.0.1 with a free port. Process 0 of a
+run builds a `ModelRunner` (in a 2x2 run its plan channel sends every plan), executes each
+shape once to compile it, then `--steps` times, and writes per shape the median step time
+and, in a 2x2 run, the median time the plan channel's sends took inside one step; the
+other process follows (`run_follower`) until process 0 stops it. Prints a table of medians
+over repeats with the same-run ratios 2x2 / 1x4 and send / step, and writes JSON.
+
+    python scripts/bench_multihost.py --model random:small --repeats 3
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from conserve_jax.bench import script_io
+
+SHAPES = {"decode b1": (1, 0, 256), "decode b8": (8, 0, 256), "prefill 512": (0, 512, 512)}
+LAYOUTS = {"1x4": (1, 4), "2x2": (2, 2)}  # name -> (processes, CPU devices each)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _TimedSends:
+    """Wraps the leader's plan channel: seconds spent in its sends (one thread)."""
+
+    def __init__(self, channel) -> None:
+        self._channel, self.seconds = channel, 0.0
+
+    def __getattr__(self, name):
+        fn = getattr(self._channel, name)
+        if not name.startswith("send_"):
+            return fn
+
+        def timed(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                self.seconds += time.perf_counter() - t0
+        return timed
+
+
+def _engine_config(args, processes: int, devices: int, pid: int, port: int):
+    from conserve_jax.engine_args import engine_config
+
+    multi = processes > 1
+    return engine_config(model=args.model, tp=4, warmup=False, max_model_len=1024,
+                         max_num_seqs=8, max_prefill_tokens=512, cpu_devices=devices,
+                         num_processes=processes, process_id=pid,
+                         coordinator_address=f"127.0.0.1:{port}" if multi else None)
+
+
+def worker(args) -> None:
+    """One process of one run (module docstring)."""
+    from conserve_jax.runtime import distributed
+    from conserve_jax.runtime.follower import run_follower
+
+    processes, devices = LAYOUTS[args.layout]
+    config = _engine_config(args, processes, devices, args.process_id, args.port)
+    if distributed.is_follower(config):
+        run_follower(config)
+        return
+    config = distributed.start(config)
+    from conserve_jax.models.loader import load_model
+    from conserve_jax.runtime.model_runner import ModelRunner
+    from conserve_jax.scheduling.profiler import synthetic_plan
+
+    loaded = load_model(config.model, seed=config.seed)
+    runner = ModelRunner(loaded.config, loaded.params, config)
+    sends = None
+    if runner.channel is not None:
+        sends = runner.channel = _TimedSends(runner.channel)
+    out = {}
+    for name, (dec, pre, ctx) in SHAPES.items():
+        plan, _ = synthetic_plan(runner, dec, pre, ctx)
+        runner.execute(plan)  # compile
+        steps, sent = [], []
+        for _ in range(args.steps):
+            before = sends.seconds if sends else 0.0
+            t0 = time.perf_counter()
+            runner.execute(plan)
+            steps.append(time.perf_counter() - t0)
+            sent.append((sends.seconds if sends else 0.0) - before)
+        out[name] = {"step_s": statistics.median(steps), "send_s": statistics.median(sent)}
+    runner.close()
+    with open(args.out, "w") as f:
+        json.dump(out, f)
+
+
+def _run(args, layout: str, tmp: str) -> dict:
+    processes, _ = LAYOUTS[layout]
+    port, out = _free_port(), os.path.join(tmp, f"{layout}.json")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    procs = [subprocess.Popen([sys.executable, "-m", "conserve_jax.bench.multihost", "--worker",
+                               "--layout", layout, "--process-id", str(pid), "--port", str(port),
+                               "--model", args.model, "--steps", str(args.steps), "--out", out],
+                              env=env) for pid in range(processes)]
+    try:
+        for p in procs:
+            if p.wait(timeout=args.timeout) != 0:
+                raise RuntimeError(f"{layout} process exited with {p.returncode}")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    with open(out) as f:
+        return json.load(f)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="random:small")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per shape and run")
+    p.add_argument("--repeats", type=int, default=3, help="runs per layout, interleaved")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
+    p.add_argument("--json", default="results/bench_multihost.json")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--layout", choices=sorted(LAYOUTS), help=argparse.SUPPRESS)
+    p.add_argument("--process-id", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return {}
+    runs = {name: [] for name in LAYOUTS}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(args.repeats):
+            for layout in LAYOUTS:
+                runs[layout].append(_run(args, layout, tmp))
+    table = {}
+    print(f"{'shape':<12} {'1x4 step ms':>12} {'2x2 step ms':>12} {'2x2/1x4':>8} "
+          f"{'send ms':>8} {'send/step':>9}")
+    for shape in SHAPES:
+        one = statistics.median(r[shape]["step_s"] for r in runs["1x4"])
+        two = statistics.median(r[shape]["step_s"] for r in runs["2x2"])
+        send = statistics.median(r[shape]["send_s"] for r in runs["2x2"])
+        table[shape] = {"1x4_step_s": one, "2x2_step_s": two, "ratio": two / one,
+                        "send_s": send, "send_share": send / two}
+        print(f"{shape:<12} {one * 1e3:>12.2f} {two * 1e3:>12.2f} {two / one:>8.2f} "
+              f"{send * 1e3:>8.3f} {send / two:>9.3f}")
+    result = {"model": args.model, "steps": args.steps, "repeats": args.repeats,
+              "table": table, "runs": runs}
+    script_io.write_json(args.json, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
