@@ -93,14 +93,14 @@ class DeadlineStats:
 
 class DeadlineTracker:
     def __init__(self, store: StoreBase, engine, options: DeadlineOptions = DeadlineOptions(),
-                 cost: WorkCost = WorkCost(), clock: Callable[[], float] = time.time,
-                 default_max_tokens: int = 16) -> None:
+                 cost: WorkCost = WorkCost(), clock: Callable[[], float] = time.time) -> None:
+        """`cost`: work units of tokens (`engine_work_cost`); `clock`: unix seconds (tests
+        pass a fake one)."""
         self.store = store
         self.engine = engine
         self.options = options
         self.cost = cost
         self.clock = clock
-        self.default_max_tokens = default_max_tokens
         self.meter = HarvestMeter(cost, options.harvest_window_s, options.harvest_min_history_s)
         self._predictor = LengthPredictor()
         self._predictor_lock = threading.Lock()
