@@ -17,6 +17,8 @@ SUBCOMMANDS = {
     "generate": ("conserve_jax.entrypoints.generate", "generate text for a prompt with a local model"),
     "serve": ("conserve_server.main", "serve a model: gRPC on :50051 and the OpenAI-compatible "
               "HTTP API on :8000 (--http-port 0 turns HTTP off)"),
+    "run-batch": ("conserve_server.run_batch", "run an OpenAI batch input file (JSONL) through "
+                  "a local engine, without a server (vLLM's run-batch)"),
     "profile": ("conserve_jax.entrypoints.profile", "fit the iteration latency model"),
     "loadtest": ("conserve_jax.loadtest.cli", "load-test a running server"),
     "demo": ("conserve_jax.entrypoints.demo", "serve the default model and show it working end to end"),
