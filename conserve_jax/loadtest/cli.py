@@ -18,7 +18,8 @@ from typing import Any, Callable, Optional
 
 from conserve_jax.loadtest.adapter import ClientAdapter
 from conserve_jax.loadtest.arrivals import synthetic_workload
-from conserve_jax.loadtest.report import build_report, format_table, write_json, write_plot
+from conserve_jax.loadtest.report import (PLOT_HINT, build_report, format_table,
+                                         plotting_available, write_json, write_plot)
 from conserve_jax.loadtest.run_config import RunConfig
 from conserve_jax.loadtest.runner import Runner
 from conserve_jax.loadtest.trace import load_trace
@@ -98,7 +99,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-send-slo", action="store_true",
                    help="do not send the objectives with the requests (report only)")
     g.add_argument("--json", metavar="OUT", help="write the JSON report here")
-    g.add_argument("--plot", metavar="PNG", help="write latency plots here")
+    g.add_argument("--plot", metavar="PNG", help="write latency plots here (needs the bench "
+                   "extra: pip install 'conserve-jax[bench]')")
     g.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
@@ -204,8 +206,10 @@ def run(args: argparse.Namespace, client_factory: Optional[ClientFactory] = None
     print(format_table(report))
     if args.json:
         write_json(report, args.json)
-    if args.plot:
+    if args.plot and plotting_available():
         write_plot(report, args.plot)
+    elif args.plot:  # the table above is the report; the plot is optional
+        print(f"--plot {args.plot} not written: {PLOT_HINT}", file=sys.stderr)
     completed = report["online"]["completed"] + (report["offline"] or {}).get("results_collected", 0)
     nothing_to_do = not workload and not args.offline_requests
     return 0 if completed or nothing_to_do else 1

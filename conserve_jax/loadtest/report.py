@@ -127,6 +127,20 @@ def write_json(report: dict, path: str) -> None:
         f.write("\n")
 
 
+PLOT_HINT = ("plots need matplotlib, which only the bench extra installs: "
+             "pip install 'conserve-jax[bench]'")
+
+
+def plotting_available() -> bool:
+    """Whether matplotlib can be imported (it is in the `bench` extra, not a core
+    dependency)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def write_plot(report: dict, path: str) -> None:
     """Latency over time and latency CDFs to a PNG at `path` (Agg backend)."""
     import numpy as np
