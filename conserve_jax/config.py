@@ -132,8 +132,8 @@ class EngineConfig:
                     default="default")
     tp: int = _h("tensor-parallel devices (multi-process: every process's devices; the "
                  "default 1 means all of them)", default=1)
-    dtype: str = _h("weights, activations and KV dtype (float32 is fastest on CPU)",
-                    default="float32")
+    dtype: str = _h("weights, activations and KV dtype; auto: bfloat16 on GPU/TPU, float32 "
+                    "on CPU (float32 is fastest on CPU)", default="float32")
     weight_dtype: Optional[str] = _h(
         "dtype of the stored matmul weights, if lower than --dtype (e.g. bfloat16): matmul "
         "inputs are rounded to it, products accumulate in float32, everything else (norms, "

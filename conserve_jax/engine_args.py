@@ -163,7 +163,26 @@ def engine_config(**kwargs) -> EngineConfig:
     if unknown:
         raise TypeError(f"unknown engine argument(s) {sorted(unknown)}; known: "
                         f"{', '.join(sorted(knob_names()))}")
-    return _build(EngineConfig, (), kwargs)
+    return resolve_auto_dtype(_build(EngineConfig, (), kwargs))
+
+
+def resolve_auto_dtype(cfg: EngineConfig) -> EngineConfig:
+    """`dtype="auto"` made concrete for the backend JAX uses: bfloat16 on GPU and TPU (their
+    matrix units run bfloat16 at several times float32's rate, and weights and KV take half
+    the memory), float32 on CPU (fastest there: CPU kernels for bfloat16 attention and
+    elementwise work are slower than float32's; `weight_dtype=bfloat16` is the CPU's way to
+    use AMX). Other values are returned unchanged. Multi-process runs and `cpu_devices` need
+    an explicit dtype: asking the backend would start JAX before they can set it up."""
+    if cfg.dtype != "auto":
+        return cfg
+    if cfg.num_processes > 1 or cfg.cpu_devices is not None:
+        raise ValueError("dtype auto cannot be resolved before JAX is set up for a "
+                         "multi-process run or cpu_devices; give dtype explicitly (float32 on "
+                         "CPU, bfloat16 on GPU/TPU)")
+    import jax
+
+    backend = jax.default_backend()
+    return dataclasses.replace(cfg, dtype="float32" if backend == "cpu" else "bfloat16")
 
 
 def engine_kwargs_from_args(args: argparse.Namespace) -> dict:
