@@ -38,6 +38,22 @@ def test_skips_shared_prefix_and_keeps_content():
     assert f.content_start < len(SYSTEM)
 
 
+def test_features_again_without_registering_leave_the_prefix_counts_alone():
+    """A caller that registered a prompt at submit and extracts its features again to
+    observe the actual length (register=False) does not count the prompt twice: the
+    second prompt sharing a prefix is no more "shared" than without the extra calls."""
+    rng = np.random.default_rng(1)
+    prompts = [prompt(rng, 0) for _ in range(3)]
+    a, b = LengthPredictor(), LengthPredictor()
+    for p in prompts[:2]:
+        a.features(p, 64)
+        b.features(p, 64)
+        for _ in range(5):
+            b.features(p, 64, register=False)
+    assert b._prompts_seen == a._prompts_seen == 2 and b._prefix_counts == a._prefix_counts
+    assert a.features(prompts[2], 64).content_start == b.features(prompts[2], 64).content_start
+
+
 def test_learns_lengths_by_first_words_better_than_running_mean():
     pred = LengthPredictor()
     rng = np.random.default_rng(1)

@@ -125,15 +125,16 @@ class LengthPredictor:
         self.stats = PredictorStats()
 
     # ---- features ---------------------------------------------------------------------------
-    def _content_start(self, ids: Sequence[int]) -> int:
+    def _content_start(self, ids: Sequence[int], register: bool = True) -> int:
         """Skip the longest prefix (in whole pieces) that `min_share - 1` earlier prompts
-        began with; register this prompt's pieces for later prompts. Never skips the
-        whole prompt (at least one piece of content is kept)."""
+        began with; register this prompt's pieces for later prompts (unless `register` is
+        False: the prompt was registered before). Never skips the whole prompt (at least
+        one piece of content is kept)."""
         g, counts = self.cfg.granularity, self._prefix_counts
         limit = min(self.cfg.prefix_depth, len(ids) - 1)
         h, skip, sharing = 0, 0, True
         need = max(self.cfg.min_share - 1, self.cfg.share_frac * self._prompts_seen)
-        self._prompts_seen += 1
+        self._prompts_seen += int(register)
         for end in range(g, limit + 1, g):
             h = hash((h, tuple(ids[end - g: end])))
             c = counts.get(h, 0)
@@ -141,15 +142,18 @@ class LengthPredictor:
                 skip = end
             else:
                 sharing = False
-            counts[h] = c + 1
+            if register:
+                counts[h] = c + 1
         if len(counts) > self.cfg.max_prefix_entries:
             self._prefix_counts = {k: v for k, v in counts.items() if v > 1}
         return skip
 
     def features(self, prompt_ids: Sequence[int], max_tokens: int, tenant: Hashable = None,
-                 hint: Optional[int] = None) -> Features:
-        """Extract the request's features (registers its prefix for the shared-prefix skip)."""
-        start = self._content_start(prompt_ids)
+                 hint: Optional[int] = None, register: bool = True) -> Features:
+        """Extract the request's features (registers its prefix for the shared-prefix skip
+        unless `register` is False: a caller that extracted them before, at submit, and
+        extracts them again to observe the actual length)."""
+        start = self._content_start(prompt_ids, register)
         n = len(prompt_ids) - start
         words = hash(tuple(prompt_ids[start: start + self.cfg.first_words]))
         lb = int(2 * math.log2(n + 1))

@@ -131,7 +131,8 @@ class DeadlineTracker:
         """A batch item finished (stop or length) after `generated` tokens (runner thread)."""
         max_tokens, hint = length_inputs(req)
         with self._predictor_lock:
-            f = self._predictor.features(prompt_ids, max_tokens, tenant, hint)
+            # registered at submit (`work_of`): not counted a second time
+            f = self._predictor.features(prompt_ids, max_tokens, tenant, hint, register=False)
             self._predictor.observe(f, generated)
 
     def units(self, prompt_tokens: float, output_tokens: float) -> float:
