@@ -10,8 +10,8 @@ back to `IncrementalDetokenizer` for anything else (e.g. the mock engine's token
 broken byte sequences DecodeStream can raise ("Invalid prefix encountered"); the request
 then continues on `IncrementalDetokenizer` from the text already emitted. Token by token on
 valid text the deltas equal `IncrementalDetokenizer`'s; on broken bytes the count of U+FFFD
-may differ. The engine's output path does not use it yet (`OutputProcessor` still builds
-`IncrementalDetokenizer`).
+may differ. The engine's output thread builds its detokenizers with `make_detokenizer`
+(`OutputProcessor.new_state`).
 One instance per request; used by one thread at a time (the output thread).
 """
 from __future__ import annotations

@@ -15,12 +15,12 @@ from typing import Optional
 
 from conserve_jax.engine_api import GenerationRequest, RequestOutput, TokenLogprob
 from conserve_jax.runtime.step_plan import SampledToken
-from conserve_jax.tokenizer import IncrementalDetokenizer
+from conserve_jax.detokenizer import make_detokenizer
 
 
 @dataclass
 class OutputState:
-    detok: IncrementalDetokenizer
+    detok: object  # conserve_jax.detokenizer.make_detokenizer's: push(ids) / finish()
     text: str = ""  # all text decoded so far (stop string excluded once found)
     sent_chars: int = 0
     stop_found: bool = False
@@ -49,7 +49,7 @@ class OutputProcessor:
 
     # ---- output thread --------------------------------------------------------------------
     def new_state(self) -> OutputState:
-        return OutputState(IncrementalDetokenizer(self.tokenizer))
+        return OutputState(make_detokenizer(self.tokenizer))
 
     def on_token(self, request: GenerationRequest, st: OutputState, tok: SampledToken) -> bool:
         """Record a sampled token; True when a stop string has now appeared."""
