@@ -92,7 +92,8 @@ class ServerApp:
         self.metrics.attach(self.store, self.runner)
         self.runner.offline = OfflineResume.create(observed, self.store, config.data_dir,
                                                    config.offline_kv_max_bytes)
-        ecfg = engine_config or EngineConfig()
+        # the engine's own limits (a test's engine may be built smaller than the defaults)
+        ecfg = engine_config or getattr(engine, "config", None) or EngineConfig()
         self.deadlines = DeadlineTracker(
             self.store, engine, config.deadlines,
             engine_work_cost(engine, ecfg.max_prefill_tokens, ecfg.max_num_seqs))

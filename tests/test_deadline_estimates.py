@@ -67,6 +67,22 @@ def test_cost_from_a_latency_model():
     assert WorkCost.from_latency_model(Zero(), 256, 8) == WorkCost()
 
 
+def test_cost_never_asks_the_latency_model_past_its_shapes():
+    """An engine built smaller than the defaults (a test's, a small --max-num-seqs): the
+    cost asks for at most the model's largest token bucket and decode rows (asking past
+    them raised ValueError at server start)."""
+    from types import SimpleNamespace
+
+    class Small:
+        buckets = SimpleNamespace(tokens=[1, 2, 4, 8, 16, 32, 68], max_num_seqs=4)
+
+        def predict(self, w):
+            assert w.prefill_tokens + w.num_decodes <= 68 and w.num_decodes <= 4
+            return 0.001 * (w.prefill_tokens + w.num_decodes)
+    c = WorkCost.from_latency_model(Small(), max_prefill_tokens=512, max_num_seqs=16)
+    assert c.prefill_s == pytest.approx(0.001) and c.decode_s == pytest.approx(0.001)
+
+
 def test_estimates_follow_earliest_deadline_first():
     now = 1000.0
     jobs = [JobWork("loose", now + 500, 100.0), JobWork("none", None, 50.0),

@@ -50,12 +50,17 @@ class WorkCost:
         `context` // 2, and `max_num_seqs` decodes reading `context` tokens each."""
         from conserve_jax.scheduling.latency_model import WorkShape
 
+        buckets = getattr(model, "buckets", None)
         n = max(1, int(max_prefill_tokens))
+        rows = max(1, int(max_num_seqs))
+        if buckets is not None:  # never past the shapes the model was fitted on
+            n = min(n, buckets.tokens[-1])
+            rows = min(rows, buckets.max_num_seqs)
         pre = WorkShape().add_prefill(n, context // 2 + n, True)
         dec = WorkShape()
-        for _ in range(max(1, int(max_num_seqs))):
+        for _ in range(rows):
             dec = dec.add_decode(context)
-        p, d = model.predict(pre) / n, model.predict(dec) / max(1, int(max_num_seqs))
+        p, d = model.predict(pre) / n, model.predict(dec) / rows
         if not (p > 0 and d > 0):  # a degenerate fit: fall back to counting tokens
             return cls()
         return cls(p, d)
