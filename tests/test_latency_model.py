@@ -50,3 +50,20 @@ def test_save_and_load(tmp_path):
     np.testing.assert_array_equal(back.coef, m.coef)
     with pytest.raises(ValueError, match="layers"):
         LatencyModel.load(str(tmp_path / "lm.json"), BUCKETS, 16, 5)
+
+
+def test_profile_points_stay_inside_the_model_length():
+    """max_prefill_tokens past max_model_len (e.g. random:tiny --max-model-len 256 with the
+    default 512 prefill tokens): no profiled prefill chunk or context runs past the model
+    length (one did, and the profiler failed building its block table)."""
+    from types import SimpleNamespace
+
+    from conserve_jax.runtime.buckets import BucketSet
+    from conserve_jax.scheduling.profiler import sweep_points
+    runner = SimpleNamespace(
+        buckets=BucketSet.build(4, 512, 1, 16), block_size=16, max_blocks_per_seq=16,
+        engine_cfg=SimpleNamespace(max_prefill_tokens=512))
+    for quick in (False, True):
+        pts = sweep_points(runner, quick)
+        assert pts and all(t <= ctx <= 256 for _, t, ctx in pts), pts
+        assert max(t for _, t, _ in pts) == 256

@@ -46,7 +46,8 @@ def sweep_points(runner: ModelRunner, quick: bool) -> list[tuple[int, int, int]]
     b, c = runner.buckets, runner.engine_cfg
     max_ctx = runner.max_blocks_per_seq * runner.block_size
     dec_sizes = powers_of_two(1, b.max_num_seqs)
-    pre_sizes = powers_of_two(min(32, c.max_prefill_tokens), c.max_prefill_tokens)
+    top = min(c.max_prefill_tokens, max_ctx)  # a chunk never runs past the model length
+    pre_sizes = powers_of_two(min(32, top), top)
     decodes = dec_sizes[:: 2 if quick else 1] + [dec_sizes[-1]]
     prefills = pre_sizes[:: 2 if quick else 1] + [pre_sizes[-1]]
     contexts = sorted({min(max_ctx, c) for c in (64, 256, 1024, max_ctx)})
