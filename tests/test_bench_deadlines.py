@@ -12,7 +12,8 @@ from conserve_jax.bench import deadlines as bench
 TINY = ["--model", "random:small", "--duration", "6", "--rate", "1", "--warm-s", "2",
         "--windows", "0.5,1,2", "--job-items", "2,2,3", "--max-model-len", "256",
         "--max-num-seqs", "4", "--max-prefill-tokens", "64", "--offline-prompt", "32", "64",
-        "--offline-output", "8", "16", "--warmup", "none"]
+        "--offline-output", "8", "16", "--warmup", "none",
+        "--submit-order", "loose,medium,tight", "--stagger-s", "0.5"]
 
 
 def test_parse_args_checks_the_job_lists():
@@ -23,6 +24,12 @@ def test_parse_args_checks_the_job_lists():
         bench.parse_args(["--windows", "0.5,1"])
     with pytest.raises(SystemExit):
         bench.parse_args(["--variants", "fifo"])
+    b = bench.parse_args(["--submit-order", "loose,medium,tight", "--stagger-s", "5"])
+    assert b.submit_order == ["loose", "medium", "tight"] and b.stagger_s == 5.0
+    for bad in (["--submit-order", "loose,tight"], ["--submit-order", "loose,loose,tight"],
+                ["--stagger-s", "-1"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(bad)
 
 
 @pytest.mark.timeout(400)
@@ -48,5 +55,6 @@ def test_bench_deadlines_tiny(tmp_path):
         assert v["borrowed_s"] >= 0.0
     assert V["today"]["borrowed_s"] == 0.0 and V["isolate"]["borrowed_s"] == 0.0
     assert data["targets"]["one_record_per_item"]["met"]
+    assert data["submit_order"] == ["loose", "medium", "tight"] and data["stagger_s"] == 0.5
     assert {"estimate_within_25pct", "borrow_meets_tight",
             "isolate_zero_misses_on_feasible_windows"} <= set(data["targets"])

@@ -9,8 +9,9 @@ admission, store, runner, deadline tracker and scheduler:
 - t = 0: the online load starts (the Azure trace window of `coserve_workload`, submitted
   straight to the engine as in `coserve`) and a warm-up batch (no deadline) gives the
   harvest meter history;
-- t = --warm-s: the warm-up batch is cancelled and three jobs are submitted over gRPC with
-  deadlines --windows x the run's duration (tight, medium, loose; sizes --job-items, prompt
+- t = --warm-s: the warm-up batch is cancelled and three jobs are submitted over gRPC
+  (in --submit-order, --stagger-s apart) with deadlines --windows x the run's duration
+  from their own submission (tight, medium, loose; sizes --job-items, prompt
   and output lengths as coserve's offline requests); every variant accepts them
   (--accept-infeasible), so a job the estimator thinks cannot fit still runs, and the JSON
   says what admission would have answered;
@@ -73,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--windows", default="0.35,0.6,1.2",
                    help="tight,medium,loose completion windows as fractions of --duration")
     p.add_argument("--job-items", default="12,16,24", help="items of tight,medium,loose")
+    p.add_argument("--submit-order", default="tight,medium,loose",
+                   help="the order the jobs are submitted in (a permutation of tight,medium,loose)")
+    p.add_argument("--stagger-s", type=float, default=0.0,
+                   help="seconds between two submissions (each window counts from its own "
+                        "submission): a loose job submitted first fills the claim window and "
+                        "the engine's queue before a tight one arrives")
     p.add_argument("--offline-prompt", type=int, nargs=2, metavar=("MIN", "MAX"))
     p.add_argument("--offline-output", type=int, nargs=2, metavar=("MIN", "MAX"))
     p.add_argument("--kv-seqs", type=int, default=4, help="KV memory in full contexts")
@@ -103,6 +110,11 @@ def parse_args(argv=None):
         parser.error("--windows and --job-items take three comma-separated numbers")
     if len(a.windows) != 3 or len(a.job_items) != 3 or min(a.windows) <= 0 or min(a.job_items) < 1:
         parser.error("--windows and --job-items take three positive numbers (tight,medium,loose)")
+    a.submit_order = [x.strip() for x in a.submit_order.split(",")]
+    if sorted(a.submit_order) != sorted(JOBS):
+        parser.error(f"--submit-order must be a permutation of {','.join(JOBS)}, got {a.submit_order}")
+    if a.stagger_s < 0:
+        parser.error("--stagger-s must be >= 0")
     return a
 
 
@@ -222,7 +234,11 @@ def _run_jobs(a, app: ServerApp, work: wl.Workload, t0: float):
         stub.CancelBatch(pb.CancelBatchRequest(batch_id=warm_id))
     rate_at_submit = app.deadlines.snapshot().harvest_rate
     ids, submitted = {}, {}
-    for name, frac, reqs in zip(JOBS, a.windows, _job_requests(work, a).values()):
+    windows, requests = dict(zip(JOBS, a.windows)), _job_requests(work, a)
+    for k, name in enumerate(a.submit_order):
+        if k:
+            time.sleep(a.stagger_s)
+        frac, reqs = windows[name], requests[name]
         now = time.time()
         resp = stub.SubmitBatch(pb.SubmitBatchRequest(requests=reqs,
                                                       deadline=_ts(now + frac * a.duration)))
@@ -339,6 +355,7 @@ def main(argv=None) -> dict:
         V[v] = run_variant(a, v, loaded, work, shared, V.get("online-only"))
     res = {"model": loaded.source, "duration_s": a.duration, "warm_s": a.warm_s,
            "windows": dict(zip(JOBS, a.windows)), "job_items": dict(zip(JOBS, a.job_items)),
+           "submit_order": a.submit_order, "stagger_s": a.stagger_s,
            "slo": {"ttft_s": a.ttft, "tpot_s": a.tpot}, "workload": work.describe(),
            "machine": {"cpus": os.cpu_count()}, "variants": V, "targets": targets(V),
            "total_s": time.perf_counter() - t_start}
