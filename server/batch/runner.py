@@ -97,6 +97,7 @@ class BatchRunner:
         self.purge_every_s = purge_every_s
         self.idle_claim_s = idle_claim_s
         self._claim_after = 0.0  # monotonic time of the next claim after a drained queue
+        self._wakes = 0  # bumped by `wake`: a claim that raced a wake does not back off
         self.cache_salt = cache_salt or (lambda tenant: tenant or None)
         self._tenant_of: dict[str, str] = {}  # batch id -> its tenant (salts of its items)
         # store writes that failed, retried in order: ("commit", batch_id, result, outcome,
@@ -133,6 +134,7 @@ class BatchRunner:
 
     def wake(self) -> None:
         """New work may be claimable (a local submit): claim now. Any thread."""
+        self._wakes += 1
         self._claim_after = 0.0
         self._wake.set()
 
@@ -258,8 +260,11 @@ class BatchRunner:
         want = self._claim_window()
         if want <= 0:
             return True
+        wakes = self._wakes
         claimed = self.store.claim(want, first=self._at_risk)
-        if len(claimed) < want:  # drained: claim again after idle_claim_s (or a wake)
+        if len(claimed) < want and wakes == self._wakes:
+            # drained: claim again after idle_claim_s, or at once after a wake (a submit
+            # that committed while this claim ran must not wait for the back-off)
             self._claim_after = time.monotonic() + self.idle_claim_s
         if not self._learn_tenants(claimed):
             return False
