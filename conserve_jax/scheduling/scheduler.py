@@ -155,19 +155,13 @@ class Scheduler:
                     len(step.plan.prefills) >= self.cfg.max_prefill_seqs
                     or budget.prefill_tokens_for(step, seq) <= 0):
                 continue  # no room (checked before prefix hits are taken and given back)
-            hits = None  # its cached blocks, if the group check looked them up
+            hits = None  # its cached blocks, looked up once for the group check and the hits
             if waiting and not seq.online and self.groups is not None:
                 if leaders is None:
                     leaders = self.groups.leaders(self.running)
-                looked: list = []
-
-                def cached_blocks(s: Sequence) -> int:
-                    looked.append(self._match(s))
-                    return len(looked[-1])
-
-                if leaders and self.groups.held(seq, leaders, cached_blocks):
+                hits = self._match(seq)
+                if leaders and self.groups.held(seq, leaders, lambda s: len(hits)):
                     continue  # a twin is computing the prefix it would share
-                hits = looked[-1] if looked else None
             undo = self._take_prefix(seq, hits) if waiting else None
             verdict = self._try_add(step, budget, seq, waiting)
             if verdict != "added" and undo is not None:
