@@ -49,36 +49,39 @@ class Admission:
         self._flex = 0
 
     # ---- limits ------------------------------------------------------------------------
-    def admit(self, request_class: RequestClass, tenant: Optional[str] = None) -> Optional[str]:
-        """Count one more request of `request_class` in flight: ONLINE against the online
-        queue (and the tenant's share, given a tenant), OFFLINE (HTTP flex) against the flex
-        limit. None when admitted, else why not (nothing counted)."""
+    def admit(self, request_class: RequestClass, tenant: Optional[str] = None,
+              count: int = 1) -> Optional[str]:
+        """Count `count` more requests of `request_class` in flight (all or none): ONLINE
+        against the online queue (and the tenant's share, given a tenant), OFFLINE (HTTP
+        flex) against the flex limit. None when admitted, else why not (nothing counted).
+        An OpenAI request with `n` choices counts as n requests."""
         with self._lock:
             if request_class is not RequestClass.ONLINE:
-                if self._flex >= self.max_flex:
+                if self._flex + count > self.max_flex:
                     return f"the flex queue is full ({self.max_flex} requests); retry later"
-                self._flex += 1
+                self._flex += count
                 return None
-            if self._online >= self.max_online:
+            if self._online + count > self.max_online:
                 return f"online queue is full ({self.max_online} requests); retry later"
             if tenant is not None:
                 mine = self._online_by_tenant.get(tenant, 0)
-                if mine >= self.online_per_tenant:
+                if mine + count > self.online_per_tenant:
                     return (f"this tenant has {mine} online requests in flight (its limit); "
                             "retry later")
-                self._online_by_tenant[tenant] = mine + 1
-            self._online += 1
+                self._online_by_tenant[tenant] = mine + count
+            self._online += count
             return None
 
-    def release(self, request_class: RequestClass, tenant: Optional[str] = None) -> None:
-        """Give back the slot an `admit` with the same arguments took."""
+    def release(self, request_class: RequestClass, tenant: Optional[str] = None,
+                count: int = 1) -> None:
+        """Give back the slots an `admit` with the same arguments took."""
         with self._lock:
             if request_class is not RequestClass.ONLINE:
-                self._flex -= 1
+                self._flex -= count
                 return
-            self._online -= 1
+            self._online -= count
             if tenant is not None:
-                n = self._online_by_tenant.get(tenant, 1) - 1
+                n = self._online_by_tenant.get(tenant, count) - count
                 if n:
                     self._online_by_tenant[tenant] = n
                 else:

@@ -72,10 +72,10 @@ class _Line:
     number: int
     custom_id: str
     kind: str
-    answer: object = None  # render.Answer
+    answers: list = field(default_factory=list)  # render.Answer of each choice (`n`)
     meta: object = None  # render.Meta
-    prompt_tokens: int = 0
-    stream: object = None
+    streams: list = field(default_factory=list)  # one per choice
+    left: int = 0  # choices not finished yet
 
 
 @dataclass
@@ -167,6 +167,7 @@ def _check_line(number: int, text: str, seen: set) -> tuple[Optional[dict], Opti
 def run(args) -> int:
     from conserve_server.main import build_engine
     from conserve_server.openai_api import render
+    from conserve_server.openai_api.samples import sample_requests
     from conserve_server.openai_api.errors import ApiError
     from conserve_server.openai_api.schemas import ENDPOINTS, parse_body, to_generation
     from conserve_jax.entrypoints.progress import RequestsBar
@@ -197,7 +198,7 @@ def run(args) -> int:
         return 2
     model = args.served_model_name or config.model
     limit = args.max_in_flight or 2 * config.max_num_seqs
-    ready: "queue.Queue[_Line]" = queue.Queue()
+    ready: "queue.Queue[tuple[_Line, int]]" = queue.Queue()  # (line, choice) with output
     seen: set = set()
     pending, skipped = [], 0
     for number, text in lines:
@@ -220,37 +221,40 @@ def run(args) -> int:
                  args.output_file)
 
     def finish(item: _Line) -> None:
-        a = item.answer
-        if a.finish_reason == "error":
+        failed = [a for a in item.answers if a.finish_reason == "error"]
+        if failed:
             out.write(_error_line(item.number, item.custom_id, 500, {
-                "message": a.error or "engine error", "type": "server_error", "param": None,
-                "code": None}))
+                "message": failed[0].error or "engine error", "type": "server_error",
+                "param": None, "code": None}))
             counts["errors"] += 1
         else:
             out.write({"id": f"batch_req_{item.number}", "custom_id": item.custom_id,
                        "error": None, "response": {
                            "status_code": 200, "request_id": f"req_{item.number}",
-                           "body": render.full_response(item.meta, engine.tokenizer, a)}})
+                           "body": render.full_response(item.meta, engine.tokenizer,
+                                                        item.answers)}})
             counts["ok"] += 1
-        bar.done(a.prompt_tokens, a.completion_tokens)
+        bar.done(item.answers[0].prompt_tokens, sum(a.completion_tokens for a in item.answers))
 
     def drain(block: bool) -> int:
-        """Take the finished requests' outputs; returns how many finished."""
+        """Take the finished requests' outputs; returns how many engine requests finished."""
         n = 0
         while True:
             try:
-                item = ready.get(block=block and n == 0, timeout=None)
+                item, k = ready.get(block=block and n == 0, timeout=None)
             except queue.Empty:
                 return n
             while True:
                 try:
-                    delta = item.stream.get(timeout=0)
+                    delta = item.streams[k].get(timeout=0)
                 except queue.Empty:
                     break
-                item.answer.add(delta)
+                item.answers[k].add(delta)
                 if delta.finished:
-                    finish(item)
                     n += 1
+                    item.left -= 1
+                    if item.left == 0:
+                        finish(item)
             block = False
 
     in_flight = 0
@@ -273,10 +277,15 @@ def run(args) -> int:
                                         f"serves {model!r}", "model", "model_not_found")
                 gen = to_generation(parsed, engine, f"run-batch-{number}",
                                     request_class=RequestClass.OFFLINE)
-                item = _Line(number, obj["custom_id"], kind, render.Answer(),
+                item = _Line(number, obj["custom_id"], kind,
+                             [render.Answer() for _ in range(parsed.n)],
                              render.Meta(kind, render.new_id(kind), model, "flex",
                                          logprobs=parsed.logprobs, top_logprobs=parsed.top_logprobs))
-                item.stream = engine.submit(gen)
+                # all n at once: offline twins of one prompt wait for the first one's
+                # prefill and reuse its cached blocks (the scheduler's prefix groups)
+                for req in sample_requests(gen, parsed.n):
+                    item.streams.append(engine.submit(req))
+                item.left = parsed.n
             except ApiError as e:
                 out.write(_error_line(number, obj["custom_id"], e.status, e.body()["error"]))
                 counts["errors"] += 1
@@ -289,10 +298,11 @@ def run(args) -> int:
                 counts["errors"] += 1
                 bar.done()
                 continue
-            item.stream.set_listener(lambda item=item: ready.put(item))
-            if item.stream.done.is_set():  # finished before the listener was set
-                ready.put(item)
-            in_flight += 1
+            for k, stream in enumerate(item.streams):
+                stream.set_listener(lambda item=item, k=k: ready.put((item, k)))
+                if stream.done.is_set():  # finished before the listener was set
+                    ready.put((item, k))
+            in_flight += parsed.n
             while in_flight >= limit:
                 in_flight -= drain(block=True)
         while in_flight > 0:

@@ -76,6 +76,26 @@ def test_completions_and_chat_match_engine(server):
     assert f'conserve_kv_blocks{{class="total"}} {float(server.engine.stats().kv_blocks_total)}' in metrics
 
 
+
+def test_n_choices_share_the_prefill(server):
+    """n = 3 on the real engine: the samples after the first hit its cached prompt blocks
+    (prefix-cache hits grow by 2 x the prompt's full blocks); greedy choices equal the
+    engine's own output; seeded choices are sample i = the same request seeded seed + i."""
+    c = openai.OpenAI(base_url=f"http://127.0.0.1:{server.app.http_port}/v1", api_key="-",
+                      max_retries=0, timeout=120)
+    ids = [(7 * i + 3) % 500 + 1 for i in range(40)]  # 2 full blocks of 16 + 8
+    ref = _greedy(server.engine, ids, 5, "ref-n")
+    before = server.engine.stats().prefix_cache_hits_online
+    r = c.completions.create(model=MODEL, prompt=ids, max_tokens=5, temperature=0, n=3,
+                             extra_body={"ignore_eos": True})
+    assert [ch.text for ch in r.choices] == [ref] * 3 and [ch.index for ch in r.choices] == [0, 1, 2]
+    assert r.usage.prompt_tokens == 40 and r.usage.completion_tokens == 15
+    assert server.engine.stats().prefix_cache_hits_online - before >= 2 * 32
+    seeded = dict(model=MODEL, max_tokens=6, temperature=1.0, extra_body={"ignore_eos": True})
+    two = c.completions.create(prompt=ids, n=2, seed=11, **seeded)
+    one = c.completions.create(prompt=ids, seed=12, **seeded)
+    assert two.choices[1].text == one.choices[0].text
+
 def _spawn(data_dir, *extra):
     """The CLI server as a subprocess; returns (process, {"http": port, "metrics": port})."""
     cmd = [sys.executable, "-m", "conserve_jax.entrypoints.cli", "serve", "--model", "mock", "--port", "0",

@@ -17,6 +17,7 @@ from openai.types.shared import ErrorObject
 from tests.conftest_server import REPO, echo_text, wait_until
 
 N, BAD = 50, {7, 20, 33}
+TWO = 4  # this completions line asks for n = 2 choices
 
 
 def _input(path, n=N, bad=BAD, max_tokens=8):
@@ -42,7 +43,8 @@ def _input(path, n=N, bad=BAD, max_tokens=8):
             lines.append(json.dumps({"custom_id": f"r{i}", "method": "POST",
                                      "url": "/v1/completions",
                                      "body": {"model": "mock", "prompt": f"prompt {i} ",
-                                              "max_tokens": max_tokens}}))
+                                              "max_tokens": max_tokens,
+                                              **({"n": 2} if i == TWO else {})}}))
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -68,7 +70,11 @@ def _check_output(out_path, n=N, bad=BAD, max_tokens=8):
             assert c.choices[0].message.content and c.usage.completion_tokens <= max_tokens
         else:
             c = Completion.model_validate(resp["body"])
-            assert c.choices[0].text == echo_text(f"prompt {i} ", max_tokens)
+            choices = 2 if i == TWO else 1
+            assert [ch.index for ch in c.choices] == list(range(choices))
+            assert all(ch.text == echo_text(f"prompt {i} ", max_tokens) for ch in c.choices)
+            assert c.usage.completion_tokens == choices * max_tokens
+            assert c.usage.prompt_tokens == len(f"prompt {i} ")
     errors = [by_line[i + 1] for i in sorted(bad)]
     assert errors[0]["response"] is None and errors[0]["error"]["code"] == "invalid_json"
     assert errors[0]["custom_id"] is None

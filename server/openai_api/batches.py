@@ -95,6 +95,9 @@ def build_items(lines: list[dict], endpoint: str, engine, model_name: str,
             parsed = parse_body(kind, body)
         except ApiError as e:
             raise ApiError(400, where + e.message, "input_file_id", e.code) from None
+        if parsed.n != 1:  # a stored item is one engine request (conserve-jax run-batch takes n)
+            raise bad_request(f"{where}n must be 1 in the Batch API, got {parsed.n}",
+                              "input_file_id")
         if parsed.model != model_name:
             raise ApiError(400, f"{where}model {parsed.model!r} is not served here "
                                 f"(this server serves {model_name!r})", "input_file_id", "model_not_found")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 from conserve_jax.engine_api import RequestOutput, TokenLogprob
 from conserve_jax.proto_gen.conserve.v1 import conserve_pb2 as pb
@@ -115,33 +115,43 @@ def _logprobs(meta: Meta, tokenizer, items: list[TokenLogprob], offset: int = 0)
     return completion_logprobs(tokenizer, items, offset)
 
 
-def full_response(meta: Meta, tokenizer, ans: Answer) -> dict:
-    """The non-streaming response body."""
+def _choice(meta: Meta, tokenizer, ans: Answer, index: int) -> dict:
     finish = ans.finish_reason if ans.finish_reason in ("stop", "length") else "stop"
+    lps = _logprobs(meta, tokenizer, ans.logprobs)
     if meta.kind == CHAT:
-        choice = {"index": 0, "message": {"role": "assistant", "content": ans.text, "refusal": None},
-                  "logprobs": _logprobs(meta, tokenizer, ans.logprobs), "finish_reason": finish}
-        obj = "chat.completion"
-    else:
-        choice = {"index": 0, "text": ans.text, "logprobs": _logprobs(meta, tokenizer, ans.logprobs),
-                  "finish_reason": finish}
-        obj = "text_completion"
-    return {"id": meta.id, "object": obj, "created": meta.created, "model": meta.model,
-            "choices": [choice],
-            "usage": usage(ans.prompt_tokens, ans.completion_tokens, ans.cached_tokens),
+        return {"index": index, "message": {"role": "assistant", "content": ans.text,
+                                            "refusal": None},
+                "logprobs": lps, "finish_reason": finish}
+    return {"index": index, "text": ans.text, "logprobs": lps, "finish_reason": finish}
+
+
+def full_response(meta: Meta, tokenizer, answers: Union[Answer, list[Answer]]) -> dict:
+    """The non-streaming response body: one choice per answer (`n`), indexed in order;
+    usage counts the prompt once (the answers share it; cached tokens are the first
+    answer's) and every answer's completion tokens."""
+    if isinstance(answers, Answer):
+        answers = [answers]
+    first = answers[0]
+    return {"id": meta.id, "object": "chat.completion" if meta.kind == CHAT else "text_completion",
+            "created": meta.created, "model": meta.model,
+            "choices": [_choice(meta, tokenizer, a, i) for i, a in enumerate(answers)],
+            "usage": usage(first.prompt_tokens, sum(a.completion_tokens for a in answers),
+                           first.cached_tokens),
             "service_tier": meta.service_tier, "system_fingerprint": None}
 
 
 def chunk(meta: Meta, tokenizer, text: str, items: list[TokenLogprob],
-          finish_reason: Optional[str] = None, first: bool = False, offset: int = 0) -> dict:
-    """One stream chunk with a choice (text delta, its logprobs, maybe the finish reason)."""
+          finish_reason: Optional[str] = None, first: bool = False, offset: int = 0,
+          index: int = 0) -> dict:
+    """One stream chunk with one choice, `index` (text delta, its logprobs, maybe the
+    finish reason); `first`: that choice's first chunk (chat: it carries the role)."""
     if meta.kind == CHAT:
         delta = {"role": "assistant", "content": text} if first else {"content": text}
-        choice = {"index": 0, "delta": delta, "logprobs": _logprobs(meta, tokenizer, items),
+        choice = {"index": index, "delta": delta, "logprobs": _logprobs(meta, tokenizer, items),
                   "finish_reason": finish_reason}
         obj = "chat.completion.chunk"
     else:
-        choice = {"index": 0, "text": text, "logprobs": _logprobs(meta, tokenizer, items, offset),
+        choice = {"index": index, "text": text, "logprobs": _logprobs(meta, tokenizer, items, offset),
                   "finish_reason": finish_reason}
         obj = "text_completion"
     return {"id": meta.id, "object": obj, "created": meta.created, "model": meta.model,

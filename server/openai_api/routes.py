@@ -51,7 +51,8 @@ from conserve_server.openai_api import render
 from conserve_server.openai_api.errors import ApiError, bad_request, invalid_value, not_found
 from conserve_server.openai_api.files import FileStore
 from conserve_server.openai_api.schemas import CHAT, COMPLETION, ENDPOINTS, parse_body, to_generation
-from conserve_server.openai_api.streaming import ClientGone, SSEResponse, deltas, sse
+from conserve_server.openai_api.samples import Fanout, sample_requests
+from conserve_server.openai_api.streaming import ClientGone, SSEResponse, sse
 from conserve_server.openai_api.tokenize import TokenizeRoutes
 
 log = logging.getLogger(__name__)
@@ -143,19 +144,19 @@ class OpenAIRoutes:
         gen = await self.run(to_generation, parsed, self.engine, rid, self.options.max_logprobs)
         gen.cache_salt = self.options.cache_salt(tenant)  # no cached KV across tenants
         self.admission.fill_defaults(gen)
-        why = self.admission.admit(cls, tenant)  # online: shared with gRPC; flex: its own
+        fan = Fanout(self.engine, sample_requests(gen, parsed.n))
+        why = self.admission.admit(cls, tenant, fan.n)  # online: shared with gRPC; flex: its own
         if why is not None:
             raise ApiError(429, why, code="rate_limit_exceeded")
-        state = {"open": True, "finished": False}
+        state = {"open": True}
 
-        def close() -> None:  # idempotent: release the slot, stop the engine request
+        def close() -> None:  # idempotent: release the slots, stop unfinished samples
             if state["open"]:
                 state["open"] = False
-                self.admission.release(cls, tenant)
-                if not state["finished"]:
-                    self.engine.cancel(rid)
+                self.admission.release(cls, tenant, fan.n)
+                fan.cancel()
         try:
-            stream = self.engine.submit(gen)
+            fan.submit()
         except ValueError as e:
             close()
             raise bad_request(str(e)) from None
@@ -168,7 +169,7 @@ class OpenAIRoutes:
         meta = render.Meta(kind, render.new_id(kind), parsed.model, parsed.service_tier,
                            parsed.logprobs, parsed.top_logprobs)
         # (a stream's disconnects are the SSE response's to notice)
-        source = deltas(stream, self.limiter, None if parsed.stream else request.is_disconnected)
+        source = fan.deltas(None if parsed.stream else request.is_disconnected)
         bound = self.deadlines.options.flex_max_wait_s if self.deadlines is not None else None
         if cls is RequestClass.OFFLINE and bound is not None:
             try:
@@ -180,15 +181,14 @@ class OpenAIRoutes:
                 close()
                 raise
         if parsed.stream:
-            return SSEResponse(self._events(stream, meta, parsed.include_usage, state, source),
-                               close)
+            return SSEResponse(self._events(source, meta, fan.n, parsed.include_usage), close)
         try:
-            ans = render.Answer()
-            async for out in source:
-                ans.add(out)
-                state["finished"] = out.finished
-            self._raise_for(ans.finish_reason, ans.error)
-            return JSONResponse(render.full_response(meta, self.engine.tokenizer, ans))
+            answers = [render.Answer() for _ in range(fan.n)]
+            async for i, out in source:
+                answers[i].add(out)
+            for ans in answers:
+                self._raise_for(ans.finish_reason, ans.error)
+            return JSONResponse(render.full_response(meta, self.engine.tokenizer, answers))
         except ClientGone:
             return Response(status_code=499)
         finally:
@@ -210,9 +210,8 @@ class OpenAIRoutes:
 
         async def rest():
             yield first
-            if not first.finished:
-                async for out in source:
-                    yield out
+            async for out in source:  # (ends at once if `first` was the last delta)
+                yield out
         return rest()
 
     def _raise_for(self, finish_reason: Optional[str], error: str) -> None:
@@ -222,27 +221,31 @@ class OpenAIRoutes:
             raise ApiError(503, "server is shutting down" if not self.admitting
                            else "the request was cancelled by the server")
 
-    async def _events(self, stream, meta: render.Meta, include_usage: bool, state: dict,
-                      source=None):
-        """SSE events of `source` (default: the stream's deltas)."""
+    async def _events(self, source, meta: render.Meta, n: int, include_usage: bool):
+        """SSE events of `source` (`(index, delta)` of `n` choices): each choice's chunks
+        (its first carries the role), then with `include_usage` one usage chunk (prompt
+        once, every choice's completion tokens), then [DONE]; an engine error ends the
+        stream with an error event."""
         tok = self.engine.tokenizer
-        first, sent = True, 0
-        if source is None:
-            source = deltas(stream, self.limiter)
+        first, sent = [True] * n, [0] * n
+        done: dict[int, object] = {}
         try:
-            async for out in source:
-                state["finished"] = out.finished
+            async for i, out in source:
                 if out.finished:
                     self._raise_for(out.finish_reason, out.error or "")
                     yield sse(render.chunk(meta, tok, out.text, out.logprobs, out.finish_reason,
-                                           first, sent))
-                    if include_usage:
-                        yield sse(render.usage_chunk(meta, out.prompt_tokens, out.completion_tokens,
-                                                     out.num_cached_tokens or 0))
-                elif out.text or out.logprobs or first:
-                    yield sse(render.chunk(meta, tok, out.text, out.logprobs, None, first, sent))
-                    first = False
-                sent += len(out.text)
+                                           first[i], sent[i], i))
+                    done[i] = out
+                elif out.text or out.logprobs or first[i]:
+                    yield sse(render.chunk(meta, tok, out.text, out.logprobs, None, first[i],
+                                           sent[i], i))
+                    first[i] = False
+                sent[i] += len(out.text)
+            if include_usage and done:
+                o = done.get(0) or next(iter(done.values()))
+                yield sse(render.usage_chunk(meta, o.prompt_tokens,
+                                             sum(d.completion_tokens for d in done.values()),
+                                             o.num_cached_tokens or 0))
         except ApiError as e:
             yield sse(e.body())
         yield sse("[DONE]")

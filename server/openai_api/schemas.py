@@ -7,7 +7,7 @@ same message the gRPC face and the batch store use) plus the HTTP-only options.
 through `conserve_server.convert.build_request`, so both faces share one validation path.
 
 Supported: `max_tokens`/`max_completion_tokens`, `temperature`, `top_p`, `seed`, `stop`,
-`logprobs`/`top_logprobs`, `n` (1 only), `stream`, `stream_options.include_usage`,
+`logprobs`/`top_logprobs`, `n` (1 to MAX_N choices; samples.py), `stream`, `stream_options.include_usage`,
 `service_tier` (auto/default = online, flex = offline) and the extra fields `top_k`,
 `ignore_eos`, `stop_token_ids`, `ttft_s`, `tpot_s`. Parameters that would change the output
 in ways this engine does not implement (penalties, logit_bias, tools, best_of > 1, echo,
@@ -29,6 +29,9 @@ CHAT, COMPLETION = "chat", "completion"
 ENDPOINTS = {"/v1/chat/completions": CHAT, "/v1/completions": COMPLETION}
 TIERS = {None: "default", "auto": "default", "default": "default", "flex": "flex"}
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+# most choices one request may ask for: each is an engine request of its own (vLLM sets
+# no bound; one is kept so that one body cannot fill the engine's queue by itself)
+MAX_N = 16
 
 
 @dataclass
@@ -42,6 +45,7 @@ class ParsedRequest:
     service_tier: str = "default"  # "default" (online) or "flex" (offline)
     logprobs: bool = False  # return logprobs
     top_logprobs: int = 0
+    n: int = 1  # choices (samples of the one prompt)
 
     @property
     def request_class(self) -> RequestClass:
@@ -163,9 +167,8 @@ def parse_body(kind: str, body: Any) -> ParsedRequest:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise invalid_value("model", "model is required (a string; see GET /v1/models)")
-    n = body.get("n")
-    if n is not None and n != 1:
-        raise invalid_value("n", f"n must be 1 (one choice per request), got {n!r}")
+    n = _int(body, "n", lo=1, hi=MAX_N)
+    n = 1 if n is None else n
     _unsupported(body)
     # vLLM's `priority` (an integer; lower runs sooner under vLLM's priority scheduling) is
     # accepted and checked, and does not reorder: this engine orders work by class (online
@@ -238,7 +241,7 @@ def parse_body(kind: str, body: Any) -> ParsedRequest:
     if not (tier is None or isinstance(tier, str)) or tier not in TIERS:
         raise invalid_value("service_tier", f"service_tier must be one of auto, default, flex; got {tier!r}")
     return ParsedRequest(kind, model, req, max_tokens is not None, stream, include_usage,
-                         TIERS[tier], logprobs, top)
+                         TIERS[tier], logprobs, top, n)
 
 
 _FIELD = re.compile(r"^(?:line \d+: )?(?:body\.)?([a-z_]+)")
