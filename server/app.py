@@ -45,7 +45,8 @@ from conserve_jax.config import EngineConfig
 from conserve_jax.proto_gen.conserve.v1 import conserve_pb2 as pb
 from conserve_server.admission import Admission
 from conserve_server.auth import Authenticator
-from conserve_server.batch.deadlines import DeadlineTracker, engine_work_cost
+from conserve_server.batch.deadlines import (DeadlineTracker, borrow_gain_of,
+                                              engine_work_cost)
 from conserve_server.batch.offline_resume import OfflineResume
 from conserve_server.batch.runner import BatchRunner
 from conserve_server.batch.store import StoreBase, open_store
@@ -96,7 +97,8 @@ class ServerApp:
         ecfg = engine_config or getattr(engine, "config", None) or EngineConfig()
         self.deadlines = DeadlineTracker(
             self.store, engine, config.deadlines,
-            engine_work_cost(engine, ecfg.max_prefill_tokens, ecfg.max_num_seqs))
+            engine_work_cost(engine, ecfg.max_prefill_tokens, ecfg.max_num_seqs),
+            borrow_gain=borrow_gain_of(ecfg))
         self.runner.deadlines = self.deadlines
         self.metrics.deadlines = self.deadlines
         self.servicer = CoServeServicer(observed, self.store, self.runner, auth, o,

@@ -94,6 +94,17 @@ def test_at_risk_batches_are_claimed_first(make_store):
         [(soon, 0), (soon, 1), (other, 0), (other, 1)])
 
 
+def test_only_first_claims_nothing_but_the_at_risk_batches(make_store):
+    store = make_store()
+    soon, _ = store.create_batch("a", _items(2), deadline=time.time() + 100)
+    risky, _ = store.create_batch("b", _items(3), deadline=time.time() + 1000)
+    got = store.claim(5, first=[risky], only_first=True)
+    assert [(c.batch_id, c.index) for c in got] == [(risky, 0), (risky, 1), (risky, 2)]
+    assert store.get(risky).state == "running" and store.get(soon).state == "queued"
+    assert store.claim(5, first=[risky], only_first=True) == []
+    assert {c.batch_id for c in store.claim(5)} == {soon}
+
+
 def test_terminate_delete_purge(make_store):
     store = make_store()
     bid, _ = store.create_batch("t", _items(3))

@@ -130,3 +130,43 @@ def test_admission_counts_work_promised_to_earlier_deadlines():
     v = admit(promised, JobWork("new", None, 30.0), rate=1.0, now=now)
     assert v.feasible and v.finish_at == pytest.approx(590.0)
     assert math.isfinite(v.finish_at)
+
+
+def test_work_inside_the_engine_goes_before_unclaimed_work():
+    """A loose job submitted first has its items in the engine; a tight job arriving later
+    queues behind them. Plain EDF says the tight job fits; the served order says it misses,
+    so it is at risk at once, while the loose job is not."""
+    now = 0.0
+    loose = JobWork("loose", 108.0, 50.0, in_engine=50.0)
+    tight = JobWork("tight", 31.0, 15.0)
+    est = estimate([loose, tight], rate=1.0, now=now)
+    assert est["tight"].finish_at == pytest.approx(65.0)  # 50 in the engine, then its 15
+    assert est["tight"].slack_s == pytest.approx(31.0 - 65.0) and est["tight"].at_risk
+    assert est["loose"].finish_at == pytest.approx(50.0) and not est["loose"].at_risk
+    # nothing in the engine: plain EDF, the tight job first and safe
+    est = estimate([JobWork("loose", 108.0, 50.0), tight], rate=1.0, now=now)
+    assert est["tight"].finish_at == pytest.approx(15.0) and not est["tight"].at_risk
+    assert est["loose"].finish_at == pytest.approx(65.0)
+
+
+def test_an_urgent_job_goes_first_but_is_judged_without_its_priority():
+    """Once urgent (served first), the tight job's estimate shows the priority, but its
+    at-risk flag is judged as if it had none, so it stays urgent while it needs to be; the
+    jobs behind it see it ahead of them."""
+    now = 0.0
+    loose = JobWork("loose", 108.0, 50.0, in_engine=50.0)
+    tight = JobWork("tight", 31.0, 15.0, in_engine=15.0, urgent=True)
+    medium = JobWork("medium", 54.0, 20.0, in_engine=20.0)
+    est = estimate([loose, tight, medium], rate=1.0, now=now)
+    assert est["tight"].finish_at == pytest.approx(15.0) and est["tight"].slack_s == pytest.approx(16.0)
+    assert est["tight"].at_risk  # without priority: behind 70 units of in-engine work
+    assert est["medium"].finish_at == pytest.approx(85.0) and est["medium"].at_risk
+    assert est["loose"].finish_at == pytest.approx(85.0) and not est["loose"].at_risk
+    both = estimate([loose, tight, JobWork("medium", 54.0, 20.0, 20.0, urgent=True)], 1.0, now)
+    assert both["tight"].finish_at == pytest.approx(15.0)  # EDF among urgent jobs
+    assert both["medium"].finish_at == pytest.approx(35.0) and both["medium"].slack_s > 0
+    assert both["loose"].finish_at == pytest.approx(85.0)
+    # a job that fits without priority is not at risk, urgent flag or not: it is released
+    calm = estimate([JobWork("loose", 108.0, 5.0, 5.0), JobWork("t", 31.0, 15.0, 15.0, True)],
+                    1.0, now)
+    assert not calm["t"].at_risk

@@ -27,8 +27,9 @@ class StubTracker:
         self.risky = []
         self.ticks = 0
 
-    def tick(self):
+    def tick(self, in_engine=None):
         self.ticks += 1
+        self.in_engine = in_engine
 
     def urgent_batches(self):
         return list(self.risky)
@@ -61,10 +62,37 @@ def test_at_risk_items_claimed_first_and_marked_urgent(tmp_path):
         assert eng.urgent_calls[-1] == frozenset(f.request_id for f in flights)
         tracker.risky = []  # no longer at risk: unmarked
         runner._deadline_check()
+        assert tracker.in_engine == {late: 3}  # the tracker learns what the engine holds
         assert eng.urgent_calls[-1] == frozenset()
         n = len(eng.urgent_calls)
         runner._deadline_check()  # unchanged: the engine is not told again
         assert len(eng.urgent_calls) == n
+    finally:
+        eng.shutdown()
+        store.close()
+
+
+def test_at_risk_items_are_claimed_past_a_full_window(tmp_path):
+    """A loose batch filled the claim window first; a batch found at risk later still gets
+    items into the engine (up to half the window more), and only its items."""
+    store, eng = SqliteBatchStore(str(tmp_path)), RecordingEngine()
+    try:
+        loose, _ = store.create_batch("t", _items(8), deadline=time.time() + 2000)
+        runner = BatchRunner(store, eng, max_in_flight=4)
+        runner.deadlines = tracker = StubTracker()
+        assert runner._fill()
+        assert [f.item.batch_id for f in runner._in_flight.values()] == [loose] * 4
+        tight, _ = store.create_batch("t", _items(5), deadline=time.time() + 100)
+        runner._claim_after = 0.0
+        assert runner._fill() and len(runner._in_flight) == 4  # full: nothing more
+        tracker.risky = [tight]
+        runner._deadline_check()
+        runner._claim_after = 0.0
+        assert runner._fill()
+        batches = [f.item.batch_id for f in runner._in_flight.values()]
+        assert batches == [loose] * 4 + [tight] * 2  # 4 + 4 // 2: only the at-risk batch's
+        assert eng.urgent_calls[-1] == frozenset(
+            f.request_id for f in runner._in_flight.values() if f.item.batch_id == tight)
     finally:
         eng.shutdown()
         store.close()

@@ -48,6 +48,61 @@ def test_urgent_offline_work_goes_first_after_online():
     assert [e.seq.request_id for e in step.entries][0] == "on"
 
 
+def test_urgent_waiting_work_goes_before_running_offline_work_and_takes_its_memory():
+    """An at-risk job's item that arrives after other offline work already holds the KV
+    (the engine runs that work first by arrival) is not stuck behind it: it is scheduled
+    first and evicts the latest-started offline sequence it needs memory from. Without
+    urgency it waits."""
+    def fill(urgent):
+        cfg = EngineConfig(model="random:tiny", max_num_seqs=16, max_prefill_tokens=256,
+                           max_prefill_seqs=1, conserve=ConserveConfig(isolation=F))
+        pol = ConservePolicy(cfg.max_num_seqs, cfg.max_prefill_tokens, FakeModel(),
+                             default_ttft_s=2.0, default_tpot_s=0.2, online_waiting=lambda: [],
+                             knobs=cfg.conserve, clock=FakeClock())
+        sched = Scheduler(cfg, KVManager(9, 16), pol)  # room for two 60-token prompts, not three
+        early = [make_seq(f"early{i}", 60, online=False, arrival=i) for i in range(2)]
+        for s in early:
+            sched.add(s)
+        for _ in range(2):
+            commit(sched, sched.schedule())  # both prompts computed, memory full
+        assert all(s.status.value == "running" for s in early)
+        late = make_seq("late", 60, online=False, arrival=5)
+        sched.add(late)
+        sched.urgent = frozenset({"late"} if urgent else ())
+        return sched, early, late, sched.schedule()
+
+    sched, early, late, step = fill(urgent=False)
+    assert late.status.value == "waiting"
+    assert {e.seq.request_id for e in step.entries} == {"early0", "early1"}
+
+    sched, early, late, step = fill(urgent=True)
+    ids = [e.seq.request_id for e in step.entries]
+    assert ids[0] == "late" and late.status.value == "running"
+    assert early[1].status.value == "waiting"  # the latest started made room
+    assert early[0].status.value == "running" and sched.counters.evictions == 1
+
+
+def test_urgent_work_takes_a_slot_from_other_offline_work():
+    cfg = EngineConfig(model="random:tiny", max_num_seqs=2, max_prefill_tokens=256,
+                       max_prefill_seqs=1, conserve=ConserveConfig(isolation=F))
+    pol = ConservePolicy(cfg.max_num_seqs, cfg.max_prefill_tokens, FakeModel(),
+                         default_ttft_s=2.0, default_tpot_s=0.2, online_waiting=lambda: [],
+                         knobs=cfg.conserve, clock=FakeClock())
+    sched = Scheduler(cfg, KVManager(512, 16), pol)
+    for i in range(2):
+        sched.add(make_seq(f"early{i}", 20, online=False, arrival=i))
+    for _ in range(2):
+        commit(sched, sched.schedule())
+    late = make_seq("late", 20, online=False, arrival=5)
+    sched.add(late)
+    commit(sched, sched.schedule())
+    assert late.status.value == "waiting"  # every slot taken, not urgent: it waits
+    sched.urgent = frozenset({"late"})
+    step = sched.schedule()
+    assert late.status.value == "running" and step.entries[0].seq is late
+    assert sched.counters.evictions == 1
+
+
 def run(policy, urgent_from=None, urgent_until=None, iterations=90):
     """Offline backlog; online requests arrive every 10 iterations and leave after 8 tokens;
     every offline request is urgent in iterations [urgent_from, urgent_until). Returns

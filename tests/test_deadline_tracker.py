@@ -189,3 +189,55 @@ def test_fleet_rate_on_a_shared_store(pg_url, tmp_path):
     finally:
         a_store.close()
         b_store.close()
+
+
+def test_items_inside_the_engine_put_a_later_tight_batch_at_risk(setup):
+    """A loose batch whose items all sit in the engine (claimed first) is served before a
+    tight batch submitted later: the tracker, told so by the runner's counts, flags the
+    tight one at once (plain EDF would call it safe) and keeps it flagged while it is
+    served first, as long as it would miss without that priority."""
+    store, eng, clock, tr = setup
+    harvest(eng, clock, tr, 10, 10)
+    w, _ = tr.judge(items(10, hint=20), "t", clock.t + 100, "deadline")  # 300 units: 30 s
+    loose, _ = store.create_batch("t", items(10, hint=20), clock.t + 100, work=w)
+    w2, _ = tr.judge(items(2, hint=20), "t", clock.t + 20, "deadline")  # 60 units: 6 s
+    assert w2.estimate_at == pytest.approx(clock.t + 6.0)  # admission: EDF, it fits
+    tight, _ = store.create_batch("t", items(2, hint=20), clock.t + 20, work=w2)
+    tr.tick(in_engine={})
+    assert tr.at_risk() == []  # nothing in the engine: EDF serves tight first
+    tr.tick(in_engine={loose: 10})  # the loose items were claimed first
+    e = tr.estimate_of(tight)
+    assert e.finish_at == pytest.approx(clock.t + 36.0) and e.at_risk
+    assert tr.urgent_batches() == [tight] and not tr.estimate_of(loose).at_risk
+    tr.tick(in_engine={loose: 10, tight: 2})  # now urgent: served first, still at risk
+    e = tr.estimate_of(tight)
+    assert e.finish_at == pytest.approx(clock.t + 6.0) and e.at_risk
+    assert tr.estimate_of(loose).finish_at == pytest.approx(clock.t + 36.0)
+    tr.tick(in_engine={loose: 1, tight: 2})  # the loose queue drained: fits without priority
+    assert tr.urgent_batches() == []
+
+
+def test_borrowing_admits_what_only_borrowing_can_fit(setup):
+    store, eng, clock, tr = setup
+    harvest(eng, clock, tr, 10, 10)
+    # 120 units: 12 s at the harvest rate, window 8 s: refused under isolate
+    _, refusal = tr.judge(items(4, hint=20), "t", clock.t + 8, "completion_window")
+    assert refusal is not None
+    tr.borrow_gain = 2.0  # borrowing serves it at up to 20/s: 6 s, fits
+    work, refusal = tr.judge(items(4, hint=20), "t", clock.t + 8, "completion_window")
+    assert refusal is None and work.estimate_at == pytest.approx(clock.t + 12.0)
+    _, refusal = tr.judge(items(4, hint=20), "t", clock.t + 5, "completion_window")
+    assert refusal is not None  # 6 s > 5 s even with borrowing
+
+
+def test_borrow_gain_of_the_engine_config():
+    from conserve_jax.config import ConserveConfig, EngineConfig
+    from conserve_server.batch.deadlines import borrow_gain_of
+
+    def cfg(**kw):
+        return EngineConfig(model="random:tiny", conserve=ConserveConfig(**kw))
+    assert borrow_gain_of(cfg()) == 1.0  # isolate
+    assert borrow_gain_of(cfg(deadline_policy="borrow", isolation=1.2,
+                              isolation_max=1.5)) == pytest.approx(2.5)
+    assert borrow_gain_of(cfg(deadline_policy="borrow", isolation=1.0)) == float("inf")
+    assert borrow_gain_of(cfg(deadline_policy="borrow", isolation="off")) == 1.0

@@ -4,9 +4,10 @@ Owned by the engine's step-loop thread; nothing here is thread-safe. Every itera
 online work first (running decodes, then prefill chunks), then offline work, each
 sequence admitted only while the policy's `StepBudget` (tokens, and predicted time when a
 latency model is present) still has room. Among offline work, `urgent` sequences (items of
-jobs at risk of missing their deadline) go first, each part in its usual order. KV
-memory: online sequences may evict offline
-ones (a parked iteration's sequences last); offline sequences never evict anybody. A
+jobs at risk of missing their deadline), running then waiting, go before every other
+offline sequence, each part in its usual order. KV memory and slots: online sequences may
+evict offline ones (a parked iteration's sequences last); urgent offline sequences may
+evict other offline ones; offline sequences never evict online ones. A
 policy without priority (non-preemptive) sees one queue in arrival order. `commit`
 applies a finished iteration, `abandon` drops one the runner gave up at a safepoint,
 `park` keeps one to be continued from its layer: its prefill chunks' sequences are
@@ -124,20 +125,29 @@ class Scheduler:
             return step
         self._fill(step, budget, [s for s in self.running if s.online])
         self._fill(step, budget, order(self, list(self.waiting_online)), waiting=True)
-        self._fill(step, budget, self._urgent_first([s for s in self.running if not s.online]))
+        running = [s for s in self.running if not s.online]
         offline = list(self.waiting_offline)
         if self.groups is not None:
             offline = self.groups.order(offline)
-        self._fill(step, budget, self._urgent_first(order(self, offline)), waiting=True)
+        offline = order(self, offline)
+        if self.urgent:  # at-risk jobs' items, running and waiting, before all other offline
+            u = self.urgent
+            self._fill(step, budget, [s for s in running if s.request_id in u])
+            self._fill(step, budget, [s for s in offline if s.request_id in u], waiting=True)
+            running = [s for s in running if s.request_id not in u]
+            offline = [s for s in offline if s.request_id not in u]
+        self._fill(step, budget, running)
+        self._fill(step, budget, offline, waiting=True)
         return step
 
-    def _urgent_first(self, seqs: list[Sequence]) -> list[Sequence]:
-        """`seqs` with the urgent ones (at-risk jobs' items) moved to the front; each part
-        keeps its order (the throughput order: prefix groups, the policy's)."""
-        if not self.urgent:
-            return seqs
-        u = self.urgent
-        return [s for s in seqs if s.request_id in u] + [s for s in seqs if s.request_id not in u]
+    def _outranks(self, seq: Sequence, other: Sequence) -> bool:
+        """May offline `seq` take KV or a slot from running offline `other`? Urgent work
+        (at-risk jobs' items) outranks the rest; within a rank, earlier arrivals outrank
+        later ones. A strict order, so running work cannot deadlock on memory."""
+        us, uo = seq.request_id in self.urgent, other.request_id in self.urgent
+        if us != uo:
+            return us
+        return other.arrival > seq.arrival or (other.arrival == seq.arrival and id(other) != id(seq))
 
     def _fill(self, step: ScheduledStep, budget: StepBudget, seqs: list[Sequence],
               waiting: bool = False) -> None:
@@ -240,12 +250,13 @@ class Scheduler:
         return old
 
     def _free_a_slot(self, seq: Sequence, step: ScheduledStep) -> bool:
-        """An online request finding every slot taken evicts an offline one."""
-        if not (seq.online and self.policy.priority):
+        """An online request finding every slot taken evicts an offline one; an urgent
+        offline request evicts an offline one it outranks (`_outranks`)."""
+        if not self.policy.priority or not (seq.online or seq.request_id in self.urgent):
             return False
         scheduled = {id(e.seq) for e in step.entries}
         for v in self._parked_last(reversed(self.running)):
-            if not v.online and id(v) not in scheduled:
+            if not v.online and id(v) not in scheduled and (seq.online or self._outranks(seq, v)):
                 self.evict(v)
                 return True
         return False
@@ -277,8 +288,9 @@ class Scheduler:
 
     def _ensure_blocks(self, seq: Sequence, upto: int, step: ScheduledStep) -> bool:
         """Grow `seq`'s blocks, evicting others when memory is short: online requests evict
-        offline ones; any request evicts later arrivals of its own class (so running work
-        cannot deadlock on memory). Offline work never evicts online work."""
+        offline ones; online requests evict later online arrivals, offline ones the offline
+        work they outrank (`_outranks`: urgent first, then arrival), so running work cannot
+        deadlock on memory. Offline work never evicts online work."""
         if self.kv.grow(seq.request_id, seq.online, upto):
             return True
         scheduled = {id(e.seq) for e in step.entries}
@@ -288,7 +300,7 @@ class Scheduler:
         if self.policy.priority and seq.online:
             victims = [s for s in cands if not s.online] + [s for s in cands if s.online and later(s)]
         elif self.policy.priority:
-            victims = [s for s in cands if not s.online and later(s)]
+            victims = [s for s in cands if not s.online and self._outranks(seq, s)]
         else:
             victims = [s for s in cands if later(s)]
         for v in victims:

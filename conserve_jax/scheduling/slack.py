@@ -6,15 +6,26 @@ seconds, None for none), the harvest rate (`harvest.HarvestMeter.rate()`: work u
 wall second that the online load leaves to offline work) and the time now. Nothing here
 reads a clock or a store, so tests drive it with made-up numbers.
 
-Model: offline work is served earliest deadline first (jobs without a deadline last, ties
-in the order given), at the harvest rate. A job's estimated finish is therefore now plus
-the work of every job ordered before it, plus its own, divided by the rate; its slack is
-its deadline minus that finish (negative: predicted to miss). This is the work "already
-promised to earlier deadlines" the issue speaks of.
+Model: the order the engine actually serves offline work, at the harvest rate.
+1. Urgent jobs (at risk, flagged by the caller: their items go first among offline work,
+   running or waiting) are served earliest deadline first (EDF).
+2. Then the other jobs' items already inside the engine (`JobWork.in_engine`: claimed and
+   submitted; the engine runs work it holds before work it has not been given), together.
+3. Then the rest of the other jobs' items, as they will be claimed: EDF (jobs without a
+   deadline last, ties in the order given).
+A job's estimated finish is now plus the work served before its last piece, divided by the
+rate; its slack is its deadline minus that finish (negative: predicted to miss). With no
+work inside the engine and nothing urgent, this is plain EDF: the work "already promised to
+earlier deadlines" the issue speaks of.
 
-At risk: a job whose slack is below `at_risk_margin` times the time it still needs
-(`(finish - now) * margin`; margin 0.2: less than 20 % headroom), or negative. Scale-free,
-so a 60 s window and a 24 h window are judged alike.
+At risk: a job that would miss, or nearly, *without* priority: its finish computed as if it
+were not urgent (the other urgent jobs keep theirs) leaves a slack below `at_risk_margin`
+times the time it would still need (`(finish - now) * margin`; margin 0.2: less than 20 %
+headroom), or negative. Scale-free, so a 60 s window and a 24 h window are judged alike.
+Judging without the job's own priority keeps the flag from flapping: priority makes the job
+look safe, and dropping the flag because of that would take the priority away again. So a
+job behind a long queue of other jobs' items in the engine (a loose job submitted first) is
+at risk as soon as that queue would make it miss, though plain EDF says it fits.
 
 No harvest history (rate None): nothing can be estimated. The contract callers rely on:
 every estimate is None, nothing is at risk, and `admit` accepts (reason "no harvest
@@ -36,6 +47,12 @@ class JobWork:
     job_id: str
     deadline: Optional[float]  # unix seconds; None: no deadline
     remaining: float  # work units left (>= 0)
+    in_engine: float = 0.0  # of `remaining`, work units of items inside the engine
+    urgent: bool = False  # served first among offline work now (at risk at the last look)
+
+    @property
+    def unclaimed(self) -> float:
+        return max(0.0, self.remaining - max(0.0, self.in_engine))
 
 
 @dataclass(frozen=True)
@@ -64,23 +81,48 @@ def _finish(now: float, work: float, rate: float) -> float:
     return now + work / rate if rate > 0 else math.inf
 
 
+def _served_before(job: JobWork, jobs: list[JobWork], urgent: set) -> float:
+    """Work units served before `job`'s last piece, in the served order (module doc) with
+    the jobs in `urgent` (ids) first."""
+    pri = edf_order([j for j in jobs if j.job_id in urgent])
+    if job.job_id in urgent:
+        ahead = 0.0
+        for j in pri:
+            ahead += max(0.0, j.remaining)
+            if j.job_id == job.job_id:
+                return ahead
+    calm = [j for j in jobs if j.job_id not in urgent]
+    ahead = sum(max(0.0, j.remaining) for j in pri)
+    ahead += sum(min(max(0.0, j.in_engine), max(0.0, j.remaining)) for j in calm)
+    if job.unclaimed <= 0:
+        return ahead
+    for j in edf_order(calm):
+        ahead += j.unclaimed
+        if j.job_id == job.job_id:
+            break
+    return ahead
+
+
 def estimate(jobs: Iterable[JobWork], rate: Optional[float], now: float,
              at_risk_margin: float = 0.2) -> dict[str, Estimate]:
-    """Per job: estimated finish, slack and at-risk flag (module docstring)."""
+    """Per job: estimated finish and slack in the served order, and the at-risk flag
+    (judged without the job's own priority; module docstring)."""
+    jobs = list(jobs)
+    urgent = {j.job_id for j in jobs if j.urgent}
     out: dict[str, Estimate] = {}
-    ahead = 0.0
-    for j in edf_order(jobs):
-        ahead += max(0.0, j.remaining)
+    for j in jobs:
         if rate is None:
             out[j.job_id] = Estimate(j.job_id, None, None, False)
             continue
-        fin = _finish(now, ahead, rate)
+        fin = _finish(now, _served_before(j, jobs, urgent), rate)
         if j.deadline is None:
             out[j.job_id] = Estimate(j.job_id, None if math.isinf(fin) else fin, None, False)
             continue
         slack = j.deadline - fin
-        need = fin - now
-        at_risk = j.remaining > 0 and (slack < 0 or slack < at_risk_margin * need)
+        alone = fin if not j.urgent else _finish(
+            now, _served_before(j, jobs, urgent - {j.job_id}), rate)
+        slack_alone, need = j.deadline - alone, alone - now
+        at_risk = j.remaining > 0 and (slack_alone < 0 or slack_alone < at_risk_margin * need)
         out[j.job_id] = Estimate(j.job_id, None if math.isinf(fin) else fin,
                                  None if math.isinf(slack) else slack, at_risk)
     return out

@@ -168,9 +168,11 @@ class StoreBase(abc.ABC):
         """Every queued or running batch of every tenant (deadline estimates)."""
 
     @abc.abstractmethod
-    def claim(self, n: int, first: Sequence[str] = ()) -> list[ClaimedItem]:
+    def claim(self, n: int, first: Sequence[str] = (),
+              only_first: bool = False) -> list[ClaimedItem]:
         """Claim up to n items: of the batches `first` names (at-risk jobs, in that
-        order) before anything else, then in the store's fair order."""
+        order) before anything else, then (unless `only_first`) in the store's fair
+        order."""
 
     @abc.abstractmethod
     def release(self, batch_id: str, index: int, epoch: Optional[int] = None) -> None: ...

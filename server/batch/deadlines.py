@@ -38,6 +38,7 @@ every replica that saw it active: sum with care).
 from __future__ import annotations
 
 import bisect
+import math
 import logging
 import threading
 import time
@@ -64,6 +65,23 @@ def length_inputs(req: pb.GenerateRequest) -> tuple[int, Optional[int]]:
     """(max_tokens, the client's expected_output_tokens or None) of a stored request."""
     hint = req.expected_output_tokens if req.HasField("expected_output_tokens") else None
     return convert.sampling_from_proto(req.sampling).max_tokens, hint
+
+
+def borrow_gain_of(engine_config) -> float:
+    """At most how much faster borrowing serves an at-risk job than the harvest rate: under
+    deadline_policy borrow, offline work in an iteration with online work may take up to
+    (isolation_max - 1) x the online work's time instead of (isolation - 1) x, so the
+    offline share of such iterations grows by at most that ratio (idle iterations are
+    unchanged, so the real gain is lower: an upper bound, the side admission must err on).
+    1 under isolate or without a conserve policy's isolation; unbounded (inf: admission
+    never refuses) when isolation is 1, since then only borrowing puts offline work beside
+    online work."""
+    knobs = getattr(engine_config, "conserve", None)
+    if knobs is None or knobs.deadline_policy != "borrow" or knobs.isolation is None:
+        return 1.0
+    if knobs.isolation <= 1.0:
+        return math.inf
+    return max(1.0, (knobs.isolation_max - 1.0) / (knobs.isolation - 1.0))
 
 
 def engine_work_cost(engine, max_prefill_tokens: int, max_num_seqs: int) -> WorkCost:
@@ -93,14 +111,19 @@ class DeadlineStats:
 
 class DeadlineTracker:
     def __init__(self, store: StoreBase, engine, options: DeadlineOptions = DeadlineOptions(),
-                 cost: WorkCost = WorkCost(), clock: Callable[[], float] = time.time) -> None:
+                 cost: WorkCost = WorkCost(), clock: Callable[[], float] = time.time,
+                 borrow_gain: float = 1.0) -> None:
         """`cost`: work units of tokens (`engine_work_cost`); `clock`: unix seconds (tests
-        pass a fake one)."""
+        pass a fake one); `borrow_gain`: how much faster at most an at-risk job is served
+        than the harvest rate (`borrow_gain_of`; 1 under deadline_policy isolate), used by
+        admission only: a batch is refused when it cannot fit even with borrowing."""
         self.store = store
         self.engine = engine
         self.options = options
         self.cost = cost
         self.clock = clock
+        self.borrow_gain = max(1.0, float(borrow_gain))
+        self._in_engine: dict[str, int] = {}  # batch id -> its items inside the engine
         self.meter = HarvestMeter(cost, options.harvest_window_s, options.harvest_min_history_s)
         self._predictor = LengthPredictor()
         self._predictor_lock = threading.Lock()
@@ -144,8 +167,16 @@ class DeadlineTracker:
         left = max(0, row.total - row.done) / row.total if row.total else 0.0
         return row.work_prompt_tokens * left, row.work_output_tokens * left
 
-    def _job(self, row: BatchRow) -> JobWork:
-        return JobWork(row.id, row.deadline, self.units(*self.remaining_tokens(row)))
+    def _job(self, row: BatchRow, urgent: frozenset = frozenset()) -> JobWork:
+        """`row` as the estimator sees it: its remaining work, the share of it inside this
+        replica's engine (items alike: that many items' worth), urgent if it was at risk
+        at the last look."""
+        left = self.units(*self.remaining_tokens(row))
+        items_left = max(0, row.total - row.done)
+        inside = min(items_left, self._in_engine.get(row.id, 0))
+        return JobWork(row.id, row.deadline, left,
+                       in_engine=left * inside / items_left if items_left else 0.0,
+                       urgent=row.id in urgent)
 
     def admit(self, work: BatchWork, deadline: Optional[float]) -> tuple[Verdict, BatchWork]:
         """Judge a new batch of `work` (tokens) with `deadline` against the active batches
@@ -155,7 +186,14 @@ class DeadlineTracker:
         now = self.clock()
         jobs = [self._job(r) for r in self.store.active()]
         new = JobWork("new", deadline, self.units(work.prompt_tokens, work.output_tokens))
-        v = admit(jobs, new, self.rate(), now)
+        rate = self.rate()
+        v = admit(jobs, new, rate, now)
+        if not v.feasible and self.borrow_gain > 1.0 and rate is not None:
+            # deadline_policy borrow: refused only if it misses even when served at the
+            # most borrowing can give; the estimate stored stays the one at the harvest rate
+            b = admit(jobs, new, rate * self.borrow_gain, now)
+            if b.feasible:
+                v = Verdict(True, v.finish_at, f"fits by borrowing ({v.reason} without)")
         return v, BatchWork(work.prompt_tokens, work.output_tokens, v.finish_at)
 
     def judge(self, items: list[tuple[pb.GenerateRequest, list[int]]], tenant: str,
@@ -235,9 +273,15 @@ class DeadlineTracker:
         self.meter.observe(now, st.offline_prefill_tokens_total, st.offline_tokens_total,
                            backlogged)
 
-    def tick(self, now: Optional[float] = None) -> None:
-        """Observe the engine, re-estimate the active batches, record ended ones."""
+    def tick(self, now: Optional[float] = None,
+             in_engine: Optional[dict[str, int]] = None) -> None:
+        """Observe the engine, re-estimate the active batches, record ended ones.
+        `in_engine`: batch id -> how many of its items are inside this replica's engine
+        now (the runner's in-flight items), which the engine serves before unclaimed ones
+        (`slack` module doc); None keeps the last counts."""
         now = self.clock() if now is None else now
+        if in_engine is not None:
+            self._in_engine = dict(in_engine)
         try:
             self.observe_engine(now)
         except Exception:
@@ -250,7 +294,9 @@ class DeadlineTracker:
         self._share_rate(now)
         rate = self.rate()
         active = {r.id: r for r in rows}
-        est = estimate([self._job(r) for r in rows], rate, now, self.options.at_risk_margin)
+        urgent = frozenset(self.urgent_batches())  # what the engine serves first now
+        est = estimate([self._job(r, urgent) for r in rows], rate, now,
+                       self.options.at_risk_margin)
         ended = [b for b in self._active if b not in active]
         finished: list[BatchRow] = []
         for b in ended:

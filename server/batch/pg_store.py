@@ -212,11 +212,12 @@ class PgBatchStore(StoreBase):
                     cp.write_row((bid, i, without_prompt(req), json.dumps(ids), "pending"))
         return bid, True
 
-    def claim(self, n: int, first=()) -> list[ClaimedItem]:
+    def claim(self, n: int, first=(), only_first: bool = False) -> list[ClaimedItem]:
         """Lease up to n claimable items of active batches. Items of the batches in `first`
         (at-risk jobs) go first, in that order; then tenants take turns (round robin from
         the tenant this replica served last, each a fair share per round); within a
-        tenant, earliest deadline first, then oldest batch, then index."""
+        tenant, earliest deadline first, then oldest batch, then index. `only_first`: the
+        batches in `first` only."""
         if n <= 0:
             return []
         got: list[ClaimedItem] = []
@@ -232,7 +233,7 @@ class PgBatchStore(StoreBase):
             by_tenant: dict[str, list[str]] = {}
             for bid, tenant in active:
                 by_tenant.setdefault(tenant, []).append(bid)
-            order = sorted(by_tenant)
+            order = sorted(by_tenant) if not only_first else []
             if self._rr_last is not None:
                 order = [t for t in order if t > self._rr_last] + [t for t in order if t <= self._rr_last]
             while len(got) < n and order:

@@ -25,7 +25,9 @@ never left "running" with its result lost. Results finished in one poll are comm
 together (`commit_many`, one transaction on PostgreSQL).
 
 Deadlines: items of batches the tracker finds at risk are claimed first and marked urgent
-in the engine (`EngineAPI.set_urgent`: served first among offline work).
+in the engine (`EngineAPI.set_urgent`: served first among offline work), also past a full
+claim window (`_urgent_room`). At every deadline check the tracker is told how many items
+of each batch are inside the engine (the engine serves those before unclaimed ones).
 
 Claim window (`_claim_window`): at most `max_in_flight` items inside the engine. On a
 shared store the runner also claims only as its engine has idle capacity: while
@@ -257,11 +259,13 @@ class BatchRunner:
     def _fill(self) -> bool:
         """Claim and submit items up to the in-flight bound. False if the engine refuses
         work (e.g. shutting down); claimed items it did not take are released."""
-        want = self._claim_window()
+        want, only_urgent = self._claim_window(), False
+        if want <= 0 and self._at_risk:
+            want, only_urgent = self._urgent_room(), True
         if want <= 0:
             return True
         wakes = self._wakes
-        claimed = self.store.claim(want, first=self._at_risk)
+        claimed = self.store.claim(want, first=self._at_risk, only_first=only_urgent)
         if len(claimed) < want and wakes == self._wakes:
             # drained: claim again after idle_claim_s, or at once after a wake (a submit
             # that committed while this claim ran must not wait for the back-off)
@@ -300,7 +304,10 @@ class BatchRunner:
         at-risk batches urgent."""
         self._expire()
         if self.deadlines is not None:
-            self.deadlines.tick()
+            inside: dict[str, int] = {}
+            for f in self._in_flight.values():
+                inside[f.item.batch_id] = inside.get(f.item.batch_id, 0) + 1
+            self.deadlines.tick(in_engine=inside)
             self._at_risk = self.deadlines.urgent_batches()
             self._mark_urgent()
 
@@ -328,6 +335,14 @@ class BatchRunner:
                 self._write(("release", item.batch_id, item.index, item.epoch))
             return False
         return True
+
+    def _urgent_room(self) -> int:
+        """How many items of at-risk batches to claim past a full claim window: up to
+        `max_in_flight // 2` (at least 1) more in flight. Without it, a window filled by a
+        loose job's items would keep an at-risk job out of the engine until they finish;
+        inside, its items go first (`EngineAPI.set_urgent`)."""
+        cap = self.max_in_flight + max(1, self.max_in_flight // 2)
+        return max(0, cap - len(self._in_flight))
 
     def _claim_window(self) -> int:
         """How many items to claim now: room under `max_in_flight`, and only while the

@@ -195,12 +195,14 @@ class SqliteBatchStore(StoreBase):
                 [(bid, i, _without_prompt(req), json.dumps(ids)) for i, (req, ids) in enumerate(items)])
         return bid, True
 
-    def claim(self, n: int, first: Sequence[str] = ()) -> list[ClaimedItem]:
+    def claim(self, n: int, first: Sequence[str] = (),
+              only_first: bool = False) -> list[ClaimedItem]:
         """Mark up to n pending items of active batches running and return them. Items of
         the batches in `first` (at-risk jobs) go first, in that order; then tenants take
         turns (round robin, starting after the tenant served last); within a tenant,
         earliest deadline first, then oldest batch, then index. Cost grows with the number
-        of active batches and n, not with the number of stored items."""
+        of active batches and n, not with the number of stored items. `only_first`: the
+        batches in `first` only."""
         if n <= 0:
             return []
         rows = []
@@ -218,7 +220,7 @@ class SqliteBatchStore(StoreBase):
             by_tenant: dict[str, list[tuple[str, str]]] = {}
             for bid, state, tenant in active:
                 by_tenant.setdefault(tenant, []).append((bid, state))
-            order = sorted(by_tenant)
+            order = sorted(by_tenant) if not only_first else []
             if self._rr_last is not None:
                 later = [t for t in order if t > self._rr_last]
                 order = later + [t for t in order if t <= self._rr_last]
