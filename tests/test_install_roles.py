@@ -1,5 +1,5 @@
 """What each install role needs (issue 29, item 7 of the issue's list: extras): matplotlib
-is only in the `bench` (and `test`) extra, nothing a server or the load tester imports at
+(and aiohttp, the load tester's openai backend) is only in the `bench` (and `test`) extra, nothing a server or the load tester imports at
 start needs it, and the load tester without it prints its table and says how to get
 plots. `cuda` and `tpu` extras pull the matching jax wheels."""
 from __future__ import annotations
@@ -25,6 +25,9 @@ def test_matplotlib_is_an_extra_not_a_core_dependency():
     assert not any(d.startswith("matplotlib") for d in p["dependencies"])
     extras = p["optional-dependencies"]
     assert "matplotlib" in extras["bench"] and "matplotlib" in extras["test"]
+    assert not any(d.startswith("aiohttp") for d in p["dependencies"])
+    assert any(d.startswith("aiohttp") for d in extras["bench"])
+    assert any(d.startswith("aiohttp") for d in extras["test"])
     assert any(d.startswith("jax[cuda12]") for d in extras["cuda"])
     assert any(d.startswith("jax[tpu]") for d in extras["tpu"])
 
@@ -64,3 +67,17 @@ def test_loadtest_without_matplotlib_prints_the_table_and_the_hint(tmp_path):
     assert f"--plot {png} not written" in r.stderr
     assert "pip install 'conserve-jax[bench]'" in r.stderr
     assert not png.exists()
+
+
+def test_loadtest_openai_backend_without_aiohttp_says_which_extra(monkeypatch, capsys):
+    import argparse
+
+    from conserve_jax.loadtest import cli
+    monkeypatch.setitem(sys.modules, "aiohttp", None)  # any import of it now fails
+    p = argparse.ArgumentParser()
+    cli.add_arguments(p)
+    args = p.parse_args(["--backend", "openai", "--target", "127.0.0.1:1", "--no-progress",
+                         "--rate", "1", "--duration", "1"])
+    assert cli.run(args) == 2
+    err = capsys.readouterr().err
+    assert "needs aiohttp" in err and "pip install 'conserve-jax[bench]'" in err

@@ -58,3 +58,25 @@ def test_openai_client_errors_and_model_discovery(srv):
     with pytest.raises(Exception) as e:
         list(bad.generate([104], 2))
     assert e.value.code() == "HTTP_401"
+    c.close()
+    bad.close()
+
+
+def test_openai_client_reuses_one_keep_alive_connection(srv):
+    """Sequential streams, batch uploads and /metrics reads share the pool's connection;
+    a cancelled stream ends its iteration and does not break the next request."""
+    c = OpenAIClient(f"127.0.0.1:{srv.app.http_port}", token=TOKEN_A, model="mock")
+    try:
+        for _ in range(5):
+            for ch in c.generate([104, 105, 106], 4):  # the runner stops at the finished chunk
+                if ch.finished:
+                    break
+        c.stats()
+        assert c.http.connections_made == 1 and c.http.connections_reused >= 5
+        s = c.generate([104], 500)
+        next(iter(s))
+        s.cancel()
+        assert sum(len(ch.token_ids) for ch in s) < 500  # ended early, no hang
+        assert sum(len(ch.token_ids) for ch in c.generate([104], 3)) == 3
+    finally:
+        c.close()

@@ -197,7 +197,12 @@ def run(args: argparse.Namespace, client_factory: Optional[ClientFactory] = None
         cancel_offline_at_end=not args.keep_offline, progress=not args.no_progress)
     if client_factory is None and getattr(args, "backend", "grpc") == "openai":
         client_factory = _openai_factory(args)
-    adapter = ClientAdapter((client_factory or _default_factory)(args.target, token, args.tls_ca))
+    try:
+        client = (client_factory or _default_factory)(args.target, token, args.tls_ca)
+    except (ImportError, ValueError) as e:  # a missing extra (aiohttp), a bad --target
+        print(f"loadtest: {e}", file=sys.stderr)
+        return 2
+    adapter = ClientAdapter(client)
     try:
         result = Runner(adapter, workload, config).run()
     finally:

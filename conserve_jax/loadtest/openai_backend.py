@@ -14,8 +14,10 @@
 - `stats()` scrapes `/metrics` and maps conserve's metrics onto the `GetServerStats` field
   names the report uses; for servers without them it returns what it can (maybe `{}`).
 
-Only the standard library's HTTP client is used, so the load tester needs nothing extra.
-Thread-safety: every call opens its own connection; one client serves many threads.
+HTTP goes through one `HttpPool` (aiohttp on one event-loop thread, keep-alive connections
+reused across requests), so client overhead does not inflate the latencies it measures at
+high rates; aiohttp comes with the `bench` extra. Thread-safety: one client serves many
+threads (the runner's workers, flex batches); `close()` stops its pool.
 """
 from __future__ import annotations
 
@@ -23,11 +25,10 @@ import json
 import re
 import ssl
 import threading
-import urllib.error
-import urllib.request
 import uuid
 from typing import Any, Iterator, Optional
 
+from conserve_jax.loadtest.http_pool import HttpPool, LineStream
 from conserve_jax.loadtest.openai_flex import FlexBatch
 from conserve_jax.loadtest.openai_types import BatchInfo, BatchResult, Chunk, HttpError
 
@@ -49,23 +50,19 @@ _STATS = {  # GetServerStats field <- (metric, labels) in conserve's /metrics
 
 
 class _Stream:
-    """Iterates one streamed completion as `Chunk`s; `cancel()` closes the connection."""
+    """Iterates one streamed completion as `Chunk`s; `cancel()` aborts the request."""
 
-    def __init__(self, response) -> None:
-        self._resp = response
-        self._closed = False
+    def __init__(self, lines: LineStream) -> None:
+        self._lines = lines
+        self._finished = False  # the finished chunk was handed out
 
     def cancel(self) -> None:
-        self._closed = True
-        try:
-            self._resp.close()
-        except Exception:
-            pass
+        self._lines.cancel()
 
     def __iter__(self) -> Iterator[Chunk]:
         counted, reason = 0, None
         try:
-            for raw in self._resp:
+            for raw in self._lines:
                 line = raw.decode("utf-8").strip()
                 if not line.startswith("data:"):
                     continue
@@ -79,6 +76,7 @@ class _Stream:
                 if obj.get("usage") and not obj.get("choices"):
                     n = max(0, int(obj["usage"].get("completion_tokens", 0)) - counted)
                     counted += n
+                    self._finished = True
                     yield Chunk([0] * n, True, reason or "stop")
                     return
                 for ch in obj.get("choices") or ():
@@ -88,8 +86,10 @@ class _Stream:
                     if text:
                         counted += 1
                         yield Chunk([0])
-        finally:
-            self.cancel()
+        except BaseException:  # abandoned or failed: drop the request; a finished one reads
+            if not self._finished:  # its last line by itself and its connection is reused
+                self.cancel()
+            raise
         yield Chunk([], True, reason)  # a server that sent no usage chunk
 
 
@@ -111,6 +111,7 @@ class OpenAIClient:
         self.root = self.base[: -len("/v1")]
         self.token = token
         self.ssl = ssl.create_default_context(cafile=tls_ca) if tls_ca else None
+        self.http = HttpPool({"Authorization": f"Bearer {token}"} if token else None, self.ssl)
         self.offline_via = offline_via
         self.flex_concurrency = flex_concurrency
         self._flex: dict[str, FlexBatch] = {}
@@ -118,27 +119,9 @@ class OpenAIClient:
         self._model = model
 
     # ---- HTTP --------------------------------------------------------------------------
-    def _open(self, method: str, url: str, body: Optional[bytes] = None,
-              content_type: str = "application/json", timeout: Optional[float] = None):
-        req = urllib.request.Request(url, data=body, method=method)
-        if body is not None:
-            req.add_header("Content-Type", content_type)
-        if self.token:
-            req.add_header("Authorization", f"Bearer {self.token}")
-        try:
-            return urllib.request.urlopen(req, timeout=timeout or 60.0, context=self.ssl)
-        except urllib.error.HTTPError as e:
-            raw = e.read()
-            try:
-                msg = json.loads(raw)["error"]["message"]
-            except Exception:
-                msg = raw.decode("utf-8", "replace")[:500]
-            raise HttpError(e.code, msg) from None
-
     def _json(self, method: str, path: str, payload: Any = None, timeout: Optional[float] = None):
         body = json.dumps(payload).encode() if payload is not None else None
-        with self._open(method, self.base + path, body, timeout=timeout) as r:
-            return json.loads(r.read())
+        return json.loads(self.http.request(method, self.base + path, body, timeout=timeout))
 
     @property
     def model(self) -> str:
@@ -170,8 +153,8 @@ class OpenAIClient:
                  timeout: Optional[float] = None, ttft: Optional[float] = None,
                  tpot: Optional[float] = None, tier: Optional[str] = None) -> _Stream:
         body = self.completion_body(token_ids, max_tokens, ignore_eos, ttft, tpot, True, tier)
-        return _Stream(self._open("POST", self.base + "/completions", json.dumps(body).encode(),
-                                  timeout=timeout))
+        return _Stream(self.http.stream("POST", self.base + "/completions",
+                                        json.dumps(body).encode(), timeout))
 
     # ---- offline -----------------------------------------------------------------------
     def submit_batch(self, requests: list[dict], timeout: Optional[float] = None) -> str:
@@ -192,9 +175,9 @@ class OpenAIClient:
                 f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
                 f"filename=\"loadtest.jsonl\"\r\nContent-Type: application/jsonl\r\n\r\n").encode()
         form += data + f"\r\n--{boundary}--\r\n".encode()
-        with self._open("POST", self.base + "/files", form,
-                        f"multipart/form-data; boundary={boundary}", timeout) as r:
-            file_id = json.loads(r.read())["id"]
+        file_id = json.loads(self.http.request("POST", self.base + "/files", form,
+                                               f"multipart/form-data; boundary={boundary}",
+                                               timeout))["id"]
         b = self._json("POST", "/batches", {"input_file_id": file_id, "endpoint": "/v1/completions",
                                             "completion_window": "24h"}, timeout)
         return b["id"]
@@ -224,10 +207,10 @@ class OpenAIClient:
         for key, ok in (("output_file_id", True), ("error_file_id", False)):
             if not b.get(key):
                 continue
-            with self._open("GET", f"{self.base}/files/{b[key]}/content", timeout=timeout) as r:
-                for line in r.read().decode().splitlines():
-                    if line.strip():
-                        out.append(_result_of(json.loads(line), ok))
+            raw = self.http.request("GET", f"{self.base}/files/{b[key]}/content", timeout=timeout)
+            for line in raw.decode().splitlines():
+                if line.strip():
+                    out.append(_result_of(json.loads(line), ok))
         out.sort(key=lambda r: r.index)
         yield from (r for r in out if r.index >= start)
 
@@ -241,8 +224,7 @@ class OpenAIClient:
 
     # ---- stats -------------------------------------------------------------------------
     def stats(self, timeout: Optional[float] = None) -> dict[str, float]:
-        with self._open("GET", self.root + "/metrics", timeout=timeout) as r:
-            text = r.read().decode()
+        text = self.http.request("GET", self.root + "/metrics", timeout=timeout).decode()
         values = {}
         for m in re.finditer(r"^([a-zA-Z_:][\w:]*)(\{[^}]*\})? (\S+)$", text, re.M):
             values[(m.group(1), m.group(2) or "")] = float(m.group(3))
@@ -253,6 +235,7 @@ class OpenAIClient:
             batches = list(self._flex.values())
         for fb in batches:
             fb.cancel()
+        self.http.close()
 
 
 def _result_of(line: dict, ok: bool) -> BatchResult:
