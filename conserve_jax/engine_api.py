@@ -14,9 +14,17 @@ import enum
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Mapping, Optional, Sequence
 
 from conserve_jax.sampling_params import SamplingParams
+
+
+def urgent_ranks(request_ids) -> dict:
+    """`EngineAPI.set_urgent`'s argument as {request id: rank}: a mapping as given (ranks
+    as floats), any other iterable of ids with rank 0."""
+    if isinstance(request_ids, Mapping):
+        return {str(k): float(v) for k, v in request_ids.items()}
+    return {str(k): 0.0 for k in request_ids}
 
 
 class RequestClass(enum.Enum):
@@ -203,11 +211,14 @@ class EngineAPI(abc.ABC):
         """Stop admitting; wait up to drain_timeout_s for running work; stop the loop.
         Unfinished requests end with finish_reason "cancelled"."""
 
-    def set_urgent(self, request_ids: frozenset) -> None:
+    def set_urgent(self, request_ids) -> None:
         """Offline requests to serve first among offline work (items of jobs at risk of
         missing their deadline; under deadline_policy "borrow" they may also use online
-        iterations' budget up to isolation_max). Replaces the previous set; ids not in the
-        engine are ignored. Any thread. Default: ignored (an engine without that order)."""
+        iterations' budget up to isolation_max). A mapping request id -> rank orders them
+        (lower first: the batch runner passes its batch's place in earliest-deadline-first
+        order); a plain set of ids ranks them all alike (`urgent_ranks`). Replaces the
+        previous set; ids not in the engine are ignored. Any thread. Default: ignored (an
+        engine without that order)."""
 
     @property
     def failure(self) -> Optional[str]:

@@ -19,6 +19,7 @@ class RecordingEngine(MockEngine):
 
     def set_urgent(self, request_ids):
         self.urgent_calls.append(frozenset(request_ids))
+        self.urgent_ranks = dict(request_ids)
         super().set_urgent(request_ids)
 
 
@@ -93,6 +94,12 @@ def test_at_risk_items_are_claimed_past_a_full_window(tmp_path):
         assert batches == [loose] * 4 + [tight] * 2  # 4 + 4 // 2: only the at-risk batch's
         assert eng.urgent_calls[-1] == frozenset(
             f.request_id for f in runner._in_flight.values() if f.item.batch_id == tight)
+        # two at-risk batches: ranks follow the tracker's order (earliest deadline first)
+        tracker.risky = [tight, loose]
+        runner._deadline_check()
+        want = {f.request_id: 0 if f.item.batch_id == tight else 1
+                for f in runner._in_flight.values()}
+        assert eng.urgent_ranks == want
     finally:
         eng.shutdown()
         store.close()

@@ -12,6 +12,7 @@ and conserve policy, no device work.
 import pytest
 
 from conserve_jax.config import ConserveConfig, EngineConfig
+from conserve_jax.engine_api import urgent_ranks
 from conserve_jax.kv.kv_manager import KVManager
 from conserve_jax.scheduling.policies.conserve import ConservePolicy
 from conserve_jax.scheduling.scheduler import Scheduler
@@ -37,7 +38,7 @@ def test_urgent_offline_work_goes_first_after_online():
         sched, _ = make_sched()
         for i in range(4):
             sched.add(make_seq(f"off{i}", 100, online=False, arrival=i))
-        sched.urgent = frozenset(urgent)
+        sched.urgent = urgent_ranks(urgent)
         return sched
     # the throughput order (arrival here) without urgency: off0's prompt
     assert [e.seq.request_id for e in fresh().schedule().entries] == ["off0"]
@@ -68,7 +69,7 @@ def test_urgent_waiting_work_goes_before_running_offline_work_and_takes_its_memo
         assert all(s.status.value == "running" for s in early)
         late = make_seq("late", 60, online=False, arrival=5)
         sched.add(late)
-        sched.urgent = frozenset({"late"} if urgent else ())
+        sched.urgent = urgent_ranks({"late"} if urgent else ())
         return sched, early, late, sched.schedule()
 
     sched, early, late, step = fill(urgent=False)
@@ -80,6 +81,41 @@ def test_urgent_waiting_work_goes_before_running_offline_work_and_takes_its_memo
     assert ids[0] == "late" and late.status.value == "running"
     assert early[1].status.value == "waiting"  # the latest started made room
     assert early[0].status.value == "running" and sched.counters.evictions == 1
+
+
+def test_urgent_work_goes_in_rank_order_and_a_lower_rank_takes_memory_from_a_higher():
+    """Two at-risk jobs: the one due first (rank 0) goes before the other (rank 1) though
+    its item arrived later, and takes the memory the other one's running item holds."""
+    cfg = EngineConfig(model="random:tiny", max_num_seqs=16, max_prefill_tokens=256,
+                       max_prefill_seqs=1, conserve=ConserveConfig(isolation=F))
+    pol = ConservePolicy(cfg.max_num_seqs, cfg.max_prefill_tokens, FakeModel(),
+                         default_ttft_s=2.0, default_tpot_s=0.2, online_waiting=lambda: [],
+                         knobs=cfg.conserve, clock=FakeClock())
+    sched = Scheduler(cfg, KVManager(9, 16), pol)
+    medium = [make_seq(f"medium{i}", 60, online=False, arrival=i) for i in range(2)]
+    for s in medium:
+        sched.add(s)
+    sched.urgent = urgent_ranks({"medium0": 1, "medium1": 1})
+    for _ in range(2):
+        commit(sched, sched.schedule())
+    tight = make_seq("tight", 60, online=False, arrival=5)
+    sched.add(tight)
+    sched.urgent = urgent_ranks({"medium0": 1, "medium1": 1, "tight": 0})
+    step = sched.schedule()
+    assert step.entries[0].seq is tight and tight.status.value == "running"
+    assert medium[1].status.value == "waiting" and sched.counters.evictions == 1
+    # the other way round, the later arrival of a higher rank waits
+    sched2 = Scheduler(cfg, KVManager(9, 16), pol)
+    for s in [make_seq(f"m{i}", 60, online=False, arrival=i) for i in range(2)]:
+        sched2.add(s)
+    sched2.urgent = urgent_ranks({"m0": 0, "m1": 0})
+    for _ in range(2):
+        commit(sched2, sched2.schedule())
+    late = make_seq("late", 60, online=False, arrival=5)
+    sched2.add(late)
+    sched2.urgent = urgent_ranks({"m0": 0, "m1": 0, "late": 1})
+    sched2.schedule()
+    assert late.status.value == "waiting" and sched2.counters.evictions == 0
 
 
 def test_urgent_work_takes_a_slot_from_other_offline_work():
@@ -97,7 +133,7 @@ def test_urgent_work_takes_a_slot_from_other_offline_work():
     sched.add(late)
     commit(sched, sched.schedule())
     assert late.status.value == "waiting"  # every slot taken, not urgent: it waits
-    sched.urgent = frozenset({"late"})
+    sched.urgent = urgent_ranks({"late"})
     step = sched.schedule()
     assert late.status.value == "running" and step.entries[0].seq is late
     assert sched.counters.evictions == 1
@@ -118,7 +154,7 @@ def run(policy, urgent_from=None, urgent_until=None, iterations=90):
             sched.add(s)
             online.append(s)
         urgent = urgent_from is not None and urgent_from <= it < urgent_until
-        sched.urgent = frozenset(s.request_id for s in offs) if urgent else frozenset()
+        sched.urgent = urgent_ranks(s.request_id for s in offs) if urgent else {}
         step = sched.schedule()
         out.append((step, online_alone(step), urgent))
         before = pol.borrowed_s

@@ -41,7 +41,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from conserve_jax.engine_api import (EngineAPI, EngineStats, GenerationRequest, RequestClass,
-                                     RequestOutput, RequestStream, TokenLogprob, validate_prompt)
+                                     RequestOutput, RequestStream, TokenLogprob, urgent_ranks,
+                                     validate_prompt)
 from conserve_jax.engine.step_guard import ENGINE_STOPPED, ITERATION_FAILED, StepGuard, end_stream
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ class MockEngine(EngineAPI):
         self._wake = threading.Event()
         self._waiting: collections.deque[_Req] = collections.deque()
         self._running: dict[str, _Req] = {}
-        self._urgent: frozenset = frozenset()  # set_urgent: offline ids admitted first
+        self._urgent: dict = {}  # set_urgent: offline ids admitted first, by rank
         self._free_blocks = num_blocks
         self._accepting = True
         self._stop = False
@@ -257,16 +258,21 @@ class MockEngine(EngineAPI):
                 self._wake.wait(0.05)
                 self._wake.clear()
 
-    def set_urgent(self, request_ids: frozenset) -> None:
-        """Urgent offline requests are admitted before other offline ones (after online)."""
+    def set_urgent(self, request_ids) -> None:
+        """Urgent offline requests are admitted before other offline ones (after online),
+        the lowest rank first."""
         with self._lock:
-            self._urgent = frozenset(request_ids)
+            self._urgent = urgent_ranks(request_ids)
 
     def _admit(self) -> None:
         while self._waiting and len(self._running) < self.max_num_seqs:
             first = next((i for i, q in enumerate(self._waiting)
-                          if q.request.request_class is RequestClass.ONLINE
-                          or q.request.request_id in self._urgent), 0)
+                          if q.request.request_class is RequestClass.ONLINE), None)
+            if first is None:
+                ranked = [(self._urgent[q.request.request_id], i)
+                          for i, q in enumerate(self._waiting)
+                          if q.request.request_id in self._urgent]
+                first = min(ranked)[1] if ranked else 0
             req = self._waiting[first]
             r = req.request
             need = math.ceil(min(len(r.prompt_token_ids) + r.sampling.max_tokens,

@@ -4,8 +4,9 @@ Owned by the engine's step-loop thread; nothing here is thread-safe. Every itera
 online work first (running decodes, then prefill chunks), then offline work, each
 sequence admitted only while the policy's `StepBudget` (tokens, and predicted time when a
 latency model is present) still has room. Among offline work, `urgent` sequences (items of
-jobs at risk of missing their deadline), running then waiting, go before every other
-offline sequence, each part in its usual order. KV memory and slots: online sequences may
+jobs at risk of missing their deadline), rank by rank (the lowest, i.e. earliest deadline,
+first), running then waiting, go before every other offline sequence, each part in its
+usual order. KV memory and slots: online sequences may
 evict offline ones (a parked iteration's sequences last); urgent offline sequences may
 evict other offline ones; offline sequences never evict online ones. A
 policy without priority (non-preemptive) sees one queue in arrival order. `commit`
@@ -84,9 +85,10 @@ class Scheduler:
         # are saved on host without a gap (None: no host checkpoints)
         self.host_blocks: Optional[Callable[[str, int], int]] = None
         self.parked: Optional[Parked] = None
-        # offline request ids to serve first among offline work (at-risk jobs' items; the
-        # engine sets it before every `schedule` from `EngineAPI.set_urgent`)
-        self.urgent: frozenset = frozenset()
+        # offline request id -> rank, served first among offline work, lowest rank first
+        # (at-risk jobs' items; the engine sets it before every `schedule` from
+        # `EngineAPI.set_urgent`)
+        self.urgent: dict = {}
         self.groups = (PrefixGroups(kv.block_size, cfg.prefix_group_hold_s)
                        if kv.prefix_caching else None)
 
@@ -130,10 +132,12 @@ class Scheduler:
         if self.groups is not None:
             offline = self.groups.order(offline)
         offline = order(self, offline)
-        if self.urgent:  # at-risk jobs' items, running and waiting, before all other offline
-            u = self.urgent
-            self._fill(step, budget, [s for s in running if s.request_id in u])
-            self._fill(step, budget, [s for s in offline if s.request_id in u], waiting=True)
+        if self.urgent:  # at-risk jobs' items, running then waiting, rank by rank (lowest
+            u = self.urgent  # first), before all other offline work
+            for r in sorted({u[s.request_id] for s in running + offline if s.request_id in u}):
+                self._fill(step, budget, [s for s in running if u.get(s.request_id) == r])
+                self._fill(step, budget, [s for s in offline if u.get(s.request_id) == r],
+                           waiting=True)
             running = [s for s in running if s.request_id not in u]
             offline = [s for s in offline if s.request_id not in u]
         self._fill(step, budget, running)
@@ -142,11 +146,13 @@ class Scheduler:
 
     def _outranks(self, seq: Sequence, other: Sequence) -> bool:
         """May offline `seq` take KV or a slot from running offline `other`? Urgent work
-        (at-risk jobs' items) outranks the rest; within a rank, earlier arrivals outrank
-        later ones. A strict order, so running work cannot deadlock on memory."""
-        us, uo = seq.request_id in self.urgent, other.request_id in self.urgent
-        if us != uo:
-            return us
+        (at-risk jobs' items) outranks the rest, a lower urgent rank a higher one; within a
+        rank, earlier arrivals outrank later ones. A strict order, so running work cannot
+        deadlock on memory."""
+        inf = float("inf")
+        rs, ro = self.urgent.get(seq.request_id, inf), self.urgent.get(other.request_id, inf)
+        if rs != ro:
+            return rs < ro
         return other.arrival > seq.arrival or (other.arrival == seq.arrival and id(other) != id(seq))
 
     def _fill(self, step: ScheduledStep, budget: StepBudget, seqs: list[Sequence],

@@ -35,6 +35,7 @@ iteration) makes every deadline job at risk and infeasible.
 """
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
 from typing import Iterable, Optional
@@ -81,26 +82,57 @@ def _finish(now: float, work: float, rate: float) -> float:
     return now + work / rate if rate > 0 else math.inf
 
 
-def _served_before(job: JobWork, jobs: list[JobWork], urgent: set) -> float:
-    """Work units served before `job`'s last piece, in the served order (module doc) with
-    the jobs in `urgent` (ids) first."""
-    pri = edf_order([j for j in jobs if j.job_id in urgent])
-    if job.job_id in urgent:
-        ahead = 0.0
+def _edf_key(j: JobWork) -> tuple[bool, float]:
+    return (j.deadline is None, j.deadline or 0.0)
+
+
+def _inside(j: JobWork) -> float:
+    return min(max(0.0, j.in_engine), max(0.0, j.remaining))
+
+
+class _ServedOrder:
+    """Work served before each job's last piece (module doc), in O(n log n) for n jobs:
+    prefix sums over the urgent jobs' EDF order and over the other jobs' unclaimed work in
+    EDF order (the deadline estimates run on the runner's thread every deadline check,
+    with every active batch)."""
+
+    def __init__(self, jobs: list[JobWork]) -> None:
+        pri = edf_order([j for j in jobs if j.urgent])
+        calm = edf_order([j for j in jobs if not j.urgent])
+        self.urgent_total = sum(max(0.0, j.remaining) for j in pri)
+        self.inside_total = sum(_inside(j) for j in calm)  # calm jobs' work in the engine
+        self.urgent_upto: dict[str, float] = {}
+        acc = 0.0
         for j in pri:
-            ahead += max(0.0, j.remaining)
-            if j.job_id == job.job_id:
-                return ahead
-    calm = [j for j in jobs if j.job_id not in urgent]
-    ahead = sum(max(0.0, j.remaining) for j in pri)
-    ahead += sum(min(max(0.0, j.in_engine), max(0.0, j.remaining)) for j in calm)
-    if job.unclaimed <= 0:
-        return ahead
-    for j in edf_order(calm):
-        ahead += j.unclaimed
-        if j.job_id == job.job_id:
-            break
-    return ahead
+            acc += max(0.0, j.remaining)
+            self.urgent_upto[j.job_id] = acc
+        self.calm_keys = [_edf_key(j) for j in calm]
+        self.calm_cum = [0.0]  # unclaimed work of calm[:k]
+        self.calm_upto: dict[str, float] = {}
+        for j in calm:
+            self.calm_cum.append(self.calm_cum[-1] + j.unclaimed)
+            self.calm_upto[j.job_id] = self.calm_cum[-1]
+
+    def before(self, j: JobWork) -> float:
+        """With the priorities as they are (a job with nothing left: 0)."""
+        if j.remaining <= 0:
+            return 0.0
+        if j.urgent:
+            return self.urgent_upto[j.job_id]
+        ahead = self.urgent_total + self.inside_total
+        return ahead + self.calm_upto[j.job_id] if j.unclaimed > 0 else ahead
+
+    def before_without_priority(self, j: JobWork) -> float:
+        """As if `j` were not urgent (the other urgent jobs keep their priority): it goes
+        behind every other job's work in the engine, and its unclaimed work joins the EDF
+        queue after the calm jobs due no later than it."""
+        if not j.urgent or j.remaining <= 0:
+            return self.before(j)
+        ahead = self.urgent_total - max(0.0, j.remaining) + self.inside_total + _inside(j)
+        if j.unclaimed <= 0:
+            return ahead
+        k = bisect.bisect_right(self.calm_keys, _edf_key(j))
+        return ahead + self.calm_cum[k] + j.unclaimed
 
 
 def estimate(jobs: Iterable[JobWork], rate: Optional[float], now: float,
@@ -108,19 +140,17 @@ def estimate(jobs: Iterable[JobWork], rate: Optional[float], now: float,
     """Per job: estimated finish and slack in the served order, and the at-risk flag
     (judged without the job's own priority; module docstring)."""
     jobs = list(jobs)
-    urgent = {j.job_id for j in jobs if j.urgent}
+    if rate is None:
+        return {j.job_id: Estimate(j.job_id, None, None, False) for j in jobs}
+    order = _ServedOrder(jobs)
     out: dict[str, Estimate] = {}
     for j in jobs:
-        if rate is None:
-            out[j.job_id] = Estimate(j.job_id, None, None, False)
-            continue
-        fin = _finish(now, _served_before(j, jobs, urgent), rate)
+        fin = _finish(now, order.before(j), rate)
         if j.deadline is None:
             out[j.job_id] = Estimate(j.job_id, None if math.isinf(fin) else fin, None, False)
             continue
         slack = j.deadline - fin
-        alone = fin if not j.urgent else _finish(
-            now, _served_before(j, jobs, urgent - {j.job_id}), rate)
+        alone = _finish(now, order.before_without_priority(j), rate)
         slack_alone, need = j.deadline - alone, alone - now
         at_risk = j.remaining > 0 and (slack_alone < 0 or slack_alone < at_risk_margin * need)
         out[j.job_id] = Estimate(j.job_id, None if math.isinf(fin) else fin,

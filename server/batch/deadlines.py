@@ -236,8 +236,15 @@ class DeadlineTracker:
                                                                 else -inf))]
 
     def urgent_batches(self) -> list[str]:
-        """The batches whose items go first (`at_risk`), or none with `deadline_order` off."""
-        return self.at_risk() if self.options.deadline_order else []
+        """The batches whose items go first: the at-risk ones, earliest deadline first (the
+        order the estimates assume among them), or none with `deadline_order` off."""
+        if not self.options.deadline_order:
+            return []
+        with self._lock:
+            risky = [e.job_id for e in self._estimates.values() if e.at_risk]
+            due = {b: r.deadline for b, r in self._active.items()}
+        inf = float("inf")
+        return sorted(risky, key=lambda b: due.get(b) if due.get(b) is not None else inf)
 
     def snapshot(self) -> DeadlineStats:
         with self._lock:

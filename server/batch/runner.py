@@ -124,7 +124,7 @@ class BatchRunner:
         # ServerApp before start)
         self.deadlines = None
         self._at_risk: list[str] = []  # batch ids at risk, least slack first (last tick)
-        self._urgent_sent: frozenset = frozenset()  # request ids last given to set_urgent
+        self._urgent_sent: dict = {}  # request id -> rank, last given to set_urgent
         self._thread = threading.Thread(target=self._run, name="batch-runner", daemon=True)
 
     @property
@@ -313,9 +313,11 @@ class BatchRunner:
 
     def _mark_urgent(self) -> None:
         """Tell the engine which in-flight items belong to at-risk batches (served first
-        among offline work; under deadline_policy borrow they may use online budget)."""
-        risky = set(self._at_risk)
-        urgent = frozenset(rid for rid, f in self._in_flight.items() if f.item.batch_id in risky)
+        among offline work, ranked by their batch's place in the at-risk list, earliest
+        deadline first; under deadline_policy borrow they may use online budget)."""
+        rank = {b: k for k, b in enumerate(self._at_risk)}  # the tracker's EDF order
+        urgent = {rid: rank[f.item.batch_id] for rid, f in self._in_flight.items()
+                  if f.item.batch_id in rank}
         if urgent != self._urgent_sent:
             self.engine.set_urgent(urgent)
             self._urgent_sent = urgent

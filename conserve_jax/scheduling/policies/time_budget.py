@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Collection, Optional
 
 from conserve_jax.request import SeqStatus
 from conserve_jax.scheduling.latency_model import LatencyModel, WorkShape
@@ -82,7 +82,7 @@ class IsolationBudget(StepBudget):
     isolation: Optional[float] = None  # F, always given (ConserveConfig.isolation)
     objective_s: float = float("inf")
     online_s: Optional[float] = None  # predicted time of the online work alone, once known
-    urgent: frozenset = frozenset()  # request ids that may borrow (at-risk jobs' items)
+    urgent: Collection[str] = frozenset()  # request ids that may borrow (at-risk jobs' items)
     borrow_factor: Optional[float] = None  # their factor (isolation_max); None: no borrowing
     # (work so far, tokens already computed) where not even one more prefill token fits:
     # the many waiting offline requests then cost one prediction, not a search each
