@@ -1,16 +1,24 @@
 """What `serve` prints at the default log level (issue 29, items 2 and 3): the start-up
 stages on stderr (weights with bytes and seconds, compiling shapes with a progress bar,
 the latency model profiled or cached, one ready line with the addresses), nothing of that on
-stdout, quiet with `--log-level warning`; and the periodic stats line while busy. Real
-server processes: the tiny random model for start-up, the mock engine for stats."""
+stdout, quiet with `--log-level warning`; README's quickstart (serve, then its curl and
+grpcurl calls) with a fresh HOME; and the periodic stats line while busy. Real server
+processes: the tiny random model for start-up, the mock engine for stats."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
+
+import grpc
+from google.protobuf import descriptor_pool, json_format, message_factory
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import \
+    ProtoReflectionDescriptorDatabase
 
 from conserve_jax.client import Client
 from conserve_jax.engine_api import EngineStats
@@ -73,6 +81,53 @@ def _serve(tmp_path, *args, home=None, log_level=None):
     return _Proc(cmd, env)
 
 
+def _up_then_stop(s: _Proc, while_up=None) -> _Proc:
+    """Wait for `s` to listen and log its ready line, run `while_up(s)`, stop it."""
+    try:
+        s.wait_listening(600)
+        assert wait_until(lambda: "ready in" in s.stderr(), 10)
+        if while_up is not None:
+            while_up(s)
+    finally:
+        s.stop()
+    return s
+
+
+def _readme_calls(s: _Proc) -> None:
+    """README's quickstart against `s`: its curl chat completion (same path and body) on
+    the HTTP port, and its grpcurl call done as grpcurl does it (the method found through
+    the server's reflection, the request built from README's JSON)."""
+    with open(os.path.join(REPO, "README.md")) as f:
+        readme = f.read()
+    assert "conserve-jax serve\n" in readme  # the example: serve on the default ports
+    curl = re.search(r"curl -s http://127\.0\.0\.1:8000(/v1/chat/completions).*?-d '(.*?)'",
+                     readme, re.S)
+    http = int(re.search(r"^http on .*:(\d+)$", s.stdout(), re.M).group(1))
+    req = urllib.request.Request(f"http://127.0.0.1:{http}{curl.group(1)}",
+                                 data=curl.group(2).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        body = json.loads(r.read())
+    assert body["object"] == "chat.completion" and body["model"] == "default"
+    assert body["choices"][0]["message"]["role"] == "assistant"
+    assert 0 < body["usage"]["completion_tokens"] <= 32
+
+    grpcurl = re.search(r"grpcurl -plaintext -d '(.*?)'\s*\\\s*127\.0\.0\.1:50051 "
+                        r"([\w.]+)/(\w+)", readme, re.S)
+    service, method = grpcurl.group(2), grpcurl.group(3)
+    with grpc.insecure_channel(f"127.0.0.1:{s.port()}") as ch:
+        pool = descriptor_pool.DescriptorPool(ProtoReflectionDescriptorDatabase(ch))
+        m = pool.FindServiceByName(service).FindMethodByName(method)
+        req_cls = message_factory.GetMessageClass(m.input_type)
+        resp_cls = message_factory.GetMessageClass(m.output_type)
+        call = ch.unary_stream(f"/{service}/{method}", req_cls.SerializeToString,
+                               resp_cls.FromString)
+        replies = [json_format.MessageToDict(r) for r in call(
+            json_format.Parse(grpcurl.group(1), req_cls()), timeout=120)]
+    assert replies and replies[-1].get("finished"), replies
+    assert 0 < sum(len(r.get("tokenIds", [])) for r in replies) <= 32
+
+
 STAGES = ["loading weights: random:tiny", "loaded weights: random:tiny", "compiling shapes",
           "latency model", "ready in"]
 
@@ -80,12 +135,10 @@ STAGES = ["loading weights: random:tiny", "loaded weights: random:tiny", "compil
 def test_start_up_stages_show_on_stderr_then_quiet_with_log_level_warning(tmp_path):
     home = tmp_path / "home"
     xla = ("--compilation-cache-dir", str(tmp_path / "xla"))
-    s = _serve(tmp_path / "a", *TINY, *xla, "--http-port", "free", home=home)
-    try:
-        s.wait_listening(600)
-        assert wait_until(lambda: "ready in" in s.stderr(), 10)
-    finally:
-        s.stop()
+    # README's serve example with its default ports replaced by free ones; its curl and
+    # grpcurl calls answered while it is up
+    s = _up_then_stop(_serve(tmp_path / "a", *TINY, *xla, "--http-port", "free",
+                             "--served-model-name", "default", home=home), _readme_calls)
     err, out = s.stderr(), s.stdout()
     for stage in STAGES:
         assert stage in err, stage
@@ -105,12 +158,7 @@ def test_start_up_stages_show_on_stderr_then_quiet_with_log_level_warning(tmp_pa
     assert f"http on 127.0.0.1:{ready.group(2)}" in out
 
     # the second start finds the latency model (and compiled executables) cached
-    s = _serve(tmp_path / "b", *TINY, *xla, "--http-port", "0", home=home)
-    try:
-        s.wait_listening(600)
-        assert wait_until(lambda: "ready in" in s.stderr(), 10)
-    finally:
-        s.stop()
+    s = _up_then_stop(_serve(tmp_path / "b", *TINY, *xla, "--http-port", "0", home=home))
     err = s.stderr()
     assert "latency model: loaded" in err and "profiling latency model" not in err
     hits = re.search(r"persistent cache: (\d+) hits", err)
