@@ -4,7 +4,10 @@ and with tp 1, with the leader's safepoint decisions crossing processes; `serve`
 processes answers gRPC with the same tokens and both processes end with 0 on SIGTERM; a
 follower killed with SIGKILL or stopped with SIGSTOP makes the leader exit non-zero within
 a bound instead of hanging; processes started with different flags are refused at
-start-up, the message naming the flag.
+start-up, the message naming the flag. Offline KV: online arrivals evict offline requests
+whose KV each process checkpoints to its own host pool and restores (tokens of one
+process); a SIGTERM mid-batch saves the items' KV and a restart of both processes resumes
+them with the tokens of one process; a checkpoint from another process layout is refused.
 
 Each test launches its processes itself (tests/multiprocess_worker.py or the CLI) on a free
 port, with hard timeouts, and kills whatever is still running when it ends."""
@@ -140,6 +143,30 @@ def test_leader_exits_with_an_error_when_a_follower_hangs(launched):
     assert "heartbeat" in text or "another task died" in text, text[-3000:]
 
 
+SERVE_ENGINE = ["--model", "random:tiny", "--no-warmup", "--max-model-len", "64",
+                "--max-num-seqs", "4", "--max-prefill-tokens", "32", "--block-size", "4",
+                "--kv-cache-tokens", "256", "--no-enable-prefix-caching"]
+
+
+def serve_pair(launched, port: int, data_dirs, *extra: str) -> tuple[Proc, Proc, int]:
+    """`conserve-jax -v serve` on two processes (coordinator on `port`); waits until process
+    0 listens. Returns (leader, follower, gRPC port)."""
+    multi = ["--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2",
+             "--cpu-devices", "2", "--process-timeout-s", "10"]
+    procs = []
+    for pid in (0, 1):
+        p = Proc([sys.executable, "-m", "conserve_jax.entrypoints.cli", "-v", "serve", "--port",
+                  "0", "--http-port", "0", "--data-dir", str(data_dirs[pid]), *extra, *multi,
+                  "--process-id", str(pid)])
+        launched.append(p)
+        procs.append(p)
+    leader, follower = procs
+    assert wait_until(lambda: any(line.startswith("listening on ") for line in leader.out)
+                      or leader.proc.poll() is not None, 400, 0.1), leader.log()
+    line = next(l for l in leader.out if l.startswith("listening on "))
+    return leader, follower, int(line.rsplit(":", 1)[1])
+
+
 @pytest.mark.slow
 def test_serve_over_two_processes(tmp_path, launched):
     """`serve` on two processes: process 0 answers gRPC with the tokens of one process;
@@ -147,23 +174,9 @@ def test_serve_over_two_processes(tmp_path, launched):
     from conserve_jax.client import Client
     from conserve_jax.entrypoints.llm import LLM
 
-    port = free_port()
-    engine = ["--model", "random:tiny", "--no-warmup", "--max-model-len", "64",
-              "--max-num-seqs", "4", "--max-prefill-tokens", "32", "--block-size", "4",
-              "--kv-cache-tokens", "256", "--no-enable-prefix-caching", "--policy", "fcfs"]
-    multi = ["--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2",
-             "--cpu-devices", "2", "--process-timeout-s", "10"]
-    procs = []
-    for pid in (0, 1):
-        p = Proc([sys.executable, "-m", "conserve_jax.entrypoints.cli", "serve", "--port", "0",
-                  "--http-port", "0", "--data-dir", str(tmp_path / f"data{pid}"), *engine,
-                  *multi, "--process-id", str(pid)])
-        launched.append(p)
-        procs.append(p)
-    leader, follower = procs
-    assert wait_until(lambda: any(line.startswith("listening on ") for line in leader.out)
-                      or leader.proc.poll() is not None, 400, 0.1), leader.log()
-    grpc_port = int(next(l for l in leader.out if l.startswith("listening on ")).rsplit(":", 1)[1])
+    leader, follower, grpc_port = serve_pair(
+        launched, free_port(), [tmp_path / "data0", tmp_path / "data1"], *SERVE_ENGINE,
+        "--policy", "fcfs")
     with Client(f"127.0.0.1:{grpc_port}") as c:
         got = [[t for ch in c.generate(token_ids=ids, max_tokens=12, temperature=0.0,
                                        ignore_eos=True) for t in ch.token_ids]
@@ -190,3 +203,110 @@ def test_an_iteration_abandoned_at_a_safepoint_resumes_across_processes(tmp_path
     assert len(got["straight"]) == 3  # two decodes and the prefill chunk's token
     assert got["resumed"] == got["straight"]
     assert got["detached"][-1] == got["straight"][-1]
+
+
+@pytest.mark.slow
+def test_offline_kv_checkpoints_across_processes(tmp_path, launched):
+    """Online arrivals evict offline requests (each process copies its own KV heads to its
+    own host pool) and preempt offline iterations; the evicted requests resume from host
+    on every process. Tokens equal one process's (tp 4) with every request alone."""
+    from conserve_jax.engine_args import engine_config
+    from tests.multiprocess_worker import COSERVE, coserve_mix
+
+    out = tmp_path / "mix.json"
+    port = free_port()
+    procs = [worker(launched, pid, port, "--mode", "coserve", "--out", str(out))
+             for pid in (0, 1)]
+    for p in procs:
+        assert p.wait(timeout=400) == 0, p.log()
+    got = json.loads(out.read_text())
+    assert got["evictions"] > 0 and got["restored_tokens"] > 0 and got["blocks_restored"] > 0
+    assert got["host_slots_used"] == 0  # every slot released
+    alone = coserve_mix(engine_config(**{**COSERVE, "policy": "fcfs", "num_blocks": 512}, tp=4))
+    assert got["tokens"] == alone["tokens"]
+
+
+N_ITEMS, ITEM_TOKENS = 4, 96
+
+
+def batch_items() -> list[dict]:
+    return [{"token_ids": [5 + (7 * i + j) % 250 for j in range(24 + 9 * i)],
+             "max_tokens": ITEM_TOKENS, "temperature": 0.0, "ignore_eos": True}
+            for i in range(N_ITEMS)]
+
+
+BATCH_ENGINE = ["--model", "random:tiny", "--no-warmup", "--max-model-len", "160",
+                "--max-num-seqs", "4", "--max-prefill-tokens", "32", "--block-size", "4",
+                "--num-blocks", "256", "--no-enable-prefix-caching", "--batch-in-flight", "4",
+                "--drain-timeout", "0"]
+
+
+def batch_reference() -> list[list[int]]:
+    """Each item's greedy tokens from one process (tp 4)."""
+    from conserve_jax.entrypoints.llm import LLM
+    from conserve_jax.sampling_params import SamplingParams
+
+    with LLM(model="random:tiny", warmup=False, max_model_len=160, max_num_seqs=4,
+             max_prefill_tokens=32, block_size=4, num_blocks=256,
+             enable_prefix_caching=False, tp=4) as llm:
+        outs = llm.generate([it["token_ids"] for it in batch_items()],
+                            SamplingParams(max_tokens=ITEM_TOKENS, temperature=0.0,
+                                           ignore_eos=True))
+    return [o.token_ids for o in outs]
+
+
+@pytest.mark.slow
+def test_sigterm_restart_resumes_saved_offline_kv_across_processes(tmp_path, launched):
+    """SIGTERM on process 0 mid-batch saves the items' tokens and KV (every process's heads,
+    joined into one checkpoint per item in process 0's data dir); both processes exit 0; a
+    restart of both resumes the items from there with the tokens of one process."""
+    from conserve_jax.client import Client
+
+    data = [tmp_path / "data0", tmp_path / "data1"]
+    leader, follower, grpc_port = serve_pair(launched, free_port(), data, *BATCH_ENGINE)
+    with Client(f"127.0.0.1:{grpc_port}") as c:
+        bid = c.submit_batch(batch_items())
+
+        def all_started():
+            st = c.stats()
+            return st["offline_running"] == N_ITEMS and st["offline_tokens_total"] >= N_ITEMS
+        assert wait_until(all_started, 300, 0.02), leader.log()
+        leader.proc.send_signal(signal.SIGTERM)
+        assert leader.wait(timeout=120) == 0, leader.log()
+    assert follower.wait(timeout=120) == 0, follower.log()
+    saved = sorted(os.listdir(data[0] / "offline-kv"))
+    assert len(saved) == N_ITEMS, leader.log()
+    leader, follower, grpc_port = serve_pair(launched, free_port(), data, *BATCH_ENGINE)
+    with Client(f"127.0.0.1:{grpc_port}") as c:
+        results = list(c.batch_results(bid, timeout=300))
+        stats = c.stats()
+    leader.proc.send_signal(signal.SIGTERM)
+    assert leader.wait(timeout=120) == 0, leader.log()
+    assert follower.wait(timeout=120) == 0, follower.log()
+    assert sum("resumes:" in line for line in leader.err) == N_ITEMS, leader.log()
+    assert stats["restored_tokens"] > 0
+    assert [r.index for r in results] == list(range(N_ITEMS))
+    assert [list(r.token_ids) for r in results] == batch_reference()
+    assert os.listdir(data[0] / "offline-kv") == []
+
+
+def test_a_checkpoint_from_another_process_layout_is_refused(tmp_path, caplog):
+    """A request saved by a 2-process run is not resumed by a 1-process engine with the same
+    tp (or the other way round): the log line names what differs."""
+    import numpy as np
+
+    from conserve_jax.engine.offline_suspension import OfflineSuspension
+    from conserve_jax.engine_args import engine_config
+    from conserve_jax.kv.persist import CheckpointDir, SavedRequest
+
+    def layout(processes):
+        cfg = engine_config(model="random:tiny", tp=4, num_processes=processes,
+                            coordinator_address="127.0.0.1:1" if processes > 1 else None)
+        return OfflineSuspension(cfg, None, 512, 64).layout()
+    assert layout(2) != layout(1)
+    blocks = np.ones((2, 2, 2, 4, 4, 16), np.float32)
+    CheckpointDir(str(tmp_path), layout(2), 1 << 30).save_all(
+        [("b-0", SavedRequest([1, 2, 3], [4], 7, 8, blocks))])
+    with caplog.at_level("WARNING"):
+        assert CheckpointDir(str(tmp_path), layout(1), 1 << 30).load("b-0") is None
+    assert "different engine layout (processes: saved 2 != this engine's 1)" in caplog.text

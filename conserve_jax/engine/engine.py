@@ -25,11 +25,10 @@ from conserve_jax.config import EngineConfig
 from conserve_jax.engine_api import (EngineAPI, EngineStats, GenerationRequest,
                                      RequestStream, urgent_ranks,
                                      validate_expected_output_tokens, validate_prompt)
-from conserve_jax.kv.checkpointer import KVCheckpointer
 from conserve_jax.kv.kv_manager import KVManager
 from conserve_jax.kv.persist import SavedRequest
 from conserve_jax.kv.prefix_hash import root_key
-from conserve_jax.runtime.kv_transfer import KVTransfer
+from conserve_jax.runtime.kv_replica import make_checkpointer
 from conserve_jax.engine.output_delivery import OutputDelivery
 from conserve_jax.engine.offline_suspension import OfflineSuspension
 from conserve_jax.engine.output_processor import OutputProcessor
@@ -55,8 +54,7 @@ class Engine(EngineAPI):
         startup = startup if startup is not None else StartupProgress()
         enable_compilation_cache(config.compilation_cache_dir)
         from conserve_jax.runtime.model_runner import ModelRunner, planned_executables_for
-        # multi-process: no offline KV checkpoints yet (each process would copy its shards)
-        checkpointing = uses_checkpointing(config.policy) and config.num_processes == 1
+        checkpointing = uses_checkpointing(config.policy)
         if loaded is None:
             from conserve_jax.models.loader import load_model, load_model_config
             # refuse a configuration XLA could not compile, before the weights load
@@ -99,13 +97,12 @@ class Engine(EngineAPI):
         self.scheduler = Scheduler(config, self.kv, self.policy)
         self.checkpointer = None
         if self.policy.checkpointing and checkpointing:
-            transfer = KVTransfer(self.runner)
-            self.checkpointer = KVCheckpointer(transfer, config.cache.host_pool_bytes)
+            # multi-process: each process checkpoints its own heads (runtime/kv_replica.py)
+            self.checkpointer = make_checkpointer(self.runner, config.cache.host_pool_bytes,
+                                                  warmup)
             self.scheduler.on_evict = self._kept_on_host
             self.scheduler.on_remove = self.checkpointer.release
             self.scheduler.host_blocks = self.checkpointer.saved_run
-            if warmup:
-                transfer.warmup()
         self.suspension = OfflineSuspension(config, self.checkpointer, self.vocab_size,
                                              self._max_model_len)
         self.outputs = OutputProcessor(self._tokenizer, self._max_model_len)

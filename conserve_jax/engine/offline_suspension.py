@@ -33,11 +33,12 @@ class OfflineSuspension:
     def layout(self) -> dict:
         """What a saved request's KV depends on: a checkpoint made under another layout is
         not used (`EngineConfig.kv_content`: model, random-weight seed, dtypes of weights
-        and compute, block size; plus the tensor-parallel degree and block shape)."""
+        and compute, block size; plus the tensor-parallel degree, the number of processes
+        the devices are spread over, and the block shape)."""
         c = self.config
-        shape = (self.checkpointer.transfer.block_shape if self.checkpointer is not None
-                 else None)
-        return {**c.kv_content(), "tp": c.tp, "block_shape": list(shape) if shape else None}
+        shape = self.checkpointer.block_shape if self.checkpointer is not None else None
+        return {**c.kv_content(), "tp": c.tp, "processes": c.num_processes,
+                "block_shape": list(shape) if shape else None}
 
     @staticmethod
     def worth_saving(seq: Optional[Sequence]) -> bool:
@@ -66,7 +67,7 @@ class OfflineSuspension:
         if len(saved.generated_ids) >= request.sampling.max_tokens:
             raise ValueError("resume: the saved request already generated max_tokens")
         if len(saved.blocks) and (self.checkpointer is None or tuple(saved.blocks.shape[1:])
-                                  != tuple(self.checkpointer.transfer.block_shape)):
+                                  != tuple(self.checkpointer.block_shape)):
             raise ValueError(f"resume: saved blocks of shape {saved.blocks.shape[1:]} do not "
                              f"fit this engine's KV cache")
         return int(saved.seed)

@@ -52,6 +52,12 @@ class KVCheckpointer:
                                         daemon=True)
         self._thread.start()
 
+    @property
+    def block_shape(self) -> tuple:
+        """One block as `export_blocks` returns and `import_blocks` takes it (every layer,
+        K and V, every KV head)."""
+        return tuple(self.transfer.block_shape)
+
     def num_saved_blocks(self, request_id: str) -> int:
         """Leading blocks checkpointed or deliberately left out (cached prefix hits)."""
         return len(self._slots.get(request_id, ()))

@@ -8,11 +8,13 @@ and the KV of its first `len(blocks)` blocks, as the engine's host pool holds th
 On disk (`CheckpointDir`): `<directory>/<key>/` is an orbax checkpoint written by
 `orbax.checkpoint.Checkpointer(CompositeCheckpointHandler())` with two items, "kv" (the
 blocks array, `StandardSave`) and "meta" (`JsonSave`: token state, the engine's layout, a
-CRC32 of the blocks). Orbax writes into `<key>.orbax-checkpoint-tmp*` and renames it to
+CRC32 of the blocks). One process writes and reads it (process 0 in a multi-process run,
+which joins every process's KV heads into its blocks). Orbax writes into `<key>.orbax-checkpoint-tmp*` and renames it to
 `<key>` only when everything is on disk (`AtomicRenameTemporaryPath`), so a save cut short by
 SIGKILL or a full disk leaves a temporary directory, which `CheckpointDir` never loads and
 deletes at open. A finalized checkpoint whose layout (model, dtype, block size, tensor-
-parallel degree, block shape) differs from the engine's, or whose content does not read back
+parallel degree, number of processes, block shape) differs from the engine's (the log line
+names the fields that differ), or whose content does not read back
 or does not match its CRC, is deleted with a log line and the request recomputes.
 
 Threading: not thread-safe; the server's glue calls it from one thread at a time (the batch
@@ -68,6 +70,24 @@ def _dir_bytes(path: str) -> int:
     return total
 
 
+def _this_process_only(ocp):
+    """Orbax options for a checkpoint written and read by this process alone: in a
+    multi-process run orbax would otherwise wait at barriers for every process (only
+    process 0 saves; the other processes' KV heads are already joined into its blocks)."""
+    import jax
+
+    me = jax.process_index()
+    return ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me},
+                                              barrier_sync_key_prefix=f"conserve-kv-{me}")
+
+
+def layout_differences(saved: dict, mine: dict) -> str:
+    """'name: saved value != this engine's' for every field that differs."""
+    names = sorted(set(saved) | set(mine))
+    return "; ".join(f"{n}: saved {saved.get(n)!r} != this engine's {mine.get(n)!r}"
+                     for n in names if saved.get(n) != mine.get(n))
+
+
 class CheckpointDir:
     """Saved requests under `directory`, keyed by a caller-chosen name ([A-Za-z0-9_.:-]+).
     `layout` describes the engine that may use them (compared on load); `max_bytes` bounds
@@ -89,8 +109,11 @@ class CheckpointDir:
         if self._ocp is None:
             import orbax.checkpoint as ocp
 
+            alone = _this_process_only(ocp)
+            handler = ocp.CompositeCheckpointHandler(
+                composite_options=ocp.CompositeOptions(multiprocessing_options=alone))
+            self._ckpt = ocp.Checkpointer(handler, multiprocessing_options=alone)
             self._ocp = ocp
-            self._ckpt = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
         return self._ocp
 
     def _path(self, key: str) -> str:
@@ -158,8 +181,9 @@ class CheckpointDir:
             meta = self._ckpt.restore(path, args=ocp.args.Composite(
                 meta=ocp.args.JsonRestore()))["meta"]
             if meta.get("layout") != self.layout:
-                return self._discard(key, f"made by a different engine layout "
-                                          f"{meta.get('layout')} (this engine: {self.layout})")
+                return self._discard(key, "made by a different engine layout ("
+                                     + layout_differences(meta.get("layout") or {},
+                                                          self.layout) + ")")
             blocks = self._ckpt.restore(path, args=ocp.args.Composite(
                 kv=ocp.args.StandardRestore()))["kv"]["blocks"]
             blocks = np.asarray(blocks)

@@ -1,6 +1,7 @@
 """A follower process of a multi-process run: it holds its shards of the weights and the
 paged KV cache and runs, in order, exactly the jitted calls the leader's runner runs, on
-the batch arrays the leader sends (runtime/plan_channel.py). It never schedules: no
+the batch arrays the leader sends (runtime/plan_channel.py), and repeats the leader's offline
+KV checkpointer calls on its own host pool (runtime/kv_replica.py). It never schedules: no
 scheduler, no policy, no faces, no clock.
 
 `run_follower(config)` is called by the entry points (`generate`, `serve`, `LLM`) on every
@@ -17,7 +18,8 @@ from typing import Optional
 
 from conserve_jax.config import EngineConfig
 from conserve_jax.runtime import distributed
-from conserve_jax.runtime.plan_channel import (OP_EXECUTE, OP_RESUME, OP_STOP, Message,
+from conserve_jax.runtime.kv_replica import FollowerCheckpointer
+from conserve_jax.runtime.plan_channel import (OP_EXECUTE, OP_KV, OP_RESUME, OP_STOP, Message,
                                                PlanChannel)
 
 log = logging.getLogger(__name__)
@@ -31,6 +33,7 @@ class Follower:
     def __init__(self, runner, channel: PlanChannel) -> None:
         self.runner = runner
         self.channel = channel
+        self.kv = FollowerCheckpointer(runner)  # offline KV checkpoints of this process's heads
         self.steps = 0
         self._suspended: collections.OrderedDict = collections.OrderedDict()
 
@@ -40,7 +43,11 @@ class Follower:
             msg = self.channel.recv()
             if msg.op == OP_STOP:
                 log.info("the leader stopped the run after %d steps", self.steps)
+                self.kv.close()
                 return
+            if msg.op == OP_KV:
+                self.kv.apply(msg.ints["method"], msg.ints["args"])
+                continue
             self.step(msg)
 
     def step(self, msg: Message) -> None:

@@ -1,6 +1,7 @@
 """The leader -> followers channel of a multi-process run: each step's padded batch arrays
 (fixed-shape int32/float32/uint32 buffers, `BatchArrays`), the safepoint decisions inside
-an iteration, and the stop at shutdown.
+an iteration, the offline KV checkpointer's calls (runtime/kv_replica.py), and the stop at
+shutdown.
 
 Transport: the `jax.distributed` coordinator's key-value store. The leader writes message
 n under `conserve/step/n`; every follower reads the messages in order (a blocking get,
@@ -33,6 +34,7 @@ KEEP = 16  # messages kept in the store behind the newest
 POLL_MS = 1000
 
 OP_EXECUTE, OP_RESUME, OP_SAFEPOINT, OP_STOP = "execute", "resume", "safepoint", "stop"
+OP_KV = "kv"  # a checkpointer call: ints {"method": name, "args": JSON list}
 
 _BATCH = ("token_ids", "positions", "slot_blocks", "slot_offsets", "dec_tables", "dec_lens",
           "pre_tables", "pre_start", "pre_seq", "sample_rows")
@@ -83,7 +85,8 @@ def decode(data: bytes) -> Message:
 
 
 class PlanChannel:
-    """Leader side: `send_execute`, `send_resume`, `send_decision`, `send_stop`. Follower
+    """Leader side: `send_execute`, `send_resume`, `send_decision`, `send_kv`, `send_stop`.
+    Follower
     side: `recv` (any message) and `recv_decision` (the next message, which must be a
     safepoint decision)."""
 
@@ -128,6 +131,10 @@ class PlanChannel:
     def send_decision(self, layers_done: int, abandon: bool) -> None:
         self._send(Message(OP_SAFEPOINT, {"layers_done": layers_done,
                                           "abandon": int(abandon)}))
+
+    def send_kv(self, method: str, args: list) -> None:
+        """A checkpointer call the followers repeat on their own pools (JSON arguments)."""
+        self._send(Message(OP_KV, {"method": method, "args": args}))
 
     def send_stop(self) -> None:
         self._send(Message(OP_STOP, {}))
