@@ -17,7 +17,9 @@ Everything that can be checked cheaply is checked before the model loads: the to
 the TLS pair (parsed with `ssl`), and the batch database (opened and locked; a second
 server on the same data dir is refused). A second SIGTERM/SIGINT while draining exits at
 once (code 130). If the engine's step loop dies, the server stops and `run` returns
-`EXIT_ENGINE_FAILED`, so a supervisor restarts it; batches resume from the database.
+`EXIT_ENGINE_FAILED`, so a supervisor restarts it; batches resume from the database (a
+multi-process run's process 0 exits at once with that code, without jax.distributed's exit
+barrier, which would wait for a dead follower and then abort).
 """
 from __future__ import annotations
 
@@ -232,6 +234,10 @@ def run(args) -> int:
     app.stop()
     if dead:
         print(f"engine failed ({engine.failure}); exiting for a restart", file=sys.stderr, flush=True)
+        if args.num_processes > 1:  # jax.distributed's exit barrier would wait for a dead
+            logging.shutdown()      # peer (process_timeout_s), then abort the process
+            sys.stdout.flush()
+            os._exit(EXIT_ENGINE_FAILED)
         return EXIT_ENGINE_FAILED
     print("stopped", flush=True)
     return 0

@@ -23,6 +23,7 @@ import threading
 
 import pytest
 
+from conserve_server.main import EXIT_ENGINE_FAILED
 from tests.conftest_server import REPO, wait_until
 from tests.multiprocess_worker import ENGINE, PROMPTS, outputs_json, sampling
 
@@ -310,3 +311,62 @@ def test_a_checkpoint_from_another_process_layout_is_refused(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         assert CheckpointDir(str(tmp_path), layout(1), 1 << 30).load("b-0") is None
     assert "different engine layout (processes: saved 2 != this engine's 1)" in caplog.text
+
+
+@pytest.mark.slow
+def test_follower_killed_during_a_batch_then_restart_finishes_it_once(tmp_path, launched):
+    """kill -9 of the follower while `serve` runs a durable batch and an online stream:
+    process 0's health turns NOT_SERVING, the open stream ends with an error, process 0
+    exits non-zero within a bound; a restart of both processes finishes the batch with
+    exactly one result per item, the tokens of one process."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from conserve_jax.client import Client
+
+    data = [tmp_path / "data0", tmp_path / "data1"]
+    leader, follower, grpc_port = serve_pair(launched, free_port(), data, *BATCH_ENGINE)
+    target = f"127.0.0.1:{grpc_port}"
+    health, stream_end = [], []
+    channel = grpc.insecure_channel(target)
+
+    def watch():
+        try:
+            for r in health_pb2_grpc.HealthStub(channel).Watch(
+                    health_pb2.HealthCheckRequest(service="")):
+                health.append(r.status)
+        except grpc.RpcError:
+            pass
+
+    def online(c):
+        try:
+            chunks = list(c.generate(token_ids=PROMPTS[0], max_tokens=150, temperature=0.0,
+                                     ignore_eos=True))
+            stream_end.append(chunks[-1].finish_reason)
+        except grpc.RpcError as e:
+            stream_end.append(e.code())
+    threads = [threading.Thread(target=watch, daemon=True)]
+    with Client(target) as c:
+        bid = c.submit_batch(batch_items())
+        assert wait_until(lambda: c.stats()["offline_tokens_total"] >= N_ITEMS, 300, 0.02)
+        threads.append(threading.Thread(target=online, args=(c,), daemon=True))
+        for t in threads:
+            t.start()
+        assert wait_until(lambda: c.stats()["online_running"] == 1 and bool(health), 60, 0.01)
+        follower.proc.kill()
+        code = leader.wait(timeout=120)  # a bound, not a speed target: a hang fails
+        threads[1].join(timeout=30)
+    channel.close()
+    assert follower.wait(timeout=30) != 0
+    assert code == EXIT_ENGINE_FAILED, leader.log()
+    assert "health NOT_SERVING" in leader.log()
+    assert health_pb2.HealthCheckResponse.NOT_SERVING in health, health
+    assert stream_end and stream_end[0] not in ("length", "stop"), stream_end
+    leader, follower, grpc_port = serve_pair(launched, free_port(), data, *BATCH_ENGINE)
+    with Client(f"127.0.0.1:{grpc_port}") as c:
+        results = list(c.batch_results(bid, timeout=300))
+    leader.proc.send_signal(signal.SIGTERM)
+    assert leader.wait(timeout=120) == 0, leader.log()
+    assert follower.wait(timeout=120) == 0, follower.log()
+    assert [r.index for r in results] == list(range(N_ITEMS))
+    assert [list(r.token_ids) for r in results] == batch_reference()
