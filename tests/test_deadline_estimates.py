@@ -202,3 +202,36 @@ def test_served_order_matches_a_step_by_step_simulation():
         for j in jobs:
             want = 0.0 if j.remaining <= 0 else last[j.job_id]
             assert est[j.job_id].finish_at == pytest.approx(want), (jobs, j)
+
+
+def test_meter_measures_decode_speed_per_running_sequence():
+    m = HarvestMeter(WorkCost(), window_s=100.0, min_span_s=2.0)
+    gen = 0
+    for t in range(6):  # 4 sequences running, 8 tokens a second between them
+        m.observe(float(t), 0, gen, True, running=4)
+        gen += 8
+    assert m.decode_speed() == pytest.approx(2.0)  # tokens/s per running sequence
+    m2 = HarvestMeter(WorkCost(), window_s=100.0, min_span_s=2.0)
+    m2.observe(0.0, 0, 0, True, running=0)
+    m2.observe(5.0, 0, 0, True, running=0)
+    assert m2.decode_speed() is None  # nothing ran: no speed
+
+
+def test_generation_tail_and_hopeless_jobs():
+    """A job of few items is bound by how long its items generate, not by throughput; a
+    job that misses even served first is hopeless (no priority for it), unless borrowing's
+    gain would save it."""
+    now = 0.0
+    few = JobWork("few", 30.0, 10.0, tail_s=25.0)  # 10 s of work, then 25 s of generating
+    est = estimate([few], rate=1.0, now=now)
+    assert est["few"].finish_at == pytest.approx(35.0) and est["few"].slack_s == pytest.approx(-5)
+    assert est["few"].at_risk and est["few"].hopeless
+    est = estimate([few], rate=1.0, now=now, gain=2.0)  # served first at 2x: 17.5 s
+    assert est["few"].at_risk and not est["few"].hopeless
+    v = admit([], few, rate=1.0, now=now)
+    assert not v.feasible and v.finish_at == pytest.approx(35.0)
+    assert admit([], few, rate=1.0, now=now, gain=2.0).feasible
+    # behind 15 units of another job in the engine it is at risk, not hopeless (alone: 5+25)
+    est = estimate([JobWork("o", 99.0, 15.0, in_engine=15.0), JobWork("f", 40.0, 5.0, tail_s=25.0)],
+                   rate=1.0, now=now)
+    assert est["f"].at_risk and not est["f"].hopeless

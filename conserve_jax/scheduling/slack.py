@@ -14,7 +14,9 @@ Model: the order the engine actually serves offline work, at the harvest rate.
 3. Then the rest of the other jobs' items, as they will be claimed: EDF (jobs without a
    deadline last, ties in the order given).
 A job's estimated finish is now plus the work served before its last piece, divided by the
-rate; its slack is its deadline minus that finish (negative: predicted to miss). With no
+rate, plus its tail (`JobWork.tail_s`: how long its last item generates once its prompt is
+in, from `HarvestMeter.decode_speed`); its slack is its deadline minus that finish
+(negative: predicted to miss). With no
 work inside the engine and nothing urgent, this is plain EDF: the work "already promised to
 earlier deadlines" the issue speaks of.
 
@@ -26,6 +28,11 @@ Judging without the job's own priority keeps the flag from flapping: priority ma
 look safe, and dropping the flag because of that would take the priority away again. So a
 job behind a long queue of other jobs' items in the engine (a loose job submitted first) is
 at risk as soon as that queue would make it miss, though plain EDF says it fits.
+
+Hopeless: a job that misses even served before everything else (at the most borrowing can
+give, under deadline_policy borrow). Giving it priority would only make the jobs behind it
+miss too (EDF's domino effect under overload), so the caller does not (`isolate`: a job that
+cannot make it expires).
 
 No harvest history (rate None): nothing can be estimated. The contract callers rely on:
 every estimate is None, nothing is at risk, and `admit` accepts (reason "no harvest
@@ -50,6 +57,7 @@ class JobWork:
     remaining: float  # work units left (>= 0)
     in_engine: float = 0.0  # of `remaining`, work units of items inside the engine
     urgent: bool = False  # served first among offline work now (at risk at the last look)
+    tail_s: float = 0.0  # seconds its last item generates for after its work is served
 
     @property
     def unclaimed(self) -> float:
@@ -62,6 +70,7 @@ class Estimate:
     finish_at: Optional[float]  # None: unknown (no rate) or never (rate 0)
     slack_s: Optional[float]  # deadline - finish_at; None without deadline or estimate
     at_risk: bool
+    hopeless: bool = False  # misses even when served before everything else (at `gain`)
 
 
 @dataclass(frozen=True)
@@ -135,33 +144,45 @@ class _ServedOrder:
         return ahead + self.calm_cum[k] + j.unclaimed
 
 
+def _job_finish(now: float, j: JobWork, work: float, rate: float, gain: float = 1.0) -> float:
+    """When `j` is done if `work` units (its own included) are served before its last
+    piece: the work at `rate`, then its last item's generation tail (both `gain` x faster)."""
+    if j.remaining <= 0:
+        return now
+    return _finish(now, work, rate * gain) + j.tail_s / gain
+
+
 def estimate(jobs: Iterable[JobWork], rate: Optional[float], now: float,
-             at_risk_margin: float = 0.2) -> dict[str, Estimate]:
-    """Per job: estimated finish and slack in the served order, and the at-risk flag
-    (judged without the job's own priority; module docstring)."""
+             at_risk_margin: float = 0.2, gain: float = 1.0) -> dict[str, Estimate]:
+    """Per job: estimated finish and slack in the served order, the at-risk flag (judged
+    without the job's own priority; module docstring) and whether it is hopeless: past its
+    deadline even if served before everything else at `gain` x the rate (borrowing's most;
+    1 under isolate), so priority would only make other jobs miss too."""
     jobs = list(jobs)
     if rate is None:
         return {j.job_id: Estimate(j.job_id, None, None, False) for j in jobs}
     order = _ServedOrder(jobs)
     out: dict[str, Estimate] = {}
     for j in jobs:
-        fin = _finish(now, order.before(j), rate)
+        fin = _job_finish(now, j, order.before(j), rate)
         if j.deadline is None:
             out[j.job_id] = Estimate(j.job_id, None if math.isinf(fin) else fin, None, False)
             continue
         slack = j.deadline - fin
-        alone = _finish(now, order.before_without_priority(j), rate)
+        alone = _job_finish(now, j, order.before_without_priority(j), rate)
         slack_alone, need = j.deadline - alone, alone - now
         at_risk = j.remaining > 0 and (slack_alone < 0 or slack_alone < at_risk_margin * need)
+        hopeless = j.remaining > 0 and _job_finish(now, j, j.remaining, rate, gain) > j.deadline
         out[j.job_id] = Estimate(j.job_id, None if math.isinf(fin) else fin,
-                                 None if math.isinf(slack) else slack, at_risk)
+                                 None if math.isinf(slack) else slack, at_risk, hopeless)
     return out
 
 
 def admit(jobs: Iterable[JobWork], new: JobWork, rate: Optional[float],
-          now: float) -> Verdict:
+          now: float, gain: float = 1.0) -> Verdict:
     """Can `new` finish by its deadline behind the work promised to deadlines at or before
-    its own, at `rate`? (Jobs with later deadlines go after it and do not count.)"""
+    its own, at `rate` (and its generation tail), both `gain` x faster (borrowing's most)?
+    (Jobs with later deadlines go after it and do not count.)"""
     if rate is None:
         return Verdict(True, None, "no harvest history")
     ahead = [j for j in jobs if j.deadline is not None and new.deadline is not None
@@ -169,9 +190,9 @@ def admit(jobs: Iterable[JobWork], new: JobWork, rate: Optional[float],
     work = sum(max(0.0, j.remaining) for j in ahead) + max(0.0, new.remaining)
     if new.deadline is None:
         later = sum(max(0.0, j.remaining) for j in jobs)  # everything else goes first
-        fin = _finish(now, later + max(0.0, new.remaining), rate)
+        fin = _job_finish(now, new, later + max(0.0, new.remaining), rate)
         return Verdict(True, None if math.isinf(fin) else fin, "no deadline")
-    fin = _finish(now, work, rate)
+    fin = _job_finish(now, new, work, rate, gain)
     if fin <= new.deadline:
         return Verdict(True, fin, "fits")
     miss = "forever (nothing harvested)" if math.isinf(fin) else f"by {fin - new.deadline:.0f} s"

@@ -176,22 +176,32 @@ class DeadlineTracker:
         inside = min(items_left, self._in_engine.get(row.id, 0))
         return JobWork(row.id, row.deadline, left,
                        in_engine=left * inside / items_left if items_left else 0.0,
-                       urgent=row.id in urgent)
+                       urgent=row.id in urgent,
+                       tail_s=self.tail_s(row.work_output_tokens / row.total if row.total else 0))
 
-    def admit(self, work: BatchWork, deadline: Optional[float]) -> tuple[Verdict, BatchWork]:
-        """Judge a new batch of `work` (tokens) with `deadline` against the active batches
-        (read from the store now) at the current harvest rate. Returns the verdict and the
+    def tail_s(self, output_tokens_per_item: float) -> float:
+        """Seconds an item generates `output_tokens_per_item` tokens for once its prompt is
+        in, at the measured per-sequence decode speed (0 before any was measured)."""
+        speed = self.meter.decode_speed()
+        return output_tokens_per_item / speed if speed else 0.0
+
+    def admit(self, work: BatchWork, deadline: Optional[float],
+              items: int = 1) -> tuple[Verdict, BatchWork]:
+        """Judge a new batch of `work` (tokens, over `items` items) with `deadline` against
+        the active batches (read from the store now) at the current harvest rate and decode
+        speed. Returns the verdict and the
         `BatchWork` to store (with the estimate). The caller refuses an infeasible batch
         unless `accept_infeasible`; `note_refused` / `note_accepted` count it."""
         now = self.clock()
         jobs = [self._job(r) for r in self.store.active()]
-        new = JobWork("new", deadline, self.units(work.prompt_tokens, work.output_tokens))
+        new = JobWork("new", deadline, self.units(work.prompt_tokens, work.output_tokens),
+                      tail_s=self.tail_s(work.output_tokens / max(1, items)))
         rate = self.rate()
         v = admit(jobs, new, rate, now)
         if not v.feasible and self.borrow_gain > 1.0 and rate is not None:
             # deadline_policy borrow: refused only if it misses even when served at the
             # most borrowing can give; the estimate stored stays the one at the harvest rate
-            b = admit(jobs, new, rate * self.borrow_gain, now)
+            b = admit(jobs, new, rate, now, gain=self.borrow_gain)
             if b.feasible:
                 v = Verdict(True, v.finish_at, f"fits by borrowing ({v.reason} without)")
         return v, BatchWork(work.prompt_tokens, work.output_tokens, v.finish_at)
@@ -203,7 +213,7 @@ class DeadlineTracker:
         it is predicted to miss its window and `accept_infeasible` is off. Counted in the
         statistics either way."""
         prompt, out = self.work_of(items, tenant)
-        verdict, work = self.admit(BatchWork(prompt, out), deadline)
+        verdict, work = self.admit(BatchWork(prompt, out), deadline, len(items))
         if verdict.feasible:
             return work, None
         with self._lock:
@@ -236,12 +246,13 @@ class DeadlineTracker:
                                                                 else -inf))]
 
     def urgent_batches(self) -> list[str]:
-        """The batches whose items go first: the at-risk ones, earliest deadline first (the
-        order the estimates assume among them), or none with `deadline_order` off."""
+        """The batches whose items go first: the at-risk ones that can still make it (not
+        `hopeless`), earliest deadline first (the order the estimates assume among them),
+        or none with `deadline_order` off."""
         if not self.options.deadline_order:
             return []
-        with self._lock:
-            risky = [e.job_id for e in self._estimates.values() if e.at_risk]
+        with self._lock:  # a hopeless job gets none: it would only drag others down with it
+            risky = [e.job_id for e in self._estimates.values() if e.at_risk and not e.hopeless]
             due = {b: r.deadline for b, r in self._active.items()}
         inf = float("inf")
         return sorted(risky, key=lambda b: due.get(b) if due.get(b) is not None else inf)
@@ -278,7 +289,7 @@ class DeadlineTracker:
         st = self.engine.stats()
         backlogged = st.offline_waiting + st.offline_running > 0
         self.meter.observe(now, st.offline_prefill_tokens_total, st.offline_tokens_total,
-                           backlogged)
+                           backlogged, st.offline_running)
 
     def tick(self, now: Optional[float] = None,
              in_engine: Optional[dict[str, int]] = None) -> None:
@@ -303,7 +314,7 @@ class DeadlineTracker:
         active = {r.id: r for r in rows}
         urgent = frozenset(self.urgent_batches())  # what the engine serves first now
         est = estimate([self._job(r, urgent) for r in rows], rate, now,
-                       self.options.at_risk_margin)
+                       self.options.at_risk_margin, gain=self.borrow_gain)
         ended = [b for b in self._active if b not in active]
         finished: list[BatchRow] = []
         for b in ended:
