@@ -72,14 +72,19 @@ def worker(launched, pid: int, port: int, *extra: str) -> Proc:
     return p
 
 
-@pytest.mark.slow
-def test_two_processes_generate_the_tokens_of_one(tmp_path, launched):
-    out = tmp_path / "out.json"
+def run_workers(launched, out, *extra: str):
+    """Both processes of tests/multiprocess_worker.py to the end (both must exit 0); the
+    JSON process 0 wrote to `out`."""
     port = free_port()
-    procs = [worker(launched, pid, port, "--out", str(out)) for pid in (0, 1)]
+    procs = [worker(launched, pid, port, "--out", str(out), *extra) for pid in (0, 1)]
     for p in procs:
         assert p.wait(timeout=400) == 0, p.log()
-    got = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_two_processes_generate_the_tokens_of_one(tmp_path, launched):
+    got = run_workers(launched, tmp_path / "out.json")
 
     from conserve_jax.entrypoints.llm import LLM
 
@@ -98,21 +103,6 @@ def test_two_processes_generate_the_tokens_of_one(tmp_path, launched):
     assert all(len(top) == 3 for o in got for _, _, top in o["logprobs"])
 
 
-@pytest.mark.slow
-def test_leader_exits_with_an_error_when_a_follower_dies(launched):
-    port = free_port()
-    leader, follower = (worker(launched, pid, port, "--rounds", "100000", "--timeout", "5")
-                        for pid in (0, 1))
-    assert wait_until(lambda: any("round 0 done" in line for line in leader.out)
-                      or leader.proc.poll() is not None, 400, 0.1), leader.log()
-    assert leader.proc.poll() is None, leader.log()
-    follower.proc.kill()  # SIGKILL, mid-run
-    code = leader.wait(timeout=120)  # a bound, not a speed target: a hang fails here
-    assert code != 0
-    text = "".join(leader.err)
-    assert "step loop stopped" in text or "another task died" in text, text[-3000:]
-
-
 def test_processes_with_different_flags_are_refused(launched):
     port = free_port()
     procs = []
@@ -129,19 +119,22 @@ def test_processes_with_different_flags_are_refused(launched):
 
 
 @pytest.mark.slow
-def test_leader_exits_with_an_error_when_a_follower_hangs(launched):
-    """SIGSTOP: the follower's sockets stay open, so only the missing heartbeats tell."""
+@pytest.mark.parametrize("sig, said", [
+    (signal.SIGKILL, ("step loop stopped", "another task died")),
+    # SIGSTOP: the follower's sockets stay open, so only the missing heartbeats tell
+    (signal.SIGSTOP, ("heartbeat", "another task died"))], ids=["dies", "hangs"])
+def test_leader_exits_with_an_error_when_a_follower_fails(launched, sig, said):
     port = free_port()
     leader, follower = (worker(launched, pid, port, "--rounds", "100000", "--timeout", "5")
                         for pid in (0, 1))
     assert wait_until(lambda: any("round 0 done" in line for line in leader.out)
                       or leader.proc.poll() is not None, 400, 0.1), leader.log()
     assert leader.proc.poll() is None, leader.log()
-    follower.proc.send_signal(signal.SIGSTOP)
+    follower.proc.send_signal(sig)  # mid-run
     code = leader.wait(timeout=120)  # a bound, not a speed target: a hang fails here
     assert code != 0
     text = "".join(leader.err)
-    assert "heartbeat" in text or "another task died" in text, text[-3000:]
+    assert any(s in text for s in said), text[-3000:]
 
 
 SERVE_ENGINE = ["--model", "random:tiny", "--no-warmup", "--max-model-len", "64",
@@ -168,6 +161,13 @@ def serve_pair(launched, port: int, data_dirs, *extra: str) -> tuple[Proc, Proc,
     return leader, follower, int(line.rsplit(":", 1)[1])
 
 
+def stop_pair(leader: Proc, follower: Proc) -> None:
+    """SIGTERM to process 0; both processes must exit 0."""
+    leader.proc.send_signal(signal.SIGTERM)
+    assert leader.wait(timeout=120) == 0, leader.log()
+    assert follower.wait(timeout=120) == 0, follower.log()
+
+
 @pytest.mark.slow
 def test_serve_over_two_processes(tmp_path, launched):
     """`serve` on two processes: process 0 answers gRPC with the tokens of one process;
@@ -182,9 +182,7 @@ def test_serve_over_two_processes(tmp_path, launched):
         got = [[t for ch in c.generate(token_ids=ids, max_tokens=12, temperature=0.0,
                                        ignore_eos=True) for t in ch.token_ids]
                for ids in PROMPTS]
-    leader.proc.send_signal(signal.SIGTERM)
-    assert leader.wait(timeout=120) == 0, leader.log()
-    assert follower.wait(timeout=120) == 0, follower.log()
+    stop_pair(leader, follower)
     with LLM(**{**ENGINE, "policy": "fcfs"}, tp=4) as llm:
         ref = [o.token_ids for o in llm.generate(PROMPTS, sampling())]
     assert got == ref
@@ -194,13 +192,7 @@ def test_serve_over_two_processes(tmp_path, launched):
 def test_an_iteration_abandoned_at_a_safepoint_resumes_across_processes(tmp_path, launched):
     """The leader's safepoint decisions stop the followers at the same layer, and a resume
     (also with decode rows cut loose) continues there on every process."""
-    out = tmp_path / "runner.json"
-    port = free_port()
-    procs = [worker(launched, pid, port, "--mode", "runner", "--out", str(out))
-             for pid in (0, 1)]
-    for p in procs:
-        assert p.wait(timeout=400) == 0, p.log()
-    got = json.loads(out.read_text())
+    got = run_workers(launched, tmp_path / "runner.json", "--mode", "runner")
     assert len(got["straight"]) == 3  # two decodes and the prefill chunk's token
     assert got["resumed"] == got["straight"]
     assert got["detached"][-1] == got["straight"][-1]
@@ -214,13 +206,7 @@ def test_offline_kv_checkpoints_across_processes(tmp_path, launched):
     from conserve_jax.engine_args import engine_config
     from tests.multiprocess_worker import COSERVE, coserve_mix
 
-    out = tmp_path / "mix.json"
-    port = free_port()
-    procs = [worker(launched, pid, port, "--mode", "coserve", "--out", str(out))
-             for pid in (0, 1)]
-    for p in procs:
-        assert p.wait(timeout=400) == 0, p.log()
-    got = json.loads(out.read_text())
+    got = run_workers(launched, tmp_path / "mix.json", "--mode", "coserve")
     assert got["evictions"] > 0 and got["restored_tokens"] > 0 and got["blocks_restored"] > 0
     assert got["host_slots_used"] == 0  # every slot released
     alone = coserve_mix(engine_config(**{**COSERVE, "policy": "fcfs", "num_blocks": 512}, tp=4))
@@ -281,9 +267,7 @@ def test_sigterm_restart_resumes_saved_offline_kv_across_processes(tmp_path, lau
     with Client(f"127.0.0.1:{grpc_port}") as c:
         results = list(c.batch_results(bid, timeout=300))
         stats = c.stats()
-    leader.proc.send_signal(signal.SIGTERM)
-    assert leader.wait(timeout=120) == 0, leader.log()
-    assert follower.wait(timeout=120) == 0, follower.log()
+    stop_pair(leader, follower)
     assert sum("resumes:" in line for line in leader.err) == N_ITEMS, leader.log()
     assert stats["restored_tokens"] > 0
     assert [r.index for r in results] == list(range(N_ITEMS))
@@ -365,8 +349,6 @@ def test_follower_killed_during_a_batch_then_restart_finishes_it_once(tmp_path, 
     leader, follower, grpc_port = serve_pair(launched, free_port(), data, *BATCH_ENGINE)
     with Client(f"127.0.0.1:{grpc_port}") as c:
         results = list(c.batch_results(bid, timeout=300))
-    leader.proc.send_signal(signal.SIGTERM)
-    assert leader.wait(timeout=120) == 0, leader.log()
-    assert follower.wait(timeout=120) == 0, follower.log()
+    stop_pair(leader, follower)
     assert [r.index for r in results] == list(range(N_ITEMS))
     assert [list(r.token_ids) for r in results] == batch_reference()
