@@ -204,19 +204,6 @@ def test_served_order_matches_a_step_by_step_simulation():
             assert est[j.job_id].finish_at == pytest.approx(want), (jobs, j)
 
 
-def test_meter_measures_decode_speed_per_running_sequence():
-    m = HarvestMeter(WorkCost(), window_s=100.0, min_span_s=2.0)
-    gen = 0
-    for t in range(6):  # 4 sequences running, 8 tokens a second between them
-        m.observe(float(t), 0, gen, True, running=4)
-        gen += 8
-    assert m.decode_speed() == pytest.approx(2.0)  # tokens/s per running sequence
-    m2 = HarvestMeter(WorkCost(), window_s=100.0, min_span_s=2.0)
-    m2.observe(0.0, 0, 0, True, running=0)
-    m2.observe(5.0, 0, 0, True, running=0)
-    assert m2.decode_speed() is None  # nothing ran: no speed
-
-
 def test_generation_tail_and_hopeless_jobs():
     """A job of few items is bound by how long its items generate, not by throughput; a
     job that misses even served first is hopeless (no priority for it), unless borrowing's

@@ -244,3 +244,20 @@ def test_borrow_gain_of_the_engine_config():
                               isolation_max=1.5)) == pytest.approx(2.5)
     assert borrow_gain_of(cfg(deadline_policy="borrow", isolation=1.0)) == float("inf")
     assert borrow_gain_of(cfg(deadline_policy="borrow", isolation="off")) == 1.0
+
+
+def test_the_generation_tail_comes_from_finished_items(setup):
+    """Throughput alone calls a few-item batch quick; once finished items show how long
+    each output token took, its estimate adds its items' generation time."""
+    store, eng, clock, tr = setup
+    harvest(eng, clock, tr, 10, 10)
+    w, _ = tr.judge(items(2, hint=20), "t", clock.t + 30, "deadline")  # 60 units: 6 s
+    assert w.estimate_at == pytest.approx(clock.t + 6.0)
+    for tpot in (0.5, 1.0, 2.0):  # median 1 s per token
+        tr.observe_length(pb.GenerateRequest(sampling=pb.SamplingParams(max_tokens=20)),
+                          [3, 4], "t", 20, tpot_s=tpot)
+    assert tr.tail_s(20) == pytest.approx(20.0)
+    w, refusal = tr.judge(items(2, hint=20), "t", clock.t + 30, "deadline")
+    assert refusal is None and w.estimate_at == pytest.approx(clock.t + 26.0)
+    _, refusal = tr.judge(items(2, hint=20), "t", clock.t + 20, "deadline")
+    assert refusal is not None  # 6 s of work, then 20 s of generating: misses 20 s

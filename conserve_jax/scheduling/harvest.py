@@ -18,13 +18,6 @@ for an hour still reports the rate it last harvested at); None until at least
 `min_span_s` backlogged seconds were measured (no history: callers must say what they
 assume instead, see `slack.py`).
 
-`decode_speed()` is the other half of a job's time: generated tokens per second per running
-offline sequence over the same window (readings carry how many offline sequences run).
-Throughput says how soon a job's work is done; this says how long its last item needs to
-generate its output once its prompt is in, one token an iteration that gives offline work a
-decode: with online work in most iterations, an offline sequence may wait many iterations
-for each token, and a job of few items is bound by that, not by throughput.
-
 Pure host code with an explicit clock (callers pass `now`), so tests drive it with a fake
 clock. One owner (the batch runner's thread) feeds it; readers on other threads call
 `rate()`, which reads an immutable tuple (`_intervals` is replaced whole, never mutated in
@@ -78,8 +71,6 @@ class _Reading:
     t: float
     work: float  # cumulative work units
     backlogged: bool
-    generated: int = 0  # cumulative offline generated tokens
-    running: int = 0  # offline sequences running at the reading
 
 
 class HarvestMeter:
@@ -96,55 +87,42 @@ class HarvestMeter:
         self.window_s = window_s
         self.min_span_s = min_span_s
         self._last: Optional[_Reading] = None
-        # backlogged intervals (seconds, work units, generated tokens, sequence-seconds of
-        # running offline sequences), oldest first, covering at most window_s seconds;
-        # replaced whole on every change (readers see a consistent tuple)
-        self._intervals: tuple[tuple[float, float, float, float], ...] = ()
+        # backlogged intervals (seconds, work units), oldest first, covering at most
+        # window_s seconds; replaced whole on every change (readers see a consistent tuple)
+        self._intervals: tuple[tuple[float, float], ...] = ()
 
     def observe(self, now: float, prefill_tokens_total: int, output_tokens_total: int,
-                backlogged: bool, running: int = 0) -> None:
-        """One reading of the engine's cumulative offline counters at wall time `now`, and
-        how many offline sequences run then. A reading earlier than the previous one, or
-        counters that went down (the engine restarted), forget the history."""
+                backlogged: bool) -> None:
+        """One reading of the engine's cumulative offline counters at wall time `now`.
+        A reading earlier than the previous one, or counters that went down (the engine
+        restarted), forget the history."""
         work = self.cost.of(prefill_tokens_total, output_tokens_total)
-        last, self._last = self._last, _Reading(now, work, bool(backlogged),
-                                                int(output_tokens_total), max(0, int(running)))
+        last, self._last = self._last, _Reading(now, work, bool(backlogged))
         if last is None:
             return
-        if now < last.t or work < last.work or output_tokens_total < last.generated:
+        if now < last.t or work < last.work:
             self._intervals = ()
             return
         dt = now - last.t
         if not (last.backlogged and backlogged) or dt <= 0:
             return
-        seqs = dt * (last.running + self._last.running) / 2.0
-        iv = list(self._intervals) + [(dt, work - last.work,
-                                       float(output_tokens_total - last.generated), seqs)]
-        excess = sum(x[0] for x in iv) - self.window_s
+        iv = list(self._intervals) + [(dt, work - last.work)]
+        excess = sum(d for d, _ in iv) - self.window_s
         while excess > 0 and iv:
-            d = iv[0][0]
+            d, w = iv[0]
             if d <= excess:  # wholly outside the window
                 iv.pop(0)
                 excess -= d
             else:  # partly: keep the share inside
                 keep = (d - excess) / d
-                iv[0] = tuple(x * keep for x in iv[0])
+                iv[0] = (d * keep, w * keep)
                 excess = 0
         self._intervals = tuple(iv)
 
     def span(self) -> tuple[float, float]:
         """(backlogged seconds, work units done in them) inside the window."""
         iv = self._intervals
-        return sum(x[0] for x in iv), sum(x[1] for x in iv)
-
-    def decode_speed(self) -> Optional[float]:
-        """Generated tokens per second per running offline sequence inside the window, or
-        None with under `min_span_s` backlogged seconds or no sequence-seconds measured."""
-        iv = self._intervals
-        secs, seqs = sum(x[0] for x in iv), sum(x[3] for x in iv)
-        if secs < self.min_span_s or secs <= 0 or seqs <= 0:
-            return None
-        return sum(x[2] for x in iv) / seqs
+        return sum(d for d, _ in iv), sum(w for _, w in iv)
 
     def rate(self) -> Optional[float]:
         """Work units per backlogged wall second, or None with under `min_span_s` of

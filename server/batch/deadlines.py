@@ -18,7 +18,10 @@ of every item (the length predictor's point estimate: the client's
 else min(128, max_tokens) before anything was seen), weighted by `WorkCost` into work
 units and stored with the batch (`BatchWork`), so every replica sees the same numbers. Its
 remaining work is that times the share of items without a result (items are assumed alike;
-an item half done counts as not done).
+an item half done counts as not done). Its tail: how long its last item generates once its
+prompt is in (expected output tokens per item x the median time per output token of the
+offline items that finished lately, `tail_s`), added to the throughput estimate: a job of
+few items is bound by that, since offline items generate only where isolation leaves room.
 
 No harvest history (fewer than `harvest_min_history_s` backlogged seconds measured, e.g.
 a fresh server): no estimate is made (None everywhere) and every batch is admitted; the
@@ -38,6 +41,7 @@ every replica that saw it active: sum with care).
 from __future__ import annotations
 
 import bisect
+import collections
 import math
 import logging
 import threading
@@ -56,6 +60,7 @@ from conserve_server.config import DeadlineOptions
 log = logging.getLogger(__name__)
 
 DEADLINE_ERROR = "batch deadline exceeded"
+TPOT_SAMPLES = 32  # finished offline items whose time per output token makes the tail
 FLEET_EVERY_S = 2.0  # shared store: how often a replica publishes and reads harvest rates
 # upper bounds (s) of the slack-at-finish histogram's buckets; +Inf is implied
 SLACK_BUCKETS_S = (-3600.0, -600.0, -60.0, -10.0, 0.0, 10.0, 60.0, 600.0, 3600.0, 86400.0)
@@ -124,6 +129,8 @@ class DeadlineTracker:
         self.clock = clock
         self.borrow_gain = max(1.0, float(borrow_gain))
         self._in_engine: dict[str, int] = {}  # batch id -> its items inside the engine
+        # seconds per output token of the offline items that finished last (_lock)
+        self._tpots: collections.deque = collections.deque(maxlen=TPOT_SAMPLES)
         self.meter = HarvestMeter(cost, options.harvest_window_s, options.harvest_min_history_s)
         self._predictor = LengthPredictor()
         self._predictor_lock = threading.Lock()
@@ -150,8 +157,12 @@ class DeadlineTracker:
         return prompt, out
 
     def observe_length(self, req: pb.GenerateRequest, prompt_ids: list[int], tenant: str,
-                       generated: int) -> None:
-        """A batch item finished (stop or length) after `generated` tokens (runner thread)."""
+                       generated: int, tpot_s: Optional[float] = None) -> None:
+        """A batch item finished (stop or length) after `generated` tokens, `tpot_s` seconds
+        per output token after its first (runner thread)."""
+        if tpot_s is not None and tpot_s > 0:
+            with self._lock:
+                self._tpots.append(tpot_s)
         max_tokens, hint = length_inputs(req)
         with self._predictor_lock:
             # registered at submit (`work_of`): not counted a second time
@@ -181,9 +192,12 @@ class DeadlineTracker:
 
     def tail_s(self, output_tokens_per_item: float) -> float:
         """Seconds an item generates `output_tokens_per_item` tokens for once its prompt is
-        in, at the measured per-sequence decode speed (0 before any was measured)."""
-        speed = self.meter.decode_speed()
-        return output_tokens_per_item / speed if speed else 0.0
+        in: that many times the median time per output token of the last `TPOT_SAMPLES`
+        offline items that finished here (0 before any did: the estimate is then
+        throughput alone)."""
+        with self._lock:
+            tpots = sorted(self._tpots)
+        return output_tokens_per_item * tpots[len(tpots) // 2] if tpots else 0.0
 
     def admit(self, work: BatchWork, deadline: Optional[float],
               items: int = 1) -> tuple[Verdict, BatchWork]:
@@ -289,7 +303,7 @@ class DeadlineTracker:
         st = self.engine.stats()
         backlogged = st.offline_waiting + st.offline_running > 0
         self.meter.observe(now, st.offline_prefill_tokens_total, st.offline_tokens_total,
-                           backlogged, st.offline_running)
+                           backlogged)
 
     def tick(self, now: Optional[float] = None,
              in_engine: Optional[dict[str, int]] = None) -> None:

@@ -408,7 +408,7 @@ class BatchRunner:
         if outcome != "error" and self.deadlines is not None:
             self.deadlines.observe_length(item.request, item.prompt_ids,
                                           self._tenant_of.get(item.batch_id, ""),
-                                          final.completion_tokens)
+                                          final.completion_tokens, final.mean_tpot_s)
         return ("commit", item.batch_id, result, outcome, item)
 
     def _heartbeat(self) -> None:
