@@ -4,7 +4,7 @@ devices on one model, and the plan broadcast's cost per step.
 The benchmark is conserve_jax/bench/multihost.py (its module doc says what is measured and
 how); this file only runs its `main`.
 
-    python scripts/bench_multihost.py --model random:small --repeats 3
+    python scripts/bench_multihost.py        # random:small, 5 interleaved repeats per layout
 """
 from conserve_jax.bench.multihost import main
 
