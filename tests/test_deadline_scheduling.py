@@ -118,6 +118,28 @@ def test_urgent_work_goes_in_rank_order_and_a_lower_rank_takes_memory_from_a_hig
     assert late.status.value == "waiting" and sched2.counters.evictions == 0
 
 
+def test_online_work_takes_memory_from_non_urgent_offline_work_first():
+    """Online work evicts the latest-started offline sequence, unless that one is urgent:
+    then a non-urgent one goes (an evicted urgent item could not come back next to online
+    work, which would cost it its window)."""
+    cfg = EngineConfig(model="random:tiny", max_num_seqs=16, max_prefill_tokens=256,
+                       max_prefill_seqs=1, conserve=ConserveConfig(isolation=F))
+    pol = ConservePolicy(cfg.max_num_seqs, cfg.max_prefill_tokens, FakeModel(),
+                         default_ttft_s=2.0, default_tpot_s=0.2, online_waiting=lambda: [],
+                         knobs=cfg.conserve, clock=FakeClock())
+    sched = Scheduler(cfg, KVManager(9, 16), pol)
+    calm, hurry = (make_seq(n, 60, online=False, arrival=i) for i, n in enumerate(("calm", "hurry")))
+    for s in (calm, hurry):
+        sched.add(s)
+    for _ in range(3):
+        commit(sched, sched.schedule())
+    assert calm.status.value == "running" and hurry.status.value == "running"
+    sched.urgent = urgent_ranks({"hurry": 0})  # at risk now: it started last
+    sched.add(make_seq("on", 60, online=True, arrival=10))
+    sched.schedule()
+    assert hurry.status.value == "running" and calm.status.value == "waiting"
+
+
 def test_urgent_work_takes_a_slot_from_other_offline_work():
     cfg = EngineConfig(model="random:tiny", max_num_seqs=2, max_prefill_tokens=256,
                        max_prefill_seqs=1, conserve=ConserveConfig(isolation=F))

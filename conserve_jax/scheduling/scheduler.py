@@ -261,11 +261,23 @@ class Scheduler:
         if not self.policy.priority or not (seq.online or seq.request_id in self.urgent):
             return False
         scheduled = {id(e.seq) for e in step.entries}
-        for v in self._parked_last(reversed(self.running)):
+        for v in self._victim_order(self._parked_last(reversed(self.running))):
             if not v.online and id(v) not in scheduled and (seq.online or self._outranks(seq, v)):
                 self.evict(v)
                 return True
         return False
+
+    def _victim_order(self, seqs: list[Sequence]) -> list[Sequence]:
+        """Offline `seqs` (in eviction order) with the urgent ones last, the lowest rank
+        (earliest deadline) last of all: an online request takes memory or a slot from
+        work without a deadline at stake first. An evicted urgent item would otherwise wait
+        for its host restore until no online work runs (`IsolationBudget`), which under a
+        steady online load is the rest of its window."""
+        u = self.urgent
+        if not u:
+            return list(seqs)
+        inf = float("inf")
+        return sorted(seqs, key=lambda s: -u.get(s.request_id, inf))  # stable
 
     def _parked_last(self, seqs) -> list[Sequence]:
         """`seqs` (in eviction order) with the parked step's kept sequences moved to the end:
@@ -304,7 +316,8 @@ class Scheduler:
         cands = [s for s in self._parked_last(reversed(self.running)) if s is not seq
                  and id(s) not in scheduled and self.kv.num_blocks(s.request_id)]
         if self.policy.priority and seq.online:
-            victims = [s for s in cands if not s.online] + [s for s in cands if s.online and later(s)]
+            victims = (self._victim_order([s for s in cands if not s.online])
+                       + [s for s in cands if s.online and later(s)])
         elif self.policy.priority:
             victims = [s for s in cands if not s.online and self._outranks(seq, s)]
         else:
