@@ -206,15 +206,16 @@ def test_served_order_matches_a_step_by_step_simulation():
 
 def test_generation_tail_and_hopeless_jobs():
     """A job of few items is bound by how long its items generate, not by throughput; a
-    job that misses even served first is hopeless (no priority for it), unless borrowing's
-    gain would save it."""
+    job whose own work alone, served first, ends past its deadline is hopeless (no priority
+    for it), unless borrowing's gain would save it; the tail never makes a job hopeless."""
     now = 0.0
     few = JobWork("few", 30.0, 10.0, tail_s=25.0)  # 10 s of work, then 25 s of generating
     est = estimate([few], rate=1.0, now=now)
     assert est["few"].finish_at == pytest.approx(35.0) and est["few"].slack_s == pytest.approx(-5)
-    assert est["few"].at_risk and est["few"].hopeless
-    est = estimate([few], rate=1.0, now=now, gain=2.0)  # served first at 2x: 17.5 s
     assert est["few"].at_risk and not est["few"].hopeless
+    big = JobWork("big", 30.0, 40.0)  # 40 s of work for 30 s
+    assert estimate([big], rate=1.0, now=now)["big"].hopeless
+    assert not estimate([big], rate=1.0, now=now, gain=2.0)["big"].hopeless  # 20 s at 2x
     v = admit([], few, rate=1.0, now=now)
     assert not v.feasible and v.finish_at == pytest.approx(35.0)
     assert admit([], few, rate=1.0, now=now, gain=2.0).feasible

@@ -29,8 +29,11 @@ look safe, and dropping the flag because of that would take the priority away ag
 job behind a long queue of other jobs' items in the engine (a loose job submitted first) is
 at risk as soon as that queue would make it miss, though plain EDF says it fits.
 
-Hopeless: a job that misses even served before everything else (at the most borrowing can
-give, under deadline_policy borrow). Giving it priority would only make the jobs behind it
+Hopeless: a job whose own remaining work alone, served before everything else (at the most
+borrowing can give, under deadline_policy borrow), ends past its deadline. Judged on
+throughput without the tail: the remaining work counts half-generated items as not started,
+and with the tail added a job well under way looked lost in bench_deadlines and lost its
+priority. Giving it priority would only make the jobs behind it
 miss too (EDF's domino effect under overload), so the caller does not (`isolate`: a job that
 cannot make it expires).
 
@@ -157,7 +160,8 @@ def estimate(jobs: Iterable[JobWork], rate: Optional[float], now: float,
     """Per job: estimated finish and slack in the served order, the at-risk flag (judged
     without the job's own priority; module docstring) and whether it is hopeless: past its
     deadline even if served before everything else at `gain` x the rate (borrowing's most;
-    1 under isolate), so priority would only make other jobs miss too."""
+    1 under isolate; throughput alone, no tail), so priority would only make other jobs
+    miss too."""
     jobs = list(jobs)
     if rate is None:
         return {j.job_id: Estimate(j.job_id, None, None, False) for j in jobs}
@@ -172,7 +176,9 @@ def estimate(jobs: Iterable[JobWork], rate: Optional[float], now: float,
         alone = _job_finish(now, j, order.before_without_priority(j), rate)
         slack_alone, need = j.deadline - alone, alone - now
         at_risk = j.remaining > 0 and (slack_alone < 0 or slack_alone < at_risk_margin * need)
-        hopeless = j.remaining > 0 and _job_finish(now, j, j.remaining, rate, gain) > j.deadline
+        # optimistic on purpose (no tail: an item half generated counts as not started in
+        # `tail_s`, so a job well under way would look lost and be dropped)
+        hopeless = j.remaining > 0 and _finish(now, j.remaining, rate * gain) > j.deadline
         out[j.job_id] = Estimate(j.job_id, None if math.isinf(fin) else fin,
                                  None if math.isinf(slack) else slack, at_risk, hopeless)
     return out
