@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import abc
 import enum
+import logging
 import queue
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping, Optional, Sequence
 
 from conserve_jax.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
 
 
 def urgent_ranks(request_ids) -> dict:
@@ -84,6 +87,9 @@ class RequestOutput:
     completion_tokens: int = 0
     ttft_s: Optional[float] = None  # set on the final delta
     mean_tpot_s: Optional[float] = None  # set on the final delta
+    # submit to the request's first scheduling (vLLM's queued time); set on the final
+    # delta, None if it never ran
+    queue_time_s: Optional[float] = None
     # prompt tokens whose KV came from the prefix cache (vLLM's num_cached_tokens); set
     # on the final delta
     num_cached_tokens: Optional[int] = None
@@ -178,8 +184,34 @@ class EngineStats:
     deadline_borrowed_s: float = 0.0
 
 
+@dataclass(frozen=True)
+class IterationStats:
+    """One committed engine iteration, handed to iteration listeners (vLLM's
+    IterationStats, in part): prompt tokens committed (prefill, incl. recompute) and tokens
+    generated, by class. Summed over iterations they are `EngineStats`' prefill and
+    generated totals."""
+
+    online_prompt_tokens: int = 0
+    online_generation_tokens: int = 0
+    offline_prompt_tokens: int = 0
+    offline_generation_tokens: int = 0
+
+    @property
+    def online_tokens(self) -> int:
+        return self.online_prompt_tokens + self.online_generation_tokens
+
+    @property
+    def offline_tokens(self) -> int:
+        return self.offline_prompt_tokens + self.offline_generation_tokens
+
+
 class EngineAPI(abc.ABC):
     """What the serving layer may ask of an engine."""
+
+    # listeners of committed iterations (a tuple, replaced on change: the step loop reads
+    # it without a lock); see add_iteration_listener
+    _iteration_listeners: tuple = ()
+    _listeners_lock = threading.Lock()
 
     @property
     @abc.abstractmethod
@@ -219,6 +251,26 @@ class EngineAPI(abc.ABC):
         order); a plain set of ids ranks them all alike (`urgent_ranks`). Replaces the
         previous set; ids not in the engine are ignored. Any thread. Default: ignored (an
         engine without that order)."""
+
+    def add_iteration_listener(self, fn: Callable[[IterationStats], None]) -> None:
+        """Call `fn(IterationStats)` after every committed iteration, on the engine's step
+        loop thread: keep it cheap (e.g. observe a histogram). An exception in `fn` is
+        logged and ignored. Any thread."""
+        with self._listeners_lock:
+            self._iteration_listeners = self._iteration_listeners + (fn,)
+
+    def remove_iteration_listener(self, fn: Callable[[IterationStats], None]) -> None:
+        """Stop calling `fn` (unknown listeners are ignored). Any thread."""
+        with self._listeners_lock:
+            self._iteration_listeners = tuple(f for f in self._iteration_listeners if f != fn)
+
+    def _iteration_done(self, it: IterationStats) -> None:
+        """Engines call this on their step loop thread after each committed iteration."""
+        for fn in self._iteration_listeners:
+            try:
+                fn(it)
+            except Exception:
+                log.exception("iteration listener failed")
 
     @property
     def failure(self) -> Optional[str]:

@@ -32,6 +32,7 @@ class Sequence:
     num_computed: int = 0  # tokens whose KV is committed on device
     status: SeqStatus = SeqStatus.WAITING
     arrival: float = field(default_factory=time.monotonic)
+    first_scheduled_time: Optional[float] = None  # first put into an iteration (scheduler)
     first_token_time: Optional[float] = None
     last_token_time: Optional[float] = None
     num_preemptions: int = 0

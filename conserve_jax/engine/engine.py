@@ -4,8 +4,10 @@ Threading contract: `submit`, `cancel`, `stats` and `shutdown` may be called fro
 thread; they only touch the intake queue and the published stats snapshot (under `_lock`)
 and wake the loop. Everything else — scheduler, KV bookkeeping, runner, caches — belongs
 to the single step-loop thread started by the constructor, which publishes an immutable
-`EngineStats` snapshot after every pass. Detokenization, stop strings and delivery to
-request streams run on the output thread (`OutputDelivery`), off the step loop.
+`EngineStats` snapshot after every pass, and hands each committed iteration's record to
+the iteration listeners (`EngineAPI.add_iteration_listener`). Detokenization, stop strings
+and delivery to request streams run on the output thread (`OutputDelivery`), off the step
+loop.
 Failures follow `StepGuard`: an exception anywhere in an iteration fails (or, if nothing
 was committed, retries once) only the requests of that iteration; a loop that keeps
 failing dies, ending every stream with "engine stopped" and setting `failure`.
@@ -23,7 +25,7 @@ import numpy as np
 
 from conserve_jax.config import EngineConfig
 from conserve_jax.engine_api import (EngineAPI, EngineStats, GenerationRequest,
-                                     RequestStream, urgent_ranks,
+                                     IterationStats, RequestStream, urgent_ranks,
                                      validate_expected_output_tokens, validate_prompt)
 from conserve_jax.kv.kv_manager import KVManager
 from conserve_jax.kv.persist import SavedRequest
@@ -466,6 +468,9 @@ class Engine(EngineAPI):
         self._totals = [a + b for a, b in zip(self._totals, counts)]
         with self._lock:
             self._history.append((time.monotonic(), counts[0], counts[1]))
+        self._iteration_done(IterationStats(
+            online_generation_tokens=counts[0], offline_generation_tokens=counts[1],
+            online_prompt_tokens=counts[2], offline_prompt_tokens=counts[3]))
 
     def _resumable(self):
         """The parked (preempted) iteration if it may continue now: no online work is
@@ -508,15 +513,18 @@ class Engine(EngineAPI):
             self._lock.notify_all()
 
     @staticmethod
-    def _timings(seq: Sequence) -> tuple[Optional[float], Optional[float], Optional[int]]:
-        """(TTFT, mean TPOT, prompt tokens found in the prefix cache) of a sequence so far,
-        for its final output."""
+    def _timings(seq: Sequence) -> tuple:
+        """(TTFT, mean TPOT, prompt tokens found in the prefix cache, queue time) of a
+        sequence so far, for its final output (`OutputDelivery.token`/`finish` order)."""
+        queue = None
+        if seq.first_scheduled_time is not None:
+            queue = seq.first_scheduled_time - seq.arrival
         if seq.first_token_time is None:
-            return None, None, seq.num_cached_tokens
+            return None, None, seq.num_cached_tokens, queue
         tpot = None
         if seq.num_generated > 1 and seq.last_token_time is not None:
             tpot = (seq.last_token_time - seq.first_token_time) / (seq.num_generated - 1)
-        return seq.first_token_time - seq.arrival, tpot, seq.num_cached_tokens
+        return seq.first_token_time - seq.arrival, tpot, seq.num_cached_tokens, queue
 
     def _finish(self, seq: Sequence, reason: str, error: Optional[str] = None,
                 notify: bool = True) -> None:

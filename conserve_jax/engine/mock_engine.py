@@ -19,6 +19,11 @@ most all but its last prompt token, times `block_size` (0 with the cache off). `
 counts queries and hits by class, the remembered blocks as `kv_blocks_cached_free`, and the
 evictions. Nothing about generation changes.
 
+Accounting as the engine's: a request's first step also "prefills" its prompt (the tokens
+not found cached), counted in the prefill totals; after each step, iteration listeners get
+that step's prompt and generated tokens by class (`IterationStats`, called after the lock
+is released); the final delta carries `queue_time_s`, submit to admission.
+
 Threading: one step-loop thread (started by the constructor) owns generation; `submit`,
 `cancel`, `stats` and `shutdown` may be called from any thread. All request state is
 guarded by `self._lock`; outputs go through each request's thread-safe `RequestStream`.
@@ -40,9 +45,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from conserve_jax.engine_api import (EngineAPI, EngineStats, GenerationRequest, RequestClass,
-                                     RequestOutput, RequestStream, TokenLogprob, urgent_ranks,
-                                     validate_prompt)
+from conserve_jax.engine_api import (EngineAPI, EngineStats, GenerationRequest,
+                                     IterationStats, RequestClass, RequestOutput, RequestStream,
+                                     TokenLogprob, urgent_ranks, validate_prompt)
 from conserve_jax.engine.step_guard import ENGINE_STOPPED, ITERATION_FAILED, StepGuard, end_stream
 
 log = logging.getLogger(__name__)
@@ -87,6 +92,7 @@ class _Req:
     blocks: int = 0
     first_token_at: Optional[float] = None
     cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
+    admitted_at: Optional[float] = None  # its queue time ends here
 
 
 class MockEngine(EngineAPI):
@@ -113,6 +119,7 @@ class MockEngine(EngineAPI):
         self._accepting = True
         self._stop = False
         self._tokens = {RequestClass.ONLINE: 0, RequestClass.OFFLINE: 0}
+        self._prefilled = {RequestClass.ONLINE: 0, RequestClass.OFFLINE: 0}
         self._recent: collections.deque = collections.deque()  # (time, online, offline)
         self._iterations = 0
         self.submitted = {RequestClass.ONLINE: 0, RequestClass.OFFLINE: 0}
@@ -184,6 +191,8 @@ class MockEngine(EngineAPI):
             s = EngineStats(kv_blocks_total=self.num_blocks, iterations=self._iterations,
                             online_tokens_total=self._tokens[RequestClass.ONLINE],
                             offline_tokens_total=self._tokens[RequestClass.OFFLINE],
+                            online_prefill_tokens_total=self._prefilled[RequestClass.ONLINE],
+                            offline_prefill_tokens_total=self._prefilled[RequestClass.OFFLINE],
                             prefix_cache_queries_online=self._cache_queries[RequestClass.ONLINE],
                             prefix_cache_queries_offline=self._cache_queries[RequestClass.OFFLINE],
                             prefix_cache_hits_online=self._cache_hits[RequestClass.ONLINE],
@@ -234,6 +243,7 @@ class MockEngine(EngineAPI):
     # ---- step loop (engine thread) -----------------------------------------------------
     def _loop(self) -> None:
         while True:
+            it = None
             with self._lock:
                 if self._stop:
                     return
@@ -243,7 +253,7 @@ class MockEngine(EngineAPI):
                     if busy:
                         if self.fail_after_steps is not None and self._iterations >= self.fail_after_steps:
                             raise RuntimeError("injected step failure")
-                        self._step()
+                        it = self._step()
                     self._guard.succeeded()
                 except Exception as e:
                     log.exception("mock engine step failed")
@@ -251,6 +261,8 @@ class MockEngine(EngineAPI):
                         self._die(e)
                         return
                     busy = True
+            if it is not None:
+                self._iteration_done(it)
             if busy:
                 if self.token_delay_s > 0:
                     time.sleep(self.token_delay_s)
@@ -282,6 +294,7 @@ class MockEngine(EngineAPI):
             del self._waiting[first]
             self._free_blocks -= need
             req.blocks = need
+            req.admitted_at = time.monotonic()
             if self.enable_prefix_caching:
                 self._prefix_lookup(req)
             self._running[r.request_id] = req
@@ -320,10 +333,16 @@ class MockEngine(EngineAPI):
         self._waiting.clear()
         self._running.clear()
 
-    def _step(self) -> None:
+    def _step(self) -> IterationStats:
+        """One token for every running request (caller holds the lock); returns the step's
+        record for the iteration listeners."""
         self._iterations += 1
         counts = {RequestClass.ONLINE: 0, RequestClass.OFFLINE: 0}
+        prefill = {RequestClass.ONLINE: 0, RequestClass.OFFLINE: 0}
         for rid, req in list(self._running.items()):
+            if not req.generated:  # its first step: the prompt's uncached tokens
+                prefill[req.request.request_class] += \
+                    len(req.request.prompt_token_ids) - req.cached_tokens
             try:
                 self._step_one(rid, req, counts)
             except Exception:  # this request's own failure: fail it alone
@@ -332,10 +351,16 @@ class MockEngine(EngineAPI):
                     self._finish(req, "error", RequestOutput(rid, error=ITERATION_FAILED))
         for cls, n in counts.items():
             self._tokens[cls] += n
+            self._prefilled[cls] += prefill[cls]
         now = time.monotonic()
         self._recent.append((now, counts[RequestClass.ONLINE], counts[RequestClass.OFFLINE]))
         while self._recent and now - self._recent[0][0] > 5.0:
             self._recent.popleft()
+        on, off = RequestClass.ONLINE, RequestClass.OFFLINE
+        return IterationStats(online_prompt_tokens=prefill[on],
+                              online_generation_tokens=counts[on],
+                              offline_prompt_tokens=prefill[off],
+                              offline_generation_tokens=counts[off])
 
     def _step_one(self, rid: str, req: _Req, counts: dict) -> None:
         """Produce one token for one running request (caller holds the lock)."""
@@ -379,6 +404,8 @@ class MockEngine(EngineAPI):
         out.finished, out.finish_reason = True, reason
         out.prompt_tokens, out.completion_tokens = len(req.request.prompt_token_ids), n
         out.num_cached_tokens = req.cached_tokens
+        if req.admitted_at is not None:
+            out.queue_time_s = req.admitted_at - req.arrival
         if req.first_token_at is not None:
             out.ttft_s = req.first_token_at - req.arrival
             out.mean_tpot_s = (now - req.first_token_at) / (n - 1) if n > 1 else 0.0

@@ -40,6 +40,7 @@ class _Token:
     ttft_s: Optional[float]
     mean_tpot_s: Optional[float]
     num_cached_tokens: Optional[int] = None
+    queue_time_s: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class _Finish:
     ttft_s: Optional[float]
     mean_tpot_s: Optional[float]
     num_cached_tokens: Optional[int] = None
+    queue_time_s: Optional[float] = None
 
 
 @dataclass
@@ -77,15 +79,17 @@ class OutputDelivery:
 
     def token(self, request_id: str, token: SampledToken, finish_reason: Optional[str] = None,
               ttft_s: Optional[float] = None, mean_tpot_s: Optional[float] = None,
-              num_cached_tokens: Optional[int] = None) -> None:
+              num_cached_tokens: Optional[int] = None,
+              queue_time_s: Optional[float] = None) -> None:
         self._q.put(_Token(request_id, token, finish_reason, ttft_s, mean_tpot_s,
-                           num_cached_tokens))
+                           num_cached_tokens, queue_time_s))
 
     def finish(self, request_id: str, reason: str, error: Optional[str] = None,
                ttft_s: Optional[float] = None, mean_tpot_s: Optional[float] = None,
-               num_cached_tokens: Optional[int] = None) -> None:
+               num_cached_tokens: Optional[int] = None,
+               queue_time_s: Optional[float] = None) -> None:
         self._q.put(_Finish(request_id, reason, error, ttft_s, mean_tpot_s,
-                            num_cached_tokens))
+                            num_cached_tokens, queue_time_s))
 
     def close(self) -> None:
         """Deliver everything sent so far, then stop the thread (engine shutdown)."""
@@ -120,7 +124,7 @@ class OutputDelivery:
             del self._live[ev.request_id]
             if not live.done:
                 self._end(live, ev.reason, ev.error, ev.ttft_s, ev.mean_tpot_s,
-                          ev.num_cached_tokens)
+                          ev.num_cached_tokens, ev.queue_time_s)
             return
         if live.done:  # stopped by a stop string; the step loop has not seen it yet
             if ev.finish_reason is not None:  # ...and never will: it ended the request itself
@@ -128,22 +132,25 @@ class OutputDelivery:
             return
         hit_stop = self.processor.on_token(live.reg.request, live.state, ev.token)
         if hit_stop:
-            self._end(live, "stop", None, ev.ttft_s, ev.mean_tpot_s, ev.num_cached_tokens)
+            self._end(live, "stop", None, ev.ttft_s, ev.mean_tpot_s, ev.num_cached_tokens,
+                      ev.queue_time_s)
             self.on_stop(ev.request_id)
         elif ev.finish_reason is not None:
             del self._live[ev.request_id]
             self._end(live, ev.finish_reason, None, ev.ttft_s, ev.mean_tpot_s,
-                      ev.num_cached_tokens)
+                      ev.num_cached_tokens, ev.queue_time_s)
         else:
             live.reg.stream.put(self.processor.delta(live.reg.request, live.reg.prompt_len,
                                                      live.state, finished=False))
 
     def _end(self, live: _Live, reason: str, error: Optional[str], ttft_s, mean_tpot_s,
-             num_cached_tokens: Optional[int] = None) -> None:
+             num_cached_tokens: Optional[int] = None,
+             queue_time_s: Optional[float] = None) -> None:
         live.done = True
         out = self.processor.delta(live.reg.request, live.reg.prompt_len, live.state,
                                    finished=True)
         out.finished, out.finish_reason, out.error = True, reason, error
         out.ttft_s, out.mean_tpot_s = ttft_s, mean_tpot_s
         out.num_cached_tokens = num_cached_tokens
+        out.queue_time_s = queue_time_s
         live.reg.stream.put(out)

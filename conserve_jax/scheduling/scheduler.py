@@ -296,6 +296,7 @@ class Scheduler:
         hit = seq.prefix_hit_tokens  # from the prefix cache
         if seq.num_cached_tokens is None:  # first start: the request's cache hit
             seq.num_cached_tokens = hit
+            seq.first_scheduled_time = time.monotonic()  # its queue time ends here
             c = self.counters
             c.prefix_query_tokens[seq.online] += seq.prompt_len
             c.prefix_hit_tokens[seq.online] += hit
