@@ -33,6 +33,17 @@ def make_sched(policy="isolate", isolation=F, isolation_max=F_MAX):
     return Scheduler(cfg, KVManager(512, 16), pol), pol
 
 
+def small_sched(num_blocks=9, max_num_seqs=16):
+    """A conserve scheduler with little memory (9 blocks of 16: two 60-token prompts, not
+    three) and the fake latency model."""
+    cfg = EngineConfig(model="random:tiny", max_num_seqs=max_num_seqs, max_prefill_tokens=256,
+                       max_prefill_seqs=1, conserve=ConserveConfig(isolation=F))
+    pol = ConservePolicy(cfg.max_num_seqs, cfg.max_prefill_tokens, FakeModel(),
+                         default_ttft_s=2.0, default_tpot_s=0.2, online_waiting=lambda: [],
+                         knobs=cfg.conserve, clock=FakeClock())
+    return Scheduler(cfg, KVManager(num_blocks, 16), pol)
+
+
 def test_urgent_offline_work_goes_first_after_online():
     def fresh(urgent=()):
         sched, _ = make_sched()
@@ -55,12 +66,7 @@ def test_urgent_waiting_work_goes_before_running_offline_work_and_takes_its_memo
     first and evicts the latest-started offline sequence it needs memory from. Without
     urgency it waits."""
     def fill(urgent):
-        cfg = EngineConfig(model="random:tiny", max_num_seqs=16, max_prefill_tokens=256,
-                           max_prefill_seqs=1, conserve=ConserveConfig(isolation=F))
-        pol = ConservePolicy(cfg.max_num_seqs, cfg.max_prefill_tokens, FakeModel(),
-                             default_ttft_s=2.0, default_tpot_s=0.2, online_waiting=lambda: [],
-                             knobs=cfg.conserve, clock=FakeClock())
-        sched = Scheduler(cfg, KVManager(9, 16), pol)  # room for two 60-token prompts, not three
+        sched = small_sched()  # room for two 60-token prompts, not three
         early = [make_seq(f"early{i}", 60, online=False, arrival=i) for i in range(2)]
         for s in early:
             sched.add(s)
@@ -86,48 +92,33 @@ def test_urgent_waiting_work_goes_before_running_offline_work_and_takes_its_memo
 def test_urgent_work_goes_in_rank_order_and_a_lower_rank_takes_memory_from_a_higher():
     """Two at-risk jobs: the one due first (rank 0) goes before the other (rank 1) though
     its item arrived later, and takes the memory the other one's running item holds."""
-    cfg = EngineConfig(model="random:tiny", max_num_seqs=16, max_prefill_tokens=256,
-                       max_prefill_seqs=1, conserve=ConserveConfig(isolation=F))
-    pol = ConservePolicy(cfg.max_num_seqs, cfg.max_prefill_tokens, FakeModel(),
-                         default_ttft_s=2.0, default_tpot_s=0.2, online_waiting=lambda: [],
-                         knobs=cfg.conserve, clock=FakeClock())
-    sched = Scheduler(cfg, KVManager(9, 16), pol)
-    medium = [make_seq(f"medium{i}", 60, online=False, arrival=i) for i in range(2)]
-    for s in medium:
-        sched.add(s)
-    sched.urgent = urgent_ranks({"medium0": 1, "medium1": 1})
-    for _ in range(2):
-        commit(sched, sched.schedule())
-    tight = make_seq("tight", 60, online=False, arrival=5)
-    sched.add(tight)
-    sched.urgent = urgent_ranks({"medium0": 1, "medium1": 1, "tight": 0})
-    step = sched.schedule()
-    assert step.entries[0].seq is tight and tight.status.value == "running"
-    assert medium[1].status.value == "waiting" and sched.counters.evictions == 1
+    def two_running_then(early_rank, late_rank):
+        sched = small_sched()
+        early = [make_seq(f"early{i}", 60, online=False, arrival=i) for i in range(2)]
+        for s in early:
+            sched.add(s)
+        sched.urgent = urgent_ranks({"early0": early_rank, "early1": early_rank})
+        for _ in range(2):
+            commit(sched, sched.schedule())
+        late = make_seq("late", 60, online=False, arrival=5)
+        sched.add(late)
+        sched.urgent = urgent_ranks({"early0": early_rank, "early1": early_rank,
+                                     "late": late_rank})
+        return sched, early, late, sched.schedule()
+
+    sched, early, late, step = two_running_then(early_rank=1, late_rank=0)
+    assert step.entries[0].seq is late and late.status.value == "running"
+    assert early[1].status.value == "waiting" and sched.counters.evictions == 1
     # the other way round, the later arrival of a higher rank waits
-    sched2 = Scheduler(cfg, KVManager(9, 16), pol)
-    for s in [make_seq(f"m{i}", 60, online=False, arrival=i) for i in range(2)]:
-        sched2.add(s)
-    sched2.urgent = urgent_ranks({"m0": 0, "m1": 0})
-    for _ in range(2):
-        commit(sched2, sched2.schedule())
-    late = make_seq("late", 60, online=False, arrival=5)
-    sched2.add(late)
-    sched2.urgent = urgent_ranks({"m0": 0, "m1": 0, "late": 1})
-    sched2.schedule()
-    assert late.status.value == "waiting" and sched2.counters.evictions == 0
+    sched, early, late, step = two_running_then(early_rank=0, late_rank=1)
+    assert late.status.value == "waiting" and sched.counters.evictions == 0
 
 
 def test_online_work_takes_memory_from_non_urgent_offline_work_first():
     """Online work evicts the latest-started offline sequence, unless that one is urgent:
     then a non-urgent one goes (an evicted urgent item could not come back next to online
     work, which would cost it its window)."""
-    cfg = EngineConfig(model="random:tiny", max_num_seqs=16, max_prefill_tokens=256,
-                       max_prefill_seqs=1, conserve=ConserveConfig(isolation=F))
-    pol = ConservePolicy(cfg.max_num_seqs, cfg.max_prefill_tokens, FakeModel(),
-                         default_ttft_s=2.0, default_tpot_s=0.2, online_waiting=lambda: [],
-                         knobs=cfg.conserve, clock=FakeClock())
-    sched = Scheduler(cfg, KVManager(9, 16), pol)
+    sched = small_sched()
     calm, hurry = (make_seq(n, 60, online=False, arrival=i) for i, n in enumerate(("calm", "hurry")))
     for s in (calm, hurry):
         sched.add(s)
@@ -141,12 +132,7 @@ def test_online_work_takes_memory_from_non_urgent_offline_work_first():
 
 
 def test_urgent_work_takes_a_slot_from_other_offline_work():
-    cfg = EngineConfig(model="random:tiny", max_num_seqs=2, max_prefill_tokens=256,
-                       max_prefill_seqs=1, conserve=ConserveConfig(isolation=F))
-    pol = ConservePolicy(cfg.max_num_seqs, cfg.max_prefill_tokens, FakeModel(),
-                         default_ttft_s=2.0, default_tpot_s=0.2, online_waiting=lambda: [],
-                         knobs=cfg.conserve, clock=FakeClock())
-    sched = Scheduler(cfg, KVManager(512, 16), pol)
+    sched = small_sched(num_blocks=512, max_num_seqs=2)
     for i in range(2):
         sched.add(make_seq(f"early{i}", 20, online=False, arrival=i))
     for _ in range(2):
