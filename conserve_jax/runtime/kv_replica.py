@@ -5,8 +5,8 @@ A `KVCheckpointer`'s pool bookkeeping (which block of which request sits in whic
 which copies are skipped because the pool is full) follows from the sequence of calls
 made to it. `LeaderCheckpointer` (process 0: the engine's checkpointer) sends every call
 that changes a pool or the caches (`checkpoint_new_blocks`, `restore`, `release`,
-`export_blocks`, `import_blocks`, and "open" when it is built) over the plan channel before
-it runs it; each follower's `FollowerCheckpointer` (held by runtime/follower.py) runs the
+`export_blocks`, `import_blocks`, and "open" when it is built) over the plan channel (before
+it runs it; `checkpoint_new_blocks` just after, and only when it changed something); each follower's `FollowerCheckpointer` (held by runtime/follower.py) runs the
 same call on its own `KVCheckpointer`, in the same order relative to the layer calls, so
 every process's pool holds the same slots, each with its own heads (its `KVTransfer` moves
 only those). Copies stay asynchronous on every process, as with one process.
@@ -107,11 +107,17 @@ class LeaderCheckpointer(KVCheckpointer):
         return (L, two, self.split.heads, bs, hd)
 
     def checkpoint_new_blocks(self, requests: list) -> None:
+        """Runs here first; only the requests whose slots changed go to the followers (most
+        iterations complete no block: no message). Replaying just those is the same call on
+        a follower's pool: the others allocate nothing there either. Their gathers run on
+        the followers after this process's, before the next layer call (no collectives)."""
         requests = [(str(r), [int(b) for b in blocks], int(n), int(skip))
                     for r, blocks, n, skip in requests]
-        if requests:
-            self._send("checkpoint_new_blocks", requests)
+        before = [list(self._slots.get(r[0], ())) for r in requests]
         super().checkpoint_new_blocks(requests)
+        changed = [r for r, b in zip(requests, before) if self._slots.get(r[0], []) != b]
+        if changed:
+            self._send("checkpoint_new_blocks", changed)
 
     def restore(self, request_id: str, dev_ids: list[int], first: int = 0) -> None:
         self._send("restore", request_id, [int(b) for b in dev_ids], int(first))
