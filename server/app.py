@@ -55,7 +55,6 @@ from conserve_server.grpc_api.handlers import coserve_handler
 from conserve_server.grpc_api.limits import LimitedHealth, LimitedReflection, StreamLimiter
 from conserve_server.grpc_api.servicer import CoServeServicer
 from conserve_server.metrics import ObservedEngine, ServerMetrics, serve_metrics
-from conserve_server.metrics_vllm import VllmShapedCollector
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +81,7 @@ class ServerApp:
         auth = Authenticator(config.auth_tokens) if config.auth_tokens is not None else None
         # one gate for both faces, one set of counters for GetServerStats and /metrics
         self.admission = Admission(o, auth.num_tenants if auth is not None else 1)
-        self.metrics = ServerMetrics(engine, self.admission)
-        self.metrics.registry.register(VllmShapedCollector(engine, config.served_model_name))
+        self.metrics = ServerMetrics(engine, self.admission, config.served_model_name)
         observed = ObservedEngine(engine, self.metrics)  # the faces and the runner use this
         self.store = store or open_store(config.batch_store, config.data_dir,
                                          busy_timeout_s=config.busy_timeout_s,
@@ -212,6 +210,7 @@ class ServerApp:
             self.http.join(grace + 2.0)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
+        self.metrics.close()
         try:
             self.engine.shutdown(drain_timeout_s=0.0)
         except Exception:

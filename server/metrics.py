@@ -6,11 +6,17 @@ What it holds:
   request's engine-measured `ttft_s` / `mean_tpot_s`, judged against the objectives the
   request carries (the faces filled in the defaults: `Admission.fill_defaults`), labelled
   by request class only (no tenant or request labels, so cardinality stays fixed);
+- the vLLM-named families of `metrics_vllm`: gauges read at scrape time, the queue-time
+  histogram (from the same final deltas' `queue_time_s`), the iteration-tokens histogram
+  (fed on the engine's step loop thread by an iteration listener this object installs
+  and `close()` removes);
 - at scrape time (a custom collector) the engine's `EngineStats`, the online counts of the
   server's `Admission` (in flight, limit), the batch store's item counts and the batch
   runner's in-flight count: the very values `snapshot()` hands to `GetServerStats`.
 
-Metric names (all prefixed `conserve_`) are listed in `METRIC_NAMES`.
+Metric names (all prefixed `conserve_`) are listed in `METRIC_NAMES` (and
+`metrics_vllm.VLLM_METRIC_NAMES`). Every family carries a `model_name` label (the served
+model name, as vLLM's metrics do) besides the labels listed there.
 
 Threading: any thread may call any method. The admission counts are read from
 `Admission` (its own lock); prometheus-client metrics are thread-safe. `ObservedEngine` observes a request when its
@@ -31,6 +37,7 @@ from conserve_jax.engine_api import (EngineStats, GenerationRequest, RequestClas
 from conserve_server.admission import Admission
 from conserve_server.batch.base import STORE_ERRORS
 from conserve_server.batch.deadlines import SLACK_BUCKETS_S
+from conserve_server.metrics_vllm import VllmHistograms, VllmShapedCollector
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
@@ -90,34 +97,45 @@ class Snapshot:
 
 class ServerMetrics:
     """See the module docstring. `store`/`runner` may be attached after construction
-    (`attach`), since `ServerApp` builds them from the observed engine."""
+    (`attach`), since `ServerApp` builds them from the observed engine. `model_name`: the
+    served model name, the value of every family's `model_name` label (a standalone
+    servicer's metrics leave it empty)."""
 
-    def __init__(self, engine, admission: Admission) -> None:
+    def __init__(self, engine, admission: Admission, model_name: str = "") -> None:
         self.engine = engine
         self.admission = admission  # the online counts and limit come from here
+        self.model_name = model_name
         self.store = None
         self.runner = None
         self.deadlines = None  # conserve_server.batch.deadlines.DeadlineTracker, set by ServerApp
         self._started = time.monotonic()
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        by_class = ["model_name", "class"]
         self.ttft = Histogram("conserve_time_to_first_token_seconds", "Time to first token",
-                              ["class"], buckets=_LATENCY_BUCKETS, registry=r)
+                              by_class, buckets=_LATENCY_BUCKETS, registry=r)
         self.tpot = Histogram("conserve_time_per_output_token_seconds",
                               "Mean time between output tokens of a request",
-                              ["class"], buckets=_TPOT_BUCKETS, registry=r)
+                              by_class, buckets=_TPOT_BUCKETS, registry=r)
         self.e2e = Histogram("conserve_e2e_request_latency_seconds",
-                             "Arrival to last token", ["class"], buckets=_LATENCY_BUCKETS,
+                             "Arrival to last token", by_class, buckets=_LATENCY_BUCKETS,
                              registry=r)
         self.itl = Histogram("conserve_inter_token_latency_seconds",
                              "Gap between consecutive streamed tokens of online requests, as the "
-                             "server's faces receive them", ["class"], buckets=_TPOT_BUCKETS,
+                             "server's faces receive them", by_class, buckets=_TPOT_BUCKETS,
                              registry=r)
         self.finished = Counter("conserve_requests_finished", "Requests finished",
-                                ["class", "finish_reason"], registry=r)
+                                by_class + ["finish_reason"], registry=r)
         self.slo = Counter("conserve_slo_requests", "Requests judged against an objective",
-                           ["class", "objective", "met"], registry=r)
+                           by_class + ["objective", "met"], registry=r)
         r.register(_EngineCollector(self))
+        r.register(VllmShapedCollector(engine, model_name))
+        self.vllm = VllmHistograms(r, model_name)
+        engine.add_iteration_listener(self.vllm.observe_iteration)
+
+    def close(self) -> None:
+        """Stop observing the engine's iterations (the server stops). Any thread."""
+        self.engine.remove_iteration_listener(self.vllm.observe_iteration)
 
     def attach(self, store, runner) -> None:
         self.store, self.runner = store, runner
@@ -125,22 +143,23 @@ class ServerMetrics:
     # ---- observation -------------------------------------------------------------------
     def observe_finished(self, request: GenerationRequest, out: RequestOutput) -> None:
         """Record one finished request (its final delta)."""
-        cls = request.request_class.value
-        self.finished.labels(cls, out.finish_reason or "unknown").inc()
+        cls, m = request.request_class.value, self.model_name
+        self.finished.labels(m, cls, out.finish_reason or "unknown").inc()
+        self.vllm.observe_queue_time(cls, out.queue_time_s)  # whenever it ran at all
         if out.finish_reason not in ("stop", "length") or out.ttft_s is None:
             return
-        self.ttft.labels(cls).observe(out.ttft_s)
+        self.ttft.labels(m, cls).observe(out.ttft_s)
         tpot = out.mean_tpot_s or 0.0
         if out.completion_tokens > 1:
-            self.tpot.labels(cls).observe(tpot)
-        self.e2e.labels(cls).observe(out.ttft_s + tpot * max(out.completion_tokens - 1, 0))
+            self.tpot.labels(m, cls).observe(tpot)
+        self.e2e.labels(m, cls).observe(out.ttft_s + tpot * max(out.completion_tokens - 1, 0))
         if request.request_class is not RequestClass.ONLINE:
             return
         ttft_slo, tpot_slo = request.slo.ttft_s, request.slo.tpot_s
         if ttft_slo is not None:
-            self.slo.labels(cls, "ttft", str(out.ttft_s <= ttft_slo).lower()).inc()
+            self.slo.labels(m, cls, "ttft", str(out.ttft_s <= ttft_slo).lower()).inc()
         if tpot_slo is not None and out.completion_tokens > 1:
-            self.slo.labels(cls, "tpot", str(tpot <= tpot_slo).lower()).inc()
+            self.slo.labels(m, cls, "tpot", str(tpot <= tpot_slo).lower()).inc()
 
     # ---- reading -----------------------------------------------------------------------
     def snapshot(self, tenant: Optional[str] = None) -> Snapshot:
@@ -194,24 +213,24 @@ class _EngineCollector:
     def collect(self):
         snap = self.m.snapshot()
         s, srv = snap.engine, snap.server
+        model = self.m.model_name
 
-        def gauge(name, doc, value=None, label=None, values=()):
-            g = GaugeMetricFamily(name, doc, labels=[label] if label else None)
+        def family(kind, name, doc, value=None, label=None, values=()):
+            """One family with `model_name` and at most one more label: `value` alone,
+            or one sample per (label value, value) in `values`."""
+            f = kind(name, doc, labels=["model_name", label] if label else ["model_name"])
             if label:
                 for lv, v in values:
-                    g.add_metric([lv], v)
+                    f.add_metric([model, lv], v)
             else:
-                g.add_metric([], value)
-            return g
+                f.add_metric([model], value)
+            return f
 
-        def counter(name, doc, value=None, label=None, values=()):
-            c = CounterMetricFamily(name, doc, labels=[label] if label else None)
-            if label:
-                for lv, v in values:
-                    c.add_metric([lv], v)
-            else:
-                c.add_metric([], value)
-            return c
+        def gauge(*a, **kw):
+            return family(GaugeMetricFamily, *a, **kw)
+
+        def counter(*a, **kw):
+            return family(CounterMetricFamily, *a, **kw)
 
         yield counter("conserve_generation_tokens", "Tokens generated", label="class",
                       values=[("online", s.online_tokens_total), ("offline", s.offline_tokens_total)])
@@ -278,20 +297,21 @@ class _EngineCollector:
                       "iterations beyond the isolation budget used by at-risk offline work "
                       "(deadline_policy borrow)", s.deadline_borrowed_s)
         if self.m.deadlines is not None:
-            yield from _deadline_metrics(self.m.deadlines.snapshot(), gauge)
+            yield from _deadline_metrics(self.m.deadlines.snapshot(), gauge, counter, model)
 
 
-def _deadline_metrics(d, gauge):
-    """The deadline families of one `DeadlineStats` snapshot (see METRIC_NAMES)."""
+def _deadline_metrics(d, gauge, counter, model: str):
+    """The deadline families of one `DeadlineStats` snapshot (see METRIC_NAMES); `gauge`
+    and `counter` are the collector's (they add `model_name`), `model` its value."""
     c = CounterMetricFamily("conserve_deadline_batches", "Batches with a completion window, "
                             "by outcome (missed: expired or finished late)",
-                            labels=["class", "outcome"])
+                            labels=["model_name", "class", "outcome"])
     for cls in sorted(set(d.met) | set(d.missed) | {"batch"}):
-        c.add_metric([cls, "met"], d.met.get(cls, 0))
-        c.add_metric([cls, "missed"], d.missed.get(cls, 0))
+        c.add_metric([model, cls, "met"], d.met.get(cls, 0))
+        c.add_metric([model, cls, "missed"], d.missed.get(cls, 0))
     yield c
-    yield CounterMetricFamily("conserve_deadline_refused", "Batches refused as infeasible at "
-                              "submission", value=d.refused)
+    yield counter("conserve_deadline_refused", "Batches refused as infeasible at submission",
+                  d.refused)
     yield gauge("conserve_deadline_at_risk", "At-risk batches and their unfinished items",
                 label="unit", values=[("batches", d.at_risk_batches), ("items", d.at_risk_items)])
     if d.harvest_rate is not None:
@@ -305,12 +325,12 @@ def _deadline_metrics(d, gauge):
     h = HistogramMetricFamily("conserve_deadline_slack_at_finish_seconds",
                               "Deadline minus finish time of ended batches (negative: "
                               "missed; prometheus-client leaves out _count and _sum while "
-                              "the sum is negative)")
+                              "the sum is negative)", labels=["model_name"])
     cum, buckets = 0, []
     for bound, n in zip(list(SLACK_BUCKETS_S) + [float("inf")], d.slack_hist):
         cum += n
         buckets.append(("+Inf" if bound == float("inf") else repr(bound), cum))
-    h.add_metric([], buckets, sum_value=d.slack_sum_s)
+    h.add_metric([model], buckets, sum_value=d.slack_sum_s)
     yield h
 
 
@@ -333,7 +353,7 @@ class ObservedStream:
             now = time.monotonic()
             if self._last is not None:
                 gap = (now - self._last) / len(out.token_ids)
-                h = self._metrics.itl.labels("online")
+                h = self._metrics.itl.labels(self._metrics.model_name, "online")
                 for _ in out.token_ids:
                     h.observe(gap)
             self._last = now

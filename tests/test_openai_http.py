@@ -5,7 +5,6 @@ Prometheus metrics that GetServerStats shares. MockEngine echoes the prompt, so 
 expected output is known in advance."""
 import http.client
 import json
-import re
 import threading
 
 import openai
@@ -16,6 +15,7 @@ from conserve_jax.engine_api import RequestClass
 from conserve_jax.engine.mock_engine import MockEngine, MockTokenizer
 from conserve_server.config import ServiceOptions
 from tests.conftest_server import echo_text, start_server, wait_until
+from tests.metrics_helpers import metric
 from tests.openai_helpers import MODEL, TOKEN_A, TOKEN_B, client, raw, start_http_server
 
 MSGS = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]
@@ -208,10 +208,7 @@ def test_server_fault_is_500(srv, monkeypatch):
     assert e.value.status_code == 500 and e.value.type == "server_error"
 
 
-def _metric(text: str, name: str, labels: str = "") -> float:
-    m = re.search(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", text, re.M)
-    assert m, f"{name}{labels} not in /metrics"
-    return float(m.group(1))
+_metric = metric  # tests/metrics_helpers.py: labels matched whatever else (model_name)
 
 
 def test_metrics_and_server_stats_share_counters(srv):

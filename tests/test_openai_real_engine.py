@@ -17,6 +17,7 @@ from conserve_jax.engine.engine import Engine
 from conserve_jax.engine_api import GenerationRequest
 from conserve_jax.sampling_params import SamplingParams
 from tests.conftest_server import REPO, start_server, wait_until
+from tests.metrics_helpers import metric
 from tests.test_server_auth_tls import _self_signed_cert
 
 MODEL = "random:tiny"
@@ -72,8 +73,18 @@ def test_completions_and_chat_match_engine(server):
     assert [o["response"]["body"]["choices"][0]["message"]["content"] for o in out] == [ref, ref]
 
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{server.app.http_port}/metrics").read().decode()
-    assert 'conserve_time_to_first_token_seconds_count{class="online"}' in metrics
-    assert f'conserve_kv_blocks{{class="total"}} {float(server.engine.stats().kv_blocks_total)}' in metrics
+    assert metric(metrics, "conserve_time_to_first_token_seconds_count", '{class="online"}') >= 1
+    assert metric(metrics, "conserve_kv_blocks", '{class="total"}') == \
+        server.engine.stats().kv_blocks_total
+    # queue time: each request of the faces once (3 online; flex + 2 batch items offline);
+    # iteration tokens: every engine iteration's prompt + generated tokens, also those of
+    # the reference requests submitted to the engine directly
+    for cls, n in (("online", 3), ("offline", 3)):
+        lab = f'{{class="{cls}"}}'
+        assert metric(metrics, "conserve_request_queue_time_seconds_count", lab) == n
+        assert metric(metrics, "conserve_iteration_tokens_total_sum", lab) == \
+            metric(metrics, "conserve_prompt_tokens_total", lab) + \
+            metric(metrics, "conserve_generation_tokens_total", lab) > 0
 
 
 
@@ -128,7 +139,7 @@ def test_cli_http_and_metrics_ports_with_tls(tmp_path):
             c.with_options(api_key="wrong").models.list()
         for port in (ports["http"], ports["metrics"]):
             text = urllib.request.urlopen(f"https://localhost:{port}/metrics", context=ctx).read().decode()
-            assert 'conserve_generation_tokens_total{class="online"} 3.0' in text
+            assert metric(text, "conserve_generation_tokens_total", '{class="online"}') == 3.0
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)

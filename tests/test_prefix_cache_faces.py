@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import io
 import json
-import re
 import uuid
 
 import grpc
@@ -36,6 +35,7 @@ from conserve_server.auth import tenant_id
 from conserve_server.config import ServerConfig, ServiceOptions, server_config_from_args
 from conserve_server.openai_api import render
 from tests.conftest_server import wait_until
+from tests.metrics_helpers import metric
 from tests.openai_helpers import MODEL, TOKEN_A, TOKEN_B, client, raw, start_http_server
 
 BLOCK = 16  # MockEngine's default block size
@@ -326,10 +326,7 @@ def test_render_usage_and_stored_results():
 
 
 # ---- stats and /metrics ---------------------------------------------------------------------
-def _metric(text: str, name: str, labels: str = "") -> float:
-    m = re.search(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", text, re.M)
-    assert m, f"{name}{labels} not in /metrics"
-    return float(m.group(1))
+_metric = metric  # tests/metrics_helpers.py: labels matched whatever else (model_name)
 
 
 def test_stats_and_metrics_count_prefix_cache_use(tmp_path):

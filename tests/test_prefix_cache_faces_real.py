@@ -5,8 +5,6 @@ greedy tokens, another tenant's identical prompt hits nothing, and GetServerStat
 /metrics count the queries and hits."""
 from __future__ import annotations
 
-import re
-
 import openai
 import pytest
 
@@ -14,6 +12,7 @@ from conserve_jax.client import Client
 from conserve_jax.config import CacheConfig, EngineConfig
 from conserve_jax.engine.engine import Engine
 from tests.conftest_server import start_server, wait_until
+from tests.metrics_helpers import metric
 from tests.openai_helpers import TOKEN_A, TOKEN_B, raw
 
 MODEL = "random:tiny"
@@ -65,7 +64,6 @@ def test_real_engine_reports_cached_tokens_per_tenant_on_every_face(server):
         now = a.stats()
     for cls in ("online", "offline"):
         for what in ("queries", "hits"):
-            m = re.search(rf'^conserve_prefix_cache_{what}_total{{class="{cls}"}} (\S+)$', text, re.M)
-            assert m and float(m.group(1)) == now[f"prefix_cache_{what}_{cls}"]
-    m = re.search(r"^conserve_kv_blocks_cached_free (\S+)$", text, re.M)
-    assert m and float(m.group(1)) >= 2
+            assert metric(text, f"conserve_prefix_cache_{what}_total", f'{{class="{cls}"}}') \
+                == now[f"prefix_cache_{what}_{cls}"]
+    assert metric(text, "conserve_kv_blocks_cached_free") >= 2

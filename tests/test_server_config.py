@@ -22,6 +22,7 @@ from conserve_server import main as server_main
 from conserve_server.admission import Admission
 from conserve_server.config import ServerConfig, ServiceOptions, resolve, server_config_from_args
 from tests.conftest_server import REPO, start_server, wait_until
+from tests.metrics_helpers import metric
 from tests.openai_helpers import MODEL, client, start_http_server
 
 # every flag `serve` had before its flags were generated, with its default then (except
@@ -244,6 +245,7 @@ def test_default_slo_is_filled_in_at_both_faces(tmp_path, via):
                                               SLO(7.0, 0.5), SLO(7.0, 0.7)]
         # metrics judge what the request carries: both online faces' requests were judged
         text = s.app.metrics.exposition().decode()
-        assert 'conserve_slo_requests_total{class="online",met="true",objective="ttft"} 4.0' in text
+        assert metric(text, "conserve_slo_requests_total",
+                      '{class="online",met="true",objective="ttft"}') == 4.0
     finally:
         s.stop()

@@ -12,7 +12,9 @@
   `offline_via="flex"`: each "batch" is a set of `service_tier: "flex"` requests sent by
   `flex.FlexBatch` threads, with the same status/results/cancel surface.
 - `stats()` scrapes `/metrics` and maps conserve's metrics onto the `GetServerStats` field
-  names the report uses; for servers without them it returns what it can (maybe `{}`).
+  names the report uses (`stats_from_metrics`: a sample matches when it has the labels
+  asked for, whatever others it carries, e.g. `model_name`); for servers without them it
+  returns what it can (maybe `{}`).
 
 HTTP goes through one `HttpPool` (aiohttp on one event-loop thread, keep-alive connections
 reused across requests), so client overhead does not inflate the latencies it measures at
@@ -35,18 +37,38 @@ from conserve_jax.loadtest.openai_types import BatchInfo, BatchResult, Chunk, Ht
 _STATES = {"validating": "queued", "in_progress": "running", "finalizing": "running",
            "cancelling": "running", "completed": "completed", "cancelled": "cancelled",
            "expired": "failed", "failed": "failed"}
-_STATS = {  # GetServerStats field <- (metric, labels) in conserve's /metrics
-    "online_tokens_total": ("conserve_generation_tokens_total", '{class="online"}'),
-    "offline_tokens_total": ("conserve_generation_tokens_total", '{class="offline"}'),
-    "online_prefill_tokens_total": ("conserve_prompt_tokens_total", '{class="online"}'),
-    "offline_prefill_tokens_total": ("conserve_prompt_tokens_total", '{class="offline"}'),
-    "preemptions": ("conserve_preemptions_total", ""),
-    "preempted_tokens_discarded": ("conserve_preempted_tokens_discarded_total", ""),
-    "evictions": ("conserve_evictions_total", ""),
-    "restored_tokens": ("conserve_restored_tokens_total", ""),
-    "recomputed_tokens": ("conserve_recomputed_tokens_total", ""),
-    "iterations": ("conserve_iterations_total", ""),
+_ONLINE, _OFFLINE = (("class", "online"),), (("class", "offline"),)
+_STATS = {  # GetServerStats field <- (metric, labels it must have) in conserve's /metrics
+    "online_tokens_total": ("conserve_generation_tokens_total", _ONLINE),
+    "offline_tokens_total": ("conserve_generation_tokens_total", _OFFLINE),
+    "online_prefill_tokens_total": ("conserve_prompt_tokens_total", _ONLINE),
+    "offline_prefill_tokens_total": ("conserve_prompt_tokens_total", _OFFLINE),
+    "preemptions": ("conserve_preemptions_total", ()),
+    "preempted_tokens_discarded": ("conserve_preempted_tokens_discarded_total", ()),
+    "evictions": ("conserve_evictions_total", ()),
+    "restored_tokens": ("conserve_restored_tokens_total", ()),
+    "recomputed_tokens": ("conserve_recomputed_tokens_total", ()),
+    "iterations": ("conserve_iterations_total", ()),
 }
+_SAMPLE = re.compile(r"^([a-zA-Z_:][\w:]*)(?:\{([^}]*)\})? (\S+)", re.M)
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def stats_from_metrics(text: str) -> dict[str, float]:
+    """The `_STATS` fields found in a Prometheus text exposition: for each, the sum of the
+    metric's samples that carry its labels (other labels, e.g. `model_name`, are ignored;
+    a server serves one model, so there is one such sample)."""
+    found: dict[str, float] = {}
+    wanted = {metric for metric, _ in _STATS.values()}
+    samples = []
+    for m in _SAMPLE.finditer(text):
+        if m.group(1) in wanted:
+            samples.append((m.group(1), set(_LABEL.findall(m.group(2) or "")), float(m.group(3))))
+    for field, (metric, labels) in _STATS.items():
+        hits = [v for name, have, v in samples if name == metric and set(labels) <= have]
+        if hits:
+            found[field] = sum(hits)
+    return found
 
 
 class _Stream:
@@ -225,10 +247,7 @@ class OpenAIClient:
     # ---- stats -------------------------------------------------------------------------
     def stats(self, timeout: Optional[float] = None) -> dict[str, float]:
         text = self.http.request("GET", self.root + "/metrics", timeout=timeout).decode()
-        values = {}
-        for m in re.finditer(r"^([a-zA-Z_:][\w:]*)(\{[^}]*\})? (\S+)$", text, re.M):
-            values[(m.group(1), m.group(2) or "")] = float(m.group(3))
-        return {name: values[key] for name, key in _STATS.items() if key in values}
+        return stats_from_metrics(text)
 
     def close(self) -> None:
         with self._lock:
