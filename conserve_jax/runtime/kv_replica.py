@@ -113,9 +113,9 @@ class LeaderCheckpointer(KVCheckpointer):
         the followers after this process's, before the next layer call (no collectives)."""
         requests = [(str(r), [int(b) for b in blocks], int(n), int(skip))
                     for r, blocks, n, skip in requests]
-        before = [list(self._slots.get(r[0], ())) for r in requests]
+        before = [list(self._slots[r[0]]) if r[0] in self._slots else None for r in requests]
         super().checkpoint_new_blocks(requests)
-        changed = [r for r, b in zip(requests, before) if self._slots.get(r[0], []) != b]
+        changed = [r for r, b in zip(requests, before) if self._slots.get(r[0]) != b]
         if changed:
             self._send("checkpoint_new_blocks", changed)
 
