@@ -139,6 +139,10 @@ class HttpPool:
                         if out._closed:  # cancelled before its task was known
                             break
                         out._q.put(line)
+                # aiohttp hands the connection back to the pool in a callback scheduled by
+                # the release above: let it run before the iterating thread sees the end and
+                # starts its next request (which would otherwise open a second connection)
+                await asyncio.sleep(0)
             except asyncio.CancelledError:
                 pass
             except BaseException as e:  # handed to the iterating thread
