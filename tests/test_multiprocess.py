@@ -13,6 +13,7 @@ Each test launches its processes itself (tests/multiprocess_worker.py or the CLI
 port, with hard timeouts, and kills whatever is still running when it ends."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -228,8 +229,9 @@ BATCH_ENGINE = ["--model", "random:tiny", "--no-warmup", "--max-model-len", "160
                 "--drain-timeout", "0"]
 
 
+@functools.lru_cache(maxsize=1)
 def batch_reference() -> list[list[int]]:
-    """Each item's greedy tokens from one process (tp 4)."""
+    """Each item's greedy tokens from one process (tp 4; computed once per session)."""
     from conserve_jax.entrypoints.llm import LLM
     from conserve_jax.sampling_params import SamplingParams
 
