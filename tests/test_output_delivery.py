@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 
 from conserve_jax.engine_api import GenerationRequest, RequestStream
-from conserve_jax.engine.output_delivery import OutputDelivery
+from conserve_jax.engine.output_delivery import FinalStats, OutputDelivery
 from conserve_jax.engine.output_processor import OutputProcessor
 from conserve_jax.runtime.step_plan import SampledToken
 from conserve_jax.sampling_params import SamplingParams
@@ -37,7 +37,8 @@ def _run(tokens, sp, finish_at=None):
     stream = RequestStream("r")
     d.register(req, stream, 1)
     for i, t in enumerate(tokens):
-        d.token("r", SampledToken(t, -0.5, []), "length" if i == finish_at else None, 0.1, 0.01)
+        d.token("r", SampledToken(t, -0.5, []), "length" if i == finish_at else None,
+                FinalStats(0.1, 0.01))
     d.close()
     outs = []
     while not stream._q.empty():

@@ -31,7 +31,7 @@ from conserve_jax.kv.kv_manager import KVManager
 from conserve_jax.kv.persist import SavedRequest
 from conserve_jax.kv.prefix_hash import root_key
 from conserve_jax.runtime.kv_replica import make_checkpointer
-from conserve_jax.engine.output_delivery import OutputDelivery
+from conserve_jax.engine.output_delivery import FinalStats, OutputDelivery
 from conserve_jax.engine.offline_suspension import OfflineSuspension
 from conserve_jax.engine.output_processor import OutputProcessor
 from conserve_jax.engine.startup import StartupProgress, params_nbytes
@@ -461,7 +461,7 @@ class Engine(EngineAPI):
             counts[0 if seq.online else 1] += 1
             reason = self.outputs.token_finish_reason(seq.request, tok.token, seq.num_generated,
                                                       len(seq.token_ids))
-            self.delivery.token(seq.request_id, tok, reason, *self._timings(seq))
+            self.delivery.token(seq.request_id, tok, reason, self._final_stats(seq))
             if reason is not None:
                 self._finish(seq, reason, notify=False)
         self._iterations += 1
@@ -513,18 +513,19 @@ class Engine(EngineAPI):
             self._lock.notify_all()
 
     @staticmethod
-    def _timings(seq: Sequence) -> tuple:
-        """(TTFT, mean TPOT, prompt tokens found in the prefix cache, queue time) of a
-        sequence so far, for its final output (`OutputDelivery.token`/`finish` order)."""
+    def _final_stats(seq: Sequence) -> FinalStats:
+        """TTFT, mean TPOT, prompt tokens found in the prefix cache and queue time of a
+        sequence so far, for its final output."""
         queue = None
         if seq.first_scheduled_time is not None:
             queue = seq.first_scheduled_time - seq.arrival
         if seq.first_token_time is None:
-            return None, None, seq.num_cached_tokens, queue
+            return FinalStats(None, None, seq.num_cached_tokens, queue)
         tpot = None
         if seq.num_generated > 1 and seq.last_token_time is not None:
             tpot = (seq.last_token_time - seq.first_token_time) / (seq.num_generated - 1)
-        return seq.first_token_time - seq.arrival, tpot, seq.num_cached_tokens, queue
+        return FinalStats(seq.first_token_time - seq.arrival, tpot, seq.num_cached_tokens,
+                          queue)
 
     def _finish(self, seq: Sequence, reason: str, error: Optional[str] = None,
                 notify: bool = True) -> None:
@@ -539,7 +540,7 @@ class Engine(EngineAPI):
         if not known:
             return
         if notify:
-            self.delivery.finish(seq.request_id, reason, error, *self._timings(seq))
+            self.delivery.finish(seq.request_id, reason, error, self._final_stats(seq))
         with self._lock:
             self._ids_in_use.discard(seq.request_id)
             self._in_engine -= 1

@@ -17,7 +17,7 @@ import threading
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from conserve_jax.engine_api import GenerationRequest, RequestStream
+from conserve_jax.engine_api import GenerationRequest, RequestOutput, RequestStream
 from conserve_jax.engine.output_processor import OutputProcessor, OutputState
 from conserve_jax.runtime.step_plan import SampledToken
 
@@ -33,14 +33,26 @@ class _Register:
 
 
 @dataclass(frozen=True)
+class FinalStats:
+    """A request's engine-measured numbers, carried by its final delta (`RequestOutput`'s
+    fields of the same names)."""
+
+    ttft_s: Optional[float] = None
+    mean_tpot_s: Optional[float] = None
+    num_cached_tokens: Optional[int] = None  # prompt tokens found in the prefix cache
+    queue_time_s: Optional[float] = None  # submit to first scheduling
+
+    def apply(self, out: RequestOutput) -> None:
+        out.ttft_s, out.mean_tpot_s = self.ttft_s, self.mean_tpot_s
+        out.num_cached_tokens, out.queue_time_s = self.num_cached_tokens, self.queue_time_s
+
+
+@dataclass(frozen=True)
 class _Token:
     request_id: str
     token: SampledToken
     finish_reason: Optional[str]  # set when this token ends the request
-    ttft_s: Optional[float]
-    mean_tpot_s: Optional[float]
-    num_cached_tokens: Optional[int] = None
-    queue_time_s: Optional[float] = None
+    final: FinalStats
 
 
 @dataclass(frozen=True)
@@ -48,10 +60,7 @@ class _Finish:
     request_id: str
     reason: str
     error: Optional[str]
-    ttft_s: Optional[float]
-    mean_tpot_s: Optional[float]
-    num_cached_tokens: Optional[int] = None
-    queue_time_s: Optional[float] = None
+    final: FinalStats
 
 
 @dataclass
@@ -78,18 +87,14 @@ class OutputDelivery:
         self._q.put(_Register(request, stream, prompt_len, tuple(prior_ids)))
 
     def token(self, request_id: str, token: SampledToken, finish_reason: Optional[str] = None,
-              ttft_s: Optional[float] = None, mean_tpot_s: Optional[float] = None,
-              num_cached_tokens: Optional[int] = None,
-              queue_time_s: Optional[float] = None) -> None:
-        self._q.put(_Token(request_id, token, finish_reason, ttft_s, mean_tpot_s,
-                           num_cached_tokens, queue_time_s))
+              final: FinalStats = FinalStats()) -> None:
+        """`final`: used when this token ends the request (`finish_reason`, or a stop
+        string the output thread finds)."""
+        self._q.put(_Token(request_id, token, finish_reason, final))
 
     def finish(self, request_id: str, reason: str, error: Optional[str] = None,
-               ttft_s: Optional[float] = None, mean_tpot_s: Optional[float] = None,
-               num_cached_tokens: Optional[int] = None,
-               queue_time_s: Optional[float] = None) -> None:
-        self._q.put(_Finish(request_id, reason, error, ttft_s, mean_tpot_s,
-                            num_cached_tokens, queue_time_s))
+               final: FinalStats = FinalStats()) -> None:
+        self._q.put(_Finish(request_id, reason, error, final))
 
     def close(self) -> None:
         """Deliver everything sent so far, then stop the thread (engine shutdown)."""
@@ -123,8 +128,7 @@ class OutputDelivery:
         if isinstance(ev, _Finish):
             del self._live[ev.request_id]
             if not live.done:
-                self._end(live, ev.reason, ev.error, ev.ttft_s, ev.mean_tpot_s,
-                          ev.num_cached_tokens, ev.queue_time_s)
+                self._end(live, ev.reason, ev.error, ev.final)
             return
         if live.done:  # stopped by a stop string; the step loop has not seen it yet
             if ev.finish_reason is not None:  # ...and never will: it ended the request itself
@@ -132,25 +136,19 @@ class OutputDelivery:
             return
         hit_stop = self.processor.on_token(live.reg.request, live.state, ev.token)
         if hit_stop:
-            self._end(live, "stop", None, ev.ttft_s, ev.mean_tpot_s, ev.num_cached_tokens,
-                      ev.queue_time_s)
+            self._end(live, "stop", None, ev.final)
             self.on_stop(ev.request_id)
         elif ev.finish_reason is not None:
             del self._live[ev.request_id]
-            self._end(live, ev.finish_reason, None, ev.ttft_s, ev.mean_tpot_s,
-                      ev.num_cached_tokens, ev.queue_time_s)
+            self._end(live, ev.finish_reason, None, ev.final)
         else:
             live.reg.stream.put(self.processor.delta(live.reg.request, live.reg.prompt_len,
                                                      live.state, finished=False))
 
-    def _end(self, live: _Live, reason: str, error: Optional[str], ttft_s, mean_tpot_s,
-             num_cached_tokens: Optional[int] = None,
-             queue_time_s: Optional[float] = None) -> None:
+    def _end(self, live: _Live, reason: str, error: Optional[str], final: FinalStats) -> None:
         live.done = True
         out = self.processor.delta(live.reg.request, live.reg.prompt_len, live.state,
                                    finished=True)
         out.finished, out.finish_reason, out.error = True, reason, error
-        out.ttft_s, out.mean_tpot_s = ttft_s, mean_tpot_s
-        out.num_cached_tokens = num_cached_tokens
-        out.queue_time_s = queue_time_s
+        final.apply(out)
         live.reg.stream.put(out)
