@@ -256,7 +256,7 @@ def test_the_generation_tail_comes_from_finished_items(setup):
     for tpot in (0.5, 1.0, 2.0):  # median 1 s per token
         tr.observe_length(pb.GenerateRequest(sampling=pb.SamplingParams(max_tokens=20)),
                           [3, 4], "t", 20, tpot_s=tpot)
-    assert tr.tail_s(20) == pytest.approx(20.0)
+    assert tr.tpot() == pytest.approx(1.0)  # the median: 20 tokens take 20 s
     w, refusal = tr.judge(items(2, hint=20), "t", clock.t + 30, "deadline")
     assert refusal is None and w.estimate_at == pytest.approx(clock.t + 26.0)
     _, refusal = tr.judge(items(2, hint=20), "t", clock.t + 20, "deadline")

@@ -68,6 +68,12 @@ class Parked:
         return [e for e in self.step.entries if id(e.seq) not in self.detached]
 
 
+def _arrived_after(s: Sequence, seq: Sequence) -> bool:
+    """`s` yields memory to `seq` within one class and rank: it arrived later (a tie goes
+    against any other sequence)."""
+    return s.arrival > seq.arrival or (s.arrival == seq.arrival and id(s) != id(seq))
+
+
 class Scheduler:
     def __init__(self, cfg: EngineConfig, kv: KVManager, policy: Policy) -> None:
         self.cfg = cfg
@@ -153,7 +159,7 @@ class Scheduler:
         rs, ro = self.urgent.get(seq.request_id, inf), self.urgent.get(other.request_id, inf)
         if rs != ro:
             return rs < ro
-        return other.arrival > seq.arrival or (other.arrival == seq.arrival and id(other) != id(seq))
+        return _arrived_after(other, seq)
 
     def _fill(self, step: ScheduledStep, budget: StepBudget, seqs: list[Sequence],
               waiting: bool = False) -> None:
@@ -313,16 +319,15 @@ class Scheduler:
         if self.kv.grow(seq.request_id, seq.online, upto):
             return True
         scheduled = {id(e.seq) for e in step.entries}
-        later = lambda s: s.arrival > seq.arrival or (s.arrival == seq.arrival and id(s) != id(seq))
         cands = [s for s in self._parked_last(reversed(self.running)) if s is not seq
                  and id(s) not in scheduled and self.kv.num_blocks(s.request_id)]
         if self.policy.priority and seq.online:
             victims = (self._victim_order([s for s in cands if not s.online])
-                       + [s for s in cands if s.online and later(s)])
+                       + [s for s in cands if s.online and _arrived_after(s, seq)])
         elif self.policy.priority:
             victims = [s for s in cands if not s.online and self._outranks(seq, s)]
         else:
-            victims = [s for s in cands if later(s)]
+            victims = [s for s in cands if _arrived_after(s, seq)]
         for v in victims:
             self.evict(v)
             if self.kv.grow(seq.request_id, seq.online, upto):

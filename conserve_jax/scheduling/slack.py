@@ -83,19 +83,19 @@ class Verdict:
     reason: str  # why: "fits", "no harvest history", "no deadline", "misses by N s"
 
 
+def _edf_key(j: JobWork) -> tuple[bool, float]:
+    return (j.deadline is None, j.deadline or 0.0)
+
+
 def edf_order(jobs: Iterable[JobWork]) -> list[JobWork]:
     """Earliest deadline first; no deadline last; stable."""
-    return sorted(jobs, key=lambda j: (j.deadline is None, j.deadline or 0.0))
+    return sorted(jobs, key=_edf_key)
 
 
 def _finish(now: float, work: float, rate: float) -> float:
     if work <= 0:
         return now
     return now + work / rate if rate > 0 else math.inf
-
-
-def _edf_key(j: JobWork) -> tuple[bool, float]:
-    return (j.deadline is None, j.deadline or 0.0)
 
 
 def _inside(j: JobWork) -> float:

@@ -20,7 +20,7 @@ units and stored with the batch (`BatchWork`), so every replica sees the same nu
 remaining work is that times the share of items without a result (items are assumed alike;
 an item half done counts as not done). Its tail: how long its last item generates once its
 prompt is in (expected output tokens per item x the median time per output token of the
-offline items that finished lately, `tail_s`), added to the throughput estimate: a job of
+offline items that finished lately, `tpot`), added to the throughput estimate: a job of
 few items is bound by that, since offline items generate only where isolation leaves room.
 
 No harvest history (fewer than `harvest_min_history_s` backlogged seconds measured, e.g.
@@ -42,8 +42,8 @@ from __future__ import annotations
 
 import bisect
 import collections
-import math
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -178,26 +178,25 @@ class DeadlineTracker:
         left = max(0, row.total - row.done) / row.total if row.total else 0.0
         return row.work_prompt_tokens * left, row.work_output_tokens * left
 
-    def _job(self, row: BatchRow, urgent: frozenset = frozenset()) -> JobWork:
+    def _job(self, row: BatchRow, tpot_s: float, urgent: frozenset = frozenset()) -> JobWork:
         """`row` as the estimator sees it: its remaining work, the share of it inside this
         replica's engine (items alike: that many items' worth), urgent if it was at risk
-        at the last look."""
+        at the last look, and its tail at `tpot_s` (`tpot`) per output token."""
         left = self.units(*self.remaining_tokens(row))
         items_left = max(0, row.total - row.done)
         inside = min(items_left, self._in_engine.get(row.id, 0))
+        per_item = row.work_output_tokens / row.total if row.total else 0.0
         return JobWork(row.id, row.deadline, left,
                        in_engine=left * inside / items_left if items_left else 0.0,
-                       urgent=row.id in urgent,
-                       tail_s=self.tail_s(row.work_output_tokens / row.total if row.total else 0))
+                       urgent=row.id in urgent, tail_s=per_item * tpot_s)
 
-    def tail_s(self, output_tokens_per_item: float) -> float:
-        """Seconds an item generates `output_tokens_per_item` tokens for once its prompt is
-        in: that many times the median time per output token of the last `TPOT_SAMPLES`
-        offline items that finished here (0 before any did: the estimate is then
-        throughput alone)."""
+    def tpot(self) -> float:
+        """The median time per output token of the last `TPOT_SAMPLES` offline items that
+        finished here: an item generating n tokens once its prompt is in takes n x this
+        (its tail). 0 before any finished: estimates are then throughput alone."""
         with self._lock:
             tpots = sorted(self._tpots)
-        return output_tokens_per_item * tpots[len(tpots) // 2] if tpots else 0.0
+        return tpots[len(tpots) // 2] if tpots else 0.0
 
     def admit(self, work: BatchWork, deadline: Optional[float],
               items: int = 1) -> tuple[Verdict, BatchWork]:
@@ -207,9 +206,10 @@ class DeadlineTracker:
         `BatchWork` to store (with the estimate). The caller refuses an infeasible batch
         unless `accept_infeasible`; `note_refused` / `note_accepted` count it."""
         now = self.clock()
-        jobs = [self._job(r) for r in self.store.active()]
+        tpot = self.tpot()
+        jobs = [self._job(r, tpot) for r in self.store.active()]
         new = JobWork("new", deadline, self.units(work.prompt_tokens, work.output_tokens),
-                      tail_s=self.tail_s(work.output_tokens / max(1, items)))
+                      tail_s=tpot * work.output_tokens / max(1, items))
         rate = self.rate()
         v = admit(jobs, new, rate, now)
         if not v.feasible and self.borrow_gain > 1.0 and rate is not None:
@@ -327,7 +327,8 @@ class DeadlineTracker:
         rate = self.rate()
         active = {r.id: r for r in rows}
         urgent = frozenset(self.urgent_batches())  # what the engine serves first now
-        est = estimate([self._job(r, urgent) for r in rows], rate, now,
+        tpot = self.tpot()
+        est = estimate([self._job(r, tpot, urgent) for r in rows], rate, now,
                        self.options.at_risk_margin, gain=self.borrow_gain)
         ended = [b for b in self._active if b not in active]
         finished: list[BatchRow] = []

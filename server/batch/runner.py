@@ -123,7 +123,9 @@ class BatchRunner:
         # check (harvest rate, estimates), told the length of every finished item (set by
         # ServerApp before start)
         self.deadlines = None
-        self._at_risk: list[str] = []  # batch ids at risk, least slack first (last tick)
+        # batch ids served first (the tracker's urgent_batches at the last deadline check:
+        # at risk, not hopeless, earliest deadline first)
+        self._at_risk: list[str] = []
         self._urgent_sent: dict = {}  # request id -> rank, last given to set_urgent
         self._thread = threading.Thread(target=self._run, name="batch-runner", daemon=True)
 
