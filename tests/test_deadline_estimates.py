@@ -207,7 +207,8 @@ def test_served_order_matches_a_step_by_step_simulation():
 def test_generation_tail_and_hopeless_jobs():
     """A job of few items is bound by how long its items generate, not by throughput; a
     job whose own work alone, served first, ends past its deadline is hopeless (no priority
-    for it), unless borrowing's gain would save it; the tail never makes a job hopeless."""
+    for it), unless borrowing's gain would save it; so is one whose tail alone (its slowest
+    item's generation left) ends past it. Work and tail overlap: the later of the two counts."""
     now = 0.0
     few = JobWork("few", 30.0, 10.0, tail_s=25.0)  # 10 s of work, then 25 s of generating
     est = estimate([few], rate=1.0, now=now)
@@ -223,3 +224,6 @@ def test_generation_tail_and_hopeless_jobs():
     est = estimate([JobWork("o", 99.0, 15.0, in_engine=15.0), JobWork("f", 40.0, 5.0, tail_s=25.0)],
                    rate=1.0, now=now)
     assert est["f"].at_risk and not est["f"].hopeless
+    slow = JobWork("slow", 20.0, 5.0, tail_s=25.0)  # 5 s of work, its last item 25 s more
+    assert estimate([slow], rate=1.0, now=now)["slow"].hopeless
+    assert not estimate([slow], rate=1.0, now=now, gain=2.0)["slow"].hopeless  # 12.5 s

@@ -28,9 +28,10 @@ class StubTracker:
         self.risky = []
         self.ticks = 0
 
-    def tick(self, in_engine=None):
+    def tick(self, in_engine=None, progress=None):
         self.ticks += 1
         self.in_engine = in_engine
+        self.progress = progress
 
     def urgent_batches(self):
         return list(self.risky)
@@ -100,6 +101,39 @@ def test_at_risk_items_are_claimed_past_a_full_window(tmp_path):
         want = {f.request_id: 0 if f.item.batch_id == tight else 1
                 for f in runner._in_flight.values()}
         assert eng.urgent_ranks == want
+    finally:
+        eng.shutdown()
+        store.close()
+
+
+def test_deadline_checks_report_the_progress_of_items_in_flight(tmp_path):
+    """Each deadline check reads what the in-flight items generated so far (without
+    waiting) and tells the tracker, per batch; the tokens read early still reach the
+    item's stored result, whole and in order."""
+    store, eng = SqliteBatchStore(str(tmp_path)), RecordingEngine()
+    try:
+        bid, _ = store.create_batch("t", _items(2), deadline=time.time() + 1000)
+        runner = BatchRunner(store, eng, max_in_flight=2)
+        runner.deadlines = tracker = StubTracker()
+        assert runner._fill()
+        time.sleep(0.6)  # ~12 of 50 tokens at 0.05 s each
+        runner._deadline_check()
+        got = tracker.progress[bid]
+        assert len(got) == 2 and all(0 < p.generated < 50 for p in got)
+        assert all(0.0 <= p.decode_s < 0.6 for p in got)
+        time.sleep(0.5)
+        runner._deadline_check()
+        later = tracker.progress[bid]
+        assert all(b.generated > a.generated and b.decode_s > a.decode_s
+                   for a, b in zip(got, later))
+        deadline = time.time() + 10
+        while runner._in_flight and time.time() < deadline:
+            runner._collect()
+            time.sleep(0.05)
+        assert not runner._in_flight
+        results = [pb.BatchResult.FromString(r) for _, r in store.results(bid, 0)]
+        # the mock engine echoes the prompt: item i's prompt is [10 + i]
+        assert [list(r.token_ids) for r in results] == [[10] * 50, [11] * 50]
     finally:
         eng.shutdown()
         store.close()

@@ -10,7 +10,7 @@ import pytest
 
 from conserve_jax.engine_api import EngineStats
 from conserve_jax.proto_gen.conserve.v1 import conserve_pb2 as pb
-from conserve_server.batch.deadlines import DEADLINE_ERROR, DeadlineTracker
+from conserve_server.batch.deadlines import DEADLINE_ERROR, DeadlineTracker, ItemProgress
 from conserve_server.batch.store import SqliteBatchStore, open_store
 from conserve_server.config import DeadlineOptions
 from tests.pg_cluster import pg_cluster, pg_url  # noqa: F401  (fixtures)
@@ -228,7 +228,8 @@ def test_borrowing_admits_what_only_borrowing_can_fit(setup):
     assert refusal is not None
     tr.borrow_gain = 2.0  # borrowing serves it at up to 20/s: 6 s, fits
     work, refusal = tr.judge(items(4, hint=20), "t", clock.t + 8, "completion_window")
-    assert refusal is None and work.estimate_at == pytest.approx(clock.t + 12.0)
+    # at risk from the start, it borrows at once: the estimate is the borrowing one
+    assert refusal is None and work.estimate_at == pytest.approx(clock.t + 6.0)
     _, refusal = tr.judge(items(4, hint=20), "t", clock.t + 5, "completion_window")
     assert refusal is not None  # 6 s > 5 s even with borrowing
 
@@ -261,3 +262,37 @@ def test_the_generation_tail_comes_from_finished_items(setup):
     assert refusal is None and w.estimate_at == pytest.approx(clock.t + 26.0)
     _, refusal = tr.judge(items(2, hint=20), "t", clock.t + 20, "deadline")
     assert refusal is not None  # 6 s of work, then 20 s of generating: misses 20 s
+
+
+def test_items_under_way_set_the_pace_and_the_work_left(setup):
+    """Before any offline item finished, the items generating now give the pace (time since
+    their first token per token since); what they generated and the prompts already in
+    come off the batch's remaining work and its tail, so a half-done batch is judged by
+    what it has left; one whose tail alone ends past its deadline is hopeless and gets no
+    priority, though at risk."""
+    store, eng, clock, tr = setup
+    harvest(eng, clock, tr, 10, 10)  # 10 units (tokens) per second
+    w, _ = tr.judge(items(2, hint=20), "t", clock.t + 30, "deadline")  # 2 x (10 + 20) tokens
+    assert w.estimate_at == pytest.approx(clock.t + 6.0) and tr.tpot() == 0.0  # no pace yet
+    b, _ = store.create_batch("t", items(2, hint=20), clock.t + 30, work=w)
+    tr.tick(in_engine={b: 2}, progress={b: [ItemProgress(10, 9.0), ItemProgress(5, 4.0)]})
+    assert tr.tpot() == pytest.approx(1.0)  # 9 s for 9 tokens since the first, 4 s for 4
+    e = tr.estimate_of(b)
+    # left: the 10 + 15 tokens they have still to generate (2.5 s), then the slowest one's
+    # 15 tokens at 1 s each; the prompts are in
+    assert e.finish_at == pytest.approx(clock.t + 2.5 + 15 * 1.0)
+    assert not e.at_risk
+    tr.tick(in_engine={b: 2}, progress={b: [ItemProgress(1, 0.5), ItemProgress(0, 0.0)]})
+    # one item still in prefill: its whole prompt and output to do, and the tail is whole
+    assert tr.tpot() == 0.0  # under LIVE_MIN_S past its first token: not a sample yet
+    assert tr.estimate_of(b).finish_at == pytest.approx(clock.t + (19 + 30) / 10)
+    w2, _ = tr.judge(items(1, hint=20), "t", clock.t + 10, "deadline")
+    tight, _ = store.create_batch("t", items(1, hint=20), clock.t + 10, work=w2)
+    pace = [ItemProgress(3, 4.0)]  # another batch's item: 2 s per token
+    tr.tick(in_engine={b: 1, tight: 0}, progress={b: pace})
+    assert tr.tpot() == pytest.approx(2.0)
+    e = tr.estimate_of(tight)  # 3 s of work, then 20 tokens at 2 s: 43 s for a 10 s window
+    assert e.at_risk and e.hopeless and tight not in tr.urgent_batches()
+    tr.borrow_gain = 5.0  # borrowing's most: 20 x 2 / 5 = 8 s, so it could still make it
+    tr.tick(in_engine={b: 1}, progress={b: pace})
+    assert not tr.estimate_of(tight).hopeless and tight in tr.urgent_batches()

@@ -14,11 +14,11 @@ Model: the order the engine actually serves offline work, at the harvest rate.
 3. Then the rest of the other jobs' items, as they will be claimed: EDF (jobs without a
    deadline last, ties in the order given).
 A job's estimated finish is now plus the work served before its last piece, divided by the
-rate, plus its tail (`JobWork.tail_s`: how long its last item generates once its prompt is
-in, from `HarvestMeter.decode_speed`); its slack is its deadline minus that finish
-(negative: predicted to miss). With no
-work inside the engine and nothing urgent, this is plain EDF: the work "already promised to
-earlier deadlines" the issue speaks of.
+rate, plus its tail (`JobWork.tail_s`: how long its slowest remaining item still generates,
+at the pace offline items generate at; the caller measures it); its slack is its deadline
+minus that finish (negative: predicted to miss). With no work inside the engine and nothing
+urgent, this is plain EDF: the work "already promised to earlier deadlines" the issue
+speaks of.
 
 At risk: a job that would miss, or nearly, *without* priority: its finish computed as if it
 were not urgent (the other urgent jobs keep theirs) leaves a slack below `at_risk_margin`
@@ -29,13 +29,14 @@ look safe, and dropping the flag because of that would take the priority away ag
 job behind a long queue of other jobs' items in the engine (a loose job submitted first) is
 at risk as soon as that queue would make it miss, though plain EDF says it fits.
 
-Hopeless: a job whose own remaining work alone, served before everything else (at the most
-borrowing can give, under deadline_policy borrow), ends past its deadline. Judged on
-throughput without the tail: the remaining work counts half-generated items as not started,
-and with the tail added a job well under way looked lost in bench_deadlines and lost its
-priority. Giving it priority would only make the jobs behind it
-miss too (EDF's domino effect under overload), so the caller does not (`isolate`: a job that
-cannot make it expires).
+Hopeless: a job that misses its deadline even when served before everything else (at the
+most borrowing can give, under deadline_policy borrow): its own remaining work at `gain` x
+the rate, or its tail at `gain` x the pace, whichever ends later (the optimistic side: the
+two overlap in time). The caller's remaining work and tail count the progress of items
+under way (tokens already generated, prompts already in), so a job well under way does not
+look lost. Giving a hopeless job priority would only make the jobs behind it miss too
+(EDF's domino effect under overload), so the caller does not (`isolate`: a job that cannot
+make it expires).
 
 No harvest history (rate None): nothing can be estimated. The contract callers rely on:
 every estimate is None, nothing is at risk, and `admit` accepts (reason "no harvest
@@ -60,7 +61,9 @@ class JobWork:
     remaining: float  # work units left (>= 0)
     in_engine: float = 0.0  # of `remaining`, work units of items inside the engine
     urgent: bool = False  # served first among offline work now (at risk at the last look)
-    tail_s: float = 0.0  # seconds its last item generates for after its work is served
+    # seconds its slowest remaining item still generates for once the work is served
+    # (expected output tokens it has left x the time per output token)
+    tail_s: float = 0.0
 
     @property
     def unclaimed(self) -> float:
@@ -160,8 +163,8 @@ def estimate(jobs: Iterable[JobWork], rate: Optional[float], now: float,
     """Per job: estimated finish and slack in the served order, the at-risk flag (judged
     without the job's own priority; module docstring) and whether it is hopeless: past its
     deadline even if served before everything else at `gain` x the rate (borrowing's most;
-    1 under isolate; throughput alone, no tail), so priority would only make other jobs
-    miss too."""
+    1 under isolate; the later of its work and its tail), so priority would only make
+    other jobs miss too."""
     jobs = list(jobs)
     if rate is None:
         return {j.job_id: Estimate(j.job_id, None, None, False) for j in jobs}
@@ -176,9 +179,9 @@ def estimate(jobs: Iterable[JobWork], rate: Optional[float], now: float,
         alone = _job_finish(now, j, order.before_without_priority(j), rate)
         slack_alone, need = j.deadline - alone, alone - now
         at_risk = j.remaining > 0 and (slack_alone < 0 or slack_alone < at_risk_margin * need)
-        # optimistic on purpose (no tail: an item half generated counts as not started in
-        # `tail_s`, so a job well under way would look lost and be dropped)
-        hopeless = j.remaining > 0 and _finish(now, j.remaining, rate * gain) > j.deadline
+        # optimistic on purpose: throughput and tail overlap, so the later of the two
+        hopeless = j.remaining > 0 and max(_finish(now, j.remaining, rate * gain),
+                                           now + j.tail_s / gain) > j.deadline
         out[j.job_id] = Estimate(j.job_id, None if math.isinf(fin) else fin,
                                  None if math.isinf(slack) else slack, at_risk, hopeless)
     return out

@@ -17,11 +17,16 @@ of every item (the length predictor's point estimate: the client's
 `expected_output_tokens` as a prior, what finished items of the same shape generated,
 else min(128, max_tokens) before anything was seen), weighted by `WorkCost` into work
 units and stored with the batch (`BatchWork`), so every replica sees the same numbers. Its
-remaining work is that times the share of items without a result (items are assumed alike;
-an item half done counts as not done). Its tail: how long its last item generates once its
-prompt is in (expected output tokens per item x the median time per output token of the
-offline items that finished lately, `tpot`), added to the throughput estimate: a job of
-few items is bound by that, since offline items generate only where isolation leaves room.
+remaining work: the items without a result (items are assumed alike: each a share of the
+batch's prompt and output tokens), less the progress of those inside this replica's engine
+that have started generating (their prompt is in, their generated tokens are done; the
+runner reports it each tick, `ItemProgress`). Its tail: how long its slowest remaining item
+still generates (expected output tokens per item less what it generated, x the pace,
+`tpot`), added to the throughput estimate: a job of few items is bound by that, since
+offline items generate only where isolation leaves room. The pace is the median time per
+output token over the offline items that finished lately and the items generating now
+(their time since their first token per token since), so it is known as soon as any
+offline item has generated for a second, before any finishes.
 
 No harvest history (fewer than `harvest_min_history_s` backlogged seconds measured, e.g.
 a fresh server): no estimate is made (None everywhere) and every batch is admitted; the
@@ -61,6 +66,7 @@ log = logging.getLogger(__name__)
 
 DEADLINE_ERROR = "batch deadline exceeded"
 TPOT_SAMPLES = 32  # finished offline items whose time per output token makes the tail
+LIVE_MIN_S = 1.0  # an item generating counts in the pace once this long past its first token
 FLEET_EVERY_S = 2.0  # shared store: how often a replica publishes and reads harvest rates
 # upper bounds (s) of the slack-at-finish histogram's buckets; +Inf is implied
 SLACK_BUCKETS_S = (-3600.0, -600.0, -60.0, -10.0, 0.0, 10.0, 60.0, 600.0, 3600.0, 86400.0)
@@ -98,6 +104,15 @@ def engine_work_cost(engine, max_prefill_tokens: int, max_num_seqs: int) -> Work
     return WorkCost.from_latency_model(model, max_prefill_tokens, max_num_seqs)
 
 
+@dataclass(frozen=True)
+class ItemProgress:
+    """An item inside the engine, as the runner saw it at the last tick: tokens generated
+    so far, and seconds since its first token (0 before it)."""
+
+    generated: int = 0
+    decode_s: float = 0.0
+
+
 @dataclass
 class DeadlineStats:
     """Cumulative since start (this replica's view)."""
@@ -131,6 +146,8 @@ class DeadlineTracker:
         self._in_engine: dict[str, int] = {}  # batch id -> its items inside the engine
         # seconds per output token of the offline items that finished last (_lock)
         self._tpots: collections.deque = collections.deque(maxlen=TPOT_SAMPLES)
+        self._live_tpots: tuple = ()  # the same of the items generating now (_lock)
+        self._progress: dict[str, list[ItemProgress]] = {}  # batch id -> its items inside
         self.meter = HarvestMeter(cost, options.harvest_window_s, options.harvest_min_history_s)
         self._predictor = LengthPredictor()
         self._predictor_lock = threading.Lock()
@@ -172,30 +189,34 @@ class DeadlineTracker:
     def units(self, prompt_tokens: float, output_tokens: float) -> float:
         return self.cost.of(prompt_tokens, output_tokens)
 
-    @staticmethod
-    def remaining_tokens(row: BatchRow) -> tuple[float, float]:
-        """(prompt, output) tokens of `row`'s items without a result."""
-        left = max(0, row.total - row.done) / row.total if row.total else 0.0
-        return row.work_prompt_tokens * left, row.work_output_tokens * left
-
     def _job(self, row: BatchRow, tpot_s: float, urgent: frozenset = frozenset()) -> JobWork:
-        """`row` as the estimator sees it: its remaining work, the share of it inside this
-        replica's engine (items alike: that many items' worth), urgent if it was at risk
-        at the last look, and its tail at `tpot_s` (`tpot`) per output token."""
-        left = self.units(*self.remaining_tokens(row))
+        """`row` as the estimator sees it (module doc): its remaining work less the progress
+        of its items inside this replica's engine, the share of that inside (items alike),
+        urgent if it was at risk at the last look, and the tail of its slowest remaining
+        item at `tpot_s` (`tpot`) per output token."""
         items_left = max(0, row.total - row.done)
-        inside = min(items_left, self._in_engine.get(row.id, 0))
+        per_prompt = row.work_prompt_tokens / row.total if row.total else 0.0
         per_item = row.work_output_tokens / row.total if row.total else 0.0
-        return JobWork(row.id, row.deadline, left,
-                       in_engine=left * inside / items_left if items_left else 0.0,
-                       urgent=row.id in urgent, tail_s=per_item * tpot_s)
+        inside = min(items_left, self._in_engine.get(row.id, 0))
+        started = sorted((p.generated for p in self._progress.get(row.id, ())
+                          if p.generated > 0), reverse=True)[:inside]
+        fresh = items_left - len(started)  # items whose prompt is still to do, whole
+        out_left = sum(max(0.0, per_item - g) for g in started)
+        left = self.units(per_prompt * fresh, per_item * fresh + out_left)
+        in_engine = self.units(per_prompt * (inside - len(started)),
+                               per_item * (inside - len(started)) + out_left)
+        slowest = per_item if fresh > 0 else (per_item - min(started) if started else 0.0)
+        return JobWork(row.id, row.deadline, left, in_engine=in_engine,
+                       urgent=row.id in urgent, tail_s=max(0.0, slowest) * tpot_s)
 
     def tpot(self) -> float:
-        """The median time per output token of the last `TPOT_SAMPLES` offline items that
-        finished here: an item generating n tokens once its prompt is in takes n x this
-        (its tail). 0 before any finished: estimates are then throughput alone."""
+        """The pace of offline generation: the median time per output token over the last
+        `TPOT_SAMPLES` offline items that finished here and the items generating now (their
+        seconds since their first token per token since, once `LIVE_MIN_S` past it). An
+        item generating n more tokens once its prompt is in takes n x this (its tail). 0
+        before any offline item generated: estimates are then throughput alone."""
         with self._lock:
-            tpots = sorted(self._tpots)
+            tpots = sorted(list(self._tpots) + list(self._live_tpots))
         return tpots[len(tpots) // 2] if tpots else 0.0
 
     def admit(self, work: BatchWork, deadline: Optional[float],
@@ -214,10 +235,12 @@ class DeadlineTracker:
         v = admit(jobs, new, rate, now)
         if not v.feasible and self.borrow_gain > 1.0 and rate is not None:
             # deadline_policy borrow: refused only if it misses even when served at the
-            # most borrowing can give; the estimate stored stays the one at the harvest rate
+            # most borrowing can give. Such a job is at risk from the start and borrows
+            # at once, so its estimate is the borrowing one (an upper bound on the gain:
+            # optimistic)
             b = admit(jobs, new, rate, now, gain=self.borrow_gain)
             if b.feasible:
-                v = Verdict(True, v.finish_at, f"fits by borrowing ({v.reason} without)")
+                v = Verdict(True, b.finish_at, f"fits by borrowing ({v.reason} without)")
         return v, BatchWork(work.prompt_tokens, work.output_tokens, v.finish_at)
 
     def judge(self, items: list[tuple[pb.GenerateRequest, list[int]]], tenant: str,
@@ -306,14 +329,23 @@ class DeadlineTracker:
                            backlogged)
 
     def tick(self, now: Optional[float] = None,
-             in_engine: Optional[dict[str, int]] = None) -> None:
+             in_engine: Optional[dict[str, int]] = None,
+             progress: Optional[dict[str, list[ItemProgress]]] = None) -> None:
         """Observe the engine, re-estimate the active batches, record ended ones.
         `in_engine`: batch id -> how many of its items are inside this replica's engine
         now (the runner's in-flight items), which the engine serves before unclaimed ones
-        (`slack` module doc); None keeps the last counts."""
+        (`slack` module doc); `progress`: batch id -> those items' progress (module doc).
+        None keeps the last of each."""
         now = self.clock() if now is None else now
         if in_engine is not None:
             self._in_engine = dict(in_engine)
+        if progress is not None:
+            self._progress = {b: list(ps) for b, ps in progress.items()}
+            live = tuple(p.decode_s / max(1, p.generated - 1)
+                         for ps in progress.values() for p in ps
+                         if p.generated > 0 and p.decode_s >= LIVE_MIN_S)
+            with self._lock:
+                self._live_tpots = live
         try:
             self.observe_engine(now)
         except Exception:

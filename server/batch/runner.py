@@ -63,6 +63,7 @@ from typing import Callable, Optional
 from conserve_jax.engine_api import GenerationRequest, RequestClass, RequestOutput, RequestStream
 from conserve_jax.proto_gen.conserve.v1 import conserve_pb2 as pb
 from conserve_server import convert
+from conserve_server.batch.deadlines import ItemProgress
 from conserve_server.batch.store import STORE_ERRORS, ClaimedItem, StoreBase
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,8 @@ class _InFlight:
     stream: RequestStream
     outputs: list[RequestOutput] = field(default_factory=list)
     lost: bool = False  # the lease went to another replica: drop, never commit
+    generated: int = 0  # tokens in `outputs` so far (read at deadline checks)
+    first_token_at: Optional[float] = None  # monotonic time its first token was seen
 
 
 class BatchRunner:
@@ -306,12 +309,31 @@ class BatchRunner:
         at-risk batches urgent."""
         self._expire()
         if self.deadlines is not None:
+            now = time.monotonic()
             inside: dict[str, int] = {}
+            progress: dict[str, list[ItemProgress]] = {}
             for f in self._in_flight.values():
+                self._drain(f, now)
                 inside[f.item.batch_id] = inside.get(f.item.batch_id, 0) + 1
-            self.deadlines.tick(in_engine=inside)
+                since = now - f.first_token_at if f.first_token_at is not None else 0.0
+                progress.setdefault(f.item.batch_id, []).append(ItemProgress(f.generated, since))
+            self.deadlines.tick(in_engine=inside, progress=progress)
             self._at_risk = self.deadlines.urgent_batches()
             self._mark_urgent()
+
+    @staticmethod
+    def _drain(f: _InFlight, now: float) -> None:
+        """Move the deltas `f`'s stream holds into `f.outputs` (never blocks) and count its
+        tokens: the progress the deadline estimates read (runner thread)."""
+        while True:
+            try:
+                out = f.stream.get(timeout=0)
+            except queue.Empty:
+                return
+            f.outputs.append(out)
+            f.generated += len(out.token_ids)
+            if f.generated and f.first_token_at is None:
+                f.first_token_at = now
 
     def _mark_urgent(self) -> None:
         """Tell the engine which in-flight items belong to at-risk batches (served first
