@@ -284,11 +284,11 @@ def test_items_under_way_set_the_pace_and_the_work_left(setup):
     assert not e.at_risk
     tr.tick(in_engine={b: 2}, progress={b: [ItemProgress(1, 0.5), ItemProgress(0, 0.0)]})
     # one item still in prefill: its whole prompt and output to do, and the tail is whole
-    assert tr.tpot() == 0.0  # under LIVE_MIN_S past its first token: not a sample yet
+    assert tr.tpot() == 0.0  # under LIVE_MIN_TOKENS generated: not a sample yet
     assert tr.estimate_of(b).finish_at == pytest.approx(clock.t + (19 + 30) / 10)
     w2, _ = tr.judge(items(1, hint=20), "t", clock.t + 10, "deadline")
     tight, _ = store.create_batch("t", items(1, hint=20), clock.t + 10, work=w2)
-    pace = [ItemProgress(3, 4.0)]  # another batch's item: 2 s per token
+    pace = [ItemProgress(9, 16.0)]  # another batch's item: 2 s per token
     tr.tick(in_engine={b: 1, tight: 0}, progress={b: pace})
     assert tr.tpot() == pytest.approx(2.0)
     e = tr.estimate_of(tight)  # 3 s of work, then 20 tokens at 2 s: 43 s for a 10 s window

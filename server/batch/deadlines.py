@@ -25,8 +25,8 @@ still generates (expected output tokens per item less what it generated, x the p
 `tpot`), added to the throughput estimate: a job of few items is bound by that, since
 offline items generate only where isolation leaves room. The pace is the median time per
 output token over the offline items that finished lately and the items generating now
-(their time since their first token per token since), so it is known as soon as any
-offline item has generated for a second, before any finishes.
+(their time since their first token per token since, once `LIVE_MIN_TOKENS` in), so it
+is known as soon as offline items have generated a few tokens, before any finishes.
 
 No harvest history (fewer than `harvest_min_history_s` backlogged seconds measured, e.g.
 a fresh server): no estimate is made (None everywhere) and every batch is admitted; the
@@ -66,7 +66,11 @@ log = logging.getLogger(__name__)
 
 DEADLINE_ERROR = "batch deadline exceeded"
 TPOT_SAMPLES = 32  # finished offline items whose time per output token makes the tail
-LIVE_MIN_S = 1.0  # an item generating counts in the pace once this long past its first token
+# an item generating counts in the pace once it generated this many tokens: earlier, its
+# time per token is mostly the wait after its first (bench_deadlines: items that had just
+# finished their prompt waited 3-7 s per token while the others' prompts went in, then
+# generated at 0.3-1 s per token)
+LIVE_MIN_TOKENS = 8
 FLEET_EVERY_S = 2.0  # shared store: how often a replica publishes and reads harvest rates
 # upper bounds (s) of the slack-at-finish histogram's buckets; +Inf is implied
 SLACK_BUCKETS_S = (-3600.0, -600.0, -60.0, -10.0, 0.0, 10.0, 60.0, 600.0, 3600.0, 86400.0)
@@ -212,7 +216,7 @@ class DeadlineTracker:
     def tpot(self) -> float:
         """The pace of offline generation: the median time per output token over the last
         `TPOT_SAMPLES` offline items that finished here and the items generating now (their
-        seconds since their first token per token since, once `LIVE_MIN_S` past it). An
+        seconds since their first token per token since, once `LIVE_MIN_TOKENS` in). An
         item generating n more tokens once its prompt is in takes n x this (its tail). 0
         before any offline item generated: estimates are then throughput alone."""
         with self._lock:
@@ -343,7 +347,7 @@ class DeadlineTracker:
             self._progress = {b: list(ps) for b, ps in progress.items()}
             live = tuple(p.decode_s / max(1, p.generated - 1)
                          for ps in progress.values() for p in ps
-                         if p.generated > 0 and p.decode_s >= LIVE_MIN_S)
+                         if p.generated >= LIVE_MIN_TOKENS)
             with self._lock:
                 self._live_tpots = live
         try:
