@@ -25,17 +25,20 @@ from conserve_jax.models.attention import AttentionMeta, ragged_paged_attention
 MIN_LOW_PRECISION_ROWS = 8
 
 
-def project(eq: str, x: jax.Array, w: jax.Array) -> jax.Array:
-    """einsum(eq, x, w) for a weight matmul (x's first axis: token rows). A weight stored
-    in a lower precision than x (`weight_dtype`) gets x rounded to its dtype, products
-    accumulated in float32, and the result back in x's dtype."""
+def project(eq: str, x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
+    """einsum(eq, x, w) for a weight matmul (x's first axis: token rows), returned in
+    `out_dtype` (default x's). A weight stored in a lower precision than x (`weight_dtype`)
+    gets x rounded to its dtype and products accumulated in float32."""
+    out_dtype = out_dtype or x.dtype
     if w.dtype == x.dtype:
-        return jnp.einsum(eq, x, w)
+        if out_dtype == x.dtype:
+            return jnp.einsum(eq, x, w)
+        return jnp.einsum(eq, x, w, preferred_element_type=out_dtype)
     rows = x.shape[0]
     xl = x.astype(w.dtype)
     if rows < MIN_LOW_PRECISION_ROWS:
         xl = jnp.pad(xl, [(0, MIN_LOW_PRECISION_ROWS - rows)] + [(0, 0)] * (x.ndim - 1))
-    return jnp.einsum(eq, xl, w, preferred_element_type=jnp.float32)[:rows].astype(x.dtype)
+    return jnp.einsum(eq, xl, w, preferred_element_type=jnp.float32)[:rows].astype(out_dtype)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
@@ -67,10 +70,13 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
 
 
 def decoder_layer(p: dict, x, cos, sin, k_cache, v_cache, meta: AttentionMeta, *,
-                  cfg: ModelConfig, attention_chunk: int):
+                  cfg: ModelConfig, attention_chunk: int, row_parallel=project):
     """One pre-norm transformer block: attention over paged KV, then a SwiGLU MLP.
 
     `p` is one layer of `layer_params` (fused QKV and gate/up weights: one dot each).
+    `row_parallel(eq, x, w)` computes the o and down projections (whose contraction axis
+    tensor parallelism splits): `project` by default, whose partial sums the compiler
+    all-reduces; the runner may pass its own reduction (runtime/sharding.py).
     Returns (x, k_cache, v_cache) with this iteration's K/V written to the caches."""
     t = x.shape[0]
     kvh, g2, hd = p["qkv"].shape[1:]
@@ -90,10 +96,10 @@ def decoder_layer(p: dict, x, cos, sin, k_cache, v_cache, meta: AttentionMeta, *
         v.transpose(1, 0, 2).astype(v_cache.dtype))
     a = ragged_paged_attention(q, k, v, k_cache, v_cache, meta, attention_chunk)
     a = a.reshape(t, kvh * g * hd)
-    x = x + project("ta,ah->th", a, p["o"])
+    x = x + row_parallel("ta,ah->th", a, p["o"])
     h = rms_norm(x, p["post_norm"], cfg.rms_norm_eps)
     gu = project("th,hci->tci", h, p["gate_up"])  # [T, 2, I]
-    x = x + project("ti,ih->th", jax.nn.silu(gu[:, 0]) * gu[:, 1], p["down"])
+    x = x + row_parallel("ti,ih->th", jax.nn.silu(gu[:, 0]) * gu[:, 1], p["down"])
     return x, k_cache, v_cache
 
 
@@ -106,14 +112,14 @@ def apply_rope(x, c, s):
 
 
 def run_layers(layers: list, x, cos, sin, caches: list, meta: AttentionMeta, *,
-               cfg: ModelConfig, attention_chunk: int):
+               cfg: ModelConfig, attention_chunk: int, row_parallel=project):
     """Apply consecutive layers (unrolled). caches: one (k, v) pair per layer;
-    `attention_chunk`: KV blocks per loop trip of `ragged_paged_attention`. Returns (x, new
-    caches)."""
+    `attention_chunk`: KV blocks per loop trip of `ragged_paged_attention`;
+    `row_parallel`: as in `decoder_layer`. Returns (x, new caches)."""
     new = []
     for p, (kc, vc) in zip(layers, caches):
         x, kc, vc = decoder_layer(p, x, cos, sin, kc, vc, meta, cfg=cfg,
-                                  attention_chunk=attention_chunk)
+                                  attention_chunk=attention_chunk, row_parallel=row_parallel)
         new.append((kc, vc))
     return x, new
 

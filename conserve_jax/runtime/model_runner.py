@@ -37,7 +37,7 @@ import numpy as np
 
 from conserve_jax.config import EngineConfig, ModelConfig
 from conserve_jax.models.llama import (AttentionMeta, embed_tokens, final_logits, layer_params,
-                                       rope_inv_freq, run_layers)
+                                       project, rope_inv_freq, run_layers)
 from conserve_jax.runtime import sharding as shd
 from conserve_jax.runtime.batch_arrays import BatchArrays, build_batch
 from conserve_jax.runtime.buckets import BucketSet
@@ -85,6 +85,7 @@ class ModelRunner:
         self.weight_dtype = jnp.dtype(engine_cfg.weight_dtype or engine_cfg.dtype)
         self.block_size = engine_cfg.cache.block_size
         self.mesh = shd.make_mesh(engine_cfg.tp)
+        self._row_parallel = shd.row_parallel_for(self.mesh, project)  # None: the compiler's
         kv_repeat = shd.kv_repeat_for(engine_cfg.tp, model_cfg.num_kv_heads, model_cfg.num_heads)
         self.kv_heads = model_cfg.num_kv_heads * kv_repeat
         self.num_blocks = engine_cfg.kv_cache_blocks or max(
@@ -141,10 +142,11 @@ class ModelRunner:
     def _make_group_fn(self, size: int):
         """jit of `size` consecutive layers; caches donated (updated in place)."""
         cfg, chunk = self.cfg, self.buckets.attention_chunk
+        reduce = {"row_parallel": self._row_parallel} if self._row_parallel else {}
 
         def group_fn(layers, x, cos, sin, caches, meta):
             return run_layers(layers, x, cos, sin, caches, meta, cfg=cfg,
-                              attention_chunk=chunk)
+                              attention_chunk=chunk, **reduce)
 
         kw = {}
         if self.mesh is not None:

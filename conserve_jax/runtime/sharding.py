@@ -3,12 +3,17 @@
 Weights are split Megatron-style: q/k/v/gate/up by output columns, o/down by input rows;
 the paged KV cache is split along its KV-head axis. Everything else is replicated.
 Called once by the runner at start-up.
+
+The o/down projections' partial sums are all-reduced by the compiler, except for
+decode-sized inputs in a mesh spanning several processes, where `row_parallel_for`'s
+reduction (which the runner passes to the model) gathers and sums them in fewer rounds.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -70,3 +75,63 @@ def kv_repeat_for(tp: int, num_kv_heads: int, num_heads: int) -> int:
         return tp // num_kv_heads
     raise ValueError(f"tp={tp} must divide, or be a multiple of, the number of KV heads "
                      f"({num_kv_heads})")
+
+
+# Token rows up to which a cross-process reduction gathers the partial sums itself; above,
+# the compiler's all-reduce is as fast (measured: conserve_jax/bench/collectives.py).
+GATHER_MAX_ROWS = 64
+
+
+def process_mesh(mesh: Optional[Mesh]) -> Optional[Mesh]:
+    """The 2-D ("proc", "local") view of a tp mesh spanning several processes (the same
+    devices in the same order; each row one process's devices), or None for a mesh within
+    one process or devices not laid out process by process."""
+    if mesh is None:
+        return None
+    devices = list(mesh.devices.flat)
+    procs = sorted({d.process_index for d in devices})
+    if len(procs) < 2 or len(devices) % len(procs):
+        return None
+    per = len(devices) // len(procs)
+    if [d.process_index for d in devices] != [p for p in procs for _ in range(per)]:
+        return None
+    return Mesh(np.array(devices).reshape(len(procs), per), ("proc", "local"))
+
+
+def row_parallel_for(mesh: Optional[Mesh], project):
+    """The o/down projection (`row_parallel` of models/llama.py, `project` its matmul) for
+    `mesh`, or None to let the compiler all-reduce everywhere (a mesh within one process:
+    its collectives stay in memory).
+
+    Across processes every collective is a network exchange (gloo over TCP on CPU) paid
+    per round trip, and the compiler's all-reduce over n devices takes 2(n-1) of them (a
+    ring). For at most `GATHER_MAX_ROWS` token rows (decode-sized; the row count is static
+    per compiled shape) each device computes its partial product in float32 and the
+    partials are all-gathered and summed in two steps, first among one process's devices
+    ("local"), then across processes ("proc"): one round each, and the same sums in the
+    same order on every device; the result is cast to x's dtype. Larger inputs (prefill)
+    keep the compiler's all-reduce, which moves fewer bytes."""
+    pm = process_mesh(mesh)
+    return None if pm is None else gathered_row_parallel(pm, project)
+
+
+def gathered_row_parallel(pm: Mesh, project):
+    """`row_parallel_for`'s reduction over a ("proc", "local") mesh `pm` (any such mesh:
+    tests build one inside a single process)."""
+    axes = ("proc", "local")
+    spec_x, spec_w = P(None, axes), P(axes, None)
+
+    def body(eq: str, dtype, xs, ws):
+        part = project(eq, xs, ws, out_dtype=jnp.float32)
+        if pm.shape["local"] > 1:
+            part = jax.lax.all_gather(part, "local").sum(0)
+        return jax.lax.all_gather(part, "proc").sum(0).astype(dtype)
+
+    def row_parallel(eq: str, x, w):
+        if x.shape[0] > GATHER_MAX_ROWS:
+            return project(eq, x, w)
+        fn = lambda xs, ws: body(eq, x.dtype, xs, ws)  # noqa: E731
+        return jax.shard_map(fn, mesh=pm, in_specs=(spec_x, spec_w), out_specs=P(),
+                             check_vma=False)(x, w)
+
+    return row_parallel
