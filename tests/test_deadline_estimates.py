@@ -227,3 +227,6 @@ def test_generation_tail_and_hopeless_jobs():
     slow = JobWork("slow", 20.0, 5.0, tail_s=25.0)  # 5 s of work, its last item 25 s more
     assert estimate([slow], rate=1.0, now=now)["slow"].hopeless
     assert not estimate([slow], rate=1.0, now=now, gain=2.0)["slow"].hopeless  # 12.5 s
+    # judged at the fastest pace seen (tail_min_s): late at the usual pace, not lost
+    busy = estimate([JobWork("busy", 20.0, 5.0, tail_s=25.0, tail_min_s=12.0)], 1.0, now)["busy"]
+    assert busy.at_risk and not busy.hopeless and busy.finish_at == pytest.approx(30.0)

@@ -119,13 +119,14 @@ def test_deadline_checks_report_the_progress_of_items_in_flight(tmp_path):
         time.sleep(0.6)  # ~12 of 50 tokens at 0.05 s each
         runner._deadline_check()
         got = tracker.progress[bid]
-        assert len(got) == 2 and all(0 < p.generated < 50 for p in got)
-        assert all(0.0 <= p.decode_s < 0.6 for p in got)
+        assert len(got) == 2 and all(2 <= p.generated < 50 for p in got)
+        assert all(p.steady_s == 0.0 and p.steady_tokens == 0 for p in got)  # seen just now
         time.sleep(0.5)
         runner._deadline_check()
         later = tracker.progress[bid]
-        assert all(b.generated > a.generated and b.decode_s > a.decode_s
-                   for a, b in zip(got, later))
+        for a, b in zip(got, later):  # the pace since: tokens and seconds after that check
+            assert b.generated > a.generated and b.steady_tokens == b.generated - a.generated
+            assert 0.4 < b.steady_s < 2.0
         deadline = time.time() + 10
         while runner._in_flight and time.time() < deadline:
             runner._collect()

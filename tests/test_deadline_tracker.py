@@ -258,6 +258,7 @@ def test_the_generation_tail_comes_from_finished_items(setup):
         tr.observe_length(pb.GenerateRequest(sampling=pb.SamplingParams(max_tokens=20)),
                           [3, 4], "t", 20, tpot_s=tpot)
     assert tr.tpot() == pytest.approx(1.0)  # the median: 20 tokens take 20 s
+    assert tr.tpot_fast() == pytest.approx(0.5)  # the lower quartile (of three: the first)
     w, refusal = tr.judge(items(2, hint=20), "t", clock.t + 30, "deadline")
     assert refusal is None and w.estimate_at == pytest.approx(clock.t + 26.0)
     _, refusal = tr.judge(items(2, hint=20), "t", clock.t + 20, "deadline")
@@ -265,8 +266,8 @@ def test_the_generation_tail_comes_from_finished_items(setup):
 
 
 def test_items_under_way_set_the_pace_and_the_work_left(setup):
-    """Before any offline item finished, the items generating now give the pace (time since
-    their first token per token since); what they generated and the prompts already in
+    """Before any offline item finished, the items generating now give the pace (seconds per
+    token since their second); what they generated and the prompts already in
     come off the batch's remaining work and its tail, so a half-done batch is judged by
     what it has left; one whose tail alone ends past its deadline is hopeless and gets no
     priority, though at risk."""
@@ -275,20 +276,21 @@ def test_items_under_way_set_the_pace_and_the_work_left(setup):
     w, _ = tr.judge(items(2, hint=20), "t", clock.t + 30, "deadline")  # 2 x (10 + 20) tokens
     assert w.estimate_at == pytest.approx(clock.t + 6.0) and tr.tpot() == 0.0  # no pace yet
     b, _ = store.create_batch("t", items(2, hint=20), clock.t + 30, work=w)
-    tr.tick(in_engine={b: 2}, progress={b: [ItemProgress(10, 9.0), ItemProgress(5, 4.0)]})
-    assert tr.tpot() == pytest.approx(1.0)  # 9 s for 9 tokens since the first, 4 s for 4
+    tr.tick(in_engine={b: 2}, progress={b: [ItemProgress(10, 8.0, 8),
+                                             ItemProgress(5, 3.0, 3)]})
+    assert tr.tpot() == pytest.approx(1.0)  # 8 s for 8 tokens; the other: too few yet
     e = tr.estimate_of(b)
     # left: the 10 + 15 tokens they have still to generate (2.5 s), then the slowest one's
     # 15 tokens at 1 s each; the prompts are in
     assert e.finish_at == pytest.approx(clock.t + 2.5 + 15 * 1.0)
     assert not e.at_risk
-    tr.tick(in_engine={b: 2}, progress={b: [ItemProgress(1, 0.5), ItemProgress(0, 0.0)]})
+    tr.tick(in_engine={b: 2}, progress={b: [ItemProgress(1), ItemProgress(0)]})
     # one item still in prefill: its whole prompt and output to do, and the tail is whole
     assert tr.tpot() == 0.0  # under LIVE_MIN_TOKENS generated: not a sample yet
     assert tr.estimate_of(b).finish_at == pytest.approx(clock.t + (19 + 30) / 10)
     w2, _ = tr.judge(items(1, hint=20), "t", clock.t + 10, "deadline")
     tight, _ = store.create_batch("t", items(1, hint=20), clock.t + 10, work=w2)
-    pace = [ItemProgress(9, 16.0)]  # another batch's item: 2 s per token
+    pace = [ItemProgress(9, 16.0, 8)]  # another batch's item: 2 s per token
     tr.tick(in_engine={b: 1, tight: 0}, progress={b: pace})
     assert tr.tpot() == pytest.approx(2.0)
     e = tr.estimate_of(tight)  # 3 s of work, then 20 tokens at 2 s: 43 s for a 10 s window
@@ -296,3 +298,9 @@ def test_items_under_way_set_the_pace_and_the_work_left(setup):
     tr.borrow_gain = 5.0  # borrowing's most: 20 x 2 / 5 = 8 s, so it could still make it
     tr.tick(in_engine={b: 1}, progress={b: pace})
     assert not tr.estimate_of(tight).hopeless and tight in tr.urgent_batches()
+    tr.borrow_gain = 1.0  # hopeless is judged at the fastest pace seen: 0.25 s a token
+    quick = [ItemProgress(30, 7.0, 28)] * 3 + [ItemProgress(9, 16.0, 8)] * 6
+    tr.tick(in_engine={b: 1}, progress={b: quick})
+    assert tr.tpot() == pytest.approx(2.0) and tr.tpot_fast() == pytest.approx(0.25)
+    e = tr.estimate_of(tight)  # late at the median pace, but 20 x 0.25 s fits: not lost
+    assert e.at_risk and not e.hopeless and tight in tr.urgent_batches()

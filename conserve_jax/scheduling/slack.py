@@ -31,8 +31,10 @@ at risk as soon as that queue would make it miss, though plain EDF says it fits.
 
 Hopeless: a job that misses its deadline even when served before everything else (at the
 most borrowing can give, under deadline_policy borrow): its own remaining work at `gain` x
-the rate, or its tail at `gain` x the pace, whichever ends later (the optimistic side: the
-two overlap in time). The caller's remaining work and tail count the progress of items
+the rate, or its tail at `gain` x the pace (`JobWork.tail_min_s`: at the fastest pace seen
+lately), whichever ends later: the optimistic side throughout, since work and tail overlap
+in time and a pace measured in a busy moment must not drop a job that can still make it
+(bench_deadlines: a noisy median pace made a feasible job look lost). The caller's remaining work and tail count the progress of items
 under way (tokens already generated, prompts already in), so a job well under way does not
 look lost. Giving a hopeless job priority would only make the jobs behind it miss too
 (EDF's domino effect under overload), so the caller does not (`isolate`: a job that cannot
@@ -64,6 +66,9 @@ class JobWork:
     # seconds its slowest remaining item still generates for once the work is served
     # (expected output tokens it has left x the time per output token)
     tail_s: float = 0.0
+    # the same at the fastest pace seen lately (optimistic): what `hopeless` is judged
+    # with; None: tail_s
+    tail_min_s: Optional[float] = None
 
     @property
     def unclaimed(self) -> float:
@@ -180,8 +185,9 @@ def estimate(jobs: Iterable[JobWork], rate: Optional[float], now: float,
         slack_alone, need = j.deadline - alone, alone - now
         at_risk = j.remaining > 0 and (slack_alone < 0 or slack_alone < at_risk_margin * need)
         # optimistic on purpose: throughput and tail overlap, so the later of the two
+        tail = j.tail_s if j.tail_min_s is None else j.tail_min_s
         hopeless = j.remaining > 0 and max(_finish(now, j.remaining, rate * gain),
-                                           now + j.tail_s / gain) > j.deadline
+                                           now + tail / gain) > j.deadline
         out[j.job_id] = Estimate(j.job_id, None if math.isinf(fin) else fin,
                                  None if math.isinf(slack) else slack, at_risk, hopeless)
     return out

@@ -25,8 +25,12 @@ still generates (expected output tokens per item less what it generated, x the p
 `tpot`), added to the throughput estimate: a job of few items is bound by that, since
 offline items generate only where isolation leaves room. The pace is the median time per
 output token over the offline items that finished lately and the items generating now
-(their time since their first token per token since, once `LIVE_MIN_TOKENS` in), so it
-is known as soon as offline items have generated a few tokens, before any finishes.
+(seconds per token since their second token, once `LIVE_MIN_TOKENS` past it: the wait
+after an item's first token, while other items' prompts go in, is not its pace), so it is
+known as soon as offline items have generated a few tokens, before any finishes. Whether a
+job is hopeless is judged with its tail at the fastest pace seen lately (the lower quartile
+of the same samples, `tpot_fast`): optimistic, so a pace measured in a busy moment does not
+drop a job that can still make it.
 
 No harvest history (fewer than `harvest_min_history_s` backlogged seconds measured, e.g.
 a fresh server): no estimate is made (None everywhere) and every batch is admitted; the
@@ -66,11 +70,11 @@ log = logging.getLogger(__name__)
 
 DEADLINE_ERROR = "batch deadline exceeded"
 TPOT_SAMPLES = 32  # finished offline items whose time per output token makes the tail
-# an item generating counts in the pace once it generated this many tokens: earlier, its
-# time per token is mostly the wait after its first (bench_deadlines: items that had just
+# an item generating counts in the pace once it generated this many tokens past its
+# second: the wait after its first is not its pace (bench_deadlines: items that had just
 # finished their prompt waited 3-7 s per token while the others' prompts went in, then
 # generated at 0.3-1 s per token)
-LIVE_MIN_TOKENS = 8
+LIVE_MIN_TOKENS = 6
 FLEET_EVERY_S = 2.0  # shared store: how often a replica publishes and reads harvest rates
 # upper bounds (s) of the slack-at-finish histogram's buckets; +Inf is implied
 SLACK_BUCKETS_S = (-3600.0, -600.0, -60.0, -10.0, 0.0, 10.0, 60.0, 600.0, 3600.0, 86400.0)
@@ -111,10 +115,11 @@ def engine_work_cost(engine, max_prefill_tokens: int, max_num_seqs: int) -> Work
 @dataclass(frozen=True)
 class ItemProgress:
     """An item inside the engine, as the runner saw it at the last tick: tokens generated
-    so far, and seconds since its first token (0 before it)."""
+    so far, and the seconds and tokens since its second token was seen (0 before)."""
 
     generated: int = 0
-    decode_s: float = 0.0
+    steady_s: float = 0.0
+    steady_tokens: int = 0
 
 
 @dataclass
@@ -193,11 +198,12 @@ class DeadlineTracker:
     def units(self, prompt_tokens: float, output_tokens: float) -> float:
         return self.cost.of(prompt_tokens, output_tokens)
 
-    def _job(self, row: BatchRow, tpot_s: float, urgent: frozenset = frozenset()) -> JobWork:
+    def _job(self, row: BatchRow, tpot_s: float, urgent: frozenset = frozenset(),
+             fast_s: Optional[float] = None) -> JobWork:
         """`row` as the estimator sees it (module doc): its remaining work less the progress
         of its items inside this replica's engine, the share of that inside (items alike),
         urgent if it was at risk at the last look, and the tail of its slowest remaining
-        item at `tpot_s` (`tpot`) per output token."""
+        item at `tpot_s` (`tpot`) per output token, and at `fast_s` (`tpot_fast`)."""
         items_left = max(0, row.total - row.done)
         per_prompt = row.work_prompt_tokens / row.total if row.total else 0.0
         per_item = row.work_output_tokens / row.total if row.total else 0.0
@@ -211,17 +217,27 @@ class DeadlineTracker:
                                per_item * (inside - len(started)) + out_left)
         slowest = per_item if fresh > 0 else (per_item - min(started) if started else 0.0)
         return JobWork(row.id, row.deadline, left, in_engine=in_engine,
-                       urgent=row.id in urgent, tail_s=max(0.0, slowest) * tpot_s)
+                       urgent=row.id in urgent, tail_s=max(0.0, slowest) * tpot_s,
+                       tail_min_s=None if fast_s is None else max(0.0, slowest) * fast_s)
 
     def tpot(self) -> float:
         """The pace of offline generation: the median time per output token over the last
         `TPOT_SAMPLES` offline items that finished here and the items generating now (their
-        seconds since their first token per token since, once `LIVE_MIN_TOKENS` in). An
+        seconds per token since their second, once `LIVE_MIN_TOKENS` past it). An
         item generating n more tokens once its prompt is in takes n x this (its tail). 0
         before any offline item generated: estimates are then throughput alone."""
-        with self._lock:
-            tpots = sorted(list(self._tpots) + list(self._live_tpots))
+        tpots = self._pace_samples()
         return tpots[len(tpots) // 2] if tpots else 0.0
+
+    def tpot_fast(self) -> float:
+        """The lower quartile of the same samples: the fastest pace seen lately, which
+        hopeless is judged with (module doc)."""
+        tpots = self._pace_samples()
+        return tpots[len(tpots) // 4] if tpots else 0.0
+
+    def _pace_samples(self) -> list[float]:
+        with self._lock:
+            return sorted(list(self._tpots) + list(self._live_tpots))
 
     def admit(self, work: BatchWork, deadline: Optional[float],
               items: int = 1) -> tuple[Verdict, BatchWork]:
@@ -345,9 +361,8 @@ class DeadlineTracker:
             self._in_engine = dict(in_engine)
         if progress is not None:
             self._progress = {b: list(ps) for b, ps in progress.items()}
-            live = tuple(p.decode_s / max(1, p.generated - 1)
-                         for ps in progress.values() for p in ps
-                         if p.generated >= LIVE_MIN_TOKENS)
+            live = tuple(p.steady_s / p.steady_tokens for ps in progress.values() for p in ps
+                         if p.steady_tokens >= LIVE_MIN_TOKENS)
             with self._lock:
                 self._live_tpots = live
         try:
@@ -363,8 +378,8 @@ class DeadlineTracker:
         rate = self.rate()
         active = {r.id: r for r in rows}
         urgent = frozenset(self.urgent_batches())  # what the engine serves first now
-        tpot = self.tpot()
-        est = estimate([self._job(r, tpot, urgent) for r in rows], rate, now,
+        tpot, fast = self.tpot(), self.tpot_fast()
+        est = estimate([self._job(r, tpot, urgent, fast) for r in rows], rate, now,
                        self.options.at_risk_margin, gain=self.borrow_gain)
         ended = [b for b in self._active if b not in active]
         finished: list[BatchRow] = []

@@ -77,7 +77,9 @@ class _InFlight:
     outputs: list[RequestOutput] = field(default_factory=list)
     lost: bool = False  # the lease went to another replica: drop, never commit
     generated: int = 0  # tokens in `outputs` so far (read at deadline checks)
-    first_token_at: Optional[float] = None  # monotonic time its first token was seen
+    # monotonic time and token count when its second token was first seen (its pace after)
+    steady_at: Optional[float] = None
+    steady_from: int = 0
 
 
 class BatchRunner:
@@ -315,8 +317,9 @@ class BatchRunner:
             for f in self._in_flight.values():
                 self._drain(f, now)
                 inside[f.item.batch_id] = inside.get(f.item.batch_id, 0) + 1
-                since = now - f.first_token_at if f.first_token_at is not None else 0.0
-                progress.setdefault(f.item.batch_id, []).append(ItemProgress(f.generated, since))
+                p = (ItemProgress(f.generated) if f.steady_at is None else
+                     ItemProgress(f.generated, now - f.steady_at, f.generated - f.steady_from))
+                progress.setdefault(f.item.batch_id, []).append(p)
             self.deadlines.tick(in_engine=inside, progress=progress)
             self._at_risk = self.deadlines.urgent_batches()
             self._mark_urgent()
@@ -329,11 +332,11 @@ class BatchRunner:
             try:
                 out = f.stream.get(timeout=0)
             except queue.Empty:
-                return
+                break
             f.outputs.append(out)
             f.generated += len(out.token_ids)
-            if f.generated and f.first_token_at is None:
-                f.first_token_at = now
+        if f.steady_at is None and f.generated >= 2:
+            f.steady_at, f.steady_from = now, f.generated
 
     def _mark_urgent(self) -> None:
         """Tell the engine which in-flight items belong to at-risk batches (served first
