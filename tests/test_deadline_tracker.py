@@ -284,6 +284,10 @@ def test_items_under_way_set_the_pace_and_the_work_left(setup):
     # 15 tokens at 1 s each; the prompts are in
     assert e.finish_at == pytest.approx(clock.t + 2.5 + 15 * 1.0)
     assert not e.at_risk
+    # past the 20 tokens expected, unfinished: each still counts a quarter of it (5) as left
+    tr.tick(in_engine={b: 2}, progress={b: [ItemProgress(25, 23.0, 23),
+                                             ItemProgress(30, 28.0, 28)]})
+    assert tr.estimate_of(b).finish_at == pytest.approx(clock.t + 10 / 10 + 5 * 1.0)
     tr.tick(in_engine={b: 2}, progress={b: [ItemProgress(1), ItemProgress(0)]})
     # one item still in prefill: its whole prompt and output to do, and the tail is whole
     assert tr.tpot() == 0.0  # under LIVE_MIN_TOKENS generated: not a sample yet

@@ -69,6 +69,10 @@ from conserve_server.config import DeadlineOptions
 log = logging.getLogger(__name__)
 
 DEADLINE_ERROR = "batch deadline exceeded"
+# an item generating past its batch's expected output per item still counts this share of
+# it as left (bench_deadlines: a medium-job item at 47 tokens of 44 expected counted as
+# done, so its job lost its priority with the item unfinished and missed its window)
+MIN_LEFT_SHARE = 0.25
 TPOT_SAMPLES = 32  # finished offline items whose time per output token makes the tail
 # an item generating counts in the pace once it generated this many tokens past its
 # second: the wait after its first is not its pace (bench_deadlines: items that had just
@@ -211,11 +215,14 @@ class DeadlineTracker:
         started = sorted((p.generated for p in self._progress.get(row.id, ())
                           if p.generated > 0), reverse=True)[:inside]
         fresh = items_left - len(started)  # items whose prompt is still to do, whole
-        out_left = sum(max(0.0, per_item - g) for g in started)
+        # an item not finished has something left, also past its expected length
+        floor = max(1.0, MIN_LEFT_SHARE * per_item)
+        lefts = [max(floor, per_item - g) for g in started]
+        out_left = sum(lefts)
         left = self.units(per_prompt * fresh, per_item * fresh + out_left)
         in_engine = self.units(per_prompt * (inside - len(started)),
                                per_item * (inside - len(started)) + out_left)
-        slowest = per_item if fresh > 0 else (per_item - min(started) if started else 0.0)
+        slowest = per_item if fresh > 0 else max(lefts, default=0.0)
         return JobWork(row.id, row.deadline, left, in_engine=in_engine,
                        urgent=row.id in urgent, tail_s=max(0.0, slowest) * tpot_s,
                        tail_min_s=None if fast_s is None else max(0.0, slowest) * fast_s)
