@@ -76,7 +76,14 @@ def worker(args) -> None:
     ops["gather sum"] = jax.jit(jax.shard_map(
         lambda a: jax.lax.all_gather(a, "tp").sum(0), mesh=mesh, in_specs=P("tp"),
         out_specs=P(), check_vma=False))
-    inputs = {"psum": x, "all_gather": x, "gather sum": x}
+
+    def a2a_sum(a):  # every device sends its whole partial to every other one: one round
+        tiled = jnp.broadcast_to(a[None], (n,) + a.shape)
+        return jax.lax.all_to_all(tiled, "tp", 0, 0, tiled=True).sum(0)
+
+    ops["a2a sum"] = jax.jit(jax.shard_map(a2a_sum, mesh=mesh, in_specs=P("tp"),
+                                           out_specs=P(), check_vma=False))
+    inputs = {"psum": x, "all_gather": x, "gather sum": x, "a2a sum": x}
     if processes > 1 and devices > 1:
         mesh2 = jax.make_mesh((processes, devices), ("proc", "local"), devices=jax.devices())
         x2 = jax.make_array_from_callback(host.shape, NamedSharding(mesh2, P(("proc", "local"))),
