@@ -258,7 +258,6 @@ def test_the_generation_tail_comes_from_finished_items(setup):
         tr.observe_length(pb.GenerateRequest(sampling=pb.SamplingParams(max_tokens=20)),
                           [3, 4], "t", 20, tpot_s=tpot)
     assert tr.tpot() == pytest.approx(1.0)  # the median: 20 tokens take 20 s
-    assert tr.tpot_fast() == pytest.approx(0.5)  # the fastest
     w, refusal = tr.judge(items(2, hint=20), "t", clock.t + 30, "deadline")
     assert refusal is None and w.estimate_at == pytest.approx(clock.t + 26.0)
     _, refusal = tr.judge(items(2, hint=20), "t", clock.t + 20, "deadline")
@@ -302,9 +301,11 @@ def test_items_under_way_set_the_pace_and_the_work_left(setup):
     tr.borrow_gain = 5.0  # borrowing's most: 20 x 2 / 5 = 8 s, so it could still make it
     tr.tick(in_engine={b: 1}, progress={b: pace})
     assert not tr.estimate_of(tight).hopeless and tight in tr.urgent_batches()
-    tr.borrow_gain = 1.0  # hopeless is judged at the fastest pace seen: 0.25 s a token
-    quick = [ItemProgress(30, 7.0, 28)] + [ItemProgress(9, 16.0, 8)] * 6
-    tr.tick(in_engine={b: 1}, progress={b: quick})
-    assert tr.tpot() == pytest.approx(2.0) and tr.tpot_fast() == pytest.approx(0.25)
-    e = tr.estimate_of(tight)  # late at the median pace, but 20 x 0.25 s fits: not lost
+    # once its own item generates, hopeless is judged at its own fastest pace: 0.25 s
+    tr.borrow_gain = 1.0
+    tr.tick(in_engine={b: 1, tight: 1},
+            progress={b: pace * 6, tight: [ItemProgress(10, 2.0, 8)]})
+    assert tr.tpot() == pytest.approx(2.0) and tr.own_pace(tight, 2.0) == pytest.approx(0.25)
+    e = tr.estimate_of(tight)  # 10 tokens left: late at the median pace, 2.5 s at its own
     assert e.at_risk and not e.hopeless and tight in tr.urgent_batches()
+    assert e.finish_at == pytest.approx(clock.t + 1.0 + 10 * 2.0)

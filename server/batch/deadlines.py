@@ -28,11 +28,13 @@ output token over the offline items that finished lately and the items generatin
 (seconds per token since their second token, once `LIVE_MIN_TOKENS` past it: the wait
 after an item's first token, while other items' prompts go in, is not its pace), so it is
 known as soon as offline items have generated a few tokens, before any finishes. Whether a
-job is hopeless is judged with its tail at the fastest pace among the same samples
-(`tpot_fast`): the pace of items served first, which a job given priority gets (slower
-items are those that waited behind others), so a job that can still make it with its
-priority is not dropped (bench_deadlines: judged at the lower quartile, the medium job
-looked lost 30 s before its deadline while its first item generated at 0.57 s a token).
+job is hopeless is judged with its tail at its own items' fastest pace once they have
+samples (`own_pace`: the pace of its items served first, which priority gives it; slower
+ones waited behind others), else at the pace above. bench_deadlines: judged at the
+offline items' lower-quartile pace, the medium job looked lost 30 s before its deadline
+while its first item generated at 0.57 s a token; judged at the fastest pace of any item,
+the tight job, infeasible without borrowing, kept its priority to the end and made the
+medium job miss.
 
 No harvest history (fewer than `harvest_min_history_s` backlogged seconds measured, e.g.
 a fresh server): no estimate is made (None everywhere) and every batch is admitted; the
@@ -162,6 +164,7 @@ class DeadlineTracker:
         # seconds per output token of the offline items that finished last (_lock)
         self._tpots: collections.deque = collections.deque(maxlen=TPOT_SAMPLES)
         self._live_tpots: tuple = ()  # the same of the items generating now (_lock)
+        self._own_fastest: dict[str, float] = {}  # batch id -> its items' fastest (_lock)
         self._progress: dict[str, list[ItemProgress]] = {}  # batch id -> its items inside
         self.meter = HarvestMeter(cost, options.harvest_window_s, options.harvest_min_history_s)
         self._predictor = LengthPredictor()
@@ -204,12 +207,12 @@ class DeadlineTracker:
     def units(self, prompt_tokens: float, output_tokens: float) -> float:
         return self.cost.of(prompt_tokens, output_tokens)
 
-    def _job(self, row: BatchRow, tpot_s: float, urgent: frozenset = frozenset(),
-             fast_s: Optional[float] = None) -> JobWork:
+    def _job(self, row: BatchRow, tpot_s: float, urgent: frozenset = frozenset()) -> JobWork:
         """`row` as the estimator sees it (module doc): its remaining work less the progress
         of its items inside this replica's engine, the share of that inside (items alike),
         urgent if it was at risk at the last look, and the tail of its slowest remaining
-        item at `tpot_s` (`tpot`) per output token, and at `fast_s` (`tpot_fast`)."""
+        item at `tpot_s` (`tpot`) per output token, and at its own pace (`own_pace`; for
+        hopeless)."""
         items_left = max(0, row.total - row.done)
         per_prompt = row.work_prompt_tokens / row.total if row.total else 0.0
         per_item = row.work_output_tokens / row.total if row.total else 0.0
@@ -227,7 +230,7 @@ class DeadlineTracker:
         slowest = per_item if fresh > 0 else max(lefts, default=0.0)
         return JobWork(row.id, row.deadline, left, in_engine=in_engine,
                        urgent=row.id in urgent, tail_s=max(0.0, slowest) * tpot_s,
-                       tail_min_s=None if fast_s is None else max(0.0, slowest) * fast_s)
+                       tail_min_s=max(0.0, slowest) * self.own_pace(row.id, tpot_s))
 
     def tpot(self) -> float:
         """The pace of offline generation: the median time per output token over the last
@@ -238,10 +241,11 @@ class DeadlineTracker:
         tpots = self._pace_samples()
         return tpots[len(tpots) // 2] if tpots else 0.0
 
-    def tpot_fast(self) -> float:
-        """The fastest of the same samples, which hopeless is judged with (module doc)."""
-        tpots = self._pace_samples()
-        return tpots[0] if tpots else 0.0
+    def own_pace(self, batch_id: str, default: float) -> float:
+        """The fastest pace among `batch_id`'s items generating now (`LIVE_MIN_TOKENS` past
+        their second token), else `default`: what hopeless is judged with (module doc)."""
+        with self._lock:
+            return self._own_fastest.get(batch_id, default)
 
     def _pace_samples(self) -> list[float]:
         with self._lock:
@@ -369,10 +373,11 @@ class DeadlineTracker:
             self._in_engine = dict(in_engine)
         if progress is not None:
             self._progress = {b: list(ps) for b, ps in progress.items()}
-            live = tuple(p.steady_s / p.steady_tokens for ps in progress.values() for p in ps
-                         if p.steady_tokens >= LIVE_MIN_TOKENS)
+            own = {b: [p.steady_s / p.steady_tokens for p in ps
+                       if p.steady_tokens >= LIVE_MIN_TOKENS] for b, ps in progress.items()}
             with self._lock:
-                self._live_tpots = live
+                self._live_tpots = tuple(t for ts in own.values() for t in ts)
+                self._own_fastest = {b: min(ts) for b, ts in own.items() if ts}
         try:
             self.observe_engine(now)
         except Exception:
@@ -386,8 +391,8 @@ class DeadlineTracker:
         rate = self.rate()
         active = {r.id: r for r in rows}
         urgent = frozenset(self.urgent_batches())  # what the engine serves first now
-        tpot, fast = self.tpot(), self.tpot_fast()
-        est = estimate([self._job(r, tpot, urgent, fast) for r in rows], rate, now,
+        tpot = self.tpot()
+        est = estimate([self._job(r, tpot, urgent) for r in rows], rate, now,
                        self.options.at_risk_margin, gain=self.borrow_gain)
         ended = [b for b in self._active if b not in active]
         finished: list[BatchRow] = []
