@@ -11,7 +11,8 @@ compile; process 0 writes per op the median and minimum wall time of one call, a
 CPU time over wall time for all calls (cores kept busy: above 1 means threads spin) (each call
 waited for with block_until_ready). Ops: "psum" (the compiler's all-reduce, what tensor
 parallelism's o/down projections get), "all_gather" (a sharded array made replicated),
-"gather sum" (all-gather the partials, sum them); with P > 1 and D > 1, on a 2-D mesh
+"gather sum" (all-gather the partials, sum them), "a2a sum" (every device sends its
+partial to every other one in one all-to-all, then sums); with P > 1 and D > 1, on a 2-D mesh
 (proc x local), "hier psum" and "hier gather" (the same over the devices of one process,
 then across processes: runtime/sharding.py's `row_parallel_for` uses "hier gather") and
 "local psum" (within each process only; with gloo still a TCP exchange). Prints a table of
