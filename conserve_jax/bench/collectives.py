@@ -27,20 +27,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 from conserve_jax.bench import script_io
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conserve_jax.bench.worker_procs import free_port, run_workers
 
 
 def _layout(name: str) -> tuple[int, int]:
@@ -128,12 +121,12 @@ def worker(args) -> None:
 
 def _run(args, layout: str, tmp: str) -> dict:
     processes, _ = _layout(layout)
-    port, out = _free_port(), os.path.join(tmp, f"{layout}.json")
+    port, out = free_port(), os.path.join(tmp, f"{layout}.json")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     if args.xla_flags:
         env["XLA_FLAGS"] = args.xla_flags
     cpus = args.cpus.split(";") if args.cpus else None
-    procs = []
+    cmds = []
     for pid in range(processes):
         cmd = [sys.executable, "-m", "conserve_jax.bench.collectives", "--worker", "--layout",
                layout, "--process-id", str(pid), "--port", str(port), "--calls",
@@ -141,17 +134,8 @@ def _run(args, layout: str, tmp: str) -> dict:
                "--out", out] + (["--hlo"] if args.hlo else [])
         if cpus:
             cmd = ["taskset", "-c", cpus[pid % len(cpus)]] + cmd
-        procs.append(subprocess.Popen(cmd, env=env))
-    try:
-        for p in procs:
-            if p.wait(timeout=args.timeout) != 0:
-                raise RuntimeError(f"{layout} process exited with {p.returncode}")
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    with open(out) as f:
-        return json.load(f)
+        cmds.append(cmd)
+    return run_workers(cmds, env, args.timeout, out, layout)
 
 
 def main(argv=None) -> dict:

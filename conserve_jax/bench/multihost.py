@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,15 +31,10 @@ import tempfile
 import time
 
 from conserve_jax.bench import script_io
+from conserve_jax.bench.worker_procs import free_port, run_workers
 
 SHAPES = {"decode b1": (1, 0, 256), "decode b8": (8, 0, 256), "prefill 512": (0, 512, 512)}
 LAYOUTS = {"1x4": (1, 4), "2x2": (2, 2)}  # name -> (processes, CPU devices each)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _TimedSends:
@@ -116,22 +110,13 @@ def worker(args) -> None:
 
 def _run(args, layout: str, tmp: str) -> dict:
     processes, _ = LAYOUTS[layout]
-    port, out = _free_port(), os.path.join(tmp, f"{layout}.json")
+    port, out = free_port(), os.path.join(tmp, f"{layout}.json")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    procs = [subprocess.Popen([sys.executable, "-m", "conserve_jax.bench.multihost", "--worker",
-                               "--layout", layout, "--process-id", str(pid), "--port", str(port),
-                               "--model", args.model, "--steps", str(args.steps), "--out", out],
-                              env=env) for pid in range(processes)]
-    try:
-        for p in procs:
-            if p.wait(timeout=args.timeout) != 0:
-                raise RuntimeError(f"{layout} process exited with {p.returncode}")
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    with open(out) as f:
-        return json.load(f)
+    cmds = [[sys.executable, "-m", "conserve_jax.bench.multihost", "--worker",
+             "--layout", layout, "--process-id", str(pid), "--port", str(port),
+             "--model", args.model, "--steps", str(args.steps), "--out", out]
+            for pid in range(processes)]
+    return run_workers(cmds, env, args.timeout, out, layout)
 
 
 def main(argv=None) -> dict:
