@@ -33,7 +33,7 @@ import tempfile
 import time
 
 from conserve_jax.bench import script_io
-from conserve_jax.bench.worker_procs import free_port, run_workers
+from conserve_jax.bench.worker_procs import add_worker_args, free_port, run_workers
 
 
 def _layout(name: str) -> tuple[int, int]:
@@ -150,11 +150,8 @@ def main(argv=None) -> dict:
     p.add_argument("--hlo", action="store_true", help="record the compiled psum's collectives")
     p.add_argument("--timeout", type=float, default=300.0)
     p.add_argument("--json", default="")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--layout", help=argparse.SUPPRESS)
-    p.add_argument("--process-id", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--out", help=argparse.SUPPRESS)
+    add_worker_args(p)
     args = p.parse_args(argv)
     if args.worker:
         worker(args)

@@ -31,7 +31,7 @@ import tempfile
 import time
 
 from conserve_jax.bench import script_io
-from conserve_jax.bench.worker_procs import free_port, run_workers
+from conserve_jax.bench.worker_procs import add_worker_args, free_port, run_workers
 
 SHAPES = {"decode b1": (1, 0, 256), "decode b8": (8, 0, 256), "prefill 512": (0, 512, 512)}
 LAYOUTS = {"1x4": (1, 4), "2x2": (2, 2)}  # name -> (processes, CPU devices each)
@@ -126,11 +126,8 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=5, help="runs per layout, interleaved")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
     p.add_argument("--json", default="results/bench_multihost.json")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--layout", choices=sorted(LAYOUTS), help=argparse.SUPPRESS)
-    p.add_argument("--process-id", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--out", help=argparse.SUPPRESS)
+    add_worker_args(p)
     args = p.parse_args(argv)
     if args.worker:
         worker(args)

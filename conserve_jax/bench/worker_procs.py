@@ -7,6 +7,7 @@ Called from a benchmark's main thread; holds no state; imports no JAX.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import socket
 import subprocess
@@ -17,6 +18,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def add_worker_args(p: argparse.ArgumentParser) -> None:
+    """The hidden flags the launcher passes to each worker process (besides its layout):
+    --worker, --process-id, --port (the coordinator's), --out (the JSON path)."""
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--process-id", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
 
 
 def run_workers(cmds: list[list[str]], env: dict, timeout: float, out: str, what: str) -> dict:
