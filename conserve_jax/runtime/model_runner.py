@@ -85,7 +85,8 @@ class ModelRunner:
         self.weight_dtype = jnp.dtype(engine_cfg.weight_dtype or engine_cfg.dtype)
         self.block_size = engine_cfg.cache.block_size
         self.mesh = shd.make_mesh(engine_cfg.tp)
-        self._row_parallel = shd.row_parallel_for(self.mesh, project)  # None: the compiler's
+        # the o/down reduction; `project` leaves it to the compiler's all-reduce
+        self._row_parallel = shd.row_parallel_for(self.mesh, project) or project
         kv_repeat = shd.kv_repeat_for(engine_cfg.tp, model_cfg.num_kv_heads, model_cfg.num_heads)
         self.kv_heads = model_cfg.num_kv_heads * kv_repeat
         self.num_blocks = engine_cfg.kv_cache_blocks or max(
@@ -142,11 +143,11 @@ class ModelRunner:
     def _make_group_fn(self, size: int):
         """jit of `size` consecutive layers; caches donated (updated in place)."""
         cfg, chunk = self.cfg, self.buckets.attention_chunk
-        reduce = {"row_parallel": self._row_parallel} if self._row_parallel else {}
+        row_parallel = self._row_parallel
 
         def group_fn(layers, x, cos, sin, caches, meta):
             return run_layers(layers, x, cos, sin, caches, meta, cfg=cfg,
-                              attention_chunk=chunk, **reduce)
+                              attention_chunk=chunk, row_parallel=row_parallel)
 
         kw = {}
         if self.mesh is not None:

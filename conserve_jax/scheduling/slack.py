@@ -31,12 +31,12 @@ at risk as soon as that queue would make it miss, though plain EDF says it fits.
 
 Hopeless: a job that misses its deadline even when served before everything else (at the
 most borrowing can give, under deadline_policy borrow): its own remaining work at `gain` x
-the rate, or its tail at `gain` x the pace (`JobWork.tail_min_s`: at the fastest pace seen
-lately), whichever ends later: the optimistic side throughout, since work and tail overlap
-in time and a pace measured in a busy moment must not drop a job that can still make it
-(bench_deadlines: a noisy median pace made a feasible job look lost). The caller's remaining work and tail count the progress of items
-under way (tokens already generated, prompts already in), so a job well under way does not
-look lost. Giving a hopeless job priority would only make the jobs behind it miss too
+the rate, or its tail at `gain` x the pace (`JobWork.tail_min_s`: at the pace the job gets
+with priority), whichever ends later: the optimistic side throughout, since work and tail
+overlap in time and a pace measured in a busy moment must not drop a job that can still
+make it (bench_deadlines: a noisy median pace made a feasible job look lost). The caller's
+remaining work and tail count the progress of items under way (tokens already generated,
+prompts already in), so a job well under way does not look lost. Giving a hopeless job priority would only make the jobs behind it miss too
 (EDF's domino effect under overload), so the caller does not (`isolate`: a job that cannot
 make it expires).
 
@@ -66,8 +66,8 @@ class JobWork:
     # seconds its slowest remaining item still generates for once the work is served
     # (expected output tokens it has left x the time per output token)
     tail_s: float = 0.0
-    # the same at the fastest pace seen lately (optimistic): what `hopeless` is judged
-    # with; None: tail_s
+    # the same at the pace the job gets with priority (the caller's measure, on the
+    # optimistic side): what `hopeless` is judged with; None: tail_s
     tail_min_s: Optional[float] = None
 
     @property

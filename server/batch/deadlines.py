@@ -229,8 +229,8 @@ class DeadlineTracker:
                                per_item * (inside - len(started)) + out_left)
         slowest = per_item if fresh > 0 else max(lefts, default=0.0)
         return JobWork(row.id, row.deadline, left, in_engine=in_engine,
-                       urgent=row.id in urgent, tail_s=max(0.0, slowest) * tpot_s,
-                       tail_min_s=max(0.0, slowest) * self.own_pace(row.id, tpot_s))
+                       urgent=row.id in urgent, tail_s=slowest * tpot_s,
+                       tail_min_s=slowest * self.own_pace(row.id, tpot_s))
 
     def tpot(self) -> float:
         """The pace of offline generation: the median time per output token over the last

@@ -312,14 +312,13 @@ class BatchRunner:
         self._expire()
         if self.deadlines is not None:
             now = time.monotonic()
-            inside: dict[str, int] = {}
             progress: dict[str, list[ItemProgress]] = {}
             for f in self._in_flight.values():
                 self._drain(f, now)
-                inside[f.item.batch_id] = inside.get(f.item.batch_id, 0) + 1
                 p = (ItemProgress(f.generated) if f.steady_at is None else
                      ItemProgress(f.generated, now - f.steady_at, f.generated - f.steady_from))
                 progress.setdefault(f.item.batch_id, []).append(p)
+            inside = {b: len(ps) for b, ps in progress.items()}
             self.deadlines.tick(in_engine=inside, progress=progress)
             self._at_risk = self.deadlines.urgent_batches()
             self._mark_urgent()
@@ -327,7 +326,8 @@ class BatchRunner:
     @staticmethod
     def _drain(f: _InFlight, now: float) -> None:
         """Move the deltas `f`'s stream holds into `f.outputs` (never blocks) and count its
-        tokens: the progress the deadline estimates read (runner thread)."""
+        tokens: the progress the deadline estimates read, and at the end the whole output
+        to commit (runner thread)."""
         while True:
             try:
                 out = f.stream.get(timeout=0)
@@ -390,11 +390,7 @@ class BatchRunner:
         for rid, f in list(self._in_flight.items()):
             if not f.stream.done.is_set():
                 continue
-            while True:
-                try:
-                    f.outputs.append(f.stream.get(timeout=0))
-                except queue.Empty:
-                    break
+            self._drain(f, time.monotonic())
             del self._in_flight[rid]
             op = self._finish(f)
             if op is not None:
