@@ -1,6 +1,7 @@
 """The engine layer: the step loop (`engine.Engine`), its output path (`output_processor`,
-`output_delivery`), its failure policy (`step_guard`), offline requests across a restart
-(`offline_suspension`) and the deterministic `MockEngine` for CPU tests of the faces.
+`output_delivery`), its failure policy (`step_guard`), its stats bookkeeping
+(`step_accounting`), offline requests across a restart (`offline_suspension`) and the
+deterministic `MockEngine` for CPU tests of the faces.
 
 `Engine` is imported lazily (it pulls in JAX); `MockEngine` does not need JAX.
 """

@@ -1,21 +1,20 @@
 """Engine: the step loop that ties scheduler, runner and output streams together.
 
 Threading contract: `submit`, `cancel`, `stats` and `shutdown` may be called from any
-thread; they only touch the intake queue and the published stats snapshot (under `_lock`)
-and wake the loop. Everything else — scheduler, KV bookkeeping, runner, caches — belongs
-to the single step-loop thread started by the constructor, which publishes an immutable
-`EngineStats` snapshot after every pass, and hands each committed iteration's record to
-the iteration listeners (`EngineAPI.add_iteration_listener`). Detokenization, stop strings
-and delivery to request streams run on the output thread (`OutputDelivery`), off the step
-loop.
+thread; they only touch the intake queue (under `_lock`) and the published stats snapshot
+(`StepAccounting`, under its own lock) and wake the loop. Everything else — scheduler, KV
+bookkeeping, runner, caches — belongs to the single step-loop thread started by the
+constructor, which publishes an immutable `EngineStats` snapshot after every pass, and
+hands each committed iteration's record to the iteration listeners
+(`EngineAPI.add_iteration_listener`). The token counts, totals and the snapshot are kept
+by `StepAccounting` (step_accounting.py). Detokenization, stop strings and delivery to
+request streams run on the output thread (`OutputDelivery`), off the step loop.
 Failures follow `StepGuard`: an exception anywhere in an iteration fails (or, if nothing
 was committed, retries once) only the requests of that iteration; a loop that keeps
 failing dies, ending every stream with "engine stopped" and setting `failure`.
 """
 from __future__ import annotations
 
-import collections
-import dataclasses
 import logging
 import threading
 import time
@@ -25,16 +24,17 @@ import numpy as np
 
 from conserve_jax.config import EngineConfig
 from conserve_jax.engine_api import (EngineAPI, EngineStats, GenerationRequest,
-                                     IterationStats, RequestStream, urgent_ranks,
+                                     RequestStream, urgent_ranks,
                                      validate_expected_output_tokens, validate_prompt)
 from conserve_jax.kv.kv_manager import KVManager
 from conserve_jax.kv.persist import SavedRequest
 from conserve_jax.kv.prefix_hash import root_key
 from conserve_jax.runtime.kv_replica import make_checkpointer
-from conserve_jax.engine.output_delivery import FinalStats, OutputDelivery
+from conserve_jax.engine.output_delivery import OutputDelivery
 from conserve_jax.engine.offline_suspension import OfflineSuspension
 from conserve_jax.engine.output_processor import OutputProcessor
 from conserve_jax.engine.startup import StartupProgress, params_nbytes
+from conserve_jax.engine.step_accounting import StepAccounting, final_stats
 from conserve_jax.runtime import distributed
 from conserve_jax.runtime.compile_cache import enable_compilation_cache
 from conserve_jax.runtime.map_budget import check_map_budget
@@ -120,13 +120,10 @@ class Engine(EngineAPI):
         self._suspends: list[tuple[list[str], dict, threading.Event]] = []  # (_lock)
         self._stopped: list[str] = []  # ended by a stop string on the output thread
         self._seqs: dict[str, Sequence] = {}  # step-loop thread only
-        self._snapshot = EngineStats()  # published by the step loop, read under _lock
         self._in_engine = 0  # requests submitted and not yet finished (under _lock)
         self._accepting = True
         self._stop = False
-        self._history: collections.deque = collections.deque(maxlen=512)  # (t, online, offline)
-        self._totals = [0, 0, 0, 0]  # generated online/offline, prefilled online/offline
-        self._iterations = 0
+        self.accounting = StepAccounting()  # token counts, totals, the stats snapshot
         # multi-process: a failed step may have left followers inside a collective (or one
         # died): the run cannot go on, so the first failure stops the loop
         self._guard = StepGuard(max_consecutive=1) if config.num_processes > 1 else StepGuard()
@@ -197,47 +194,11 @@ class Engine(EngineAPI):
 
     def stats(self) -> EngineStats:
         """The step loop's latest snapshot, with token rates over the last 10 s."""
-        with self._lock:
-            snap = self._snapshot
-            hist = list(self._history)
-        now = time.monotonic()
-        recent = [h for h in hist if now - h[0] <= 10.0]
-        span = max(1e-9, now - recent[0][0]) if len(recent) > 1 else 1.0
-        return dataclasses.replace(
-            snap, online_tokens_per_s=sum(h[1] for h in recent) / span if recent else 0.0,
-            offline_tokens_per_s=sum(h[2] for h in recent) / span if recent else 0.0)
+        return self.accounting.stats()
 
     def _publish_stats(self) -> None:
         """Step-loop thread: snapshot scheduler, KV and pool state for other threads."""
-        sch, kv, c = self.scheduler, self.kv, self.scheduler.counters
-        running = sch.running
-        st = EngineStats(
-            online_waiting=len(sch.waiting_online), offline_waiting=len(sch.waiting_offline),
-            online_running=sum(s.online for s in running),
-            offline_running=sum(not s.online for s in running),
-            kv_blocks_total=kv.capacity, kv_blocks_online=kv.used_online,
-            kv_blocks_offline=kv.used_offline,
-            online_tokens_total=self._totals[0], offline_tokens_total=self._totals[1],
-            online_prefill_tokens_total=self._totals[2],
-            offline_prefill_tokens_total=self._totals[3],
-            preemptions=c.preemptions, preempted_tokens_discarded=c.preempted_tokens_discarded,
-            preemptions_resumed=c.preemptions_resumed,
-            evictions=c.evictions, recomputed_tokens=c.recomputed_tokens,
-            restored_tokens=c.restored_tokens, iterations=self._iterations,
-            prefix_cache_queries_online=c.prefix_query_tokens[True],
-            prefix_cache_queries_offline=c.prefix_query_tokens[False],
-            prefix_cache_hits_online=c.prefix_hit_tokens[True],
-            prefix_cache_hits_offline=c.prefix_hit_tokens[False],
-            kv_blocks_cached_free=kv.allocator.num_cached_free,
-            prefix_cache_evictions=kv.allocator.evictions)
-        for name, value in self.policy.kv_stats(sch).items():  # reservations, predictor
-            setattr(st, name, value)
-        st.deadline_borrowed_s = self.policy.borrowed_s
-        if self.checkpointer is not None:
-            st.host_pool_slots_total = self.checkpointer.pool.num_slots
-            st.host_pool_slots_used = self.checkpointer.pool.num_used
-        with self._lock:
-            self._snapshot = st
+        self.accounting.publish(self.scheduler, self.kv, self.policy, self.checkpointer)
 
     def shutdown(self, drain_timeout_s: float = 0.0) -> None:
         with self._lock:
@@ -453,24 +414,13 @@ class Engine(EngineAPI):
                 [(e.seq.request_id, self.kv.blocks(e.seq.request_id), e.seq.num_computed,
                   e.seq.prefix_hit_tokens // self.kv.block_size)
                  for e in entries if not e.seq.online])
-        counts = [0, 0, 0, 0]
-        for e in entries:
-            if not e.decode:
-                counts[2 if e.seq.online else 3] += e.num_tokens
         for seq, tok in sampled:
-            counts[0 if seq.online else 1] += 1
             reason = self.outputs.token_finish_reason(seq.request, tok.token, seq.num_generated,
                                                       len(seq.token_ids))
-            self.delivery.token(seq.request_id, tok, reason, self._final_stats(seq))
+            self.delivery.token(seq.request_id, tok, reason, final_stats(seq))
             if reason is not None:
                 self._finish(seq, reason, notify=False)
-        self._iterations += 1
-        self._totals = [a + b for a, b in zip(self._totals, counts)]
-        with self._lock:
-            self._history.append((time.monotonic(), counts[0], counts[1]))
-        self._iteration_done(IterationStats(
-            online_generation_tokens=counts[0], offline_generation_tokens=counts[1],
-            online_prompt_tokens=counts[2], offline_prompt_tokens=counts[3]))
+        self._iteration_done(self.accounting.record(entries, sampled))
 
     def _resumable(self):
         """The parked (preempted) iteration if it may continue now: no online work is
@@ -512,21 +462,6 @@ class Engine(EngineAPI):
             self._stopped.append(request_id)
             self._lock.notify_all()
 
-    @staticmethod
-    def _final_stats(seq: Sequence) -> FinalStats:
-        """TTFT, mean TPOT, prompt tokens found in the prefix cache and queue time of a
-        sequence so far, for its final output."""
-        queue = None
-        if seq.first_scheduled_time is not None:
-            queue = seq.first_scheduled_time - seq.arrival
-        if seq.first_token_time is None:
-            return FinalStats(None, None, seq.num_cached_tokens, queue)
-        tpot = None
-        if seq.num_generated > 1 and seq.last_token_time is not None:
-            tpot = (seq.last_token_time - seq.first_token_time) / (seq.num_generated - 1)
-        return FinalStats(seq.first_token_time - seq.arrival, tpot, seq.num_cached_tokens,
-                          queue)
-
     def _finish(self, seq: Sequence, reason: str, error: Optional[str] = None,
                 notify: bool = True) -> None:
         """Step-loop thread: drop the sequence and free its KV; unless `notify` is False
@@ -540,7 +475,7 @@ class Engine(EngineAPI):
         if not known:
             return
         if notify:
-            self.delivery.finish(seq.request_id, reason, error, self._final_stats(seq))
+            self.delivery.finish(seq.request_id, reason, error, final_stats(seq))
         with self._lock:
             self._ids_in_use.discard(seq.request_id)
             self._in_engine -= 1
