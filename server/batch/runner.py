@@ -3,10 +3,11 @@
 One thread (started by `start`) owns everything in here: it claims pending items from
 the `BatchStore`, submits at most `max_in_flight` of them to the engine at a time (the
 engine is never flooded; its scheduler decides how many of those actually run), polls
-their streams, and commits each item's result the moment its final delta arrives. It
-also fails batches whose completion deadline has passed, and at the same checks ticks the
-`DeadlineTracker` (harvest rate, estimates; `deadlines.py`), which it also tells the length
-of every finished item (the expected-output predictor behind the estimates).
+their streams, and commits each item's result the moment its final delta arrives. Every
+`deadline_check_s` it runs the deadline check (`DeadlineCheck`, `deadline_check.py`):
+batches whose completion deadline has passed fail, and the `DeadlineTracker` (harvest
+rate, estimates; `deadlines.py`) is ticked; it also tells the tracker the length of every
+finished item (the expected-output predictor behind the estimates).
 
 Other threads only call `wake`, `cancel_batch` (after `BatchStore.terminate`), `stop`
 and read `in_flight`; requests from them travel through a queue, so the in-flight table
@@ -24,10 +25,11 @@ counted in flight, and is retried every `retry_commit_s` until it lands, so an i
 never left "running" with its result lost. Results finished in one poll are committed
 together (`commit_many`, one transaction on PostgreSQL).
 
-Deadlines: items of batches the tracker finds at risk are claimed first and marked urgent
-in the engine (`EngineAPI.set_urgent`: served first among offline work), also past a full
-claim window (`_urgent_room`). At every deadline check the tracker is told how many items
-of each batch are inside the engine (the engine serves those before unclaimed ones).
+Deadlines: items of batches the tracker finds at risk (`DeadlineCheck.at_risk`) are
+claimed first and marked urgent in the engine (`EngineAPI.set_urgent`: served first among
+offline work), also past a full claim window (`DeadlineCheck.urgent_room`). At every
+deadline check the tracker is told how many items of each batch are inside the engine
+(the engine serves those before unclaimed ones) and their progress so far.
 
 Claim window (`_claim_window`): at most `max_in_flight` items inside the engine. On a
 shared store the runner also claims only as its engine has idle capacity: while
@@ -63,7 +65,7 @@ from typing import Callable, Optional
 from conserve_jax.engine_api import GenerationRequest, RequestClass, RequestOutput, RequestStream
 from conserve_jax.proto_gen.conserve.v1 import conserve_pb2 as pb
 from conserve_server import convert
-from conserve_server.batch.deadlines import ItemProgress
+from conserve_server.batch.deadline_check import DeadlineCheck, drain
 from conserve_server.batch.store import STORE_ERRORS, ClaimedItem, StoreBase
 
 log = logging.getLogger(__name__)
@@ -128,10 +130,7 @@ class BatchRunner:
         # check (harvest rate, estimates), told the length of every finished item (set by
         # ServerApp before start)
         self.deadlines = None
-        # batch ids served first (the tracker's urgent_batches at the last deadline check:
-        # at risk, not hopeless, earliest deadline first)
-        self._at_risk: list[str] = []
-        self._urgent_sent: dict = {}  # request id -> rank, last given to set_urgent
+        self._deadline = DeadlineCheck(engine)  # at-risk batches, urgent
         self._thread = threading.Thread(target=self._run, name="batch-runner", daemon=True)
 
     @property
@@ -267,12 +266,14 @@ class BatchRunner:
         """Claim and submit items up to the in-flight bound. False if the engine refuses
         work (e.g. shutting down); claimed items it did not take are released."""
         want, only_urgent = self._claim_window(), False
-        if want <= 0 and self._at_risk:
-            want, only_urgent = self._urgent_room(), True
+        at_risk = self._deadline.at_risk
+        if want <= 0 and at_risk:
+            want = self._deadline.urgent_room(self.max_in_flight, self._in_flight)
+            only_urgent = True
         if want <= 0:
             return True
         wakes = self._wakes
-        claimed = self.store.claim(want, first=self._at_risk, only_first=only_urgent)
+        claimed = self.store.claim(want, first=at_risk, only_first=only_urgent)
         if len(claimed) < want and wakes == self._wakes:
             # drained: claim again after idle_claim_s, or at once after a wake (a submit
             # that committed while this claim ran must not wait for the back-off)
@@ -302,52 +303,17 @@ class BatchRunner:
                 return False
             self._in_flight[rid] = _InFlight(item, rid, stream)
         self._count = len(self._in_flight) + len(self._unwritten)
-        if self._at_risk and claimed:
-            self._mark_urgent()
+        if at_risk and claimed:
+            self._deadline.mark_urgent(self._in_flight)
         return True
 
     def _deadline_check(self) -> None:
         """Expire batches past their deadline; re-estimate (tracker) and mark the items of
-        at-risk batches urgent."""
-        self._expire()
+        at-risk batches urgent (`DeadlineCheck`)."""
+        self._deadline.expire(self.store, self.deadlines, self.offline,
+                              lambda batch_id: self._requests.put((batch_id, "error")))
         if self.deadlines is not None:
-            now = time.monotonic()
-            progress: dict[str, list[ItemProgress]] = {}
-            for f in self._in_flight.values():
-                self._drain(f, now)
-                p = (ItemProgress(f.generated) if f.steady_at is None else
-                     ItemProgress(f.generated, now - f.steady_at, f.generated - f.steady_from))
-                progress.setdefault(f.item.batch_id, []).append(p)
-            inside = {b: len(ps) for b, ps in progress.items()}
-            self.deadlines.tick(in_engine=inside, progress=progress)
-            self._at_risk = self.deadlines.urgent_batches()
-            self._mark_urgent()
-
-    @staticmethod
-    def _drain(f: _InFlight, now: float) -> None:
-        """Move the deltas `f`'s stream holds into `f.outputs` (never blocks) and count its
-        tokens: the progress the deadline estimates read, and at the end the whole output
-        to commit (runner thread)."""
-        while True:
-            try:
-                out = f.stream.get(timeout=0)
-            except queue.Empty:
-                break
-            f.outputs.append(out)
-            f.generated += len(out.token_ids)
-        if f.steady_at is None and f.generated >= 2:
-            f.steady_at, f.steady_from = now, f.generated
-
-    def _mark_urgent(self) -> None:
-        """Tell the engine which in-flight items belong to at-risk batches (served first
-        among offline work, ranked by their batch's place in the at-risk list, earliest
-        deadline first; under deadline_policy borrow they may use online budget)."""
-        rank = {b: k for k, b in enumerate(self._at_risk)}  # the tracker's EDF order
-        urgent = {rid: rank[f.item.batch_id] for rid, f in self._in_flight.items()
-                  if f.item.batch_id in rank}
-        if urgent != self._urgent_sent:
-            self.engine.set_urgent(urgent)
-            self._urgent_sent = urgent
+            self._deadline.tick(self.deadlines, self._in_flight)
 
     def _learn_tenants(self, claimed: list[ClaimedItem]) -> bool:
         """Look up the tenant of every claimed item's batch not yet known (one `get` per
@@ -364,14 +330,6 @@ class BatchRunner:
                 self._write(("release", item.batch_id, item.index, item.epoch))
             return False
         return True
-
-    def _urgent_room(self) -> int:
-        """How many items of at-risk batches to claim past a full claim window: up to
-        `max_in_flight // 2` (at least 1) more in flight. Without it, a window filled by a
-        loose job's items would keep an at-risk job out of the engine until they finish;
-        inside, its items go first (`EngineAPI.set_urgent`)."""
-        cap = self.max_in_flight + max(1, self.max_in_flight // 2)
-        return max(0, cap - len(self._in_flight))
 
     def _claim_window(self) -> int:
         """How many items to claim now: room under `max_in_flight`, and only while the
@@ -390,7 +348,7 @@ class BatchRunner:
         for rid, f in list(self._in_flight.items()):
             if not f.stream.done.is_set():
                 continue
-            self._drain(f, time.monotonic())
+            drain(f, time.monotonic())
             del self._in_flight[rid]
             op = self._finish(f)
             if op is not None:
@@ -481,19 +439,6 @@ class BatchRunner:
             for rid, f in self._in_flight.items():
                 if f.item.batch_id == batch_id:
                     self.engine.cancel(rid)
-
-    def _expire(self) -> None:
-        for batch_id in self.store.expired(time.time()):
-            if self.store.terminate(batch_id, "failed", "batch deadline exceeded"):
-                log.info("batch %s failed: completion deadline passed", batch_id)
-                self._requests.put((batch_id, "error"))
-                if self.deadlines is not None:
-                    self.deadlines.note_expired(batch_id)
-                if self.offline is not None:  # saved state of its items ended now: dropped
-                    try:
-                        self.offline.sweep()
-                    except Exception:
-                        log.exception("dropping saved state of an expired batch failed")
 
     def _abandon(self) -> None:
         """At stop: cancel what is still in flight; results that arrive finished anyway are
