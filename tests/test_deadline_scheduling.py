@@ -60,6 +60,32 @@ def test_urgent_offline_work_goes_first_after_online():
     assert [e.seq.request_id for e in step.entries][0] == "on"
 
 
+def test_while_an_urgent_item_generates_no_other_offline_prompt_goes_in_beside_it():
+    """An urgent item gets one token per iteration; a chunk of another job's prompt would
+    make that iteration several decodes long, so it waits (other offline decodes go on)."""
+    sched, _ = make_sched()
+    for rid, n in (("calm_run", 20), ("hurry", 20), ("calm_wait", 400)):
+        sched.add(make_seq(rid, n, online=False, arrival=len(sched.waiting_offline)))
+    for _ in range(2):  # calm_run's and hurry's prompts go in, one per iteration
+        commit(sched, sched.schedule())
+    assert {s.request_id for s in sched.running} == {"calm_run", "hurry"}
+    assert all(not s.in_prefill for s in sched.running)
+
+    kinds = lambda step: {(e.seq.request_id, e.decode) for e in step.entries}
+    calm = sched.schedule()  # nothing urgent: calm_wait's prompt goes in beside the decodes
+    assert kinds(calm) == {("calm_run", True), ("hurry", True), ("calm_wait", False)}
+
+    sched.urgent = urgent_ranks({"hurry"})
+    step = sched.schedule()
+    assert kinds(step) == {("hurry", True), ("calm_run", True)}  # the prompt waits
+    commit(sched, step)
+
+    # an urgent item's own prompt still goes in beside other urgent work: only the
+    # generating of urgent items holds other jobs' prompts back
+    sched.urgent = urgent_ranks({"calm_wait"})
+    assert ("calm_wait", False) in kinds(sched.schedule())
+
+
 def test_urgent_waiting_work_goes_before_running_offline_work_and_takes_its_memory():
     """An at-risk job's item that arrives after other offline work already holds the KV
     (the engine runs that work first by arrival) is not stuck behind it: it is scheduled

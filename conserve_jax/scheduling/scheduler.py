@@ -6,7 +6,12 @@ sequence admitted only while the policy's `StepBudget` (tokens, and predicted ti
 latency model is present) still has room. Among offline work, `urgent` sequences (items of
 jobs at risk of missing their deadline), rank by rank (the lowest, i.e. earliest deadline,
 first), running then waiting, go before every other offline sequence, each part in its
-usual order. KV memory and slots: online sequences may
+usual order; and in an iteration where an urgent sequence generates a token, no other
+offline prompt goes in (other offline decodes still do). An item generates one token per
+iteration, and an iteration carrying a prompt chunk lasts several decode iterations
+(bench_deadlines: ~1 s against ~0.1 s with the small model on CPU), so chunks of other
+jobs' prompts beside it would set an urgent item's pace; its job keeps going first only if
+they wait. KV memory and slots: online sequences may
 evict offline ones (a parked iteration's sequences last); urgent offline sequences may
 evict other offline ones; offline sequences never evict online ones. A
 policy without priority (non-preemptive) sees one queue in arrival order. `commit`
@@ -146,6 +151,10 @@ class Scheduler:
                            waiting=True)
             running = [s for s in running if s.request_id not in u]
             offline = [s for s in offline if s.request_id not in u]
+            if any(e.decode and e.seq.request_id in u for e in step.entries):
+                # an urgent item generates: no other offline prompt goes in beside it
+                self._fill(step, budget, [s for s in running if not s.in_prefill])
+                return step
         self._fill(step, budget, running)
         self._fill(step, budget, offline, waiting=True)
         return step
