@@ -1,9 +1,11 @@
 """The leader -> follower plan channel without processes: a step's padded batch arrays
-survive encoding bit for bit, messages arrive in order over a key-value store (a dict
-here), old ones are deleted, a follower waits through timeouts, and a follower that is
-told to resume an iteration it never abandoned refuses; the start-up fingerprint names
-the fields that differ."""
+survive encoding bit for bit, messages arrive in order, a follower refuses a decision out of
+turn and a resume of an iteration it never abandoned, the stop is best effort and closes the
+channel; the start-up fingerprint names the fields that differ. (The TCP transport itself:
+tests/test_plan_socket.py.)"""
 from __future__ import annotations
+
+import collections
 
 import numpy as np
 import pytest
@@ -14,28 +16,28 @@ from conserve_jax.runtime.batch_arrays import build_batch
 from conserve_jax.runtime.buckets import BucketSet
 from conserve_jax.runtime.distributed import differences
 from conserve_jax.runtime.follower import Follower
+from conserve_jax.runtime.plan_socket import PlanChannelClosed
 from conserve_jax.runtime.step_plan import DecodeItem, PrefillItem, SampleSpec, StepPlan
 
 
-class FakeStore:
-    """The coordinator's key-value store as the channel uses it."""
+class FakePipe:
+    """Both ends of the transport in one object: frames in a queue."""
 
-    def __init__(self, timeouts: int = 0) -> None:
-        self.data: dict[str, bytes] = {}
-        self.timeouts = timeouts
+    def __init__(self, closed: bool = False) -> None:
+        self.frames: collections.deque = collections.deque()
+        self.closed = closed
+        self.close_calls = 0
 
-    def key_value_set_bytes(self, key, value):
-        assert key not in self.data
-        self.data[key] = value
+    def send(self, data, wait_s=None):
+        if self.closed:
+            raise PlanChannelClosed("plan channel: process 1 closed its connection")
+        self.frames.append(data)
 
-    def key_value_delete(self, key):
-        del self.data[key]
+    def recv(self):
+        return self.frames.popleft()
 
-    def blocking_key_value_get_bytes(self, key, timeout_ms):
-        if self.timeouts:
-            self.timeouts -= 1
-            raise RuntimeError("DEADLINE_EXCEEDED: Barrier timed out")
-        return self.data[key]
+    def close(self):
+        self.close_calls += 1
 
 
 def _batch():
@@ -61,36 +63,45 @@ def test_batch_arrays_survive_encoding():
     assert (got.num_sampled, got.shape_key) == (b.num_sampled, b.shape_key)
 
 
-def test_messages_arrive_in_order_and_old_ones_are_deleted():
-    store = FakeStore(timeouts=2)
-    leader, follower = pc.PlanChannel(store, True, 5), pc.PlanChannel(store, False, 5)
+def test_messages_arrive_in_order():
+    pipe = FakePipe()
+    leader, follower = pc.PlanChannel(pipe, True, 5), pc.PlanChannel(pipe, False, 5)
     b = _batch()
-    for i in range(pc.KEEP + 3):
+    for i in range(3):
         leader.send_execute(b, 0, True, i)
         leader.send_decision(1, i % 2 == 0)
+    leader.send_kv("save", [1, [2, 3]])
     leader.send_stop()
-    assert len(store.data) == pc.KEEP  # the newest KEEP messages only
-    store2 = FakeStore(timeouts=2)  # a follower reading as the leader writes
-    leader, follower = pc.PlanChannel(store2, True, 5), pc.PlanChannel(store2, False, 5)
-    leader.send_execute(b, 0, True, 1)
-    leader.send_decision(1, True)
-    leader.send_stop()
-    assert follower.recv().ints["iteration"] == 1  # after two timeouts
-    assert follower.recv_decision(1) is True
+    assert leader.sent_bytes == sum(len(f) for f in pipe.frames)
+    for i in range(3):
+        assert follower.recv().ints["iteration"] == i
+        assert follower.recv_decision(1) is (i % 2 == 0)
+    kv = follower.recv()
+    assert (kv.op, kv.ints) == (pc.OP_KV, {"method": "save", "args": [1, [2, 3]]})
     assert follower.recv().op == pc.OP_STOP
+    assert pipe.close_calls == 1  # the stop closes the leader's end
+
+
+def test_the_stop_to_a_dead_follower_is_logged_not_raised(caplog):
+    pipe = FakePipe(closed=True)
+    leader = pc.PlanChannel(pipe, True, 5)
+    with pytest.raises(PlanChannelClosed):
+        leader.send_decision(1, False)  # any other send raises
+    leader.send_stop()
+    assert "did not reach every follower" in caplog.text and pipe.close_calls == 1
 
 
 def test_a_decision_out_of_turn_is_an_error():
-    store = FakeStore()
-    leader, follower = pc.PlanChannel(store, True, 5), pc.PlanChannel(store, False, 5)
+    pipe = FakePipe()
+    leader, follower = pc.PlanChannel(pipe, True, 5), pc.PlanChannel(pipe, False, 5)
     leader.send_stop()
     with pytest.raises(RuntimeError, match="expected the safepoint decision"):
         follower.recv_decision(1)
 
 
 def test_follower_refuses_to_resume_an_unknown_iteration():
-    store = FakeStore()
-    leader, follower = pc.PlanChannel(store, True, 5), pc.PlanChannel(store, False, 5)
+    pipe = FakePipe()
+    leader, follower = pc.PlanChannel(pipe, True, 5), pc.PlanChannel(pipe, False, 5)
     leader.send_resume(_batch(), 0, False, 42)
     f = Follower(runner=None, channel=follower)
     with pytest.raises(RuntimeError, match="iteration 42"):

@@ -7,8 +7,9 @@ scheduler, no policy, no faces, no clock.
 `run_follower(config)` is called by the entry points (`generate`, `serve`, `LLM`) on every
 process but 0, on the main thread, and returns when the leader stops the run (its engine
 shut down). It raises when the leader's messages cannot be followed (an unknown iteration
-to resume: the processes diverged); a dead leader takes the coordinator with it, and JAX
-ends this process (heartbeat, `process_timeout_s`).
+to resume: the processes diverged) and `PlanChannelClosed` when the leader's end of the plan
+channel closed without a stop (it died); a leader that hangs takes the coordinator with it,
+and JAX ends this process (heartbeat, `process_timeout_s`).
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ class Follower:
             msg = self.channel.recv()
             if msg.op == OP_STOP:
                 log.info("the leader stopped the run after %d steps", self.steps)
+                self.channel.close()
                 self.kv.close()
                 return
             if msg.op == OP_KV:

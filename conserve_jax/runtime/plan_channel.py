@@ -3,12 +3,12 @@
 an iteration, the offline KV checkpointer's calls (runtime/kv_replica.py), and the stop at
 shutdown.
 
-Transport: the `jax.distributed` coordinator's key-value store. The leader writes message
-n under `conserve/step/n`; every follower reads the messages in order (a blocking get,
-re-armed every second so an idle follower waits forever without spinning). The leader
-deletes message n - `KEEP` when it writes message n: a follower is never more than a couple
-of messages behind, since every iteration's layer calls hold collectives the leader cannot
-finish without the followers.
+Transport: one TCP connection from the leader to each follower (runtime/plan_socket.py),
+one length-prefixed frame per message, in order. The leader's listening port is published
+once through the `jax.distributed` coordinator's key-value store (`PORT_KEY`); a follower
+connects to the coordinator's host at that port. A send is one socket write per follower
+(no round trip to the coordinator); a follower that closed its socket makes the leader's
+next send raise `PlanChannelClosed`, and a closed leader makes a follower's `recv` raise it.
 
 Contract: one `PlanChannel` per process. On the leader only the step-loop thread (the
 runner's owner) calls `send_*`; on a follower only the follower loop calls `recv*`.
@@ -20,18 +20,17 @@ import dataclasses
 import json
 import logging
 import struct
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 
 from conserve_jax.runtime.batch_arrays import BatchArrays
+from conserve_jax.runtime.plan_socket import FollowerSocket, LeaderSockets, PlanChannelClosed
 from conserve_jax.runtime.sampler import SamplingRows
 
 log = logging.getLogger(__name__)
 
-KEY = "conserve/step/{}"
-KEEP = 16  # messages kept in the store behind the newest
-POLL_MS = 1000
+PORT_KEY = "conserve/plan_channel/port"
 
 OP_EXECUTE, OP_RESUME, OP_SAFEPOINT, OP_STOP = "execute", "resume", "safepoint", "stop"
 OP_KV = "kv"  # a checkpointer call: ints {"method": name, "args": JSON list}
@@ -86,36 +85,46 @@ def decode(data: bytes) -> Message:
 
 class PlanChannel:
     """Leader side: `send_execute`, `send_resume`, `send_decision`, `send_kv`, `send_stop`.
-    Follower
-    side: `recv` (any message) and `recv_decision` (the next message, which must be a
-    safepoint decision)."""
+    Follower side: `recv` (any message) and `recv_decision` (the next message, which must be
+    a safepoint decision). `transport` is the leader's `LeaderSockets` or a follower's
+    `FollowerSocket` (anything with their `send` or `recv` and `close`)."""
 
-    def __init__(self, client, leader: bool, timeout_s: float) -> None:
-        self._client = client
+    def __init__(self, transport: Union[LeaderSockets, FollowerSocket], leader: bool,
+                 timeout_s: float) -> None:
+        self._transport = transport
         self.leader = leader
         self._timeout_s = timeout_s
-        self._n = 0  # next message index
         self.sent_bytes = 0
 
     @classmethod
     def connect(cls, leader: bool, timeout_s: float) -> "PlanChannel":
-        """The channel over the running `jax.distributed` client (after `distributed.start`)."""
+        """The channel of this process of the running `jax.distributed` run (after
+        `distributed.start`). The leader listens and publishes its port (it accepts the
+        followers at its first send, waiting up to 10 x `timeout_s`); a follower waits as
+        long for the port and connects."""
         from jax._src import distributed as jd
 
-        if jd.global_state.client is None:
+        state = jd.global_state
+        if state.client is None:
             raise RuntimeError("jax.distributed is not initialized")
-        return cls(jd.global_state.client, leader, timeout_s)
+        if leader:
+            sockets = LeaderSockets.listen(state.num_processes - 1, timeout_s, 10 * timeout_s)
+            state.client.key_value_set(PORT_KEY, str(sockets.port), allow_overwrite=True)
+            log.info("plan channel: listening on port %d for %d followers", sockets.port,
+                     state.num_processes - 1)
+            return cls(sockets, True, timeout_s)
+        port = int(state.client.blocking_key_value_get(PORT_KEY, int(10 * timeout_s * 1000)))
+        host = state.coordinator_address.rsplit(":", 1)[0].strip("[]")
+        return cls(FollowerSocket.connect(host, port, state.process_id, 10 * timeout_s),
+                   False, timeout_s)
+
+    def close(self) -> None:
+        self._transport.close()
 
     # ---- leader -------------------------------------------------------------------------
-    def _send(self, msg: Message) -> None:
+    def _send(self, msg: Message, wait_s: Optional[float] = None) -> None:
         data = encode(msg)
-        self._client.key_value_set_bytes(KEY.format(self._n), data)
-        if self._n >= KEEP:
-            try:
-                self._client.key_value_delete(KEY.format(self._n - KEEP))
-            except Exception:  # a missing key is harmless
-                log.debug("deleting message %d failed", self._n - KEEP, exc_info=True)
-        self._n += 1
+        self._transport.send(data, wait_s)
         self.sent_bytes += len(data)
 
     def send_execute(self, batch: BatchArrays, num_top: int, safepoints: bool,
@@ -137,23 +146,21 @@ class PlanChannel:
         self._send(Message(OP_KV, {"method": method, "args": args}))
 
     def send_stop(self) -> None:
-        self._send(Message(OP_STOP, {}))
+        """The last message: the followers return; then the channel is closed. Best effort
+        (shutdown calls it, perhaps after a follower died): a follower that is gone or does
+        not connect within `timeout_s` is logged, not raised."""
+        try:
+            self._send(Message(OP_STOP, {}), wait_s=self._timeout_s)
+        except PlanChannelClosed as e:
+            log.warning("the stop did not reach every follower: %s", e)
+        finally:
+            self.close()
 
     # ---- follower -----------------------------------------------------------------------
     def recv(self) -> Message:
         """The next message, waiting as long as it takes (the leader may idle for hours);
-        raises what the key-value store raises for anything but a timeout (the coordinator
-        is gone)."""
-        key = KEY.format(self._n)
-        while True:
-            try:
-                data = self._client.blocking_key_value_get_bytes(key, POLL_MS)
-                break
-            except Exception as e:  # XlaRuntimeError; a timeout says DEADLINE_EXCEEDED
-                if "DEADLINE_EXCEEDED" not in str(e) and "deadline" not in str(e).lower():
-                    raise
-        self._n += 1
-        return decode(data)
+        raises `PlanChannelClosed` when the leader's end closed (it died or exited)."""
+        return decode(self._transport.recv())
 
     def recv_decision(self, layers_done: int) -> bool:
         """The leader's decision at the safepoint after `layers_done` layers (True: abandon);
