@@ -50,6 +50,7 @@ def test_bench_deadlines_tiny(tmp_path):
             assert j["missed"] == (j["state"] != "completed" or j["slack_at_finish_s"] < 0)
             if j["estimate_at_submit_s"] is not None and j["state"] == "completed":
                 assert j["estimate_error"] is not None
+            assert "estimate_error_settled" in j  # None when it ended before it settled
         assert v["offline_processed_tokens_per_s"] > 0
         assert v["online_ttft_p99_vs_online_only"] is not None
         assert v["borrowed_s"] >= 0.0

@@ -230,3 +230,10 @@ def test_generation_tail_and_hopeless_jobs():
     # judged at the fastest pace seen (tail_min_s): late at the usual pace, not lost
     busy = estimate([JobWork("busy", 20.0, 5.0, tail_s=25.0, tail_min_s=12.0)], 1.0, now)["busy"]
     assert busy.at_risk and not busy.hopeless and busy.finish_at == pytest.approx(30.0)
+    # urgent, it generates faster (tail_s 5 s: fits), but at risk is judged at the tail it
+    # would have without priority (25 s: late), so the flag does not drop because of it
+    lead = JobWork("lead", 20.0, 5.0, urgent=True, tail_s=5.0, tail_alone_s=25.0)
+    e = estimate([lead], 1.0, now)["lead"]
+    assert e.finish_at == pytest.approx(10.0) and e.at_risk and not e.hopeless
+    assert not estimate([JobWork("lead", 20.0, 5.0, urgent=True, tail_s=5.0)], 1.0, now)[
+        "lead"].at_risk

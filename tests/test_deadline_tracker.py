@@ -308,4 +308,30 @@ def test_items_under_way_set_the_pace_and_the_work_left(setup):
     assert tr.tpot() == pytest.approx(2.0) and tr.own_pace(tight, 2.0) == pytest.approx(0.25)
     e = tr.estimate_of(tight)  # 10 tokens left: late at the median pace, 2.5 s at its own
     assert e.at_risk and not e.hopeless and tight in tr.urgent_batches()
-    assert e.finish_at == pytest.approx(clock.t + 1.0 + 10 * 2.0)
+    # urgent now (it was at the last look): estimated at the pace priority gives, its own
+    assert e.finish_at == pytest.approx(clock.t + 1.0 + 10 * 0.25)
+
+
+def test_an_urgent_job_is_estimated_at_the_fast_end_of_the_paces(setup):
+    """Served first, an urgent job's items generate beside no other job's prompts: before
+    they have samples of their own, its tail is at the lower quartile of the offline paces,
+    a calm job's at the median."""
+    store, eng, clock, tr = setup
+    harvest(eng, clock, tr, 10, 10)
+    for tpot in (0.5, 1.0, 2.0, 4.0):
+        tr.observe_length(pb.GenerateRequest(sampling=pb.SamplingParams(max_tokens=20)),
+                          [3, 4], "t", 20, tpot_s=tpot)
+    assert tr.tpot() == pytest.approx(2.0) and tr.tpot_lead() == pytest.approx(1.0)
+    w, _ = tr.judge(items(1, hint=20), "t", clock.t + 1000, "deadline")
+    calm, _ = store.create_batch("t", items(1, hint=20), clock.t + 1000, work=w)
+    w, _ = tr.judge(items(1, hint=20), "t", clock.t + 44, "deadline")
+    tight, _ = store.create_batch("t", items(1, hint=20), clock.t + 44, work=w)
+    tr.tick(in_engine={calm: 1}, progress={calm: [ItemProgress()]})
+    # tight: 3 s of work behind calm's 3 s in the engine, 20 tokens at 2 s: 46 s, late
+    e = tr.estimate_of(tight)
+    assert e.finish_at == pytest.approx(clock.t + 6.0 + 20 * 2.0) and e.at_risk
+    assert tight in tr.urgent_batches()
+    tr.tick(in_engine={calm: 1}, progress={calm: [ItemProgress()]})
+    e = tr.estimate_of(tight)  # urgent: its own 3 s first, 20 tokens at 1 s
+    assert e.finish_at == pytest.approx(clock.t + 3.0 + 20 * 1.0)
+    assert tr.estimate_of(calm).finish_at == pytest.approx(clock.t + 6.0 + 20 * 2.0)

@@ -21,7 +21,8 @@ urgent, this is plain EDF: the work "already promised to earlier deadlines" the 
 speaks of.
 
 At risk: a job that would miss, or nearly, *without* priority: its finish computed as if it
-were not urgent (the other urgent jobs keep theirs) leaves a slack below `at_risk_margin`
+were not urgent (the other urgent jobs keep theirs; its tail the one it would have then,
+`JobWork.tail_alone_s`, as an urgent job generates faster) leaves a slack below `at_risk_margin`
 times the time it would still need (`(finish - now) * margin`; margin 0.2: less than 20 %
 headroom), or negative. Scale-free, so a 60 s window and a 24 h window are judged alike.
 Judging without the job's own priority keeps the flag from flapping: priority makes the job
@@ -69,6 +70,10 @@ class JobWork:
     # the same at the pace the job gets with priority (the caller's measure, on the
     # optimistic side): what `hopeless` is judged with; None: tail_s
     tail_min_s: Optional[float] = None
+    # the tail it would have without priority, where `tail_s` is with it (an urgent job
+    # generates faster: no other job's prompts go in beside it): what `at_risk` is judged
+    # with, as it is judged without the job's own priority; None: tail_s
+    tail_alone_s: Optional[float] = None
 
     @property
     def unclaimed(self) -> float:
@@ -155,12 +160,14 @@ class _ServedOrder:
         return ahead + self.calm_cum[k] + j.unclaimed
 
 
-def _job_finish(now: float, j: JobWork, work: float, rate: float, gain: float = 1.0) -> float:
+def _job_finish(now: float, j: JobWork, work: float, rate: float, gain: float = 1.0,
+                tail_s: Optional[float] = None) -> float:
     """When `j` is done if `work` units (its own included) are served before its last
-    piece: the work at `rate`, then its last item's generation tail (both `gain` x faster)."""
+    piece: the work at `rate`, then its last item's generation tail (`tail_s`, default
+    `j.tail_s`; both `gain` x faster)."""
     if j.remaining <= 0:
         return now
-    return _finish(now, work, rate * gain) + j.tail_s / gain
+    return _finish(now, work, rate * gain) + (j.tail_s if tail_s is None else tail_s) / gain
 
 
 def estimate(jobs: Iterable[JobWork], rate: Optional[float], now: float,
@@ -181,7 +188,8 @@ def estimate(jobs: Iterable[JobWork], rate: Optional[float], now: float,
             out[j.job_id] = Estimate(j.job_id, None if math.isinf(fin) else fin, None, False)
             continue
         slack = j.deadline - fin
-        alone = _job_finish(now, j, order.before_without_priority(j), rate)
+        alone = _job_finish(now, j, order.before_without_priority(j), rate,
+                            tail_s=j.tail_alone_s)
         slack_alone, need = j.deadline - alone, alone - now
         at_risk = j.remaining > 0 and (slack_alone < 0 or slack_alone < at_risk_margin * need)
         # optimistic on purpose: throughput and tail overlap, so the later of the two

@@ -27,12 +27,17 @@ offline items generate only where isolation leaves room. The pace is the median 
 output token over the offline items that finished lately and the items generating now
 (seconds per token since their second token, once `LIVE_MIN_TOKENS` past it: the wait
 after an item's first token, while other items' prompts go in, is not its pace), so it is
-known as soon as offline items have generated a few tokens, before any finishes. Whether a
-job is hopeless is judged with its tail at its own items' fastest pace once they have
-samples (`own_pace`: the pace of its items served first, which priority gives it; slower
-ones waited behind others), else at the pace above. bench_deadlines: judged at the
-offline items' lower-quartile pace, the medium job looked lost 30 s before its deadline
-while its first item generated at 0.57 s a token; judged at the fastest pace of any item,
+known as soon as offline items have generated a few tokens, before any finishes. An
+urgent job's tail is at the pace priority gives: its own items' fastest once they have
+samples, else the lower quartile of the offline paces (`tpot_lead`): served first, its items
+generate beside no other job's prompts (the scheduler holds those back), at the fast end
+of what offline items do (bench_deadlines: at the median pace, the urgent medium job was
+estimated at twice the 22 s it took). Whether a
+job is hopeless is judged with its tail at the pace served first gives too: its own items'
+fastest once they have samples (`own_pace`; slower ones waited behind others), else the
+lower quartile. bench_deadlines: judged, while its items generated, at all offline items'
+lower-quartile pace, the medium job looked lost 30 s before its deadline while its first
+item generated at 0.57 s a token; judged at the fastest pace of any item,
 the tight job, infeasible without borrowing, kept its priority to the end and made the
 medium job miss.
 
@@ -207,12 +212,14 @@ class DeadlineTracker:
     def units(self, prompt_tokens: float, output_tokens: float) -> float:
         return self.cost.of(prompt_tokens, output_tokens)
 
-    def _job(self, row: BatchRow, tpot_s: float, urgent: frozenset = frozenset()) -> JobWork:
+    def _job(self, row: BatchRow, tpot_s: float, urgent: frozenset = frozenset(),
+             lead_s: Optional[float] = None) -> JobWork:
         """`row` as the estimator sees it (module doc): its remaining work less the progress
         of its items inside this replica's engine, the share of that inside (items alike),
         urgent if it was at risk at the last look, and the tail of its slowest remaining
-        item at `tpot_s` (`tpot`) per output token, and at its own pace (`own_pace`; for
-        hopeless)."""
+        item at `tpot_s` (`tpot`) per output token, or, urgent, at the pace served first
+        gives: its own (`own_pace`) else `lead_s` (`tpot_lead`; default `tpot_s`), which
+        hopeless is judged with too."""
         items_left = max(0, row.total - row.done)
         per_prompt = row.work_prompt_tokens / row.total if row.total else 0.0
         per_item = row.work_output_tokens / row.total if row.total else 0.0
@@ -228,9 +235,12 @@ class DeadlineTracker:
         in_engine = self.units(per_prompt * (inside - len(started)),
                                per_item * (inside - len(started)) + out_left)
         slowest = per_item if fresh > 0 else max(lefts, default=0.0)
+        # served first (urgent, and when judging hopeless): the pace priority gives
+        first = self.own_pace(row.id, tpot_s if lead_s is None else lead_s)
         return JobWork(row.id, row.deadline, left, in_engine=in_engine,
-                       urgent=row.id in urgent, tail_s=slowest * tpot_s,
-                       tail_min_s=slowest * self.own_pace(row.id, tpot_s))
+                       urgent=row.id in urgent,
+                       tail_s=slowest * (first if row.id in urgent else tpot_s),
+                       tail_min_s=slowest * first, tail_alone_s=slowest * tpot_s)
 
     def tpot(self) -> float:
         """The pace of offline generation: the median time per output token over the last
@@ -240,6 +250,14 @@ class DeadlineTracker:
         before any offline item generated: estimates are then throughput alone."""
         tpots = self._pace_samples()
         return tpots[len(tpots) // 2] if tpots else 0.0
+
+    def tpot_lead(self) -> float:
+        """The pace an urgent job's items get before they have their own samples: the
+        lower quartile of the offline paces (`tpot`'s samples). Served first, they
+        generate beside no other job's prompts (the scheduler holds those back), so they
+        run at the fast end of what offline items do. 0 before any sample."""
+        tpots = self._pace_samples()
+        return tpots[len(tpots) // 4] if tpots else 0.0
 
     def own_pace(self, batch_id: str, default: float) -> float:
         """The fastest pace among `batch_id`'s items generating now (`LIVE_MIN_TOKENS` past
@@ -391,8 +409,8 @@ class DeadlineTracker:
         rate = self.rate()
         active = {r.id: r for r in rows}
         urgent = frozenset(self.urgent_batches())  # what the engine serves first now
-        tpot = self.tpot()
-        est = estimate([self._job(r, tpot, urgent) for r in rows], rate, now,
+        tpot, lead = self.tpot(), self.tpot_lead()
+        est = estimate([self._job(r, tpot, urgent, lead) for r in rows], rate, now,
                        self.options.at_risk_margin, gain=self.borrow_gain)
         ended = [b for b in self._active if b not in active]
         finished: list[BatchRow] = []
