@@ -335,3 +335,28 @@ def test_an_urgent_job_is_estimated_at_the_fast_end_of_the_paces(setup):
     e = tr.estimate_of(tight)  # urgent: its own 3 s first, 20 tokens at 1 s
     assert e.finish_at == pytest.approx(clock.t + 3.0 + 20 * 1.0)
     assert tr.estimate_of(calm).finish_at == pytest.approx(clock.t + 6.0 + 20 * 2.0)
+
+
+def test_an_urgent_job_generates_at_the_median_pace_while_later_urgent_prompts_go_in(setup):
+    """Only calm jobs' prompts wait while an urgent item generates: the prompts of an
+    urgent job due later go in beside it, so until they are in (at the harvest rate) the
+    earlier job's items generate at the median pace, then at the lead pace."""
+    store, eng, clock, tr = setup
+    harvest(eng, clock, tr, 10, 10)  # 10 units (tokens) per second
+    for tpot in (0.5, 1.0, 2.0, 4.0):  # median 2 s, lower quartile 1 s per token
+        tr.observe_length(pb.GenerateRequest(sampling=pb.SamplingParams(max_tokens=20)),
+                          [3, 4], "t", 20, tpot_s=tpot)
+    made = {}
+    for name, n, prompt, due in (("calm", 3, 100, 10_000), ("a", 1, 10, 30), ("b", 1, 100, 40)):
+        w, _ = tr.judge(items(n, prompt_len=prompt, hint=20), "t", clock.t + due, "deadline")
+        made[name], _ = store.create_batch("t", items(n, prompt_len=prompt, hint=20),
+                                           clock.t + due, work=w)
+    inside = {made["calm"]: 3}  # 360 units inside: a and b are late behind them
+    tr.tick(in_engine=inside)
+    assert set(tr.urgent_batches()) == {made["a"], made["b"]}
+    tr.tick(in_engine=inside)
+    # a: its 30 units (3 s); b's 100 prompt tokens take 10 s to go in beside it: 5 of its
+    # 20 tokens at 2 s, 15 at 1 s
+    assert tr.estimate_of(made["a"]).finish_at == pytest.approx(clock.t + 3.0 + 5 * 2 + 15 * 1)
+    # b: after a's work and its own (3 + 12 s), nothing urgent behind it: 20 tokens at 1 s
+    assert tr.estimate_of(made["b"]).finish_at == pytest.approx(clock.t + 15.0 + 20 * 1)
