@@ -123,13 +123,17 @@ def test_failed_result_commit_is_retried_not_lost(tmp_path):
     try:
         with Client(s.target) as c:
             n = 20
-            with engine._lock:  # the engine cannot step until the database is "full"
-                bid = c.submit_batch([{"prompt": f"q{i:02d}" * 100, "max_tokens": 400}
-                                      for i in range(n)])
-                assert wait_until(lambda: s.app.store.counts()["batch_items_running"] == n)
-                with s.app.store._lock:  # "disk full": the database may not grow by a page
-                    pages = db.execute("PRAGMA page_count").fetchone()[0]
-                    db.execute(f"PRAGMA max_page_count = {pages}")
+            # the engine does not step until the database is "full" (paused, not by holding
+            # its lock: the runner reads the engine's stats at its deadline checks, and
+            # blocked there it claimed nothing)
+            engine.pause()
+            bid = c.submit_batch([{"prompt": f"q{i:02d}" * 100, "max_tokens": 400}
+                                  for i in range(n)])
+            assert wait_until(lambda: s.app.store.counts()["batch_items_running"] == n)
+            with s.app.store._lock:  # "disk full": the database may not grow by a page
+                pages = db.execute("PRAGMA page_count").fetchone()[0]
+                db.execute(f"PRAGMA max_page_count = {pages}")
+            engine.resume()
             code, msg = _code(lambda: c.submit_batch([{"prompt": "p" * 400}] * n, retries=0))
             assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "full" in msg
             # results do not fit: the runner holds them, the batch stays unfinished

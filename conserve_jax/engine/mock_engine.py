@@ -118,6 +118,7 @@ class MockEngine(EngineAPI):
         self._free_blocks = num_blocks
         self._accepting = True
         self._stop = False
+        self._paused = False  # pause(): the loop neither admits nor steps
         self._tokens = {RequestClass.ONLINE: 0, RequestClass.OFFLINE: 0}
         self._prefilled = {RequestClass.ONLINE: 0, RequestClass.OFFLINE: 0}
         self._recent: collections.deque = collections.deque()  # (time, online, offline)
@@ -240,10 +241,27 @@ class MockEngine(EngineAPI):
     def failure(self) -> Optional[str]:
         return self._failure
 
+    def pause(self) -> None:
+        """Stop stepping until `resume`: submitted requests wait, nothing is generated;
+        every other call (submit, stats, cancel) goes on (a step under way finishes). For
+        tests that need work held inside the engine without holding its lock (the batch
+        runner reads `stats` at its deadline checks). Any thread."""
+        with self._lock:
+            self._paused = True
+
+    def resume(self) -> None:
+        with self._lock:
+            self._paused = False
+        self._wake.set()
+
     # ---- step loop (engine thread) -----------------------------------------------------
     def _loop(self) -> None:
         while True:
             it = None
+            if self._paused and not self._stop:  # (a bool: read without the lock)
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
             with self._lock:
                 if self._stop:
                     return
