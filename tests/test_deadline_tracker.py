@@ -75,12 +75,12 @@ def test_infeasible_batch_refused_naming_the_field(setup):
     assert tr.meter.rate() == pytest.approx(10.0)
     # 4 items x (10 prompt + 20 hinted output) = 120 units: 12 s at 10/s
     work, refusal = tr.judge(items(4, hint=20), "t", clock.t + 60, "completion_window")
-    assert refusal is None and work.estimate_at == pytest.approx(clock.t + 12.0)
+    assert refusal is None and work.estimate_at - clock.t == pytest.approx(12.0)
     bid, _ = store.create_batch("t", items(4, hint=20), clock.t + 60, work=work)
     # a second one due in 20 s: 120 units of its own, and the first one's 120 are due later
     # (60 s), so it fits alone
     work2, refusal = tr.judge(items(4, hint=20), "t", clock.t + 20, "completion_window")
-    assert refusal is None and work2.estimate_at == pytest.approx(clock.t + 12.0)
+    assert refusal is None and work2.estimate_at - clock.t == pytest.approx(12.0)
     # due in 15 s but behind an earlier deadline's 120 units: 24 s > 15 s -> refused
     store.create_batch("t", items(4, hint=20), clock.t + 10, work=work2)
     _, refusal = tr.judge(items(4, hint=20), "t", clock.t + 15, "completion_window")
@@ -90,7 +90,7 @@ def test_infeasible_batch_refused_naming_the_field(setup):
     # the same batch accepted (to expire) with accept_infeasible
     tr.options = DeadlineOptions(accept_infeasible=True)
     work3, refusal = tr.judge(items(4, hint=20), "t", clock.t + 15, "completion_window")
-    assert refusal is None and work3.estimate_at == pytest.approx(clock.t + 24.0)
+    assert refusal is None and work3.estimate_at - clock.t == pytest.approx(24.0)
     assert tr.snapshot().accepted_infeasible == 1
 
 
@@ -114,8 +114,8 @@ def test_estimates_at_risk_and_outcomes(setup):
     tr.tick()
     # EDF: risky (due first) finishes in 6 s: slack 7 s of 6 s needed -> not at risk
     e = tr.estimate_of(risky)
-    assert e.finish_at == pytest.approx(clock.t + 6.0) and not e.at_risk
-    assert tr.estimate_of(ok).finish_at == pytest.approx(clock.t + 12.0)
+    assert e.finish_at - clock.t == pytest.approx(6.0) and not e.at_risk
+    assert tr.estimate_of(ok).finish_at - clock.t == pytest.approx(12.0)
     # the harvest rate drops to 1/s: risky now needs 60 s for 13 s: at risk
     harvest(eng, clock, tr, 60, 1)
     assert tr.meter.rate() == pytest.approx(1.0)
@@ -186,9 +186,10 @@ def test_fleet_rate_on_a_shared_store(pg_url, tmp_path):
         ta.tick()
         assert ta.rate() == pytest.approx(15.0) and tb.rate() == pytest.approx(15.0)
         assert tb.snapshot().harvest_rate == pytest.approx(15.0)
-        # admission judges against the fleet's rate: 100 units need 100/15 s, not 100/5
-        work, refusal = tb.judge(items(2, prompt_len=10, hint=40), "t", clock.t + 15, "deadline")
-        assert refusal is None and work.estimate_at == pytest.approx(clock.t + 100 / 15.0)
+        # admission judges against the fleet's rate: 60 units (the hint capped at
+        # max_tokens 20) need 60/15 s, inside 10 s; at this replica's own 5/s, 12 s: refused
+        work, refusal = tb.judge(items(2, prompt_len=10, hint=40), "t", clock.t + 10, "deadline")
+        assert refusal is None and work.estimate_at - clock.t == pytest.approx(60 / 15.0)
     finally:
         a_store.close()
         b_store.close()
@@ -204,18 +205,18 @@ def test_items_inside_the_engine_put_a_later_tight_batch_at_risk(setup):
     w, _ = tr.judge(items(10, hint=20), "t", clock.t + 100, "deadline")  # 300 units: 30 s
     loose, _ = store.create_batch("t", items(10, hint=20), clock.t + 100, work=w)
     w2, _ = tr.judge(items(2, hint=20), "t", clock.t + 20, "deadline")  # 60 units: 6 s
-    assert w2.estimate_at == pytest.approx(clock.t + 6.0)  # admission: EDF, it fits
+    assert w2.estimate_at - clock.t == pytest.approx(6.0)  # admission: EDF, it fits
     tight, _ = store.create_batch("t", items(2, hint=20), clock.t + 20, work=w2)
     tr.tick(in_engine={})
     assert tr.at_risk() == []  # nothing in the engine: EDF serves tight first
     tr.tick(in_engine={loose: 10})  # the loose items were claimed first
     e = tr.estimate_of(tight)
-    assert e.finish_at == pytest.approx(clock.t + 36.0) and e.at_risk
+    assert e.finish_at - clock.t == pytest.approx(36.0) and e.at_risk
     assert tr.urgent_batches() == [tight] and not tr.estimate_of(loose).at_risk
     tr.tick(in_engine={loose: 10, tight: 2})  # now urgent: served first, still at risk
     e = tr.estimate_of(tight)
-    assert e.finish_at == pytest.approx(clock.t + 6.0) and e.at_risk
-    assert tr.estimate_of(loose).finish_at == pytest.approx(clock.t + 36.0)
+    assert e.finish_at - clock.t == pytest.approx(6.0) and e.at_risk
+    assert tr.estimate_of(loose).finish_at - clock.t == pytest.approx(36.0)
     tr.tick(in_engine={loose: 1, tight: 2})  # the loose queue drained: fits without priority
     assert tr.urgent_batches() == []
 
@@ -229,7 +230,7 @@ def test_borrowing_admits_what_only_borrowing_can_fit(setup):
     tr.borrow_gain = 2.0  # borrowing serves it at up to 20/s: 6 s, fits
     work, refusal = tr.judge(items(4, hint=20), "t", clock.t + 8, "completion_window")
     # at risk from the start, it borrows at once: the estimate is the borrowing one
-    assert refusal is None and work.estimate_at == pytest.approx(clock.t + 6.0)
+    assert refusal is None and work.estimate_at - clock.t == pytest.approx(6.0)
     _, refusal = tr.judge(items(4, hint=20), "t", clock.t + 5, "completion_window")
     assert refusal is not None  # 6 s > 5 s even with borrowing
 
@@ -253,15 +254,22 @@ def test_the_generation_tail_comes_from_finished_items(setup):
     store, eng, clock, tr = setup
     harvest(eng, clock, tr, 10, 10)
     w, _ = tr.judge(items(2, hint=20), "t", clock.t + 30, "deadline")  # 60 units: 6 s
-    assert w.estimate_at == pytest.approx(clock.t + 6.0)
+    assert w.estimate_at - clock.t == pytest.approx(6.0)
     for tpot in (0.5, 1.0, 2.0):  # median 1 s per token
         tr.observe_length(pb.GenerateRequest(sampling=pb.SamplingParams(max_tokens=20)),
                           [3, 4], "t", 20, tpot_s=tpot)
-    assert tr.tpot() == pytest.approx(1.0)  # the median: 20 tokens take 20 s
+    assert tr.tpot() == pytest.approx(1.0) and tr.tpot_lead() == pytest.approx(0.5)
+    # no other prompts go in beside its items: 20 tokens at the fast end (lower quartile)
     w, refusal = tr.judge(items(2, hint=20), "t", clock.t + 30, "deadline")
-    assert refusal is None and w.estimate_at == pytest.approx(clock.t + 26.0)
-    _, refusal = tr.judge(items(2, hint=20), "t", clock.t + 20, "deadline")
-    assert refusal is not None  # 6 s of work, then 20 s of generating: misses 20 s
+    assert refusal is None and w.estimate_at - clock.t == pytest.approx(16.0)
+    _, refusal = tr.judge(items(2, hint=20), "t", clock.t + 14, "deadline")
+    assert refusal is not None  # 6 s of work, then 10 s of generating: misses 14 s
+    # a batch due later, with 100 prompt tokens (10 s) that go in beside its items: 10 of
+    # its 20 tokens at the median pace, 10 at the fast end
+    w, _ = tr.judge(items(1, prompt_len=100, hint=20), "t", clock.t + 1000, "deadline")
+    store.create_batch("t", items(1, prompt_len=100, hint=20), clock.t + 1000, work=w)
+    w, refusal = tr.judge(items(2, hint=20), "t", clock.t + 30, "deadline")
+    assert refusal is None and w.estimate_at - clock.t == pytest.approx(6.0 + 10 * 1.0 + 10 * 0.5)
 
 
 def test_items_under_way_set_the_pace_and_the_work_left(setup):
@@ -273,7 +281,7 @@ def test_items_under_way_set_the_pace_and_the_work_left(setup):
     store, eng, clock, tr = setup
     harvest(eng, clock, tr, 10, 10)  # 10 units (tokens) per second
     w, _ = tr.judge(items(2, hint=20), "t", clock.t + 30, "deadline")  # 2 x (10 + 20) tokens
-    assert w.estimate_at == pytest.approx(clock.t + 6.0) and tr.tpot() == 0.0  # no pace yet
+    assert w.estimate_at - clock.t == pytest.approx(6.0) and tr.tpot() == 0.0  # no pace yet
     b, _ = store.create_batch("t", items(2, hint=20), clock.t + 30, work=w)
     tr.tick(in_engine={b: 2}, progress={b: [ItemProgress(10, 8.0, 8),
                                              ItemProgress(5, 3.0, 3)]})
@@ -281,16 +289,16 @@ def test_items_under_way_set_the_pace_and_the_work_left(setup):
     e = tr.estimate_of(b)
     # left: the 10 + 15 tokens they have still to generate (2.5 s), then the slowest one's
     # 15 tokens at 1 s each; the prompts are in
-    assert e.finish_at == pytest.approx(clock.t + 2.5 + 15 * 1.0)
+    assert e.finish_at - clock.t == pytest.approx(2.5 + 15 * 1.0)
     assert not e.at_risk
     # past the 20 tokens expected, unfinished: each still counts a quarter of it (5) as left
     tr.tick(in_engine={b: 2}, progress={b: [ItemProgress(25, 23.0, 23),
                                              ItemProgress(30, 28.0, 28)]})
-    assert tr.estimate_of(b).finish_at == pytest.approx(clock.t + 10 / 10 + 5 * 1.0)
+    assert tr.estimate_of(b).finish_at - clock.t == pytest.approx(10 / 10 + 5 * 1.0)
     tr.tick(in_engine={b: 2}, progress={b: [ItemProgress(1), ItemProgress(0)]})
     # one item still in prefill: its whole prompt and output to do, and the tail is whole
     assert tr.tpot() == 0.0  # under LIVE_MIN_TOKENS generated: not a sample yet
-    assert tr.estimate_of(b).finish_at == pytest.approx(clock.t + (19 + 30) / 10)
+    assert tr.estimate_of(b).finish_at - clock.t == pytest.approx((19 + 30) / 10)
     w2, _ = tr.judge(items(1, hint=20), "t", clock.t + 10, "deadline")
     tight, _ = store.create_batch("t", items(1, hint=20), clock.t + 10, work=w2)
     pace = [ItemProgress(9, 16.0, 8)]  # another batch's item: 2 s per token
@@ -309,7 +317,9 @@ def test_items_under_way_set_the_pace_and_the_work_left(setup):
     e = tr.estimate_of(tight)  # 10 tokens left: late at the median pace, 2.5 s at its own
     assert e.at_risk and not e.hopeless and tight in tr.urgent_batches()
     # urgent now (it was at the last look): estimated at the pace priority gives, its own
-    assert e.finish_at == pytest.approx(clock.t + 1.0 + 10 * 0.25)
+    # (b, urgent too and due later, has one prompt left: 1 s, beside which tight's item
+    # generates at the median pace, 0.5 of its 10 tokens)
+    assert e.finish_at - clock.t == pytest.approx(1.0 + 0.5 * 2.0 + 9.5 * 0.25)
 
 
 def test_an_urgent_job_is_estimated_at_the_fast_end_of_the_paces(setup):
@@ -327,14 +337,17 @@ def test_an_urgent_job_is_estimated_at_the_fast_end_of_the_paces(setup):
     w, _ = tr.judge(items(1, hint=20), "t", clock.t + 44, "deadline")
     tight, _ = store.create_batch("t", items(1, hint=20), clock.t + 44, work=w)
     tr.tick(in_engine={calm: 1}, progress={calm: [ItemProgress()]})
-    # tight: 3 s of work behind calm's 3 s in the engine, 20 tokens at 2 s: 46 s, late
+    # tight: 3 s of work behind calm's 3 s in the engine; calm's 10-token prompt (1 s) goes
+    # in beside its item: 0.5 token at the median 2 s, 19.5 at 1 s. At risk: judged at the
+    # median pace, as if calm's prompts went in all along (46 s for 44)
     e = tr.estimate_of(tight)
-    assert e.finish_at == pytest.approx(clock.t + 6.0 + 20 * 2.0) and e.at_risk
+    assert e.finish_at - clock.t == pytest.approx(6.0 + 0.5 * 2.0 + 19.5 * 1.0) and e.at_risk
     assert tight in tr.urgent_batches()
     tr.tick(in_engine={calm: 1}, progress={calm: [ItemProgress()]})
     e = tr.estimate_of(tight)  # urgent: its own 3 s first, 20 tokens at 1 s
-    assert e.finish_at == pytest.approx(clock.t + 3.0 + 20 * 1.0)
-    assert tr.estimate_of(calm).finish_at == pytest.approx(clock.t + 6.0 + 20 * 2.0)
+    assert e.finish_at - clock.t == pytest.approx(3.0 + 20 * 1.0)
+    # calm: behind tight's work; nothing goes in beside it: 20 tokens at the lower quartile
+    assert tr.estimate_of(calm).finish_at - clock.t == pytest.approx(6.0 + 20 * 1.0)
 
 
 def test_an_urgent_job_generates_at_the_median_pace_while_later_urgent_prompts_go_in(setup):
@@ -357,6 +370,6 @@ def test_an_urgent_job_generates_at_the_median_pace_while_later_urgent_prompts_g
     tr.tick(in_engine=inside)
     # a: its 30 units (3 s); b's 100 prompt tokens take 10 s to go in beside it: 5 of its
     # 20 tokens at 2 s, 15 at 1 s
-    assert tr.estimate_of(made["a"]).finish_at == pytest.approx(clock.t + 3.0 + 5 * 2 + 15 * 1)
+    assert tr.estimate_of(made["a"]).finish_at - clock.t == pytest.approx(3.0 + 5 * 2 + 15 * 1)
     # b: after a's work and its own (3 + 12 s), nothing urgent behind it: 20 tokens at 1 s
-    assert tr.estimate_of(made["b"]).finish_at == pytest.approx(clock.t + 15.0 + 20 * 1)
+    assert tr.estimate_of(made["b"]).finish_at - clock.t == pytest.approx(15.0 + 20 * 1)

@@ -128,6 +128,14 @@ def engine_work_cost(engine, max_prefill_tokens: int, max_num_seqs: int) -> Work
     return WorkCost.from_latency_model(model, max_prefill_tokens, max_num_seqs)
 
 
+def _tail(tokens: float, behind_s: float, busy_s: float, free_s: float) -> float:
+    """Seconds an item with `tokens` left to generate takes once its prompt is in: one token
+    per `busy_s` while other batches' prompts go in beside it (`behind_s` seconds), then one
+    per `free_s` (module doc)."""
+    busy = min(tokens, behind_s / busy_s) if busy_s > 0 else 0.0
+    return busy * busy_s + (tokens - busy) * free_s
+
+
 @dataclass(frozen=True)
 class ItemProgress:
     """An item inside the engine, as the runner saw it at the last tick: tokens generated
@@ -253,26 +261,24 @@ class DeadlineTracker:
         slowest = per_item if fresh > 0 else max(lefts, default=0.0)
         # served first (urgent, and when judging hopeless): the pace priority gives
         first = self.own_pace(row.id, tpot_s if lead_s is None else lead_s)
-        tail = slowest * tpot_s
-        if row.id in urgent:
-            busy = min(slowest, behind_s / tpot_s) if tpot_s > 0 else 0.0
-            tail = busy * tpot_s + (slowest - busy) * first
         return JobWork(row.id, row.deadline, left, in_engine=in_engine,
-                       urgent=row.id in urgent, tail_s=tail,
+                       urgent=row.id in urgent, tail_s=_tail(slowest, behind_s, tpot_s, first),
                        tail_min_s=slowest * first, tail_alone_s=slowest * tpot_s)
 
-    def _urgent_behind(self, rows: list[BatchRow], urgent: frozenset,
-                       rate: Optional[float]) -> dict[str, float]:
-        """Per urgent batch: seconds (at `rate`) the prompts of the urgent batches due after
-        it take to go in, beside its generating items (module doc)."""
+    def _behind(self, rows: list[BatchRow], urgent: frozenset,
+                rate: Optional[float]) -> dict[str, float]:
+        """Per batch: seconds (at `rate`) the prompts of the batches served after it take to
+        go in, beside its generating items (module doc): after an urgent batch, the urgent
+        ones due later (calm prompts wait); after a calm one, the calm ones due later."""
         if not rate:
             return {}
-        out, behind = {}, 0.0
-        due = [r for r in rows if r.id in urgent]
-        for r in sorted(due, key=lambda r: (r.deadline is None, r.deadline or 0.0),
-                        reverse=True):
-            out[r.id] = behind / rate
-            behind += self._prompt_units(r)
+        out: dict[str, float] = {}
+        for group in ([r for r in rows if r.id in urgent], [r for r in rows if r.id not in urgent]):
+            behind = 0.0
+            for r in sorted(group, key=lambda r: (r.deadline is None, r.deadline or 0.0),
+                            reverse=True):
+                out[r.id] = behind / rate
+                behind += self._prompt_units(r)
         return out
 
     def tpot(self) -> float:
@@ -310,11 +316,15 @@ class DeadlineTracker:
         `BatchWork` to store (with the estimate). The caller refuses an infeasible batch
         unless `accept_infeasible`; `note_refused` / `note_accepted` count it."""
         now = self.clock()
-        tpot = self.tpot()
-        jobs = [self._job(r, tpot) for r in self.store.active()]
+        tpot, lead, rate = self.tpot(), self.tpot_lead(), self.rate()
+        rows = self.store.active()
+        jobs = [self._job(r, tpot) for r in rows]
+        # calm when it comes: the prompts of the calm batches due after it go in beside it
+        later = sum(self._prompt_units(r) for r in rows if r.id not in self.urgent_batches()
+                    and (deadline is not None and (r.deadline is None or r.deadline > deadline)))
         new = JobWork("new", deadline, self.units(work.prompt_tokens, work.output_tokens),
-                      tail_s=tpot * work.output_tokens / max(1, items))
-        rate = self.rate()
+                      tail_s=_tail(work.output_tokens / max(1, items),
+                                   later / rate if rate else 0.0, tpot, lead))
         v = admit(jobs, new, rate, now)
         if not v.feasible and self.borrow_gain > 1.0 and rate is not None:
             # deadline_policy borrow: refused only if it misses even when served at the
@@ -443,7 +453,7 @@ class DeadlineTracker:
         active = {r.id: r for r in rows}
         urgent = frozenset(self.urgent_batches())  # what the engine serves first now
         tpot, lead = self.tpot(), self.tpot_lead()
-        behind = self._urgent_behind(rows, urgent, rate)
+        behind = self._behind(rows, urgent, rate)
         est = estimate([self._job(r, tpot, urgent, lead, behind.get(r.id, 0.0)) for r in rows],
                        rate, now,
                        self.options.at_risk_margin, gain=self.borrow_gain)
