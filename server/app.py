@@ -45,8 +45,8 @@ from conserve_jax.config import EngineConfig
 from conserve_jax.proto_gen.conserve.v1 import conserve_pb2 as pb
 from conserve_server.admission import Admission
 from conserve_server.auth import Authenticator
-from conserve_server.batch.deadlines import (DeadlineTracker, borrow_gain_of,
-                                              engine_work_cost)
+from conserve_server.batch.deadline_inputs import borrow_gain_of, engine_work_cost
+from conserve_server.batch.deadlines import DeadlineTracker
 from conserve_server.batch.offline_resume import OfflineResume
 from conserve_server.batch.runner import BatchRunner
 from conserve_server.batch.store import StoreBase, open_store

@@ -237,7 +237,7 @@ def test_borrowing_admits_what_only_borrowing_can_fit(setup):
 
 def test_borrow_gain_of_the_engine_config():
     from conserve_jax.config import ConserveConfig, EngineConfig
-    from conserve_server.batch.deadlines import borrow_gain_of
+    from conserve_server.batch.deadline_inputs import borrow_gain_of
 
     def cfg(**kw):
         return EngineConfig(model="random:tiny", conserve=ConserveConfig(**kw))

@@ -27,15 +27,21 @@ offline items generate only where isolation leaves room. The pace is the median 
 output token over the offline items that finished lately and the items generating now
 (seconds per token since their second token, once `LIVE_MIN_TOKENS` past it: the wait
 after an item's first token, while other items' prompts go in, is not its pace), so it is
-known as soon as offline items have generated a few tokens, before any finishes. An
-urgent job's tail is at the pace priority gives: its own items' fastest once they have
-samples, else the lower quartile of the offline paces (`tpot_lead`): served first, its items
-generate beside no other job's prompts (the scheduler holds those back), at the fast end
-of what offline items do (bench_deadlines: at the median pace, the urgent medium job was
-estimated at twice the 22 s it took); but only other, calm jobs' prompts are held back:
-while the prompts of urgent jobs due later go in (at the harvest rate), its items generate
-at the median pace (bench_deadlines: the tight job, estimated at 16 s with all its tail at
-the fast pace, generated beside the medium job's prompts and took 22 s). Whether a
+known as soon as offline items have generated a few tokens, before any finishes. That
+median is the pace of items generating while other items' prompts go in beside them (a
+prompt chunk makes an iteration several decodes long); once no prompt is left to go in
+beside them, items generate at the fast end: their own items' fastest once they have
+samples, else the lower quartile of the offline paces (`tpot_lead`). So a job's tail is at
+the median pace for as long as the prompts of the jobs served after it take to go in (at
+the harvest rate; `_behind`), then at the fast end. After an urgent job only the urgent
+jobs due later count: the scheduler holds calm jobs' prompts back while urgent items
+generate. bench_deadlines, together: at the median pace throughout, the urgent medium job
+was estimated at twice the 22 s it took; with its whole tail at the fast pace, the tight
+job was estimated at 16 s, and took 22 s generating beside the medium job's prompts. An
+estimate at submission cannot see the jobs that come later and go in beside it (under
+--no-deadline-order the three jobs submitted together were then 41-47 % short). At risk is
+judged at the median pace throughout (`JobWork.tail_alone_s`), as if the job had no
+priority and prompts went in beside it all along. Whether a
 job is hopeless is judged with its tail at the pace served first gives too: its own items'
 fastest once they have samples (`own_pace`; slower ones waited behind others), else the
 lower quartile. bench_deadlines: judged, while its items generated, at all offline items'
@@ -64,7 +70,6 @@ from __future__ import annotations
 import bisect
 import collections
 import logging
-import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -74,8 +79,8 @@ from conserve_jax.proto_gen.conserve.v1 import conserve_pb2 as pb
 from conserve_jax.scheduling.harvest import HarvestMeter, WorkCost
 from conserve_jax.scheduling.length_predictor import LengthPredictor
 from conserve_jax.scheduling.slack import Estimate, JobWork, Verdict, admit, estimate
-from conserve_server import convert
 from conserve_server.batch.base import STORE_ERRORS, BatchRow, BatchWork, StoreBase
+from conserve_server.batch.deadline_inputs import length_inputs
 from conserve_server.config import DeadlineOptions
 
 log = logging.getLogger(__name__)
@@ -94,38 +99,6 @@ LIVE_MIN_TOKENS = 6
 FLEET_EVERY_S = 2.0  # shared store: how often a replica publishes and reads harvest rates
 # upper bounds (s) of the slack-at-finish histogram's buckets; +Inf is implied
 SLACK_BUCKETS_S = (-3600.0, -600.0, -60.0, -10.0, 0.0, 10.0, 60.0, 600.0, 3600.0, 86400.0)
-
-
-def length_inputs(req: pb.GenerateRequest) -> tuple[int, Optional[int]]:
-    """(max_tokens, the client's expected_output_tokens or None) of a stored request."""
-    hint = req.expected_output_tokens if req.HasField("expected_output_tokens") else None
-    return convert.sampling_from_proto(req.sampling).max_tokens, hint
-
-
-def borrow_gain_of(engine_config) -> float:
-    """At most how much faster borrowing serves an at-risk job than the harvest rate: under
-    deadline_policy borrow, offline work in an iteration with online work may take up to
-    (isolation_max - 1) x the online work's time instead of (isolation - 1) x, so the
-    offline share of such iterations grows by at most that ratio (idle iterations are
-    unchanged, so the real gain is lower: an upper bound, the side admission must err on).
-    1 under isolate or without a conserve policy's isolation; unbounded (inf: admission
-    never refuses) when isolation is 1, since then only borrowing puts offline work beside
-    online work."""
-    knobs = getattr(engine_config, "conserve", None)
-    if knobs is None or knobs.deadline_policy != "borrow" or knobs.isolation is None:
-        return 1.0
-    if knobs.isolation <= 1.0:
-        return math.inf
-    return max(1.0, (knobs.isolation_max - 1.0) / (knobs.isolation - 1.0))
-
-
-def engine_work_cost(engine, max_prefill_tokens: int, max_num_seqs: int) -> WorkCost:
-    """Work units for `engine`: dedicated-engine seconds from its policy's latency model
-    when it has one, else tokens (e.g. the mock engine)."""
-    model = getattr(getattr(engine, "policy", None), "model", None)
-    if model is None or not hasattr(model, "predict"):
-        return WorkCost()
-    return WorkCost.from_latency_model(model, max_prefill_tokens, max_num_seqs)
 
 
 def _tail(tokens: float, behind_s: float, busy_s: float, free_s: float) -> float:
