@@ -300,6 +300,43 @@ def test_a_checkpoint_from_another_process_layout_is_refused(tmp_path, caplog):
 
 
 @pytest.mark.slow
+def test_serve_leader_exits_within_a_bound_when_the_follower_hangs(tmp_path, launched):
+    """SIGSTOP of the follower under `serve` (its sockets stay open: only the missing
+    heartbeats tell): process 0 does not hang; the open stream ends with an error and the
+    process exits non-zero within a bound. Today that exit is JAX's coordination service
+    aborting it at the heartbeat timeout (SIGABRT), before the step loop notices, so health
+    NOT_SERVING is never sent (a follower that dies is noticed by the step loop first:
+    test_follower_killed_during_a_batch_then_restart_finishes_it_once)."""
+    import grpc
+
+    from conserve_jax.client import Client
+
+    data = [tmp_path / "data0", tmp_path / "data1"]
+    leader, follower, grpc_port = serve_pair(launched, free_port(), data, *SERVE_ENGINE)
+    stream_end = []
+
+    def online(c):
+        try:
+            chunks = list(c.generate(token_ids=PROMPTS[0], max_tokens=40, temperature=0.0,
+                                     ignore_eos=True))
+            stream_end.append(chunks[-1].finish_reason)
+        except grpc.RpcError as e:
+            stream_end.append(e.code())
+    with Client(f"127.0.0.1:{grpc_port}") as c:
+        first = list(c.generate(token_ids=PROMPTS[0], max_tokens=4, temperature=0.0))
+        assert first and first[-1].finish_reason == "length"  # both processes serve
+        follower.proc.send_signal(signal.SIGSTOP)
+        t = threading.Thread(target=online, args=(c,), daemon=True)
+        t.start()
+        code = leader.wait(timeout=180)  # a bound, not a speed target: a hang fails here
+        t.join(timeout=30)
+    follower.proc.kill()
+    assert code != 0, leader.log()
+    assert any(s in leader.log() for s in ("heartbeat", "another task died")), leader.log()
+    assert stream_end and stream_end[0] not in ("length", "stop"), stream_end
+
+
+@pytest.mark.slow
 def test_follower_killed_during_a_batch_then_restart_finishes_it_once(tmp_path, launched):
     """kill -9 of the follower while `serve` runs a durable batch and an online stream:
     process 0's health turns NOT_SERVING, the open stream ends with an error, process 0
