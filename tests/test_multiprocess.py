@@ -299,6 +299,18 @@ def test_a_checkpoint_from_another_process_layout_is_refused(tmp_path, caplog):
     assert "different engine layout (processes: saved 2 != this engine's 1)" in caplog.text
 
 
+def stream_to_end(client, max_tokens: int, out: list) -> None:
+    """Stream one greedy request of PROMPTS[0] to its end; append its finish reason, or the
+    gRPC status code it failed with, to `out` (run on a thread while a process fails)."""
+    import grpc
+    try:
+        chunks = list(client.generate(token_ids=PROMPTS[0], max_tokens=max_tokens,
+                                      temperature=0.0, ignore_eos=True))
+        out.append(chunks[-1].finish_reason)
+    except grpc.RpcError as e:
+        out.append(e.code())
+
+
 @pytest.mark.slow
 def test_serve_leader_exits_within_a_bound_when_the_follower_hangs(tmp_path, launched):
     """SIGSTOP of the follower under `serve` (its sockets stay open: only the missing
@@ -307,26 +319,16 @@ def test_serve_leader_exits_within_a_bound_when_the_follower_hangs(tmp_path, lau
     aborting it at the heartbeat timeout (SIGABRT), before the step loop notices, so health
     NOT_SERVING is never sent (a follower that dies is noticed by the step loop first:
     test_follower_killed_during_a_batch_then_restart_finishes_it_once)."""
-    import grpc
-
     from conserve_jax.client import Client
 
     data = [tmp_path / "data0", tmp_path / "data1"]
     leader, follower, grpc_port = serve_pair(launched, free_port(), data, *SERVE_ENGINE)
     stream_end = []
-
-    def online(c):
-        try:
-            chunks = list(c.generate(token_ids=PROMPTS[0], max_tokens=40, temperature=0.0,
-                                     ignore_eos=True))
-            stream_end.append(chunks[-1].finish_reason)
-        except grpc.RpcError as e:
-            stream_end.append(e.code())
     with Client(f"127.0.0.1:{grpc_port}") as c:
         first = list(c.generate(token_ids=PROMPTS[0], max_tokens=4, temperature=0.0))
         assert first and first[-1].finish_reason == "length"  # both processes serve
         follower.proc.send_signal(signal.SIGSTOP)
-        t = threading.Thread(target=online, args=(c,), daemon=True)
+        t = threading.Thread(target=stream_to_end, args=(c, 40, stream_end), daemon=True)
         t.start()
         code = leader.wait(timeout=180)  # a bound, not a speed target: a hang fails here
         t.join(timeout=30)
@@ -360,19 +362,12 @@ def test_follower_killed_during_a_batch_then_restart_finishes_it_once(tmp_path, 
                 health.append(r.status)
         except grpc.RpcError:
             pass
-
-    def online(c):
-        try:
-            chunks = list(c.generate(token_ids=PROMPTS[0], max_tokens=150, temperature=0.0,
-                                     ignore_eos=True))
-            stream_end.append(chunks[-1].finish_reason)
-        except grpc.RpcError as e:
-            stream_end.append(e.code())
     threads = [threading.Thread(target=watch, daemon=True)]
     with Client(target) as c:
         bid = c.submit_batch(batch_items())
         assert wait_until(lambda: c.stats()["offline_tokens_total"] >= N_ITEMS, 300, 0.02)
-        threads.append(threading.Thread(target=online, args=(c,), daemon=True))
+        threads.append(threading.Thread(target=stream_to_end, args=(c, 150, stream_end),
+                                        daemon=True))
         for t in threads:
             t.start()
         assert wait_until(lambda: c.stats()["online_running"] == 1 and bool(health), 60, 0.01)
