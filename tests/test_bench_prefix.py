@@ -1,4 +1,4 @@
-"""The prefix-caching benchmark (conserve_jax/bench/prefix.py, run as scripts/bench_prefix.py):
+"""The prefix-caching benchmark (conserve_jax/bench/prefix*.py, run as scripts/bench_prefix.py):
 its pure helpers (the hit-rate optimum, the workloads, the summaries), its flags, and `main`
 end to end on a tiny random model with every case at toy sizes: the JSON has every case,
 both sides, the targets, and numbers that make sense (hits only with the cache on, computed
@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from conserve_jax.bench import prefix as bench_prefix
+from conserve_jax.bench import prefix_engines
 from conserve_jax.bench import prefix_workload as wl
 from conserve_jax.engine_args import knob_names
 
@@ -66,10 +67,10 @@ def test_flags():
     assert a.cases == bench_prefix.CASES and a.repeats == 2 and a.json == "out/bench_prefix.json"
     assert (a.offline_items, a.instruction_tokens, a.output_tokens, a.chat_conversations,
             a.coserve_duration, a.nosharing_items) == (64, 1024, 16, 8, 120.0, 32)
-    on, off = bench_prefix.batch_config(a, True), bench_prefix.batch_config(a, False)
+    on, off = prefix_engines.batch_config(a, True), prefix_engines.batch_config(a, False)
     assert on.enable_prefix_caching and not off.enable_prefix_caching
     assert on.policy == "conserve" and on.cache.num_blocks == 16 * 80 + 1 and on.max_model_len == 1280
-    co = bench_prefix.coserve_config(a, "online-only", True)
+    co = prefix_engines.coserve_config(a, "online-only", True)
     assert co.cache.num_blocks == 4 * 80 + 1 and co.default_ttft_s == 1.0 and co.default_tpot_s == 0.2
     q = bench_prefix.parse_args(["--quick", "--cases", "offline,chat"])
     assert q.cases == ["offline", "chat"] and (q.offline_items, q.coserve_duration) == (16, 60.0)

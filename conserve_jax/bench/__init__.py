@@ -16,7 +16,11 @@ Their helpers:
                           the co-serving benchmark's workload, statistics and report, run
                           accounting, variants and Pareto sweep, one-off measurements
   ecoserve_workload       the EcoServe benchmark's workload and metrics
-  prefix_workload         the prefix-caching benchmark's workloads, hit-rate optimum, summaries
+  prefix_cases, prefix_runs, prefix_engines
+                          the prefix-caching benchmark's cases (prompts per repeat, side
+                          order, ratios), timed runs of one side, engine configs and builder
+  prefix_workload, prefix_report
+                          its workloads, hit-rate optimum, summaries; targets and tables
   peers                   transformers / llama.cpp peers and the matvec roofline, each in a
                           process of its own (torch is never imported in the engine's)
   script_io               engine flags checked when parsed, result JSON written (also used by

@@ -59,6 +59,13 @@ sequences, 512 prefill tokens, 16-token blocks, 4 GB host pool); --num-blocks or
 --policy, --enable-prefix-caching (each side sets them), the engine's --warmup (see the
 script's --warmup), --default-ttft-s/--default-tpot-s (--ttft/--tpot set them).
 
+This module is the entry point: the flags (`build_parser`, `parse_args`) and `main`, which
+loads the model, runs the chosen cases, and writes the result JSON. The rest is in helpers:
+prefix_cases (what each case submits per repeat, its side order, summaries and ratios),
+prefix_runs (one timed side: submit, wait, metrics), prefix_engines (engine configs, the
+builder that shares compiled code and warms each engine, stream primitives), prefix_workload
+(the prompts, the hit-rate optimum, summaries), prefix_report (targets, printed tables).
+
 Callers: scripts/bench_prefix.py (the entry point; also `python -m
 conserve_jax.bench.prefix`); tests/test_bench_prefix.py runs `main` on a tiny model.
 """
@@ -67,434 +74,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import threading
 import time
 
-import numpy as np
-
 from conserve_jax.bench import coserve as cs
-from conserve_jax.bench import coserve_report as report
-from conserve_jax.bench import coserve_workload as cwl
 from conserve_jax.bench import prefix_report
-from conserve_jax.bench import prefix_workload as wl
 from conserve_jax.bench import script_io
-from conserve_jax.bench.prefix_workload import div, pct, summarize
-from conserve_jax.config import EngineConfig
-from conserve_jax.engine.engine import Engine
-from conserve_jax.engine_api import SLO, EngineStats, GenerationRequest, RequestClass
-from conserve_jax.engine_args import add_engine_args, engine_config_from_args
+from conserve_jax.bench.prefix_cases import (SIDES, chat_case, coserve_case, nosharing_case,
+                                             offline_case, progress)
+from conserve_jax.bench.prefix_engines import Engines, batch_config, coserve_config
+from conserve_jax.engine_args import add_engine_args
 from conserve_jax.models.loader import load_model
-from conserve_jax.sampling_params import SamplingParams
 
 CASES = ["offline", "chat", "coserve", "nosharing"]
-SIDES = ("on", "off")
-COSERVE_RUNS = [("online-only", "online-only", True), ("conserve-cache-on", "conserve", True),
-                ("conserve-cache-off", "conserve", False)]  # (label, policy, cache on)
 ENGINE_DEFAULTS = {"max_model_len": 1280, "max_num_seqs": 16, "max_prefill_tokens": 512,
                    "block_size": 16, "host_pool_bytes": 4 << 30}
 NOT_FLAGS = ("policy", "enable_prefix_caching", "warmup", "default_ttft_s", "default_tpot_s")
-GET_TIMEOUT_S = 1800.0  # one stream delta; a hung engine fails the benchmark, not hangs it
-
-
-# ---- engines ---------------------------------------------------------------------------
-def _blocks_per_seq(a) -> int:
-    return -(-a.max_model_len // a.block_size)
-
-
-def batch_config(a, cache_on: bool) -> EngineConfig:
-    """The on/off engines of offline, chat and nosharing: conserve, KV for --kv-seqs full
-    contexts unless --num-blocks / --kv-cache-tokens say."""
-    nb = a.num_blocks or a.kv_seqs * _blocks_per_seq(a) + 1
-    return engine_config_from_args(a, policy="conserve", num_blocks=nb, default_ttft_s=a.ttft,
-                                   default_tpot_s=a.tpot, warmup=False,
-                                   enable_prefix_caching=cache_on)
-
-
-def coserve_config(a, policy: str, cache_on: bool) -> EngineConfig:
-    """A co-serving run's engine: bench_coserve's, KV for --coserve-kv-seqs full contexts."""
-    nb = a.coserve_kv_seqs * _blocks_per_seq(a) + 1
-    return engine_config_from_args(a, policy=policy, num_blocks=nb, kv_cache_tokens=None,
-                                   default_ttft_s=a.ttft, default_tpot_s=a.tpot, warmup=False,
-                                   enable_prefix_caching=cache_on)
-
-
-class Engines:
-    """Builds engines from one loaded model: the first of each KV geometry compiles every
-    executable (--warmup all), later ones adopt its jitted functions; each engine serves a
-    warm-up mix before it is handed out."""
-
-    def __init__(self, a, loaded) -> None:
-        self.a, self.loaded = a, loaded
-        self.shared: dict = {}
-        self.setup: dict = {"engine_builds_s": [], "warmup_compiles_s": {}}
-
-    def build(self, cfg: EngineConfig, geometry: str) -> Engine:
-        shared = self.shared.setdefault(geometry, cs.SharedCompiled())
-        first = not shared.fns
-        t = time.perf_counter()
-        eng = Engine(cfg, loaded=self.loaded,
-                     warmup=first and self.a.warmup_buckets == "all")
-        if first:
-            self.setup["warmup_compiles_s"][geometry] = time.perf_counter() - t
-        shared.adopt(eng)
-        warm(eng, self.loaded.config.vocab_size, cfg.cache.block_size)
-        self.setup["engine_builds_s"].append(time.perf_counter() - t)
-        return eng
-
-
-def _greedy(n: int) -> SamplingParams:
-    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
-
-
-def _collect(stream) -> tuple:
-    """(token ids, final delta, time of the first token or None) of one stream."""
-    toks, first = [], None
-    while True:
-        out = stream.get(timeout=GET_TIMEOUT_S)
-        if out.token_ids and first is None:
-            first = time.monotonic()
-        toks += out.token_ids
-        if out.finished:
-            return toks, out, first
-
-
-def warm(eng: Engine, vocab: int, bs: int) -> None:
-    """A short mix through a new engine (offline twins sharing two blocks where the policy
-    takes offline work, and one online request), so that first-use costs stay out of the
-    measured runs."""
-    rng = np.random.default_rng(987654321)
-    n = max(1, min(2 * bs + 5, eng.max_model_len // 2 - 8))
-    shared = wl.ids(rng, n, vocab)
-    reqs = [GenerationRequest("warm-on", wl.ids(rng, n, vocab), _greedy(4), RequestClass.ONLINE)]
-    if eng.policy.accepts(GenerationRequest("x", [5], request_class=RequestClass.OFFLINE)):
-        reqs += [GenerationRequest(f"warm-off-{i}", shared + [5 + i], _greedy(4),
-                                   RequestClass.OFFLINE) for i in range(2)]
-    for s in [eng.submit(r) for r in reqs]:
-        _collect(s)
-    settled(eng)
-
-
-def settled(eng: Engine, timeout_s: float = 60.0) -> EngineStats:
-    """The engine's stats once it holds no request (the snapshot follows the last finish by
-    up to one loop pass)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        st = eng.stats()
-        busy = st.online_waiting + st.online_running + st.offline_waiting + st.offline_running
-        if not busy or time.monotonic() > deadline:
-            return st
-        time.sleep(0.005)
-
-
-def _mean(xs):
-    xs = [x for x in xs if x is not None]
-    return float(np.mean(xs)) if xs else None
-
-
-def _delta(st: EngineStats, base: EngineStats, name: str) -> int:
-    return getattr(st, name) - getattr(base, name)
-
-
-# ---- offline batches (offline, nosharing) ------------------------------------------------
-def run_batch(eng: Engine, items: list) -> tuple:
-    """Submit every item at once (offline), wait for all; (metrics, outputs)."""
-    base = settled(eng)
-    c0 = eng.compiled_count()
-    t0 = time.monotonic()
-    streams = [eng.submit(GenerationRequest(it.request_id, list(it.prompt), _greedy(it.output_len),
-                                            RequestClass.OFFLINE)) for it in items]
-    outs, finals = [], []
-    for s in streams:
-        toks, fin, _ = _collect(s)
-        outs.append(toks)
-        finals.append(fin)
-    elapsed = time.monotonic() - t0
-    st = settled(eng)
-    prompt = sum(len(it.prompt) for it in items)
-    output = sum(len(o) for o in outs)
-    prefill = _delta(st, base, "offline_prefill_tokens_total")
-    hits = sum(f.num_cached_tokens or 0 for f in finals)
-    m = {"time_s": elapsed, "served_tokens_per_s": (prompt + output) / elapsed,
-         "processed_tokens_per_s": (prefill + output) / elapsed,
-         "computed_prefill_tokens": prefill, "prompt_tokens": prompt, "output_tokens": output,
-         "hit_tokens": hits, "hit_rate": hits / prompt,
-         "stats_hit_tokens": _delta(st, base, "prefix_cache_hits_offline"),
-         "stats_query_tokens": _delta(st, base, "prefix_cache_queries_offline"),
-         "prefix_cache_evictions": _delta(st, base, "prefix_cache_evictions"),
-         "kv_blocks_cached_free_after": st.kv_blocks_cached_free,
-         "evictions": _delta(st, base, "evictions"),
-         "recomputed_tokens": _delta(st, base, "recomputed_tokens"),
-         "iterations": _delta(st, base, "iterations"),
-         "unfinished": sum(f.finish_reason != "length" for f in finals),
-         "compiles_during_run": eng.compiled_count() - c0}
-    return m, outs
-
-
-def batch_case(a, name: str, engines: dict, make_items, describe: dict) -> dict:
-    """`make_items(rep)` -> the repeat's items; runs both sides per repeat, order alternating."""
-    bs = a.block_size
-    runs = []
-    for rep in range(a.repeats):
-        items = make_items(rep)
-        order = SIDES if rep % 2 == 0 else SIDES[::-1]
-        res, outs = {}, {}
-        for side in order:
-            _progress(a, f"{name} repeat {rep + 1}/{a.repeats}: cache {side}")
-            res[side], outs[side] = run_batch(engines[side], items)
-        prompts = [it.prompt for it in items]
-        opt = sum(wl.optimal_hit_tokens(prompts, outs["off"], bs))
-        ptoks = res["on"]["prompt_tokens"]
-        for side in SIDES:
-            res[side].update(optimal_hit_tokens=opt, optimal_hit_rate=opt / ptoks,
-                             hit_vs_optimal=div(res[side]["hit_tokens"], opt))
-        same = outs["on"] == outs["off"]
-        runs.append({"repeat": rep + 1, "order": list(order), "tokens_identical": same,
-                     "items_differing": sum(x != y for x, y in zip(outs["on"], outs["off"])),
-                     **res})
-    out = {"workload": describe, "runs": runs,
-           "tokens_identical": all(r["tokens_identical"] for r in runs)}
-    for side in SIDES:
-        out[side] = summarize([r[side] for r in runs])
-    on, off = out["on"], out["off"]
-    out["ratios"] = {
-        "served_tokens_per_s_on_over_off": div(on["median"]["served_tokens_per_s"],
-                                               off["median"]["served_tokens_per_s"]),
-        "served_tokens_per_s_on_over_off_best": div(on["max"]["served_tokens_per_s"],
-                                                    off["max"]["served_tokens_per_s"]),
-        "time_on_over_off": div(on["median"]["time_s"], off["median"]["time_s"]),
-        "time_on_over_off_best": div(on["min"]["time_s"], off["min"]["time_s"]),
-        "speed_on_over_off": div(off["median"]["time_s"], on["median"]["time_s"]),
-        "speed_on_over_off_best": div(off["min"]["time_s"], on["min"]["time_s"]),
-        "computed_prefill_on_over_off": div(on["median"]["computed_prefill_tokens"],
-                                            off["median"]["computed_prefill_tokens"]),
-        "paired_speed_on_over_off": [div(r["off"]["time_s"], r["on"]["time_s"]) for r in runs],
-    }
-    return out
-
-
-def offline_case(a, engines: dict, vocab: int) -> dict:
-    def items(rep):
-        rng = np.random.default_rng([a.seed, rep, 1])
-        return wl.shared_prefix_batch(rng, vocab, a.offline_items, a.instruction_tokens,
-                                      tuple(a.item_tokens), a.output_tokens, f"off{rep}")
-    desc = {"items": a.offline_items, "instruction_tokens": a.instruction_tokens,
-            "item_tokens": list(a.item_tokens), "output_tokens": a.output_tokens,
-            "class": "offline", "submitted": "all at once",
-            "sampling": "greedy, ignore_eos, max_tokens = output tokens"}
-    return batch_case(a, "offline", engines, items, desc)
-
-
-def nosharing_case(a, engines: dict, vocab: int) -> dict:
-    def items(rep):
-        rng = np.random.default_rng([a.seed, rep, 4])
-        return wl.random_batch(rng, vocab, a.nosharing_items, tuple(a.nosharing_prompt),
-                               a.output_tokens, f"ns{rep}")
-    desc = {"items": a.nosharing_items, "prompt_tokens": list(a.nosharing_prompt),
-            "output_tokens": a.output_tokens, "class": "offline", "submitted": "all at once",
-            "sampling": "greedy, ignore_eos, max_tokens = output tokens"}
-    return batch_case(a, "nosharing", engines, items, desc)
-
-
-# ---- chat ------------------------------------------------------------------------------
-def run_chat(a, eng: Engine, script: wl.ChatScript, tag: str) -> tuple:
-    """Every conversation on its own thread, turns in sequence; (metrics, answers)."""
-    C, K = script.conversations, script.turns
-    recs = [[None] * K for _ in range(C)]
-    errors: list = []
-    slo = SLO(a.ttft, a.tpot)
-
-    def conversation(c: int) -> None:
-        try:
-            history: list = []
-            for k in range(K):
-                prompt = history + script.users[c][k]
-                req = GenerationRequest(f"{tag}-c{c}-t{k}", prompt,
-                                        _greedy(script.answer_lens[c][k]),
-                                        RequestClass.ONLINE, slo)
-                t_sub = time.monotonic()
-                toks, fin, first = _collect(eng.submit(req))
-                recs[c][k] = {"prompt": prompt, "answer": toks,
-                              "ttft_s": first - t_sub if first is not None else None,
-                              "cached": fin.num_cached_tokens or 0, "reason": fin.finish_reason}
-                history = prompt + toks
-        except Exception as e:  # reported by the main thread
-            errors.append(f"conversation {c}: {type(e).__name__}: {e}")
-
-    base = settled(eng)
-    c0 = eng.compiled_count()
-    t0 = time.monotonic()
-    threads = [threading.Thread(target=conversation, args=(c,), daemon=True) for c in range(C)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    elapsed = time.monotonic() - t0
-    if errors:
-        raise RuntimeError("; ".join(errors))
-    st = settled(eng)
-    m: dict = {"time_s": elapsed}
-    turns = []
-    for k in range(K):
-        rs = [recs[c][k] for c in range(C)]
-        p = sum(len(r["prompt"]) for r in rs)
-        h = sum(r["cached"] for r in rs)
-        t = {"turn": k + 1, "ttft_p50_s": pct([r["ttft_s"] for r in rs], 50),
-             "ttft_p99_s": pct([r["ttft_s"] for r in rs], 99),
-             "ttft_mean_s": _mean([r["ttft_s"] for r in rs]),
-             "prompt_tokens_mean": p / C, "hit_tokens": h, "hit_rate": h / p}
-        turns.append(t)
-        for key in ("ttft_p50_s", "ttft_p99_s", "prompt_tokens_mean", "hit_rate"):
-            m[f"turn{k + 1}_{key}"] = t[key]
-    order = [(c, k) for c in range(C) for k in range(K)]
-    prompts = [recs[c][k]["prompt"] for c, k in order]
-    answers = [recs[c][k]["answer"] for c, k in order]
-    opt = sum(wl.optimal_hit_tokens(prompts, answers, a.block_size))
-    ptoks = sum(len(p) for p in prompts)
-    hits = sum(recs[c][k]["cached"] for c, k in order)
-    m.update(prompt_tokens=ptoks, hit_tokens=hits, hit_rate=hits / ptoks,
-             optimal_hit_tokens=opt, optimal_hit_rate=opt / ptoks, hit_vs_optimal=div(hits, opt),
-             computed_prefill_tokens=_delta(st, base, "online_prefill_tokens_total"),
-             stats_hit_tokens=_delta(st, base, "prefix_cache_hits_online"),
-             unfinished=sum(recs[c][k]["reason"] != "length" for c, k in order),
-             compiles_during_run=eng.compiled_count() - c0, turns=turns)
-    return m, [[recs[c][k]["answer"] for k in range(K)] for c in range(C)]
-
-
-def chat_case(a, engines: dict, vocab: int) -> dict:
-    runs = []
-    for rep in range(a.repeats):
-        rng = np.random.default_rng([a.seed, rep, 2])
-        script = wl.chat_script(rng, vocab, a.chat_conversations, a.chat_turns,
-                                tuple(a.chat_user_tokens), tuple(a.chat_answer))
-        order = SIDES if rep % 2 == 0 else SIDES[::-1]
-        res, answers = {}, {}
-        for side in order:
-            _progress(a, f"chat repeat {rep + 1}/{a.repeats}: cache {side}")
-            res[side], answers[side] = run_chat(a, engines[side], script, f"chat{rep}")
-        runs.append({"repeat": rep + 1, "order": list(order),
-                     "tokens_identical": answers["on"] == answers["off"], **res})
-    out = {"workload": {"conversations": a.chat_conversations, "turns": a.chat_turns,
-                        "user_tokens_per_turn": list(a.chat_user_tokens),
-                        "answer_tokens": list(a.chat_answer), "class": "online",
-                        "slo": {"ttft_s": a.ttft, "tpot_s": a.tpot},
-                        "prompt": "previous prompt + the model's answer + new user tokens",
-                        "sampling": "greedy, ignore_eos, max_tokens = answer length"},
-           "runs": runs, "tokens_identical": all(r["tokens_identical"] for r in runs)}
-    for side in SIDES:
-        out[side] = summarize([r[side] for r in runs])
-    ratios = {}
-    for k in range(1, a.chat_turns + 1):
-        for q in ("p50", "p99"):
-            key = f"turn{k}_ttft_{q}_s"
-            ratios[f"turn{k}_ttft_{q}_on_over_off"] = div(out["on"]["median"][key],
-                                                          out["off"]["median"][key])
-            ratios[f"turn{k}_ttft_{q}_on_over_off_best"] = div(out["on"]["min"][key],
-                                                               out["off"]["min"][key])
-    out["ratios"] = ratios
-    return out
-
-
-# ---- co-serving ------------------------------------------------------------------------
-def run_coserve(a, engines: Engines, label: str, policy: str, cache_on: bool, online: list,
-                offline: list) -> dict:
-    """One co-serving run on a fresh engine (bench_coserve's run, with the window's stats)."""
-    eng = engines.build(coserve_config(a, policy, cache_on), "coserve")
-    slo, stop = SLO(a.ttft, a.tpot), threading.Event()
-    base = settled(eng)
-    c0 = eng.compiled_count()
-    t0 = time.monotonic()
-    if eng.policy.accepts(GenerationRequest("x", [5], request_class=RequestClass.OFFLINE)):
-        for it in offline:
-            eng.submit(GenerationRequest(it.request_id, list(it.prompt), _greedy(it.output_len),
-                                         RequestClass.OFFLINE))
-    clients, st_win, win_s, t_end, st = cs.drive_online(eng, online, slo, stop, t0,
-                                                        a.coserve_duration, a.drain)
-    stop.set()
-    compiles = eng.compiled_count() - c0
-    eng.shutdown()
-    cs.release(eng)
-    reqs = [report.request_record(c, t0, t_end, a.ttft, a.tpot) for c in clients]
-    prefill = _delta(st_win, base, "offline_prefill_tokens_total")
-    decode = _delta(st_win, base, "offline_tokens_total")
-    hits = _delta(st_win, base, "prefix_cache_hits_offline")
-    queries = _delta(st, base, "prefix_cache_queries_offline")
-    return {
-        "label": label, "policy": policy, "prefix_caching": cache_on,
-        "online_ttft_p50_s": pct([r["ttft_s"] for r in reqs], 50),
-        "online_ttft_p99_s": pct([r["ttft_s"] for r in reqs], 99),
-        "online_tpot_p50_s": pct([r["tpot_s"] for r in reqs], 50),
-        "online_tpot_p99_s": pct([r["tpot_s"] for r in reqs], 99),
-        "slo_attainment": sum(r["slo_met"] for r in reqs) / max(1, len(reqs)),
-        "online_requests": len(reqs), "online_unfinished": sum(not r["finished"] for r in reqs),
-        "offline_served_tokens_per_s": (prefill + decode + hits) / win_s,
-        "offline_processed_tokens_per_s": (prefill + decode) / win_s,
-        "offline_output_tokens_per_s": decode / win_s,
-        "offline_prefill_tokens_in_window": prefill, "offline_output_tokens_in_window": decode,
-        "offline_hit_tokens_in_window": hits,
-        "offline_hit_rate": div(_delta(st, base, "prefix_cache_hits_offline"), queries),
-        "offline_waiting_at_window_end": st_win.offline_waiting,
-        "preemptions": _delta(st, base, "preemptions"),
-        "evictions": _delta(st, base, "evictions"),
-        "recomputed_tokens": _delta(st, base, "recomputed_tokens"),
-        "restored_tokens": _delta(st, base, "restored_tokens"),
-        "prefix_cache_evictions": _delta(st, base, "prefix_cache_evictions"),
-        "window_s": win_s, "drain_s": t_end - t0 - win_s, "compiles_during_run": compiles,
-    }
-
-
-def coserve_case(a, engines: Engines, vocab: int) -> dict:
-    # the first engine of this geometry compiles every executable; a checkpointing one, so
-    # that the KV transfers compile too (online-only has none and may come first)
-    _progress(a, "coserve: compiling the co-serving engines' executables")
-    first = engines.build(coserve_config(a, "conserve", True), "coserve")
-    first.shutdown()
-    cs.release(first)
-    runs: dict = {label: [] for label, _, _ in COSERVE_RUNS}
-    order_log = []
-    work = None
-    for rep in range(a.repeats):
-        spec = cwl.WorkloadSpec(duration_s=a.coserve_duration, rate=a.coserve_rate,
-                                prompt_max=a.online_prompt_max, output_max=a.online_output_max,
-                                offline_requests=0, seed=a.seed + rep)
-        work = cwl.build(spec, vocab, a.max_model_len)  # same arrivals and lengths, new ids
-        rng = np.random.default_rng([a.seed, rep, 3])
-        offline = wl.shared_prefix_batch(rng, vocab, a.coserve_offline_items,
-                                         a.coserve_prefix_tokens, tuple(a.coserve_item_tokens),
-                                         tuple(a.coserve_offline_output), f"cs{rep}")
-        k = rep % len(COSERVE_RUNS)
-        for label, policy, cache_on in COSERVE_RUNS[k:] + COSERVE_RUNS[:k]:
-            _progress(a, f"coserve repeat {rep + 1}/{a.repeats}: {label}")
-            order_log.append(label)
-            runs[label].append(run_coserve(a, engines, label, policy, cache_on, work.online,
-                                           offline))
-    wdesc = work.describe()
-    wdesc["offline"] = {
-        "requests": a.coserve_offline_items, "submitted_at_s": 0.0,
-        "shared_prefix_tokens": a.coserve_prefix_tokens,
-        "item_tokens": list(a.coserve_item_tokens),
-        "output_tokens": list(a.coserve_offline_output)}
-    out = {"workload": wdesc, "duration_s": a.coserve_duration, "drain_s": a.drain,
-           "order": order_log, "runs": runs,
-           "variants": {label: summarize(rs) for label, rs in runs.items()}}
-    v = out["variants"]
-    on, off, oo = v["conserve-cache-on"], v["conserve-cache-off"], v["online-only"]
-    med = lambda d, key: d["median"].get(key)  # noqa: E731
-    out["ratios"] = {
-        "offline_served_on_over_off": div(med(on, "offline_served_tokens_per_s"),
-                                          med(off, "offline_served_tokens_per_s")),
-        "offline_served_on_over_off_best": div(on["max"].get("offline_served_tokens_per_s"),
-                                               off["max"].get("offline_served_tokens_per_s")),
-        "offline_processed_on_over_off": div(med(on, "offline_processed_tokens_per_s"),
-                                             med(off, "offline_processed_tokens_per_s")),
-    }
-    for side, d in (("on", on), ("off", off)):
-        for key in ("online_ttft_p99_s", "online_tpot_p99_s"):
-            out["ratios"][f"{key[:-2]}_cache_{side}_over_online_only"] = div(med(d, key),
-                                                                            med(oo, key))
-    out["saturated"] = all(r["offline_waiting_at_window_end"] > 0
-                           for label in ("conserve-cache-on", "conserve-cache-off")
-                           for r in runs[label])
-    return out
 
 
 # ---- entry point -----------------------------------------------------------------------
@@ -590,10 +184,6 @@ def parse_args(argv=None):
     return a
 
 
-def _progress(a, what: str) -> None:
-    print(f"[{time.perf_counter() - a.t_start:6.0f}s] {what}", flush=True)
-
-
 def main(argv=None) -> dict:
     a = parse_args(argv)
     a.t_start = time.perf_counter()
@@ -604,7 +194,7 @@ def main(argv=None) -> dict:
     res: dict = {}
     batch = [c for c in ("offline", "chat", "nosharing") if c in a.cases]
     if batch:
-        _progress(a, "building the cache-on and cache-off engines")
+        progress(a, "building the cache-on and cache-off engines")
         pair = {s: engines.build(batch_config(a, s == "on"), "batch") for s in SIDES}
         for c in batch:
             res[c] = {"offline": offline_case, "chat": chat_case,
