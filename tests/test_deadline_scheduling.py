@@ -86,6 +86,35 @@ def test_while_an_urgent_item_generates_no_other_offline_prompt_goes_in_beside_i
     assert ("calm_wait", False) in kinds(sched.schedule())
 
 
+def test_while_an_urgent_item_generates_a_later_ranks_prompts_wait_its_decodes_go():
+    """Urgent jobs due later (higher rank) do not put prompts beside a lower rank's
+    generating items either; their own generating items still get their token, and the
+    lower rank's own prompts still go in."""
+    sched, _ = make_sched()
+    for rid, n in (("first_run", 20), ("second_run", 20), ("second_wait", 300)):
+        sched.add(make_seq(rid, n, online=False, arrival=len(sched.waiting_offline)))
+    for _ in range(2):
+        commit(sched, sched.schedule())
+    assert {s.request_id for s in sched.running} == {"first_run", "second_run"}
+
+    kinds = lambda step: {(e.seq.request_id, e.decode) for e in step.entries}
+    sched.urgent = urgent_ranks({"first_run": 0, "second_run": 1, "second_wait": 1})
+    step = sched.schedule()
+    assert kinds(step) == {("first_run", True), ("second_run", True)}  # rank 1's prompt waits
+    sched.add(make_seq("first_wait", 300, online=False, arrival=9))
+    sched.urgent = urgent_ranks({"first_run": 0, "first_wait": 0, "second_run": 1,
+                                 "second_wait": 1})
+    assert ("first_wait", False) in kinds(sched.schedule())  # rank 0's own prompt goes in
+
+    # nothing of rank 0 generating (its items are prompts): rank 1's prompt may go in
+    sched2, _ = make_sched()
+    for rid, n in (("second_run", 20), ("second_wait", 300)):
+        sched2.add(make_seq(rid, n, online=False, arrival=len(sched2.waiting_offline)))
+    commit(sched2, sched2.schedule())
+    sched2.urgent = urgent_ranks({"second_run": 1, "second_wait": 1})
+    assert ("second_wait", False) in kinds(sched2.schedule())
+
+
 def test_urgent_waiting_work_goes_before_running_offline_work_and_takes_its_memory():
     """An at-risk job's item that arrives after other offline work already holds the KV
     (the engine runs that work first by arrival) is not stuck behind it: it is scheduled

@@ -317,9 +317,9 @@ def test_items_under_way_set_the_pace_and_the_work_left(setup):
     e = tr.estimate_of(tight)  # 10 tokens left: late at the median pace, 2.5 s at its own
     assert e.at_risk and not e.hopeless and tight in tr.urgent_batches()
     # urgent now (it was at the last look): estimated at the pace priority gives, its own
-    # (b, urgent too and due later, has one prompt left: 1 s, beside which tight's item
-    # generates at the median pace, 0.5 of its 10 tokens)
-    assert e.finish_at - clock.t == pytest.approx(1.0 + 0.5 * 2.0 + 9.5 * 0.25)
+    # (b, urgent too and due later, has one prompt left, 1 s of work; it waits while
+    # tight's item generates, so nothing goes in beside it: 10 tokens at 0.25 s)
+    assert e.finish_at - clock.t == pytest.approx(1.0 + 10 * 0.25)
 
 
 def test_an_urgent_job_is_estimated_at_the_fast_end_of_the_paces(setup):
@@ -350,10 +350,10 @@ def test_an_urgent_job_is_estimated_at_the_fast_end_of_the_paces(setup):
     assert tr.estimate_of(calm).finish_at - clock.t == pytest.approx(6.0 + 20 * 1.0)
 
 
-def test_an_urgent_job_generates_at_the_median_pace_while_later_urgent_prompts_go_in(setup):
-    """Only calm jobs' prompts wait while an urgent item generates: the prompts of an
-    urgent job due later go in beside it, so until they are in (at the harvest rate) the
-    earlier job's items generate at the median pace, then at the lead pace."""
+def test_an_urgent_job_generates_at_the_lead_pace_while_later_urgent_prompts_wait(setup):
+    """While an urgent item generates, the prompts of urgent jobs due later wait too
+    (the scheduler), so the earlier job's items generate at the lead pace throughout; the
+    later job's tail is after the earlier one's work and its own."""
     store, eng, clock, tr = setup
     harvest(eng, clock, tr, 10, 10)  # 10 units (tokens) per second
     for tpot in (0.5, 1.0, 2.0, 4.0):  # median 2 s, lower quartile 1 s per token
@@ -368,8 +368,7 @@ def test_an_urgent_job_generates_at_the_median_pace_while_later_urgent_prompts_g
     tr.tick(in_engine=inside)
     assert set(tr.urgent_batches()) == {made["a"], made["b"]}
     tr.tick(in_engine=inside)
-    # a: its 30 units (3 s); b's 100 prompt tokens take 10 s to go in beside it: 5 of its
-    # 20 tokens at 2 s, 15 at 1 s
-    assert tr.estimate_of(made["a"]).finish_at - clock.t == pytest.approx(3.0 + 5 * 2 + 15 * 1)
+    # a: its 30 units (3 s); b's prompt waits: its 20 tokens at the lower quartile, 1 s
+    assert tr.estimate_of(made["a"]).finish_at - clock.t == pytest.approx(3.0 + 20 * 1)
     # b: after a's work and its own (3 + 12 s), nothing urgent behind it: 20 tokens at 1 s
     assert tr.estimate_of(made["b"]).finish_at - clock.t == pytest.approx(15.0 + 20 * 1)

@@ -6,12 +6,14 @@ sequence admitted only while the policy's `StepBudget` (tokens, and predicted ti
 latency model is present) still has room. Among offline work, `urgent` sequences (items of
 jobs at risk of missing their deadline), rank by rank (the lowest, i.e. earliest deadline,
 first), running then waiting, go before every other offline sequence, each part in its
-usual order; and in an iteration where an urgent sequence generates a token, no other
-offline prompt goes in (other offline decodes still do). An item generates one token per
-iteration, and an iteration carrying a prompt chunk lasts several decode iterations
-(bench_deadlines: ~1 s against ~0.1 s with the small model on CPU), so chunks of other
-jobs' prompts beside it would set an urgent item's pace; its job keeps going first only if
-they wait. KV memory and slots: online sequences may
+usual order; and in an iteration where an urgent sequence generates a token, no offline
+prompt of a later rank or of a job not at risk goes in (their decodes still do; the
+urgent job's own prompts do). An item generates one token per iteration, and an iteration
+carrying a prompt chunk lasts several decode iterations (bench_deadlines: ~1 s against
+~0.1 s with the small model on CPU), so chunks of other jobs' prompts beside it would set
+an urgent item's pace; its job keeps going first only if they wait. Also for urgent jobs
+due later: with their prompts beside it, the tight job of bench_deadlines took 21 s where
+its estimate at submission, made before they came, said 15. KV memory and slots: online sequences may
 evict offline ones (a parked iteration's sequences last); urgent offline sequences may
 evict other offline ones; offline sequences never evict online ones. A
 policy without priority (non-preemptive) sees one queue in arrival order. `commit`
@@ -145,13 +147,19 @@ class Scheduler:
         offline = order(self, offline)
         if self.urgent:  # at-risk jobs' items, running then waiting, rank by rank (lowest
             u = self.urgent  # first), before all other offline work
+            generating = False  # an urgent item of this rank or a lower one generates
             for r in sorted({u[s.request_id] for s in running + offline if s.request_id in u}):
-                self._fill(step, budget, [s for s in running if u.get(s.request_id) == r])
+                mine = [s for s in running if u.get(s.request_id) == r]
+                if generating:  # its decodes go in, its prompts wait (class doc)
+                    self._fill(step, budget, [s for s in mine if not s.in_prefill])
+                    continue
+                self._fill(step, budget, mine)
                 self._fill(step, budget, [s for s in offline if u.get(s.request_id) == r],
                            waiting=True)
+                generating = any(e.decode and e.seq.request_id in u for e in step.entries)
             running = [s for s in running if s.request_id not in u]
             offline = [s for s in offline if s.request_id not in u]
-            if any(e.decode and e.seq.request_id in u for e in step.entries):
+            if generating:
                 # an urgent item generates: no other offline prompt goes in beside it
                 self._fill(step, budget, [s for s in running if not s.in_prefill])
                 return step

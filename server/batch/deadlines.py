@@ -33,9 +33,9 @@ prompt chunk makes an iteration several decodes long); once no prompt is left to
 beside them, items generate at the fast end: their own items' fastest once they have
 samples, else the lower quartile of the offline paces (`tpot_lead`). So a job's tail is at
 the median pace for as long as the prompts of the jobs served after it take to go in (at
-the harvest rate; `_behind`), then at the fast end. After an urgent job only the urgent
-jobs due later count: the scheduler holds calm jobs' prompts back while urgent items
-generate. bench_deadlines, together: at the median pace throughout, the urgent medium job
+the harvest rate; `_behind`), then at the fast end. An urgent job's tail is at the fast
+end throughout: the scheduler holds back every prompt but its own (and those of urgent
+jobs due earlier) while its items generate. bench_deadlines, together: at the median pace throughout, the urgent medium job
 was estimated at twice the 22 s it took; with its whole tail at the fast pace, the tight
 job was estimated at 16 s, and took 22 s generating beside the medium job's prompts. An
 estimate at submission cannot see the jobs that come later and go in beside it (under
@@ -184,14 +184,23 @@ class DeadlineTracker:
                        generated: int, tpot_s: Optional[float] = None) -> None:
         """A batch item finished (stop or length) after `generated` tokens, `tpot_s` seconds
         per output token after its first (runner thread)."""
-        if tpot_s is not None and tpot_s > 0:
-            with self._lock:
-                self._tpots.append(tpot_s)
+        self.observe_pace(tpot_s)
         max_tokens, hint = length_inputs(req)
         with self._predictor_lock:
             # registered at submit (`work_of`): not counted a second time
             f = self._predictor.features(prompt_ids, max_tokens, tenant, hint, register=False)
             self._predictor.observe(f, generated)
+
+    def observe_pace(self, tpot_s: Optional[float]) -> None:
+        """One offline item's seconds per output token (runner thread): from
+        `observe_length` when it finished, or as it left unfinished (its batch cancelled or
+        expired, its engine stopping) once `LIVE_MIN_TOKENS` past its second token. How
+        fast an item generated is evidence however it ended (bench_deadlines: cancelling
+        the warm-up batch took every live sample and left the pace of one finished item,
+        0.12 s a token, against 0.3-0.5 s measured a second before)."""
+        if tpot_s is not None and tpot_s > 0:
+            with self._lock:
+                self._tpots.append(tpot_s)
 
     def units(self, prompt_tokens: float, output_tokens: float) -> float:
         return self.cost.of(prompt_tokens, output_tokens)
@@ -240,18 +249,17 @@ class DeadlineTracker:
 
     def _behind(self, rows: list[BatchRow], urgent: frozenset,
                 rate: Optional[float]) -> dict[str, float]:
-        """Per batch: seconds (at `rate`) the prompts of the batches served after it take to
-        go in, beside its generating items (module doc): after an urgent batch, the urgent
-        ones due later (calm prompts wait); after a calm one, the calm ones due later."""
+        """Per calm batch: seconds (at `rate`) the prompts of the calm batches due after it
+        take to go in, beside its generating items (module doc). None beside an urgent
+        batch: the scheduler holds every later prompt back while its items generate."""
         if not rate:
             return {}
         out: dict[str, float] = {}
-        for group in ([r for r in rows if r.id in urgent], [r for r in rows if r.id not in urgent]):
-            behind = 0.0
-            for r in sorted(group, key=lambda r: (r.deadline is None, r.deadline or 0.0),
-                            reverse=True):
-                out[r.id] = behind / rate
-                behind += self._prompt_units(r)
+        behind = 0.0
+        for r in sorted([r for r in rows if r.id not in urgent],
+                        key=lambda r: (r.deadline is None, r.deadline or 0.0), reverse=True):
+            out[r.id] = behind / rate
+            behind += self._prompt_units(r)
         return out
 
     def tpot(self) -> float:
