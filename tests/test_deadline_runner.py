@@ -27,7 +27,6 @@ class StubTracker:
     def __init__(self):
         self.risky = []
         self.ticks = 0
-        self.paces = []
 
     def tick(self, in_engine=None, progress=None):
         self.ticks += 1
@@ -39,9 +38,6 @@ class StubTracker:
 
     def observe_length(self, *a):
         pass
-
-    def observe_pace(self, tpot_s):
-        self.paces.append(tpot_s)
 
     def note_expired(self, batch_id):
         pass
@@ -139,48 +135,6 @@ def test_deadline_checks_report_the_progress_of_items_in_flight(tmp_path):
         results = [pb.BatchResult.FromString(r) for _, r in store.results(bid, 0)]
         # the mock engine echoes the prompt: item i's prompt is [10 + i]
         assert [list(r.token_ids) for r in results] == [[10] * 50, [11] * 50]
-    finally:
-        eng.shutdown()
-        store.close()
-
-
-def test_an_item_that_leaves_unfinished_still_gives_its_pace(tmp_path):
-    """An item stopped mid-generation (its batch cancelled) tells the tracker the seconds
-    per token it generated at since its second token (the pace estimates use), once it
-    generated enough for that to mean something; one stopped early gives nothing."""
-    store, eng = SqliteBatchStore(str(tmp_path)), RecordingEngine()
-    try:
-        bid, _ = store.create_batch("t", _items(2), deadline=time.time() + 1000)
-        runner = BatchRunner(store, eng, max_in_flight=2)
-        runner.deadlines = tracker = StubTracker()
-        assert runner._fill()
-        time.sleep(0.3)
-        runner._deadline_check()  # its second token seen: the pace counts from here
-        time.sleep(0.8)  # ~16 more tokens at 0.05 s
-        assert store.terminate(bid, "cancelled", "cancelled by the test")
-        runner.cancel_batch(bid)
-        runner._handle_requests()
-        deadline = time.time() + 10
-        while runner._in_flight and time.time() < deadline:
-            runner._collect()
-            time.sleep(0.05)
-        assert not runner._in_flight
-        assert len(tracker.paces) == 2 and all(p is not None for p in tracker.paces)
-        assert all(0.03 < p < 0.2 for p in tracker.paces)  # the mock's 0.05 s a token
-
-        bid2, _ = store.create_batch("t", _items(1), deadline=time.time() + 1000)
-        tracker.paces.clear()
-        assert runner._fill()
-        time.sleep(0.2)
-        runner._deadline_check()
-        assert store.terminate(bid2, "cancelled", "cancelled by the test")
-        runner.cancel_batch(bid2)  # a token or two past its second: not a sample
-        runner._handle_requests()
-        deadline = time.time() + 10
-        while runner._in_flight and time.time() < deadline:
-            runner._collect()
-            time.sleep(0.05)
-        assert tracker.paces == [None]
     finally:
         eng.shutdown()
         store.close()

@@ -27,9 +27,9 @@ from __future__ import annotations
 import logging
 import queue
 import time
-from typing import Callable, Optional
+from typing import Callable
 
-from conserve_server.batch.deadlines import LIVE_MIN_TOKENS, ItemProgress
+from conserve_server.batch.deadlines import ItemProgress
 
 log = logging.getLogger(__name__)
 
@@ -47,16 +47,6 @@ def drain(f, now: float) -> None:
         f.generated += len(out.token_ids)
     if f.steady_at is None and f.generated >= 2:
         f.steady_at, f.steady_from = now, f.generated
-
-
-def left_pace(f, now: float) -> Optional[float]:
-    """Seconds per output token of in-flight item `f` since its second token, if it
-    generated `LIVE_MIN_TOKENS` past it (the tracker's live pace sample), else None: what
-    `DeadlineTracker.observe_pace` keeps when the item leaves unfinished (runner thread)."""
-    if f.steady_at is None:
-        return None
-    tokens = f.generated - f.steady_from
-    return (now - f.steady_at) / tokens if tokens >= LIVE_MIN_TOKENS else None
 
 
 class DeadlineCheck:

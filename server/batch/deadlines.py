@@ -184,23 +184,14 @@ class DeadlineTracker:
                        generated: int, tpot_s: Optional[float] = None) -> None:
         """A batch item finished (stop or length) after `generated` tokens, `tpot_s` seconds
         per output token after its first (runner thread)."""
-        self.observe_pace(tpot_s)
+        if tpot_s is not None and tpot_s > 0:
+            with self._lock:
+                self._tpots.append(tpot_s)
         max_tokens, hint = length_inputs(req)
         with self._predictor_lock:
             # registered at submit (`work_of`): not counted a second time
             f = self._predictor.features(prompt_ids, max_tokens, tenant, hint, register=False)
             self._predictor.observe(f, generated)
-
-    def observe_pace(self, tpot_s: Optional[float]) -> None:
-        """One offline item's seconds per output token (runner thread): from
-        `observe_length` when it finished, or as it left unfinished (its batch cancelled or
-        expired, its engine stopping) once `LIVE_MIN_TOKENS` past its second token. How
-        fast an item generated is evidence however it ended (bench_deadlines: cancelling
-        the warm-up batch took every live sample and left the pace of one finished item,
-        0.12 s a token, against 0.3-0.5 s measured a second before)."""
-        if tpot_s is not None and tpot_s > 0:
-            with self._lock:
-                self._tpots.append(tpot_s)
 
     def units(self, prompt_tokens: float, output_tokens: float) -> float:
         return self.cost.of(prompt_tokens, output_tokens)

@@ -65,7 +65,7 @@ from typing import Callable, Optional
 from conserve_jax.engine_api import GenerationRequest, RequestClass, RequestOutput, RequestStream
 from conserve_jax.proto_gen.conserve.v1 import conserve_pb2 as pb
 from conserve_server import convert
-from conserve_server.batch.deadline_check import DeadlineCheck, drain, left_pace
+from conserve_server.batch.deadline_check import DeadlineCheck, drain
 from conserve_server.batch.store import STORE_ERRORS, ClaimedItem, StoreBase
 
 log = logging.getLogger(__name__)
@@ -371,8 +371,6 @@ class BatchRunner:
         final = f.outputs[-1] if f.outputs else None
         reason = final.finish_reason if final is not None and final.finished else "cancelled"
         result = convert.outputs_to_result(item.index, item.request.request_id, f.outputs)
-        if reason not in ("stop", "length") and self.deadlines is not None:
-            self.deadlines.observe_pace(left_pace(f, time.monotonic()))
         if reason == "cancelled":
             outcome = self._terminated.get(item.batch_id)
             if outcome is None:  # not our doing: the engine is stopping; run it again later
