@@ -237,3 +237,42 @@ def test_generation_tail_and_hopeless_jobs():
     assert e.finish_at == pytest.approx(10.0) and e.at_risk and not e.hopeless
     assert not estimate([JobWork("lead", 20.0, 5.0, urgent=True, tail_s=5.0)], 1.0, now)[
         "lead"].at_risk
+
+
+def test_prompt_rate_counts_the_seconds_prompts_went_in():
+    """Offline work alternates between prompts going in and items only generating: the
+    prompt rate is the prompt units over the intervals with prompt progress, where the
+    harvest rate averages over both; too little such time falls back to the harvest rate."""
+    m = HarvestMeter(WorkCost(prefill_s=1.0, decode_s=1.0), window_s=100.0, min_span_s=2.0)
+    m.observe(0.0, 0, 0, True)
+    m.observe(1.0, 50, 0, True)  # 50 prompt tokens in 1 s
+    assert m.prompt_rate() is None and m.rate() is None  # no history
+    m.observe(5.0, 50, 8, True)  # 4 s of generating only
+    assert m.prompt_rate() == m.rate() == pytest.approx(58 / 5)  # 1 s of prompts: too little
+    m.observe(6.0, 100, 10, True)  # 50 more prompt tokens (and 2 generated) in 1 s
+    assert m.rate() == pytest.approx(110 / 6)
+    assert m.prompt_rate() == pytest.approx(100 / 2)
+
+
+def test_urgent_jobs_are_done_in_bursts_one_after_another():
+    """An urgent job is done at the later of its work at the harvest rate and its burst:
+    the urgent jobs due before it, each its prompts at the prompt rate and its tail, then
+    its own; a calm job keeps work then tail."""
+    a = JobWork("a", 100.0, remaining=6.0, urgent=True, tail_s=5.0, prompt_left=4.0)
+    b = JobWork("b", 200.0, remaining=8.0, urgent=True, tail_s=5.0, prompt_left=6.0)
+    calm = JobWork("c", 300.0, remaining=20.0, tail_s=5.0, prompt_left=16.0)
+    est = estimate([b, a, calm], rate=0.5, now=0.0, prompt_rate=2.0)
+    # a: its 6 units at 0.5 a second, 12 s, against its burst 4 / 2 + 5 = 7 s
+    assert est["a"].finish_at == pytest.approx(12.0)
+    # b: 14 units, 28 s, against a's burst and its own, 7 + 6 / 2 + 5 = 15 s
+    assert est["b"].finish_at == pytest.approx(28.0)
+    fast = estimate([b, a, calm], rate=2.0, now=0.0, prompt_rate=2.0)
+    assert fast["a"].finish_at == pytest.approx(7.0)  # its burst binds now: 6 units are 3 s
+    assert fast["b"].finish_at == pytest.approx(15.0)
+    assert fast["c"].finish_at == pytest.approx(34 / 2.0 + 5.0)  # calm: work, then tail
+    # without a prompt rate, or nothing urgent: work then tail, as before
+    assert estimate([b, a, calm], rate=2.0, now=0.0)["a"].finish_at == pytest.approx(3.0 + 5.0)
+    # admission: a new job urgent on arrival, done in its burst unless the work binds
+    new = JobWork("new", 150.0, remaining=6.0, tail_s=5.0, prompt_left=4.0)
+    assert admit([a, calm], new, 2.0, 0.0, burst_s=9.0).finish_at == pytest.approx(9.0)
+    assert admit([a, calm], new, 0.5, 0.0, burst_s=9.0).finish_at == pytest.approx(24.0)

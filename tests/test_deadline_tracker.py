@@ -260,16 +260,24 @@ def test_the_generation_tail_comes_from_finished_items(setup):
                           [3, 4], "t", 20, tpot_s=tpot)
     assert tr.tpot() == pytest.approx(1.0) and tr.tpot_lead() == pytest.approx(0.5)
     # no other prompts go in beside its items: 20 tokens at the fast end (lower quartile)
-    w, refusal = tr.judge(items(2, hint=20), "t", clock.t + 30, "deadline")
+    w, refusal = tr.judge(items(2, hint=20), "t", clock.t + 100, "deadline")
     assert refusal is None and w.estimate_at - clock.t == pytest.approx(16.0)
-    _, refusal = tr.judge(items(2, hint=20), "t", clock.t + 14, "deadline")
-    assert refusal is not None  # 6 s of work, then 10 s of generating: misses 14 s
+    # due in 30 s it is at risk as it comes (6 s + 20 tokens at the median 1 s: 26 s, under
+    # 20 % headroom), so urgent from the first tick: its burst, 2 s of prompts (20 tokens
+    # at the prompt rate, here the harvest rate) then 20 tokens at 0.5 s
+    w, refusal = tr.judge(items(2, hint=20), "t", clock.t + 30, "deadline")
+    assert refusal is None and w.estimate_at - clock.t == pytest.approx(12.0)
+    _, refusal = tr.judge(items(2, hint=20), "t", clock.t + 11, "deadline")
+    assert refusal is not None  # 12 s even served first: misses 11 s
     # a batch due later, with 100 prompt tokens (10 s) that go in beside its items: 10 of
     # its 20 tokens at the median pace, 10 at the fast end
     w, _ = tr.judge(items(1, prompt_len=100, hint=20), "t", clock.t + 1000, "deadline")
     store.create_batch("t", items(1, prompt_len=100, hint=20), clock.t + 1000, work=w)
-    w, refusal = tr.judge(items(2, hint=20), "t", clock.t + 30, "deadline")
+    w, refusal = tr.judge(items(2, hint=20), "t", clock.t + 100, "deadline")
     assert refusal is None and w.estimate_at - clock.t == pytest.approx(6.0 + 10 * 1.0 + 10 * 0.5)
+    # at risk as it comes, it is urgent: the later batch's prompt waits, its burst is as alone
+    w, refusal = tr.judge(items(2, hint=20), "t", clock.t + 30, "deadline")
+    assert refusal is None and w.estimate_at - clock.t == pytest.approx(12.0)
 
 
 def test_items_under_way_set_the_pace_and_the_work_left(setup):
@@ -317,9 +325,10 @@ def test_items_under_way_set_the_pace_and_the_work_left(setup):
     e = tr.estimate_of(tight)  # 10 tokens left: late at the median pace, 2.5 s at its own
     assert e.at_risk and not e.hopeless and tight in tr.urgent_batches()
     # urgent now (it was at the last look): estimated at the pace priority gives, its own
-    # (b, urgent too and due later, has one prompt left, 1 s of work; it waits while
-    # tight's item generates, so nothing goes in beside it: 10 tokens at 0.25 s)
-    assert e.finish_at - clock.t == pytest.approx(1.0 + 10 * 0.25)
+    # (b, urgent too and due later, has one prompt left; it waits while tight's item
+    # generates): the later of its work left (1 s) and its burst, no prompt left and 10
+    # tokens at 0.25 s
+    assert e.finish_at - clock.t == pytest.approx(10 * 0.25)
 
 
 def test_an_urgent_job_is_estimated_at_the_fast_end_of_the_paces(setup):
@@ -344,8 +353,8 @@ def test_an_urgent_job_is_estimated_at_the_fast_end_of_the_paces(setup):
     assert e.finish_at - clock.t == pytest.approx(6.0 + 0.5 * 2.0 + 19.5 * 1.0) and e.at_risk
     assert tight in tr.urgent_batches()
     tr.tick(in_engine={calm: 1}, progress={calm: [ItemProgress()]})
-    e = tr.estimate_of(tight)  # urgent: its own 3 s first, 20 tokens at 1 s
-    assert e.finish_at - clock.t == pytest.approx(3.0 + 20 * 1.0)
+    e = tr.estimate_of(tight)  # urgent: its burst, its 10-token prompt (1 s), 20 tokens at 1 s
+    assert e.finish_at - clock.t == pytest.approx(1.0 + 20 * 1.0)
     # calm: behind tight's work; nothing goes in beside it: 20 tokens at the lower quartile
     assert tr.estimate_of(calm).finish_at - clock.t == pytest.approx(6.0 + 20 * 1.0)
 
@@ -368,7 +377,8 @@ def test_an_urgent_job_generates_at_the_lead_pace_while_later_urgent_prompts_wai
     tr.tick(in_engine=inside)
     assert set(tr.urgent_batches()) == {made["a"], made["b"]}
     tr.tick(in_engine=inside)
-    # a: its 30 units (3 s); b's prompt waits: its 20 tokens at the lower quartile, 1 s
-    assert tr.estimate_of(made["a"]).finish_at - clock.t == pytest.approx(3.0 + 20 * 1)
-    # b: after a's work and its own (3 + 12 s), nothing urgent behind it: 20 tokens at 1 s
-    assert tr.estimate_of(made["b"]).finish_at - clock.t == pytest.approx(15.0 + 20 * 1)
+    # a: its burst, its 10-token prompt (1 s) then 20 tokens at the lower quartile, 1 s (b's
+    # prompt waits); later than its 30 units at the harvest rate (3 s)
+    assert tr.estimate_of(made["a"]).finish_at - clock.t == pytest.approx(1.0 + 20 * 1)
+    # b: after a's burst (21 s), its own: its 100-token prompt (10 s), 20 tokens at 1 s
+    assert tr.estimate_of(made["b"]).finish_at - clock.t == pytest.approx(21.0 + 10.0 + 20 * 1)

@@ -71,6 +71,7 @@ class _Reading:
     t: float
     work: float  # cumulative work units
     backlogged: bool
+    prefill: float = 0.0  # of `work`, the prompt tokens' units
 
 
 class HarvestMeter:
@@ -87,9 +88,10 @@ class HarvestMeter:
         self.window_s = window_s
         self.min_span_s = min_span_s
         self._last: Optional[_Reading] = None
-        # backlogged intervals (seconds, work units), oldest first, covering at most
-        # window_s seconds; replaced whole on every change (readers see a consistent tuple)
-        self._intervals: tuple[tuple[float, float], ...] = ()
+        # backlogged intervals (seconds, work units, of them prompt units), oldest first,
+        # covering at most window_s seconds; replaced whole on every change (readers see a
+        # consistent tuple)
+        self._intervals: tuple[tuple[float, float, float], ...] = ()
 
     def observe(self, now: float, prefill_tokens_total: int, output_tokens_total: int,
                 backlogged: bool) -> None:
@@ -97,7 +99,8 @@ class HarvestMeter:
         A reading earlier than the previous one, or counters that went down (the engine
         restarted), forget the history."""
         work = self.cost.of(prefill_tokens_total, output_tokens_total)
-        last, self._last = self._last, _Reading(now, work, bool(backlogged))
+        prefill = self.cost.of(prefill_tokens_total, 0)
+        last, self._last = self._last, _Reading(now, work, bool(backlogged), prefill)
         if last is None:
             return
         if now < last.t or work < last.work:
@@ -106,23 +109,23 @@ class HarvestMeter:
         dt = now - last.t
         if not (last.backlogged and backlogged) or dt <= 0:
             return
-        iv = list(self._intervals) + [(dt, work - last.work)]
-        excess = sum(d for d, _ in iv) - self.window_s
+        iv = list(self._intervals) + [(dt, work - last.work, max(0.0, prefill - last.prefill))]
+        excess = sum(d for d, _, _ in iv) - self.window_s
         while excess > 0 and iv:
-            d, w = iv[0]
+            d, w, p = iv[0]
             if d <= excess:  # wholly outside the window
                 iv.pop(0)
                 excess -= d
             else:  # partly: keep the share inside
                 keep = (d - excess) / d
-                iv[0] = (d * keep, w * keep)
+                iv[0] = (d * keep, w * keep, p * keep)
                 excess = 0
         self._intervals = tuple(iv)
 
     def span(self) -> tuple[float, float]:
         """(backlogged seconds, work units done in them) inside the window."""
         iv = self._intervals
-        return sum(d for d, _ in iv), sum(w for _, w in iv)
+        return sum(d for d, _, _ in iv), sum(w for _, w, _ in iv)
 
     def rate(self) -> Optional[float]:
         """Work units per backlogged wall second, or None with under `min_span_s` of
@@ -131,3 +134,18 @@ class HarvestMeter:
         if secs < self.min_span_s or secs <= 0:
             return None
         return work / secs
+
+    def prompt_rate(self) -> Optional[float]:
+        """Prompt work units per second while prompts go in: over the backlogged intervals
+        inside the window in which offline prompt tokens were processed, their prompt
+        units per second; `rate()` when those intervals add up to under `min_span_s`
+        (or there is no rate). Offline work alternates between prompts going in (many
+        units a second) and items only generating (few: KV memory holds only so many
+        items), so `rate()`, the mean over both, is the throughput of a long stream of
+        items; a few items served first take their prompts' units at this rate, then
+        their generation time (`slack` module doc)."""
+        iv = self._intervals
+        secs = sum(d for d, _, p in iv if p > 0)
+        if secs < self.min_span_s or secs <= 0:
+            return self.rate()
+        return sum(p for _, _, p in iv) / secs

@@ -35,7 +35,12 @@ samples, else the lower quartile of the offline paces (`tpot_lead`). So a job's 
 the median pace for as long as the prompts of the jobs served after it take to go in (at
 the harvest rate; `_behind`), then at the fast end. An urgent job's tail is at the fast
 end throughout: the scheduler holds back every prompt but its own (and those of urgent
-jobs due earlier) while its items generate. bench_deadlines, together: at the median pace throughout, the urgent medium job
+jobs due earlier) while its items generate, so the urgent jobs are done one after another,
+each its prompts at the prompt rate then its tail (`slack.urgent_bursts`; `prompt_rate`).
+A batch at risk as it comes is urgent from the first tick: admission estimates it so
+(`_burst_on_arrival`; bench_deadlines, staggered: the tight job, due before the two jobs
+already running, was estimated calm, behind their prompts at the median pace, 25.7 s,
+and took 11.0). bench_deadlines, together: at the median pace throughout, the urgent medium job
 was estimated at twice the 22 s it took; with its whole tail at the fast pace, the tight
 job was estimated at 16 s, and took 22 s generating beside the medium job's prompts. An
 estimate at submission cannot see the jobs that come later and go in beside it (under
@@ -78,7 +83,8 @@ from typing import Callable, Optional
 from conserve_jax.proto_gen.conserve.v1 import conserve_pb2 as pb
 from conserve_jax.scheduling.harvest import HarvestMeter, WorkCost
 from conserve_jax.scheduling.length_predictor import LengthPredictor
-from conserve_jax.scheduling.slack import Estimate, JobWork, Verdict, admit, estimate
+from conserve_jax.scheduling.slack import (Estimate, JobWork, Verdict, admit, estimate,
+                                           urgent_bursts)
 from conserve_server.batch.base import STORE_ERRORS, BatchRow, BatchWork, StoreBase
 from conserve_server.batch.deadline_inputs import length_inputs
 from conserve_server.config import DeadlineOptions
@@ -236,7 +242,8 @@ class DeadlineTracker:
         first = self.own_pace(row.id, tpot_s if lead_s is None else lead_s)
         return JobWork(row.id, row.deadline, left, in_engine=in_engine,
                        urgent=row.id in urgent, tail_s=_tail(slowest, behind_s, tpot_s, first),
-                       tail_min_s=slowest * first, tail_alone_s=slowest * tpot_s)
+                       tail_min_s=slowest * first, tail_alone_s=slowest * tpot_s,
+                       prompt_left=self.units(per_prompt * fresh, 0))
 
     def _behind(self, rows: list[BatchRow], urgent: frozenset,
                 rate: Optional[float]) -> dict[str, float]:
@@ -290,24 +297,47 @@ class DeadlineTracker:
         now = self.clock()
         tpot, lead, rate = self.tpot(), self.tpot_lead(), self.rate()
         rows = self.store.active()
-        jobs = [self._job(r, tpot) for r in rows]
-        # calm when it comes: the prompts of the calm batches due after it go in beside it
         urgent = frozenset(self.urgent_batches())
+        jobs = [self._job(r, tpot, urgent, lead) for r in rows]
+        # calm when it comes: the prompts of the calm batches due after it go in beside it
         later = sum(self._prompt_units(r) for r in rows if r.id not in urgent
                     and (deadline is not None and (r.deadline is None or r.deadline > deadline)))
+        per_item = work.output_tokens / max(1, items)
         new = JobWork("new", deadline, self.units(work.prompt_tokens, work.output_tokens),
-                      tail_s=_tail(work.output_tokens / max(1, items),
-                                   later / rate if rate else 0.0, tpot, lead))
-        v = admit(jobs, new, rate, now)
+                      tail_s=_tail(per_item, later / rate if rate else 0.0, tpot, lead))
+        burst = self._burst_on_arrival(jobs, new, work, per_item, rate, now)
+        v = admit(jobs, new, rate, now, burst_s=burst)
         if not v.feasible and self.borrow_gain > 1.0 and rate is not None:
             # deadline_policy borrow: refused only if it misses even when served at the
             # most borrowing can give. Such a job is at risk from the start and borrows
             # at once, so its estimate is the borrowing one (an upper bound on the gain:
             # optimistic)
-            b = admit(jobs, new, rate, now, gain=self.borrow_gain)
+            b = admit(jobs, new, rate, now, gain=self.borrow_gain, burst_s=burst)
             if b.feasible:
                 v = Verdict(True, b.finish_at, f"fits by borrowing ({v.reason} without)")
         return v, BatchWork(work.prompt_tokens, work.output_tokens, v.finish_at)
+
+    def _burst_on_arrival(self, jobs: list[JobWork], new: JobWork, work: BatchWork,
+                          per_item: float, rate: Optional[float], now: float) -> Optional[float]:
+        """If a new batch is at risk as it comes (judged as `estimate` judges: served in
+        EDF order, its tail at the median pace throughout), it is urgent from the first
+        tick: seconds from now it is done in its burst (`slack.urgent_bursts`: the urgent
+        batches due before it, then its prompts and its tail at the lead pace). Else None."""
+        prompt_rate = self.prompt_rate()
+        if rate is None or not prompt_rate or new.deadline is None:
+            return None
+        alone = admit(jobs, JobWork("new", new.deadline, new.remaining,
+                                    tail_s=per_item * self.tpot()), rate, now)
+        if alone.finish_at is not None:
+            slack, need = new.deadline - alone.finish_at, alone.finish_at - now
+            if slack >= self.options.at_risk_margin * need:
+                return None
+        lead = self.tpot_lead()
+        first = JobWork("new", new.deadline, new.remaining, urgent=True,
+                        tail_s=per_item * lead, prompt_left=self.units(work.prompt_tokens, 0))
+        ahead = [j for j in jobs if j.urgent and j.deadline is not None
+                 and j.deadline <= new.deadline]
+        return urgent_bursts(ahead + [first], prompt_rate)["new"]
 
     def judge(self, items: list[tuple[pb.GenerateRequest, list[int]]], tenant: str,
               deadline: Optional[float], field_name: str) -> tuple[BatchWork, Optional[str]]:
@@ -368,6 +398,16 @@ class DeadlineTracker:
                                  s.at_risk_batches, s.at_risk_items, s.harvest_rate)
 
     # ---- runner thread -------------------------------------------------------------------
+    def prompt_rate(self) -> Optional[float]:
+        """Prompt work units a second while offline prompts go in (`HarvestMeter.
+        prompt_rate`), scaled like the harvest rate with a shared store (this replica's
+        share of the fleet's rate)."""
+        own, fleet = self.meter.rate(), self._fleet_rate
+        pr = self.meter.prompt_rate()
+        if pr is None or fleet is None or not own:
+            return pr
+        return pr * fleet / own
+
     def rate(self) -> Optional[float]:
         """The harvest rate estimates use: with a shared store the fleet's (the rates the
         replicas published lately, this one's included), else (or before any replica
@@ -428,8 +468,8 @@ class DeadlineTracker:
         tpot, lead = self.tpot(), self.tpot_lead()
         behind = self._behind(rows, urgent, rate)
         est = estimate([self._job(r, tpot, urgent, lead, behind.get(r.id, 0.0)) for r in rows],
-                       rate, now,
-                       self.options.at_risk_margin, gain=self.borrow_gain)
+                       rate, now, self.options.at_risk_margin, gain=self.borrow_gain,
+                       prompt_rate=self.prompt_rate())
         ended = [b for b in self._active if b not in active]
         finished: list[BatchRow] = []
         for b in ended:
