@@ -203,6 +203,12 @@ class EngineConfig:
         "multi-process: a process silent this long (no heartbeat to the coordinator) is "
         "dead and every process exits with an error; start-up waits for the others "
         "10x as long", default=30)
+    step_timeout_s: Optional[float] = _h(
+        "multi-process, process 0: an engine step that waits longer than this on the other "
+        "processes (a collective, a plan send; compile time not counted) means one hangs: "
+        "the engine stops, health turns NOT_SERVING, streams end with an error and `serve` "
+        "exits with code 3, before the heartbeat timeout would abort the process; at most "
+        "half of --process-timeout-s (none: a third of it)", default=None)
 
     def __post_init__(self) -> None:
         if self.num_processes < 1:
@@ -216,12 +222,25 @@ class EngineConfig:
             raise ValueError(f"cpu_devices must be >= 1, got {self.cpu_devices}")
         if self.process_timeout_s < 1:
             raise ValueError(f"process_timeout_s must be >= 1, got {self.process_timeout_s}")
+        if self.step_timeout_s is not None and not (
+                0 < self.step_timeout_s <= self.process_timeout_s / 2):
+            raise ValueError(
+                f"step_timeout_s must be > 0 and at most half of process_timeout_s "
+                f"({self.process_timeout_s} s: JAX's heartbeat timeout, which aborts the "
+                f"process), got {self.step_timeout_s}")
         if self.attention_chunk < 0:
             raise ValueError(f"attention_chunk must be >= 0, got {self.attention_chunk}")
         if self.prefix_group_hold_s < 0:
             raise ValueError(f"prefix_group_hold_s must be >= 0, got {self.prefix_group_hold_s}")
         if self.kv_cache_tokens is not None and self.kv_cache_tokens < 1:
             raise ValueError(f"kv_cache_tokens must be >= 1, got {self.kv_cache_tokens}")
+
+    @property
+    def step_bound_s(self) -> float:
+        """The step watchdog's bound (`step_timeout_s`, default a third of
+        `process_timeout_s`: a hung peer's heartbeats were seen missing after 0.8 of it)."""
+        return self.step_timeout_s if self.step_timeout_s is not None \
+            else self.process_timeout_s / 3
 
     @property
     def kv_cache_blocks(self) -> Optional[int]:

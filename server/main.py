@@ -18,8 +18,9 @@ the TLS pair (parsed with `ssl`), and the batch database (opened and locked; a s
 server on the same data dir is refused). A second SIGTERM/SIGINT while draining exits at
 once (code 130). If the engine's step loop dies, the server stops and `run` returns
 `EXIT_ENGINE_FAILED`, so a supervisor restarts it; batches resume from the database (a
-multi-process run's process 0 exits at once with that code, without jax.distributed's exit
-barrier, which would wait for a dead follower and then abort).
+multi-process run's process 0 exits with that code after at most `STOP_GRACE_S` of server
+shutdown, without jax.distributed's exit barrier, which would wait for a dead or hung
+follower and then abort; a hung follower is noticed by the engine's step watchdog).
 """
 from __future__ import annotations
 
@@ -40,6 +41,10 @@ from conserve_server.config import add_server_args, flag_field, server_config_fr
 
 EXIT_ENGINE_FAILED = 3
 EXIT_FORCED = 130
+# a multi-process process 0 whose engine failed stops its server for at most this long
+# before it exits (the step watchdog fires at step_timeout_s after a peer hung, JAX's
+# heartbeat abort comes at ~0.8 x process_timeout_s: this must fit in between)
+STOP_GRACE_S = 1.5
 
 log = logging.getLogger(__name__)
 
@@ -144,15 +149,42 @@ def _addresses(app) -> list[str]:
 def _follow(args) -> Optional[int]:
     """On a follower process of a multi-process run (`--num-processes`, `--process-id` > 0):
     no faces, no batch store; run process 0's step plans until it shuts down and return the
-    exit code (runtime/follower.py). None on process 0 or a single process."""
+    exit code (runtime/follower.py). None on process 0 or a single process. Refused at
+    start-up (flags, devices, code differ): 2. The run broken while following (process 0
+    vanished, a collective failed): exits at once with EXIT_ENGINE_FAILED, without
+    jax.distributed's exit barrier (it would wait for the missing process, then abort)."""
     if args.model == "mock" or args.num_processes <= 1:
         return None
     from conserve_jax.runtime.follower import follow_if_follower
 
     try:
         return follow_if_follower(engine_config_from_args(args))
-    except (ValueError, OSError) as e:
+    except ValueError as e:
         return _fail(f"cannot follow process 0: {e}")
+    except Exception as e:
+        log.critical("following process 0 failed", exc_info=True)
+        print(f"following process 0 failed ({type(e).__name__}: {e}); exiting for a restart",
+              file=sys.stderr, flush=True)
+        logging.shutdown()
+        os._exit(EXIT_ENGINE_FAILED)
+
+
+def _exit_engine_failed(app, engine) -> None:
+    """Process 0 of a multi-process run whose engine failed: exit with EXIT_ENGINE_FAILED
+    now, without jax.distributed's exit barrier (it would wait for a dead or hung peer, then
+    abort) and without waiting for the step thread, which may be stuck for good in a
+    collective with a hung peer (runtime/step_watchdog.py). Health is NOT_SERVING and the
+    open streams have their error already; the server stops on a helper thread for at most
+    `STOP_GRACE_S` so that those last messages leave, then the process ends."""
+    print(f"engine failed ({engine.failure}); exiting for a restart", file=sys.stderr, flush=True)
+    log.info("stopping the server for at most %.1f s, then exiting", STOP_GRACE_S)
+    drain = min(app.config.drain_timeout, 0.5)
+    t = threading.Thread(target=app.stop, args=(drain,), name="stop-failed", daemon=True)
+    t.start()
+    t.join(STOP_GRACE_S)
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(EXIT_ENGINE_FAILED)
 
 
 def run(args) -> int:
@@ -231,13 +263,11 @@ def run(args) -> int:
     dead = app.engine_dead.is_set()
     if stats_log is not None:
         stats_log.stop()
+    if dead and args.num_processes > 1:
+        _exit_engine_failed(app, engine)
     app.stop()
     if dead:
         print(f"engine failed ({engine.failure}); exiting for a restart", file=sys.stderr, flush=True)
-        if args.num_processes > 1:  # jax.distributed's exit barrier would wait for a dead
-            logging.shutdown()      # peer (process_timeout_s), then abort the process
-            sys.stdout.flush()
-            os._exit(EXIT_ENGINE_FAILED)
         return EXIT_ENGINE_FAILED
     print("stopped", flush=True)
     return 0

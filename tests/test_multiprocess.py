@@ -2,8 +2,9 @@
 each, tp 4): greedy tokens and top logprobs of `LLM.generate` equal one process with tp 4
 and with tp 1, with the leader's safepoint decisions crossing processes; `serve` on two
 processes answers gRPC with the same tokens and both processes end with 0 on SIGTERM; a
-follower killed with SIGKILL or stopped with SIGSTOP makes the leader exit non-zero within
-a bound instead of hanging; processes started with different flags are refused at
+follower killed with SIGKILL or stopped with SIGSTOP makes the leader turn health
+NOT_SERVING, end the open stream with the engine's error and exit with EXIT_ENGINE_FAILED
+within a bound instead of hanging (a stopped one: the step watchdog); processes started with different flags are refused at
 start-up, the message naming the flag. Offline KV: online arrivals evict offline requests
 whose KV each process checkpoints to its own host pool and restores (tokens of one
 process); a SIGTERM mid-batch saves the items' KV and a restart of both processes resumes
@@ -122,8 +123,9 @@ def test_processes_with_different_flags_are_refused(launched):
 @pytest.mark.slow
 @pytest.mark.parametrize("sig, said", [
     (signal.SIGKILL, ("step loop stopped", "another task died")),
-    # SIGSTOP: the follower's sockets stay open, so only the missing heartbeats tell
-    (signal.SIGSTOP, ("heartbeat", "another task died"))], ids=["dies", "hangs"])
+    # SIGSTOP: the follower's sockets stay open; the leader's step watchdog tells (under
+    # LLM the request then fails and JAX's exit barrier aborts the process)
+    (signal.SIGSTOP, ("step timed out",))], ids=["dies", "hangs"])
 def test_leader_exits_with_an_error_when_a_follower_fails(launched, sig, said):
     port = free_port()
     leader, follower = (worker(launched, pid, port, "--rounds", "100000", "--timeout", "5")
@@ -311,31 +313,58 @@ def stream_to_end(client, max_tokens: int, out: list) -> None:
         out.append(e.code())
 
 
+def watch_health(target: str, out: list) -> None:
+    """Append every overall health status process 0 at `target` sends to `out` until the
+    server ends the Watch (run on a thread while a process fails)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        try:
+            for r in health_pb2_grpc.HealthStub(channel).Watch(
+                    health_pb2.HealthCheckRequest(service="")):
+                out.append(r.status)
+        except grpc.RpcError:
+            pass
+
+
 @pytest.mark.slow
-def test_serve_leader_exits_within_a_bound_when_the_follower_hangs(tmp_path, launched):
-    """SIGSTOP of the follower under `serve` (its sockets stay open: only the missing
-    heartbeats tell): process 0 does not hang; the open stream ends with an error and the
-    process exits non-zero within a bound. Today that exit is JAX's coordination service
-    aborting it at the heartbeat timeout (SIGABRT), before the step loop notices, so health
-    NOT_SERVING is never sent (a follower that dies is noticed by the step loop first:
-    test_follower_killed_during_a_batch_then_restart_finishes_it_once)."""
+def test_serve_leader_exits_cleanly_within_a_bound_when_the_follower_hangs(tmp_path, launched):
+    """SIGSTOP of the follower under `serve` (its sockets stay open: nothing fails, the
+    leader's step just waits in a collective): process 0's step watchdog (step_timeout_s,
+    here a third of --process-timeout-s 10) fires before JAX's heartbeat timeout would abort
+    it: health turns NOT_SERVING, the open stream ends with the engine's error (INTERNAL,
+    not the UNAVAILABLE of a process that vanished), process 0 exits with
+    EXIT_ENGINE_FAILED (an abort would be -6); the follower, once continued, finds its
+    leader gone and exits non-zero."""
+    import grpc
+    from grpc_health.v1 import health_pb2
+
     from conserve_jax.client import Client
 
     data = [tmp_path / "data0", tmp_path / "data1"]
     leader, follower, grpc_port = serve_pair(launched, free_port(), data, *SERVE_ENGINE)
-    stream_end = []
-    with Client(f"127.0.0.1:{grpc_port}") as c:
+    target = f"127.0.0.1:{grpc_port}"
+    health, stream_end = [], []
+    watcher = threading.Thread(target=watch_health, args=(target, health), daemon=True)
+    watcher.start()
+    with Client(target) as c:
         first = list(c.generate(token_ids=PROMPTS[0], max_tokens=4, temperature=0.0))
         assert first and first[-1].finish_reason == "length"  # both processes serve
+        assert wait_until(lambda: bool(health), 30, 0.01)
         follower.proc.send_signal(signal.SIGSTOP)
         t = threading.Thread(target=stream_to_end, args=(c, 40, stream_end), daemon=True)
         t.start()
         code = leader.wait(timeout=180)  # a bound, not a speed target: a hang fails here
         t.join(timeout=30)
-    follower.proc.kill()
-    assert code != 0, leader.log()
-    assert any(s in leader.log() for s in ("heartbeat", "another task died")), leader.log()
-    assert stream_end and stream_end[0] not in ("length", "stop"), stream_end
+    watcher.join(timeout=30)
+    follower.proc.send_signal(signal.SIGCONT)
+    follower_code = follower.wait(timeout=180)  # a bound: the follower must not hang either
+    assert code == EXIT_ENGINE_FAILED, leader.log()
+    assert "step timed out" in leader.log() and "health NOT_SERVING" in leader.log(), leader.log()
+    assert health_pb2.HealthCheckResponse.NOT_SERVING in health, health
+    assert stream_end == [grpc.StatusCode.INTERNAL], stream_end
+    assert follower_code != 0, follower.log()
 
 
 @pytest.mark.slow
@@ -344,8 +373,7 @@ def test_follower_killed_during_a_batch_then_restart_finishes_it_once(tmp_path, 
     process 0's health turns NOT_SERVING, the open stream ends with an error, process 0
     exits non-zero within a bound; a restart of both processes finishes the batch with
     exactly one result per item, the tokens of one process."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_health.v1 import health_pb2
 
     from conserve_jax.client import Client
 
@@ -353,16 +381,7 @@ def test_follower_killed_during_a_batch_then_restart_finishes_it_once(tmp_path, 
     leader, follower, grpc_port = serve_pair(launched, free_port(), data, *BATCH_ENGINE)
     target = f"127.0.0.1:{grpc_port}"
     health, stream_end = [], []
-    channel = grpc.insecure_channel(target)
-
-    def watch():
-        try:
-            for r in health_pb2_grpc.HealthStub(channel).Watch(
-                    health_pb2.HealthCheckRequest(service="")):
-                health.append(r.status)
-        except grpc.RpcError:
-            pass
-    threads = [threading.Thread(target=watch, daemon=True)]
+    threads = [threading.Thread(target=watch_health, args=(target, health), daemon=True)]
     with Client(target) as c:
         bid = c.submit_batch(batch_items())
         assert wait_until(lambda: c.stats()["offline_tokens_total"] >= N_ITEMS, 300, 0.02)
@@ -373,8 +392,8 @@ def test_follower_killed_during_a_batch_then_restart_finishes_it_once(tmp_path, 
         assert wait_until(lambda: c.stats()["online_running"] == 1 and bool(health), 60, 0.01)
         follower.proc.kill()
         code = leader.wait(timeout=120)  # a bound, not a speed target: a hang fails
-        threads[1].join(timeout=30)
-    channel.close()
+        for t in threads:
+            t.join(timeout=30)
     assert follower.wait(timeout=30) != 0
     assert code == EXIT_ENGINE_FAILED, leader.log()
     assert "health NOT_SERVING" in leader.log()

@@ -1,6 +1,8 @@
 """After warm-up, serving never compiles: every shape that reaches jitted code is one of
 the warmed buckets, whatever the mix of prompt lengths, batch sizes, sampling modes,
-online and offline requests, evictions and restores from the host checkpoint."""
+online and offline requests, evictions and restores from the host checkpoint; and no
+serving call is a first call of its key, which the step watchdog would not count
+(runtime/step_watchdog.py)."""
 import pytest
 
 from conserve_jax.engine_api import SLO, GenerationRequest, RequestClass
@@ -18,6 +20,7 @@ def test_serving_does_not_recompile_after_warmup(prefix_caching):
     try:
         before = eng.compiled_count()
         assert before > 0
+        warmed = eng.runner.first_calls.keys()
         lengths = (1, 5, 31, 64, 65, 100, 7, 2)
         params = [SamplingParams(max_tokens=m, temperature=t, top_p=p, top_k=k, logprobs=lp,
                                  ignore_eos=True)
@@ -38,5 +41,6 @@ def test_serving_does_not_recompile_after_warmup(prefix_caching):
         if not prefix_caching:
             assert eng.scheduler.counters.restored_tokens > 0
         assert eng.compiled_count() == before
+        assert eng.runner.first_calls.keys() == warmed
     finally:
         eng.shutdown()

@@ -11,7 +11,8 @@ by `StepAccounting` (step_accounting.py). Detokenization, stop strings and deliv
 request streams run on the output thread (`OutputDelivery`), off the step loop.
 Failures follow `StepGuard`: an exception anywhere in an iteration fails (or, if nothing
 was committed, retries once) only the requests of that iteration; a loop that keeps
-failing dies, ending every stream with "engine stopped" and setting `failure`.
+failing dies, ending every stream with "engine stopped" and setting `failure`; so does, on
+a multi-process leader, a step stuck on a hung peer (runtime/step_watchdog.py).
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ from conserve_jax.engine.step_accounting import StepAccounting, final_stats
 from conserve_jax.runtime import distributed
 from conserve_jax.runtime.compile_cache import enable_compilation_cache
 from conserve_jax.runtime.map_budget import check_map_budget
+from conserve_jax.runtime.step_watchdog import NO_WATCHDOG, StepWatchdog
 from conserve_jax.scheduling.latency_cache import load_or_profile
 from conserve_jax.scheduling.policies import make_policy, uses_checkpointing
 from conserve_jax.scheduling.scheduler import Scheduler
@@ -130,6 +132,9 @@ class Engine(EngineAPI):
         self._failure: Optional[str] = None
         self._cur_step, self._committing = None, False  # what a failure can be blamed on
         self._cur_entries: list = []  # its entries whose results count
+        self._watchdog = NO_WATCHDOG  # multi-process: a step stuck on a hung peer stops us
+        if config.num_processes > 1:
+            self._start_watchdog(config.step_bound_s)
         self._thread = threading.Thread(target=self._loop, name="engine-step-loop", daemon=True)
         self._thread.start()
 
@@ -213,6 +218,7 @@ class Engine(EngineAPI):
             self._stop = True
             self._lock.notify_all()
         self._thread.join(timeout=30)
+        self._watchdog.close()
         self.runner.close()  # a multi-process run's followers stop
         self.delivery.close()
         if self.checkpointer is not None:
@@ -234,7 +240,7 @@ class Engine(EngineAPI):
         online or have nothing worth saving are left alone. {} once the engine stops."""
         job = (list(request_ids), {}, threading.Event())
         with self._lock:
-            if self._stop:
+            if self._stop or self._failure is not None:
                 return {}
             self._suspends.append(job)
             self._lock.notify_all()
@@ -252,7 +258,7 @@ class Engine(EngineAPI):
                             and not self._stopped and not self._suspends \
                             and not self.scheduler.has_work:
                         self._lock.wait(timeout=0.5)
-                    if self._stop:
+                    if self._stop or self._failure is not None:  # (watchdog: `_die`)
                         break
                     new, self._intake = self._intake, []
                     cancels, self._cancels = self._cancels, []
@@ -265,10 +271,13 @@ class Engine(EngineAPI):
                     self._guarded(False, self._suspend, *job)
                 if self.scheduler.has_work:
                     self._cur_step, self._committing = None, False
-                    self._guarded(True, self._iterate)
+                    with self._watchdog.step():
+                        self._guarded(True, self._iterate)
                 self._publish_stats()
         except BaseException as e:  # the loop is broken: fail everything, say so
-            self._die(e)
+            log.critical("engine step loop stopped after %d failed iterations in a row",
+                         self._guard.consecutive, exc_info=e)
+            self._die(f"step loop stopped: {type(e).__name__}")
             return
         for seq in list(self._seqs.values()):
             self._finish(seq, "cancelled")
@@ -351,11 +360,21 @@ class Engine(EngineAPI):
                     self._ids_in_use.discard(seq.request_id)
                     self._in_engine -= 1
 
-    def _die(self, exc: BaseException) -> None:
-        log.critical("engine step loop stopped after %d failed iterations in a row",
-                     self._guard.consecutive, exc_info=exc)
+    def _start_watchdog(self, timeout_s: float) -> None:
+        """Bound every step (runtime/step_watchdog.py; multi-process, or a test)."""
+        self._watchdog = StepWatchdog(timeout_s, self._die).start()
+        self.runner.first_calls.watch = self._watchdog
+
+    def _die(self, reason: str) -> None:
+        """The engine is dead: refuse work, end every stream with ENGINE_STOPPED, set
+        `failure` to `reason`. Called on the step-loop thread when the loop broke, or on
+        the step watchdog's thread while the step thread is stuck in native code (a
+        collective with a hung peer; if it ever returns, the loop stops at its next pass).
+        Only the first call acts."""
         with self._lock:
-            self._failure = f"step loop stopped: {type(exc).__name__}"
+            if self._failure is not None:
+                return
+            self._failure = reason
             self._accepting = False
             pending, self._intake = self._intake, []
             suspends, self._suspends = self._suspends, []

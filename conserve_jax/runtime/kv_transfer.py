@@ -18,6 +18,8 @@ to it); the calls themselves hold no collectives.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -98,7 +100,9 @@ class KVTransfer:
         under way (multi-process: `LocalBlocks`, this process's heads); `np.asarray` on it
         (any thread) waits for the copy."""
         assert len(dev_ids) <= self.max_blocks_per_call
-        arr = self._gather(self.runner.caches, self._padded(dev_ids))
+        ids = self._padded(dev_ids)
+        arr = self.runner.first_calls.call(("kv_gather", len(ids)), self._gather,
+                                           self.runner.caches, ids)
         if self.local_only:
             return LocalBlocks(arr)
         arr.copy_to_host_async()
@@ -119,7 +123,9 @@ class KVTransfer:
             data = jax.make_array_from_process_local_data(self._data_sharding, blocks, shape)
         else:
             data = jax.device_put(blocks)  # one host->device transfer (or none: aliased)
-        self.runner.caches = [self._scatter(k, v, ids, data, i)
+        scatter = functools.partial(self.runner.first_calls.call, ("kv_scatter", len(ids)),
+                                    self._scatter)
+        self.runner.caches = [scatter(k, v, ids, data, i)
                               for i, (k, v) in enumerate(self.runner.caches)]
         jax.block_until_ready(self.runner.caches)
 

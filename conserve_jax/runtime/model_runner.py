@@ -46,6 +46,7 @@ from conserve_jax.runtime.map_budget import ExecutablePlan, planned_executables
 from conserve_jax.runtime.plan_channel import PlanChannel
 from conserve_jax.runtime.sampler import sample, sampler_mode
 from conserve_jax.runtime.step_plan import SampledToken, StepPlan, StepResult
+from conserve_jax.runtime.step_watchdog import FirstCalls
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,9 @@ class ModelRunner:
         n = model_cfg.num_layers
         self.layers_per_call, self.fast_groups, self.safepoint_every, self.safepoint_groups = \
             layer_groups(n, engine_cfg, layers_per_call)
+        # every jitted call, keyed (function, shape bucket): a first call may compile, so
+        # the leader's step watchdog does not count it (runtime/step_watchdog.py)
+        self.first_calls = FirstCalls()
         self._place_weights(params, kv_repeat)
         self._build_functions()
         self.caches = self._new_caches()
@@ -197,7 +201,8 @@ class ModelRunner:
                       iteration: int, plan: Optional[StepPlan] = None) -> Optional[StepResult]:
         """`execute` on built batch arrays (a follower's entry; `plan` None: the sampled
         tokens are computed, as every process must, but not read back)."""
-        x, cos, sin = self._embed(self.embed, b.token_ids, b.positions, self.inv_freq)
+        x, cos, sin = self.first_calls.call(("embed", len(b.token_ids)), self._embed,
+                                            self.embed, b.token_ids, b.positions, self.inv_freq)
         return self._run(SuspendedIteration(plan, b, x, (cos, sin), 0, num_top, iteration),
                          safepoint)
 
@@ -271,8 +276,9 @@ class ModelRunner:
         for size in groups:
             if size not in self._groups:  # safepoints with no interval configured: one group
                 self._groups[size] = self._make_group_fn(size)
-            x, new = self._groups[size](self.layers[done: done + size], x, cos, sin,
-                                        self.caches[done: done + size], meta)
+            x, new = self.first_calls.call(
+                ("layers", size, x.shape[0]), self._groups[size],
+                self.layers[done: done + size], x, cos, sin, self.caches[done: done + size], meta)
             self.caches[done: done + size] = new
             done += size
             if safepoint is not None and done < n:
@@ -290,11 +296,13 @@ class ModelRunner:
         if not b.num_sampled:
             hidden.block_until_ready()
             return StepResult([], self.cfg.num_layers)
-        r = b.sampling
-        tokens, chosen, top_ids, top_lp = self._head(
-            self.final_norm, self.head, self._select(hidden, b.sample_rows), r.temperature,
-            r.top_k, r.top_p,
-            r.seed, r.counter, mode=sampler_mode(r, b.num_sampled), num_top=num_top)
+        r, S = b.sampling, len(b.sample_rows)
+        rows = self.first_calls.call(("select", hidden.shape[0], S), self._select, hidden,
+                                     b.sample_rows)
+        mode = sampler_mode(r, b.num_sampled)
+        tokens, chosen, top_ids, top_lp = self.first_calls.call(
+            ("head", S, mode, num_top), self._head, self.final_norm, self.head, rows,
+            r.temperature, r.top_k, r.top_p, r.seed, r.counter, mode=mode, num_top=num_top)
         if plan is None:  # a follower: nothing to read back
             jax.block_until_ready(tokens)
             return StepResult([], self.cfg.num_layers)
@@ -325,26 +333,30 @@ class ModelRunner:
             meta = self._put_meta(AttentionMeta(z(T), z(T), z(T), z(dc, mb), z(dc),
                                                 z(b.max_prefill_seqs, mb), z(b.max_prefill_seqs),
                                                 np.full(T, -1, np.int32)))
-            x, cos, sin = self._embed(self.embed, z(T), z(T), self.inv_freq)
+            x, cos, sin = self.first_calls.call(("embed", T), self._embed, self.embed, z(T),
+                                                z(T), self.inv_freq)
             for size, fn in self._groups.items():
-                _, new = fn(self.layers[:size], x, cos, sin, self.caches[:size], meta)
+                _, new = self.first_calls.call(("layers", size, T), fn, self.layers[:size], x,
+                                               cos, sin, self.caches[:size], meta)
                 self.caches[:size] = new
             if progress is not None:
                 progress(T, i, len(shapes))
         jax.block_until_ready(self.caches)
         for T, S in b.select_shapes():
             if T in shapes:
-                self._select(jnp.zeros((T, self.cfg.hidden_size), self.dtype),
-                             np.zeros(S, np.int32))
+                self.first_calls.call(("select", T, S), self._select,
+                                      jnp.zeros((T, self.cfg.hidden_size), self.dtype),
+                                      np.zeros(S, np.int32))
         head_rows = sorted({b.sample_rows(T) for T in shapes})
         for S in head_rows:
             f32, i32 = np.zeros(S, np.float32), np.zeros(S, np.int32)
             hidden = jnp.zeros((S, self.cfg.hidden_size), self.dtype)
             for mode in ("greedy", "sample", "filter"):
                 for num_top in (0, self.engine_cfg.max_logprobs):
-                    self._head(self.final_norm, self.head, hidden, f32, i32,
-                               np.ones(S, np.float32), np.zeros(S, np.uint32), i32,
-                               mode=mode, num_top=num_top)[0].block_until_ready()
+                    self.first_calls.call(
+                        ("head", S, mode, num_top), self._head, self.final_norm, self.head,
+                        hidden, f32, i32, np.ones(S, np.float32), np.zeros(S, np.uint32), i32,
+                        mode=mode, num_top=num_top)[0].block_until_ready()
         dt = time.perf_counter() - t0
         log.info("warm-up compiled %d token buckets x %d layer-group sizes and the sampler "
                  "in %.1f s", len(shapes), len(self._groups), dt)
