@@ -7,6 +7,8 @@ synthetic plans: decode b1 and b8 at context 256, a 512-token prefill):
 
 - "1x4": one process, 4 CPU devices, the engine's `ModelRunner` at tp 4 (the reference;
   `execute(plan)`, as bench_multihost times it).
+- "1x2": the same at tp 2 on 2 devices: the whole model as one stage computes it, so that
+  pipeline - 1x2 is the cost of the split itself and 1x2 - 1x4 that of the device count.
 - "pp": two processes, 2 CPU devices each, no `jax.distributed`. Process 0 is stage 0
   (embedding, layers 0-1), process 1 stage 1 (layers 2-3, final norm, head, sampler), each
   the engine's runner over its layers at tp 2 on its own devices (bench/pipeline_stage.py).
@@ -70,7 +72,7 @@ class Layout:
     collectives: Optional[str] = None
 
 
-LAYOUTS = {"1x4": Layout("ref", 1, 4), "pp": Layout("pp", 2, 2),
+LAYOUTS = {"1x4": Layout("ref", 1, 4), "1x2": Layout("ref", 1, 2), "pp": Layout("pp", 2, 2),
            "pp+dist": Layout("pp", 2, 2, "local"), "pp+gloo": Layout("pp", 2, 2, "gloo"),
            "2x2 tp4": Layout("tp", 2, 2)}
 
@@ -90,23 +92,27 @@ def _start_jax(layout: Layout, pid: int, port: int) -> None:
 
 
 def _engine_config(args, layout: Layout):
-    """bench/multihost.py's engine sizes; the KV cache has the reference's block count."""
+    """bench/multihost.py's engine sizes (the KV blocks: `_with_blocks`)."""
     from conserve_jax.engine_args import engine_config
 
     return engine_config(model=args.model, tp=layout.devices, warmup=False,
-                         max_model_len=1024, max_num_seqs=8, max_prefill_tokens=512,
-                         num_blocks=args.num_blocks or None)
+                         max_model_len=1024, max_num_seqs=8, max_prefill_tokens=512)
 
 
-def _reference_blocks(model_cfg, config) -> int:
-    """The KV blocks the 1 x 4 runner gets by default (its memory budget at tp 4)."""
+def _with_blocks(config, model_cfg, args):
+    """`config` with `--num-blocks`, or by default the KV blocks the 1 x 4 runner gets (its
+    memory budget at tp 4), so that every layout has the same block count."""
     from conserve_jax.runtime.model_runner import kv_bytes_per_block
     from conserve_jax.runtime.sharding import kv_repeat_for
 
-    heads = model_cfg.num_kv_heads * kv_repeat_for(4, model_cfg.num_kv_heads,
-                                                   model_cfg.num_heads)
-    return max(2, config.cache.kv_memory_bytes // kv_bytes_per_block(
-        model_cfg, heads, config.cache.block_size, config.dtype))
+    blocks = args.num_blocks
+    if not blocks:
+        heads = model_cfg.num_kv_heads * kv_repeat_for(4, model_cfg.num_kv_heads,
+                                                       model_cfg.num_heads)
+        blocks = max(2, config.cache.kv_memory_bytes // kv_bytes_per_block(
+            model_cfg, heads, config.cache.block_size, config.dtype))
+    return dataclasses.replace(config, cache=dataclasses.replace(config.cache,
+                                                                 num_blocks=blocks))
 
 
 def check_plans(vocab: int, block_size: int, step: Callable) -> dict:
@@ -189,6 +195,7 @@ def _reference_worker(args, layout: Layout) -> dict:
 
     config = _engine_config(args, layout)
     loaded = load_model(config.model, seed=config.seed)
+    config = _with_blocks(config, loaded.config, args)
     runner = ModelRunner(loaded.config, loaded.params, config)
     check = check_plans(loaded.config.vocab_size, runner.block_size,
                         lambda plan: _sampled_of(runner.execute(plan)))
@@ -211,9 +218,7 @@ def _pipeline_worker(args, layout: Layout) -> Optional[dict]:
     config = _engine_config(args, layout)
     loaded = load_model(config.model, seed=config.seed)
     n = loaded.config.num_layers
-    if not args.num_blocks:
-        config = dataclasses.replace(config, cache=dataclasses.replace(
-            config.cache, num_blocks=_reference_blocks(loaded.config, config)))
+    config = _with_blocks(config, loaded.config, args)
     lo, hi = (0, n // 2) if args.process_id == 0 else (n // 2, n)
     stage = Stage(loaded.config, loaded.params, config, lo, hi)
     if args.process_id == 1:
@@ -303,7 +308,8 @@ def compare_checks(runs: dict) -> dict:
 
 def summarize(runs: dict) -> dict:
     """Per shape and layout: medians over runs of each run's medians (every recorded
-    part), minimums over runs of each run's minimum, and the ratios to "1x4"."""
+    part), minimums over runs of each run's minimum, the median of every step of every
+    run (`pooled_s`), and the ratios of all three to "1x4"'s."""
     table = {}
     for shape in SHAPES:
         rows = {}
@@ -313,12 +319,15 @@ def summarize(runs: dict) -> dict:
             for k in keys:
                 vals = [r["shapes"][shape][k] for r in rs]
                 row[k] = min(vals) if k.endswith("_min_s") else statistics.median(vals)
+            row["pooled_s"] = statistics.median(
+                x for r in rs for x in r["shapes"][shape]["steps_s"])
             rows[name] = row
         ref = rows.get("1x4")
         if ref:
             for row in rows.values():
                 row["ratio"] = row["step_s"] / ref["step_s"]
                 row["ratio_min"] = row["step_min_s"] / ref["step_min_s"]
+                row["ratio_pooled"] = row["pooled_s"] / ref["pooled_s"]
         table[shape] = rows
     return table
 
@@ -334,7 +343,13 @@ def print_table(table: dict, checks: dict) -> None:
         print(f"{shape:<12}" + "".join(
             f"{rows[n]['step_min_s'] * 1e3:>13.2f}{rows[n].get('ratio_min', 0):>6.2f}"
             for n in names))
-    print("medians over repeats of each run's median step (x: / 1x4); min: fastest step")
+    print(f"{'pooled':<12}")
+    for shape, rows in table.items():
+        print(f"{shape:<12}" + "".join(
+            f"{rows[n]['pooled_s'] * 1e3:>13.2f}{rows[n].get('ratio_pooled', 0):>6.2f}"
+            for n in names))
+    print("medians over repeats of each run's median step (x: / 1x4); min: fastest step; "
+          "pooled: median of every step of every run")
     parts = ("first", "send", "last", "transfer")
     for n in names:
         if "first_s" not in next(iter(table.values()))[n]:
