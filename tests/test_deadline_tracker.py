@@ -10,7 +10,8 @@ import pytest
 
 from conserve_jax.engine_api import EngineStats
 from conserve_jax.proto_gen.conserve.v1 import conserve_pb2 as pb
-from conserve_server.batch.deadlines import DEADLINE_ERROR, DeadlineTracker, ItemProgress
+from conserve_server.batch.deadline_pace import ItemProgress
+from conserve_server.batch.deadlines import DEADLINE_ERROR, DeadlineTracker
 from conserve_server.batch.store import SqliteBatchStore, open_store
 from conserve_server.config import DeadlineOptions
 from tests.pg_cluster import pg_cluster, pg_url  # noqa: F401  (fixtures)

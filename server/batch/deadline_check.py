@@ -29,7 +29,7 @@ import queue
 import time
 from typing import Callable
 
-from conserve_server.batch.deadlines import ItemProgress
+from conserve_server.batch.deadline_pace import ItemProgress
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,8 @@ Who calls what:
 - gRPC / HTTP worker threads: `work_of` and `admit` while creating a batch, `estimate_of`
   when rendering one, `at_risk` and `snapshot` (metrics).
 Shared state is replaced whole under `self._lock` (estimates, statistics); the length
-predictor has its own lock (it is not thread-safe by itself).
+predictor has its own lock (it is not thread-safe by itself), the pace samples theirs
+(`deadline_pace.OfflinePace`).
 
 A batch's work is fixed at creation: its prompt tokens plus the expected output tokens
 of every item (the length predictor's point estimate: the client's
@@ -73,7 +74,6 @@ every replica that saw it active: sum with care).
 from __future__ import annotations
 
 import bisect
-import collections
 import logging
 import threading
 import time
@@ -87,6 +87,7 @@ from conserve_jax.scheduling.slack import (Estimate, JobWork, Verdict, admit, es
                                            urgent_bursts)
 from conserve_server.batch.base import STORE_ERRORS, BatchRow, BatchWork, StoreBase
 from conserve_server.batch.deadline_inputs import length_inputs
+from conserve_server.batch.deadline_pace import FreePace, ItemProgress, OfflinePace
 from conserve_server.config import DeadlineOptions
 
 log = logging.getLogger(__name__)
@@ -96,12 +97,6 @@ DEADLINE_ERROR = "batch deadline exceeded"
 # it as left (bench_deadlines: a medium-job item at 47 tokens of 44 expected counted as
 # done, so its job lost its priority with the item unfinished and missed its window)
 MIN_LEFT_SHARE = 0.25
-TPOT_SAMPLES = 32  # finished offline items whose time per output token makes the tail
-# an item generating counts in the pace once it generated this many tokens past its
-# second: the wait after its first is not its pace (bench_deadlines: items that had just
-# finished their prompt waited 3-7 s per token while the others' prompts went in, then
-# generated at 0.3-1 s per token)
-LIVE_MIN_TOKENS = 6
 FLEET_EVERY_S = 2.0  # shared store: how often a replica publishes and reads harvest rates
 # upper bounds (s) of the slack-at-finish histogram's buckets; +Inf is implied
 SLACK_BUCKETS_S = (-3600.0, -600.0, -60.0, -10.0, 0.0, 10.0, 60.0, 600.0, 3600.0, 86400.0)
@@ -113,16 +108,6 @@ def _tail(tokens: float, behind_s: float, busy_s: float, free_s: float) -> float
     per `free_s` (module doc)."""
     busy = min(tokens, behind_s / busy_s) if busy_s > 0 else 0.0
     return busy * busy_s + (tokens - busy) * free_s
-
-
-@dataclass(frozen=True)
-class ItemProgress:
-    """An item inside the engine, as the runner saw it at the last tick: tokens generated
-    so far, and the seconds and tokens since its second token was seen (0 before)."""
-
-    generated: int = 0
-    steady_s: float = 0.0
-    steady_tokens: int = 0
 
 
 @dataclass
@@ -156,10 +141,8 @@ class DeadlineTracker:
         self.clock = clock
         self.borrow_gain = max(1.0, float(borrow_gain))
         self._in_engine: dict[str, int] = {}  # batch id -> its items inside the engine
-        # seconds per output token of the offline items that finished last (_lock)
-        self._tpots: collections.deque = collections.deque(maxlen=TPOT_SAMPLES)
-        self._live_tpots: tuple = ()  # the same of the items generating now (_lock)
-        self._own_fastest: dict[str, float] = {}  # batch id -> its items' fastest (_lock)
+        self.pace = OfflinePace()
+        self.free = FreePace(options.harvest_window_s)
         self._progress: dict[str, list[ItemProgress]] = {}  # batch id -> its items inside
         self.meter = HarvestMeter(cost, options.harvest_window_s, options.harvest_min_history_s)
         self._predictor = LengthPredictor()
@@ -190,9 +173,7 @@ class DeadlineTracker:
                        generated: int, tpot_s: Optional[float] = None) -> None:
         """A batch item finished (stop or length) after `generated` tokens, `tpot_s` seconds
         per output token after its first (runner thread)."""
-        if tpot_s is not None and tpot_s > 0:
-            with self._lock:
-                self._tpots.append(tpot_s)
+        self.pace.finished(tpot_s)
         max_tokens, hint = length_inputs(req)
         with self._predictor_lock:
             # registered at submit (`work_of`): not counted a second time
@@ -266,26 +247,24 @@ class DeadlineTracker:
         seconds per token since their second, once `LIVE_MIN_TOKENS` past it). An
         item generating n more tokens once its prompt is in takes n x this (its tail). 0
         before any offline item generated: estimates are then throughput alone."""
-        tpots = self._pace_samples()
-        return tpots[len(tpots) // 2] if tpots else 0.0
+        return self.pace.median()
 
     def tpot_lead(self) -> float:
-        """The pace an urgent job's items get before they have their own samples: the
-        lower quartile of the offline paces (`tpot`'s samples). Served first, they
-        generate beside no other job's prompts (the scheduler holds those back), so they
-        run at the fast end of what offline items do. 0 before any sample."""
-        tpots = self._pace_samples()
-        return tpots[len(tpots) // 4] if tpots else 0.0
+        """The pace an urgent job's items get before they have their own samples. Served
+        first, they generate beside no other job's prompts (the scheduler holds those
+        back), so they run at the fast end of what offline items do: the engine's measure
+        of it when it has one (`FreePace`: seconds per iteration that generated offline
+        tokens with no offline prompt beside them), else the lower quartile of the item
+        paces (0 before any). bench_deadlines, staggered: most items had generated beside other
+        prompts, the lower quartile was 0.35 s, and the tight job's items, served first,
+        generated at ~0.15 s a token."""
+        free = self.free.value()
+        return free if free is not None else self.pace.lead()
 
     def own_pace(self, batch_id: str, default: float) -> float:
         """The fastest pace among `batch_id`'s items generating now (`LIVE_MIN_TOKENS` past
         their second token), else `default`: what hopeless is judged with (module doc)."""
-        with self._lock:
-            return self._own_fastest.get(batch_id, default)
-
-    def _pace_samples(self) -> list[float]:
-        with self._lock:
-            return sorted(list(self._tpots) + list(self._live_tpots))
+        return self.pace.own(batch_id, default)
 
     def admit(self, work: BatchWork, deadline: Optional[float],
               items: int = 1) -> tuple[Verdict, BatchWork]:
@@ -433,6 +412,7 @@ class DeadlineTracker:
         backlogged = st.offline_waiting + st.offline_running > 0
         self.meter.observe(now, st.offline_prefill_tokens_total, st.offline_tokens_total,
                            backlogged)
+        self.free.observe(now, st.offline_decode_only_iterations, st.offline_decode_only_s)
 
     def tick(self, now: Optional[float] = None,
              in_engine: Optional[dict[str, int]] = None,
@@ -447,11 +427,7 @@ class DeadlineTracker:
             self._in_engine = dict(in_engine)
         if progress is not None:
             self._progress = {b: list(ps) for b, ps in progress.items()}
-            own = {b: [p.steady_s / p.steady_tokens for p in ps
-                       if p.steady_tokens >= LIVE_MIN_TOKENS] for b, ps in progress.items()}
-            with self._lock:
-                self._live_tpots = tuple(t for ts in own.values() for t in ts)
-                self._own_fastest = {b: min(ts) for b, ts in own.items() if ts}
+            self.pace.live(self._progress)
         try:
             self.observe_engine(now)
         except Exception:

@@ -1,0 +1,110 @@
+"""`OfflinePace`: how fast offline items generate, as the deadline estimates need it
+(`conserve_server.batch.deadlines`): seconds per output token of the offline items that
+finished lately and of the items generating now, and `ItemProgress`, what the batch
+runner reports of an item inside the engine.
+
+Who calls what: the batch runner's thread feeds it (`finished` when an item finished,
+`live` at every deadline check with the progress of the items in flight); any thread
+reads it (`median`, `lead`, `own`). All state is behind one lock and replaced whole.
+`FreePace` measures the fast end from the engine's iterations instead of from items.
+"""
+from __future__ import annotations
+
+import collections
+import threading
+from dataclasses import dataclass
+from typing import Optional
+
+TPOT_SAMPLES = 32  # finished offline items whose time per output token makes the tail
+# an item generating counts in the pace once it generated this many tokens past its
+# second: the wait after its first is not its pace (bench_deadlines: items that had just
+# finished their prompt waited 3-7 s per token while the others' prompts went in, then
+# generated at 0.3-1 s per token)
+LIVE_MIN_TOKENS = 6
+
+
+@dataclass(frozen=True)
+class ItemProgress:
+    """An item inside the engine, as the runner saw it at the last tick: tokens generated
+    so far, and the seconds and tokens since its second token was seen (0 before)."""
+
+    generated: int = 0
+    steady_s: float = 0.0
+    steady_tokens: int = 0
+
+
+class OfflinePace:
+    def __init__(self, samples: int = TPOT_SAMPLES) -> None:
+        self._lock = threading.Lock()
+        # seconds per output token of the offline items that finished last
+        self._finished: collections.deque = collections.deque(maxlen=samples)
+        self._live: tuple = ()  # the same of the items generating now
+        self._own_fastest: dict[str, float] = {}  # batch id -> its items' fastest now
+
+    def finished(self, tpot_s: Optional[float]) -> None:
+        """An offline item finished after `tpot_s` seconds per output token after its
+        first (None or 0: nothing to learn)."""
+        if tpot_s is not None and tpot_s > 0:
+            with self._lock:
+                self._finished.append(tpot_s)
+
+    def live(self, progress: dict[str, list[ItemProgress]]) -> None:
+        """The items generating now, per batch: those `LIVE_MIN_TOKENS` past their second
+        token are samples (seconds per token since it) until the next call."""
+        own = {b: [p.steady_s / p.steady_tokens for p in ps
+                   if p.steady_tokens >= LIVE_MIN_TOKENS] for b, ps in progress.items()}
+        with self._lock:
+            self._live = tuple(t for ts in own.values() for t in ts)
+            self._own_fastest = {b: min(ts) for b, ts in own.items() if ts}
+
+    def _samples(self) -> list[float]:
+        with self._lock:
+            return sorted(list(self._finished) + list(self._live))
+
+    def median(self) -> float:
+        """The median over the samples (0 before any)."""
+        s = self._samples()
+        return s[len(s) // 2] if s else 0.0
+
+    def lead(self) -> float:
+        """The lower quartile of the samples (0 before any)."""
+        s = self._samples()
+        return s[len(s) // 4] if s else 0.0
+
+    def own(self, batch_id: str, default: float) -> float:
+        """The fastest of `batch_id`'s samples now, else `default`."""
+        with self._lock:
+            return self._own_fastest.get(batch_id, default)
+
+
+FREE_MIN_ITERATIONS = 20  # decode-only iterations in the window before their pace counts
+
+
+class FreePace:
+    """Seconds per token of an offline item that gets a token every iteration with no
+    offline prompt beside it (what an urgent job's items get: the scheduler holds other
+    prompts back), from the engine's cumulative decode-only iteration counters
+    (`EngineStats.offline_decode_only_iterations` / `_s`) over the last `window_s`
+    seconds (too few in the window: the last value stands). Runner thread feeds
+    (`observe`); any thread reads (`value`)."""
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        self._readings: collections.deque = collections.deque()  # (t, iterations, seconds)
+        self._value: Optional[float] = None
+
+    def observe(self, now: float, iterations: int, seconds: float) -> None:
+        r = self._readings
+        if r and (iterations < r[-1][1] or now < r[-1][0]):
+            r.clear()  # the engine restarted, or the clock went back: forget
+            self._value = None
+        r.append((now, iterations, seconds))
+        while len(r) > 2 and now - r[1][0] >= self.window_s:
+            r.popleft()
+        di, ds = r[-1][1] - r[0][1], r[-1][2] - r[0][2]
+        if di >= FREE_MIN_ITERATIONS and ds > 0:  # else the last value stands
+            self._value = ds / di
+
+    def value(self) -> Optional[float]:
+        """Seconds per token, or None with under `FREE_MIN_ITERATIONS` measured."""
+        return self._value
