@@ -1,7 +1,7 @@
-"""The fast end of the offline pace (issue 27's estimates): the engine counts the
-iterations that generated offline tokens with no offline prompt beside them and their
-seconds; `FreePace` turns the counters into seconds per token over a window; the tracker's
-lead pace is that when there is one, else the lower quartile of the item paces."""
+"""The fast end of the offline pace (issue 27's estimates): the engine keeps the seconds
+of its last iterations that generated offline tokens with no offline prompt beside them;
+`FreePace` takes their median; the tracker's lead pace is that when there is one, else the
+lower quartile of the item paces."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -28,23 +28,17 @@ def test_engine_counts_offline_iterations_with_no_offline_prompt_beside_them(mon
     acc.record([_entry(False, True), _entry(False, False, 512)], [(off, 1)])  # a chunk beside
     acc.record([_entry(True, True)], [(on, 1)])  # 11.5: no offline token
     acc.record([_entry(False, True)], [(off, 1)])  # 0.1 s
-    assert acc.offline_decode_only_iterations == 2
-    assert acc.offline_decode_only_s == pytest.approx(0.2 + 0.1)
+    assert list(acc._decode_only_s) == pytest.approx([0.2, 0.1])
 
 
-def test_free_pace_is_seconds_per_iteration_over_the_window():
-    fp = FreePace(window_s=10.0)
-    fp.observe(0.0, 0, 0.0)
-    fp.observe(1.0, FREE_MIN_ITERATIONS - 1, 2.0)
+def test_free_pace_is_the_median_of_the_recent_decode_only_iterations():
+    fp = FreePace()
+    fp.observe((0.1,) * (FREE_MIN_ITERATIONS - 1))
     assert fp.value() is None  # too few iterations
-    fp.observe(2.0, 40, 4.0)
+    fp.observe((0.1,) * FREE_MIN_ITERATIONS + (5.0,))  # one stalled iteration: no matter
     assert fp.value() == pytest.approx(0.1)
-    fp.observe(12.0, 40, 4.0)  # none for 10 s: too few in the window, the last value stands
-    assert fp.value() == pytest.approx(0.1)
-    fp.observe(14.0, 80, 12.0)  # the window is 2-14 s now: 40 iterations, 8 s
-    assert fp.value() == pytest.approx(0.2)
-    fp.observe(15.0, 5, 1.0)  # counters went down: the engine restarted
-    assert fp.value() is None
+    fp.observe(tuple([0.1] * 10 + [0.3] * 30))
+    assert fp.value() == pytest.approx(0.3)
 
 
 def test_lead_pace_is_the_engines_free_pace_when_it_has_one(setup):  # noqa: F811
@@ -54,7 +48,7 @@ def test_lead_pace_is_the_engines_free_pace_when_it_has_one(setup):  # noqa: F81
                           [3, 4], "t", 20, tpot_s=tpot)
     tr.tick()
     assert tr.tpot_lead() == pytest.approx(1.0)  # the engine measured nothing yet
-    eng.st.offline_decode_only_iterations, eng.st.offline_decode_only_s = 100, 25.0
+    eng.st.offline_decode_only_recent_s = (0.25,) * 30
     clock.t += 5
     tr.tick()
     assert tr.tpot_lead() == pytest.approx(0.25) and tr.tpot() == pytest.approx(2.0)

@@ -21,6 +21,9 @@ from conserve_jax.engine_api import EngineStats, IterationStats
 from conserve_jax.request import Sequence
 
 
+DECODE_ONLY_KEPT = 64  # decode-only iterations whose seconds the stats carry
+
+
 class StepAccounting:
     RATE_WINDOW_S = 10.0  # `stats` reports token rates over this many recent seconds
 
@@ -30,10 +33,9 @@ class StepAccounting:
         self._totals = [0, 0, 0, 0]  # generated online/offline, prefilled online/offline
         self.iterations = 0
         self._last_record = None  # monotonic time of the last committed iteration
-        # iterations that generated offline tokens with no offline prompt chunk beside them,
-        # and the seconds since the iteration before each (the pace such items get)
-        self.offline_decode_only_iterations = 0
-        self.offline_decode_only_s = 0.0
+        # the seconds of the last iterations that generated offline tokens with no offline
+        # prompt chunk beside them, each from the iteration before (the pace such items get)
+        self._decode_only_s: collections.deque = collections.deque(maxlen=DECODE_ONLY_KEPT)
         self._snapshot = EngineStats()
 
     def record(self, entries, sampled) -> IterationStats:
@@ -52,8 +54,7 @@ class StepAccounting:
         if counts[1] and not counts[3] and self._last_record is not None:
             # an offline item's token came this long after its previous one (the loop idles
             # only when it has no work, which it had: this iteration's)
-            self.offline_decode_only_iterations += 1
-            self.offline_decode_only_s += now - self._last_record
+            self._decode_only_s.append(now - self._last_record)
         self._last_record = now
         with self._lock:
             self._history.append((now, counts[0], counts[1]))
@@ -87,8 +88,7 @@ class StepAccounting:
         for name, value in policy.kv_stats(sch).items():  # reservations, predictor
             setattr(st, name, value)
         st.deadline_borrowed_s = policy.borrowed_s
-        st.offline_decode_only_iterations = self.offline_decode_only_iterations
-        st.offline_decode_only_s = self.offline_decode_only_s
+        st.offline_decode_only_recent_s = tuple(self._decode_only_s)
         if checkpointer is not None:
             st.host_pool_slots_total = checkpointer.pool.num_slots
             st.host_pool_slots_used = checkpointer.pool.num_used

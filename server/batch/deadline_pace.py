@@ -77,34 +77,23 @@ class OfflinePace:
             return self._own_fastest.get(batch_id, default)
 
 
-FREE_MIN_ITERATIONS = 20  # decode-only iterations in the window before their pace counts
+FREE_MIN_ITERATIONS = 20  # decode-only iterations the engine reports before they count
 
 
 class FreePace:
     """Seconds per token of an offline item that gets a token every iteration with no
     offline prompt beside it (what an urgent job's items get: the scheduler holds other
-    prompts back), from the engine's cumulative decode-only iteration counters
-    (`EngineStats.offline_decode_only_iterations` / `_s`) over the last `window_s`
-    seconds (too few in the window: the last value stands). Runner thread feeds
-    (`observe`); any thread reads (`value`)."""
+    prompts back): the median of the engine's last decode-only iterations
+    (`EngineStats.offline_decode_only_recent_s`; the median, so a stall of one iteration
+    does not set it). Runner thread feeds (`observe`); any thread reads (`value`)."""
 
-    def __init__(self, window_s: float) -> None:
-        self.window_s = window_s
-        self._readings: collections.deque = collections.deque()  # (t, iterations, seconds)
+    def __init__(self) -> None:
         self._value: Optional[float] = None
 
-    def observe(self, now: float, iterations: int, seconds: float) -> None:
-        r = self._readings
-        if r and (iterations < r[-1][1] or now < r[-1][0]):
-            r.clear()  # the engine restarted, or the clock went back: forget
-            self._value = None
-        r.append((now, iterations, seconds))
-        while len(r) > 2 and now - r[1][0] >= self.window_s:
-            r.popleft()
-        di, ds = r[-1][1] - r[0][1], r[-1][2] - r[0][2]
-        if di >= FREE_MIN_ITERATIONS and ds > 0:  # else the last value stands
-            self._value = ds / di
+    def observe(self, recent_s: tuple) -> None:
+        s = sorted(recent_s)
+        self._value = s[len(s) // 2] if len(s) >= FREE_MIN_ITERATIONS else None
 
     def value(self) -> Optional[float]:
-        """Seconds per token, or None with under `FREE_MIN_ITERATIONS` measured."""
+        """Seconds per token, or None with under `FREE_MIN_ITERATIONS` reported."""
         return self._value

@@ -142,7 +142,7 @@ class DeadlineTracker:
         self.borrow_gain = max(1.0, float(borrow_gain))
         self._in_engine: dict[str, int] = {}  # batch id -> its items inside the engine
         self.pace = OfflinePace()
-        self.free = FreePace(options.harvest_window_s)
+        self.free = FreePace()
         self._progress: dict[str, list[ItemProgress]] = {}  # batch id -> its items inside
         self.meter = HarvestMeter(cost, options.harvest_window_s, options.harvest_min_history_s)
         self._predictor = LengthPredictor()
@@ -253,8 +253,8 @@ class DeadlineTracker:
         """The pace an urgent job's items get before they have their own samples. Served
         first, they generate beside no other job's prompts (the scheduler holds those
         back), so they run at the fast end of what offline items do: the engine's measure
-        of it when it has one (`FreePace`: seconds per iteration that generated offline
-        tokens with no offline prompt beside them), else the lower quartile of the item
+        of it when it has one (`FreePace`: the median seconds of its last iterations that
+        generated offline tokens with no offline prompt beside them), else the lower quartile of the item
         paces (0 before any). bench_deadlines, staggered: most items had generated beside other
         prompts, the lower quartile was 0.35 s, and the tight job's items, served first,
         generated at ~0.15 s a token."""
@@ -412,7 +412,7 @@ class DeadlineTracker:
         backlogged = st.offline_waiting + st.offline_running > 0
         self.meter.observe(now, st.offline_prefill_tokens_total, st.offline_tokens_total,
                            backlogged)
-        self.free.observe(now, st.offline_decode_only_iterations, st.offline_decode_only_s)
+        self.free.observe(st.offline_decode_only_recent_s)
 
     def tick(self, now: Optional[float] = None,
              in_engine: Optional[dict[str, int]] = None,
