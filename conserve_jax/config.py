@@ -207,8 +207,9 @@ class EngineConfig:
         "multi-process, process 0: an engine step that waits longer than this on the other "
         "processes (a collective, a plan send; compile time not counted) means one hangs: "
         "the engine stops, health turns NOT_SERVING, streams end with an error and `serve` "
-        "exits with code 3, before the heartbeat timeout would abort the process; at most "
-        "half of --process-timeout-s (none: a third of it)", default=None)
+        "exits with code 3, before the heartbeat timeout would abort the process; an idle "
+        "process 0 checks the others every half of this; at most half of "
+        "--process-timeout-s (none: a third of it)", default=None)
 
     def __post_init__(self) -> None:
         if self.num_processes < 1:

@@ -4,8 +4,9 @@ and with tp 1, with the leader's safepoint decisions crossing processes; `serve`
 processes answers gRPC with the same tokens and both processes end with 0 on SIGTERM; a
 follower killed with SIGKILL or stopped with SIGSTOP makes the leader turn health
 NOT_SERVING, end the open stream with the engine's error and exit with EXIT_ENGINE_FAILED
-within a bound instead of hanging (a stopped one: the step watchdog); processes started with different flags are refused at
-start-up, the message naming the flag. Offline KV: online arrivals evict offline requests
+within a bound instead of hanging (a stopped one: the step watchdog, also while idle);
+processes started with different flags are refused at start-up, the message naming the
+flag. Offline KV: online arrivals evict offline requests
 whose KV each process checkpoints to its own host pool and restores (tokens of one
 process); a SIGTERM mid-batch saves the items' KV and a restart of both processes resumes
 them with the tokens of one process; a checkpoint from another process layout is refused.
@@ -364,6 +365,36 @@ def test_serve_leader_exits_cleanly_within_a_bound_when_the_follower_hangs(tmp_p
     assert "step timed out" in leader.log() and "health NOT_SERVING" in leader.log(), leader.log()
     assert health_pb2.HealthCheckResponse.NOT_SERVING in health, health
     assert stream_end == [grpc.StatusCode.INTERNAL], stream_end
+    assert follower_code != 0, follower.log()
+
+
+@pytest.mark.slow
+def test_serve_leader_exits_cleanly_when_the_follower_hangs_while_idle(tmp_path, launched):
+    """SIGSTOP of the follower while process 0 runs no step: its idle probe (a tiny
+    collective every half step_timeout_s) waits in vain, the step watchdog fires: health
+    NOT_SERVING, EXIT_ENGINE_FAILED, before JAX's heartbeat timeout would abort it."""
+    from grpc_health.v1 import health_pb2
+
+    from conserve_jax.client import Client
+
+    data = [tmp_path / "data0", tmp_path / "data1"]
+    leader, follower, grpc_port = serve_pair(launched, free_port(), data, *SERVE_ENGINE)
+    target = f"127.0.0.1:{grpc_port}"
+    health = []
+    watcher = threading.Thread(target=watch_health, args=(target, health), daemon=True)
+    watcher.start()
+    with Client(target) as c:
+        first = list(c.generate(token_ids=PROMPTS[0], max_tokens=4, temperature=0.0))
+        assert first and first[-1].finish_reason == "length"  # both processes serve
+    assert wait_until(lambda: bool(health), 30, 0.01)
+    follower.proc.send_signal(signal.SIGSTOP)
+    code = leader.wait(timeout=180)  # a bound, not a speed target: a hang fails here
+    watcher.join(timeout=30)
+    follower.proc.send_signal(signal.SIGCONT)
+    follower_code = follower.wait(timeout=180)
+    assert code == EXIT_ENGINE_FAILED, leader.log()
+    assert "step timed out" in leader.log() and "health NOT_SERVING" in leader.log(), leader.log()
+    assert health_pb2.HealthCheckResponse.NOT_SERVING in health, health
     assert follower_code != 0, follower.log()
 
 

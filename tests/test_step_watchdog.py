@@ -17,7 +17,7 @@ import pytest
 
 from conserve_jax.engine.step_guard import ENGINE_STOPPED
 from conserve_jax.engine_args import engine_config
-from conserve_jax.runtime.step_watchdog import FirstCalls, StepWatchdog
+from conserve_jax.runtime.step_watchdog import FirstCalls, IdleProbe, StepWatchdog
 
 
 class FakeClock:
@@ -116,6 +116,33 @@ def test_a_first_call_that_fails_stays_a_first_call():
         assert not fired
 
 
+def test_the_idle_probe_pings_every_interval_under_the_watchdog():
+    wd, clock, fired = watched(5.0)
+    pings = []
+
+    def ping(hang_s=0.0):
+        pings.append(clock.t)
+        clock.t += hang_s
+        wd.check()
+    probe = IdleProbe(2.5, ping, wd, clock=clock)
+    clock.t += 2.0
+    assert probe.wait_s() == pytest.approx(0.5)
+    probe.run_if_due()
+    assert pings == []  # not due yet
+    clock.t += 1.0
+    probe.worked()  # a step ran: as good as a probe
+    clock.t += 2.0
+    probe.run_if_due()
+    assert pings == []
+    clock.t += 0.5
+    probe.run_if_due()
+    assert pings == [105.5] and probe.wait_s() == pytest.approx(2.5)
+    probe.ping = lambda: ping(6.0)  # a follower hangs while idle: the probe's wait fires
+    clock.t += 2.5
+    probe.run_if_due()
+    assert len(fired) == 1 and "step timed out" in fired[0]
+
+
 def test_the_watchdog_thread_fires_and_stops():
     fired = threading.Event()
     wd = StepWatchdog(0.2, lambda reason: fired.set(), poll_s=0.01).start()
@@ -163,3 +190,57 @@ def test_real_engine_step_stuck_past_the_bound_stops_the_engine(monkeypatch):
         release.set()  # the step returns; the loop sees the failure and stops
         eng.shutdown()
     assert not eng._thread.is_alive()
+
+
+def test_real_engine_idle_probe_stuck_stops_the_engine(monkeypatch):
+    """Idle (no request): the probe's collective never returns (a follower hung while
+    nothing ran): the engine stops as in a stuck step."""
+    from tests.coserve_helpers import engine, req
+
+    eng = engine(policy="conserve", num_blocks=64)
+    release = threading.Event()
+    pings = []
+    try:
+        def stuck_ping():
+            pings.append(1)
+            release.wait(120)
+        monkeypatch.setattr(eng.runner, "ping", stuck_ping)
+        eng._start_watchdog(0.3)
+        deadline = time.monotonic() + 60  # a bound, not a speed target
+        while eng.failure is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert eng.failure is not None and "step timed out" in eng.failure
+        assert pings == [1]
+        with pytest.raises(RuntimeError, match="engine stopped"):
+            eng.submit(req("b", list(range(10, 20)), 2))
+    finally:
+        release.set()
+        eng.shutdown()
+    assert not eng._thread.is_alive()
+
+
+def test_real_engine_idle_probe_pings_while_idle_and_serves_on():
+    """One process: the probe's all-reduce is a no-op sum; pings while idle do not disturb
+    serving."""
+    from tests.coserve_helpers import collect, engine, req
+
+    eng = engine(policy="conserve", num_blocks=64)
+    try:
+        calls = []
+        ping = eng.runner.ping
+        eng.runner.ping = lambda: (calls.append(1), ping())
+        eng._start_watchdog(0.2)
+        assert wait_for(lambda: len(calls) >= 3)
+        toks, reason = collect(eng.submit(req("a", list(range(10, 30)), 6)))
+        assert reason == "length" and len(toks) == 6 and eng.failure is None
+    finally:
+        eng.shutdown()
+
+
+def wait_for(pred, timeout_s=60.0) -> bool:
+    deadline = time.monotonic() + timeout_s  # a bound: does not hang
+    while not pred():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True

@@ -39,7 +39,7 @@ from conserve_jax.engine.step_accounting import StepAccounting, final_stats
 from conserve_jax.runtime import distributed
 from conserve_jax.runtime.compile_cache import enable_compilation_cache
 from conserve_jax.runtime.map_budget import check_map_budget
-from conserve_jax.runtime.step_watchdog import NO_WATCHDOG, StepWatchdog
+from conserve_jax.runtime.step_watchdog import NO_WATCHDOG, IdleProbe, StepWatchdog
 from conserve_jax.scheduling.latency_cache import load_or_profile
 from conserve_jax.scheduling.policies import make_policy, uses_checkpointing
 from conserve_jax.scheduling.scheduler import Scheduler
@@ -132,7 +132,7 @@ class Engine(EngineAPI):
         self._failure: Optional[str] = None
         self._cur_step, self._committing = None, False  # what a failure can be blamed on
         self._cur_entries: list = []  # its entries whose results count
-        self._watchdog = NO_WATCHDOG  # multi-process: a step stuck on a hung peer stops us
+        self._watchdog = self._idle = NO_WATCHDOG  # multi-process: a hung peer stops us
         if config.num_processes > 1:
             self._start_watchdog(config.step_bound_s)
         self._thread = threading.Thread(target=self._loop, name="engine-step-loop", daemon=True)
@@ -256,8 +256,8 @@ class Engine(EngineAPI):
                 with self._lock:
                     while not self._stop and not self._intake and not self._cancels \
                             and not self._stopped and not self._suspends \
-                            and not self.scheduler.has_work:
-                        self._lock.wait(timeout=0.5)
+                            and not self.scheduler.has_work and self._idle.wait_s() > 0:
+                        self._lock.wait(timeout=min(0.5, self._idle.wait_s()))
                     if self._stop or self._failure is not None:  # (watchdog: `_die`)
                         break
                     new, self._intake = self._intake, []
@@ -273,6 +273,9 @@ class Engine(EngineAPI):
                     self._cur_step, self._committing = None, False
                     with self._watchdog.step():
                         self._guarded(True, self._iterate)
+                    self._idle.worked()
+                else:  # multi-process, idle: does every process still answer?
+                    self._guarded(False, self._idle.run_if_due)
                 self._publish_stats()
         except BaseException as e:  # the loop is broken: fail everything, say so
             log.critical("engine step loop stopped after %d failed iterations in a row",
@@ -361,16 +364,15 @@ class Engine(EngineAPI):
                     self._in_engine -= 1
 
     def _start_watchdog(self, timeout_s: float) -> None:
-        """Bound every step (runtime/step_watchdog.py; multi-process, or a test)."""
+        """Bound every step, probe when idle (runtime/step_watchdog.py; multi-process)."""
         self._watchdog = StepWatchdog(timeout_s, self._die).start()
         self.runner.first_calls.watch = self._watchdog
+        self._idle = IdleProbe(timeout_s / 2, self.runner.ping, self._watchdog)
 
     def _die(self, reason: str) -> None:
         """The engine is dead: refuse work, end every stream with ENGINE_STOPPED, set
-        `failure` to `reason`. Called on the step-loop thread when the loop broke, or on
-        the step watchdog's thread while the step thread is stuck in native code (a
-        collective with a hung peer; if it ever returns, the loop stops at its next pass).
-        Only the first call acts."""
+        `failure`. Called on the step-loop thread, or on the step watchdog's while the step
+        thread is stuck in a collective (the loop stops if it returns). First call acts."""
         with self._lock:
             if self._failure is not None:
                 return

@@ -20,8 +20,8 @@ from typing import Optional
 from conserve_jax.config import EngineConfig
 from conserve_jax.runtime import distributed
 from conserve_jax.runtime.kv_replica import FollowerCheckpointer
-from conserve_jax.runtime.plan_channel import (OP_EXECUTE, OP_KV, OP_RESUME, OP_STOP, Message,
-                                               PlanChannel)
+from conserve_jax.runtime.plan_channel import (OP_EXECUTE, OP_KV, OP_PING, OP_RESUME, OP_STOP,
+                                               Message, PlanChannel)
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,9 @@ class Follower:
                 return
             if msg.op == OP_KV:
                 self.kv.apply(msg.ints["method"], msg.ints["args"])
+                continue
+            if msg.op == OP_PING:
+                self.runner.ping()
                 continue
             self.step(msg)
 

@@ -106,6 +106,7 @@ class ModelRunner:
         self.caches = self._new_caches()
         self._suspended: Optional[SuspendedIteration] = None
         self._iteration = 0
+        self._ping = None  # (jitted all-reduce, its argument), built at the first `ping`
         # leader of a multi-process run: followers get every plan and safepoint decision
         self.channel: Optional[PlanChannel] = None
         if engine_cfg.num_processes > 1 and engine_cfg.process_id == 0:
@@ -219,6 +220,25 @@ class ModelRunner:
         if self.channel is not None:
             self.channel.send_resume(it.batch, it.num_top, safepoint is not None, it.iteration)
         return self._run(it, safepoint)
+
+    def ping(self) -> None:
+        """Multi-process: one tiny all-reduce over every device of the mesh, the leader's
+        message to the followers first (they join it); returns once it is done. An idle
+        leader's check that every process still answers (runtime/step_watchdog.py)."""
+        if self.channel is not None:
+            self.channel.send_ping()
+        self._all_reduce()
+
+    def _all_reduce(self) -> None:
+        if self._ping is None and self.mesh is None:  # one device: nothing to reduce over
+            self._ping = (jax.jit(jnp.sum), jnp.zeros(1, jnp.float32))
+        elif self._ping is None:
+            arg = shd.put(np.zeros(self.mesh.size, np.float32),
+                          jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(
+                              shd.AXIS)))
+            self._ping = (jax.jit(jnp.sum, out_shardings=shd.replicated(self.mesh)), arg)
+        fn, arg = self._ping
+        self.first_calls.call(("ping",), fn, arg).block_until_ready()
 
     def close(self) -> None:
         """Leader: tell the followers the run is over (the engine's shutdown calls it)."""
@@ -357,6 +377,8 @@ class ModelRunner:
                         ("head", S, mode, num_top), self._head, self.final_norm, self.head,
                         hidden, f32, i32, np.ones(S, np.float32), np.zeros(S, np.uint32), i32,
                         mode=mode, num_top=num_top)[0].block_until_ready()
+        if self.engine_cfg.num_processes > 1:  # `ping`'s (every process warms up alike)
+            self._all_reduce()
         dt = time.perf_counter() - t0
         log.info("warm-up compiled %d token buckets x %d layer-group sizes and the sampler "
                  "in %.1f s", len(shapes), len(self._groups), dt)

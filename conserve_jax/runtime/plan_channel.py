@@ -34,6 +34,7 @@ PORT_KEY = "conserve/plan_channel/port"
 
 OP_EXECUTE, OP_RESUME, OP_SAFEPOINT, OP_STOP = "execute", "resume", "safepoint", "stop"
 OP_KV = "kv"  # a checkpointer call: ints {"method": name, "args": JSON list}
+OP_PING = "ping"  # an idle leader's check that every process answers (`ModelRunner.ping`)
 
 _BATCH = ("token_ids", "positions", "slot_blocks", "slot_offsets", "dec_tables", "dec_lens",
           "pre_tables", "pre_start", "pre_seq", "sample_rows")
@@ -84,7 +85,8 @@ def decode(data: bytes) -> Message:
 
 
 class PlanChannel:
-    """Leader side: `send_execute`, `send_resume`, `send_decision`, `send_kv`, `send_stop`.
+    """Leader side: `send_execute`, `send_resume`, `send_decision`, `send_kv`, `send_ping`,
+    `send_stop`.
     Follower side: `recv` (any message) and `recv_decision` (the next message, which must be
     a safepoint decision). `transport` is the leader's `LeaderSockets` or a follower's
     `FollowerSocket` (anything with their `send` or `recv` and `close`)."""
@@ -144,6 +146,10 @@ class PlanChannel:
     def send_kv(self, method: str, args: list) -> None:
         """A checkpointer call the followers repeat on their own pools (JSON arguments)."""
         self._send(Message(OP_KV, {"method": method, "args": args}))
+
+    def send_ping(self) -> None:
+        """The followers join the leader in `ModelRunner.ping`'s collective."""
+        self._send(Message(OP_PING, {}))
 
     def send_stop(self) -> None:
         """The last message: the followers return; then the channel is closed. Best effort

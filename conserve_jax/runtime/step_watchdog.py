@@ -26,6 +26,11 @@ later, so for the rest of that step the bound grows by the compile time the lead
 Warm-up runs through the same keys, so after it no serving call is exempt. A hang inside an
 exempt call is still caught by the heartbeat (the unclean abort).
 
+A follower that hangs while the leader runs no step would not be noticed by a step bound:
+`IdleProbe` has the idle leader run one tiny all-reduce with every process (`ModelRunner.
+ping`, the followers told over the plan channel) every half bound, as a step under the
+watchdog; a hang is then noticed within 1.5 x the bound, a dead follower at the next probe.
+
 Threads: `step()` is entered by the engine's step-loop thread, `paused()` (through
 `FirstCalls.call`) by the thread that runs the jitted call (the step loop; at start-up the
 constructing thread); `check` runs on the watchdog thread (or a test's). State is under one
@@ -132,8 +137,39 @@ class StepWatchdog:
                 return
 
 
+class IdleProbe:
+    """Multi-process leader: while the engine has no work, every `interval_s` one tiny
+    collective over every process (`ping`: `ModelRunner.ping`) under the watchdog, so that a
+    follower that hangs (or dies) while nothing runs is noticed as in a step, not by JAX's
+    heartbeat abort. Used by the engine's step-loop thread only."""
+
+    def __init__(self, interval_s: float, ping: Callable[[], None], watchdog: StepWatchdog,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval_s = interval_s
+        self.ping = ping
+        self.watchdog = watchdog
+        self.clock = clock
+        self._last = clock()
+
+    def wait_s(self) -> float:
+        """Seconds until the next probe is due (<= 0: due now)."""
+        return self._last + self.interval_s - self.clock()
+
+    def worked(self) -> None:
+        """A step ran: it proved as much as a probe would."""
+        self._last = self.clock()
+
+    def run_if_due(self) -> None:
+        if self.wait_s() > 0:
+            return
+        with self.watchdog.step():
+            self.ping()
+        self._last = self.clock()
+
+
 class _NoWatchdog:
-    """Stands in for a `StepWatchdog` where there is none (one process, a follower)."""
+    """Stands in for a `StepWatchdog` and an `IdleProbe` where there is none (one process,
+    a follower)."""
 
     def paused(self):
         return contextlib.nullcontext()
@@ -142,6 +178,15 @@ class _NoWatchdog:
         return contextlib.nullcontext()
 
     def close(self) -> None:
+        pass
+
+    def wait_s(self) -> float:  # as an `IdleProbe` that is never due
+        return float("inf")
+
+    def worked(self) -> None:
+        pass
+
+    def run_if_due(self) -> None:
         pass
 
 
