@@ -182,10 +182,6 @@ class EngineStats:
     # offline deadlines: predicted seconds of online iterations' time beyond the isolation
     # budget that at-risk offline work was given (deadline_policy "borrow")
     deadline_borrowed_s: float = 0.0
-    # seconds of the last (up to 64) iterations that generated offline tokens with no
-    # offline prompt chunk beside them, each from the iteration before: the pace of an
-    # offline item served first (the deadline estimates' fast end)
-    offline_decode_only_recent_s: tuple = ()
 
 
 @dataclass(frozen=True)

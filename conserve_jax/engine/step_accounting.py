@@ -21,9 +21,6 @@ from conserve_jax.engine_api import EngineStats, IterationStats
 from conserve_jax.request import Sequence
 
 
-DECODE_ONLY_KEPT = 64  # decode-only iterations whose seconds the stats carry
-
-
 class StepAccounting:
     RATE_WINDOW_S = 10.0  # `stats` reports token rates over this many recent seconds
 
@@ -32,10 +29,6 @@ class StepAccounting:
         self._history: collections.deque = collections.deque(maxlen=512)  # (t, online, offline)
         self._totals = [0, 0, 0, 0]  # generated online/offline, prefilled online/offline
         self.iterations = 0
-        self._last_record = None  # monotonic time of the last committed iteration
-        # the seconds of the last iterations that generated offline tokens with no offline
-        # prompt chunk beside them, each from the iteration before (the pace such items get)
-        self._decode_only_s: collections.deque = collections.deque(maxlen=DECODE_ONLY_KEPT)
         self._snapshot = EngineStats()
 
     def record(self, entries, sampled) -> IterationStats:
@@ -50,14 +43,8 @@ class StepAccounting:
             counts[0 if seq.online else 1] += 1
         self.iterations += 1
         self._totals = [a + b for a, b in zip(self._totals, counts)]
-        now = time.monotonic()
-        if counts[1] and not counts[3] and self._last_record is not None:
-            # an offline item's token came this long after its previous one (the loop idles
-            # only when it has no work, which it had: this iteration's)
-            self._decode_only_s.append(now - self._last_record)
-        self._last_record = now
         with self._lock:
-            self._history.append((now, counts[0], counts[1]))
+            self._history.append((time.monotonic(), counts[0], counts[1]))
         return IterationStats(
             online_generation_tokens=counts[0], offline_generation_tokens=counts[1],
             online_prompt_tokens=counts[2], offline_prompt_tokens=counts[3])
@@ -88,7 +75,6 @@ class StepAccounting:
         for name, value in policy.kv_stats(sch).items():  # reservations, predictor
             setattr(st, name, value)
         st.deadline_borrowed_s = policy.borrowed_s
-        st.offline_decode_only_recent_s = tuple(self._decode_only_s)
         if checkpointer is not None:
             st.host_pool_slots_total = checkpointer.pool.num_slots
             st.host_pool_slots_used = checkpointer.pool.num_used

@@ -6,7 +6,6 @@ runner reports of an item inside the engine.
 Who calls what: the batch runner's thread feeds it (`finished` when an item finished,
 `live` at every deadline check with the progress of the items in flight); any thread
 reads it (`median`, `lead`, `own`). All state is behind one lock and replaced whole.
-`FreePace` measures the fast end from the engine's iterations instead of from items.
 """
 from __future__ import annotations
 
@@ -76,24 +75,3 @@ class OfflinePace:
         with self._lock:
             return self._own_fastest.get(batch_id, default)
 
-
-FREE_MIN_ITERATIONS = 20  # decode-only iterations the engine reports before they count
-
-
-class FreePace:
-    """Seconds per token of an offline item that gets a token every iteration with no
-    offline prompt beside it (what an urgent job's items get: the scheduler holds other
-    prompts back): the median of the engine's last decode-only iterations
-    (`EngineStats.offline_decode_only_recent_s`; the median, so a stall of one iteration
-    does not set it). Runner thread feeds (`observe`); any thread reads (`value`)."""
-
-    def __init__(self) -> None:
-        self._value: Optional[float] = None
-
-    def observe(self, recent_s: tuple) -> None:
-        s = sorted(recent_s)
-        self._value = s[len(s) // 2] if len(s) >= FREE_MIN_ITERATIONS else None
-
-    def value(self) -> Optional[float]:
-        """Seconds per token, or None with under `FREE_MIN_ITERATIONS` reported."""
-        return self._value

@@ -87,7 +87,7 @@ from conserve_jax.scheduling.slack import (Estimate, JobWork, Verdict, admit, es
                                            urgent_bursts)
 from conserve_server.batch.base import STORE_ERRORS, BatchRow, BatchWork, StoreBase
 from conserve_server.batch.deadline_inputs import length_inputs
-from conserve_server.batch.deadline_pace import FreePace, ItemProgress, OfflinePace
+from conserve_server.batch.deadline_pace import ItemProgress, OfflinePace
 from conserve_server.config import DeadlineOptions
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,6 @@ class DeadlineTracker:
         self.borrow_gain = max(1.0, float(borrow_gain))
         self._in_engine: dict[str, int] = {}  # batch id -> its items inside the engine
         self.pace = OfflinePace()
-        self.free = FreePace()
         self._progress: dict[str, list[ItemProgress]] = {}  # batch id -> its items inside
         self.meter = HarvestMeter(cost, options.harvest_window_s, options.harvest_min_history_s)
         self._predictor = LengthPredictor()
@@ -250,16 +249,11 @@ class DeadlineTracker:
         return self.pace.median()
 
     def tpot_lead(self) -> float:
-        """The pace an urgent job's items get before they have their own samples. Served
-        first, they generate beside no other job's prompts (the scheduler holds those
-        back), so they run at the fast end of what offline items do: the engine's measure
-        of it when it has one (`FreePace`: the median seconds of its last iterations that
-        generated offline tokens with no offline prompt beside them), else the lower quartile of the item
-        paces (0 before any). bench_deadlines, staggered: most items had generated beside other
-        prompts, the lower quartile was 0.35 s, and the tight job's items, served first,
-        generated at ~0.15 s a token."""
-        free = self.free.value()
-        return free if free is not None else self.pace.lead()
+        """The pace an urgent job's items get before they have their own samples: the
+        lower quartile of the offline paces (`tpot`'s samples). Served first, they
+        generate beside no other job's prompts (the scheduler holds those back), so they
+        run at the fast end of what offline items do. 0 before any sample."""
+        return self.pace.lead()
 
     def own_pace(self, batch_id: str, default: float) -> float:
         """The fastest pace among `batch_id`'s items generating now (`LIVE_MIN_TOKENS` past
@@ -412,7 +406,6 @@ class DeadlineTracker:
         backlogged = st.offline_waiting + st.offline_running > 0
         self.meter.observe(now, st.offline_prefill_tokens_total, st.offline_tokens_total,
                            backlogged)
-        self.free.observe(st.offline_decode_only_recent_s)
 
     def tick(self, now: Optional[float] = None,
              in_engine: Optional[dict[str, int]] = None,
