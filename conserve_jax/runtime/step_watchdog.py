@@ -119,7 +119,8 @@ class StepWatchdog:
             waited = self.clock() - self._since
             if waited <= self.timeout_s + self._extra:
                 return False
-            extra = f" + {self._extra:.1f} s compiled in this step" if self._extra else ""
+            extra = f" + {self._extra:.1f} s compiled in this step" if self._extra >= 0.05 \
+                else ""
             self.fired = (f"step timed out: waited {waited:.1f} s (step_timeout_s "
                           f"{self.timeout_s:g}{extra}) for another process, which is not "
                           f"answering")
