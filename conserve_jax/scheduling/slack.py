@@ -182,6 +182,21 @@ def _job_finish(now: float, j: JobWork, work: float, rate: float, gain: float = 
     return _finish(now, work, rate * gain) + (j.tail_s if tail_s is None else tail_s) / gain
 
 
+def _burst_finish(now: float, work: float, rate: float, burst_s: float,
+                  gain: float = 1.0) -> float:
+    """An urgent job's finish: the later of the work served before its last piece at
+    `rate` and its burst, `burst_s` seconds from now (`urgent_bursts`), both `gain` x
+    faster (module doc)."""
+    return max(_finish(now, work, rate * gain), now + burst_s / gain)
+
+
+def is_at_risk(deadline: float, finish: float, now: float, margin: float) -> bool:
+    """The at-risk rule (module doc): finishing at `finish` leaves a slack below `margin`
+    times the time still needed, or a negative one."""
+    slack, need = deadline - finish, finish - now
+    return slack < 0 or slack < margin * need
+
+
 def urgent_bursts(jobs: Iterable[JobWork], prompt_rate: float) -> dict[str, float]:
     """Seconds from now until each urgent job is done when the urgent jobs are served one
     after another, earliest deadline first: each one's prompts still to go in at
@@ -212,7 +227,7 @@ def estimate(jobs: Iterable[JobWork], rate: Optional[float], now: float,
     out: dict[str, Estimate] = {}
     for j in jobs:
         if j.job_id in bursts and j.remaining > 0:
-            fin = max(_finish(now, order.before(j), rate), now + bursts[j.job_id])
+            fin = _burst_finish(now, order.before(j), rate, bursts[j.job_id])
         else:
             fin = _job_finish(now, j, order.before(j), rate)
         if j.deadline is None:
@@ -221,8 +236,7 @@ def estimate(jobs: Iterable[JobWork], rate: Optional[float], now: float,
         slack = j.deadline - fin
         alone = _job_finish(now, j, order.before_without_priority(j), rate,
                             tail_s=j.tail_alone_s)
-        slack_alone, need = j.deadline - alone, alone - now
-        at_risk = j.remaining > 0 and (slack_alone < 0 or slack_alone < at_risk_margin * need)
+        at_risk = j.remaining > 0 and is_at_risk(j.deadline, alone, now, at_risk_margin)
         # optimistic on purpose: throughput and tail overlap, so the later of the two
         tail = j.tail_s if j.tail_min_s is None else j.tail_min_s
         hopeless = j.remaining > 0 and max(_finish(now, j.remaining, rate * gain),
@@ -249,9 +263,10 @@ def admit(jobs: Iterable[JobWork], new: JobWork, rate: Optional[float],
         later = sum(max(0.0, j.remaining) for j in jobs)  # everything else goes first
         fin = _job_finish(now, new, later + max(0.0, new.remaining), rate)
         return Verdict(True, None if math.isinf(fin) else fin, "no deadline")
-    fin = _job_finish(now, new, work, rate, gain)
-    if burst_s is not None:
-        fin = max(_finish(now, work, rate * gain), now + burst_s / gain)
+    if burst_s is None:
+        fin = _job_finish(now, new, work, rate, gain)
+    else:
+        fin = _burst_finish(now, work, rate, burst_s, gain)
     if fin <= new.deadline:
         return Verdict(True, fin, "fits")
     miss = "forever (nothing harvested)" if math.isinf(fin) else f"by {fin - new.deadline:.0f} s"

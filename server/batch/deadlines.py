@@ -32,18 +32,18 @@ known as soon as offline items have generated a few tokens, before any finishes.
 median is the pace of items generating while other items' prompts go in beside them (a
 prompt chunk makes an iteration several decodes long); once no prompt is left to go in
 beside them, items generate at the fast end: their own items' fastest once they have
-samples, else the lower quartile of the offline paces (`tpot_lead`). So a job's tail is at
-the median pace for as long as the prompts of the jobs served after it take to go in (at
-the harvest rate; `_behind`), then at the fast end. An urgent job's tail is at the fast
+samples, else the lower quartile of the offline paces (`tpot_lead`). So a calm job's tail
+is at the median pace for as long as the prompts of the calm jobs due after it take to go
+in (at the harvest rate; `_behind`), then at the fast end. An urgent job's tail is at the fast
 end throughout: the scheduler holds back every prompt but its own (and those of urgent
 jobs due earlier) while its items generate, so the urgent jobs are done one after another,
 each its prompts at the prompt rate then its tail (`slack.urgent_bursts`; `prompt_rate`).
 A batch at risk as it comes is urgent from the first tick: admission estimates it so
 (`_burst_on_arrival`; bench_deadlines, staggered: the tight job, due before the two jobs
 already running, was estimated calm, behind their prompts at the median pace, 25.7 s,
-and took 11.0). bench_deadlines, together: at the median pace throughout, the urgent medium job
-was estimated at twice the 22 s it took; with its whole tail at the fast pace, the tight
-job was estimated at 16 s, and took 22 s generating beside the medium job's prompts. An
+and took 11.0). bench_deadlines, together: at the median pace throughout, the urgent medium
+job was estimated at twice the 22 s it took; the tight job, estimated at 16 s, took 22 s
+while the medium job's prompts went in beside it, before urgent jobs due later waited too. An
 estimate at submission cannot see the jobs that come later and go in beside it (under
 --no-deadline-order the three jobs submitted together were then 41-47 % short). At risk is
 judged at the median pace throughout (`JobWork.tail_alone_s`), as if the job had no
@@ -84,7 +84,7 @@ from conserve_jax.proto_gen.conserve.v1 import conserve_pb2 as pb
 from conserve_jax.scheduling.harvest import HarvestMeter, WorkCost
 from conserve_jax.scheduling.length_predictor import LengthPredictor
 from conserve_jax.scheduling.slack import (Estimate, JobWork, Verdict, admit, estimate,
-                                           urgent_bursts)
+                                           is_at_risk, urgent_bursts)
 from conserve_server.batch.base import STORE_ERRORS, BatchRow, BatchWork, StoreBase
 from conserve_server.batch.deadline_inputs import length_inputs
 from conserve_server.batch.deadline_pace import ItemProgress, OfflinePace
@@ -278,7 +278,7 @@ class DeadlineTracker:
         per_item = work.output_tokens / max(1, items)
         new = JobWork("new", deadline, self.units(work.prompt_tokens, work.output_tokens),
                       tail_s=_tail(per_item, later / rate if rate else 0.0, tpot, lead))
-        burst = self._burst_on_arrival(jobs, new, work, per_item, rate, now)
+        burst = self._burst_on_arrival(jobs, new, work, per_item, rate, now, tpot, lead)
         v = admit(jobs, new, rate, now, burst_s=burst)
         if not v.feasible and self.borrow_gain > 1.0 and rate is not None:
             # deadline_policy borrow: refused only if it misses even when served at the
@@ -291,21 +291,21 @@ class DeadlineTracker:
         return v, BatchWork(work.prompt_tokens, work.output_tokens, v.finish_at)
 
     def _burst_on_arrival(self, jobs: list[JobWork], new: JobWork, work: BatchWork,
-                          per_item: float, rate: Optional[float], now: float) -> Optional[float]:
+                          per_item: float, rate: Optional[float], now: float,
+                          tpot: float, lead: float) -> Optional[float]:
         """If a new batch is at risk as it comes (judged as `estimate` judges: served in
-        EDF order, its tail at the median pace throughout), it is urgent from the first
-        tick: seconds from now it is done in its burst (`slack.urgent_bursts`: the urgent
-        batches due before it, then its prompts and its tail at the lead pace). Else None."""
+        EDF order, its tail at the median pace `tpot` throughout), it is urgent from the
+        first tick: seconds from now it is done in its burst (`slack.urgent_bursts`: the
+        urgent batches due before it, then its prompts and its tail at the lead pace
+        `lead`). Else None."""
         prompt_rate = self.prompt_rate()
         if rate is None or not prompt_rate or new.deadline is None:
             return None
         alone = admit(jobs, JobWork("new", new.deadline, new.remaining,
-                                    tail_s=per_item * self.tpot()), rate, now)
-        if alone.finish_at is not None:
-            slack, need = new.deadline - alone.finish_at, alone.finish_at - now
-            if slack >= self.options.at_risk_margin * need:
-                return None
-        lead = self.tpot_lead()
+                                    tail_s=per_item * tpot), rate, now)
+        if alone.finish_at is not None and not is_at_risk(
+                new.deadline, alone.finish_at, now, self.options.at_risk_margin):
+            return None
         first = JobWork("new", new.deadline, new.remaining, urgent=True,
                         tail_s=per_item * lead, prompt_left=self.units(work.prompt_tokens, 0))
         ahead = [j for j in jobs if j.urgent and j.deadline is not None
