@@ -314,6 +314,25 @@ def stream_to_end(client, max_tokens: int, out: list) -> None:
         out.append(e.code())
 
 
+def serving_pair_watched(tmp_path, launched):
+    """`serve` on two processes, both answering (one greedy request), and process 0's
+    health watched on a thread (`watch_health`) until its first status. Returns (leader,
+    follower, gRPC target, the health statuses so far, the watcher thread)."""
+    from conserve_jax.client import Client
+
+    data = [tmp_path / "data0", tmp_path / "data1"]
+    leader, follower, grpc_port = serve_pair(launched, free_port(), data, *SERVE_ENGINE)
+    target = f"127.0.0.1:{grpc_port}"
+    health: list = []
+    watcher = threading.Thread(target=watch_health, args=(target, health), daemon=True)
+    watcher.start()
+    with Client(target) as c:
+        first = list(c.generate(token_ids=PROMPTS[0], max_tokens=4, temperature=0.0))
+        assert first and first[-1].finish_reason == "length"  # both processes serve
+    assert wait_until(lambda: bool(health), 30, 0.01)
+    return leader, follower, target, health, watcher
+
+
 def watch_health(target: str, out: list) -> None:
     """Append every overall health status process 0 at `target` sends to `out` until the
     server ends the Watch (run on a thread while a process fails)."""
@@ -343,16 +362,9 @@ def test_serve_leader_exits_cleanly_within_a_bound_when_the_follower_hangs(tmp_p
 
     from conserve_jax.client import Client
 
-    data = [tmp_path / "data0", tmp_path / "data1"]
-    leader, follower, grpc_port = serve_pair(launched, free_port(), data, *SERVE_ENGINE)
-    target = f"127.0.0.1:{grpc_port}"
-    health, stream_end = [], []
-    watcher = threading.Thread(target=watch_health, args=(target, health), daemon=True)
-    watcher.start()
+    leader, follower, target, health, watcher = serving_pair_watched(tmp_path, launched)
+    stream_end = []
     with Client(target) as c:
-        first = list(c.generate(token_ids=PROMPTS[0], max_tokens=4, temperature=0.0))
-        assert first and first[-1].finish_reason == "length"  # both processes serve
-        assert wait_until(lambda: bool(health), 30, 0.01)
         follower.proc.send_signal(signal.SIGSTOP)
         t = threading.Thread(target=stream_to_end, args=(c, 40, stream_end), daemon=True)
         t.start()
@@ -375,18 +387,7 @@ def test_serve_leader_exits_cleanly_when_the_follower_hangs_while_idle(tmp_path,
     NOT_SERVING, EXIT_ENGINE_FAILED, before JAX's heartbeat timeout would abort it."""
     from grpc_health.v1 import health_pb2
 
-    from conserve_jax.client import Client
-
-    data = [tmp_path / "data0", tmp_path / "data1"]
-    leader, follower, grpc_port = serve_pair(launched, free_port(), data, *SERVE_ENGINE)
-    target = f"127.0.0.1:{grpc_port}"
-    health = []
-    watcher = threading.Thread(target=watch_health, args=(target, health), daemon=True)
-    watcher.start()
-    with Client(target) as c:
-        first = list(c.generate(token_ids=PROMPTS[0], max_tokens=4, temperature=0.0))
-        assert first and first[-1].finish_reason == "length"  # both processes serve
-    assert wait_until(lambda: bool(health), 30, 0.01)
+    leader, follower, _, health, watcher = serving_pair_watched(tmp_path, launched)
     follower.proc.send_signal(signal.SIGSTOP)
     code = leader.wait(timeout=180)  # a bound, not a speed target: a hang fails here
     watcher.join(timeout=30)
