@@ -314,11 +314,18 @@ def test_items_under_way_set_the_pace_and_the_work_left(setup):
     tr.tick(in_engine={b: 1, tight: 0}, progress={b: pace})
     assert tr.tpot() == pytest.approx(2.0)
     e = tr.estimate_of(tight)  # 3 s of work, then 20 tokens at 2 s: 43 s for a 10 s window
+    # at risk; not hopeless while its own item has shown no pace (its 3 s of work fit):
+    # another batch's pace says nothing of the pace it gets with priority
+    assert e.at_risk and not e.hopeless and tight in tr.urgent_batches()
+    # its own item generates at 2 s a token: 20 tokens left, 40 s: hopeless, no priority
+    slow = [ItemProgress(8, 14.0, 7)]
+    tr.tick(in_engine={b: 1, tight: 1}, progress={b: pace, tight: slow})
+    e = tr.estimate_of(tight)
     assert e.at_risk and e.hopeless and tight not in tr.urgent_batches()
-    tr.borrow_gain = 5.0  # borrowing's most: 20 x 2 / 5 = 8 s, so it could still make it
-    tr.tick(in_engine={b: 1}, progress={b: pace})
+    tr.borrow_gain = 5.0  # borrowing's most: 12 x 2 / 5 = 4.8 s, so it could still make it
+    tr.tick(in_engine={b: 1, tight: 1}, progress={b: pace, tight: slow})
     assert not tr.estimate_of(tight).hopeless and tight in tr.urgent_batches()
-    # once its own item generates, hopeless is judged at its own fastest pace: 0.25 s
+    # judged at its own fastest pace: 0.25 s
     tr.borrow_gain = 1.0
     tr.tick(in_engine={b: 1, tight: 1},
             progress={b: pace * 6, tight: [ItemProgress(10, 2.0, 8)]})

@@ -70,7 +70,7 @@ class OfflinePace:
         s = self._samples()
         return s[len(s) // 4] if s else 0.0
 
-    def own(self, batch_id: str, default: float) -> float:
+    def own(self, batch_id: str, default: Optional[float]) -> Optional[float]:
         """The fastest of `batch_id`'s samples now, else `default`."""
         with self._lock:
             return self._own_fastest.get(batch_id, default)
