@@ -189,9 +189,9 @@ def run_variant(a, variant: str, loaded, work: wl.Workload, shared, ref) -> dict
     driver.start()
     jobs: dict = {}
     spans: list = []  # (start, end) monotonic times while some job was at risk
-    rate = None
+    rate, timeline = None, []
     if app is not None:
-        jobs, spans, rate = _run_jobs(a, app, work, t0)
+        jobs, spans, rate, timeline = _run_jobs(a, app, work, t0)
     driver.join()
     stop.set()
     clients, st_win, win_s, t_end, st = box["r"]
@@ -204,7 +204,8 @@ def run_variant(a, variant: str, loaded, work: wl.Workload, shared, ref) -> dict
     out = {"variant": variant, **_online_stats(reqs, spans, ref),
            "offline_processed_tokens_per_s": processed / win_s if variant != "online-only" else None,
            "borrowed_s": eng.stats().deadline_borrowed_s, "jobs": jobs,
-           "at_risk_seconds": sum(e - s for s, e in spans), "harvest_rate_at_submit": rate}
+           "at_risk_seconds": sum(e - s for s, e in spans), "harvest_rate_at_submit": rate,
+           "estimator_timeline": timeline}
     if app is not None:
         d = app.deadlines.snapshot()
         out["tracker"] = {"met": d.met, "missed": d.missed, "refused": d.refused,
@@ -218,10 +219,32 @@ def run_variant(a, variant: str, loaded, work: wl.Workload, shared, ref) -> dict
     return out
 
 
+def _inputs(tracker) -> dict:
+    """What the deadline estimator works from now (the tracker's own reads)."""
+    return {"harvest_rate": tracker.rate(), "prompt_rate": tracker.prompt_rate(),
+            "tpot_median_s": tracker.tpot(), "tpot_lead_s": tracker.tpot_lead(),
+            "pace_samples": tracker.pace.count()}
+
+
+def _look(tracker, ids: dict, t_first: float, infos: list) -> dict:
+    """One row of the estimator's timeline: its inputs and, per job, the estimated seconds
+    to go, at risk / urgent / hopeless, items done."""
+    now, urgent = time.time(), set(tracker.urgent_batches())
+    row = {"t": round(now - t_first, 2), **_inputs(tracker)}
+    for (name, bid), info in zip(ids.items(), infos):
+        e = tracker.estimate_of(bid)
+        row[name] = {"to_go_s": None if e is None or e.finish_at is None else
+                     round(e.finish_at - now, 2),
+                     "at_risk": bool(e and e.at_risk), "hopeless": bool(e and e.hopeless),
+                     "urgent": bid in urgent, "done": info.done}
+    return row
+
+
 def _run_jobs(a, app: ServerApp, work: wl.Workload, t0: float):
     """Warm-up batch, then the three jobs; wait until every job ended. Returns the jobs'
-    records, the (monotonic) spans during which some job was at risk, and the harvest rate
-    when the jobs were submitted."""
+    records (with the estimator's inputs at each submission), the (monotonic) spans during
+    which some job was at risk, the harvest rate when the jobs were submitted and the
+    estimator's timeline (`_look`, every second from the first submission)."""
     target = f"127.0.0.1:{app.port}"
     channel = grpc.insecure_channel(target)
     stub = pb_grpc.CoServeStub(channel)
@@ -236,7 +259,7 @@ def _run_jobs(a, app: ServerApp, work: wl.Workload, t0: float):
     if warm_id:
         stub.CancelBatch(pb.CancelBatchRequest(batch_id=warm_id))
     rate_at_submit = app.deadlines.snapshot().harvest_rate
-    ids, submitted = {}, {}
+    ids, submitted, inputs = {}, {}, {}
     windows, requests = dict(zip(JOBS, a.windows)), _job_requests(work, a)
     for k, name in enumerate(a.submit_order):
         if k:
@@ -246,6 +269,8 @@ def _run_jobs(a, app: ServerApp, work: wl.Workload, t0: float):
         resp = stub.SubmitBatch(pb.SubmitBatchRequest(requests=reqs,
                                                       deadline=_ts(now + frac * a.duration)))
         ids[name], submitted[name] = resp.batch_id, (now, _secs(resp.estimated_completion_at))
+        inputs[name] = _inputs(app.deadlines)
+    t_first, timeline, next_look = submitted[a.submit_order[0]][0], [], 0.0
     spans, risk_start = [], None
     settle_at, settled = time.monotonic() + SETTLE_S, {}
     give_up = time.monotonic() + max(a.windows) * a.duration + 60.0
@@ -263,6 +288,9 @@ def _run_jobs(a, app: ServerApp, work: wl.Workload, t0: float):
             spans.append((risk_start, m))
             risk_start = None
         infos = [stub.GetBatch(pb.GetBatchRequest(batch_id=b)) for b in ids.values()]
+        if m >= next_look:
+            timeline.append(_look(app.deadlines, ids, t_first, infos))
+            next_look = m + 1.0
         if all(i.state not in (pb.BATCH_STATE_QUEUED, pb.BATCH_STATE_RUNNING)
                and i.done == i.total for i in infos):
             break
@@ -296,10 +324,11 @@ def _run_jobs(a, app: ServerApp, work: wl.Workload, t0: float):
             if completed and settled.get(name) is not None and fin is not None
             and fin > sub_t else None,
             "one_record_per_item": sorted(records) == list(range(b.total)),
+            "estimator_at_submit": inputs[name],
         }
     client.close()
     channel.close()
-    return jobs, spans, rate_at_submit
+    return jobs, spans, rate_at_submit, timeline
 
 
 def targets(V: dict) -> dict:

@@ -60,6 +60,10 @@ class OfflinePace:
         with self._lock:
             return sorted(list(self._finished) + list(self._live))
 
+    def count(self) -> int:
+        """How many samples there are now (finished and live)."""
+        return len(self._samples())
+
     def median(self) -> float:
         """The median over the samples (0 before any)."""
         s = self._samples()
