@@ -28,7 +28,10 @@ it sees every job, apart from jobs that came after this one), items with exactly
 one record (results streamed back and counted). Per variant: online p99 TTFT/TPOT over all
 requests and over those during which no job was at risk (sampled every 0.5 s), their ratio
 to online-only's, offline processed tokens/s over the online window, borrowed seconds, the
-tracker's harvest rate at submit. Targets: the issue's. Sizes and windows are guesses for
+tracker's harvest rate at submit, and what the estimator worked from (harvest and prompt
+rates, median and lead paces, pace samples) at each job's submission and every second
+after the first (`estimator_timeline`: per job its estimate, at risk, urgent, hopeless,
+items done). Targets: the issue's. Sizes and windows are guesses for
 this machine: read the estimates at submit and adjust --job-items / --windows so that one
 job is infeasible without borrowing.
 
