@@ -233,7 +233,11 @@ def _look(tracker, ids: dict, t_first: float, infos: list) -> dict:
     """One row of the estimator's timeline: its inputs and, per job, the estimated seconds
     to go, at risk / urgent / hopeless, items done."""
     now, urgent = time.time(), set(tracker.urgent_batches())
-    row = {"t": round(now - t_first, 2), **_inputs(tracker)}
+    st = tracker.engine.stats()
+    row = {"t": round(now - t_first, 2), **_inputs(tracker), "iterations": st.iterations,
+           "offline_running": st.offline_running, "offline_waiting": st.offline_waiting,
+           "offline_tokens": st.offline_tokens_total,
+           "offline_prefill_tokens": st.offline_prefill_tokens_total}
     for (name, bid), info in zip(ids.items(), infos):
         e = tracker.estimate_of(bid)
         row[name] = {"to_go_s": None if e is None or e.finish_at is None else
