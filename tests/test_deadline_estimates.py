@@ -237,6 +237,15 @@ def test_generation_tail_and_hopeless_jobs():
     assert e.finish_at == pytest.approx(10.0) and e.at_risk and not e.hopeless
     assert not estimate([JobWork("lead", 20.0, 5.0, urgent=True, tail_s=5.0)], 1.0, now)[
         "lead"].at_risk
+    # its work at the harvest rate (a mean over generating-only phases too) ends past its
+    # deadline, but served first it is done in its burst: 4 prompt units at 2 a second,
+    # then its 5 s tail, 7 s of a 20 s window: not hopeless (nor without a prompt rate)
+    few = JobWork("few", 20.0, 30.0, tail_s=5.0, prompt_left=4.0)
+    assert estimate([few], 1.0, now)["few"].hopeless
+    e = estimate([few], 1.0, now, prompt_rate=2.0)["few"]
+    assert e.at_risk and not e.hopeless
+    # a burst that ends past the deadline too keeps it hopeless
+    assert estimate([few], 1.0, now, prompt_rate=0.2)["few"].hopeless
 
 
 def test_prompt_rate_counts_the_seconds_prompts_went_in():
@@ -252,6 +261,17 @@ def test_prompt_rate_counts_the_seconds_prompts_went_in():
     m.observe(6.0, 100, 10, True)  # 50 more prompt tokens (and 2 generated) in 1 s
     assert m.rate() == pytest.approx(110 / 6)
     assert m.prompt_rate() == pytest.approx(100 / 2)
+    # 200 s of items only generating: the harvest window holds none of the prompt time,
+    # but the prompt rate is the rate prompts go in at when they do, kept until they do
+    m.observe(206.0, 100, 210, True)
+    assert m.rate() == pytest.approx(200 / 200)
+    assert m.prompt_rate() == pytest.approx(100 / 2)
+    m.observe(207.0, 110, 210, True)  # the next prompt second counts in
+    assert m.prompt_rate() == pytest.approx(110 / 3)
+    m2 = HarvestMeter(WorkCost(), window_s=2.0, min_span_s=1.0)  # its own window: 2 s
+    for t in range(5):
+        m2.observe(float(t), 10 * t * (t + 1) // 2, 0, True)  # 10, 20, 30, 40 a second
+    assert m2.prompt_rate() == pytest.approx((30 + 40) / 2)
 
 
 def test_urgent_jobs_are_done_in_bursts_one_after_another():

@@ -92,6 +92,10 @@ class HarvestMeter:
         # covering at most window_s seconds; replaced whole on every change (readers see a
         # consistent tuple)
         self._intervals: tuple[tuple[float, float, float], ...] = ()
+        # backlogged intervals in which offline prompt tokens went in (seconds, prompt
+        # units), oldest first, covering at most window_s seconds of such time however
+        # long ago (`prompt_rate`); replaced whole like `_intervals`
+        self._prompt_intervals: tuple[tuple[float, float], ...] = ()
 
     def observe(self, now: float, prefill_tokens_total: int, output_tokens_total: int,
                 backlogged: bool) -> None:
@@ -104,23 +108,15 @@ class HarvestMeter:
         if last is None:
             return
         if now < last.t or work < last.work:
-            self._intervals = ()
+            self._intervals = self._prompt_intervals = ()
             return
         dt = now - last.t
         if not (last.backlogged and backlogged) or dt <= 0:
             return
-        iv = list(self._intervals) + [(dt, work - last.work, max(0.0, prefill - last.prefill))]
-        excess = sum(d for d, _, _ in iv) - self.window_s
-        while excess > 0 and iv:
-            d, w, p = iv[0]
-            if d <= excess:  # wholly outside the window
-                iv.pop(0)
-                excess -= d
-            else:  # partly: keep the share inside
-                keep = (d - excess) / d
-                iv[0] = (d * keep, w * keep, p * keep)
-                excess = 0
-        self._intervals = tuple(iv)
+        p = max(0.0, prefill - last.prefill)
+        self._intervals = _slide(self._intervals + ((dt, work - last.work, p),), self.window_s)
+        if p > 0:
+            self._prompt_intervals = _slide(self._prompt_intervals + ((dt, p),), self.window_s)
 
     def span(self) -> tuple[float, float]:
         """(backlogged seconds, work units done in them) inside the window."""
@@ -136,16 +132,35 @@ class HarvestMeter:
         return work / secs
 
     def prompt_rate(self) -> Optional[float]:
-        """Prompt work units per second while prompts go in: over the backlogged intervals
-        inside the window in which offline prompt tokens were processed, their prompt
-        units per second; `rate()` when those intervals add up to under `min_span_s`
-        (or there is no rate). Offline work alternates between prompts going in (many
+        """Prompt work units per second while prompts go in: over the last `window_s`
+        seconds of backlogged intervals in which offline prompt tokens were processed,
+        however long ago (the rate prompts go in at when they go in: a stretch of items
+        only generating does not age it), their prompt units per second; `rate()` while
+        those intervals add up to under `min_span_s` (or there is no rate). Offline work alternates between prompts going in (many
         units a second) and items only generating (few: KV memory holds only so many
         items), so `rate()`, the mean over both, is the throughput of a long stream of
         items; a few items served first take their prompts' units at this rate, then
         their generation time (`slack` module doc)."""
-        iv = self._intervals
-        secs = sum(d for d, _, p in iv if p > 0)
+        iv = self._prompt_intervals
+        secs = sum(d for d, _ in iv)
         if secs < self.min_span_s or secs <= 0:
             return self.rate()
-        return sum(p for _, _, p in iv) / secs
+        return sum(p for _, p in iv) / secs
+
+
+def _slide(iv: tuple, window_s: float) -> tuple:
+    """`iv` (intervals whose first field is seconds and the rest amounts in them, oldest
+    first) cut to its last `window_s` seconds: the oldest dropped, the one straddling the
+    edge kept in proportion."""
+    out = list(iv)
+    excess = sum(x[0] for x in out) - window_s
+    while excess > 0 and out:
+        d = out[0][0]
+        if d <= excess:  # wholly outside the window
+            out.pop(0)
+            excess -= d
+        else:  # partly: keep the share inside
+            keep = (d - excess) / d
+            out[0] = tuple(x * keep for x in out[0])
+            excess = 0
+    return tuple(out)

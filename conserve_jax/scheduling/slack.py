@@ -42,10 +42,14 @@ at risk as soon as that queue would make it miss, though plain EDF says it fits.
 
 Hopeless: a job that misses its deadline even when served before everything else (at the
 most borrowing can give, under deadline_policy borrow): its own remaining work at `gain` x
-the rate, or its tail at `gain` x the pace (`JobWork.tail_min_s`: at the pace the job gets
-with priority), whichever ends later: the optimistic side throughout, since work and tail
-overlap in time and a pace measured in a busy moment must not drop a job that can still
-make it (bench_deadlines: a noisy median pace made a feasible job look lost). The caller's
+the rate, or its tail at `gain` x the pace its own items have shown (`JobWork.tail_seen_s`),
+whichever ends later, or its burst (its prompts at the prompt rate, then its tail at the
+pace the job gets with priority, `JobWork.tail_min_s`) if that ends sooner: the optimistic side throughout, since work and tail
+overlap in time, the harvest rate is a mean over phases in which only items generate, and
+a pace measured in a busy moment must not drop a job that can still make it
+(bench_deadlines: a noisy median pace made a feasible job look lost; staggered, the
+medium job with 3 of its 4 items left, 34 s before its deadline, was judged hopeless on
+its work at a harvest rate of 0.47 and expired, its burst some 21 s). The caller's
 remaining work and tail count the progress of items under way (tokens already generated,
 prompts already in), so a job well under way does not look lost. Giving a hopeless job priority would only make the jobs behind it miss too
 (EDF's domino effect under overload), so the caller does not (`isolate`: a job that cannot
@@ -78,8 +82,11 @@ class JobWork:
     # (expected output tokens it has left x the time per output token)
     tail_s: float = 0.0
     # the same at the pace the job gets with priority (the caller's measure, on the
-    # optimistic side): what `hopeless` is judged with; None: tail_s
+    # optimistic side): its burst's tail when `hopeless` is judged; None: tail_s
     tail_min_s: Optional[float] = None
+    # the same at the pace the job's own items have shown (0: none shown yet): the tail
+    # `hopeless` weighs against its work at the harvest rate; None: tail_min_s
+    tail_seen_s: Optional[float] = None
     # the tail it would have without priority, where `tail_s` is with it (an urgent job
     # generates faster: no other job's prompts go in beside it): what `at_risk` is judged
     # with, as it is judged without the job's own priority; None: tail_s
@@ -190,6 +197,23 @@ def _burst_finish(now: float, work: float, rate: float, burst_s: float,
     return max(_finish(now, work, rate * gain), now + burst_s / gain)
 
 
+def _served_first(now: float, j: JobWork, rate: float, prompt_rate: Optional[float],
+                  gain: float) -> float:
+    """When `j` is done at the soonest if served before everything else, at `gain` x the
+    rates, on the optimistic side (`hopeless`, module doc): the later of its work at the
+    harvest rate and its tail at the pace its own items have shown (`tail_seen_s`; they
+    overlap in time), or, sooner if it is, its burst: its prompts at the prompt rate, then
+    its tail at the pace priority gives (`tail_min_s`; the harvest rate averages over
+    phases in which only items generate, so it understates how fast a few items served
+    first go)."""
+    tail = j.tail_s if j.tail_min_s is None else j.tail_min_s
+    seen = tail if j.tail_seen_s is None else j.tail_seen_s
+    fin = max(_finish(now, j.remaining, rate * gain), now + seen / gain)
+    if prompt_rate and tail > 0:  # no pace at all: nothing says how long it generates
+        fin = min(fin, now + (max(0.0, j.prompt_left) / prompt_rate + tail) / gain)
+    return fin
+
+
 def is_at_risk(deadline: float, finish: float, now: float, margin: float) -> bool:
     """The at-risk rule (module doc): finishing at `finish` leaves a slack below `margin`
     times the time still needed, or a negative one."""
@@ -237,10 +261,7 @@ def estimate(jobs: Iterable[JobWork], rate: Optional[float], now: float,
         alone = _job_finish(now, j, order.before_without_priority(j), rate,
                             tail_s=j.tail_alone_s)
         at_risk = j.remaining > 0 and is_at_risk(j.deadline, alone, now, at_risk_margin)
-        # optimistic on purpose: throughput and tail overlap, so the later of the two
-        tail = j.tail_s if j.tail_min_s is None else j.tail_min_s
-        hopeless = j.remaining > 0 and max(_finish(now, j.remaining, rate * gain),
-                                           now + tail / gain) > j.deadline
+        hopeless = j.remaining > 0 and _served_first(now, j, rate, prompt_rate, gain) > j.deadline
         out[j.job_id] = Estimate(j.job_id, None if math.isinf(fin) else fin,
                                  None if math.isinf(slack) else slack, at_risk, hopeless)
     return out

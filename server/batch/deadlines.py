@@ -48,9 +48,10 @@ estimate at submission cannot see the jobs that come later and go in beside it (
 --no-deadline-order the three jobs submitted together were then 41-47 % short). At risk is
 judged at the median pace throughout (`JobWork.tail_alone_s`), as if the job had no
 priority and prompts went in beside it all along. Whether a
-job is hopeless is judged with its tail at its own items' fastest pace (`own_pace`; slower
-ones waited behind others), and before its items have shown a pace on its work at the rate
-alone: a job keeps its priority until its own items show it cannot make it.
+job is hopeless (`slack` module doc) is judged with its work at the rate against its tail
+at its own items' fastest pace (`own_pace`; slower ones waited behind others; before its
+items have shown a pace, against no tail: a job keeps its priority until its own items
+show it cannot make it), or its burst, its tail at the fast end, if that is sooner.
 bench_deadlines: judged, while its items generated, at all offline items' lower-quartile
 pace, the medium job looked lost 30 s before its deadline while its first item generated
 at 0.57 s a token; judged before its items had started at that quartile (over 0.7 s a
@@ -207,8 +208,9 @@ class DeadlineTracker:
         item (`_tail`): at `tpot_s` (`tpot`) per output token for the first `behind_s`
         seconds, while the prompts of the jobs served after it go in beside it, then at the
         fast end, its own items' fastest (`own_pace`) else `lead_s` (`tpot_lead`; default
-        `tpot_s`); hopeless, at its own items' fastest only (none yet: no tail); at risk,
-        at `tpot_s` throughout (module doc)."""
+        `tpot_s`), which a burst when judging hopeless is at too, where its work at the
+        rate weighs against its tail at its own items' fastest only (none yet: no tail);
+        at risk, at `tpot_s` throughout (module doc)."""
         items_left, inside, started = self._started(row)
         per_prompt = row.work_prompt_tokens / row.total if row.total else 0.0
         per_item = row.work_output_tokens / row.total if row.total else 0.0
@@ -221,14 +223,15 @@ class DeadlineTracker:
         in_engine = self.units(per_prompt * (inside - len(started)),
                                per_item * (inside - len(started)) + out_left)
         slowest = per_item if fresh > 0 else max(lefts, default=0.0)
-        # served first (urgent): the pace priority gives
+        # served first (urgent, its burst when judging hopeless): the pace priority gives
         own = self.pace.own(row.id, None)
         first = own if own is not None else (tpot_s if lead_s is None else lead_s)
-        # hopeless is judged on the job's own pace only: before its items have shown one,
-        # on its work at the rate alone (module doc)
+        # hopeless weighs its work at the rate against its tail at its own items' pace
+        # only: before they have shown one, against no tail (module doc)
         return JobWork(row.id, row.deadline, left, in_engine=in_engine,
                        urgent=row.id in urgent, tail_s=_tail(slowest, behind_s, tpot_s, first),
-                       tail_min_s=slowest * own if own is not None else 0.0,
+                       tail_min_s=slowest * first,
+                       tail_seen_s=slowest * own if own is not None else 0.0,
                        tail_alone_s=slowest * tpot_s,
                        prompt_left=self.units(per_prompt * fresh, 0))
 
