@@ -123,6 +123,11 @@ class ConserveConfig:
             raise ValueError(f"safepoint_interval must be >= 1, got {self.safepoint_interval}")
 
 
+# policies whose `checkpointing` is True (scheduling/policies): refused with pp > 1 (a test
+# keeps this list equal to the registry's)
+PIPELINE_REFUSED_POLICIES = ("conserve",)
+
+
 @dataclass
 class EngineConfig:
     """Everything an engine needs besides the weights. Built by `engine_args` from flags
@@ -196,6 +201,12 @@ class EngineConfig:
         default=1)
     process_id: int = _h("this process's index in a multi-process run (0: the leader)",
                          default=0)
+    pp: int = _h(
+        "pipeline stages, one per process (num_processes must equal it): each process holds "
+        "a contiguous range of the layers and their KV, tensor parallel over its own devices "
+        "only (--tp: devices per stage, default all of this process's); hidden rows go from "
+        "stage to stage over TCP (runtime/pipeline_*.py). 1: tensor parallelism over every "
+        "process's devices", default=1)
     cpu_devices: Optional[int] = _h(
         "CPU devices of this process (jax_num_cpu_devices, set before JAX starts; none: "
         "JAX's default)", default=None)
@@ -219,6 +230,7 @@ class EngineConfig:
                              f"{self.process_id}")
         if self.num_processes > 1 and not self.coordinator_address:
             raise ValueError("num_processes > 1 needs coordinator_address (host:port)")
+        self._check_pipeline()
         if self.cpu_devices is not None and self.cpu_devices < 1:
             raise ValueError(f"cpu_devices must be >= 1, got {self.cpu_devices}")
         if self.process_timeout_s < 1:
@@ -235,6 +247,23 @@ class EngineConfig:
             raise ValueError(f"prefix_group_hold_s must be >= 0, got {self.prefix_group_hold_s}")
         if self.kv_cache_tokens is not None and self.kv_cache_tokens < 1:
             raise ValueError(f"kv_cache_tokens must be >= 1, got {self.kv_cache_tokens}")
+
+    def _check_pipeline(self) -> None:
+        """What a pipeline run (`pp` > 1) cannot do yet is refused here, on every process."""
+        if self.pp < 1:
+            raise ValueError(f"pp must be >= 1, got {self.pp}")
+        if self.pp == 1:
+            return
+        if self.num_processes != self.pp:
+            raise ValueError(f"pp={self.pp} runs one pipeline stage per process: "
+                             f"num_processes must equal pp, got num_processes="
+                             f"{self.num_processes}")
+        if self.policy in PIPELINE_REFUSED_POLICIES:
+            raise ValueError(
+                f"pp={self.pp} with policy={self.policy!r} is not supported: that policy "
+                f"checkpoints offline KV to host, and offline KV checkpointing per pipeline "
+                f"stage is not built (each stage holds only its layers' KV); use pp=1 or a "
+                f"policy without KV checkpoints (fcfs, sarathi, ecoserve, online-only, ...)")
 
     @property
     def step_bound_s(self) -> float:

@@ -44,12 +44,12 @@ def preempt_and_resume(config, out: str) -> None:
     sampled tokens of the three runs."""
     from conserve_jax.models.loader import load_model
     from conserve_jax.runtime import distributed
-    from conserve_jax.runtime.model_runner import ModelRunner
+    from conserve_jax.runtime.pipeline_leader import make_runner
     from conserve_jax.scheduling.profiler import synthetic_plan
 
     config = distributed.start(config)
     loaded = load_model(config.model, seed=config.seed)
-    runner = ModelRunner(loaded.config, loaded.params, config)
+    runner = make_runner(loaded.config, loaded.params, config)  # pp: the first stage
     plan, _ = synthetic_plan(runner, 2, 8, 16)
     tokens = lambda r: [t.token for t in r.tokens]
     straight = tokens(runner.execute(plan))
@@ -115,7 +115,8 @@ def main(argv=None) -> int:
         from conserve_jax.engine_args import engine_config
         from conserve_jax.runtime.follower import follow_if_follower
 
-        config = engine_config(**(ENGINE if args.mode == "runner" else COSERVE),
+        config = engine_config(**{**(ENGINE if args.mode == "runner" else COSERVE),
+                                  **json.loads(args.engine)},
                                coordinator_address=args.coordinator,
                                num_processes=args.num_processes, process_id=args.process_id,
                                cpu_devices=args.cpu_devices, process_timeout_s=args.timeout)

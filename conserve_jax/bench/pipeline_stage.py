@@ -2,10 +2,11 @@
 engine's `ModelRunner` over a range of the model's layers, on this process's own devices,
 and the TCP link that carries a step from stage to stage.
 
-A measurement, not an engine feature. A `Stage` is a `ModelRunner` built for a model cut
+A measurement, not an engine feature (the engine's pipeline, `--pp`, grew out of it:
+runtime/pipeline_*.py; its frames and `Sampled` are used here). A `Stage` is a `ModelRunner` built for a model cut
 down to layers [lo, hi) (same embedding, final norm and head; its own paged KV caches for
 those layers, in the runner's layout) and run through the runner's own jitted calls
-(`_embed`, `_forward`, `_select`, `_head`: private to the runner, read here so that a stage
+(`_embed`, `forward`, `_select`, `_head`: some private to the runner, read here so that a stage
 runs exactly the executables the engine runs). The first stage embeds and runs its layers;
 the last stage runs its layers from the hidden rows it is given, then the final norm, the
 head and the sampler. Its tensor-parallel mesh is over `jax.local_devices()` only, so its
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import socket
-import struct
 import time
 from typing import Optional
 
@@ -35,54 +35,21 @@ from conserve_jax.models.llama import rope_tables
 from conserve_jax.runtime import sharding as shd
 from conserve_jax.runtime.batch_arrays import BatchArrays
 from conserve_jax.runtime.model_runner import ModelRunner, SuspendedIteration
-from conserve_jax.runtime.plan_channel import Message, decode, encode
+from conserve_jax.runtime.pipeline_frames import (Sampled, decode_frame, hidden_rows,  # noqa: F401
+                                                  step_frame)
 from conserve_jax.runtime.plan_socket import FRAME, _read_exact, _tune
 from conserve_jax.runtime.sampler import sampler_mode
 
-LEN = struct.Struct("<I")
-REPLY = struct.Struct("<IId")  # sampled rows, top logprobs per row, stage-1 seconds
-
-
-@dataclasses.dataclass
-class Sampled:
-    """The sampler's output for the sampled rows of one step (numpy, `num_sampled` rows)."""
-
-    tokens: np.ndarray  # [S] int32
-    chosen: np.ndarray  # [S] float32: the chosen token's logprob
-    top_ids: np.ndarray  # [S, k] int32
-    top_lp: np.ndarray  # [S, k] float32
-
-    def encode(self, seconds: float) -> bytes:
-        s, k = self.top_ids.shape
-        return REPLY.pack(s, k, seconds) + b"".join(
-            np.ascontiguousarray(a).tobytes() for a in
-            (self.tokens.astype(np.int32), self.chosen.astype(np.float32),
-             self.top_ids.astype(np.int32), self.top_lp.astype(np.float32)))
-
-    @classmethod
-    def decode(cls, data: bytes) -> tuple["Sampled", float]:
-        s, k, seconds = REPLY.unpack_from(data)
-        pos, out = REPLY.size, []
-        for dt, shape in ((np.int32, (s,)), (np.float32, (s,)), (np.int32, (s, k)),
-                          (np.float32, (s, k))):
-            n = int(np.prod(shape))
-            out.append(np.frombuffer(data, dt, n, pos).reshape(shape).copy())
-            pos += n * 4
-        return cls(*out), seconds
-
-
 def encode_step(batch: BatchArrays, num_top: int, hidden: np.ndarray) -> bytes:
-    """Stage 0 -> stage 1: the batch arrays, then the hidden rows' bytes."""
-    plan = encode(Message("stage", {"num_top": num_top}, batch))
-    return LEN.pack(len(plan)) + plan + np.ascontiguousarray(hidden).tobytes()
+    """Stage 0 -> stage 1: the batch arrays, then the hidden rows' bytes (the engine's
+    step frame, runtime/pipeline_frames.py)."""
+    return step_frame(batch, num_top, 0, hidden)
 
 
 def decode_step(data: bytes, hidden_size: int, dtype) -> tuple[BatchArrays, int, np.ndarray]:
     """The inverse of `encode_step`: (batch, num_top, hidden [T, hidden_size])."""
-    (n,) = LEN.unpack_from(data)
-    msg = decode(data[LEN.size: LEN.size + n])
-    hidden = np.frombuffer(data, np.dtype(dtype), offset=LEN.size + n)
-    return msg.batch, msg.ints["num_top"], hidden.reshape(-1, hidden_size)
+    msg, tail = decode_frame(data)
+    return msg.batch, msg.ints["num_top"], hidden_rows(tail, hidden_size, dtype)
 
 
 @dataclasses.dataclass
@@ -130,14 +97,7 @@ class StageLink:
         self.sock.close()
 
 
-def local_mesh(tp: int):
-    """`sharding.make_mesh`, but over this process's own devices (`jax.local_devices()`):
-    with `jax.distributed` started, `jax.devices()` lists every process's devices and the
-    engine's mesh would take process 0's."""
-    if tp == 1:
-        return None
-    return jax.make_mesh((tp,), (shd.AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
-                         devices=jax.local_devices()[:tp])
+local_mesh = shd.local_mesh  # (the spike's; moved to runtime/sharding.py)
 
 
 def stage_params(params: dict, lo: int, hi: int) -> dict:
@@ -189,7 +149,7 @@ class Stage:
 
     def _layers(self, b: BatchArrays, x, cos, sin):
         it = SuspendedIteration(None, b, x, (cos, sin), 0, 0, 0)
-        return self.runner._forward(it, None)
+        return self.runner.forward(it, None)
 
     def sample(self, b: BatchArrays, hidden, num_top: int) -> Sampled:
         r, rows, s = self.runner, b.sampling, b.num_sampled

@@ -57,7 +57,8 @@ class Engine(EngineAPI):
         warmup = config.warmup if warmup is None else warmup
         startup = startup if startup is not None else StartupProgress()
         enable_compilation_cache(config.compilation_cache_dir)
-        from conserve_jax.runtime.model_runner import ModelRunner, planned_executables_for
+        from conserve_jax.runtime.model_runner import planned_executables_for
+        from conserve_jax.runtime.pipeline_leader import make_runner
         checkpointing = uses_checkpointing(config.policy)
         if loaded is None:
             from conserve_jax.models.loader import load_model, load_model_config
@@ -76,7 +77,7 @@ class Engine(EngineAPI):
         self.model_config = loaded.config
         self._tokenizer = loaded.tokenizer
         self._max_model_len = min(config.max_model_len, loaded.config.max_position_embeddings)
-        self.runner = ModelRunner(loaded.config, loaded.params, config)
+        self.runner = make_runner(loaded.config, loaded.params, config)  # pp: a stage
         if warmup:
             what = (f"{len(self.runner.buckets.tokens)} token buckets x "
                     f"{len(set(self.runner.fast_groups + self.runner.safepoint_groups))} "

@@ -34,11 +34,15 @@ class OfflineSuspension:
         """What a saved request's KV depends on: a checkpoint made under another layout is
         not used (`EngineConfig.kv_content`: model, random-weight seed, dtypes of weights
         and compute, block size; plus the tensor-parallel degree, the number of processes
-        the devices are spread over, and the block shape)."""
+        the devices are spread over, the pipeline stages if more than one, and the block
+        shape)."""
         c = self.config
         shape = self.checkpointer.block_shape if self.checkpointer is not None else None
-        return {**c.kv_content(), "tp": c.tp, "processes": c.num_processes,
-                "block_shape": list(shape) if shape else None}
+        out = {**c.kv_content(), "tp": c.tp, "processes": c.num_processes,
+               "block_shape": list(shape) if shape else None}
+        if c.pp > 1:  # (absent for pp 1: checkpoints saved before pp existed stay valid)
+            out["pp"] = c.pp
+        return out
 
     @staticmethod
     def worth_saving(seq: Optional[Sequence]) -> bool:

@@ -6,7 +6,9 @@ mesh (multi-controller JAX, `jax.distributed`).
 device count (`cpu_devices`) and, for `num_processes > 1`, JAX's gloo CPU collectives, then
 `jax.distributed.initialize` with the configured coordinator, and returns the configuration
 with `tp` resolved (multi-process: the mesh spans `jax.devices()` of every process, so `tp`
-is their total; the default 1 means that total). Then every process publishes a fingerprint
+is their total; the default 1 means that total). A pipeline run (`pp` > 1, a stage per
+process) sets the CPU collectives to None instead of gloo, so that each stage's
+tensor-parallel collectives stay in memory, and resolves `tp` to this process's devices. Then every process publishes a fingerprint
 of what must be equal everywhere (the configuration but `process_id`, the code of this
 package, the JAX version) to the coordinator's key-value store and compares it with process
 0's (process 0 with everyone's): a difference raises `ProcessMismatch` naming the fields,
@@ -63,7 +65,10 @@ def start(config: EngineConfig) -> EngineConfig:
         if config.cpu_devices is not None:
             jax.config.update("jax_num_cpu_devices", config.cpu_devices)
         if is_multiprocess(config):
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+            # tensor parallelism across processes needs gloo; pipeline stages keep their
+            # collectives inside the process (with gloo even those would go over TCP)
+            jax.config.update("jax_cpu_collectives_implementation",
+                              "gloo" if config.pp == 1 else None)
             log.info("process %d of %d: connecting to the coordinator at %s",
                      config.process_id, config.num_processes, config.coordinator_address)
             jax.distributed.initialize(
@@ -78,11 +83,19 @@ def start(config: EngineConfig) -> EngineConfig:
                            f"as {key} in the same process")
     if not is_multiprocess(config):
         return config
-    devices = jax.device_count()
-    tp = devices if config.tp == 1 else config.tp
-    if tp != devices:
-        raise ValueError(f"a multi-process run spans every process's devices: tp must be "
-                         f"{devices} (the default), got {config.tp}")
+    if config.pp > 1:  # a stage per process: tp over this process's devices only
+        devices = jax.local_device_count()
+        tp = devices if config.tp == 1 else config.tp
+        if tp > devices:
+            raise ValueError(f"a pipeline stage (pp={config.pp}) runs tensor parallel over "
+                             f"this process's {devices} devices: tp must be at most that, "
+                             f"got {config.tp}")
+    else:
+        devices = jax.device_count()
+        tp = devices if config.tp == 1 else config.tp
+        if tp != devices:
+            raise ValueError(f"a multi-process run spans every process's devices: tp must "
+                             f"be {devices} (the default), got {config.tp}")
     config = dataclasses.replace(config, tp=tp)
     if not _state.checked:
         check_peers(config)

@@ -105,5 +105,10 @@ def follow_if_follower(config: EngineConfig) -> Optional[int]:
     (0 once the leader stopped the run); None on the leader or a single process."""
     if not distributed.is_follower(config):
         return None
+    if config.pp > 1:  # a pipeline stage of its own layers (runtime/pipeline_stage.py)
+        from conserve_jax.runtime.pipeline_stage import run_stage
+
+        run_stage(config)
+        return 0
     run_follower(config)
     return 0

@@ -37,7 +37,7 @@ import numpy as np
 
 from conserve_jax.config import EngineConfig, ModelConfig
 from conserve_jax.models.llama import (AttentionMeta, embed_tokens, final_logits, layer_params,
-                                       project, rope_inv_freq, run_layers)
+                                       project, rope_inv_freq, rope_tables, run_layers)
 from conserve_jax.runtime import sharding as shd
 from conserve_jax.runtime.batch_arrays import BatchArrays, build_batch
 from conserve_jax.runtime.buckets import BucketSet
@@ -85,7 +85,8 @@ class ModelRunner:
         # matmul weights may be stored lower than the activations (see models.llama.project)
         self.weight_dtype = jnp.dtype(engine_cfg.weight_dtype or engine_cfg.dtype)
         self.block_size = engine_cfg.cache.block_size
-        self.mesh = shd.make_mesh(engine_cfg.tp)
+        # a pipeline stage's mesh is its own process's devices (runtime/pipeline_stage.py)
+        self.mesh = (shd.local_mesh if engine_cfg.pp > 1 else shd.make_mesh)(engine_cfg.tp)
         # the o/down reduction; `project` leaves it to the compiler's all-reduce
         self._row_parallel = shd.row_parallel_for(self.mesh, project) or project
         kv_repeat = shd.kv_repeat_for(engine_cfg.tp, model_cfg.num_kv_heads, model_cfg.num_heads)
@@ -107,9 +108,10 @@ class ModelRunner:
         self._suspended: Optional[SuspendedIteration] = None
         self._iteration = 0
         self._ping = None  # (jitted all-reduce, its argument), built at the first `ping`
+        self._rope = None  # jitted RoPE tables, built at the first `enter` (later stages)
         # leader of a multi-process run: followers get every plan and safepoint decision
         self.channel: Optional[PlanChannel] = None
-        if engine_cfg.num_processes > 1 and engine_cfg.process_id == 0:
+        if engine_cfg.num_processes > 1 and engine_cfg.pp == 1 and engine_cfg.process_id == 0:
             self.channel = PlanChannel.connect(leader=True,
                                                timeout_s=engine_cfg.process_timeout_s)
 
@@ -183,6 +185,7 @@ class ModelRunner:
     def compiled_count(self) -> int:
         """Executables compiled so far (tests assert it stays fixed after warm-up)."""
         fns = list(self._groups.values()) + [self._embed, self._select, self._head]
+        fns += [self._rope] if self._rope is not None else []
         return sum(f._cache_size() for f in fns)
 
     def execute(self, plan: StepPlan, safepoint: Optional[Safepoint] = None) -> Optional[StepResult]:
@@ -202,10 +205,24 @@ class ModelRunner:
                       iteration: int, plan: Optional[StepPlan] = None) -> Optional[StepResult]:
         """`execute` on built batch arrays (a follower's entry; `plan` None: the sampled
         tokens are computed, as every process must, but not read back)."""
+        return self._run(self.embed_batch(b, num_top, iteration, plan), safepoint)
+
+    def embed_batch(self, b: BatchArrays, num_top: int, iteration: int,
+                    plan: Optional[StepPlan] = None) -> SuspendedIteration:
+        """The iteration before its first layer: the batch's tokens embedded, RoPE tables
+        computed (`forward` runs its layers; a pipeline's first stage calls both)."""
         x, cos, sin = self.first_calls.call(("embed", len(b.token_ids)), self._embed,
                                             self.embed, b.token_ids, b.positions, self.inv_freq)
-        return self._run(SuspendedIteration(plan, b, x, (cos, sin), 0, num_top, iteration),
-                         safepoint)
+        return SuspendedIteration(plan, b, x, (cos, sin), 0, num_top, iteration)
+
+    def enter(self, b: BatchArrays, hidden, num_top: int, iteration: int) -> SuspendedIteration:
+        """The iteration at this runner's first layer, from the hidden rows [T, hidden] (a
+        host array) a previous pipeline stage computed (runtime/pipeline_stage.py)."""
+        if self._rope is None:
+            self._rope = jax.jit(rope_tables)
+        cos, sin = self.first_calls.call(("rope", len(b.positions)), self._rope, b.positions,
+                                         self.inv_freq)
+        return SuspendedIteration(None, b, self._put(hidden), (cos, sin), 0, num_top, iteration)
 
     def _num_top(self, plan: StepPlan) -> int:
         want = any(s.num_logprobs for s in plan.sampled_specs())
@@ -266,7 +283,7 @@ class ModelRunner:
 
     def _run(self, it: SuspendedIteration, safepoint: Optional[Safepoint]):
         self._suspended = None
-        hidden = self._forward(it, safepoint)
+        hidden = self.forward(it, safepoint)
         if hidden is None:
             return None
         return self._sample(it.plan, it.batch, hidden, it.num_top)
@@ -284,9 +301,9 @@ class ModelRunner:
         rep = shd.replicated(self.mesh)
         return jax.tree_util.tree_map(lambda a: shd.put(a, rep), meta)
 
-    def _forward(self, it: SuspendedIteration, safepoint: Optional[Safepoint]):
-        """Layers `it.layers_done`.. of the iteration; None (state kept for
-        `take_suspended`) if a safepoint abandons it."""
+    def forward(self, it: SuspendedIteration, safepoint: Optional[Safepoint]):
+        """Layers `it.layers_done`.. of the iteration: the hidden rows after the last
+        layer, or None (state kept for `take_suspended`) if a safepoint abandons it."""
         x, (cos, sin), meta = it.hidden, it.rope, self._meta(it.batch)
         n = self.cfg.num_layers
         done = it.layers_done
@@ -316,25 +333,22 @@ class ModelRunner:
         if not b.num_sampled:
             hidden.block_until_ready()
             return StepResult([], self.cfg.num_layers)
+        out = self.sample_device(b, hidden, num_top)
+        if plan is None:  # a follower: nothing to read back
+            jax.block_until_ready(out[0])
+            return StepResult([], self.cfg.num_layers)
+        return step_result(plan, [np.asarray(a) for a in out], self.cfg.num_layers)
+
+    def sample_device(self, b: BatchArrays, hidden, num_top: int) -> tuple:
+        """Final norm, head and sampler on the batch's sampled rows of `hidden` (device
+        arrays: tokens, chosen logprobs, top ids, top logprobs; padded to the row bucket)."""
         r, S = b.sampling, len(b.sample_rows)
         rows = self.first_calls.call(("select", hidden.shape[0], S), self._select, hidden,
                                      b.sample_rows)
         mode = sampler_mode(r, b.num_sampled)
-        tokens, chosen, top_ids, top_lp = self.first_calls.call(
+        return self.first_calls.call(
             ("head", S, mode, num_top), self._head, self.final_norm, self.head, rows,
             r.temperature, r.top_k, r.top_p, r.seed, r.counter, mode=mode, num_top=num_top)
-        if plan is None:  # a follower: nothing to read back
-            jax.block_until_ready(tokens)
-            return StepResult([], self.cfg.num_layers)
-        specs = plan.sampled_specs()
-        tokens, chosen = np.asarray(tokens), np.asarray(chosen)
-        top_ids, top_lp = np.asarray(top_ids), np.asarray(top_lp)
-        out = []
-        for i, s in enumerate(specs):
-            n = s.num_logprobs or 0
-            top = [(int(top_ids[i, j]), float(top_lp[i, j])) for j in range(n)]
-            out.append(SampledToken(int(tokens[i]), float(chosen[i]), top))
-        return StepResult(out, self.cfg.num_layers)
 
     # ---- warm-up ------------------------------------------------------------------------
     def warmup(self, shapes: Optional[list[int]] = None,
@@ -377,12 +391,24 @@ class ModelRunner:
                         ("head", S, mode, num_top), self._head, self.final_norm, self.head,
                         hidden, f32, i32, np.ones(S, np.float32), np.zeros(S, np.uint32), i32,
                         mode=mode, num_top=num_top)[0].block_until_ready()
-        if self.engine_cfg.num_processes > 1:  # `ping`'s (every process warms up alike)
+        if self.engine_cfg.num_processes > 1 and self.engine_cfg.pp == 1:  # `ping`'s
             self._all_reduce()
         dt = time.perf_counter() - t0
         log.info("warm-up compiled %d token buckets x %d layer-group sizes and the sampler "
                  "in %.1f s", len(shapes), len(self._groups), dt)
         return dt
+
+
+def step_result(plan: StepPlan, arrays, num_layers: int) -> StepResult:
+    """The sampled rows (host arrays: tokens, chosen logprobs, top ids, top logprobs; at
+    least one row per sampled spec of `plan`, in order) as the plan's `StepResult`."""
+    tokens, chosen, top_ids, top_lp = arrays
+    out = []
+    for i, s in enumerate(plan.sampled_specs()):
+        n = s.num_logprobs or 0
+        top = [(int(top_ids[i, j]), float(top_lp[i, j])) for j in range(n)]
+        out.append(SampledToken(int(tokens[i]), float(chosen[i]), top))
+    return StepResult(out, num_layers)
 
 
 def engine_buckets(engine_cfg: EngineConfig) -> BucketSet:

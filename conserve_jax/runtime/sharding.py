@@ -34,6 +34,19 @@ def make_mesh(tp: int) -> Optional[Mesh]:
                          devices=devices[:tp])
 
 
+def local_mesh(tp: int) -> Optional[Mesh]:
+    """The tp mesh over the first `tp` of this process's own devices
+    (`jax.local_devices()`): a pipeline stage's (runtime/pipeline_stage.py), whose
+    collectives never leave the process; None for tp 1."""
+    if tp == 1:
+        return None
+    devices = jax.local_devices()
+    if len(devices) < tp:
+        raise ValueError(f"tp={tp} needs {tp} local devices, {len(devices)} available")
+    return jax.make_mesh((tp,), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
+                         devices=devices[:tp])
+
+
 def put(x, sharding: NamedSharding) -> jax.Array:
     """`x` (a host array, the same on every process) placed with `sharding`. A sharding
     spanning other processes' devices is filled from this process's copy, shard by shard:
