@@ -325,8 +325,16 @@ def test_items_under_way_set_the_pace_and_the_work_left(setup):
     tr.borrow_gain = 5.0  # borrowing's most: 12 x 2 / 5 = 4.8 s, so it could still make it
     tr.tick(in_engine={b: 1, tight: 1}, progress={b: pace, tight: slow})
     assert not tr.estimate_of(tight).hopeless and tight in tr.urgent_batches()
-    # judged at its own fastest pace: 0.25 s
+    # its own item generated beside other jobs' prompts so far; served first, its items
+    # go at the lead pace: other items generate at 0.25 s a token (the lower quartile), so
+    # its burst, 12 tokens at 0.25 s, fits: not hopeless
     tr.borrow_gain = 1.0
+    fast = [ItemProgress(9, 2.0, 8)] * 2
+    tr.tick(in_engine={b: 5, tight: 1}, progress={b: fast + pace * 3, tight: slow})
+    assert tr.tpot_lead() == pytest.approx(0.25) and tr.own_pace(tight, None) == 2.0
+    assert tr.tpot() == pytest.approx(2.0)
+    assert not tr.estimate_of(tight).hopeless and tight in tr.urgent_batches()
+    # judged at its own fastest pace: 0.25 s
     tr.tick(in_engine={b: 1, tight: 1},
             progress={b: pace * 6, tight: [ItemProgress(10, 2.0, 8)]})
     assert tr.tpot() == pytest.approx(2.0) and tr.own_pace(tight, 2.0) == pytest.approx(0.25)

@@ -243,7 +243,8 @@ def _look(tracker, ids: dict, t_first: float, infos: list) -> dict:
         row[name] = {"to_go_s": None if e is None or e.finish_at is None else
                      round(e.finish_at - now, 2),
                      "at_risk": bool(e and e.at_risk), "hopeless": bool(e and e.hopeless),
-                     "urgent": bid in urgent, "done": info.done}
+                     "urgent": bid in urgent, "done": info.done,
+                     "own_pace_s": tracker.own_pace(bid, None)}
     return row
 
 

@@ -51,7 +51,10 @@ priority and prompts went in beside it all along. Whether a
 job is hopeless (`slack` module doc) is judged with its work at the rate against its tail
 at its own items' fastest pace (`own_pace`; slower ones waited behind others; before its
 items have shown a pace, against no tail: a job keeps its priority until its own items
-show it cannot make it), or its burst, its tail at the fast end, if that is sooner.
+show it cannot make it), or its burst, its tail at the faster of that pace and the lower
+quartile, if that is sooner (bench_deadlines, staggered, 4706941: the medium job's items
+had generated beside the loose job's prompts; judged at their own pace (inferred: some 0.9 s a token), its
+burst missed, it was hopeless 26 s before its deadline and expired with 3 of 4 items done).
 bench_deadlines: judged, while its items generated, at all offline items' lower-quartile
 pace, the medium job looked lost 30 s before its deadline while its first item generated
 at 0.57 s a token; judged before its items had started at that quartile (over 0.7 s a
@@ -208,9 +211,9 @@ class DeadlineTracker:
         item (`_tail`): at `tpot_s` (`tpot`) per output token for the first `behind_s`
         seconds, while the prompts of the jobs served after it go in beside it, then at the
         fast end, its own items' fastest (`own_pace`) else `lead_s` (`tpot_lead`; default
-        `tpot_s`), which a burst when judging hopeless is at too, where its work at the
-        rate weighs against its tail at its own items' fastest only (none yet: no tail);
-        at risk, at `tpot_s` throughout (module doc)."""
+        `tpot_s`); when judging hopeless, its work at the rate weighs against its tail at
+        its own items' fastest only (none yet: no tail), its burst at the faster of that
+        and `lead_s`; at risk, at `tpot_s` throughout (module doc)."""
         items_left, inside, started = self._started(row)
         per_prompt = row.work_prompt_tokens / row.total if row.total else 0.0
         per_item = row.work_output_tokens / row.total if row.total else 0.0
@@ -223,14 +226,18 @@ class DeadlineTracker:
         in_engine = self.units(per_prompt * (inside - len(started)),
                                per_item * (inside - len(started)) + out_left)
         slowest = per_item if fresh > 0 else max(lefts, default=0.0)
-        # served first (urgent, its burst when judging hopeless): the pace priority gives
+        # served first (urgent): the pace priority gives
         own = self.pace.own(row.id, None)
-        first = own if own is not None else (tpot_s if lead_s is None else lead_s)
+        lead = tpot_s if lead_s is None else lead_s
+        first = own if own is not None else lead
         # hopeless weighs its work at the rate against its tail at its own items' pace
-        # only: before they have shown one, against no tail (module doc)
+        # only (before they have shown one, against no tail), and its burst at the faster
+        # of that pace and the lead pace: its items may have generated beside other jobs'
+        # prompts so far, which priority stops (module doc)
         return JobWork(row.id, row.deadline, left, in_engine=in_engine,
                        urgent=row.id in urgent, tail_s=_tail(slowest, behind_s, tpot_s, first),
-                       tail_min_s=slowest * first,
+                       tail_min_s=slowest * (min(own, lead) if own is not None and lead > 0
+                                             else first),
                        tail_seen_s=slowest * own if own is not None else 0.0,
                        tail_alone_s=slowest * tpot_s,
                        prompt_left=self.units(per_prompt * fresh, 0))
