@@ -10,6 +10,10 @@ tables decide them, and every stage has the same number of blocks (`stage_blocks
 configured count, or `kv_memory_bytes` over the largest stage's bytes per block, so the
 memory budget is per process). The runner's mesh is over `jax.local_devices()` at the
 configured `tp` (`ModelRunner` reads `pp`), so its collectives stay in the process.
+Without safepoints a stage runs `layers_per_call` layers per jitted call, by default the
+whole model's default (a third of all layers, rounded up; `default_layers_per_call`), not a
+third of the stage: fewer dispatches per step (a stage of random:small's 2 layers is one
+call, as in the spike, where a third of the stage would be two).
 
 `StageLoop` (process i > 0, its main thread; `run_stage` builds it, called through
 runtime/follower.py's `follow_if_follower`): for each frame from the previous stage
@@ -66,7 +70,7 @@ class Stage:
 
     def __init__(self, model_cfg: ModelConfig, params: dict, engine_cfg: EngineConfig,
                  stage: int) -> None:
-        from conserve_jax.runtime.model_runner import ModelRunner
+        from conserve_jax.runtime.model_runner import ModelRunner, default_layers_per_call
         from conserve_jax.runtime.sharding import kv_repeat_for
 
         self.stage, self.num_stages = stage, engine_cfg.pp
@@ -77,8 +81,10 @@ class Stage:
         blocks = stage_blocks(model_cfg, engine_cfg, kv_heads)
         cfg = dataclasses.replace(engine_cfg, kv_cache_tokens=None,
                                   cache=dataclasses.replace(engine_cfg.cache, num_blocks=blocks))
+        per_call = engine_cfg.layers_per_call or default_layers_per_call(model_cfg.num_layers)
         self.runner = ModelRunner(dataclasses.replace(model_cfg, num_layers=self.hi - self.lo),
-                                  {**params, "layers": params["layers"][self.lo: self.hi]}, cfg)
+                                  {**params, "layers": params["layers"][self.lo: self.hi]}, cfg,
+                                  layers_per_call=per_call)
 
     @property
     def first(self) -> bool:
