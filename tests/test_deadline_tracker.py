@@ -398,3 +398,26 @@ def test_an_urgent_job_generates_at_the_lead_pace_while_later_urgent_prompts_wai
     assert tr.estimate_of(made["a"]).finish_at - clock.t == pytest.approx(1.0 + 20 * 1)
     # b: after a's burst (21 s), its own: its 100-token prompt (10 s), 20 tokens at 1 s
     assert tr.estimate_of(made["b"]).finish_at - clock.t == pytest.approx(21.0 + 10.0 + 20 * 1)
+
+
+def test_the_lead_pace_is_the_faster_of_item_paces_and_the_free_iteration_period(setup):
+    """Before offline items have shown a fast pace, the lead pace (an urgent job's, and a
+    new job's tail) is the engine's iteration period while offline items generate with no
+    offline prompt beside them; the faster of the two once both are known."""
+    store, eng, clock, tr = setup
+    assert tr.tpot_lead() == 0.0
+    eng.st.offline_waiting = 1
+    for _ in range(7):  # offline items generating, no prompt: 10 iterations a second
+        clock.t += 1.0
+        eng.st.offline_tokens_total += 20
+        eng.st.iterations += 10
+        tr.tick()
+    assert tr.tpot() == 0.0 and tr.tpot_lead() == pytest.approx(0.1)
+    w, _ = tr.judge(items(1, hint=20), "t", clock.t + 100, "deadline")
+    # 30 tokens' work at 20 a second, then its 20 tokens at 0.1 s each
+    assert w.estimate_at - clock.t == pytest.approx(30 / 20 + 20 * 0.1)
+    b, _ = store.create_batch("t", items(1, hint=20), clock.t + 100, work=w)
+    tr.tick(in_engine={b: 1}, progress={b: [ItemProgress(9, 8.0, 8)]})  # 1 s a token
+    assert tr.tpot() == pytest.approx(1.0) and tr.tpot_lead() == pytest.approx(0.1)
+    tr.tick(in_engine={b: 1}, progress={b: [ItemProgress(9, 0.4, 8)]})  # 0.05 s a token
+    assert tr.tpot_lead() == pytest.approx(0.05)
