@@ -160,6 +160,11 @@ class EngineStats:
     recomputed_tokens: int = 0
     restored_tokens: int = 0
     iterations: int = 0
+    # committed iterations that generated offline tokens with no offline prompt chunk in
+    # them, and their seconds from scheduling to commit: the pace of offline items served
+    # before every other offline prompt (deadline estimates' lead pace)
+    offline_free_iterations: int = 0
+    offline_free_s: float = 0.0
     # KV planning (response-length reservations; see scheduling/kv_planner.py)
     kv_blocks_reserved_unused: int = 0  # held by running requests beyond what they wrote
     kv_reservations_grown: int = 0  # a request outlived its predicted length

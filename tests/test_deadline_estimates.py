@@ -298,25 +298,24 @@ def test_urgent_jobs_are_done_in_bursts_one_after_another():
     assert admit([a, calm], new, 0.5, 0.0, burst_s=9.0).finish_at == pytest.approx(24.0)
 
 
-def test_free_period_is_the_iteration_period_without_offline_prompts():
-    """The engine's seconds per iteration over the intervals in which offline items
-    generated and no offline prompt went in: intervals with a prompt chunk (long
-    iterations), with nothing offline generated, or not backlogged do not count; too few
-    iterations: unknown; counters going back forget it."""
-    m = HarvestMeter(WorkCost(), window_s=100.0, min_span_s=1.0)
-    m.observe(0.0, 0, 0, True, iterations=0)
-    m.observe(1.0, 512, 2, True, iterations=2)  # a prompt chunk: 0.5 s an iteration
-    m.observe(2.0, 512, 12, True, iterations=7)  # 5 iterations, 10 tokens: 0.2 s
+def test_free_period_is_the_engines_time_per_free_iteration():
+    """The engine's seconds per iteration that generated offline tokens with no offline
+    prompt in it, from its cumulative counters: too few such iterations: unknown; kept over
+    stretches without any; counters going back forget it; no counters: unknown."""
+    m = HarvestMeter(WorkCost(), window_s=10.0, min_span_s=1.0)
+    m.observe(0.0, 0, 0, True, free=(0, 0.0))
+    m.observe(1.0, 512, 2, True, free=(5, 1.0))  # 5 free iterations in 1.0 s: 0.2 s
     assert m.free_period() is None  # 5 iterations: too few yet
-    m.observe(3.0, 512, 12, True, iterations=27)  # online iterations only: no offline token
-    m.observe(4.0, 512, 22, True, iterations=32)  # 5 more at 0.2 s
+    m.observe(2.0, 1024, 4, False, free=(10, 2.0))  # also across a reading not backlogged
     assert m.free_period() == pytest.approx(0.2)
-    m.observe(5.0, 512, 40, False, iterations=37)  # not backlogged at one end
-    m.observe(6.0, 600, 50, True, iterations=39)  # a prompt went in
+    for t in range(3, 30):  # 27 s of prompts only: no free iteration, the value stands
+        m.observe(float(t), 512 * t, 4, True, free=(10, 2.0))
     assert m.free_period() == pytest.approx(0.2)
-    m.observe(7.0, 600, 60, True, iterations=49)  # 10 iterations in 1 s: 0.1 s
-    assert m.free_period() == pytest.approx(3.0 / 20)
-    m.observe(8.0, 600, 70, True)  # iterations unknown: nothing learnt
-    assert m.free_period() == pytest.approx(3.0 / 20)
-    m.observe(9.0, 10, 5, True, iterations=5)  # the engine restarted: counters went back
+    m.observe(30.0, 512 * 30, 40, True, free=(110, 12.0))  # 100 at 0.1 s: the window is 10 s
+    assert m.free_period() == pytest.approx(0.1)
+    m.observe(31.0, 10, 5, True, free=(1, 0.1))  # the engine restarted: counters went back
     assert m.free_period() is None and m.rate() is None
+    m2 = HarvestMeter(WorkCost(), window_s=10.0, min_span_s=1.0)
+    m2.observe(0.0, 0, 0, True)
+    m2.observe(1.0, 0, 50, True)
+    assert m2.free_period() is None

@@ -402,15 +402,16 @@ def test_an_urgent_job_generates_at_the_lead_pace_while_later_urgent_prompts_wai
 
 def test_the_lead_pace_is_the_faster_of_item_paces_and_the_free_iteration_period(setup):
     """Before offline items have shown a fast pace, the lead pace (an urgent job's, and a
-    new job's tail) is the engine's iteration period while offline items generate with no
-    offline prompt beside them; the faster of the two once both are known."""
+    new job's tail) is the engine's time per iteration that generated offline tokens with
+    no offline prompt in it; the faster of the two once both are known."""
     store, eng, clock, tr = setup
     assert tr.tpot_lead() == 0.0
     eng.st.offline_waiting = 1
-    for _ in range(7):  # offline items generating, no prompt: 10 iterations a second
+    for _ in range(7):  # 20 offline tokens a second, 10 free iterations of 0.1 s
         clock.t += 1.0
         eng.st.offline_tokens_total += 20
-        eng.st.iterations += 10
+        eng.st.offline_free_iterations += 10
+        eng.st.offline_free_s += 1.0
         tr.tick()
     assert tr.tpot() == 0.0 and tr.tpot_lead() == pytest.approx(0.1)
     w, _ = tr.judge(items(1, hint=20), "t", clock.t + 100, "deadline")

@@ -392,6 +392,7 @@ class Engine(EngineAPI):
             done.set()
 
     def _iterate(self) -> None:
+        t_start = time.perf_counter()
         parked = self._resumable()
         if parked is not None:  # continue the preempted offline iteration at its layer
             step = self._cur_step = parked.step
@@ -442,7 +443,8 @@ class Engine(EngineAPI):
             self.delivery.token(seq.request_id, tok, reason, final_stats(seq))
             if reason is not None:
                 self._finish(seq, reason, notify=False)
-        self._iteration_done(self.accounting.record(entries, sampled))
+        self._iteration_done(self.accounting.record(
+            entries, sampled, None if parked is not None else time.perf_counter() - t_start))
 
     def _resumable(self):
         """The parked (preempted) iteration if it may continue now: no online work is

@@ -15,6 +15,7 @@ import collections
 import dataclasses
 import threading
 import time
+from typing import Optional
 
 from conserve_jax.engine.output_delivery import FinalStats
 from conserve_jax.engine_api import EngineStats, IterationStats
@@ -29,12 +30,18 @@ class StepAccounting:
         self._history: collections.deque = collections.deque(maxlen=512)  # (t, online, offline)
         self._totals = [0, 0, 0, 0]  # generated online/offline, prefilled online/offline
         self.iterations = 0
+        # iterations that generated offline tokens with no offline prompt chunk in them, and
+        # their seconds (each from its scheduling to its commit; resumed ones not counted)
+        self.offline_free_iterations = 0
+        self.offline_free_s = 0.0
         self._snapshot = EngineStats()
 
-    def record(self, entries, sampled) -> IterationStats:
+    def record(self, entries, sampled, seconds: Optional[float] = None) -> IterationStats:
         """Step-loop thread, once per committed iteration: count its prefill `entries`'
         tokens and its `sampled` (sequence, token) pairs by class, add them to the totals
-        and the rate history, and return the record for the iteration listeners."""
+        and the rate history, and return the record for the iteration listeners.
+        `seconds`: how long the iteration took from its scheduling to its commit (None:
+        not known, e.g. a resumed iteration)."""
         counts = [0, 0, 0, 0]
         for e in entries:
             if not e.decode:
@@ -42,6 +49,9 @@ class StepAccounting:
         for seq, _ in sampled:
             counts[0 if seq.online else 1] += 1
         self.iterations += 1
+        if seconds is not None and counts[1] and not counts[3]:
+            self.offline_free_iterations += 1
+            self.offline_free_s += seconds
         self._totals = [a + b for a, b in zip(self._totals, counts)]
         with self._lock:
             self._history.append((time.monotonic(), counts[0], counts[1]))
@@ -66,6 +76,8 @@ class StepAccounting:
             preemptions_resumed=c.preemptions_resumed,
             evictions=c.evictions, recomputed_tokens=c.recomputed_tokens,
             restored_tokens=c.restored_tokens, iterations=self.iterations,
+            offline_free_iterations=self.offline_free_iterations,
+            offline_free_s=self.offline_free_s,
             prefix_cache_queries_online=c.prefix_query_tokens[True],
             prefix_cache_queries_offline=c.prefix_query_tokens[False],
             prefix_cache_hits_online=c.prefix_hit_tokens[True],

@@ -75,7 +75,8 @@ class _Reading:
     work: float  # cumulative work units
     backlogged: bool
     prefill: float = 0.0  # of `work`, the prompt tokens' units
-    iterations: Optional[int] = None  # the engine's committed iterations (None: unknown)
+    # the engine's cumulative (free iterations, their seconds) (None: unknown; `free_period`)
+    free: Optional[tuple[int, float]] = None
 
 
 class HarvestMeter:
@@ -100,25 +101,30 @@ class HarvestMeter:
         # units), oldest first, covering at most window_s seconds of such time however
         # long ago (`prompt_rate`); replaced whole like `_intervals`
         self._prompt_intervals: tuple[tuple[float, float], ...] = ()
-        # backlogged intervals in which offline items generated and no offline prompt went
-        # in (seconds, iterations), the same way (`free_period`)
+        # (seconds, iterations) of the engine's free iterations between two readings, the
+        # last window_s seconds of them however long ago (`free_period`)
         self._free_intervals: tuple[tuple[float, float], ...] = ()
 
     def observe(self, now: float, prefill_tokens_total: int, output_tokens_total: int,
-                backlogged: bool, iterations: Optional[int] = None) -> None:
-        """One reading of the engine's cumulative offline counters (and its committed
-        iterations, if known) at wall time `now`. A reading earlier than the previous one,
-        or counters that went down (the engine restarted), forget the history."""
+                backlogged: bool, free: Optional[tuple[int, float]] = None) -> None:
+        """One reading of the engine's cumulative offline counters at wall time `now`, and
+        if known its free iterations (`EngineStats.offline_free_iterations`, `_s`: offline
+        tokens and no offline prompt in them) and their seconds. A reading earlier than the
+        previous one, or counters that went down (the engine restarted), forget the
+        history."""
         work = self.cost.of(prefill_tokens_total, output_tokens_total)
         prefill = self.cost.of(prefill_tokens_total, 0)
-        last, self._last = self._last, _Reading(now, work, bool(backlogged), prefill, iterations)
+        last, self._last = self._last, _Reading(now, work, bool(backlogged), prefill, free)
         if last is None:
             return
-        if (now < last.t or work < last.work or (iterations is not None and
-                                                  last.iterations is not None
-                                                  and iterations < last.iterations)):
+        if now < last.t or work < last.work or (
+                free is not None and last.free is not None and free[0] < last.free[0]):
             self._intervals = self._prompt_intervals = self._free_intervals = ()
             return
+        if free is not None and last.free is not None and free[0] > last.free[0]:
+            self._free_intervals = _slide(
+                self._free_intervals + ((free[1] - last.free[1], float(free[0] - last.free[0])),),
+                self.window_s)
         dt = now - last.t
         if not (last.backlogged and backlogged) or dt <= 0:
             return
@@ -126,11 +132,6 @@ class HarvestMeter:
         self._intervals = _slide(self._intervals + ((dt, work - last.work, p),), self.window_s)
         if p > 0:
             self._prompt_intervals = _slide(self._prompt_intervals + ((dt, p),), self.window_s)
-        elif work > last.work and iterations is not None and last.iterations is not None \
-                and iterations > last.iterations:
-            self._free_intervals = _slide(
-                self._free_intervals + ((dt, float(iterations - last.iterations)),),
-                self.window_s)
 
     def span(self) -> tuple[float, float]:
         """(backlogged seconds, work units done in them) inside the window."""
@@ -163,12 +164,12 @@ class HarvestMeter:
 
 
     def free_period(self) -> Optional[float]:
-        """Seconds per engine iteration while offline items generate and no offline prompt
-        goes in beside them (the intervals between readings in which offline tokens were
-        generated and no offline prompt token went in, over the last `window_s` seconds of
-        them however long ago): the pace, one token an iteration, of an offline item
-        served before every other offline prompt, at the fast end (an item left out of an
-        iteration goes slower). None before `FREE_MIN_ITERATIONS` such iterations."""
+        """Seconds per engine iteration that generated offline tokens with no offline
+        prompt in it (the engine times each from its scheduling to its commit), over the
+        last `window_s` seconds of such iterations however long ago: the pace, a token an
+        iteration, of an offline item served before every other offline prompt, at the
+        fast end (an item left out of an iteration, or an iteration abandoned for an online
+        arrival, makes it slower). None before `FREE_MIN_ITERATIONS` of them."""
         iv = self._free_intervals
         n = sum(i for _, i in iv)
         return sum(d for d, _ in iv) / n if n >= FREE_MIN_ITERATIONS else None

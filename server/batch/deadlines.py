@@ -31,8 +31,12 @@ after an item's first token, while other items' prompts go in, is not its pace),
 known as soon as offline items have generated a few tokens, before any finishes. That
 median is the pace of items generating while other items' prompts go in beside them (a
 prompt chunk makes an iteration several decodes long); once no prompt is left to go in
-beside them, items generate at the fast end: their own items' fastest once they have
-samples, else the lower quartile of the offline paces (`tpot_lead`). So a calm job's tail
+beside them, items generate at the fast end (`tpot_lead`): the faster of the lower
+quartile of the offline paces and the engine's time per iteration that generated offline
+tokens with no offline prompt in it (`HarvestMeter.free_period`), or of that and their
+own items' fastest once they have samples (those may have generated beside other jobs'
+prompts until then; bench_deadlines, staggered, at dad6ea4: the urgent medium job,
+estimated at its own items' pace, read 62-117 s to go where 4-21 s were left). So a calm job's tail
 is at the median pace for as long as the prompts of the calm jobs due after it take to go
 in (at the harvest rate; `_behind`), then at the fast end. An urgent job's tail is at the fast
 end throughout: the scheduler holds back every prompt but its own (and those of urgent
@@ -51,8 +55,7 @@ priority and prompts went in beside it all along. Whether a
 job is hopeless (`slack` module doc) is judged with its work at the rate against its tail
 at its own items' fastest pace (`own_pace`; slower ones waited behind others; before its
 items have shown a pace, against no tail: a job keeps its priority until its own items
-show it cannot make it), or its burst, its tail at the faster of that pace and the lower
-quartile, if that is sooner (bench_deadlines, staggered, 4706941: the medium job's items
+show it cannot make it), or its burst, its tail at the fast end, if that is sooner (bench_deadlines, staggered, 4706941: the medium job's items
 had generated beside the loose job's prompts; judged at their own pace (inferred: some 0.9 s a token), its
 burst missed, it was hopeless 26 s before its deadline and expired with 3 of 4 items done).
 bench_deadlines: judged, while its items generated, at all offline items' lower-quartile
@@ -210,10 +213,10 @@ class DeadlineTracker:
         urgent if it was at risk at the last look, and the tail of its slowest remaining
         item (`_tail`): at `tpot_s` (`tpot`) per output token for the first `behind_s`
         seconds, while the prompts of the jobs served after it go in beside it, then at the
-        fast end, its own items' fastest (`own_pace`) else `lead_s` (`tpot_lead`; default
-        `tpot_s`); when judging hopeless, its work at the rate weighs against its tail at
-        its own items' fastest only (none yet: no tail), its burst at the faster of that
-        and `lead_s`; at risk, at `tpot_s` throughout (module doc)."""
+        fast end, the faster of its own items' fastest (`own_pace`) and `lead_s`
+        (`tpot_lead`; default `tpot_s`), its burst's too when judging hopeless, where its
+        work at the rate weighs against its tail at its own items' fastest only (none
+        yet: no tail); at risk, at `tpot_s` throughout (module doc)."""
         items_left, inside, started = self._started(row)
         per_prompt = row.work_prompt_tokens / row.total if row.total else 0.0
         per_item = row.work_output_tokens / row.total if row.total else 0.0
@@ -226,18 +229,17 @@ class DeadlineTracker:
         in_engine = self.units(per_prompt * (inside - len(started)),
                                per_item * (inside - len(started)) + out_left)
         slowest = per_item if fresh > 0 else max(lefts, default=0.0)
-        # served first (urgent): the pace priority gives
+        # served first (urgent, and its burst when judging hopeless): the pace priority
+        # gives, the faster of its own items' and the lead pace: they may have generated
+        # beside other jobs' prompts so far, which priority stops (module doc)
         own = self.pace.own(row.id, None)
         lead = tpot_s if lead_s is None else lead_s
-        first = own if own is not None else lead
+        first = lead if own is None else (min(own, lead) if lead > 0 else own)
         # hopeless weighs its work at the rate against its tail at its own items' pace
-        # only (before they have shown one, against no tail), and its burst at the faster
-        # of that pace and the lead pace: its items may have generated beside other jobs'
-        # prompts so far, which priority stops (module doc)
+        # only (before they have shown one, against no tail)
         return JobWork(row.id, row.deadline, left, in_engine=in_engine,
                        urgent=row.id in urgent, tail_s=_tail(slowest, behind_s, tpot_s, first),
-                       tail_min_s=slowest * (min(own, lead) if own is not None and lead > 0
-                                             else first),
+                       tail_min_s=slowest * first,
                        tail_seen_s=slowest * own if own is not None else 0.0,
                        tail_alone_s=slowest * tpot_s,
                        prompt_left=self.units(per_prompt * fresh, 0))
@@ -268,8 +270,8 @@ class DeadlineTracker:
     def tpot_lead(self) -> float:
         """The pace an urgent job's items get before they have their own samples: the
         faster of the lower quartile of the offline paces (`tpot`'s samples) and the
-        engine's iteration period while offline items generate with no offline prompt
-        beside them (`HarvestMeter.free_period`). Served first, they generate beside no
+        engine's time per iteration that generated offline tokens with no offline prompt
+        in it (`HarvestMeter.free_period`). Served first, they generate beside no
         other job's prompts (the scheduler holds those back), so they run at the fast end
         of what offline items do; item paces alone lag (bench_deadlines, staggered: the
         first samples, of items that generated beside prompts, read 0.8-1 s a token, and
@@ -429,7 +431,7 @@ class DeadlineTracker:
         st = self.engine.stats()
         backlogged = st.offline_waiting + st.offline_running > 0
         self.meter.observe(now, st.offline_prefill_tokens_total, st.offline_tokens_total,
-                           backlogged, st.iterations)
+                           backlogged, (st.offline_free_iterations, st.offline_free_s))
 
     def tick(self, now: Optional[float] = None,
              in_engine: Optional[dict[str, int]] = None,
