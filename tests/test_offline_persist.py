@@ -118,6 +118,20 @@ def test_checkpoint_dir_round_trip_and_delete(tmp_path):
         d.load("../escape")
 
 
+def test_a_save_without_kv_round_trips(tmp_path):
+    """A policy without KV checkpoints saves tokens only: zero blocks (orbax refuses a
+    zero-size array; it was never written before)."""
+    d = CheckpointDir(str(tmp_path), LAYOUT, 1 << 30)
+    for key, blocks in (("b1-0", np.zeros((0,), np.float32)),
+                        ("b1-1", np.zeros((0, 2, 2, 2, 4, 8), np.float32))):
+        s = SavedRequest([1, 2, 3], [4, 5], 7, 0, blocks)
+        assert d.save_all([(key, s)]) == [key]
+        got = CheckpointDir(str(tmp_path), LAYOUT, 1 << 30).load(key)
+        assert got.blocks.shape == blocks.shape and got.blocks.dtype == blocks.dtype
+        assert (got.prompt_ids, got.generated_ids, got.seed, got.num_saved_tokens) == \
+            ([1, 2, 3], [4, 5], 7, 0)
+
+
 def test_unfinished_save_is_never_used(tmp_path):
     tmp = tmp_path / "b1-0.orbax-checkpoint-tmp-123"
     tmp.mkdir()

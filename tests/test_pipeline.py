@@ -3,7 +3,9 @@ processes x 2 CPU devices, each a stage of the model's layers at tp 2 over its o
 `LLM.generate` and `serve` give the greedy tokens and top logprobs of one process (tp 4
 and tp 1); the first stage's safepoints abandon and resume an iteration; a killed or
 stopped stage makes process 0 turn health NOT_SERVING, end the open stream with an error
-and exit with EXIT_ENGINE_FAILED within a bound. Refusals (no processes): pp without one
+and exit with EXIT_ENGINE_FAILED within a bound; a SIGTERM mid-batch saves the items'
+tokens and a restart of both processes finishes the batch with one process's tokens.
+Refusals (no processes): pp without one
 process per stage, pp with a policy that checkpoints offline KV.
 
 Processes are launched as in tests/test_multiprocess.py (its helpers: free ports, hard
@@ -193,3 +195,38 @@ def test_serve_leader_fails_cleanly_when_a_stage_fails(tmp_path, launched, sig, 
     assert health_pb2.HealthCheckResponse.NOT_SERVING in health, health
     assert stream_end and stream_end[0] not in ("length", "stop"), stream_end
     assert follower_code != 0, follower.log()
+
+
+@pytest.mark.slow
+def test_sigterm_restart_resumes_a_batch_over_two_stages(tmp_path, launched):  # noqa: F811
+    """SIGTERM on process 0 mid-batch under `--pp 2` (fcfs: no KV checkpoints): each item's
+    tokens are saved (no KV), both processes exit 0; a restart of both resumes every item
+    from its saved tokens (recomputing its KV) and finishes the batch with one process's
+    tokens, one result per item."""
+    import os
+
+    from conserve_jax.client import Client
+    from tests.test_multiprocess import BATCH_ENGINE, N_ITEMS, batch_items, batch_reference
+
+    data = [tmp_path / "data0", tmp_path / "data1"]
+    flags = [*BATCH_ENGINE, "--pp", "2", "--policy", "fcfs"]
+    leader, follower, grpc_port = serve_pair(launched, free_port(), data, *flags)
+    with Client(f"127.0.0.1:{grpc_port}") as c:
+        bid = c.submit_batch(batch_items())
+
+        def all_started():
+            st = c.stats()
+            return st["offline_running"] == N_ITEMS and st["offline_tokens_total"] >= N_ITEMS
+        assert wait_until(all_started, 300, 0.02), leader.log()
+        leader.proc.send_signal(signal.SIGTERM)
+        assert leader.wait(timeout=120) == 0, leader.log()
+    assert follower.wait(timeout=120) == 0, follower.log()
+    assert len(os.listdir(data[0] / "offline-kv")) == N_ITEMS, leader.log()
+    leader, follower, grpc_port = serve_pair(launched, free_port(), data, *flags)
+    with Client(f"127.0.0.1:{grpc_port}") as c:
+        results = list(c.batch_results(bid, timeout=300))
+    stop_pair(leader, follower)
+    assert sum("resumes:" in line for line in leader.err) == N_ITEMS, leader.log()
+    assert [r.index for r in results] == list(range(N_ITEMS))
+    assert [list(r.token_ids) for r in results] == batch_reference()
+    assert os.listdir(data[0] / "offline-kv") == []

@@ -3,7 +3,9 @@
 What is saved (`SavedRequest`): a request's token state (prompt, generated tokens, sampler
 seed; the sampler's counter is the number of generated tokens, so it continues by itself)
 and the KV of its first `len(blocks)` blocks, as the engine's host pool holds them
-([n, layers, 2, kv_heads, block_size, head_dim], the full unsharded heads).
+([n, layers, 2, kv_heads, block_size, head_dim], the full unsharded heads), perhaps none (a
+policy without KV checkpoints saves tokens only; orbax refuses zero-size arrays, so an
+empty array is saved as one element and its shape in the meta).
 
 On disk (`CheckpointDir`): `<directory>/<key>/` is an orbax checkpoint written by
 `orbax.checkpoint.Checkpointer(CompositeCheckpointHandler())` with two items, "kv" (the
@@ -166,8 +168,12 @@ class CheckpointDir:
                 "generated_ids": [int(t) for t in saved.generated_ids],
                 "seed": int(saved.seed), "num_saved_tokens": int(saved.num_saved_tokens),
                 "num_blocks": int(saved.blocks.shape[0]), "crc32": _crc(saved.blocks)}
+        blocks = saved.blocks
+        if blocks.size == 0:  # orbax refuses zero-size arrays: one element stands in
+            meta["empty_shape"] = list(blocks.shape)
+            blocks = np.zeros(1, blocks.dtype)
         self._ckpt.save(path, args=ocp.args.Composite(
-            kv=ocp.args.StandardSave({"blocks": saved.blocks}), meta=ocp.args.JsonSave(meta)))
+            kv=ocp.args.StandardSave({"blocks": blocks}), meta=ocp.args.JsonSave(meta)))
 
     # ---- load ---------------------------------------------------------------------------
     def load(self, key: str) -> Optional[SavedRequest]:
@@ -187,6 +193,8 @@ class CheckpointDir:
             blocks = self._ckpt.restore(path, args=ocp.args.Composite(
                 kv=ocp.args.StandardRestore()))["kv"]["blocks"]
             blocks = np.asarray(blocks)
+            if "empty_shape" in meta:  # saved without KV (`_save`)
+                blocks = np.zeros(meta["empty_shape"], blocks.dtype)
             saved = SavedRequest(list(meta["prompt_ids"]), list(meta["generated_ids"]),
                                  int(meta["seed"]), int(meta["num_saved_tokens"]), blocks)
         except Exception as e:  # corrupted files: orbax/tensorstore/json errors of any kind

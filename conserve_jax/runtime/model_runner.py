@@ -22,6 +22,11 @@ process runs the same jitted calls in the same order. On the leader (process 0) 
 is set: `execute` and `resume` send their padded batch arrays, and every safepoint its
 decision, to the followers before the layers run; a follower's loop (runtime/follower.py)
 feeds them to `execute_batch` and `resume`, and `close` tells it to stop.
+
+Pipeline stage (`EngineConfig.pp` > 1, runtime/pipeline_stage.py): the runner is built over
+the stage's layers only, its mesh over this process's own devices, with no plan channel;
+the stage drives it through `embed_batch` (first stage) or `enter` (later stages: hidden
+rows from the previous one), `forward` and `sample_device` (last stage).
 """
 from __future__ import annotations
 
