@@ -18,53 +18,32 @@ of every item (the length predictor's point estimate: the client's
 `expected_output_tokens` as a prior, what finished items of the same shape generated,
 else min(128, max_tokens) before anything was seen), weighted by `WorkCost` into work
 units and stored with the batch (`BatchWork`), so every replica sees the same numbers. Its
-remaining work: the items without a result (items are assumed alike: each a share of the
-batch's prompt and output tokens), less the progress of those inside this replica's engine
-that have started generating (their prompt is in, their generated tokens are done; the
-runner reports it each tick, `ItemProgress`). Its tail: how long its slowest remaining item
-still generates (expected output tokens per item less what it generated, x the pace,
-`tpot`), added to the throughput estimate: a job of few items is bound by that, since
-offline items generate only where isolation leaves room. The pace is the median time per
-output token over the offline items that finished lately and the items generating now
-(seconds per token since their second token, once `LIVE_MIN_TOKENS` past it: the wait
-after an item's first token, while other items' prompts go in, is not its pace), so it is
-known as soon as offline items have generated a few tokens, before any finishes. That
-median is the pace of items generating while other items' prompts go in beside them (a
-prompt chunk makes an iteration several decodes long); once no prompt is left to go in
-beside them, items generate at the fast end (`tpot_lead`): the faster of the lower
-quartile of the offline paces and the engine's time per iteration that generated offline
-tokens with no offline prompt in it (`HarvestMeter.free_period`), or of that and their
-own items' fastest once they have samples (those may have generated beside other jobs'
-prompts until then; bench_deadlines, staggered, at dad6ea4: the urgent medium job,
-estimated at its own items' pace, read 62-117 s to go where 4-21 s were left). So a calm job's tail
-is at the median pace for as long as the prompts of the calm jobs due after it take to go
-in (at the harvest rate; `_behind`), then at the fast end. An urgent job's tail is at the fast
-end throughout: the scheduler holds back every prompt but its own (and those of urgent
-jobs due earlier) while its items generate, so the urgent jobs are done one after another,
-each its prompts at the prompt rate then its tail (`slack.urgent_bursts`; `prompt_rate`).
-A batch at risk as it comes is urgent from the first tick: admission estimates it so
-(`_burst_on_arrival`; bench_deadlines, staggered: the tight job, due before the two jobs
-already running, was estimated calm, behind their prompts at the median pace, 25.7 s,
-and took 11.0). bench_deadlines, together: at the median pace throughout, the urgent medium
-job was estimated at twice the 22 s it took; the tight job, estimated at 16 s, took 22 s
-while the medium job's prompts went in beside it, before urgent jobs due later waited too. An
-estimate at submission cannot see the jobs that come later and go in beside it (under
---no-deadline-order the three jobs submitted together were then 41-47 % short). At risk is
-judged at the median pace throughout (`JobWork.tail_alone_s`), as if the job had no
-priority and prompts went in beside it all along. Whether a
-job is hopeless (`slack` module doc) is judged with its work at the rate against its tail
-at its own items' fastest pace (`own_pace`; slower ones waited behind others; before its
-items have shown a pace, against no tail: a job keeps its priority until its own items
-show it cannot make it), or its burst, its tail at the fast end, if that is sooner (bench_deadlines, staggered, 4706941: the medium job's items
-had generated beside the loose job's prompts; judged at their own pace (inferred: some 0.9 s a token), its
-burst missed, it was hopeless 26 s before its deadline and expired with 3 of 4 items done).
-bench_deadlines: judged, while its items generated, at all offline items' lower-quartile
-pace, the medium job looked lost 30 s before its deadline while its first item generated
-at 0.57 s a token; judged before its items had started at that quartile (over 0.7 s a
-token, the pace of items generating beside others' prompts), the staggered tight job lost
-its priority on arrival and expired, where borrow finished it in 10.9 s; judged at the
-fastest pace of any item, the tight job, infeasible without borrowing, kept its priority
-to the end and made the medium job miss.
+remaining work: the items without a result (items alike), less the progress of those
+inside this replica's engine (prompts in, tokens generated; `ItemProgress`, each tick).
+
+Its tail: how long its slowest remaining item still generates, added to its work at the
+harvest rate (a job of few items is bound by it). Two paces (`deadline_pace.OfflinePace`):
+- `tpot`, the median seconds per token of the offline items that finished lately and of
+  those generating now (`LIVE_MIN_TOKENS` past their second token): the pace of items
+  generating while other items' prompts go in beside them (a prompt chunk makes an
+  iteration several decodes long);
+- `tpot_lead`, the fast end, once no prompt goes in beside them: the faster of those
+  paces' lower quartile and the engine's time per iteration that generated offline tokens
+  with no offline prompt in it (`HarvestMeter.free_period`); for a job whose own items have
+  samples, the faster of that and their fastest (they may have generated beside other
+  jobs' prompts until then).
+A calm job's tail is at `tpot` while the prompts of the calm jobs due after it go in (at
+the harvest rate; `_behind`), then at the fast end. An urgent job's is at the fast end
+throughout: the scheduler holds back every prompt but its own (and those of urgent jobs
+due earlier) while its items generate, so urgent jobs are done one after another, each its
+prompts at the prompt rate then its tail (`slack.urgent_bursts`). A batch at risk as it
+comes is estimated so from admission (`_burst_on_arrival`). At risk is judged at `tpot`
+throughout (`JobWork.tail_alone_s`), as if the job had no priority. Hopeless (`slack`
+module doc) weighs its work at the rate against its tail at its own items' fastest pace
+only (before they show one, against no tail: a job keeps its priority until its own items
+show it cannot make it), or its burst at the fast end if that is sooner. An estimate at
+submission cannot see jobs that come later, nor the online load to come.
+docs/benchmarks.md (bench_deadlines, sessions 33-37) has the runs behind each rule.
 
 No harvest history (fewer than `harvest_min_history_s` backlogged seconds measured, e.g.
 a fresh server): no estimate is made (None everywhere) and every batch is admitted; the
@@ -260,22 +239,13 @@ class DeadlineTracker:
         return out
 
     def tpot(self) -> float:
-        """The pace of offline generation: the median time per output token over the last
-        `TPOT_SAMPLES` offline items that finished here and the items generating now (their
-        seconds per token since their second, once `LIVE_MIN_TOKENS` past it). An
-        item generating n more tokens once its prompt is in takes n x this (its tail). 0
-        before any offline item generated: estimates are then throughput alone."""
+        """The median pace of offline items (module doc; `OfflinePace.median`); 0 before
+        any offline item generated: estimates are then throughput alone."""
         return self.pace.median()
 
     def tpot_lead(self) -> float:
-        """The pace an urgent job's items get before they have their own samples: the
-        faster of the lower quartile of the offline paces (`tpot`'s samples) and the
-        engine's time per iteration that generated offline tokens with no offline prompt
-        in it (`HarvestMeter.free_period`). Served first, they generate beside no
-        other job's prompts (the scheduler holds those back), so they run at the fast end
-        of what offline items do; item paces alone lag (bench_deadlines, staggered: the
-        first samples, of items that generated beside prompts, read 0.8-1 s a token, and
-        the urgent job's items generated at 0.12-0.2). 0 before either."""
+        """The fast end of the offline paces (module doc): the faster of their lower
+        quartile and `HarvestMeter.free_period`. 0 before either."""
         q, f = self.pace.lead(), self.meter.free_period()
         if f is None:
             return q
