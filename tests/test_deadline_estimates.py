@@ -60,6 +60,11 @@ def test_cost_from_a_latency_model():
             return 0.001 * (w.prefill_tokens + w.num_decodes)
     c = WorkCost.from_latency_model(Fake(), max_prefill_tokens=256, max_num_seqs=8)
     assert c.prefill_s == pytest.approx(0.001) and c.decode_s == pytest.approx(0.001)
+    # decode-only iterations of 1..8 rows: 1..8 ms; past 8 rows: the largest known
+    assert c.decode_iteration_s(3) == pytest.approx(0.003)
+    assert c.decode_iteration_s(0) == pytest.approx(0.001)
+    assert c.decode_iteration_s(50) == pytest.approx(0.008)
+    assert WorkCost().decode_iteration_s(3) is None
 
     class Zero:
         def predict(self, w):

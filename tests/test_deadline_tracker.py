@@ -10,6 +10,7 @@ import pytest
 
 from conserve_jax.engine_api import EngineStats
 from conserve_jax.proto_gen.conserve.v1 import conserve_pb2 as pb
+from conserve_jax.scheduling.harvest import WorkCost
 from conserve_server.batch.deadline_pace import ItemProgress
 from conserve_server.batch.deadlines import DEADLINE_ERROR, DeadlineTracker
 from conserve_server.batch.store import SqliteBatchStore, open_store
@@ -406,6 +407,14 @@ def test_the_lead_pace_is_the_faster_of_item_paces_and_the_free_iteration_period
     no offline prompt in it; the faster of the two once both are known."""
     store, eng, clock, tr = setup
     assert tr.tpot_lead() == 0.0
+    # before any such iteration, the latency model's decode-only iteration of the rows
+    # running now (here 5 ms a row: 4 rows, 20 ms)
+    tr.cost = WorkCost(decode_iter_s=tuple(0.005 * k for k in range(1, 9)))
+    eng.st.online_running, eng.st.offline_running = 1, 3
+    tr.tick()
+    assert tr.tpot_lead() == pytest.approx(0.02)
+    eng.st.online_running, eng.st.offline_running = 0, 0
+    tr.cost = WorkCost()
     eng.st.offline_waiting = 1
     for _ in range(7):  # 20 offline tokens a second, 10 free iterations of 0.1 s
         clock.t += 1.0

@@ -38,6 +38,10 @@ class WorkCost:
 
     prefill_s: float = 1.0
     decode_s: float = 1.0
+    # seconds of an iteration of k decodes and nothing else, k = 1, 2, ... (the latency
+    # model's; empty: unknown): an offline item's pace, a token an iteration, before the
+    # engine has run such iterations (`decode_iteration_s`)
+    decode_iter_s: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if not (self.prefill_s > 0 and self.decode_s > 0):
@@ -45,6 +49,13 @@ class WorkCost:
 
     def of(self, prefill_tokens: float, output_tokens: float) -> float:
         return self.prefill_s * prefill_tokens + self.decode_s * output_tokens
+
+    def decode_iteration_s(self, rows: int) -> Optional[float]:
+        """Predicted seconds of an iteration of `rows` decodes (capped at the largest
+        known), None without a latency model."""
+        if not self.decode_iter_s:
+            return None
+        return self.decode_iter_s[min(max(1, int(rows)), len(self.decode_iter_s)) - 1]
 
     @classmethod
     def from_latency_model(cls, model, max_prefill_tokens: int, max_num_seqs: int,
@@ -60,13 +71,14 @@ class WorkCost:
             n = min(n, buckets.tokens[-1])
             rows = min(rows, buckets.max_num_seqs)
         pre = WorkShape().add_prefill(n, context // 2 + n, True)
-        dec = WorkShape()
+        dec, iters = WorkShape(), []
         for _ in range(rows):
             dec = dec.add_decode(context)
-        p, d = model.predict(pre) / n, model.predict(dec) / rows
+            iters.append(model.predict(dec))
+        p, d = model.predict(pre) / n, iters[-1] / rows
         if not (p > 0 and d > 0):  # a degenerate fit: fall back to counting tokens
             return cls()
-        return cls(p, d)
+        return cls(p, d, tuple(iters) if min(iters) > 0 else ())
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,8 @@ harvest rate (a job of few items is bound by it). Two paces (`deadline_pace.Offl
   iteration several decodes long);
 - `tpot_lead`, the fast end, once no prompt goes in beside them: the faster of those
   paces' lower quartile and the engine's time per iteration that generated offline tokens
-  with no offline prompt in it (`HarvestMeter.free_period`); for a job whose own items have
+  with no offline prompt in it (`HarvestMeter.free_period`; before there was one, the
+  latency model's decode-only iteration); for a job whose own items have
   samples, the faster of that and their fastest (they may have generated beside other
   jobs' prompts until then).
 A calm job's tail is at `tpot` while the prompts of the calm jobs due after it go in (at
@@ -130,6 +131,7 @@ class DeadlineTracker:
         self.clock = clock
         self.borrow_gain = max(1.0, float(borrow_gain))
         self._in_engine: dict[str, int] = {}  # batch id -> its items inside the engine
+        self._rows = 1  # sequences running in the engine at the last look
         self.pace = OfflinePace()
         self._progress: dict[str, list[ItemProgress]] = {}  # batch id -> its items inside
         self.meter = HarvestMeter(cost, options.harvest_window_s, options.harvest_min_history_s)
@@ -245,8 +247,11 @@ class DeadlineTracker:
 
     def tpot_lead(self) -> float:
         """The fast end of the offline paces (module doc): the faster of their lower
-        quartile and `HarvestMeter.free_period`. 0 before either."""
+        quartile and `HarvestMeter.free_period`, before that is measured the latency
+        model's decode-only iteration of the rows running now. 0 before any."""
         q, f = self.pace.lead(), self.meter.free_period()
+        if f is None:  # no such iteration yet (prompts went in beside every one)
+            f = self.cost.decode_iteration_s(self._rows)
         if f is None:
             return q
         return min(q, f) if q > 0 else f
@@ -400,6 +405,7 @@ class DeadlineTracker:
         """Read the engine's cumulative offline counters into the harvest meter."""
         st = self.engine.stats()
         backlogged = st.offline_waiting + st.offline_running > 0
+        self._rows = st.online_running + st.offline_running
         self.meter.observe(now, st.offline_prefill_tokens_total, st.offline_tokens_total,
                            backlogged, (st.offline_free_iterations, st.offline_free_s))
 
