@@ -123,11 +123,6 @@ class ConserveConfig:
             raise ValueError(f"safepoint_interval must be >= 1, got {self.safepoint_interval}")
 
 
-# policies whose `checkpointing` is True (scheduling/policies): refused with pp > 1 (a test
-# keeps this list equal to the registry's)
-PIPELINE_REFUSED_POLICIES = ("conserve",)
-
-
 @dataclass
 class EngineConfig:
     """Everything an engine needs besides the weights. Built by `engine_args` from flags
@@ -258,12 +253,6 @@ class EngineConfig:
             raise ValueError(f"pp={self.pp} runs one pipeline stage per process: "
                              f"num_processes must equal pp, got num_processes="
                              f"{self.num_processes}")
-        if self.policy in PIPELINE_REFUSED_POLICIES:
-            raise ValueError(
-                f"pp={self.pp} with policy={self.policy!r} is not supported: that policy "
-                f"checkpoints offline KV to host, and offline KV checkpointing per pipeline "
-                f"stage is not built (each stage holds only its layers' KV); use pp=1 or a "
-                f"policy without KV checkpoints (fcfs, sarathi, ecoserve, online-only, ...)")
 
     @property
     def step_bound_s(self) -> float:

@@ -3,10 +3,10 @@ processes x 2 CPU devices, each a stage of the model's layers at tp 2 over its o
 `LLM.generate` and `serve` give the greedy tokens and top logprobs of one process (tp 4
 and tp 1); the first stage's safepoints abandon and resume an iteration; a killed or
 stopped stage makes process 0 turn health NOT_SERVING, end the open stream with an error
-and exit with EXIT_ENGINE_FAILED within a bound; a SIGTERM mid-batch saves the items'
-tokens and a restart of both processes finishes the batch with one process's tokens.
-Refusals (no processes): pp without one
-process per stage, pp with a policy that checkpoints offline KV.
+and exit with EXIT_ENGINE_FAILED within a bound; offline KV checkpoints per stage (evict,
+restore) give one process's tokens; a SIGTERM mid-batch saves the items' tokens and KV
+(every stage's layers joined) and a restart of both processes finishes the batch with one
+process's tokens. Refused (no processes): pp without one process per stage.
 
 Processes are launched as in tests/test_multiprocess.py (its helpers: free ports, hard
 timeouts, everything still running killed at the end)."""
@@ -41,22 +41,16 @@ def test_stage_layers_split_the_model():
         stage_layers(2, 3, 0)
 
 
-def test_unsupported_pipeline_configurations_are_refused():
-    from conserve_jax.config import PIPELINE_REFUSED_POLICIES
+def test_a_stage_per_process_or_refused():
     from conserve_jax.engine_args import engine_config
-    from conserve_jax.scheduling.policies import POLICY_NAMES, uses_checkpointing
 
-    multi = dict(coordinator_address="127.0.0.1:1", num_processes=2)
     with pytest.raises(ValueError, match="num_processes must equal pp"):
-        engine_config(pp=2, policy="fcfs")
+        engine_config(pp=2)
     with pytest.raises(ValueError, match="num_processes must equal pp"):
-        engine_config(pp=2, policy="fcfs", coordinator_address="127.0.0.1:1", num_processes=3)
-    with pytest.raises(ValueError, match=r"pp=2 with policy='conserve'.*checkpoint"):
-        engine_config(pp=2, policy="conserve", **multi)
-    assert engine_config(pp=2, policy="fcfs", **multi).pp == 2
-    # the refused policies are exactly those that checkpoint offline KV to host
-    assert sorted(PIPELINE_REFUSED_POLICIES) == sorted(
-        n for n in POLICY_NAMES if uses_checkpointing(n))
+        engine_config(pp=2, coordinator_address="127.0.0.1:1", num_processes=3)
+    with pytest.raises(ValueError, match="pp must be >= 1"):
+        engine_config(pp=0)
+    assert engine_config(pp=2, coordinator_address="127.0.0.1:1", num_processes=2).pp == 2
 
 
 def test_step_and_sampled_frames_cross_a_link():
@@ -128,7 +122,7 @@ def test_two_stages_generate_the_tokens_of_one_process(tmp_path, launched):  # n
 
 
 @pytest.mark.slow
-def test_an_iteration_abandoned_at_a_first_stage_safepoint_resumes(tmp_path, launched):  # noqa: F811
+def test_an_iteration_abandoned_at_the_stage_boundary_resumes(tmp_path, launched):  # noqa: F811
     """random:tiny has 2 layers, so stage 0 is layer 0 and its only safepoint is the stage
     boundary: abandoned there (nothing forwarded), resumed, and again with the decode rows
     cut loose: the tokens of the straight run."""
@@ -198,18 +192,37 @@ def test_serve_leader_fails_cleanly_when_a_stage_fails(tmp_path, launched, sig, 
 
 
 @pytest.mark.slow
-def test_sigterm_restart_resumes_a_batch_over_two_stages(tmp_path, launched):  # noqa: F811
-    """SIGTERM on process 0 mid-batch under `--pp 2` (fcfs: no KV checkpoints): each item's
-    tokens are saved (no KV), both processes exit 0; a restart of both resumes every item
-    from its saved tokens (recomputing its KV) and finishes the batch with one process's
-    tokens, one result per item."""
+def test_offline_kv_checkpoints_across_stages(tmp_path, launched):  # noqa: F811
+    """conserve under `--pp 2`: online arrivals evict offline requests (each stage copies
+    its own layers' KV to its own host pool) and preempt offline iterations at process 0's
+    safepoints; the evicted requests resume from host on every stage. Tokens equal one
+    process's (tp 4) with every request alone."""
+    from conserve_jax.engine_args import engine_config
+    from tests.multiprocess_worker import COSERVE, coserve_mix
+
+    got = run_workers(launched, tmp_path / "mix.json", "--mode", "coserve", "--engine",
+                      json.dumps({"pp": 2}))
+    assert got["evictions"] > 0 and got["restored_tokens"] > 0 and got["blocks_restored"] > 0
+    assert got["host_slots_used"] == 0  # every slot released
+    alone = coserve_mix(engine_config(**{**COSERVE, "policy": "fcfs", "num_blocks": 512}, tp=4))
+    assert got["tokens"] == alone["tokens"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["conserve", "fcfs"])
+def test_sigterm_restart_resumes_a_batch_over_two_stages(tmp_path, launched, policy):  # noqa: F811
+    """SIGTERM on process 0 mid-batch under `--pp 2`: each item's tokens and (conserve)
+    KV, every stage's layers joined into one checkpoint in process 0's data dir, are saved
+    (fcfs: no KV checkpoints, tokens only); both processes exit 0; a restart of both resumes
+    every item from there (fcfs: recomputing its KV) and finishes the batch with one
+    process's tokens, one result per item."""
     import os
 
     from conserve_jax.client import Client
     from tests.test_multiprocess import BATCH_ENGINE, N_ITEMS, batch_items, batch_reference
 
     data = [tmp_path / "data0", tmp_path / "data1"]
-    flags = [*BATCH_ENGINE, "--pp", "2", "--policy", "fcfs"]
+    flags = [*BATCH_ENGINE, "--pp", "2", "--policy", policy]
     leader, follower, grpc_port = serve_pair(launched, free_port(), data, *flags)
     with Client(f"127.0.0.1:{grpc_port}") as c:
         bid = c.submit_batch(batch_items())
@@ -225,8 +238,10 @@ def test_sigterm_restart_resumes_a_batch_over_two_stages(tmp_path, launched):  #
     leader, follower, grpc_port = serve_pair(launched, free_port(), data, *flags)
     with Client(f"127.0.0.1:{grpc_port}") as c:
         results = list(c.batch_results(bid, timeout=300))
+        stats = c.stats()
     stop_pair(leader, follower)
     assert sum("resumes:" in line for line in leader.err) == N_ITEMS, leader.log()
+    assert (stats["restored_tokens"] > 0) == (policy == "conserve")
     assert [r.index for r in results] == list(range(N_ITEMS))
     assert [list(r.token_ids) for r in results] == batch_reference()
     assert os.listdir(data[0] / "offline-kv") == []

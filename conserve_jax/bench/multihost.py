@@ -70,9 +70,8 @@ def _engine_config(args, processes: int, devices: int, pp: int, pid: int, port: 
 
     multi = processes > 1
     kw = {}
-    if pp > 1:  # tp inside each stage; the 1x4 runner's KV block count (memory alike);
-        kw = dict(tp=devices, pp=pp, policy="fcfs",  # (the policy: no KV checkpoints)
-                  num_blocks=_blocks_at_tp4(args.model))
+    if pp > 1:  # tp inside each stage; the 1x4 runner's KV block count (memory alike)
+        kw = dict(tp=devices, pp=pp, num_blocks=_blocks_at_tp4(args.model))
     return engine_config(**{**dict(
         model=args.model, tp=4, warmup=False, max_model_len=1024, max_num_seqs=8,
         max_prefill_tokens=512, cpu_devices=devices, num_processes=processes,

@@ -187,7 +187,11 @@ class FollowerCheckpointer:
 
 def make_checkpointer(runner, pool_bytes: int, warmup: bool) -> KVCheckpointer:
     """The engine's checkpointer over `runner`'s caches: a `LeaderCheckpointer` when the
-    runner leads followers, else a plain one; its transfers compiled when `warmup`."""
+    runner leads followers, the runner's own (`PipelineLeader.make_checkpointer`, a
+    `PipelineCheckpointer` of runtime/pipeline_kv.py) for a pipeline's process 0, else a
+    plain one; its transfers compiled when `warmup`."""
+    if hasattr(runner, "make_checkpointer"):  # a pipeline run's process 0: stages split layers
+        return runner.make_checkpointer(pool_bytes, warmup)
     transfer = KVTransfer(runner)
     if runner.channel is not None:
         ckpt = LeaderCheckpointer(transfer, pool_bytes, runner.channel,

@@ -11,6 +11,9 @@ Messages, by `op`:
   step; the stages after it pass it on.
 - `OP_PING` (around the ring, back to process 0): every stage still answers.
 - `OP_STOP` (process 0 -> ... -> the last stage): the run is over.
+- `OP_KV` (process 0 -> ... -> the last stage; for `export_blocks` back to process 0): an
+  offline KV checkpointer call, ints {method, args} (runtime/pipeline_kv.py), tail: the
+  blocks of `import_blocks`, or those the stages exported so far (ints["shapes"]).
 
 Pure functions and a dataclass; no state, no threads.
 """
@@ -26,6 +29,7 @@ from conserve_jax.runtime.batch_arrays import BatchArrays
 from conserve_jax.runtime.plan_channel import Message, decode, encode
 
 OP_STEP, OP_SAMPLED, OP_ERROR, OP_PING, OP_STOP = "step", "sampled", "error", "ping", "stop"
+OP_KV = "kv"  # a checkpointer call (runtime/pipeline_kv.py)
 
 LEN = struct.Struct("<I")
 REPLY = struct.Struct("<IId")  # sampled rows, top logprobs per row, the last stage's seconds

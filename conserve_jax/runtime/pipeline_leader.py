@@ -81,7 +81,7 @@ class PipelineLeader:
                progress: Optional[Callable[[int, int, int], None]] = None) -> float:
         """Compile the first stage's calls (each stage compiles its own), then link."""
         t = self.stage.warmup(shapes, progress)
-        self._join()
+        self.join()
         return t
 
     def compiled_count(self) -> int:
@@ -109,7 +109,7 @@ class PipelineLeader:
 
     def ping(self) -> None:
         """One message around the ring: every stage still answers (the idle probe)."""
-        self._join()
+        self.join()
         self.ring.outbound.send(control_frame(OP_PING))
         msg = self._reply()
         if msg.op != OP_PING:
@@ -128,12 +128,20 @@ class PipelineLeader:
         finally:
             self.ring.close()
 
-    # ---- internals ----------------------------------------------------------------------
-    def _join(self) -> None:
+    def make_checkpointer(self, pool_bytes: int, warmup: bool):
+        """The engine's offline KV checkpointer for this pipeline (runtime/pipeline_kv.py;
+        called through `kv_replica.make_checkpointer`)."""
+        from conserve_jax.runtime.pipeline_kv import PipelineCheckpointer
+
+        return PipelineCheckpointer(self, pool_bytes, warmup)
+
+    def join(self) -> None:
         """Link the ring once (waits for the stages' start-up: not a hung step)."""
         if self.ring.inbound is None:
             self.first_calls.call(("pipeline join",), self.ring.join,
                                   10 * self.engine_cfg.process_timeout_s)
+
+    # ---- internals ----------------------------------------------------------------------
 
     def _run(self, it: SuspendedIteration, safepoint: Optional[Safepoint]):
         self._suspended = None
@@ -147,7 +155,7 @@ class PipelineLeader:
                 self._suspended = dataclasses.replace(it, hidden=hidden,
                                                       layers_done=self.stage.hi)
                 return None
-        self._join()
+        self.join()
         self.ring.outbound.send(step_frame(it.batch, it.num_top, it.iteration,
                                            np.asarray(hidden)))
         msg, tail = self._reply(with_tail=True)

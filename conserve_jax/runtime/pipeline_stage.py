@@ -32,7 +32,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from conserve_jax.config import EngineConfig, ModelConfig
-from conserve_jax.runtime.pipeline_frames import (OP_ERROR, OP_PING, OP_SAMPLED, OP_STEP,
+from conserve_jax.runtime.pipeline_frames import (OP_ERROR, OP_KV, OP_PING, OP_SAMPLED, OP_STEP,
                                                   OP_STOP, Sampled, decode_frame, encode_frame,
                                                   error_frame, hidden_rows, step_frame)
 from conserve_jax.runtime.pipeline_link import Ring
@@ -75,6 +75,8 @@ class Stage:
 
         self.stage, self.num_stages = stage, engine_cfg.pp
         self.lo, self.hi = stage_layers(model_cfg.num_layers, engine_cfg.pp, stage)
+        self.most_layers = max(hi - lo for lo, hi in (
+            stage_layers(model_cfg.num_layers, engine_cfg.pp, s) for s in range(engine_cfg.pp)))
         self.model_cfg = model_cfg
         kv_heads = model_cfg.num_kv_heads * kv_repeat_for(engine_cfg.tp, model_cfg.num_kv_heads,
                                                           model_cfg.num_heads)
@@ -130,7 +132,10 @@ class StageLoop:
     """A later stage's loop over the previous stage's frames (module docstring)."""
 
     def __init__(self, stage: Stage, ring: Ring) -> None:
+        from conserve_jax.runtime.pipeline_kv import StageCheckpointer
+
         self.stage, self.ring = stage, ring
+        self.kv = StageCheckpointer(stage)  # offline KV checkpoints of this stage's layers
         self.steps = 0
 
     def run(self) -> None:
@@ -144,7 +149,13 @@ class StageLoop:
                 if not st.last:
                     out.send(data)
                 self.ring.close()
+                self.kv.close()
                 return
+            if msg.op == OP_KV:
+                onward = self.kv.apply(msg, tail, data)
+                if onward is not None:
+                    out.send(onward)
+                continue
             if msg.op in (OP_PING, OP_ERROR):
                 out.send(data)
                 continue
