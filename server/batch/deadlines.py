@@ -56,8 +56,8 @@ without history publishes none, so the sum errs low).
 Outcomes: a batch that ends `completed` with `finished_at <= deadline` met its window;
 one that ends failed by its deadline (`DEADLINE_ERROR`), or completes after it, missed
 (class "batch"); an HTTP flex request met its bound if it started (first token) within
-`flex_max_wait_s`, else it missed (class "flex", refused with 429). Estimate error: (estimated duration at submit - actual) / actual, for
-completed batches that had an estimate. Slack at finish: deadline - finished_at (negative
+`flex_max_wait_s`, else it missed (class "flex", refused with 429). Estimate error:
+(estimated duration at submit - actual) / actual, for completed batches with one. Slack at finish: deadline - finished_at (negative
 for a miss), in a histogram. Counted by the replica that sees the batch end (in a fleet,
 every replica that saw it active: sum with care).
 """
@@ -192,12 +192,8 @@ class DeadlineTracker:
         """`row` as the estimator sees it (module doc): its remaining work less the progress
         of its items inside this replica's engine, the share of that inside (items alike),
         urgent if it was at risk at the last look, and the tail of its slowest remaining
-        item (`_tail`): at `tpot_s` (`tpot`) per output token for the first `behind_s`
-        seconds, while the prompts of the jobs served after it go in beside it, then at the
-        fast end, the faster of its own items' fastest (`own_pace`) and `lead_s`
-        (`tpot_lead`; default `tpot_s`), its burst's too when judging hopeless, where its
-        work at the rate weighs against its tail at its own items' fastest only (none
-        yet: no tail); at risk, at `tpot_s` throughout (module doc)."""
+        item (`_tail`): at `tpot_s` for the first `behind_s` seconds (the prompts of the
+        jobs served after it), then at the fast end; at risk, at `tpot_s` throughout."""
         items_left, inside, started = self._started(row)
         per_prompt = row.work_prompt_tokens / row.total if row.total else 0.0
         per_item = row.work_output_tokens / row.total if row.total else 0.0
@@ -210,9 +206,8 @@ class DeadlineTracker:
         in_engine = self.units(per_prompt * (inside - len(started)),
                                per_item * (inside - len(started)) + out_left)
         slowest = per_item if fresh > 0 else max(lefts, default=0.0)
-        # served first (urgent, and its burst when judging hopeless): the pace priority
-        # gives, the faster of its own items' and the lead pace: they may have generated
-        # beside other jobs' prompts so far, which priority stops (module doc)
+        # served first (urgent; hopeless's burst): the faster of its own items' fastest
+        # and the lead pace (module doc)
         own = self.pace.own(row.id, None)
         lead = tpot_s if lead_s is None else lead_s
         first = lead if own is None else (min(own, lead) if lead > 0 else own)
