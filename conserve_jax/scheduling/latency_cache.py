@@ -37,6 +37,7 @@ def _code_fingerprint(runner) -> str:
 def _cache_path(runner, cfg: EngineConfig) -> str:
     key = json.dumps({"model": repr(runner.cfg), "dtype": str(runner.dtype),
                       "weight_dtype": str(runner.weight_dtype), "tp": cfg.tp,
+                      "pp": cfg.pp, "processes": cfg.num_processes,
                       "buckets": repr(runner.buckets), "block": runner.block_size,
                       "layers_per_call": runner.layers_per_call,
                       "code": _code_fingerprint(runner),
