@@ -247,15 +247,14 @@ def batch_reference() -> list[list[int]]:
     return [o.token_ids for o in outs]
 
 
-@pytest.mark.slow
-def test_sigterm_restart_resumes_saved_offline_kv_across_processes(tmp_path, launched):
-    """SIGTERM on process 0 mid-batch saves the items' tokens and KV (every process's heads,
-    joined into one checkpoint per item in process 0's data dir); both processes exit 0; a
-    restart of both resumes the items from there with the tokens of one process."""
+def sigterm_and_restart(launched, data, *flags: str) -> tuple[list, dict, Proc]:
+    """Serve on two processes with `flags` (data dirs `data`), submit `batch_items()`,
+    SIGTERM process 0 once every item generates: both exit 0 and process 0's data dir holds
+    one saved request per item; then serve again, read the batch's results and the stats,
+    stop both. Returns (results, stats, the second run's process 0)."""
     from conserve_jax.client import Client
 
-    data = [tmp_path / "data0", tmp_path / "data1"]
-    leader, follower, grpc_port = serve_pair(launched, free_port(), data, *BATCH_ENGINE)
+    leader, follower, grpc_port = serve_pair(launched, free_port(), data, *flags)
     with Client(f"127.0.0.1:{grpc_port}") as c:
         bid = c.submit_batch(batch_items())
 
@@ -266,13 +265,22 @@ def test_sigterm_restart_resumes_saved_offline_kv_across_processes(tmp_path, lau
         leader.proc.send_signal(signal.SIGTERM)
         assert leader.wait(timeout=120) == 0, leader.log()
     assert follower.wait(timeout=120) == 0, follower.log()
-    saved = sorted(os.listdir(data[0] / "offline-kv"))
-    assert len(saved) == N_ITEMS, leader.log()
-    leader, follower, grpc_port = serve_pair(launched, free_port(), data, *BATCH_ENGINE)
+    assert len(os.listdir(data[0] / "offline-kv")) == N_ITEMS, leader.log()
+    leader, follower, grpc_port = serve_pair(launched, free_port(), data, *flags)
     with Client(f"127.0.0.1:{grpc_port}") as c:
         results = list(c.batch_results(bid, timeout=300))
         stats = c.stats()
     stop_pair(leader, follower)
+    return results, stats, leader
+
+
+@pytest.mark.slow
+def test_sigterm_restart_resumes_saved_offline_kv_across_processes(tmp_path, launched):
+    """SIGTERM on process 0 mid-batch saves the items' tokens and KV (every process's heads,
+    joined into one checkpoint per item in process 0's data dir); both processes exit 0; a
+    restart of both resumes the items from there with the tokens of one process."""
+    data = [tmp_path / "data0", tmp_path / "data1"]
+    results, stats, leader = sigterm_and_restart(launched, data, *BATCH_ENGINE)
     assert sum("resumes:" in line for line in leader.err) == N_ITEMS, leader.log()
     assert stats["restored_tokens"] > 0
     assert [r.index for r in results] == list(range(N_ITEMS))

@@ -218,28 +218,12 @@ def test_sigterm_restart_resumes_a_batch_over_two_stages(tmp_path, launched, pol
     process's tokens, one result per item."""
     import os
 
-    from conserve_jax.client import Client
-    from tests.test_multiprocess import BATCH_ENGINE, N_ITEMS, batch_items, batch_reference
+    from tests.test_multiprocess import (BATCH_ENGINE, N_ITEMS, batch_reference,
+                                         sigterm_and_restart)
 
     data = [tmp_path / "data0", tmp_path / "data1"]
-    flags = [*BATCH_ENGINE, "--pp", "2", "--policy", policy]
-    leader, follower, grpc_port = serve_pair(launched, free_port(), data, *flags)
-    with Client(f"127.0.0.1:{grpc_port}") as c:
-        bid = c.submit_batch(batch_items())
-
-        def all_started():
-            st = c.stats()
-            return st["offline_running"] == N_ITEMS and st["offline_tokens_total"] >= N_ITEMS
-        assert wait_until(all_started, 300, 0.02), leader.log()
-        leader.proc.send_signal(signal.SIGTERM)
-        assert leader.wait(timeout=120) == 0, leader.log()
-    assert follower.wait(timeout=120) == 0, follower.log()
-    assert len(os.listdir(data[0] / "offline-kv")) == N_ITEMS, leader.log()
-    leader, follower, grpc_port = serve_pair(launched, free_port(), data, *flags)
-    with Client(f"127.0.0.1:{grpc_port}") as c:
-        results = list(c.batch_results(bid, timeout=300))
-        stats = c.stats()
-    stop_pair(leader, follower)
+    results, stats, leader = sigterm_and_restart(launched, data, *BATCH_ENGINE, "--pp", "2",
+                                                 "--policy", policy)
     assert sum("resumes:" in line for line in leader.err) == N_ITEMS, leader.log()
     assert (stats["restored_tokens"] > 0) == (policy == "conserve")
     assert [r.index for r in results] == list(range(N_ITEMS))

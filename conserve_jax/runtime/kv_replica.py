@@ -143,6 +143,23 @@ class LeaderCheckpointer(KVCheckpointer):
         return super().import_blocks(request_id, self.split.local(leader_blocks(blocks)))
 
 
+def repeat_plain_call(ckpt: Optional[KVCheckpointer], method: str, args: list) -> bool:
+    """Run one of process 0's checkpointer calls that every other process repeats as it
+    was made (`checkpoint_new_blocks`, `restore`, `release`) on `ckpt`, this process's own;
+    False for any other call (the caller's to handle). Raises if "open" has not come yet."""
+    if ckpt is None:
+        raise RuntimeError(f"process 0 sent checkpointer call {method} before 'open'")
+    if method == "checkpoint_new_blocks":
+        ckpt.checkpoint_new_blocks([tuple(r) for r in args[0]])
+    elif method == "restore":
+        ckpt.restore(*args)
+    elif method == "release":
+        ckpt.release(*args)
+    else:
+        return False
+    return True
+
+
 class FollowerCheckpointer:
     """A follower's side: runs the leader's checkpointer calls on its own pool. Built by
     the follower loop at start; its `KVCheckpointer` exists from the leader's "open" on."""
@@ -161,16 +178,10 @@ class FollowerCheckpointer:
             if warmup:
                 transfer.warmup()
             return
-        if self.ckpt is None:
-            raise RuntimeError(f"the leader sent checkpointer call {method} before 'open'")
         c = self.ckpt
-        if method == "checkpoint_new_blocks":
-            c.checkpoint_new_blocks([tuple(r) for r in args[0]])
-        elif method == "restore":
-            c.restore(*args)
-        elif method == "release":
-            c.release(*args)
-        elif method == "export_blocks":
+        if repeat_plain_call(c, method, args):
+            return
+        if method == "export_blocks":
             all_heads(self.split, c.export_blocks(*args))
         elif method == "import_blocks":
             request_id, n = args

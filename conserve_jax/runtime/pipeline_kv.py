@@ -27,7 +27,7 @@ from typing import Optional
 import numpy as np
 
 from conserve_jax.kv.checkpointer import KVCheckpointer
-from conserve_jax.runtime.kv_replica import LeaderCheckpointer
+from conserve_jax.runtime.kv_replica import LeaderCheckpointer, repeat_plain_call
 from conserve_jax.runtime.kv_transfer import KVTransfer
 from conserve_jax.runtime.pipeline_frames import OP_KV, decode_frame, encode_frame
 from conserve_jax.runtime.plan_channel import Message
@@ -123,16 +123,10 @@ class StageCheckpointer:
             if warmup:
                 transfer.warmup()
             return onward
-        if self.ckpt is None:
-            raise RuntimeError(f"process 0 sent checkpointer call {method} before 'open'")
         c = self.ckpt
-        if method == "checkpoint_new_blocks":
-            c.checkpoint_new_blocks([tuple(r) for r in args[0]])
-        elif method == "restore":
-            c.restore(*args)
-        elif method == "release":
-            c.release(*args)
-        elif method == "import_blocks":
+        if repeat_plain_call(c, method, args):
+            return onward
+        if method == "import_blocks":
             request_id, shape = args
             blocks = np.frombuffer(tail, c.pool.data.dtype).reshape(shape)
             lo, hi = self.stage.lo, self.stage.hi
