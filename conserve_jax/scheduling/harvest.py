@@ -18,6 +18,12 @@ for an hour still reports the rate it last harvested at); None until at least
 `min_span_s` backlogged seconds were measured (no history: callers must say what they
 assume instead, see `slack.py`).
 
+Beside the rate, the meter keeps two speeds of its own windows, each over the last
+`window_s` seconds of the time it is measured in, however long ago: `prompt_rate()` (prompt
+units a second while offline prompts go in) and `free_period()` (the engine's seconds per
+iteration that generated offline tokens with no offline prompt in it), which the deadline
+estimates use for a few items served first (`slack.py`, `conserve_server.batch.deadlines`).
+
 Pure host code with an explicit clock (callers pass `now`), so tests drive it with a fake
 clock. One owner (the batch runner's thread) feeds it; readers on other threads call
 `rate()`, which reads an immutable tuple (`_intervals` is replaced whole, never mutated in
@@ -163,11 +169,12 @@ class HarvestMeter:
         seconds of backlogged intervals in which offline prompt tokens were processed,
         however long ago (the rate prompts go in at when they go in: a stretch of items
         only generating does not age it), their prompt units per second; `rate()` while
-        those intervals add up to under `min_span_s` (or there is no rate). Offline work alternates between prompts going in (many
-        units a second) and items only generating (few: KV memory holds only so many
-        items), so `rate()`, the mean over both, is the throughput of a long stream of
-        items; a few items served first take their prompts' units at this rate, then
-        their generation time (`slack` module doc)."""
+        those intervals add up to under `min_span_s` (or there is no rate). Offline work
+        alternates between prompts going in (many units a second) and items only
+        generating (few: KV memory holds only so many items), so `rate()`, the mean over
+        both, is the throughput of a long stream of items; a few items served first take
+        their prompts' units at this rate, then their generation time (`slack` module
+        doc)."""
         iv = self._prompt_intervals
         secs = sum(d for d, _ in iv)
         if secs < self.min_span_s or secs <= 0:
