@@ -55,23 +55,15 @@ def test_a_stage_per_process_or_refused():
 
 def test_step_and_sampled_frames_cross_a_link():
     """A step frame (batch + hidden rows) and the last stage's reply, byte for byte."""
-    from conserve_jax.runtime.batch_arrays import build_batch
-    from conserve_jax.runtime.buckets import BucketSet
     from conserve_jax.runtime.pipeline_frames import (OP_ERROR, OP_SAMPLED, OP_STEP, Sampled,
                                                       decode_frame, encode_frame, error_frame,
                                                       hidden_rows, step_frame)
     from conserve_jax.runtime.pipeline_link import StageLink
     from conserve_jax.runtime.plan_channel import Message
     from conserve_jax.runtime.plan_socket import PlanChannelClosed
-    from conserve_jax.runtime.step_plan import DecodeItem, SampleSpec, StepPlan
+    from tests.test_pipeline_stage import step_and_reply
 
-    spec = SampleSpec(0.0, 0, 1.0, 0, 0, 2)
-    plan = StepPlan(decodes=[DecodeItem(7, 20, [1, 2], spec), DecodeItem(9, 5, [3], spec)])
-    batch = build_batch(plan, BucketSet.build(8, 64, 1, 4, 16), 16)
-    hidden = np.random.default_rng(0).standard_normal((batch.shape_key, 8)).astype(np.float32)
-    reply = Sampled(np.array([3, 4], np.int32), np.array([-0.5, -1.5], np.float32),
-                    np.array([[3, 1], [4, 2]], np.int32),
-                    np.array([[-0.5, -2.0], [-1.5, -3.0]], np.float32))
+    batch, hidden, reply = step_and_reply()
     a, b = socket.socketpair()
     left, right = StageLink(a, "right"), StageLink(b, "left")
     left.send(step_frame(batch, 2, 9, hidden))

@@ -12,7 +12,9 @@ from conserve_jax.runtime.buckets import BucketSet
 from conserve_jax.runtime.step_plan import DecodeItem, SampleSpec, StepPlan
 
 
-def test_step_and_reply_cross_the_link():
+def step_and_reply():
+    """A two-decode batch, its hidden rows [T, 8] and a last stage's reply with top-2
+    logprobs: what a stage link carries (also tests/test_pipeline.py's)."""
     spec = SampleSpec(0.0, 0, 1.0, 0, 0, 2)
     plan = StepPlan(decodes=[DecodeItem(7, 20, [1, 2], spec), DecodeItem(9, 5, [3], spec)])
     batch = build_batch(plan, BucketSet.build(8, 64, 1, 4, 16), 16)
@@ -20,6 +22,11 @@ def test_step_and_reply_cross_the_link():
     reply = Sampled(np.array([3, 4], np.int32), np.array([-0.5, -1.5], np.float32),
                     np.array([[3, 1], [4, 2]], np.int32),
                     np.array([[-0.5, -2.0], [-1.5, -3.0]], np.float32))
+    return batch, hidden, reply
+
+
+def test_step_and_reply_cross_the_link():
+    batch, hidden, reply = step_and_reply()
     port, got = free_port(), {}
 
     def last_stage():

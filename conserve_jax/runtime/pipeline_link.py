@@ -31,13 +31,12 @@ import struct
 import time
 from typing import Optional
 
-from conserve_jax.runtime.plan_socket import (FRAME, MAX_FRAME, PlanChannelClosed, _read_exact,
-                                              _tune)
+from conserve_jax.runtime.plan_socket import (FRAME, HELLO, MAX_FRAME, PlanChannelClosed,
+                                              _read_exact, _tune, connect_with_hello)
 
 log = logging.getLogger(__name__)
 
 ADDR_KEY = "conserve/pipeline/addr/{}"
-HELLO = struct.Struct("<I")  # the connecting process's id, its first write
 
 
 @dataclasses.dataclass
@@ -132,20 +131,8 @@ class Ring:
                  self.process_id, self.prev_id, self.next_id)
 
     def _connect(self, host: str, port: int, wait_s: float) -> socket.socket:
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                sock = socket.create_connection((host, port), timeout=max(1.0, wait_s))
-                break
-            except OSError as e:
-                if time.monotonic() > deadline:
-                    raise PlanChannelClosed(f"pipeline: cannot connect to process "
-                                            f"{self.next_id} at {host}:{port} ({e})") from e
-                time.sleep(0.2)
-        _tune(sock, self.timeout_s)
-        sock.sendall(HELLO.pack(self.process_id))
-        sock.settimeout(None)
-        return sock
+        return connect_with_hello(host, port, self.process_id, wait_s, self.timeout_s,
+                                  "pipeline", f"process {self.next_id}")
 
     def _accept(self, wait_s: float) -> socket.socket:
         deadline = time.monotonic() + wait_s

@@ -35,7 +35,7 @@ from typing import Optional
 log = logging.getLogger(__name__)
 
 FRAME = struct.Struct("<I")  # frame length
-HELLO = struct.Struct("<I")  # the follower's process id, its first and only write
+HELLO = struct.Struct("<I")  # the connecting process's id, its first write
 MAX_FRAME = 1 << 30
 KEEPALIVE_PROBES = 3
 
@@ -53,6 +53,28 @@ def _tune(sock: socket.socket, timeout_s: float) -> None:
                         ("TCP_KEEPCNT", KEEPALIVE_PROBES)):
         if hasattr(socket, name):  # Linux; elsewhere the system's defaults
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+
+
+def connect_with_hello(host: str, port: int, process_id: int, wait_s: float,
+                       keepalive_s: float, what: str, peer: str) -> socket.socket:
+    """Connect to `peer` at host:port, retrying for up to `wait_s` (it may not listen
+    yet), tune the socket (`_tune`, keepalive `keepalive_s`), send this process's id
+    (`HELLO`) and make the socket blocking (the other end may idle for hours). Raises
+    `PlanChannelClosed` ("`what`: cannot connect to `peer` ...") when the wait runs out."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            sock = socket.create_connection((host, port), timeout=max(1.0, wait_s))
+            break
+        except OSError as e:
+            if time.monotonic() > deadline:
+                raise PlanChannelClosed(f"{what}: cannot connect to {peer} at "
+                                        f"{host}:{port} ({e})") from e
+            time.sleep(0.2)
+    _tune(sock, keepalive_s)
+    sock.sendall(HELLO.pack(process_id))
+    sock.settimeout(None)
+    return sock
 
 
 def _read_exact(sock: socket.socket, n: int, what: str) -> bytes:
@@ -175,19 +197,8 @@ class FollowerSocket:
                 timeout_s: float) -> "FollowerSocket":
         """Connect to the leader at host:port (retrying for up to `timeout_s`: the leader
         may not listen yet) and say hello."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                sock = socket.create_connection((host, port), timeout=max(1.0, timeout_s))
-                break
-            except OSError as e:
-                if time.monotonic() > deadline:
-                    raise PlanChannelClosed(f"plan channel: cannot connect to the leader at "
-                                            f"{host}:{port} ({e})") from e
-                time.sleep(0.2)
-        _tune(sock, timeout_s)
-        sock.sendall(HELLO.pack(process_id))
-        sock.settimeout(None)  # blocking: the leader may idle for hours
+        sock = connect_with_hello(host, port, process_id, timeout_s, timeout_s,
+                                  "plan channel", "the leader")
         log.info("plan channel: process %d connected to the leader at %s:%d", process_id,
                  host, port)
         return cls(sock)
