@@ -34,11 +34,10 @@ from conserve_jax.runtime.kv_replica import make_checkpointer
 from conserve_jax.engine.output_delivery import OutputDelivery
 from conserve_jax.engine.offline_suspension import OfflineSuspension
 from conserve_jax.engine.output_processor import OutputProcessor
-from conserve_jax.engine.startup import StartupProgress, params_nbytes
+from conserve_jax.engine.startup import StartupProgress, load_checked
 from conserve_jax.engine.step_accounting import StepAccounting, final_stats
 from conserve_jax.runtime import distributed
 from conserve_jax.runtime.compile_cache import enable_compilation_cache
-from conserve_jax.runtime.map_budget import check_map_budget
 from conserve_jax.runtime.step_watchdog import NO_WATCHDOG, IdleProbe, StepWatchdog
 from conserve_jax.scheduling.latency_cache import load_or_profile
 from conserve_jax.scheduling.policies import make_policy, uses_checkpointing
@@ -57,21 +56,9 @@ class Engine(EngineAPI):
         warmup = config.warmup if warmup is None else warmup
         startup = startup if startup is not None else StartupProgress()
         enable_compilation_cache(config.compilation_cache_dir)
-        from conserve_jax.runtime.model_runner import planned_executables_for
         from conserve_jax.runtime.pipeline_leader import make_runner
         checkpointing = uses_checkpointing(config.policy)
-        if loaded is None:
-            from conserve_jax.models.loader import load_model, load_model_config
-            # refuse a configuration XLA could not compile, before the weights load
-            check_map_budget(planned_executables_for(load_model_config(config.model), config,
-                                                     checkpointing))
-            startup.loading_weights(config.model)
-            t_load = time.perf_counter()
-            loaded = load_model(config.model, seed=config.seed)
-            startup.weights_loaded(loaded.source, params_nbytes(loaded.params),
-                                   time.perf_counter() - t_load)
-        else:
-            check_map_budget(planned_executables_for(loaded.config, config, checkpointing))
+        loaded = load_checked(config, loaded, checkpointing, startup)
 
         self.config = config
         self.model_config = loaded.config

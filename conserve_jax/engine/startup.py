@@ -34,6 +34,28 @@ def params_nbytes(params) -> int:
     return int(sum(getattr(x, "nbytes", 0) for x in jax.tree_util.tree_leaves(params)))
 
 
+def load_checked(config, loaded, checkpointing: bool, progress: "StartupProgress"):
+    """The model an `Engine` serves (its constructor's thread): `loaded` as given, else
+    loaded from `config.model` with the stages reported on `progress`. Either way the
+    executables `config` plans for it are checked against the map budget first
+    (`MapBudgetExceeded` when XLA could not compile them; before the weights load when it
+    loads them)."""
+    from conserve_jax.runtime.map_budget import check_map_budget
+    from conserve_jax.runtime.model_runner import planned_executables_for
+    if loaded is not None:
+        check_map_budget(planned_executables_for(loaded.config, config, checkpointing))
+        return loaded
+    from conserve_jax.models.loader import load_model, load_model_config
+    check_map_budget(planned_executables_for(load_model_config(config.model), config,
+                                             checkpointing))
+    progress.loading_weights(config.model)
+    t_load = time.perf_counter()
+    loaded = load_model(config.model, seed=config.seed)
+    progress.weights_loaded(loaded.source, params_nbytes(loaded.params),
+                            time.perf_counter() - t_load)
+    return loaded
+
+
 def _mb(nbytes: int) -> str:
     return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
 
