@@ -165,6 +165,9 @@ class EngineStats:
     # before every other offline prompt (deadline estimates' lead pace)
     offline_free_iterations: int = 0
     offline_free_s: float = 0.0
+    # the latency model's online correction now (measured / fitted iteration time, an
+    # exponential average; 1 without a latency model): scales predictions made earlier
+    latency_correction: float = 1.0
     # KV planning (response-length reservations; see scheduling/kv_planner.py)
     kv_blocks_reserved_unused: int = 0  # held by running requests beyond what they wrote
     kv_reservations_grown: int = 0  # a request outlived its predicted length

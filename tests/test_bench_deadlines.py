@@ -32,6 +32,16 @@ def test_parse_args_checks_the_job_lists():
             bench.parse_args(bad)
 
 
+def test_realized_rate_is_the_work_done_between_two_timeline_rows():
+    from conserve_jax.scheduling.harvest import WorkCost
+    tl = [{"t": float(t), "offline_prefill_tokens": 100 * t, "offline_tokens": 10 * t}
+          for t in range(0, 11)]
+    cost = WorkCost(prefill_s=0.01, decode_s=0.1)  # 2 units a second
+    assert bench._realized_rate(tl, cost, 2.2, 8.9) == pytest.approx(2.0)
+    assert bench._realized_rate(tl, cost, 3.0, 3.2) is None  # under a second apart
+    assert bench._realized_rate(tl, cost, 1.0, None) is None and bench._realized_rate([], cost, 0, 5) is None
+
+
 @pytest.mark.timeout(400)
 def test_bench_deadlines_tiny(tmp_path):
     out = tmp_path / "bench.json"
@@ -51,6 +61,7 @@ def test_bench_deadlines_tiny(tmp_path):
             if j["estimate_at_submit_s"] is not None and j["state"] == "completed":
                 assert j["estimate_error"] is not None
             assert "estimate_error_settled" in j  # None when it ended before it settled
+            assert "harvest_rate_realized" in j  # None when it ended within a second
         assert v["offline_processed_tokens_per_s"] > 0
         assert v["online_ttft_p99_vs_online_only"] is not None
         assert v["borrowed_s"] >= 0.0

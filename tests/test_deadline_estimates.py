@@ -65,6 +65,13 @@ def test_cost_from_a_latency_model():
     assert c.decode_iteration_s(0) == pytest.approx(0.001)
     assert c.decode_iteration_s(50) == pytest.approx(0.008)
     assert WorkCost().decode_iteration_s(3) is None
+    # rescaled to the latency model's correction now (the engine measures slower)
+    assert c.correction == 1.0 and c.decode_iteration_s(3, 1.5) == pytest.approx(0.0045)
+    Fake.correction = 2.0  # taken while the model read 2x its fit
+    c2 = WorkCost.from_latency_model(Fake(), max_prefill_tokens=256, max_num_seqs=8)
+    assert c2.correction == 2.0 and c2.decode_iteration_s(3, 3.0) == pytest.approx(0.0045)
+    with pytest.raises(ValueError, match="positive"):
+        WorkCost(correction=0.0)
 
     class Zero:
         def predict(self, w):

@@ -231,8 +231,12 @@ def test_borrowing_admits_what_only_borrowing_can_fit(setup):
     assert refusal is not None
     tr.borrow_gain = 2.0  # borrowing serves it at up to 20/s: 6 s, fits
     work, refusal = tr.judge(items(4, hint=20), "t", clock.t + 8, "completion_window")
-    # at risk from the start, it borrows at once: the estimate is the borrowing one
-    assert refusal is None and work.estimate_at - clock.t == pytest.approx(6.0)
+    # accepted; its estimate is the one without borrowing (the gain is an upper bound),
+    # as every tick after estimates it
+    assert refusal is None and work.estimate_at - clock.t == pytest.approx(12.0)
+    b, _ = store.create_batch("t", items(4, hint=20), clock.t + 8, work=work)
+    tr.tick()
+    assert tr.estimate_of(b).finish_at == pytest.approx(work.estimate_at)
     _, refusal = tr.judge(items(4, hint=20), "t", clock.t + 5, "completion_window")
     assert refusal is not None  # 6 s > 5 s even with borrowing
 
@@ -408,11 +412,18 @@ def test_the_lead_pace_is_the_faster_of_item_paces_and_the_free_iteration_period
     store, eng, clock, tr = setup
     assert tr.tpot_lead() == 0.0
     # before any such iteration, the latency model's decode-only iteration of the rows
-    # running now (here 5 ms a row: 4 rows, 20 ms)
+    # running or waiting now (here 5 ms a row: 4 rows, 20 ms)
     tr.cost = WorkCost(decode_iter_s=tuple(0.005 * k for k in range(1, 9)))
     eng.st.online_running, eng.st.offline_running = 1, 3
     tr.tick()
     assert tr.tpot_lead() == pytest.approx(0.02)
+    eng.st.offline_waiting = 2  # 6 rows once they are in
+    tr.tick()
+    assert tr.tpot_lead() == pytest.approx(0.03)
+    # the engine measures its iterations 1.5x the latency model's fit now
+    eng.st.latency_correction = 1.5
+    tr.tick()
+    assert tr.tpot_lead() == pytest.approx(0.045)
     eng.st.online_running, eng.st.offline_running = 0, 0
     tr.cost = WorkCost()
     eng.st.offline_waiting = 1

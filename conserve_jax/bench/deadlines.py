@@ -226,7 +226,8 @@ def _inputs(tracker) -> dict:
     """What the deadline estimator works from now (the tracker's own reads)."""
     return {"harvest_rate": tracker.rate(), "prompt_rate": tracker.prompt_rate(),
             "tpot_median_s": tracker.tpot(), "tpot_lead_s": tracker.tpot_lead(),
-            "pace_samples": tracker.pace.count()}
+            "pace_samples": tracker.pace.count(),
+            "latency_correction": tracker.engine.stats().latency_correction}
 
 
 def _look(tracker, ids: dict, t_first: float, infos: list) -> dict:
@@ -246,6 +247,21 @@ def _look(tracker, ids: dict, t_first: float, infos: list) -> dict:
                      "urgent": bid in urgent, "done": info.done,
                      "own_pace_s": tracker.own_pace(bid, None)}
     return row
+
+
+def _realized_rate(timeline: list, cost, t_from: float, t_to: Optional[float]) -> Optional[float]:
+    """Offline work units a second the engine did between `t_from` and `t_to` (seconds
+    after the first submission), from the timeline's rows nearest them: the harvest rate
+    a job's life actually had, beside the one measured before it (an estimate at submit
+    can only assume that one lasts)."""
+    if t_to is None or not timeline:
+        return None
+    a = min(timeline, key=lambda r: abs(r["t"] - t_from))
+    b = min(timeline, key=lambda r: abs(r["t"] - t_to))
+    if b["t"] - a["t"] < 1.0:
+        return None
+    return cost.of(b["offline_prefill_tokens"] - a["offline_prefill_tokens"],
+                   b["offline_tokens"] - a["offline_tokens"]) / (b["t"] - a["t"])
 
 
 def _run_jobs(a, app: ServerApp, work: wl.Workload, t0: float):
@@ -333,6 +349,11 @@ def _run_jobs(a, app: ServerApp, work: wl.Workload, t0: float):
             and fin > sub_t else None,
             "one_record_per_item": sorted(records) == list(range(b.total)),
             "estimator_at_submit": inputs[name],
+            # offline work units a second between its submission and its end (expiry
+            # included), beside estimator_at_submit's harvest_rate
+            "harvest_rate_realized": _realized_rate(
+                timeline, app.deadlines.cost, sub_t - t_first,
+                (fin if fin is not None else time.time()) - t_first),
         }
     client.close()
     channel.close()
@@ -369,16 +390,20 @@ def print_table(V: dict) -> None:
     def f(x, spec=".2f"):
         return "–" if x is None else format(x, spec)
     print("| variant | misses (tight/medium/loose) | estimate error at submit | settled | "
-          "online p99 TTFT (s) | TPOT (s) | TTFT vs online-only (no job at risk) | "
-          "offline processed tok/s | borrowed s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "harvest rate at submit > over the job | online p99 TTFT (s) | TPOT (s) | "
+          "TTFT vs online-only (no job at risk) | offline processed tok/s | borrowed s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, v in V.items():
         jobs = v.get("jobs") or {}
         miss = "/".join("miss" if jobs[j]["missed"] else "ok" for j in JOBS) if jobs else "–"
         errs = ", ".join(f(jobs[j]["estimate_error"], "+.0%") for j in JOBS) if jobs else "–"
         settled = (", ".join(f(jobs[j].get("estimate_error_settled"), "+.0%") for j in JOBS)
                    if jobs else "–")
-        print(f"| {name} | {miss} | {errs} | {settled} | {f(v['online_ttft_p99_s'], '.3f')} | "
+        rates = ", ".join(f"{f(jobs[j]['estimator_at_submit']['harvest_rate'])}>"
+                          f"{f(jobs[j].get('harvest_rate_realized'))}" for j in JOBS
+                          ) if jobs else "–"
+        print(f"| {name} | {miss} | {errs} | {settled} | {rates} | "
+              f"{f(v['online_ttft_p99_s'], '.3f')} | "
               f"{f(v['online_tpot_p99_s'], '.3f')} | "
               f"{f(v.get('online_ttft_p99_vs_online_only_no_job_at_risk'))} | "
               f"{f(v['offline_processed_tokens_per_s'], '.1f')} | {f(v['borrowed_s'], '.1f')} |")

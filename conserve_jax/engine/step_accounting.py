@@ -87,6 +87,7 @@ class StepAccounting:
         for name, value in policy.kv_stats(sch).items():  # reservations, predictor
             setattr(st, name, value)
         st.deadline_borrowed_s = policy.borrowed_s
+        st.latency_correction = policy.latency_correction()
         if checkpointer is not None:
             st.host_pool_slots_total = checkpointer.pool.num_slots
             st.host_pool_slots_used = checkpointer.pool.num_used

@@ -48,20 +48,28 @@ class WorkCost:
     # model's; empty: unknown): an offline item's pace, a token an iteration, before the
     # engine has run such iterations (`decode_iteration_s`)
     decode_iter_s: tuple[float, ...] = ()
+    # the latency model's online correction (`LatencyModel.correction`) when these costs
+    # were taken: `decode_iteration_s` scales by the one measured since
+    correction: float = 1.0
 
     def __post_init__(self) -> None:
-        if not (self.prefill_s > 0 and self.decode_s > 0):
+        if not (self.prefill_s > 0 and self.decode_s > 0 and self.correction > 0):
             raise ValueError(f"WorkCost needs positive costs, got {self}")
 
     def of(self, prefill_tokens: float, output_tokens: float) -> float:
         return self.prefill_s * prefill_tokens + self.decode_s * output_tokens
 
-    def decode_iteration_s(self, rows: int) -> Optional[float]:
+    def decode_iteration_s(self, rows: int, correction: Optional[float] = None
+                           ) -> Optional[float]:
         """Predicted seconds of an iteration of `rows` decodes (capped at the largest
-        known), None without a latency model."""
+        known), None without a latency model. `correction`: the latency model's online
+        correction now (`EngineStats.latency_correction`; None: as when the costs were
+        taken): the prediction made then, rescaled to it (the engine measures iterations
+        slower than the profile on a busy host)."""
         if not self.decode_iter_s:
             return None
-        return self.decode_iter_s[min(max(1, int(rows)), len(self.decode_iter_s)) - 1]
+        t = self.decode_iter_s[min(max(1, int(rows)), len(self.decode_iter_s)) - 1]
+        return t if correction is None else t * correction / self.correction
 
     @classmethod
     def from_latency_model(cls, model, max_prefill_tokens: int, max_num_seqs: int,
@@ -84,7 +92,8 @@ class WorkCost:
         p, d = model.predict(pre) / n, iters[-1] / rows
         if not (p > 0 and d > 0):  # a degenerate fit: fall back to counting tokens
             return cls()
-        return cls(p, d, tuple(iters) if min(iters) > 0 else ())
+        return cls(p, d, tuple(iters) if min(iters) > 0 else (),
+                   float(getattr(model, "correction", 1.0)))
 
 
 @dataclass(frozen=True)

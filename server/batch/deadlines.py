@@ -30,9 +30,9 @@ harvest rate (a job of few items is bound by it). Two paces (`deadline_pace.Offl
 - `tpot_lead`, the fast end, once no prompt goes in beside them: the faster of those
   paces' lower quartile and the engine's time per iteration that generated offline tokens
   with no offline prompt in it (`HarvestMeter.free_period`; before there was one, the
-  latency model's decode-only iteration); for a job whose own items have
-  samples, the faster of that and their fastest (they may have generated beside other
-  jobs' prompts until then).
+  latency model's decode-only iteration at its online correction now); for a job whose
+  own items have samples, the faster of that and their fastest (they may have generated
+  beside other jobs' prompts until then).
 A calm job's tail is at `tpot` while the prompts of the calm jobs due after it go in (at
 the harvest rate; `_behind`), then at the fast end. An urgent job's is at the fast end
 throughout: the scheduler holds back every prompt but its own (and those of urgent jobs
@@ -131,7 +131,8 @@ class DeadlineTracker:
         self.clock = clock
         self.borrow_gain = max(1.0, float(borrow_gain))
         self._in_engine: dict[str, int] = {}  # batch id -> its items inside the engine
-        self._rows = 1  # sequences running in the engine at the last look
+        self._rows = 1  # sequences running or waiting in the engine at the last look
+        self._correction: Optional[float] = None  # the latency model's, at the last look
         self.pace = OfflinePace()
         self._progress: dict[str, list[ItemProgress]] = {}  # batch id -> its items inside
         self.meter = HarvestMeter(cost, options.harvest_window_s, options.harvest_min_history_s)
@@ -223,8 +224,7 @@ class DeadlineTracker:
     def _behind(self, rows: list[BatchRow], urgent: frozenset,
                 rate: Optional[float]) -> dict[str, float]:
         """Per calm batch: seconds (at `rate`) the prompts of the calm batches due after it
-        take to go in, beside its generating items (module doc). None beside an urgent
-        batch: the scheduler holds every later prompt back while its items generate."""
+        take to go in beside its generating items (module doc); none beside an urgent one."""
         if not rate:
             return {}
         out: dict[str, float] = {}
@@ -243,10 +243,11 @@ class DeadlineTracker:
     def tpot_lead(self) -> float:
         """The fast end of the offline paces (module doc): the faster of their lower
         quartile and `HarvestMeter.free_period`, before that is measured the latency
-        model's decode-only iteration of the rows running now. 0 before any."""
+        model's decode-only iteration of the rows running or waiting now (an item served
+        first runs beside them all while work waits). 0 before any."""
         q, f = self.pace.lead(), self.meter.free_period()
         if f is None:  # no such iteration yet (prompts went in beside every one)
-            f = self.cost.decode_iteration_s(self._rows)
+            f = self.cost.decode_iteration_s(self._rows, self._correction)
         if f is None:
             return q
         return min(q, f) if q > 0 else f
@@ -259,10 +260,9 @@ class DeadlineTracker:
     def admit(self, work: BatchWork, deadline: Optional[float],
               items: int = 1) -> tuple[Verdict, BatchWork]:
         """Judge a new batch of `work` (tokens, over `items` items) with `deadline` against
-        the active batches (read from the store now) at the current harvest rate and decode
-        speed. Returns the verdict and the
-        `BatchWork` to store (with the estimate). The caller refuses an infeasible batch
-        unless `accept_infeasible`; `note_refused` / `note_accepted` count it."""
+        the active batches (read from the store now) at the current harvest rate and paces.
+        Returns the verdict and the `BatchWork` to store (with the estimate); `judge`
+        refuses an infeasible batch unless `accept_infeasible`."""
         now = self.clock()
         tpot, lead, rate = self.tpot(), self.tpot_lead(), self.rate()
         rows = self.store.active()
@@ -278,12 +278,12 @@ class DeadlineTracker:
         v = admit(jobs, new, rate, now, burst_s=burst)
         if not v.feasible and self.borrow_gain > 1.0 and rate is not None:
             # deadline_policy borrow: refused only if it misses even when served at the
-            # most borrowing can give. Such a job is at risk from the start and borrows
-            # at once, so its estimate is the borrowing one (an upper bound on the gain:
-            # optimistic)
+            # most borrowing can give. Its estimate stays the one without borrowing, past
+            # its deadline: the gain is an upper bound (bench_deadlines borrowed 5 s in a
+            # 240 s run), and the estimates of every tick after are made without it
             b = admit(jobs, new, rate, now, gain=self.borrow_gain, burst_s=burst)
             if b.feasible:
-                v = Verdict(True, b.finish_at, f"fits by borrowing ({v.reason} without)")
+                v = Verdict(True, v.finish_at, f"fits only by borrowing ({v.reason} without)")
         return v, BatchWork(work.prompt_tokens, work.output_tokens, v.finish_at)
 
     def _burst_on_arrival(self, jobs: list[JobWork], new: JobWork, work: BatchWork,
@@ -400,7 +400,8 @@ class DeadlineTracker:
         """Read the engine's cumulative offline counters into the harvest meter."""
         st = self.engine.stats()
         backlogged = st.offline_waiting + st.offline_running > 0
-        self._rows = st.online_running + st.offline_running
+        self._rows = st.online_running + st.offline_running + st.offline_waiting
+        self._correction = st.latency_correction
         self.meter.observe(now, st.offline_prefill_tokens_total, st.offline_tokens_total,
                            backlogged, (st.offline_free_iterations, st.offline_free_s))
 

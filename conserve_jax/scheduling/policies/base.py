@@ -116,6 +116,11 @@ class Policy:
 
     def on_step_done(self, step: "ScheduledStep", elapsed_s: float) -> None: ...
 
+    def latency_correction(self) -> float:
+        """The latency model's online correction now (`LatencyModel.correction`; 1 for a
+        policy without one): `EngineStats.latency_correction`."""
+        return 1.0
+
     def on_abandoned(self, step: "ScheduledStep") -> None: ...
 
     def on_finished(self, seq: "Sequence") -> None:

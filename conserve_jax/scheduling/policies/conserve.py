@@ -106,6 +106,9 @@ class ConservePolicy(Policy):
         self.model.observe(step.work, elapsed_s)
         self.borrowed_s += self.borrowed_in(step)
 
+    def latency_correction(self) -> float:
+        return self.model.correction
+
     def borrowed_in(self, step) -> float:
         """Predicted seconds `step` (just planned with the last budget) takes beyond its
         isolation limit because urgent work borrowed (0 when nothing did)."""
