@@ -40,6 +40,12 @@ def test_realized_rate_is_the_work_done_between_two_timeline_rows():
     assert bench._realized_rate(tl, cost, 2.2, 8.9) == pytest.approx(2.0)
     assert bench._realized_rate(tl, cost, 3.0, 3.2) is None  # under a second apart
     assert bench._realized_rate(tl, cost, 1.0, None) is None and bench._realized_rate([], cost, 0, 5) is None
+    # estimated 30 s at a rate of 0.3; the job's life had 0.45 and it took 22 s: the
+    # estimate at that rate, 20 s, is 9 % short
+    job = {"estimate_at_submit_s": 30.0, "finished_after_s": 22.0, "estimate_error": 8 / 22,
+           "estimator_at_submit": {"harvest_rate": 0.3}, "harvest_rate_realized": 0.45}
+    assert bench._at_realized_rate(job) == pytest.approx(-2 / 22)
+    assert bench._at_realized_rate({**job, "estimate_error": None}) is None  # expired
 
 
 @pytest.mark.timeout(400)
@@ -62,6 +68,11 @@ def test_bench_deadlines_tiny(tmp_path):
                 assert j["estimate_error"] is not None
             assert "estimate_error_settled" in j  # None when it ended before it settled
             assert "harvest_rate_realized" in j  # None when it ended within a second
+            assert "estimate_error_at_realized_rate" in j
+        # submitted loose, medium, tight, each due sooner than the one before
+        assert v["jobs"]["loose"]["overtaken_by"] == ["medium", "tight"]
+        assert v["jobs"]["medium"]["overtaken_by"] == ["tight"]
+        assert v["jobs"]["tight"]["overtaken_by"] == []
         assert v["offline_processed_tokens_per_s"] > 0
         assert v["online_ttft_p99_vs_online_only"] is not None
         assert v["borrowed_s"] >= 0.0
@@ -70,3 +81,5 @@ def test_bench_deadlines_tiny(tmp_path):
     assert data["submit_order"] == ["loose", "medium", "tight"] and data["stagger_s"] == 0.5
     assert {"estimate_within_25pct", "borrow_meets_tight",
             "isolate_zero_misses_on_feasible_windows"} <= set(data["targets"])
+    est = data["targets"]["estimate_within_25pct"]
+    assert set(est["errors_not_overtaken"]) <= set(est["errors"])

@@ -25,7 +25,9 @@ Reported per variant and job: state, finish time and slack, missed, the estimate
 and its error against the actual duration ((estimated - actual) / actual), the same for the
 current estimate `SETTLE_S` after the last submission ("settled": the estimator's error once
 it sees every job, apart from jobs that came after this one), items with exactly
-one record (results streamed back and counted). Per variant: online p99 TTFT/TPOT over all
+one record (results streamed back and counted), the jobs submitted after it and due before
+it (`overtaken_by`), the harvest rate its life actually had and the error the estimate would
+have had at that rate (what the model gets wrong, apart from the online load to come). Per variant: online p99 TTFT/TPOT over all
 requests and over those during which no job was at risk (sampled every 0.5 s), their ratio
 to online-only's, offline processed tokens/s over the online window, borrowed seconds, the
 tracker's harvest rate at submit, and what the estimator worked from (harvest and prompt
@@ -264,6 +266,18 @@ def _realized_rate(timeline: list, cost, t_from: float, t_to: Optional[float]) -
                    b["offline_tokens"] - a["offline_tokens"]) / (b["t"] - a["t"])
 
 
+def _at_realized_rate(job: dict) -> Optional[float]:
+    """The error the estimate at submit would have had had the estimator known the harvest
+    rate the job's life turned out to have: the whole estimate scaled by the ratio of the
+    two rates (an approximation: its tail, which does not scale with the rate, scales too).
+    It separates the model's error from the forecast's (the online load to come)."""
+    est, act = job["estimate_at_submit_s"], job["finished_after_s"]
+    r0, r1 = job["estimator_at_submit"]["harvest_rate"], job["harvest_rate_realized"]
+    if job["estimate_error"] is None or not (r0 and r1 and est and act):
+        return None
+    return (est * r0 / r1 - act) / act
+
+
 def _run_jobs(a, app: ServerApp, work: wl.Workload, t0: float):
     """Warm-up batch, then the three jobs; wait until every job ended. Returns the jobs'
     records (with the estimator's inputs at each submission), the (monotonic) spans during
@@ -349,12 +363,17 @@ def _run_jobs(a, app: ServerApp, work: wl.Workload, t0: float):
             and fin > sub_t else None,
             "one_record_per_item": sorted(records) == list(range(b.total)),
             "estimator_at_submit": inputs[name],
+            # jobs submitted after it and due before it: served first (EDF), their work is
+            # in its actual finish and could not be in its estimate at submit
+            "overtaken_by": [o for o in ids if submitted[o][0] > sub_t
+                             and submitted[o][0] + windows[o] * a.duration < dl],
             # offline work units a second between its submission and its end (expiry
             # included), beside estimator_at_submit's harvest_rate
             "harvest_rate_realized": _realized_rate(
                 timeline, app.deadlines.cost, sub_t - t_first,
                 (fin if fin is not None else time.time()) - t_first),
         }
+        jobs[name]["estimate_error_at_realized_rate"] = _at_realized_rate(jobs[name])
     client.close()
     channel.close()
     return jobs, spans, rate_at_submit, timeline
@@ -377,10 +396,14 @@ def targets(V: dict) -> dict:
         out["borrow_meets_tight"] = {"met": not V["borrow"]["jobs"]["tight"]["missed"]}
         out["online_p99_within_1.2x_when_no_job_at_risk"] = {"ttft_ratio": r, "met": r is not None
                                                             and r <= 1.2}
-    errs = [j["estimate_error"] for v in V.values() for j in v["jobs"].values()
-            if j["estimate_error"] is not None]
-    out["estimate_within_25pct"] = {"errors": errs,
-                                    "met": bool(errs) and all(abs(e) <= 0.25 for e in errs)}
+    done = [j for v in V.values() for j in v["jobs"].values() if j["estimate_error"] is not None]
+    errs = [j["estimate_error"] for j in done]
+    alone = [j["estimate_error"] for j in done if not j.get("overtaken_by")]
+    out["estimate_within_25pct"] = {
+        "errors": errs, "met": bool(errs) and all(abs(e) <= 0.25 for e in errs),
+        # the jobs no later job went before (an estimate at submit cannot see those)
+        "errors_not_overtaken": alone,
+        "met_not_overtaken": bool(alone) and all(abs(e) <= 0.25 for e in alone)}
     recs = [j["one_record_per_item"] for v in V.values() for j in v["jobs"].values()]
     out["one_record_per_item"] = {"met": bool(recs) and all(recs)}
     return out
@@ -390,23 +413,29 @@ def print_table(V: dict) -> None:
     def f(x, spec=".2f"):
         return "–" if x is None else format(x, spec)
     print("| variant | misses (tight/medium/loose) | estimate error at submit | settled | "
-          "harvest rate at submit > over the job | online p99 TTFT (s) | TPOT (s) | "
-          "TTFT vs online-only (no job at risk) | offline processed tok/s | borrowed s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "harvest rate at submit > over the job | error at that rate | online p99 TTFT (s) | "
+          "TPOT (s) | TTFT vs online-only (no job at risk) | offline processed tok/s | "
+          "borrowed s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, v in V.items():
         jobs = v.get("jobs") or {}
         miss = "/".join("miss" if jobs[j]["missed"] else "ok" for j in JOBS) if jobs else "–"
-        errs = ", ".join(f(jobs[j]["estimate_error"], "+.0%") for j in JOBS) if jobs else "–"
+        errs = ", ".join(f(jobs[j]["estimate_error"], "+.0%")
+                         + ("*" if jobs[j].get("overtaken_by") else "") for j in JOBS
+                         ) if jobs else "–"
         settled = (", ".join(f(jobs[j].get("estimate_error_settled"), "+.0%") for j in JOBS)
                    if jobs else "–")
         rates = ", ".join(f"{f(jobs[j]['estimator_at_submit']['harvest_rate'])}>"
                           f"{f(jobs[j].get('harvest_rate_realized'))}" for j in JOBS
                           ) if jobs else "–"
-        print(f"| {name} | {miss} | {errs} | {settled} | {rates} | "
+        at_rate = (", ".join(f(jobs[j].get("estimate_error_at_realized_rate"), "+.0%")
+                             for j in JOBS) if jobs else "–")
+        print(f"| {name} | {miss} | {errs} | {settled} | {rates} | {at_rate} | "
               f"{f(v['online_ttft_p99_s'], '.3f')} | "
               f"{f(v['online_tpot_p99_s'], '.3f')} | "
               f"{f(v.get('online_ttft_p99_vs_online_only_no_job_at_risk'))} | "
               f"{f(v['offline_processed_tokens_per_s'], '.1f')} | {f(v['borrowed_s'], '.1f')} |")
+    print("(* a job submitted later and due sooner went before it: not in its estimate at submit)")
 
 
 def main(argv=None) -> dict:

@@ -42,9 +42,9 @@ comes is estimated so from admission (`_burst_on_arrival`). At risk is judged at
 throughout (`JobWork.tail_alone_s`), as if the job had no priority. Hopeless (`slack`
 module doc) weighs its work at the rate against its tail at its own items' fastest pace
 only (before they show one, against no tail: a job keeps its priority until its own items
-show it cannot make it), or its burst at the fast end if that is sooner. An estimate at
-submission cannot see jobs that come later, nor the online load to come.
-docs/benchmarks.md (bench_deadlines, sessions 33-37) has the runs behind each rule.
+show it cannot make it), or its burst at the fast end if that is sooner. An estimate cannot
+see jobs that come later, nor the online load to come. docs/benchmarks.md (bench_deadlines,
+sessions 33-38) has the runs behind each rule.
 
 No harvest history (fewer than `harvest_min_history_s` backlogged seconds measured, e.g.
 a fresh server): no estimate is made (None everywhere) and every batch is admitted; the
@@ -57,9 +57,9 @@ Outcomes: a batch that ends `completed` with `finished_at <= deadline` met its w
 one that ends failed by its deadline (`DEADLINE_ERROR`), or completes after it, missed
 (class "batch"); an HTTP flex request met its bound if it started (first token) within
 `flex_max_wait_s`, else it missed (class "flex", refused with 429). Estimate error:
-(estimated duration at submit - actual) / actual, for completed batches with one. Slack at finish: deadline - finished_at (negative
-for a miss), in a histogram. Counted by the replica that sees the batch end (in a fleet,
-every replica that saw it active: sum with care).
+(estimated duration at submit - actual) / actual, for completed batches with one. Slack at
+finish: deadline - finished_at (negative for a miss), in a histogram. Counted by the replica
+that sees the batch end (in a fleet, every replica that saw it active: sum with care).
 """
 from __future__ import annotations
 
@@ -207,13 +207,10 @@ class DeadlineTracker:
         in_engine = self.units(per_prompt * (inside - len(started)),
                                per_item * (inside - len(started)) + out_left)
         slowest = per_item if fresh > 0 else max(lefts, default=0.0)
-        # served first (urgent; hopeless's burst): the faster of its own items' fastest
-        # and the lead pace (module doc)
+        # served first (urgent; hopeless's burst): its own items' fastest or the lead pace
         own = self.pace.own(row.id, None)
         lead = tpot_s if lead_s is None else lead_s
         first = lead if own is None else (min(own, lead) if lead > 0 else own)
-        # hopeless weighs its work at the rate against its tail at its own items' pace
-        # only (before they have shown one, against no tail)
         return JobWork(row.id, row.deadline, left, in_engine=in_engine,
                        urgent=row.id in urgent, tail_s=_tail(slowest, behind_s, tpot_s, first),
                        tail_min_s=slowest * first,
@@ -293,9 +290,10 @@ class DeadlineTracker:
         EDF order, its tail at the median pace `tpot` throughout), it is urgent from the
         first tick: seconds from now it is done in its burst (`slack.urgent_bursts`: the
         urgent batches due before it, then its prompts and its tail at the lead pace
-        `lead`). Else None."""
+        `lead`). Else, or with `deadline_order` off (nothing is served first), None."""
         prompt_rate = self.prompt_rate()
-        if rate is None or not prompt_rate or new.deadline is None:
+        if (rate is None or not prompt_rate or new.deadline is None
+                or not self.options.deadline_order):
             return None
         alone = admit(jobs, JobWork("new", new.deadline, new.remaining,
                                     tail_s=per_item * tpot), rate, now)
