@@ -165,6 +165,10 @@ class EngineStats:
     # before every other offline prompt (deadline estimates' lead pace)
     offline_free_iterations: int = 0
     offline_free_s: float = 0.0
+    # seconds of committed iterations with any offline work in them (the rest of the wall
+    # time the engine served online work alone, or waited): their share of backlogged wall
+    # time is how much of it an offline item served first advances in
+    offline_busy_s: float = 0.0
     # the latency model's online correction now (measured / fitted iteration time, an
     # exponential average; 1 without a latency model): scales predictions made earlier
     latency_correction: float = 1.0

@@ -38,6 +38,23 @@ def test_meter_window_slides_and_weights_work():
     assert m.rate() == pytest.approx(2.5) and m.span() == pytest.approx((10.0, 25.0))
 
 
+def test_meter_duty_is_the_share_of_backlogged_time_in_offline_iterations():
+    m = HarvestMeter(WorkCost(), window_s=10.0, min_span_s=2.0)
+    m.observe(0.0, 0, 0, True, busy_s=0.0)
+    m.observe(1.0, 0, 5, True, busy_s=0.25)
+    assert m.duty() is None  # under min_span_s
+    m.observe(3.0, 0, 15, True, busy_s=1.25)
+    assert m.duty() == pytest.approx(1.25 / 3)
+    m.observe(4.0, 0, 15, False, busy_s=1.25)  # not backlogged: says nothing
+    m.observe(14.0, 0, 15, True, busy_s=1.25)
+    assert m.duty() == pytest.approx(1.25 / 3)
+    for t in range(15, 25):  # ten backlogged seconds, all busy: the window forgets the rest
+        m.observe(float(t), 0, 15 + t, True, busy_s=1.25 + t - 14)
+    assert m.duty() == pytest.approx(1.0)
+    m.observe(25.0, 0, 50, True, busy_s=0.5)  # the counter went down: the engine restarted
+    assert m.duty() is None
+
+
 def test_meter_needs_history_and_restarts_on_counter_reset():
     m = HarvestMeter(WorkCost(), window_s=60.0, min_span_s=5.0)
     assert m.rate() is None

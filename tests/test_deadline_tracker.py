@@ -341,13 +341,13 @@ def test_items_under_way_set_the_pace_and_the_work_left(setup):
     tr.borrow_gain = 1.0
     fast = [ItemProgress(9, 2.0, 8)] * 2
     tr.tick(in_engine={b: 5, tight: 1}, progress={b: fast + pace * 3, tight: slow})
-    assert tr.tpot_lead() == pytest.approx(0.25) and tr.own_pace(tight, None) == 2.0
+    assert tr.tpot_lead() == pytest.approx(0.25) and tr.pace.own(tight, None) == 2.0
     assert tr.tpot() == pytest.approx(2.0)
     assert not tr.estimate_of(tight).hopeless and tight in tr.urgent_batches()
     # judged at its own fastest pace: 0.25 s
     tr.tick(in_engine={b: 1, tight: 1},
             progress={b: pace * 6, tight: [ItemProgress(10, 2.0, 8)]})
-    assert tr.tpot() == pytest.approx(2.0) and tr.own_pace(tight, 2.0) == pytest.approx(0.25)
+    assert tr.tpot() == pytest.approx(2.0) and tr.pace.own(tight, 2.0) == pytest.approx(0.25)
     e = tr.estimate_of(tight)  # 10 tokens left: late at the median pace, 2.5 s at its own
     assert e.at_risk and not e.hopeless and tight in tr.urgent_batches()
     # urgent now (it was at the last look): estimated at the pace priority gives, its own
@@ -447,3 +447,37 @@ def test_the_lead_pace_is_the_faster_of_item_paces_and_the_free_iteration_period
     assert tr.tpot() == pytest.approx(1.0) and tr.tpot_lead() == pytest.approx(0.1)
     tr.tick(in_engine={b: 1}, progress={b: [ItemProgress(9, 0.4, 8)]})  # 0.05 s a token
     assert tr.tpot_lead() == pytest.approx(0.05)
+
+
+def test_an_item_served_first_is_estimated_at_the_engine_offline_duty(setup):
+    """The free iteration period is how long such an iteration takes, not how often one
+    comes: where online work alone takes half the wall time, an item served first is
+    estimated at twice the period, while hopeless keeps the fast end (optimistic)."""
+    store, eng, clock, tr = setup
+    eng.st.offline_waiting = 1
+    for _ in range(7):  # 20 tokens a second; 10 free iterations of 0.05 s, busy 0.5 s of 1
+        clock.t += 1.0
+        eng.st.offline_tokens_total += 20
+        eng.st.offline_free_iterations += 10
+        eng.st.offline_free_s += 0.5
+        eng.st.offline_busy_s += 0.5
+        tr.tick()
+    assert tr.meter.duty() == pytest.approx(0.5)
+    p = tr.paces()
+    assert p.lead == pytest.approx(0.05) and p.served == pytest.approx(0.1)
+    w, _ = tr.judge(items(1, hint=20), "t", clock.t + 100, "deadline")
+    # 30 tokens' work at 20 a second, then its 20 tokens at the served-first pace
+    assert w.estimate_at - clock.t == pytest.approx(30 / 20 + 20 * 0.1)
+    b, _ = store.create_batch("t", items(1, hint=20), clock.t + 100, work=w)
+    j = tr._job(store.get(b), p)
+    assert j.tail_s == pytest.approx(20 * 0.1) and j.tail_min_s == pytest.approx(20 * 0.05)
+
+
+def test_fast_end_and_the_served_first_pace():
+    from conserve_server.batch.deadline_pace import MIN_DUTY, fast_end
+    assert fast_end(0.0, None, None) == (0.0, 0.0)  # nothing known
+    assert fast_end(0.3, None, 0.5) == (0.3, 0.3)  # item paces are wall time already
+    assert fast_end(0.0, 0.1, None) == (0.1, 0.1)  # duty unknown: the period as it is
+    assert fast_end(0.0, 0.1, 0.5) == pytest.approx((0.1, 0.2))
+    assert fast_end(0.15, 0.1, 0.5) == pytest.approx((0.1, 0.15))  # the quartile if faster
+    assert fast_end(0.0, 0.1, 0.01) == pytest.approx((0.1, 0.1 / MIN_DUTY))  # floored

@@ -30,3 +30,6 @@ def test_free_iterations_count_offline_tokens_without_an_offline_prompt():
     assert acc.iterations == 5
     assert acc.offline_free_iterations == 2
     assert acc.offline_free_s == pytest.approx(0.3)
+    # seconds of the timed iterations with any offline work (0.2 + 0.9 + 0.1); not the
+    # online-only one nor the untimed one
+    assert acc.offline_busy_s == pytest.approx(1.2)

@@ -226,8 +226,10 @@ def run_variant(a, variant: str, loaded, work: wl.Workload, shared, ref) -> dict
 
 def _inputs(tracker) -> dict:
     """What the deadline estimator works from now (the tracker's own reads)."""
+    paces = tracker.paces()
     return {"harvest_rate": tracker.rate(), "prompt_rate": tracker.prompt_rate(),
-            "tpot_median_s": tracker.tpot(), "tpot_lead_s": tracker.tpot_lead(),
+            "tpot_median_s": paces.median, "tpot_lead_s": paces.lead,
+            "tpot_served_s": paces.served, "offline_duty": tracker.meter.duty(),
             "pace_samples": tracker.pace.count(),
             "latency_correction": tracker.engine.stats().latency_correction}
 
@@ -247,7 +249,7 @@ def _look(tracker, ids: dict, t_first: float, infos: list) -> dict:
                      round(e.finish_at - now, 2),
                      "at_risk": bool(e and e.at_risk), "hopeless": bool(e and e.hopeless),
                      "urgent": bid in urgent, "done": info.done,
-                     "own_pace_s": tracker.own_pace(bid, None)}
+                     "own_pace_s": tracker.pace.own(bid, None)}
     return row
 
 

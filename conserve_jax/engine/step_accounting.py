@@ -34,6 +34,7 @@ class StepAccounting:
         # their seconds (each from its scheduling to its commit; resumed ones not counted)
         self.offline_free_iterations = 0
         self.offline_free_s = 0.0
+        self.offline_busy_s = 0.0  # seconds of iterations with offline work (timed ones)
         self._snapshot = EngineStats()
 
     def record(self, entries, sampled, seconds: Optional[float] = None) -> IterationStats:
@@ -49,9 +50,11 @@ class StepAccounting:
         for seq, _ in sampled:
             counts[0 if seq.online else 1] += 1
         self.iterations += 1
-        if seconds is not None and counts[1] and not counts[3]:
-            self.offline_free_iterations += 1
-            self.offline_free_s += seconds
+        if seconds is not None and (counts[1] or counts[3]):
+            self.offline_busy_s += seconds
+            if not counts[3]:
+                self.offline_free_iterations += 1
+                self.offline_free_s += seconds
         self._totals = [a + b for a, b in zip(self._totals, counts)]
         with self._lock:
             self._history.append((time.monotonic(), counts[0], counts[1]))
@@ -77,7 +80,7 @@ class StepAccounting:
             evictions=c.evictions, recomputed_tokens=c.recomputed_tokens,
             restored_tokens=c.restored_tokens, iterations=self.iterations,
             offline_free_iterations=self.offline_free_iterations,
-            offline_free_s=self.offline_free_s,
+            offline_free_s=self.offline_free_s, offline_busy_s=self.offline_busy_s,
             prefix_cache_queries_online=c.prefix_query_tokens[True],
             prefix_cache_queries_offline=c.prefix_query_tokens[False],
             prefix_cache_hits_online=c.prefix_hit_tokens[True],

@@ -21,8 +21,10 @@ assume instead, see `slack.py`).
 Beside the rate, the meter keeps two speeds of its own windows, each over the last
 `window_s` seconds of the time it is measured in, however long ago: `prompt_rate()` (prompt
 units a second while offline prompts go in) and `free_period()` (the engine's seconds per
-iteration that generated offline tokens with no offline prompt in it), which the deadline
-estimates use for a few items served first (`slack.py`, `conserve_server.batch.deadlines`).
+iteration that generated offline tokens with no offline prompt in it), and `duty()` over
+its backlogged window (the share of that time spent in iterations with offline work), which
+the deadline estimates use for a few items served first (`slack.py`,
+`conserve_server.batch.deadlines`).
 
 Pure host code with an explicit clock (callers pass `now`), so tests drive it with a fake
 clock. One owner (the batch runner's thread) feeds it; readers on other threads call
@@ -104,6 +106,7 @@ class _Reading:
     prefill: float = 0.0  # of `work`, the prompt tokens' units
     # the engine's cumulative (free iterations, their seconds) (None: unknown; `free_period`)
     free: Optional[tuple[int, float]] = None
+    busy_s: Optional[float] = None  # cumulative seconds of offline iterations (`duty`)
 
 
 class HarvestMeter:
@@ -131,22 +134,30 @@ class HarvestMeter:
         # (seconds, iterations) of the engine's free iterations between two readings, the
         # last window_s seconds of them however long ago (`free_period`)
         self._free_intervals: tuple[tuple[float, float], ...] = ()
+        # backlogged intervals (seconds, seconds of offline iterations in them), the last
+        # window_s seconds (`duty`); replaced whole like `_intervals`
+        self._busy_intervals: tuple[tuple[float, float], ...] = ()
 
     def observe(self, now: float, prefill_tokens_total: int, output_tokens_total: int,
-                backlogged: bool, free: Optional[tuple[int, float]] = None) -> None:
+                backlogged: bool, free: Optional[tuple[int, float]] = None,
+                busy_s: Optional[float] = None) -> None:
         """One reading of the engine's cumulative offline counters at wall time `now`, and
         if known its free iterations (`EngineStats.offline_free_iterations`, `_s`: offline
-        tokens and no offline prompt in them) and their seconds. A reading earlier than the
-        previous one, or counters that went down (the engine restarted), forget the
-        history."""
+        tokens and no offline prompt in them) and their seconds, and the seconds of its
+        iterations with any offline work (`EngineStats.offline_busy_s`). A reading earlier
+        than the previous one, or counters that went down (the engine restarted), forget
+        the history."""
         work = self.cost.of(prefill_tokens_total, output_tokens_total)
         prefill = self.cost.of(prefill_tokens_total, 0)
-        last, self._last = self._last, _Reading(now, work, bool(backlogged), prefill, free)
+        last, self._last = self._last, _Reading(now, work, bool(backlogged), prefill, free,
+                                                busy_s)
         if last is None:
             return
         if now < last.t or work < last.work or (
-                free is not None and last.free is not None and free[0] < last.free[0]):
+                free is not None and last.free is not None and free[0] < last.free[0]) or (
+                busy_s is not None and last.busy_s is not None and busy_s < last.busy_s):
             self._intervals = self._prompt_intervals = self._free_intervals = ()
+            self._busy_intervals = ()
             return
         if free is not None and last.free is not None and free[0] > last.free[0]:
             self._free_intervals = _slide(
@@ -157,6 +168,9 @@ class HarvestMeter:
             return
         p = max(0.0, prefill - last.prefill)
         self._intervals = _slide(self._intervals + ((dt, work - last.work, p),), self.window_s)
+        if busy_s is not None and last.busy_s is not None:
+            self._busy_intervals = _slide(self._busy_intervals + ((dt, busy_s - last.busy_s),),
+                                          self.window_s)
         if p > 0:
             self._prompt_intervals = _slide(self._prompt_intervals + ((dt, p),), self.window_s)
 
@@ -201,6 +215,20 @@ class HarvestMeter:
         iv = self._free_intervals
         n = sum(i for _, i in iv)
         return sum(d for d, _ in iv) / n if n >= FREE_MIN_ITERATIONS else None
+
+
+    def duty(self) -> Optional[float]:
+        """The share of backlogged wall time the engine spent in iterations with offline
+        work in them, over the last `window_s` backlogged seconds (at most 1): the rest went
+        to online work alone (isolation: an online prompt's chunk can leave offline items no
+        room for several seconds) or to waiting. An offline item served first advances
+        only in that share, so its wall pace is `free_period()` / this. None with under
+        `min_span_s` measured."""
+        iv = self._busy_intervals
+        secs = sum(d for d, _ in iv)
+        if secs < self.min_span_s or secs <= 0:
+            return None
+        return min(1.0, sum(b for _, b in iv) / secs)
 
 
 def _slide(iv: tuple, window_s: float) -> tuple:

@@ -1,7 +1,8 @@
 """`OfflinePace`: how fast offline items generate, as the deadline estimates need it
 (`conserve_server.batch.deadlines`): seconds per output token of the offline items that
-finished lately and of the items generating now, and `ItemProgress`, what the batch
-runner reports of an item inside the engine.
+finished lately and of the items generating now; `ItemProgress`, what the batch runner
+reports of an item inside the engine; `Paces`, the three paces an estimate uses, and the
+arithmetic of a tail at them (`fast_end`, `tail`).
 
 Who calls what: the batch runner's thread feeds it (`finished` when an item finished,
 `live` at every deadline check with the progress of the items in flight); any thread
@@ -20,6 +21,48 @@ TPOT_SAMPLES = 32  # finished offline items whose time per output token makes th
 # finished their prompt waited 3-7 s per token while the others' prompts went in, then
 # generated at 0.3-1 s per token)
 LIVE_MIN_TOKENS = 6
+
+
+# an offline item served first is estimated to advance in at least this share of wall time
+# (`fast_end`): a window in which online work took nearly every iteration does not make its
+# tail 10x longer
+MIN_DUTY = 0.25
+
+
+@dataclass(frozen=True)
+class Paces:
+    """Seconds per output token the deadline estimates use, read once per look (module doc
+    of `conserve_server.batch.deadlines`)."""
+
+    median: float = 0.0  # `tpot`: items generating beside other items' prompts
+    lead: float = 0.0  # the fast end (`tpot_lead`): what `hopeless` is judged at
+    served: float = 0.0  # an item served first, as estimated (`tpot_served`)
+
+
+def fast_end(quartile: float, free_s: Optional[float],
+             duty: Optional[float]) -> tuple[float, float]:
+    """(lead, served) from the lower quartile of the item paces (0: none), the engine's time
+    per iteration with offline tokens and no offline prompt (`free_s`; None: unknown) and
+    the share of wall time it spends in iterations with offline work (`duty`; None:
+    unknown). lead: the faster of the quartile and `free_s`, optimistic (an item advances
+    in every iteration). served: the same with `free_s` stretched to wall time, / `duty`
+    (at least `MIN_DUTY`): an item advances only in offline iterations (bench_deadlines,
+    full runs: the free period read 0.11-0.12 s, urgent items generated at 0.15-0.45 s a
+    token while online prompts took whole seconds). Item paces are wall time already."""
+    def faster(f: Optional[float]) -> float:
+        if f is None:
+            return quartile
+        return min(quartile, f) if quartile > 0 else f
+    wall = None if free_s is None or duty is None else free_s / max(MIN_DUTY, duty)
+    return faster(free_s), faster(wall if wall is not None else free_s)
+
+
+def tail(tokens: float, behind_s: float, busy_s: float, free_s: float) -> float:
+    """Seconds an item with `tokens` left to generate takes once its prompt is in: one token
+    per `busy_s` while other batches' prompts go in beside it (`behind_s` seconds), then one
+    per `free_s`."""
+    busy = min(tokens, behind_s / busy_s) if busy_s > 0 else 0.0
+    return busy * busy_s + (tokens - busy) * free_s
 
 
 @dataclass(frozen=True)

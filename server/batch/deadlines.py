@@ -22,28 +22,29 @@ remaining work: the items without a result (items alike), less the progress of t
 inside this replica's engine (prompts in, tokens generated; `ItemProgress`, each tick).
 
 Its tail: how long its slowest remaining item still generates, added to its work at the
-harvest rate (a job of few items is bound by it). Two paces (`deadline_pace.OfflinePace`):
-- `tpot`, the median seconds per token of the offline items that finished lately and of
-  those generating now (`LIVE_MIN_TOKENS` past their second token): the pace of items
+harvest rate (a job of few items is bound by it). Three paces (`paces`, `deadline_pace`):
+- the median seconds per token of the offline items that finished lately and of those
+  generating now (`LIVE_MIN_TOKENS` past their second token): the pace of items
   generating while other items' prompts go in beside them (a prompt chunk makes an
   iteration several decodes long);
-- `tpot_lead`, the fast end, once no prompt goes in beside them: the faster of those
+- the fast end (`tpot_lead`), once no prompt goes in beside them: the faster of those
   paces' lower quartile and the engine's time per iteration that generated offline tokens
   with no offline prompt in it (`HarvestMeter.free_period`; before there was one, the
-  latency model's decode-only iteration at its online correction now); for a job whose
-  own items have samples, the faster of that and their fastest (they may have generated
-  beside other jobs' prompts until then).
-A calm job's tail is at `tpot` while the prompts of the calm jobs due after it go in (at
-the harvest rate; `_behind`), then at the fast end. An urgent job's is at the fast end
-throughout: the scheduler holds back every prompt but its own (and those of urgent jobs
+  latency model's decode-only iteration at its online correction now);
+- served first: the same, with that period stretched to wall time over the share of it
+  the engine spends in iterations with offline work (`HarvestMeter.duty`).
+For a job whose own items have samples, the faster of a pace and their fastest (they may
+have generated beside other jobs' prompts until then). A calm job's tail is at the median
+while the prompts of the calm jobs due after it go in (at the harvest rate; `_behind`),
+then at the served-first pace. An urgent job's is at that pace throughout: the scheduler holds back every prompt but its own (and those of urgent jobs
 due earlier) while its items generate, so urgent jobs are done one after another, each its
-prompts at the prompt rate then its tail (`slack.urgent_bursts`). A batch at risk as it
-comes is estimated so from admission (`_burst_on_arrival`). At risk is judged at `tpot`
-throughout (`JobWork.tail_alone_s`), as if the job had no priority. Hopeless (`slack`
-module doc) weighs its work at the rate against its tail at its own items' fastest pace
-only (before they show one, against no tail: a job keeps its priority until its own items
-show it cannot make it), or its burst at the fast end if that is sooner. An estimate cannot
-see jobs that come later, nor the online load to come. docs/benchmarks.md (bench_deadlines,
+prompts at the prompt rate then its tail (`slack.urgent_bursts`); one at risk as it comes
+is estimated so from admission (`_burst_on_arrival`). At risk is judged at the median pace
+throughout (`JobWork.tail_alone_s`), as if the job had no priority. Hopeless (`slack` module
+doc) weighs its work at the rate against its tail at its own items' fastest pace only
+(before they show one, against no tail: a job keeps its priority until its own items show
+it cannot make it), or its burst at the fast end if sooner. An estimate cannot see jobs
+that come later, nor the online load to come. docs/benchmarks.md (bench_deadlines,
 sessions 33-38) has the runs behind each rule.
 
 No harvest history (fewer than `harvest_min_history_s` backlogged seconds measured, e.g.
@@ -77,7 +78,7 @@ from conserve_jax.scheduling.slack import (Estimate, JobWork, Verdict, admit, es
                                            is_at_risk, urgent_bursts)
 from conserve_server.batch.base import STORE_ERRORS, BatchRow, BatchWork, StoreBase
 from conserve_server.batch.deadline_inputs import length_inputs
-from conserve_server.batch.deadline_pace import ItemProgress, OfflinePace
+from conserve_server.batch.deadline_pace import ItemProgress, OfflinePace, Paces, fast_end, tail
 from conserve_server.config import DeadlineOptions
 
 log = logging.getLogger(__name__)
@@ -90,14 +91,6 @@ MIN_LEFT_SHARE = 0.25
 FLEET_EVERY_S = 2.0  # shared store: how often a replica publishes and reads harvest rates
 # upper bounds (s) of the slack-at-finish histogram's buckets; +Inf is implied
 SLACK_BUCKETS_S = (-3600.0, -600.0, -60.0, -10.0, 0.0, 10.0, 60.0, 600.0, 3600.0, 86400.0)
-
-
-def _tail(tokens: float, behind_s: float, busy_s: float, free_s: float) -> float:
-    """Seconds an item with `tokens` left to generate takes once its prompt is in: one token
-    per `busy_s` while other batches' prompts go in beside it (`behind_s` seconds), then one
-    per `free_s` (module doc)."""
-    busy = min(tokens, behind_s / busy_s) if busy_s > 0 else 0.0
-    return busy * busy_s + (tokens - busy) * free_s
 
 
 @dataclass
@@ -188,13 +181,14 @@ class DeadlineTracker:
         per_prompt = row.work_prompt_tokens / row.total if row.total else 0.0
         return self.units(per_prompt * (items_left - len(started)), 0)
 
-    def _job(self, row: BatchRow, tpot_s: float, urgent: frozenset = frozenset(),
-             lead_s: Optional[float] = None, behind_s: float = 0.0) -> JobWork:
+    def _job(self, row: BatchRow, paces: Paces, urgent: frozenset = frozenset(),
+             behind_s: float = 0.0) -> JobWork:
         """`row` as the estimator sees it (module doc): its remaining work less the progress
         of its items inside this replica's engine, the share of that inside (items alike),
         urgent if it was at risk at the last look, and the tail of its slowest remaining
-        item (`_tail`): at `tpot_s` for the first `behind_s` seconds (the prompts of the
-        jobs served after it), then at the fast end; at risk, at `tpot_s` throughout."""
+        item (`tail`): at the median pace for the first `behind_s` seconds (the prompts of
+        the jobs served after it), then at the served-first pace; hopeless's at the fast
+        end; at risk's at the median pace throughout."""
         items_left, inside, started = self._started(row)
         per_prompt = row.work_prompt_tokens / row.total if row.total else 0.0
         per_item = row.work_output_tokens / row.total if row.total else 0.0
@@ -207,15 +201,17 @@ class DeadlineTracker:
         in_engine = self.units(per_prompt * (inside - len(started)),
                                per_item * (inside - len(started)) + out_left)
         slowest = per_item if fresh > 0 else max(lefts, default=0.0)
-        # served first (urgent; hopeless's burst): its own items' fastest or the lead pace
+        # served first: its own items' fastest, or the pace given, if faster
         own = self.pace.own(row.id, None)
-        lead = tpot_s if lead_s is None else lead_s
-        first = lead if own is None else (min(own, lead) if lead > 0 else own)
+
+        def first(p: float) -> float:
+            return p if own is None else (min(own, p) if p > 0 else own)
         return JobWork(row.id, row.deadline, left, in_engine=in_engine,
-                       urgent=row.id in urgent, tail_s=_tail(slowest, behind_s, tpot_s, first),
-                       tail_min_s=slowest * first,
+                       urgent=row.id in urgent,
+                       tail_s=tail(slowest, behind_s, paces.median, first(paces.served)),
+                       tail_min_s=slowest * first(paces.lead),
                        tail_seen_s=slowest * own if own is not None else 0.0,
-                       tail_alone_s=slowest * tpot_s,
+                       tail_alone_s=slowest * paces.median,
                        prompt_left=self.units(per_prompt * fresh, 0))
 
     def _behind(self, rows: list[BatchRow], urgent: frozenset,
@@ -237,22 +233,21 @@ class DeadlineTracker:
         any offline item generated: estimates are then throughput alone."""
         return self.pace.median()
 
-    def tpot_lead(self) -> float:
-        """The fast end of the offline paces (module doc): the faster of their lower
-        quartile and `HarvestMeter.free_period`, before that is measured the latency
-        model's decode-only iteration of the rows running or waiting now (an item served
-        first runs beside them all while work waits). 0 before any."""
-        q, f = self.pace.lead(), self.meter.free_period()
+    def paces(self) -> Paces:
+        """The paces of this look (module doc; `deadline_pace.fast_end`): the median; the
+        fast end, the faster of the lower quartile and `HarvestMeter.free_period` (before
+        that is measured, the latency model's decode-only iteration of the rows running or
+        waiting now: an item served first runs beside them all while work waits); and the
+        served-first pace, the same with that period over the engine's offline duty
+        (`HarvestMeter.duty`). 0 before any."""
+        f = self.meter.free_period()
         if f is None:  # no such iteration yet (prompts went in beside every one)
             f = self.cost.decode_iteration_s(self._rows, self._correction)
-        if f is None:
-            return q
-        return min(q, f) if q > 0 else f
+        lead, served = fast_end(self.pace.lead(), f, self.meter.duty())
+        return Paces(self.pace.median(), lead, served)
 
-    def own_pace(self, batch_id: str, default: float) -> float:
-        """The fastest pace among `batch_id`'s items generating now (`LIVE_MIN_TOKENS` past
-        their second token), else `default`: what hopeless is judged with (module doc)."""
-        return self.pace.own(batch_id, default)
+    def tpot_lead(self) -> float:
+        return self.paces().lead
 
     def admit(self, work: BatchWork, deadline: Optional[float],
               items: int = 1) -> tuple[Verdict, BatchWork]:
@@ -261,17 +256,18 @@ class DeadlineTracker:
         Returns the verdict and the `BatchWork` to store (with the estimate); `judge`
         refuses an infeasible batch unless `accept_infeasible`."""
         now = self.clock()
-        tpot, lead, rate = self.tpot(), self.tpot_lead(), self.rate()
+        paces, rate = self.paces(), self.rate()
         rows = self.store.active()
         urgent = frozenset(self.urgent_batches())
-        jobs = [self._job(r, tpot, urgent, lead) for r in rows]
+        jobs = [self._job(r, paces, urgent) for r in rows]
         # calm when it comes: the prompts of the calm batches due after it go in beside it
         later = sum(self._prompt_units(r) for r in rows if r.id not in urgent
                     and (deadline is not None and (r.deadline is None or r.deadline > deadline)))
         per_item = work.output_tokens / max(1, items)
         new = JobWork("new", deadline, self.units(work.prompt_tokens, work.output_tokens),
-                      tail_s=_tail(per_item, later / rate if rate else 0.0, tpot, lead))
-        burst = self._burst_on_arrival(jobs, new, work, per_item, rate, now, tpot, lead)
+                      tail_s=tail(per_item, later / rate if rate else 0.0, paces.median,
+                                  paces.served))
+        burst = self._burst_on_arrival(jobs, new, work, per_item, rate, now, paces)
         v = admit(jobs, new, rate, now, burst_s=burst)
         if not v.feasible and self.borrow_gain > 1.0 and rate is not None:
             # deadline_policy borrow: refused only if it misses even when served at the
@@ -285,23 +281,23 @@ class DeadlineTracker:
 
     def _burst_on_arrival(self, jobs: list[JobWork], new: JobWork, work: BatchWork,
                           per_item: float, rate: Optional[float], now: float,
-                          tpot: float, lead: float) -> Optional[float]:
+                          paces: Paces) -> Optional[float]:
         """If a new batch is at risk as it comes (judged as `estimate` judges: served in
-        EDF order, its tail at the median pace `tpot` throughout), it is urgent from the
-        first tick: seconds from now it is done in its burst (`slack.urgent_bursts`: the
-        urgent batches due before it, then its prompts and its tail at the lead pace
-        `lead`). Else, or with `deadline_order` off (nothing is served first), None."""
+        EDF order, its tail at the median pace throughout), it is urgent from the first
+        tick: seconds from now it is done in its burst (`slack.urgent_bursts`: the urgent
+        batches due before it, then its prompts and its tail at the served-first pace).
+        Else, or with `deadline_order` off (nothing is served first), None."""
         prompt_rate = self.prompt_rate()
         if (rate is None or not prompt_rate or new.deadline is None
                 or not self.options.deadline_order):
             return None
         alone = admit(jobs, JobWork("new", new.deadline, new.remaining,
-                                    tail_s=per_item * tpot), rate, now)
+                                    tail_s=per_item * paces.median), rate, now)
         if alone.finish_at is not None and not is_at_risk(
                 new.deadline, alone.finish_at, now, self.options.at_risk_margin):
             return None
         first = JobWork("new", new.deadline, new.remaining, urgent=True,
-                        tail_s=per_item * lead, prompt_left=self.units(work.prompt_tokens, 0))
+                        tail_s=per_item * paces.served, prompt_left=self.units(work.prompt_tokens, 0))
         ahead = [j for j in jobs if j.urgent and j.deadline is not None
                  and j.deadline <= new.deadline]
         return urgent_bursts(ahead + [first], prompt_rate)["new"]
@@ -401,7 +397,8 @@ class DeadlineTracker:
         self._rows = st.online_running + st.offline_running + st.offline_waiting
         self._correction = st.latency_correction
         self.meter.observe(now, st.offline_prefill_tokens_total, st.offline_tokens_total,
-                           backlogged, (st.offline_free_iterations, st.offline_free_s))
+                           backlogged, (st.offline_free_iterations, st.offline_free_s),
+                           st.offline_busy_s or None)  # 0: no offline iteration timed yet
 
     def tick(self, now: Optional[float] = None,
              in_engine: Optional[dict[str, int]] = None,
@@ -430,9 +427,9 @@ class DeadlineTracker:
         rate = self.rate()
         active = {r.id: r for r in rows}
         urgent = frozenset(self.urgent_batches())  # what the engine serves first now
-        tpot, lead = self.tpot(), self.tpot_lead()
+        paces = self.paces()
         behind = self._behind(rows, urgent, rate)
-        est = estimate([self._job(r, tpot, urgent, lead, behind.get(r.id, 0.0)) for r in rows],
+        est = estimate([self._job(r, paces, urgent, behind.get(r.id, 0.0)) for r in rows],
                        rate, now, self.options.at_risk_margin, gain=self.borrow_gain,
                        prompt_rate=self.prompt_rate())
         ended = [b for b in self._active if b not in active]
