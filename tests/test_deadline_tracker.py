@@ -223,6 +223,31 @@ def test_items_inside_the_engine_put_a_later_tight_batch_at_risk(setup):
     assert tr.urgent_batches() == []
 
 
+def test_admission_judges_at_risk_as_the_first_tick_will(setup):
+    """A tight batch that comes while a loose batch's items sit in the engine is at risk on
+    the first tick (they are served before anything claimed later), so it is served first,
+    in a burst. Admission judges it the same way; on the work due before it alone (EDF) it
+    would look calm, its tail at the median pace beside the loose batch's prompts."""
+    store, eng, clock, tr = setup
+    harvest(eng, clock, tr, 10, 10)
+    for tpot in (0.5, 1.0, 2.0):  # median 1 s a token, lower quartile 0.5 s
+        tr.observe_length(pb.GenerateRequest(sampling=pb.SamplingParams(max_tokens=20)),
+                          [3, 4], "t", 20, tpot_s=tpot)
+    w, _ = tr.judge(items(10, hint=20), "t", clock.t + 1000, "deadline")
+    loose, _ = store.create_batch("t", items(10, hint=20), clock.t + 1000, work=w)
+    tr.tick(in_engine={loose: 10})
+    # EDF: its 6 s of work, then 10 tokens at 1 s beside the loose prompts (10 s) and 10 at
+    # 0.5 s: 21 s, calm for a 40 s window. Served order: 36 s of work + 20 s: at risk. So
+    # its burst: 20 prompt tokens at the prompt rate (here the harvest rate), 20 at 0.5 s
+    w2, refusal = tr.judge(items(2, hint=20), "t", clock.t + 40, "deadline")
+    assert refusal is None and w2.estimate_at - clock.t == pytest.approx(2.0 + 20 * 0.5)
+    tight, _ = store.create_batch("t", items(2, hint=20), clock.t + 40, work=w2)
+    tr.tick(in_engine={loose: 10})
+    assert tr.urgent_batches() == [tight]
+    tr.tick(in_engine={loose: 10})
+    assert tr.estimate_of(tight).finish_at == pytest.approx(w2.estimate_at)
+
+
 def test_borrowing_admits_what_only_borrowing_can_fit(setup):
     store, eng, clock, tr = setup
     harvest(eng, clock, tr, 10, 10)

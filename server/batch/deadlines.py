@@ -36,9 +36,10 @@ harvest rate (a job of few items is bound by it). Three paces (`paces`, `deadlin
 For a job whose own items have samples, the faster of a pace and their fastest (they may
 have generated beside other jobs' prompts until then). A calm job's tail is at the median
 while the prompts of the calm jobs due after it go in (at the harvest rate; `_behind`),
-then at the served-first pace. An urgent job's is at that pace throughout: the scheduler holds back every prompt but its own (and those of urgent jobs
-due earlier) while its items generate, so urgent jobs are done one after another, each its
-prompts at the prompt rate then its tail (`slack.urgent_bursts`); one at risk as it comes
+then at the served-first pace. An urgent job's is at that pace throughout: the scheduler
+holds back every prompt but its own (and those of urgent jobs due earlier) while its items
+generate, so urgent jobs are done one after another, each its prompts at the prompt rate
+then its tail (`slack.urgent_bursts`); one at risk as it comes
 is estimated so from admission (`_burst_on_arrival`). At risk is judged at the median pace
 throughout (`JobWork.tail_alone_s`), as if the job had no priority. Hopeless (`slack` module
 doc) weighs its work at the rate against its tail at its own items' fastest pace only
@@ -75,7 +76,7 @@ from conserve_jax.proto_gen.conserve.v1 import conserve_pb2 as pb
 from conserve_jax.scheduling.harvest import HarvestMeter, WorkCost
 from conserve_jax.scheduling.length_predictor import LengthPredictor
 from conserve_jax.scheduling.slack import (Estimate, JobWork, Verdict, admit, estimate,
-                                           is_at_risk, urgent_bursts)
+                                           urgent_bursts)
 from conserve_server.batch.base import STORE_ERRORS, BatchRow, BatchWork, StoreBase
 from conserve_server.batch.deadline_inputs import length_inputs
 from conserve_server.batch.deadline_pace import ItemProgress, OfflinePace, Paces, fast_end, tail
@@ -229,8 +230,7 @@ class DeadlineTracker:
         return out
 
     def tpot(self) -> float:
-        """The median pace of offline items (module doc; `OfflinePace.median`); 0 before
-        any offline item generated: estimates are then throughput alone."""
+        """The median pace now (`paces().median`; 0 before any offline item generated)."""
         return self.pace.median()
 
     def paces(self) -> Paces:
@@ -247,6 +247,7 @@ class DeadlineTracker:
         return Paces(self.pace.median(), lead, served)
 
     def tpot_lead(self) -> float:
+        """The fast end now (`paces().lead`)."""
         return self.paces().lead
 
     def admit(self, work: BatchWork, deadline: Optional[float],
@@ -270,10 +271,9 @@ class DeadlineTracker:
         burst = self._burst_on_arrival(jobs, new, work, per_item, rate, now, paces)
         v = admit(jobs, new, rate, now, burst_s=burst)
         if not v.feasible and self.borrow_gain > 1.0 and rate is not None:
-            # deadline_policy borrow: refused only if it misses even when served at the
-            # most borrowing can give. Its estimate stays the one without borrowing, past
-            # its deadline: the gain is an upper bound (bench_deadlines borrowed 5 s in a
-            # 240 s run), and the estimates of every tick after are made without it
+            # deadline_policy borrow: refused only if it misses even at the most borrowing
+            # can give. Its estimate stays the one without (past its deadline), as every
+            # tick's: the gain is an upper bound (bench_deadlines borrowed 2-5 s in 240 s)
             b = admit(jobs, new, rate, now, gain=self.borrow_gain, burst_s=burst)
             if b.feasible:
                 v = Verdict(True, v.finish_at, f"fits only by borrowing ({v.reason} without)")
@@ -282,22 +282,26 @@ class DeadlineTracker:
     def _burst_on_arrival(self, jobs: list[JobWork], new: JobWork, work: BatchWork,
                           per_item: float, rate: Optional[float], now: float,
                           paces: Paces) -> Optional[float]:
-        """If a new batch is at risk as it comes (judged as `estimate` judges: served in
-        EDF order, its tail at the median pace throughout), it is urgent from the first
-        tick: seconds from now it is done in its burst (`slack.urgent_bursts`: the urgent
-        batches due before it, then its prompts and its tail at the served-first pace).
-        Else, or with `deadline_order` off (nothing is served first), None."""
+        """If a new batch is at risk as it comes and can make it (as the first tick will judge
+        it: `estimate` over the active jobs and it, calm, in the served order), it is urgent
+        from the first tick: seconds from now it is done in its burst (`urgent_bursts`: the
+        urgent batches due before it, then its prompts and its tail at the served-first
+        pace). Else, or with `deadline_order` off (nothing is served first), None."""
         prompt_rate = self.prompt_rate()
         if (rate is None or not prompt_rate or new.deadline is None
                 or not self.options.deadline_order):
             return None
-        alone = admit(jobs, JobWork("new", new.deadline, new.remaining,
-                                    tail_s=per_item * paces.median), rate, now)
-        if alone.finish_at is not None and not is_at_risk(
-                new.deadline, alone.finish_at, now, self.options.at_risk_margin):
+        calm = JobWork("new", new.deadline, new.remaining, tail_s=new.tail_s,
+                       tail_min_s=per_item * paces.lead, tail_seen_s=0.0,
+                       tail_alone_s=per_item * paces.median,
+                       prompt_left=self.units(work.prompt_tokens, 0))
+        e = estimate(jobs + [calm], rate, now, self.options.at_risk_margin,
+                     gain=self.borrow_gain, prompt_rate=prompt_rate)["new"]
+        if not e.at_risk or e.hopeless:
             return None
         first = JobWork("new", new.deadline, new.remaining, urgent=True,
-                        tail_s=per_item * paces.served, prompt_left=self.units(work.prompt_tokens, 0))
+                        tail_s=per_item * paces.served,
+                        prompt_left=self.units(work.prompt_tokens, 0))
         ahead = [j for j in jobs if j.urgent and j.deadline is not None
                  and j.deadline <= new.deadline]
         return urgent_bursts(ahead + [first], prompt_rate)["new"]
