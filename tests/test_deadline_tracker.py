@@ -497,12 +497,3 @@ def test_an_item_served_first_is_estimated_at_the_engine_offline_duty(setup):
     j = tr._job(store.get(b), p)
     assert j.tail_s == pytest.approx(20 * 0.1) and j.tail_min_s == pytest.approx(20 * 0.05)
 
-
-def test_fast_end_and_the_served_first_pace():
-    from conserve_server.batch.deadline_pace import MIN_DUTY, fast_end
-    assert fast_end(0.0, None, None) == (0.0, 0.0)  # nothing known
-    assert fast_end(0.3, None, 0.5) == (0.3, 0.3)  # item paces are wall time already
-    assert fast_end(0.0, 0.1, None) == (0.1, 0.1)  # duty unknown: the period as it is
-    assert fast_end(0.0, 0.1, 0.5) == pytest.approx((0.1, 0.2))
-    assert fast_end(0.15, 0.1, 0.5) == pytest.approx((0.1, 0.15))  # the quartile if faster
-    assert fast_end(0.0, 0.1, 0.01) == pytest.approx((0.1, 0.1 / MIN_DUTY))  # floored

@@ -27,11 +27,12 @@ current estimate `SETTLE_S` after the last submission ("settled": the estimator'
 it sees every job, apart from jobs that came after this one), items with exactly
 one record (results streamed back and counted), the jobs submitted after it and due before
 it (`overtaken_by`), the harvest rate its life actually had and the error the estimate would
-have had at that rate (what the model gets wrong, apart from the online load to come). Per variant: online p99 TTFT/TPOT over all
-requests and over those during which no job was at risk (sampled every 0.5 s), their ratio
-to online-only's, offline processed tokens/s over the online window, borrowed seconds, the
-tracker's harvest rate at submit, and what the estimator worked from (harvest and prompt
-rates, median and lead paces, pace samples) at each job's submission and every second
+have had at that rate (what the model gets wrong, apart from the online load to come).
+Per variant: online p99 TTFT/TPOT over all requests and over those during which no job
+was at risk (sampled every 0.5 s), their ratio to online-only's, offline processed
+tokens/s over the online window, borrowed seconds, the tracker's harvest rate at submit,
+and what the estimator worked from (harvest and prompt rates, median, lead and served-first
+paces, offline duty, pace samples, latency correction) at each job's submission and every second
 after the first (`estimator_timeline`: per job its estimate, at risk, urgent, hopeless,
 items done). Targets: the issue's. Sizes and windows are guesses for
 this machine: read the estimates at submit and adjust --job-items / --windows so that one

@@ -21,10 +21,10 @@ assume instead, see `slack.py`).
 Beside the rate, the meter keeps two speeds of its own windows, each over the last
 `window_s` seconds of the time it is measured in, however long ago: `prompt_rate()` (prompt
 units a second while offline prompts go in) and `free_period()` (the engine's seconds per
-iteration that generated offline tokens with no offline prompt in it), and `duty()` over
-its backlogged window (the share of that time spent in iterations with offline work), which
-the deadline estimates use for a few items served first (`slack.py`,
-`conserve_server.batch.deadlines`).
+iteration that generated offline tokens with no offline prompt in it); and, over the
+rate's backlogged window, `duty()` (the share of that time the engine spent in iterations
+with offline work). The deadline estimates use all three for a few items served first
+(`slack.py`, `conserve_server.batch.deadlines`).
 
 Pure host code with an explicit clock (callers pass `now`), so tests drive it with a fake
 clock. One owner (the batch runner's thread) feeds it; readers on other threads call
@@ -182,10 +182,15 @@ class HarvestMeter:
     def rate(self) -> Optional[float]:
         """Work units per backlogged wall second, or None with under `min_span_s` of
         backlogged time measured."""
-        secs, work = self.span()
+        return self._per_second(self._intervals)
+
+    def _per_second(self, iv: tuple) -> Optional[float]:
+        """The amounts in intervals `iv` (seconds first, then the amount) per second, or
+        None while they add up to under `min_span_s` seconds."""
+        secs = sum(x[0] for x in iv)
         if secs < self.min_span_s or secs <= 0:
             return None
-        return work / secs
+        return sum(x[1] for x in iv) / secs
 
     def prompt_rate(self) -> Optional[float]:
         """Prompt work units per second while prompts go in: over the last `window_s`
@@ -198,12 +203,8 @@ class HarvestMeter:
         both, is the throughput of a long stream of items; a few items served first take
         their prompts' units at this rate, then their generation time (`slack` module
         doc)."""
-        iv = self._prompt_intervals
-        secs = sum(d for d, _ in iv)
-        if secs < self.min_span_s or secs <= 0:
-            return self.rate()
-        return sum(p for _, p in iv) / secs
-
+        r = self._per_second(self._prompt_intervals)
+        return self.rate() if r is None else r
 
     def free_period(self) -> Optional[float]:
         """Seconds per engine iteration that generated offline tokens with no offline
@@ -216,7 +217,6 @@ class HarvestMeter:
         n = sum(i for _, i in iv)
         return sum(d for d, _ in iv) / n if n >= FREE_MIN_ITERATIONS else None
 
-
     def duty(self) -> Optional[float]:
         """The share of backlogged wall time the engine spent in iterations with offline
         work in them, over the last `window_s` backlogged seconds (at most 1): the rest went
@@ -224,11 +224,8 @@ class HarvestMeter:
         room for several seconds) or to waiting. An offline item served first advances
         only in that share, so its wall pace is `free_period()` / this. None with under
         `min_span_s` measured."""
-        iv = self._busy_intervals
-        secs = sum(d for d, _ in iv)
-        if secs < self.min_span_s or secs <= 0:
-            return None
-        return min(1.0, sum(b for _, b in iv) / secs)
+        d = self._per_second(self._busy_intervals)
+        return None if d is None else min(1.0, d)
 
 
 def _slide(iv: tuple, window_s: float) -> tuple:

@@ -36,7 +36,14 @@ class Paces:
 
     median: float = 0.0  # `tpot`: items generating beside other items' prompts
     lead: float = 0.0  # the fast end (`tpot_lead`): what `hopeless` is judged at
-    served: float = 0.0  # an item served first, as estimated (`tpot_served`)
+    served: float = 0.0  # an item served first, as estimated
+
+
+def faster(pace: float, other: Optional[float]) -> float:
+    """The faster of `pace` (0: none known) and `other` (None: none known)."""
+    if other is None:
+        return pace
+    return min(pace, other) if pace > 0 else other
 
 
 def fast_end(quartile: float, free_s: Optional[float],
@@ -49,12 +56,8 @@ def fast_end(quartile: float, free_s: Optional[float],
     (at least `MIN_DUTY`): an item advances only in offline iterations (bench_deadlines,
     full runs: the free period read 0.11-0.12 s, urgent items generated at 0.15-0.45 s a
     token while online prompts took whole seconds). Item paces are wall time already."""
-    def faster(f: Optional[float]) -> float:
-        if f is None:
-            return quartile
-        return min(quartile, f) if quartile > 0 else f
-    wall = None if free_s is None or duty is None else free_s / max(MIN_DUTY, duty)
-    return faster(free_s), faster(wall if wall is not None else free_s)
+    wall = free_s if free_s is None or duty is None else free_s / max(MIN_DUTY, duty)
+    return faster(quartile, free_s), faster(quartile, wall)
 
 
 def tail(tokens: float, behind_s: float, busy_s: float, free_s: float) -> float:

@@ -69,7 +69,7 @@ import bisect
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 from conserve_jax.proto_gen.conserve.v1 import conserve_pb2 as pb
@@ -79,7 +79,8 @@ from conserve_jax.scheduling.slack import (Estimate, JobWork, Verdict, admit, es
                                            urgent_bursts)
 from conserve_server.batch.base import STORE_ERRORS, BatchRow, BatchWork, StoreBase
 from conserve_server.batch.deadline_inputs import length_inputs
-from conserve_server.batch.deadline_pace import ItemProgress, OfflinePace, Paces, fast_end, tail
+from conserve_server.batch.deadline_pace import (ItemProgress, OfflinePace, Paces, fast_end,
+                                                 faster, tail)
 from conserve_server.config import DeadlineOptions
 
 log = logging.getLogger(__name__)
@@ -202,15 +203,11 @@ class DeadlineTracker:
         in_engine = self.units(per_prompt * (inside - len(started)),
                                per_item * (inside - len(started)) + out_left)
         slowest = per_item if fresh > 0 else max(lefts, default=0.0)
-        # served first: its own items' fastest, or the pace given, if faster
-        own = self.pace.own(row.id, None)
-
-        def first(p: float) -> float:
-            return p if own is None else (min(own, p) if p > 0 else own)
+        own = self.pace.own(row.id, None)  # served first: this, or the pace, if faster
         return JobWork(row.id, row.deadline, left, in_engine=in_engine,
                        urgent=row.id in urgent,
-                       tail_s=tail(slowest, behind_s, paces.median, first(paces.served)),
-                       tail_min_s=slowest * first(paces.lead),
+                       tail_s=tail(slowest, behind_s, paces.median, faster(paces.served, own)),
+                       tail_min_s=slowest * faster(paces.lead, own),
                        tail_seen_s=slowest * own if own is not None else 0.0,
                        tail_alone_s=slowest * paces.median,
                        prompt_left=self.units(per_prompt * fresh, 0))
@@ -267,8 +264,11 @@ class DeadlineTracker:
         per_item = work.output_tokens / max(1, items)
         new = JobWork("new", deadline, self.units(work.prompt_tokens, work.output_tokens),
                       tail_s=tail(per_item, later / rate if rate else 0.0, paces.median,
-                                  paces.served))
-        burst = self._burst_on_arrival(jobs, new, work, per_item, rate, now, paces)
+                                  paces.served),
+                      tail_min_s=per_item * paces.lead, tail_seen_s=0.0,
+                      tail_alone_s=per_item * paces.median,
+                      prompt_left=self.units(work.prompt_tokens, 0))
+        burst = self._burst_on_arrival(jobs, new, per_item, rate, now, paces)
         v = admit(jobs, new, rate, now, burst_s=burst)
         if not v.feasible and self.borrow_gain > 1.0 and rate is not None:
             # deadline_policy borrow: refused only if it misses even at the most borrowing
@@ -279,9 +279,8 @@ class DeadlineTracker:
                 v = Verdict(True, v.finish_at, f"fits only by borrowing ({v.reason} without)")
         return v, BatchWork(work.prompt_tokens, work.output_tokens, v.finish_at)
 
-    def _burst_on_arrival(self, jobs: list[JobWork], new: JobWork, work: BatchWork,
-                          per_item: float, rate: Optional[float], now: float,
-                          paces: Paces) -> Optional[float]:
+    def _burst_on_arrival(self, jobs: list[JobWork], new: JobWork, per_item: float,
+                          rate: Optional[float], now: float, paces: Paces) -> Optional[float]:
         """If a new batch is at risk as it comes and can make it (as the first tick will judge
         it: `estimate` over the active jobs and it, calm, in the served order), it is urgent
         from the first tick: seconds from now it is done in its burst (`urgent_bursts`: the
@@ -291,17 +290,11 @@ class DeadlineTracker:
         if (rate is None or not prompt_rate or new.deadline is None
                 or not self.options.deadline_order):
             return None
-        calm = JobWork("new", new.deadline, new.remaining, tail_s=new.tail_s,
-                       tail_min_s=per_item * paces.lead, tail_seen_s=0.0,
-                       tail_alone_s=per_item * paces.median,
-                       prompt_left=self.units(work.prompt_tokens, 0))
-        e = estimate(jobs + [calm], rate, now, self.options.at_risk_margin,
+        e = estimate(jobs + [new], rate, now, self.options.at_risk_margin,
                      gain=self.borrow_gain, prompt_rate=prompt_rate)["new"]
         if not e.at_risk or e.hopeless:
             return None
-        first = JobWork("new", new.deadline, new.remaining, urgent=True,
-                        tail_s=per_item * paces.served,
-                        prompt_left=self.units(work.prompt_tokens, 0))
+        first = replace(new, urgent=True, tail_s=per_item * paces.served)
         ahead = [j for j in jobs if j.urgent and j.deadline is not None
                  and j.deadline <= new.deadline]
         return urgent_bursts(ahead + [first], prompt_rate)["new"]
