@@ -158,12 +158,14 @@ def test_deadline_work_is_stored_and_active_lists_unfinished(make_store):
     store = make_store()
     a, _ = store.create_batch("t1", _items(2), deadline=time.time() + 60,
                               work=BatchWork(prompt_tokens=7, output_tokens=40,
-                                             estimate_at=1234.5))
+                                             estimate_at=1234.5, longest_output_tokens=25))
     b, _ = store.create_batch("t2", _items(1))  # no work recorded: zeros, no estimate
     row = store.get(a)
-    assert (row.work_prompt_tokens, row.work_output_tokens, row.estimate_at) == (7, 40, 1234.5)
+    assert (row.work_prompt_tokens, row.work_output_tokens, row.estimate_at,
+            row.work_longest_output) == (7, 40, 1234.5, 25)
     row = store.get(b)
-    assert (row.work_prompt_tokens, row.work_output_tokens, row.estimate_at) == (0, 0, None)
+    assert (row.work_prompt_tokens, row.work_output_tokens, row.estimate_at,
+            row.work_longest_output) == (0, 0, None, 0)
     assert [r.id for r in store.active()] == [a, b]
     store.terminate(b, "cancelled", "batch cancelled")
     assert [r.id for r in store.active()] == [a]
@@ -314,5 +316,25 @@ def test_open_store_rejects_unknown_schemes(tmp_path):
     s = open_store(f"sqlite://{tmp_path}/db", str(tmp_path / "unused"))
     try:
         assert s.path == f"{tmp_path}/db/batches.sqlite3"
+    finally:
+        s.close()
+
+
+def test_sqlite_store_opens_a_database_from_before_the_longest_item(tmp_path):
+    """A batch stored before `work_longest_output` existed reads back with 0 (items
+    taken alike); new batches record it."""
+    import sqlite3
+    s = SqliteBatchStore(str(tmp_path))
+    old, _ = s.create_batch("t", _items(2), work=BatchWork(prompt_tokens=5, output_tokens=9))
+    s.close()
+    db = sqlite3.connect(str(tmp_path / "batches.sqlite3"))
+    db.execute("ALTER TABLE batches DROP COLUMN work_longest_output")
+    db.commit()
+    db.close()
+    s = SqliteBatchStore(str(tmp_path))
+    try:
+        assert (s.get(old).work_output_tokens, s.get(old).work_longest_output) == (9, 0)
+        new, _ = s.create_batch("t", _items(1), work=BatchWork(longest_output_tokens=7))
+        assert s.get(new).work_longest_output == 7
     finally:
         s.close()

@@ -303,6 +303,29 @@ def test_prompt_rate_counts_the_seconds_prompts_went_in():
     assert m2.prompt_rate() == pytest.approx((30 + 40) / 2)
 
 
+def test_prompt_rate_is_per_prompt_iteration_second_over_the_duty():
+    """Timed iterations: prompts go in at their units per second of offline iterations
+    with a prompt in them, over wall time by the share of it in offline iterations (an
+    online burst holds prompts back), not only over the seconds in which some went in."""
+    m = HarvestMeter(WorkCost(prefill_s=1.0, decode_s=1.0), window_s=100.0, min_span_s=2.0)
+    m.observe(0.0, 0, 0, True, free=(0, 0.0), busy_s=0.0)
+    # 4 s: 2 s of prompt iterations (100 prompt units), 1 s of free ones (10 tokens),
+    # 1 s of online work alone
+    m.observe(4.0, 100, 10, True, free=(10, 1.0), busy_s=3.0)
+    assert m.duty() == pytest.approx(3 / 4)
+    assert m.prompt_rate() == pytest.approx(100 / 2 * 3 / 4)
+    # 4 s of online work alone with prompts waiting: no prompt second, the duty falls
+    m.observe(8.0, 100, 10, True, free=(10, 1.0), busy_s=3.0)
+    assert m.prompt_rate() == pytest.approx(100 / 2 * 3 / 8)
+    # seconds prompts went in, wall time: the old measure would say 100 / 4 before, and
+    # still 100 / 4 after the stall
+    m2 = HarvestMeter(WorkCost(), window_s=100.0, min_span_s=2.0)
+    m2.observe(0.0, 0, 0, True)
+    m2.observe(4.0, 100, 10, True)
+    m2.observe(8.0, 100, 10, True)
+    assert m2.prompt_rate() == pytest.approx(100 / 4)
+
+
 def test_urgent_jobs_are_done_in_bursts_one_after_another():
     """An urgent job is done at the later of its work at the harvest rate and its burst:
     the urgent jobs due before it, each its prompts at the prompt rate and its tail, then

@@ -19,11 +19,11 @@ for an hour still reports the rate it last harvested at); None until at least
 assume instead, see `slack.py`).
 
 Beside the rate, the meter keeps two speeds of its own windows, each over the last
-`window_s` seconds of the time it is measured in, however long ago: `prompt_rate()` (prompt
-units a second while offline prompts go in) and `free_period()` (the engine's seconds per
-iteration that generated offline tokens with no offline prompt in it); and, over the
-rate's backlogged window, `duty()` (the share of that time the engine spent in iterations
-with offline work). The deadline estimates use all three for a few items served first
+`window_s` seconds of the time it is measured in, however long ago: the prompt units a
+second of offline iterations with a prompt in them and `free_period()` (the engine's
+seconds per iteration that generated offline tokens with no offline prompt in it); and,
+over the rate's backlogged window, `duty()` (the share of that time the engine spent in
+iterations with offline work). `prompt_rate()` is the first over wall time by the duty. The deadline estimates use all three for a few items served first
 (`slack.py`, `conserve_server.batch.deadlines`).
 
 Pure host code with an explicit clock (callers pass `now`), so tests drive it with a fake
@@ -137,6 +137,10 @@ class HarvestMeter:
         # backlogged intervals (seconds, seconds of offline iterations in them), the last
         # window_s seconds (`duty`); replaced whole like `_intervals`
         self._busy_intervals: tuple[tuple[float, float], ...] = ()
+        # (seconds of offline iterations with an offline prompt in them, prompt units they
+        # took) between two readings, the last window_s such seconds however long ago
+        # (`prompt_rate`); replaced whole like `_intervals`
+        self._prompt_busy: tuple[tuple[float, float], ...] = ()
 
     def observe(self, now: float, prefill_tokens_total: int, output_tokens_total: int,
                 backlogged: bool, free: Optional[tuple[int, float]] = None,
@@ -157,7 +161,7 @@ class HarvestMeter:
                 free is not None and last.free is not None and free[0] < last.free[0]) or (
                 busy_s is not None and last.busy_s is not None and busy_s < last.busy_s):
             self._intervals = self._prompt_intervals = self._free_intervals = ()
-            self._busy_intervals = ()
+            self._busy_intervals = self._prompt_busy = ()
             return
         if free is not None and last.free is not None and free[0] > last.free[0]:
             self._free_intervals = _slide(
@@ -169,8 +173,13 @@ class HarvestMeter:
         p = max(0.0, prefill - last.prefill)
         self._intervals = _slide(self._intervals + ((dt, work - last.work, p),), self.window_s)
         if busy_s is not None and last.busy_s is not None:
-            self._busy_intervals = _slide(self._busy_intervals + ((dt, busy_s - last.busy_s),),
-                                          self.window_s)
+            busy = busy_s - last.busy_s
+            self._busy_intervals = _slide(self._busy_intervals + ((dt, busy),), self.window_s)
+            if p > 0 and free is not None and last.free is not None:
+                prompting = busy - (free[1] - last.free[1])  # the offline iterations not free
+                if prompting > 0:
+                    self._prompt_busy = _slide(self._prompt_busy + ((prompting, p),),
+                                               self.window_s)
         if p > 0:
             self._prompt_intervals = _slide(self._prompt_intervals + ((dt, p),), self.window_s)
 
@@ -193,16 +202,23 @@ class HarvestMeter:
         return sum(x[1] for x in iv) / secs
 
     def prompt_rate(self) -> Optional[float]:
-        """Prompt work units per second while prompts go in: over the last `window_s`
-        seconds of backlogged intervals in which offline prompt tokens were processed,
-        however long ago (the rate prompts go in at when they go in: a stretch of items
-        only generating does not age it), their prompt units per second; `rate()` while
-        those intervals add up to under `min_span_s` (or there is no rate). Offline work
+        """Prompt work units per wall second while offline prompts wait to go in: the prompt
+        units per second of offline iterations with a prompt in them (over the last
+        `window_s` such seconds, however long ago: a stretch of items only generating does
+        not age it), over wall time by `duty()` (prompts go in only in offline iterations:
+        an online burst can hold them back for seconds; bench_deadlines, full runs: an
+        urgent job's 4,557 prompt tokens took 10 s in one run and 17 s in another, 8 s of
+        it with no offline iteration at all). Before the engine times its iterations, the
+        prompt units per second of the backlogged intervals in which prompts went in; while
+        those add up to under `min_span_s` (or there is no rate), `rate()`. Offline work
         alternates between prompts going in (many units a second) and items only
         generating (few: KV memory holds only so many items), so `rate()`, the mean over
         both, is the throughput of a long stream of items; a few items served first take
         their prompts' units at this rate, then their generation time (`slack` module
         doc)."""
+        per_busy, duty = self._per_second(self._prompt_busy), self.duty()
+        if per_busy is not None and duty is not None:
+            return per_busy * duty
         r = self._per_second(self._prompt_intervals)
         return self.rate() if r is None else r
 

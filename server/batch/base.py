@@ -66,6 +66,9 @@ class BatchRow:
     work_prompt_tokens: int = 0
     work_output_tokens: int = 0
     estimate_at: Optional[float] = None
+    # the expected output tokens of its longest item (0: not recorded, e.g. a batch from
+    # before this column: its items are taken alike)
+    work_longest_output: int = 0
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,7 @@ class BatchWork:
     prompt_tokens: int = 0
     output_tokens: int = 0
     estimate_at: Optional[float] = None
+    longest_output_tokens: int = 0
 
 
 @dataclass
@@ -88,7 +92,7 @@ class ClaimedItem:
 
 BATCH_COLS = ("id, tenant, state, total, done, failed, cancelled, created_at, started_at, "
               "finished_at, deadline, error, seq, work_prompt_tokens, work_output_tokens, "
-              "estimate_at")
+              "estimate_at, work_longest_output")
 
 
 def payload_digest(items: list[tuple[pb.GenerateRequest, list[int]]],

@@ -17,12 +17,15 @@ A batch's work is fixed at creation: its prompt tokens plus the expected output 
 of every item (the length predictor's point estimate: the client's
 `expected_output_tokens` as a prior, what finished items of the same shape generated,
 else min(128, max_tokens) before anything was seen), weighted by `WorkCost` into work
-units and stored with the batch (`BatchWork`), so every replica sees the same numbers. Its
-remaining work: the items without a result (items alike), less the progress of those
-inside this replica's engine (prompts in, tokens generated; `ItemProgress`, each tick).
+units, and the expected output of its longest item, stored with the batch (`BatchWork`),
+so every replica sees the same numbers. Its remaining work: the items without a result
+(items alike), less the progress of those inside this replica's engine (prompts in,
+tokens generated; `ItemProgress`, each tick; `deadline_jobs.EngineView`).
 
 Its tail: how long its slowest remaining item still generates, added to its work at the
-harvest rate (a job of few items is bound by it). Three paces (`paces`, `deadline_pace`):
+harvest rate (a job of few items is bound by it): the longest item's expected output
+while an item is still to start (any may be the longest), then the longest less what the
+item furthest behind generated. Three paces (`paces`, `deadline_pace`):
 - the median seconds per token of the offline items that finished lately and of those
   generating now (`LIVE_MIN_TOKENS` past their second token): the pace of items
   generating while other items' prompts go in beside them (a prompt chunk makes an
@@ -79,17 +82,14 @@ from conserve_jax.scheduling.slack import (Estimate, JobWork, Verdict, admit, es
                                            urgent_bursts)
 from conserve_server.batch.base import STORE_ERRORS, BatchRow, BatchWork, StoreBase
 from conserve_server.batch.deadline_inputs import length_inputs
+from conserve_server.batch.deadline_jobs import EngineView
 from conserve_server.batch.deadline_pace import (ItemProgress, OfflinePace, Paces, fast_end,
-                                                 faster, tail)
+                                                 tail)
 from conserve_server.config import DeadlineOptions
 
 log = logging.getLogger(__name__)
 
 DEADLINE_ERROR = "batch deadline exceeded"
-# an item generating past its batch's expected output per item still counts this share of
-# it as left (bench_deadlines: a medium-job item at 47 tokens of 44 expected counted as
-# done, so its job lost its priority with the item unfinished and missed its window)
-MIN_LEFT_SHARE = 0.25
 FLEET_EVERY_S = 2.0  # shared store: how often a replica publishes and reads harvest rates
 # upper bounds (s) of the slack-at-finish histogram's buckets; +Inf is implied
 SLACK_BUCKETS_S = (-3600.0, -600.0, -60.0, -10.0, 0.0, 10.0, 60.0, 600.0, 3600.0, 86400.0)
@@ -125,11 +125,10 @@ class DeadlineTracker:
         self.cost = cost
         self.clock = clock
         self.borrow_gain = max(1.0, float(borrow_gain))
-        self._in_engine: dict[str, int] = {}  # batch id -> its items inside the engine
+        self._view = EngineView(cost)  # the runner's counts at the last tick
         self._rows = 1  # sequences running or waiting in the engine at the last look
         self._correction: Optional[float] = None  # the latency model's, at the last look
         self.pace = OfflinePace()
-        self._progress: dict[str, list[ItemProgress]] = {}  # batch id -> its items inside
         self.meter = HarvestMeter(cost, options.harvest_window_s, options.harvest_min_history_s)
         self._predictor = LengthPredictor()
         self._predictor_lock = threading.Lock()
@@ -143,17 +142,20 @@ class DeadlineTracker:
 
     # ---- work of a new batch (worker threads) -------------------------------------------
     def work_of(self, items: list[tuple[pb.GenerateRequest, list[int]]],
-                tenant: str) -> tuple[int, int]:
-        """(prompt tokens, expected output tokens) of a batch's items (as stored: request,
-        prompt token ids)."""
-        prompt = out = 0
+                tenant: str) -> BatchWork:
+        """The work of a batch's items (as stored: request, prompt token ids): prompt
+        tokens, expected output tokens, and those of the item expected to generate most
+        (the job is done when it is: its tail)."""
+        prompt = out = longest = 0
         with self._predictor_lock:
             for req, ids in items:
                 prompt += len(ids)
                 max_tokens, hint = length_inputs(req)
                 f = self._predictor.features(ids, max_tokens, tenant, hint)
-                out += self._predictor.predict(f).point
-        return prompt, out
+                n = self._predictor.predict(f).point
+                out += n
+                longest = max(longest, n)
+        return BatchWork(prompt, out, longest_output_tokens=longest)
 
     def observe_length(self, req: pb.GenerateRequest, prompt_ids: list[int], tenant: str,
                        generated: int, tpot_s: Optional[float] = None) -> None:
@@ -169,62 +171,10 @@ class DeadlineTracker:
     def units(self, prompt_tokens: float, output_tokens: float) -> float:
         return self.cost.of(prompt_tokens, output_tokens)
 
-    def _started(self, row: BatchRow) -> tuple[int, int, list]:
-        """(`row`'s items without a result, how many of them are inside this replica's
-        engine, the tokens generated by those of them generating, most first)."""
-        items_left = max(0, row.total - row.done)
-        inside = min(items_left, self._in_engine.get(row.id, 0))
-        return items_left, inside, sorted((p.generated for p in self._progress.get(row.id, ())
-                                           if p.generated > 0), reverse=True)[:inside]
-
-    def _prompt_units(self, row: BatchRow) -> float:
-        """Work units of `row`'s prompts still to go in (items alike)."""
-        items_left, _, started = self._started(row)
-        per_prompt = row.work_prompt_tokens / row.total if row.total else 0.0
-        return self.units(per_prompt * (items_left - len(started)), 0)
-
     def _job(self, row: BatchRow, paces: Paces, urgent: frozenset = frozenset(),
              behind_s: float = 0.0) -> JobWork:
-        """`row` as the estimator sees it (module doc): its remaining work less the progress
-        of its items inside this replica's engine, the share of that inside (items alike),
-        urgent if it was at risk at the last look, and the tail of its slowest remaining
-        item (`tail`): at the median pace for the first `behind_s` seconds (the prompts of
-        the jobs served after it), then at the served-first pace; hopeless's at the fast
-        end; at risk's at the median pace throughout."""
-        items_left, inside, started = self._started(row)
-        per_prompt = row.work_prompt_tokens / row.total if row.total else 0.0
-        per_item = row.work_output_tokens / row.total if row.total else 0.0
-        fresh = items_left - len(started)  # items whose prompt is still to do, whole
-        # an item not finished has something left, also past its expected length
-        floor = max(1.0, MIN_LEFT_SHARE * per_item)
-        lefts = [max(floor, per_item - g) for g in started]
-        out_left = sum(lefts)
-        left = self.units(per_prompt * fresh, per_item * fresh + out_left)
-        in_engine = self.units(per_prompt * (inside - len(started)),
-                               per_item * (inside - len(started)) + out_left)
-        slowest = per_item if fresh > 0 else max(lefts, default=0.0)
-        own = self.pace.own(row.id, None)  # served first: this, or the pace, if faster
-        return JobWork(row.id, row.deadline, left, in_engine=in_engine,
-                       urgent=row.id in urgent,
-                       tail_s=tail(slowest, behind_s, paces.median, faster(paces.served, own)),
-                       tail_min_s=slowest * faster(paces.lead, own),
-                       tail_seen_s=slowest * own if own is not None else 0.0,
-                       tail_alone_s=slowest * paces.median,
-                       prompt_left=self.units(per_prompt * fresh, 0))
-
-    def _behind(self, rows: list[BatchRow], urgent: frozenset,
-                rate: Optional[float]) -> dict[str, float]:
-        """Per calm batch: seconds (at `rate`) the prompts of the calm batches due after it
-        take to go in beside its generating items (module doc); none beside an urgent one."""
-        if not rate:
-            return {}
-        out: dict[str, float] = {}
-        behind = 0.0
-        for r in sorted([r for r in rows if r.id not in urgent],
-                        key=lambda r: (r.deadline is None, r.deadline or 0.0), reverse=True):
-            out[r.id] = behind / rate
-            behind += self._prompt_units(r)
-        return out
+        """`row` as the estimator sees it now (`EngineView.job`)."""
+        return self._view.job(row, paces, self.pace.own(row.id, None), urgent, behind_s)
 
     def tpot(self) -> float:
         """The median pace now (`paces().median`; 0 before any offline item generated)."""
@@ -259,16 +209,17 @@ class DeadlineTracker:
         urgent = frozenset(self.urgent_batches())
         jobs = [self._job(r, paces, urgent) for r in rows]
         # calm when it comes: the prompts of the calm batches due after it go in beside it
-        later = sum(self._prompt_units(r) for r in rows if r.id not in urgent
+        later = sum(self._view.prompt_units(r) for r in rows if r.id not in urgent
                     and (deadline is not None and (r.deadline is None or r.deadline > deadline)))
-        per_item = work.output_tokens / max(1, items)
+        # its tail is its longest item's (items alike when that is not known)
+        longest = max(work.output_tokens / max(1, items), work.longest_output_tokens)
         new = JobWork("new", deadline, self.units(work.prompt_tokens, work.output_tokens),
-                      tail_s=tail(per_item, later / rate if rate else 0.0, paces.median,
+                      tail_s=tail(longest, later / rate if rate else 0.0, paces.median,
                                   paces.served),
-                      tail_min_s=per_item * paces.lead, tail_seen_s=0.0,
-                      tail_alone_s=per_item * paces.median,
+                      tail_min_s=longest * paces.lead, tail_seen_s=0.0,
+                      tail_alone_s=longest * paces.median,
                       prompt_left=self.units(work.prompt_tokens, 0))
-        burst = self._burst_on_arrival(jobs, new, per_item, rate, now, paces)
+        burst = self._burst_on_arrival(jobs, new, longest, rate, now, paces)
         v = admit(jobs, new, rate, now, burst_s=burst)
         if not v.feasible and self.borrow_gain > 1.0 and rate is not None:
             # deadline_policy borrow: refused only if it misses even at the most borrowing
@@ -277,9 +228,9 @@ class DeadlineTracker:
             b = admit(jobs, new, rate, now, gain=self.borrow_gain, burst_s=burst)
             if b.feasible:
                 v = Verdict(True, v.finish_at, f"fits only by borrowing ({v.reason} without)")
-        return v, BatchWork(work.prompt_tokens, work.output_tokens, v.finish_at)
+        return v, replace(work, estimate_at=v.finish_at)
 
-    def _burst_on_arrival(self, jobs: list[JobWork], new: JobWork, per_item: float,
+    def _burst_on_arrival(self, jobs: list[JobWork], new: JobWork, longest: float,
                           rate: Optional[float], now: float, paces: Paces) -> Optional[float]:
         """If a new batch is at risk as it comes and can make it (as the first tick will judge
         it: `estimate` over the active jobs and it, calm, in the served order), it is urgent
@@ -294,7 +245,7 @@ class DeadlineTracker:
                      gain=self.borrow_gain, prompt_rate=prompt_rate)["new"]
         if not e.at_risk or e.hopeless:
             return None
-        first = replace(new, urgent=True, tail_s=per_item * paces.served)
+        first = replace(new, urgent=True, tail_s=longest * paces.served)
         ahead = [j for j in jobs if j.urgent and j.deadline is not None
                  and j.deadline <= new.deadline]
         return urgent_bursts(ahead + [first], prompt_rate)["new"]
@@ -305,8 +256,7 @@ class DeadlineTracker:
         None to accept or the refusal message (naming `field_name` and the estimate) when
         it is predicted to miss its window and `accept_infeasible` is off. Counted in the
         statistics either way."""
-        prompt, out = self.work_of(items, tenant)
-        verdict, work = self.admit(BatchWork(prompt, out), deadline, len(items))
+        verdict, work = self.admit(self.work_of(items, tenant), deadline, len(items))
         if verdict.feasible:
             return work, None
         with self._lock:
@@ -407,10 +357,10 @@ class DeadlineTracker:
         None keeps the last of each."""
         now = self.clock() if now is None else now
         if in_engine is not None:
-            self._in_engine = dict(in_engine)
+            self._view = replace(self._view, in_engine=dict(in_engine))
         if progress is not None:
-            self._progress = {b: list(ps) for b, ps in progress.items()}
-            self.pace.live(self._progress)
+            self._view = replace(self._view, progress={b: tuple(ps) for b, ps in progress.items()})
+            self.pace.live(self._view.progress)
         try:
             self.observe_engine(now)
         except Exception:
@@ -425,7 +375,7 @@ class DeadlineTracker:
         active = {r.id: r for r in rows}
         urgent = frozenset(self.urgent_batches())  # what the engine serves first now
         paces = self.paces()
-        behind = self._behind(rows, urgent, rate)
+        behind = self._view.behind(rows, urgent, rate)
         est = estimate([self._job(r, paces, urgent, behind.get(r.id, 0.0)) for r in rows],
                        rate, now, self.options.at_risk_margin, gain=self.borrow_gain,
                        prompt_rate=self.prompt_rate())

@@ -96,6 +96,9 @@ CREATE TABLE harvest_rates (  -- each replica's offline harvest rate (fleet dead
   updated_at DOUBLE PRECISION NOT NULL
 );
 """),
+    (7, """
+ALTER TABLE batches ADD COLUMN work_longest_output BIGINT NOT NULL DEFAULT 0;
+"""),
 ]
 
 

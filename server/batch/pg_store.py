@@ -204,9 +204,11 @@ class PgBatchStore(StoreBase):
             cur.execute(
                 "INSERT INTO batches (id, tenant, state, total, created_at, deadline, "
                 "idempotency_key, payload_sha, work_prompt_tokens, work_output_tokens, "
-                "estimate_at) VALUES (%s, %s, 'queued', %s, %s, %s, %s, %s, %s, %s, %s)",
+                "estimate_at, work_longest_output) "
+                "VALUES (%s, %s, 'queued', %s, %s, %s, %s, %s, %s, %s, %s, %s)",
                 (bid, tenant, len(items), time.time(), deadline, idempotency_key or None, digest,
-                 int(w.prompt_tokens), int(w.output_tokens), w.estimate_at))
+                 int(w.prompt_tokens), int(w.output_tokens), w.estimate_at,
+                 int(w.longest_output_tokens)))
             with cur.copy("COPY items (batch_id, idx, request, prompt_ids, state) FROM STDIN") as cp:
                 for i, (req, ids) in enumerate(items):
                     cp.write_row((bid, i, without_prompt(req), json.dumps(ids), "pending"))

@@ -58,7 +58,8 @@ CREATE TABLE IF NOT EXISTS batches (
   payload_sha TEXT,
   work_prompt_tokens INTEGER NOT NULL DEFAULT 0,
   work_output_tokens INTEGER NOT NULL DEFAULT 0,
-  estimate_at REAL
+  estimate_at REAL,
+  work_longest_output INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS batches_tenant ON batches(tenant, seq);
 CREATE INDEX IF NOT EXISTS batches_state ON batches(state);
@@ -105,6 +106,9 @@ class SqliteBatchStore(StoreBase):
                 for col in ("work_prompt_tokens INTEGER NOT NULL DEFAULT 0",
                             "work_output_tokens INTEGER NOT NULL DEFAULT 0", "estimate_at REAL"):
                     self._db.execute("ALTER TABLE batches ADD COLUMN " + col)
+            if "work_longest_output" not in cols:  # from before the longest item was kept
+                self._db.execute("ALTER TABLE batches ADD COLUMN work_longest_output "
+                                 "INTEGER NOT NULL DEFAULT 0")
             self.recover()
         except BaseException:
             os.close(self._lock_fd)
@@ -187,9 +191,11 @@ class SqliteBatchStore(StoreBase):
             self._db.execute(
                 "INSERT INTO batches (id, tenant, state, total, created_at, deadline, "
                 "idempotency_key, payload_sha, work_prompt_tokens, work_output_tokens, "
-                "estimate_at) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
+                "estimate_at, work_longest_output) "
+                "VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (bid, tenant, len(items), time.time(), deadline, idempotency_key or None, digest,
-                 int(w.prompt_tokens), int(w.output_tokens), w.estimate_at))
+                 int(w.prompt_tokens), int(w.output_tokens), w.estimate_at,
+                 int(w.longest_output_tokens)))
             self._db.executemany(
                 "INSERT INTO items (batch_id, idx, request, prompt_ids, state) VALUES (?, ?, ?, ?, 'pending')",
                 [(bid, i, _without_prompt(req), json.dumps(ids)) for i, (req, ids) in enumerate(items)])
