@@ -243,7 +243,11 @@ def _look(tracker, ids: dict, t_first: float, infos: list) -> dict:
     row = {"t": round(now - t_first, 2), **_inputs(tracker), "iterations": st.iterations,
            "offline_running": st.offline_running, "offline_waiting": st.offline_waiting,
            "offline_tokens": st.offline_tokens_total,
-           "offline_prefill_tokens": st.offline_prefill_tokens_total}
+           "offline_prefill_tokens": st.offline_prefill_tokens_total,
+           # cumulative seconds of timed iterations with offline work, and of those with
+           # offline tokens and no offline prompt (the prompt rate's and the duty's inputs)
+           "offline_busy_s": round(st.offline_busy_s, 3),
+           "offline_free_s": round(st.offline_free_s, 3)}
     for (name, bid), info in zip(ids.items(), infos):
         e = tracker.estimate_of(bid)
         row[name] = {"to_go_s": None if e is None or e.finish_at is None else
