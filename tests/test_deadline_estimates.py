@@ -317,6 +317,11 @@ def test_prompt_rate_is_per_prompt_iteration_second_over_the_duty():
     # 4 s of online work alone with prompts waiting: no prompt second, the duty falls
     m.observe(8.0, 100, 10, True, free=(10, 1.0), busy_s=3.0)
     assert m.prompt_rate() == pytest.approx(100 / 2 * 3 / 8)
+    # never below the harvest rate (units are dedicated-engine seconds): 40 s of items
+    # generating 20 units a second in 8 s of offline iterations (duty 11 / 48)
+    m.observe(48.0, 100, 810, True, free=(90, 9.0), busy_s=11.0)
+    assert m.rate() == pytest.approx(910 / 48)
+    assert 100 / 2 * 11 / 48 < m.rate() == pytest.approx(m.prompt_rate())
     # seconds prompts went in, wall time: the old measure would say 100 / 4 before, and
     # still 100 / 4 after the stall
     m2 = HarvestMeter(WorkCost(), window_s=100.0, min_span_s=2.0)
