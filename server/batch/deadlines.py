@@ -207,9 +207,10 @@ class DeadlineTracker:
         paces, rate = self.paces(), self.rate()
         rows = self.store.active()
         urgent = frozenset(self.urgent_batches())
-        jobs = [self._job(r, paces, urgent) for r in rows]
+        view = self._view  # one tick's counts throughout (the runner replaces it whole)
+        jobs = [view.job(r, paces, self.pace.own(r.id, None), urgent) for r in rows]
         # calm when it comes: the prompts of the calm batches due after it go in beside it
-        later = sum(self._view.prompt_units(r) for r in rows if r.id not in urgent
+        later = sum(view.prompt_units(r) for r in rows if r.id not in urgent
                     and (deadline is not None and (r.deadline is None or r.deadline > deadline)))
         # its tail is its longest item's (items alike when that is not known)
         longest = max(work.output_tokens / max(1, items), work.longest_output_tokens)
