@@ -376,3 +376,24 @@ def test_free_period_is_the_engines_time_per_free_iteration():
     m2.observe(0.0, 0, 0, True)
     m2.observe(1.0, 0, 50, True)
     assert m2.free_period() is None
+
+
+def test_a_jobs_own_output_during_its_tail_is_counted_once():
+    """A job's items generate beside its slowest one during its tail: its estimated
+    finish is the later of all its work at the rate and the rest of it then the tail,
+    while at risk keeps the cautious sum (work, then tail)."""
+    now = 0.0
+    # 10 units of prompts + 10 of output at 1 a second, a 15 s tail
+    few = JobWork("few", 40.0, 20.0, tail_s=15.0, tail_overlap=10.0)
+    e = estimate([few], 1.0, now, at_risk_margin=0.2)["few"]
+    assert e.finish_at == pytest.approx(10.0 + 15.0)  # not 20 + 15
+    assert e.at_risk  # judged on 20 + 15 = 35: slack 5 < 0.2 x 35
+    # the tail shorter than its output at the rate: all the work bounds it
+    short = JobWork("short", None, 20.0, tail_s=4.0, tail_overlap=10.0)
+    assert estimate([short], 1.0, now)["short"].finish_at == pytest.approx(20.0)
+    # behind 30 units of another job due sooner: its overlap only comes off its own
+    first = JobWork("first", 10.0, 30.0)
+    assert estimate([first, few], 1.0, now)["few"].finish_at == pytest.approx(40.0 + 15.0)
+    v = admit([first], few, rate=1.0, now=now)
+    assert v.finish_at == pytest.approx(40.0 + 15.0) and not v.feasible
+    assert admit([], few, rate=1.0, now=now).finish_at == pytest.approx(25.0)

@@ -29,27 +29,35 @@ def paces(tr):
 
 def test_the_tail_is_the_longest_items(setup):  # noqa: F811
     store, eng, clock, tr = setup
+    eng.st.offline_running = 2  # the engine runs two offline items at once
     harvest(eng, clock, tr, 10, 10)  # 10 units a second
     paces(tr)
     work, refusal = tr.judge(two_items(), "t", clock.t + 1000, "deadline")
     assert (work.prompt_tokens, work.output_tokens, work.longest_output_tokens) == (20, 50, 40)
-    # 70 units at 10 a second, then the 40-token item at 0.5 s a token (items alike: 25)
-    assert refusal is None and work.estimate_at - clock.t == pytest.approx(7.0 + 40 * 0.5)
+    # its 20 prompt units at 10 a second, then the 40-token item at 0.5 s a token (items
+    # alike: 25), the other item's output beside it
+    assert refusal is None and work.estimate_at - clock.t == pytest.approx(2.0 + 40 * 0.5)
     b, _ = store.create_batch("t", two_items(), clock.t + 1000, work=work)
     tr.tick(in_engine={})
-    assert tr.estimate_of(b).finish_at - clock.t == pytest.approx(7.0 + 40 * 0.5)
-    # both generating, 30 and 5 tokens in: the one 5 in may be the long one (35 left); the
-    # work left is still counted alike: 25 - 30 -> a quarter of 25 left, 25 - 5 = 20
+    assert tr.estimate_of(b).finish_at - clock.t == pytest.approx(2.0 + 40 * 0.5)
+    # both generating, 30 and 5 tokens in: the one 5 in may be the long one (35 left)
     tr.tick(in_engine={b: 2}, progress={b: [ItemProgress(30), ItemProgress(5)]})
-    assert tr.estimate_of(b).finish_at - clock.t == pytest.approx((6.25 + 20) / 10 + 35 * 0.5)
+    assert tr.estimate_of(b).finish_at - clock.t == pytest.approx(35 * 0.5)
+    # one item at a time: only half the output comes during the tail; the work left is
+    # counted alike (25 - 30 -> a quarter of 25 left, 25 - 5 = 20)
+    eng.st.offline_running = 1
+    tr.tick(in_engine={b: 2}, progress={b: [ItemProgress(30), ItemProgress(5)]})
+    assert tr.estimate_of(b).finish_at - clock.t == pytest.approx((6.25 + 20) / 2 / 10
+                                                                  + 35 * 0.5)
 
 
 def test_a_batch_without_its_longest_item_takes_its_items_alike(setup):  # noqa: F811
     """A batch stored before the longest item was recorded (0) keeps the mean item."""
     store, eng, clock, tr = setup
+    eng.st.offline_running = 2
     harvest(eng, clock, tr, 10, 10)
     paces(tr)
     b, _ = store.create_batch("t", two_items(), clock.t + 1000,
                               work=BatchWork(prompt_tokens=20, output_tokens=50))
     tr.tick(in_engine={})
-    assert tr.estimate_of(b).finish_at - clock.t == pytest.approx(7.0 + 25 * 0.5)
+    assert tr.estimate_of(b).finish_at - clock.t == pytest.approx(2.0 + 25 * 0.5)

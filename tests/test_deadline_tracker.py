@@ -290,9 +290,11 @@ def test_the_generation_tail_comes_from_finished_items(setup):
         tr.observe_length(pb.GenerateRequest(sampling=pb.SamplingParams(max_tokens=20)),
                           [3, 4], "t", 20, tpot_s=tpot)
     assert tr.tpot() == pytest.approx(1.0) and tr.tpot_lead() == pytest.approx(0.5)
-    # no other prompts go in beside its items: 20 tokens at the fast end (lower quartile)
+    # no other prompts go in beside its items: 20 tokens at the fast end (lower quartile);
+    # the engine ran one offline item at a time, so one item's output is generated during
+    # the tail, not before it (60 units less 20)
     w, refusal = tr.judge(items(2, hint=20), "t", clock.t + 100, "deadline")
-    assert refusal is None and w.estimate_at - clock.t == pytest.approx(16.0)
+    assert refusal is None and w.estimate_at - clock.t == pytest.approx(4.0 + 20 * 0.5)
     # due in 30 s it is at risk as it comes (6 s + 20 tokens at the median 1 s: 26 s, under
     # 20 % headroom), so urgent from the first tick: its burst, 2 s of prompts (20 tokens
     # at the prompt rate, here the harvest rate) then 20 tokens at 0.5 s
@@ -305,7 +307,7 @@ def test_the_generation_tail_comes_from_finished_items(setup):
     w, _ = tr.judge(items(1, prompt_len=100, hint=20), "t", clock.t + 1000, "deadline")
     store.create_batch("t", items(1, prompt_len=100, hint=20), clock.t + 1000, work=w)
     w, refusal = tr.judge(items(2, hint=20), "t", clock.t + 100, "deadline")
-    assert refusal is None and w.estimate_at - clock.t == pytest.approx(6.0 + 10 * 1.0 + 10 * 0.5)
+    assert refusal is None and w.estimate_at - clock.t == pytest.approx(4.0 + 10 * 1.0 + 10 * 0.5)
     # at risk as it comes, it is urgent: the later batch's prompt waits, its burst is as alone
     w, refusal = tr.judge(items(2, hint=20), "t", clock.t + 30, "deadline")
     assert refusal is None and w.estimate_at - clock.t == pytest.approx(12.0)
@@ -313,7 +315,7 @@ def test_the_generation_tail_comes_from_finished_items(setup):
     # the order the engine serves it then (bench_deadlines' today read 44 s for 72 s)
     tr.options = DeadlineOptions(deadline_order=False)
     w, refusal = tr.judge(items(2, hint=20), "t", clock.t + 30, "deadline")
-    assert refusal is None and w.estimate_at - clock.t == pytest.approx(6.0 + 10 * 1.0 + 10 * 0.5)
+    assert refusal is None and w.estimate_at - clock.t == pytest.approx(4.0 + 10 * 1.0 + 10 * 0.5)
 
 
 def test_items_under_way_set_the_pace_and_the_work_left(setup):
@@ -331,14 +333,16 @@ def test_items_under_way_set_the_pace_and_the_work_left(setup):
                                              ItemProgress(5, 3.0, 3)]})
     assert tr.tpot() == pytest.approx(1.0)  # 8 s for 8 tokens; the other: too few yet
     e = tr.estimate_of(b)
-    # left: the 10 + 15 tokens they have still to generate (2.5 s), then the slowest one's
-    # 15 tokens at 1 s each; the prompts are in
-    assert e.finish_at - clock.t == pytest.approx(2.5 + 15 * 1.0)
+    # left: the 10 + 15 tokens they have still to generate (2.5 s; one item at a time, so
+    # half of them during the tail), then the slowest one's 15 tokens at 1 s each; the
+    # prompts are in
+    assert e.finish_at - clock.t == pytest.approx(1.25 + 15 * 1.0)
     assert not e.at_risk
     # past the 20 tokens expected, unfinished: each still counts a quarter of it (5) as left
+    # (half of the 10 during the tail)
     tr.tick(in_engine={b: 2}, progress={b: [ItemProgress(25, 23.0, 23),
                                              ItemProgress(30, 28.0, 28)]})
-    assert tr.estimate_of(b).finish_at - clock.t == pytest.approx(10 / 10 + 5 * 1.0)
+    assert tr.estimate_of(b).finish_at - clock.t == pytest.approx(5 / 10 + 5 * 1.0)
     tr.tick(in_engine={b: 2}, progress={b: [ItemProgress(1), ItemProgress(0)]})
     # one item still in prefill: its whole prompt and output to do, and the tail is whole
     assert tr.tpot() == 0.0  # under LIVE_MIN_TOKENS generated: not a sample yet
@@ -399,15 +403,16 @@ def test_an_urgent_job_is_estimated_at_the_fast_end_of_the_paces(setup):
     tr.tick(in_engine={calm: 1}, progress={calm: [ItemProgress()]})
     # tight: 3 s of work behind calm's 3 s in the engine; calm's 10-token prompt (1 s) goes
     # in beside its item: 0.5 token at the median 2 s, 19.5 at 1 s. At risk: judged at the
-    # median pace, as if calm's prompts went in all along (46 s for 44)
+    # median pace, as if calm's prompts went in all along (46 s for 44); its own output
+    # (2 s) is generated during its tail
     e = tr.estimate_of(tight)
-    assert e.finish_at - clock.t == pytest.approx(6.0 + 0.5 * 2.0 + 19.5 * 1.0) and e.at_risk
+    assert e.finish_at - clock.t == pytest.approx(4.0 + 0.5 * 2.0 + 19.5 * 1.0) and e.at_risk
     assert tight in tr.urgent_batches()
     tr.tick(in_engine={calm: 1}, progress={calm: [ItemProgress()]})
     e = tr.estimate_of(tight)  # urgent: its burst, its 10-token prompt (1 s), 20 tokens at 1 s
     assert e.finish_at - clock.t == pytest.approx(1.0 + 20 * 1.0)
     # calm: behind tight's work; nothing goes in beside it: 20 tokens at the lower quartile
-    assert tr.estimate_of(calm).finish_at - clock.t == pytest.approx(6.0 + 20 * 1.0)
+    assert tr.estimate_of(calm).finish_at - clock.t == pytest.approx(4.0 + 20 * 1.0)
 
 
 def test_an_urgent_job_generates_at_the_lead_pace_while_later_urgent_prompts_wait(setup):
@@ -465,8 +470,8 @@ def test_the_lead_pace_is_the_faster_of_item_paces_and_the_free_iteration_period
         tr.tick()
     assert tr.tpot() == 0.0 and tr.tpot_lead() == pytest.approx(0.1)
     w, _ = tr.judge(items(1, hint=20), "t", clock.t + 100, "deadline")
-    # 30 tokens' work at 20 a second, then its 20 tokens at 0.1 s each
-    assert w.estimate_at - clock.t == pytest.approx(30 / 20 + 20 * 0.1)
+    # its 10 prompt tokens at 20 a second, then its 20 tokens at 0.1 s each
+    assert w.estimate_at - clock.t == pytest.approx((30 - 20) / 20 + 20 * 0.1)
     b, _ = store.create_batch("t", items(1, hint=20), clock.t + 100, work=w)
     tr.tick(in_engine={b: 1}, progress={b: [ItemProgress(9, 8.0, 8)]})  # 1 s a token
     assert tr.tpot() == pytest.approx(1.0) and tr.tpot_lead() == pytest.approx(0.1)
@@ -491,8 +496,8 @@ def test_an_item_served_first_is_estimated_at_the_engine_offline_duty(setup):
     p = tr.paces()
     assert p.lead == pytest.approx(0.05) and p.served == pytest.approx(0.1)
     w, _ = tr.judge(items(1, hint=20), "t", clock.t + 100, "deadline")
-    # 30 tokens' work at 20 a second, then its 20 tokens at the served-first pace
-    assert w.estimate_at - clock.t == pytest.approx(30 / 20 + 20 * 0.1)
+    # its 10 prompt tokens at 20 a second, then its 20 tokens at the served-first pace
+    assert w.estimate_at - clock.t == pytest.approx((30 - 20) / 20 + 20 * 0.1)
     b, _ = store.create_batch("t", items(1, hint=20), clock.t + 100, work=w)
     j = tr._job(store.get(b), p)
     assert j.tail_s == pytest.approx(20 * 0.1) and j.tail_min_s == pytest.approx(20 * 0.05)

@@ -15,7 +15,9 @@ Model: the order the engine actually serves offline work, at the harvest rate.
    deadline last, ties in the order given).
 A job's estimated finish is now plus the work served before its last piece, divided by the
 rate, plus its tail (`JobWork.tail_s`: how long its slowest remaining item still generates,
-at the pace offline items generate at; the caller measures it); its slack is its deadline
+at the pace offline items generate at; the caller measures it), where the output its own
+items generate beside the slowest one during the tail (`JobWork.tail_overlap`) is not
+counted before it as well (but all its work at the rate bounds it); its slack is its deadline
 minus that finish (negative: predicted to miss). With no work inside the engine and nothing
 urgent, this is plain EDF: the work "already promised to earlier deadlines" the issue
 speaks of.
@@ -93,6 +95,10 @@ class JobWork:
     tail_alone_s: Optional[float] = None
     # of `remaining`, the work units of prompts still to go in (an urgent job's burst)
     prompt_left: float = 0.0
+    # of `remaining`, the work units of its own output generated during its tail, beside
+    # its slowest item (its items the engine runs at once): its estimated finish counts
+    # them once (`_job_finish`); at risk and hopeless leave them in (the cautious side)
+    tail_overlap: float = 0.0
 
     @property
     def unclaimed(self) -> float:
@@ -180,13 +186,20 @@ class _ServedOrder:
 
 
 def _job_finish(now: float, j: JobWork, work: float, rate: float, gain: float = 1.0,
-                tail_s: Optional[float] = None) -> float:
+                tail_s: Optional[float] = None, overlap: float = 0.0) -> float:
     """When `j` is done if `work` units (its own included) are served before its last
     piece: the work at `rate`, then its last item's generation tail (`tail_s`, default
-    `j.tail_s`; both `gain` x faster)."""
+    `j.tail_s`; both `gain` x faster). `overlap`: of that work, units generated during the
+    tail (`JobWork.tail_overlap`): the later of all the work at the rate and the rest of it
+    then the tail (bench_deadlines, full runs: a job of 6 items submitted alone read
+    +12 to +34 % in eight runs with its items' output counted before its tail as well)."""
     if j.remaining <= 0:
         return now
-    return _finish(now, work, rate * gain) + (j.tail_s if tail_s is None else tail_s) / gain
+    t = (j.tail_s if tail_s is None else tail_s) / gain
+    if overlap <= 0:
+        return _finish(now, work, rate * gain) + t
+    return max(_finish(now, work, rate * gain),
+               _finish(now, work - min(overlap, work), rate * gain) + t)
 
 
 def _burst_finish(now: float, work: float, rate: float, burst_s: float,
@@ -253,7 +266,7 @@ def estimate(jobs: Iterable[JobWork], rate: Optional[float], now: float,
         if j.job_id in bursts and j.remaining > 0:
             fin = _burst_finish(now, order.before(j), rate, bursts[j.job_id])
         else:
-            fin = _job_finish(now, j, order.before(j), rate)
+            fin = _job_finish(now, j, order.before(j), rate, overlap=j.tail_overlap)
         if j.deadline is None:
             out[j.job_id] = Estimate(j.job_id, None if math.isinf(fin) else fin, None, False)
             continue
@@ -282,10 +295,11 @@ def admit(jobs: Iterable[JobWork], new: JobWork, rate: Optional[float],
     work = sum(max(0.0, j.remaining) for j in ahead) + max(0.0, new.remaining)
     if new.deadline is None:
         later = sum(max(0.0, j.remaining) for j in jobs)  # everything else goes first
-        fin = _job_finish(now, new, later + max(0.0, new.remaining), rate)
+        fin = _job_finish(now, new, later + max(0.0, new.remaining), rate,
+                          overlap=new.tail_overlap)
         return Verdict(True, None if math.isinf(fin) else fin, "no deadline")
     if burst_s is None:
-        fin = _job_finish(now, new, work, rate, gain)
+        fin = _job_finish(now, new, work, rate, gain, overlap=new.tail_overlap)
     else:
         fin = _burst_finish(now, work, rate, burst_s, gain)
     if fin <= new.deadline:

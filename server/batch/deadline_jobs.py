@@ -31,6 +31,15 @@ class EngineView:
     cost: WorkCost
     in_engine: Mapping[str, int] = field(default_factory=dict)
     progress: Mapping[str, tuple[ItemProgress, ...]] = field(default_factory=dict)
+    slots: int = 1  # offline sequences the engine ran at once at the last look (at least 1)
+
+    def overlap(self, output_tokens: float, items: int) -> float:
+        """Work units of a job's `output_tokens` (over `items` items left) generated during
+        its tail: those of the items the engine runs at once with its slowest
+        (`JobWork.tail_overlap`; items alike)."""
+        if items <= 0 or output_tokens <= 0:
+            return 0.0
+        return self.cost.of(0, output_tokens * min(1.0, self.slots / items))
 
     def started(self, row: BatchRow) -> tuple[int, int, list]:
         """(`row`'s items without a result, how many of them are inside the engine, the
@@ -55,9 +64,9 @@ class EngineView:
         longest less what the item furthest behind generated; at the median pace for the
         first `behind_s` seconds (the prompts of the jobs served after it), then at the
         served-first pace; hopeless's at the fast end; at risk's at the median pace
-        throughout. `own`: the fastest pace its own items show now (None: none), taken
-        where it is faster (served first: they may have generated beside other jobs'
-        prompts until then)."""
+        throughout; and the output generated during it (`overlap`). `own`: the fastest
+        pace its own items show now (None: none), taken where it is faster (served first:
+        they may have generated beside other jobs' prompts until then)."""
         items_left, inside, started = self.started(row)
         per_prompt = row.work_prompt_tokens / row.total if row.total else 0.0
         per_item = row.work_output_tokens / row.total if row.total else 0.0
@@ -77,7 +86,8 @@ class EngineView:
                        tail_min_s=slowest * faster(paces.lead, own),
                        tail_seen_s=slowest * own if own is not None else 0.0,
                        tail_alone_s=slowest * paces.median,
-                       prompt_left=units(per_prompt * fresh, 0))
+                       prompt_left=units(per_prompt * fresh, 0),
+                       tail_overlap=self.overlap(per_item * fresh + out_left, items_left))
 
     def behind(self, rows: list[BatchRow], urgent: frozenset,
                rate: Optional[float]) -> dict[str, float]:

@@ -219,7 +219,8 @@ class DeadlineTracker:
                                   paces.served),
                       tail_min_s=longest * paces.lead, tail_seen_s=0.0,
                       tail_alone_s=longest * paces.median,
-                      prompt_left=self.units(work.prompt_tokens, 0))
+                      prompt_left=self.units(work.prompt_tokens, 0),
+                      tail_overlap=view.overlap(work.output_tokens, items))
         burst = self._burst_on_arrival(jobs, new, longest, rate, now, paces)
         v = admit(jobs, new, rate, now, burst_s=burst)
         if not v.feasible and self.borrow_gain > 1.0 and rate is not None:
@@ -343,6 +344,8 @@ class DeadlineTracker:
         st = self.engine.stats()
         backlogged = st.offline_waiting + st.offline_running > 0
         self._rows = st.online_running + st.offline_running + st.offline_waiting
+        if st.offline_running != self._view.slots and st.offline_running > 0:
+            self._view = replace(self._view, slots=st.offline_running)
         self._correction = st.latency_correction
         self.meter.observe(now, st.offline_prefill_tokens_total, st.offline_tokens_total,
                            backlogged, (st.offline_free_iterations, st.offline_free_s),
