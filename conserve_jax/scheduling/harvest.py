@@ -23,8 +23,9 @@ Beside the rate, the meter keeps two speeds of its own windows, each over the la
 second of offline iterations with a prompt in them and `free_period()` (the engine's
 seconds per iteration that generated offline tokens with no offline prompt in it); and,
 over the rate's backlogged window, `duty()` (the share of that time the engine spent in
-iterations with offline work). `prompt_rate()` is the first over wall time by the duty. The deadline estimates use all three for a few items served first
-(`slack.py`, `conserve_server.batch.deadlines`).
+iterations with offline work). `prompt_rate()` is the first over wall time by the duty.
+The deadline estimates use all three for a few items served first (`slack.py`,
+`conserve_server.batch.deadlines`).
 
 Pure host code with an explicit clock (callers pass `now`), so tests drive it with a fake
 clock. One owner (the batch runner's thread) feeds it; readers on other threads call
