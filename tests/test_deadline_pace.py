@@ -1,12 +1,14 @@
 """`OfflinePace` (issue 27's estimates): the offline generation pace from finished items
 and from items generating now; the median, its lower quartile (the fast end) and a
-batch's own fastest; `fast_end`, the lead and served-first paces."""
+batch's own fastest; `fast_end`, the lead and served-first paces, and the served-first
+pace in a tracker's estimate."""
 from __future__ import annotations
 
 import pytest
 
 from conserve_server.batch.deadline_pace import (LIVE_MIN_TOKENS, MIN_DUTY, ItemProgress,
                                                  OfflinePace, fast_end)
+from tests.test_deadline_tracker import items, setup  # noqa: F401  (fixture)
 
 
 def test_pace_from_finished_and_live_items():
@@ -34,3 +36,28 @@ def test_fast_end_and_the_served_first_pace():
     assert fast_end(0.0, 0.1, 0.5) == pytest.approx((0.1, 0.2))
     assert fast_end(0.15, 0.1, 0.5) == pytest.approx((0.1, 0.15))  # the quartile if faster
     assert fast_end(0.0, 0.1, 0.01) == pytest.approx((0.1, 0.1 / MIN_DUTY))  # floored
+
+
+def test_an_item_served_first_is_estimated_at_the_engine_offline_duty(setup):  # noqa: F811
+    """The free iteration period is how long such an iteration takes, not how often one
+    comes: where online work alone takes half the wall time, an item served first is
+    estimated at twice the period, while hopeless keeps the fast end (optimistic)."""
+    store, eng, clock, tr = setup
+    eng.st.offline_waiting = 1
+    for _ in range(7):  # 20 tokens a second; 10 free iterations of 0.05 s, busy 0.5 s of 1
+        clock.t += 1.0
+        eng.st.offline_tokens_total += 20
+        eng.st.offline_free_iterations += 10
+        eng.st.offline_free_s += 0.5
+        eng.st.offline_busy_s += 0.5
+        tr.tick()
+    assert tr.meter.duty() == pytest.approx(0.5)
+    p = tr.paces()
+    assert p.lead == pytest.approx(0.05) and p.served == pytest.approx(0.1)
+    w, _ = tr.judge(items(1, hint=20), "t", clock.t + 100, "deadline")
+    # its 10 prompt tokens at 20 a second, then its 20 tokens at the served-first pace
+    assert w.estimate_at - clock.t == pytest.approx((30 - 20) / 20 + 20 * 0.1)
+    b, _ = store.create_batch("t", items(1, hint=20), clock.t + 100, work=w)
+    j = tr._job(store.get(b), p)
+    assert j.tail_s == pytest.approx(20 * 0.1) and j.tail_min_s == pytest.approx(20 * 0.05)
+

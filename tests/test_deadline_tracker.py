@@ -477,28 +477,3 @@ def test_the_lead_pace_is_the_faster_of_item_paces_and_the_free_iteration_period
     assert tr.tpot() == pytest.approx(1.0) and tr.tpot_lead() == pytest.approx(0.1)
     tr.tick(in_engine={b: 1}, progress={b: [ItemProgress(9, 0.4, 8)]})  # 0.05 s a token
     assert tr.tpot_lead() == pytest.approx(0.05)
-
-
-def test_an_item_served_first_is_estimated_at_the_engine_offline_duty(setup):
-    """The free iteration period is how long such an iteration takes, not how often one
-    comes: where online work alone takes half the wall time, an item served first is
-    estimated at twice the period, while hopeless keeps the fast end (optimistic)."""
-    store, eng, clock, tr = setup
-    eng.st.offline_waiting = 1
-    for _ in range(7):  # 20 tokens a second; 10 free iterations of 0.05 s, busy 0.5 s of 1
-        clock.t += 1.0
-        eng.st.offline_tokens_total += 20
-        eng.st.offline_free_iterations += 10
-        eng.st.offline_free_s += 0.5
-        eng.st.offline_busy_s += 0.5
-        tr.tick()
-    assert tr.meter.duty() == pytest.approx(0.5)
-    p = tr.paces()
-    assert p.lead == pytest.approx(0.05) and p.served == pytest.approx(0.1)
-    w, _ = tr.judge(items(1, hint=20), "t", clock.t + 100, "deadline")
-    # its 10 prompt tokens at 20 a second, then its 20 tokens at the served-first pace
-    assert w.estimate_at - clock.t == pytest.approx((30 - 20) / 20 + 20 * 0.1)
-    b, _ = store.create_batch("t", items(1, hint=20), clock.t + 100, work=w)
-    j = tr._job(store.get(b), p)
-    assert j.tail_s == pytest.approx(20 * 0.1) and j.tail_min_s == pytest.approx(20 * 0.05)
-

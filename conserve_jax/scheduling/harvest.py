@@ -227,7 +227,9 @@ class HarvestMeter:
         per_busy, duty = self._per_second(self._prompt_busy), self.duty()
         r = (per_busy * duty if per_busy is not None and duty is not None
              else self._per_second(self._prompt_intervals))
-        return rate if r is None else r if rate is None else max(r, rate)
+        if r is None:
+            return rate
+        return r if rate is None else max(r, rate)
 
     def free_period(self) -> Optional[float]:
         """Seconds per engine iteration that generated offline tokens with no offline

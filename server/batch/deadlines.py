@@ -83,8 +83,7 @@ from conserve_jax.scheduling.slack import (Estimate, JobWork, Verdict, admit, es
 from conserve_server.batch.base import STORE_ERRORS, BatchRow, BatchWork, StoreBase
 from conserve_server.batch.deadline_inputs import length_inputs
 from conserve_server.batch.deadline_jobs import EngineView
-from conserve_server.batch.deadline_pace import (ItemProgress, OfflinePace, Paces, fast_end,
-                                                 tail)
+from conserve_server.batch.deadline_pace import ItemProgress, OfflinePace, Paces, fast_end
 from conserve_server.config import DeadlineOptions
 
 log = logging.getLogger(__name__)
@@ -168,9 +167,6 @@ class DeadlineTracker:
             f = self._predictor.features(prompt_ids, max_tokens, tenant, hint, register=False)
             self._predictor.observe(f, generated)
 
-    def units(self, prompt_tokens: float, output_tokens: float) -> float:
-        return self.cost.of(prompt_tokens, output_tokens)
-
     def _job(self, row: BatchRow, paces: Paces, urgent: frozenset = frozenset(),
              behind_s: float = 0.0) -> JobWork:
         """`row` as the estimator sees it now (`EngineView.job`)."""
@@ -212,16 +208,11 @@ class DeadlineTracker:
         # calm when it comes: the prompts of the calm batches due after it go in beside it
         later = sum(view.prompt_units(r) for r in rows if r.id not in urgent
                     and (deadline is not None and (r.deadline is None or r.deadline > deadline)))
-        # its tail is its longest item's (items alike when that is not known)
-        longest = max(work.output_tokens / max(1, items), work.longest_output_tokens)
-        new = JobWork("new", deadline, self.units(work.prompt_tokens, work.output_tokens),
-                      tail_s=tail(longest, later / rate if rate else 0.0, paces.median,
-                                  paces.served),
-                      tail_min_s=longest * paces.lead, tail_seen_s=0.0,
-                      tail_alone_s=longest * paces.median,
-                      prompt_left=self.units(work.prompt_tokens, 0),
-                      tail_overlap=view.overlap(work.output_tokens, items))
-        burst = self._burst_on_arrival(jobs, new, longest, rate, now, paces)
+        new = view.new_job(deadline, work, items, paces, later / rate if rate else 0.0)
+        # served first, no other prompt goes in beside its items: its tail at the
+        # served-first pace throughout
+        first = replace(view.new_job(deadline, work, items, paces), urgent=True)
+        burst = self._burst_on_arrival(jobs, new, first, rate, now)
         v = admit(jobs, new, rate, now, burst_s=burst)
         if not v.feasible and self.borrow_gain > 1.0 and rate is not None:
             # deadline_policy borrow: refused only if it misses even at the most borrowing
@@ -232,10 +223,11 @@ class DeadlineTracker:
                 v = Verdict(True, v.finish_at, f"fits only by borrowing ({v.reason} without)")
         return v, replace(work, estimate_at=v.finish_at)
 
-    def _burst_on_arrival(self, jobs: list[JobWork], new: JobWork, longest: float,
-                          rate: Optional[float], now: float, paces: Paces) -> Optional[float]:
-        """If a new batch is at risk as it comes and can make it (as the first tick will judge
-        it: `estimate` over the active jobs and it, calm, in the served order), it is urgent
+    def _burst_on_arrival(self, jobs: list[JobWork], new: JobWork, first: JobWork,
+                          rate: Optional[float], now: float) -> Optional[float]:
+        """If a new batch (`new`, calm; `first`, the same served first) is at risk as it
+        comes and can make it (as the first tick will judge it: `estimate` over the active
+        jobs and it, calm, in the served order), it is urgent
         from the first tick: seconds from now it is done in its burst (`urgent_bursts`: the
         urgent batches due before it, then its prompts and its tail at the served-first
         pace). Else, or with `deadline_order` off (nothing is served first), None."""
@@ -247,7 +239,6 @@ class DeadlineTracker:
                      gain=self.borrow_gain, prompt_rate=prompt_rate)["new"]
         if not e.at_risk or e.hopeless:
             return None
-        first = replace(new, urgent=True, tail_s=longest * paces.served)
         ahead = [j for j in jobs if j.urgent and j.deadline is not None
                  and j.deadline <= new.deadline]
         return urgent_bursts(ahead + [first], prompt_rate)["new"]
