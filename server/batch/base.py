@@ -95,6 +95,21 @@ BATCH_COLS = ("id, tenant, state, total, done, failed, cancelled, created_at, st
               "estimate_at, work_longest_output")
 
 
+def insert_batch(placeholder: str, batch_id: str, tenant: str, total: int,
+                 created_at: float, deadline: Optional[float], idempotency_key: Optional[str],
+                 digest: str, work: BatchWork) -> tuple[str, tuple]:
+    """The INSERT of a new queued batch row and its values, in the store's placeholder
+    style ('?' for sqlite3, '%s' for psycopg): one column list for both stores."""
+    row = {"id": batch_id, "tenant": tenant, "state": "queued", "total": total,
+           "created_at": created_at, "deadline": deadline,
+           "idempotency_key": idempotency_key or None, "payload_sha": digest,
+           "work_prompt_tokens": int(work.prompt_tokens),
+           "work_output_tokens": int(work.output_tokens), "estimate_at": work.estimate_at,
+           "work_longest_output": int(work.longest_output_tokens)}
+    marks = ", ".join([placeholder] * len(row))
+    return f"INSERT INTO batches ({', '.join(row)}) VALUES ({marks})", tuple(row.values())
+
+
 def payload_digest(items: list[tuple[pb.GenerateRequest, list[int]]],
                    deadline: Optional[float]) -> str:
     """A digest of what a SubmitBatch asked for (compares idempotent retries)."""

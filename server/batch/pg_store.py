@@ -41,7 +41,7 @@ import psycopg_pool
 from conserve_jax.proto_gen.conserve.v1 import conserve_pb2 as pb
 from conserve_server.batch.base import (BATCH_COLS, BatchRow, BatchWork, ClaimedItem,
                                         IdempotencyConflict, QuotaExceeded, StoreBase, StoreUnavailable, end_result,
-                                        payload_digest, redact_url, without_prompt)
+                                        insert_batch, payload_digest, redact_url, without_prompt)
 from conserve_server.batch.pg_schema import migrate
 
 log = logging.getLogger(__name__)
@@ -200,15 +200,8 @@ class PgBatchStore(StoreBase):
                         f"this tenant has {have} unfinished batch items; the limit is "
                         f"{max_tenant_items}; wait for batches to finish or cancel some")
             bid = "batch_" + uuid.uuid4().hex
-            w = work or BatchWork()
-            cur.execute(
-                "INSERT INTO batches (id, tenant, state, total, created_at, deadline, "
-                "idempotency_key, payload_sha, work_prompt_tokens, work_output_tokens, "
-                "estimate_at, work_longest_output) "
-                "VALUES (%s, %s, 'queued', %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                (bid, tenant, len(items), time.time(), deadline, idempotency_key or None, digest,
-                 int(w.prompt_tokens), int(w.output_tokens), w.estimate_at,
-                 int(w.longest_output_tokens)))
+            cur.execute(*insert_batch("%s", bid, tenant, len(items), time.time(), deadline,
+                                      idempotency_key, digest, work or BatchWork()))
             with cur.copy("COPY items (batch_id, idx, request, prompt_ids, state) FROM STDIN") as cp:
                 for i, (req, ids) in enumerate(items):
                     cp.write_row((bid, i, without_prompt(req), json.dumps(ids), "pending"))

@@ -34,7 +34,7 @@ from typing import Optional, Sequence
 from conserve_jax.proto_gen.conserve.v1 import conserve_pb2 as pb
 from conserve_server.batch.base import (BATCH_COLS as _BATCH_COLS, BatchRow, BatchWork,
                                         ClaimedItem, DataDirInUse, IdempotencyConflict, QuotaExceeded,
-                                        StoreBase, end_result, payload_digest)
+                                        StoreBase, end_result, insert_batch, payload_digest)
 from conserve_server.batch.base import without_prompt as _without_prompt
 
 log = logging.getLogger(__name__)
@@ -187,15 +187,8 @@ class SqliteBatchStore(StoreBase):
                         f"this tenant has {have} unfinished batch items; the limit is "
                         f"{max_tenant_items}; wait for batches to finish or cancel some")
             bid = "batch_" + uuid.uuid4().hex
-            w = work or BatchWork()
-            self._db.execute(
-                "INSERT INTO batches (id, tenant, state, total, created_at, deadline, "
-                "idempotency_key, payload_sha, work_prompt_tokens, work_output_tokens, "
-                "estimate_at, work_longest_output) "
-                "VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (bid, tenant, len(items), time.time(), deadline, idempotency_key or None, digest,
-                 int(w.prompt_tokens), int(w.output_tokens), w.estimate_at,
-                 int(w.longest_output_tokens)))
+            self._db.execute(*insert_batch("?", bid, tenant, len(items), time.time(), deadline,
+                                          idempotency_key, digest, work or BatchWork()))
             self._db.executemany(
                 "INSERT INTO items (batch_id, idx, request, prompt_ids, state) VALUES (?, ?, ?, ?, 'pending')",
                 [(bid, i, _without_prompt(req), json.dumps(ids)) for i, (req, ids) in enumerate(items)])
