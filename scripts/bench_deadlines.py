@@ -6,7 +6,7 @@ The benchmark is conserve_jax/bench/deadlines.py (its module doc says what is me
 how); this file only runs its `main`.
 
     python scripts/bench_deadlines.py --quick     # 4 variants x ~2 min
-    python scripts/bench_deadlines.py             # 4 variants x ~5 min
+    python scripts/bench_deadlines.py             # 4 variants x ~6 min
 """
 from conserve_jax.bench.deadlines import main
 

@@ -18,8 +18,12 @@ TINY = ["--model", "random:small", "--duration", "6", "--rate", "1", "--warm-s",
 
 def test_parse_args_checks_the_job_lists():
     a = bench.parse_args([])
-    assert a.duration == 240.0 and a.warm_s == 48.0 and a.windows == [0.35, 0.6, 1.2]
-    assert bench.parse_args(["--quick"]).duration == 90.0
+    # the warm-up is the server's default harvest window; the online load runs through it
+    # and the jobs' phase
+    assert a.duration == 240.0 and a.warm_s == 120.0 and a.windows == [0.3, 0.6, 1.2]
+    assert a.online_s == 360.0
+    q = bench.parse_args(["--quick"])
+    assert q.duration == 90.0 and q.warm_s == 18.0 and q.online_s == 108.0
     with pytest.raises(SystemExit):
         bench.parse_args(["--windows", "0.5,1"])
     with pytest.raises(SystemExit):
@@ -48,6 +52,21 @@ def test_realized_rate_is_the_work_done_between_two_timeline_rows():
     assert bench._at_realized_rate({**job, "estimate_error": None}) is None  # expired
 
 
+def test_overtaken_by_is_later_and_due_sooner_or_any_later_without_deadline_order():
+    submitted = {"tight": 0.0, "medium": 0.1, "loose": 0.2}  # together, in this order
+    due = {"tight": 84.0, "medium": 144.1, "loose": 288.2}
+    for name in submitted:  # deadline order: a later job due later goes after it
+        assert bench._overtaken_by(name, submitted, due, True) == []
+    # today's order: every later job's items run beside its own
+    assert bench._overtaken_by("tight", submitted, due, False) == ["medium", "loose"]
+    assert bench._overtaken_by("medium", submitted, due, False) == ["loose"]
+    assert bench._overtaken_by("loose", submitted, due, False) == []
+    staggered = {"loose": 0.0, "medium": 8.0, "tight": 16.0}
+    due = {"loose": 288.0, "medium": 152.0, "tight": 100.0}
+    assert bench._overtaken_by("loose", staggered, due, True) == ["medium", "tight"]
+    assert bench._overtaken_by("tight", staggered, due, True) == []
+
+
 @pytest.mark.timeout(400)
 def test_bench_deadlines_tiny(tmp_path):
     out = tmp_path / "bench.json"
@@ -58,7 +77,7 @@ def test_bench_deadlines_tiny(tmp_path):
     assert V["online-only"]["jobs"] == {} and V["online-only"]["offline_processed_tokens_per_s"] is None
     for name in ("today", "isolate", "borrow"):
         v = V[name]
-        assert v["online_requests"] == 6
+        assert v["online_requests"] == 8  # 1 a second over the 2 s warm-up and 6 s after
         assert set(v["jobs"]) == set(bench.JOBS)
         for job, j in v["jobs"].items():
             assert j["state"] in ("completed", "expired"), (name, job, j)
@@ -79,6 +98,7 @@ def test_bench_deadlines_tiny(tmp_path):
     assert V["today"]["borrowed_s"] == 0.0 and V["isolate"]["borrowed_s"] == 0.0
     assert data["targets"]["one_record_per_item"]["met"]
     assert data["submit_order"] == ["loose", "medium", "tight"] and data["stagger_s"] == 0.5
+    assert data["warm_s"] == 2.0 and data["online_s"] == 8.0
     assert {"estimate_within_25pct", "borrow_meets_tight",
             "isolate_zero_misses_on_feasible_windows"} <= set(data["targets"])
     est = data["targets"]["estimate_within_25pct"]

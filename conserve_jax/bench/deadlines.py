@@ -7,10 +7,10 @@ loopback port, sqlite store in a temporary directory), so batches go through the
 admission, store, runner, deadline tracker and scheduler:
 
 - t = 0: the online load starts (the Azure trace window of `coserve_workload`, submitted
-  straight to the engine as in `coserve`) and a warm-up batch (no deadline) gives the
-  harvest meter history;
+  straight to the engine as in `coserve`, for --warm-s + --duration seconds) and a warm-up
+  batch (no deadline) gives the harvest meter history;
 - t = --warm-s: the warm-up batch is cancelled and three jobs are submitted over gRPC
-  (in --submit-order, --stagger-s apart) with deadlines --windows x the run's duration
+  (in --submit-order, --stagger-s apart) with deadlines --windows x --duration
   from their own submission (tight, medium, loose; sizes --job-items, prompt
   and output lengths as coserve's offline requests); every variant accepts them
   (--accept-infeasible), so a job the estimator thinks cannot fit still runs, and the JSON
@@ -25,8 +25,10 @@ Reported per variant and job: state, finish time and slack, missed, the estimate
 and its error against the actual duration ((estimated - actual) / actual), the same for the
 current estimate `SETTLE_S` after the last submission ("settled": the estimator's error once
 it sees every job, apart from jobs that came after this one), items with exactly
-one record (results streamed back and counted), the jobs submitted after it and due before
-it (`overtaken_by`), the harvest rate its life actually had and the error the estimate would
+one record (results streamed back and counted), the jobs submitted after it whose work went
+before or beside its own (`overtaken_by`: under isolate and borrow those due before it, as
+the engine serves deadlines in order; under today every later one, as their items run in
+the engine beside its own whatever their deadlines), the harvest rate its life actually had and the error the estimate would
 have had at that rate (what the model gets wrong, apart from the online load to come).
 Per variant: online p99 TTFT/TPOT over all requests and over those during which no job
 was at risk (sampled every 0.5 s), their ratio to online-only's, offline processed
@@ -39,7 +41,7 @@ this machine: read the estimates at submit and adjust --job-items / --windows so
 job is infeasible without borrowing.
 
     python scripts/bench_deadlines.py --quick     # 4 variants x ~2 min
-    python scripts/bench_deadlines.py             # 4 variants x ~5 min
+    python scripts/bench_deadlines.py             # 4 variants x ~6 min
 """
 from __future__ import annotations
 
@@ -74,13 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="90 s online window, shorter outputs")
     p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--duration", type=float, help="online arrival window (s); 240, quick 90")
+    p.add_argument("--duration", type=float, help="seconds of online arrivals after the "
+                   "warm-up, the jobs' phase (s); 240, quick 90")
     p.add_argument("--rate", type=float, default=0.4, help="online requests/s")
     p.add_argument("--ttft", type=float, default=1.0, help="online TTFT objective (s)")
     p.add_argument("--tpot", type=float, default=0.2, help="online TPOT objective (s)")
-    p.add_argument("--warm-s", type=float, help="harvest history before the jobs (s); "
-                   "default 0.2 x duration")
-    p.add_argument("--windows", default="0.35,0.6,1.2",
+    p.add_argument("--warm-s", type=float, help="online load and harvest history before the "
+                   "jobs (s), also the harvest window; default the server's harvest window "
+                   "(120), quick 0.2 x duration")
+    p.add_argument("--windows", default="0.3,0.6,1.2",
                    help="tight,medium,loose completion windows as fractions of --duration")
     p.add_argument("--job-items", default="12,16,24", help="items of tight,medium,loose")
     p.add_argument("--submit-order", default="tight,medium,loose",
@@ -104,7 +108,9 @@ def parse_args(argv=None):
     parser = build_parser()
     a = script_io.parse_checked(parser, argv, policy="conserve")
     a.duration = a.duration or (90.0 if a.quick else 240.0)
-    a.warm_s = a.warm_s if a.warm_s is not None else 0.2 * a.duration
+    if a.warm_s is None:  # full: the window the server measures over by default
+        a.warm_s = 0.2 * a.duration if a.quick else DeadlineOptions().harvest_window_s
+    a.online_s = a.warm_s + a.duration
     a.offline_prompt = a.offline_prompt or [512, 1024]
     a.offline_output = a.offline_output or ([32, 64] if a.quick else [64, 128])
     a.drain = a.ttft + 64 * a.tpot + 2.0  # as coserve: an SLO-meeting request is never cut
@@ -191,13 +197,14 @@ def run_variant(a, variant: str, loaded, work: wl.Workload, shared, ref) -> dict
     t0 = time.monotonic()
     box: dict = {}
     driver = threading.Thread(target=lambda: box.update(r=coserve.drive_online(
-        eng, work.online, slo, stop, t0, a.duration, a.drain)), daemon=True)
+        eng, work.online, slo, stop, t0, a.online_s, a.drain)), daemon=True)
     driver.start()
     jobs: dict = {}
     spans: list = []  # (start, end) monotonic times while some job was at risk
     rate, timeline = None, []
     if app is not None:
-        jobs, spans, rate, timeline = _run_jobs(a, app, work, t0)
+        jobs, spans, rate, timeline = _run_jobs(a, app, work, t0,
+                                                deadline_order=variant != "today")
     driver.join()
     stop.set()
     clients, st_win, win_s, t_end, st = box["r"]
@@ -285,7 +292,16 @@ def _at_realized_rate(job: dict) -> Optional[float]:
     return (est * r0 / r1 - act) / act
 
 
-def _run_jobs(a, app: ServerApp, work: wl.Workload, t0: float):
+def _overtaken_by(name: str, submitted: dict, due: dict, deadline_order: bool) -> list:
+    """The jobs submitted after `name` whose work went before or beside its own: those due
+    before it (the engine serves deadlines in order), or with `deadline_order` off (today's
+    order) every later one, as their items run in the engine beside its own. Their work is
+    in its actual finish and could not be in its estimate at submit."""
+    return [o for o in submitted if submitted[o] > submitted[name]
+            and (not deadline_order or due[o] < due[name])]
+
+
+def _run_jobs(a, app: ServerApp, work: wl.Workload, t0: float, deadline_order: bool = True):
     """Warm-up batch, then the three jobs; wait until every job ended. Returns the jobs'
     records (with the estimator's inputs at each submission), the (monotonic) spans during
     which some job was at risk, the harvest rate when the jobs were submitted and the
@@ -370,10 +386,9 @@ def _run_jobs(a, app: ServerApp, work: wl.Workload, t0: float):
             and fin > sub_t else None,
             "one_record_per_item": sorted(records) == list(range(b.total)),
             "estimator_at_submit": inputs[name],
-            # jobs submitted after it and due before it: served first (EDF), their work is
-            # in its actual finish and could not be in its estimate at submit
-            "overtaken_by": [o for o in ids if submitted[o][0] > sub_t
-                             and submitted[o][0] + windows[o] * a.duration < dl],
+            "overtaken_by": _overtaken_by(
+                name, {o: submitted[o][0] for o in ids},
+                {o: submitted[o][0] + windows[o] * a.duration for o in ids}, deadline_order),
             # offline work units a second between its submission and its end (expiry
             # included), beside estimator_at_submit's harvest_rate
             "harvest_rate_realized": _realized_rate(
@@ -442,7 +457,8 @@ def print_table(V: dict) -> None:
               f"{f(v['online_tpot_p99_s'], '.3f')} | "
               f"{f(v.get('online_ttft_p99_vs_online_only_no_job_at_risk'))} | "
               f"{f(v['offline_processed_tokens_per_s'], '.1f')} | {f(v['borrowed_s'], '.1f')} |")
-    print("(* a job submitted later and due sooner went before it: not in its estimate at submit)")
+    print("(* a job submitted later went before it (due sooner) or, under today's order, beside "
+          "it: not in its estimate at submit)")
 
 
 def main(argv=None) -> dict:
@@ -450,7 +466,7 @@ def main(argv=None) -> dict:
     t_start = time.perf_counter()
     loaded = load_model(a.model, seed=a.seed)
     n_off = sum(a.job_items) + max(a.job_items)  # the jobs, then the warm-up batch
-    spec = wl.WorkloadSpec(duration_s=a.duration, rate=a.rate, offline_requests=n_off,
+    spec = wl.WorkloadSpec(duration_s=a.online_s, rate=a.rate, offline_requests=n_off,
                            offline_prompt_min=a.offline_prompt[0],
                            offline_prompt_max=a.offline_prompt[1],
                            offline_output_min=a.offline_output[0],
@@ -472,6 +488,7 @@ def main(argv=None) -> dict:
         print(f"[{time.perf_counter() - t_start:6.0f}s] {v}", flush=True)
         V[v] = run_variant(a, v, loaded, work, shared, V.get("online-only"))
     res = {"model": loaded.source, "duration_s": a.duration, "warm_s": a.warm_s,
+           "online_s": a.online_s,
            "windows": dict(zip(JOBS, a.windows)), "job_items": dict(zip(JOBS, a.job_items)),
            "submit_order": a.submit_order, "stagger_s": a.stagger_s,
            "slo": {"ttft_s": a.ttft, "tpot_s": a.tpot}, "workload": work.describe(),
