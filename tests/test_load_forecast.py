@@ -54,3 +54,12 @@ def test_script_on_the_shipped_trace(tmp_path, capsys):
         assert 0.0 <= r["within"] <= 1.0
         assert r["ratio_p10"] <= r["ratio_p50"] <= r["ratio_p90"]
     assert "| tokens | 120 | 110 |" in capsys.readouterr().out
+
+
+def test_no_history_gives_no_forecast_and_bad_flags_are_usage_errors():
+    times = np.array([5.0, 6.0, 400.0])  # no arrival in any start's last 2 s
+    (row,) = lf.forecast_table(times, {"requests": np.ones(3)}, [2.0], [2.0], 0.25, 50.0)
+    assert row["no_history"] == row["starts"] and row["within"] is None
+    for bad in (["--history-s", "48,x"], ["--life-s", "0"], ["--rate", "-1"]):
+        with pytest.raises(SystemExit):
+            lf.main(bad + ["--json", ""])

@@ -28,8 +28,9 @@ it sees every job, apart from jobs that came after this one), items with exactly
 one record (results streamed back and counted), the jobs submitted after it whose work went
 before or beside its own (`overtaken_by`: under isolate and borrow those due before it, as
 the engine serves deadlines in order; under today every later one, as their items run in
-the engine beside its own whatever their deadlines), the harvest rate its life actually had and the error the estimate would
-have had at that rate (what the model gets wrong, apart from the online load to come).
+the engine beside its own whatever their deadlines), the harvest rate its life actually
+had and the error the estimate would have had at that rate (what the model gets wrong,
+apart from the online load to come).
 Per variant: online p99 TTFT/TPOT over all requests and over those during which no job
 was at risk (sampled every 0.5 s), their ratio to online-only's, offline processed
 tokens/s over the online window, borrowed seconds, the tracker's harvest rate at submit,
@@ -74,7 +75,8 @@ SETTLE_S = 5.0  # the settled estimate is read this long after the last submissi
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="90 s online window, shorter outputs")
+    p.add_argument("--quick", action="store_true",
+                   help="90 s jobs' phase after an 18 s warm-up, shorter outputs")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--duration", type=float, help="seconds of online arrivals after the "
                    "warm-up, the jobs' phase (s); 240, quick 90")

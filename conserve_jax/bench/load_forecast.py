@@ -60,20 +60,30 @@ def forecast_table(times: np.ndarray, weights: dict, histories: list, lives: lis
             past = (cum(starts) - cum(starts - h)) / h
             for life in lives:
                 future = (cum(starts + life) - cum(starts)) / life
-                ok = past > 0
+                ok = past > 0  # a start with no load in its history has no forecast
                 ratio = future[ok] / past[ok]
-                rows.append({
-                    "measure": name, "history_s": h, "life_s": life, "starts": int(len(starts)),
-                    "no_history": int((~ok).sum()),
-                    "within": float(np.mean(np.abs(ratio - 1) <= tolerance)),
-                    "ratio_p10": float(np.percentile(ratio, 10)),
-                    "ratio_p50": float(np.percentile(ratio, 50)),
-                    "ratio_p90": float(np.percentile(ratio, 90))})
+                row = {"measure": name, "history_s": h, "life_s": life,
+                       "starts": int(len(starts)), "no_history": int((~ok).sum()),
+                       "within": None, "ratio_p10": None, "ratio_p50": None, "ratio_p90": None}
+                if len(ratio):
+                    row["within"] = float(np.mean(np.abs(ratio - 1) <= tolerance))
+                    for q in (10, 50, 90):
+                        row[f"ratio_p{q}"] = float(np.percentile(ratio, q))
+                rows.append(row)
     return rows
 
 
 def main(argv=None) -> dict:
-    a = build_parser().parse_args(argv)
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    try:
+        histories = [float(x) for x in a.history_s.split(",")]
+        lives = [float(x) for x in a.life_s.split(",")]
+    except ValueError:
+        parser.error("--history-s and --life-s take comma-separated seconds")
+    if min(histories + lives) <= 0 or a.rate <= 0 or a.step_s <= 0 or a.tolerance < 0:
+        parser.error("--history-s, --life-s, --rate and --step-s must be > 0, "
+                     "--tolerance >= 0")
     t_start = time.perf_counter()
     rows = read_azure_trace(a.trace)
     raw = np.array([r.arrival_s for r in rows], dtype=np.float64)
@@ -82,8 +92,6 @@ def main(argv=None) -> dict:
     times = (raw - raw.min()) * stretch
     weights = {"requests": np.ones(len(rows)),
                "tokens": np.array([r.input_len + r.output_len for r in rows], dtype=np.float64)}
-    histories = [float(x) for x in a.history_s.split(",")]
-    lives = [float(x) for x in a.life_s.split(",")]
     table = forecast_table(times, weights, histories, lives, a.tolerance, a.step_s)
     res = {"trace": a.trace, "requests": len(rows), "rate": a.rate, "stretch": stretch,
            "tolerance": a.tolerance, "step_s": a.step_s, "table": table,
@@ -93,6 +101,9 @@ def main(argv=None) -> dict:
     print("| measure | H (s) | L (s) | within | ratio p10 / p50 / p90 |")
     print("|---|---|---|---|---|")
     for r in table:
+        if r["within"] is None:
+            print(f"| {r['measure']} | {r['history_s']:.0f} | {r['life_s']:.0f} | – | – |")
+            continue
         print(f"| {r['measure']} | {r['history_s']:.0f} | {r['life_s']:.0f} | {r['within']:.0%} | "
               f"{r['ratio_p10']:.2f} / {r['ratio_p50']:.2f} / {r['ratio_p90']:.2f} |")
     if a.json:
