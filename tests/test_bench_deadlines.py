@@ -95,6 +95,12 @@ def test_bench_deadlines_tiny(tmp_path):
         assert v["offline_processed_tokens_per_s"] > 0
         assert v["online_ttft_p99_vs_online_only"] is not None
         assert v["borrowed_s"] >= 0.0
+        # the tracker counted every job's outcome, the last to end included
+        t = v["tracker"]
+        assert sum(t["met"].values()) + sum(t["missed"].values()) == 3, (name, t)
+        finished = [j for j in v["jobs"].values() if j["state"] == "completed"
+                    and j["estimate_at_submit_s"] is not None]
+        assert len(t["estimate_errors"]) == len(finished), (name, t)
     assert V["today"]["borrowed_s"] == 0.0 and V["isolate"]["borrowed_s"] == 0.0
     assert data["targets"]["one_record_per_item"]["met"]
     assert data["submit_order"] == ["loose", "medium", "tight"] and data["stagger_s"] == 0.5

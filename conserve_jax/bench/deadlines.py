@@ -222,7 +222,7 @@ def run_variant(a, variant: str, loaded, work: wl.Workload, shared, ref) -> dict
            "at_risk_seconds": sum(e - s for s, e in spans), "harvest_rate_at_submit": rate,
            "estimator_timeline": timeline}
     if app is not None:
-        d = app.deadlines.snapshot()
+        d = _tracker_outcomes(app.deadlines, len(jobs))
         out["tracker"] = {"met": d.met, "missed": d.missed, "refused": d.refused,
                           "accepted_infeasible": d.accepted_infeasible,
                           "estimate_errors": d.estimate_errors}
@@ -232,6 +232,19 @@ def run_variant(a, variant: str, loaded, work: wl.Workload, shared, ref) -> dict
     coserve.release(eng)
     tmp.cleanup()
     return out
+
+
+def _tracker_outcomes(tracker, jobs: int, wait_s: float = 5.0):
+    """The tracker's statistics once it has counted the outcome of every one of `jobs`
+    ended jobs, or after `wait_s`: it counts a batch on its first deadline check after the
+    batch ended, and a job that ends after the online load does is read here within a few
+    milliseconds of its end."""
+    give_up = time.monotonic() + wait_s
+    while True:
+        d = tracker.snapshot()
+        if sum(d.met.values()) + sum(d.missed.values()) >= jobs or time.monotonic() >= give_up:
+            return d
+        time.sleep(0.1)
 
 
 def _inputs(tracker) -> dict:
