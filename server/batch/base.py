@@ -97,9 +97,11 @@ BATCH_COLS = ("id, tenant, state, total, done, failed, cancelled, created_at, st
 
 def insert_batch(placeholder: str, batch_id: str, tenant: str, total: int,
                  created_at: float, deadline: Optional[float], idempotency_key: Optional[str],
-                 digest: str, work: BatchWork) -> tuple[str, tuple]:
+                 digest: str, work: Optional[BatchWork]) -> tuple[str, tuple]:
     """The INSERT of a new queued batch row and its values, in the store's placeholder
-    style ('?' for sqlite3, '%s' for psycopg): one column list for both stores."""
+    style ('?' for sqlite3, '%s' for psycopg): one column list for both stores. `work`
+    None: no deadline bookkeeping (zeros, no estimate)."""
+    work = work or BatchWork()
     row = {"id": batch_id, "tenant": tenant, "state": "queued", "total": total,
            "created_at": created_at, "deadline": deadline,
            "idempotency_key": idempotency_key or None, "payload_sha": digest,

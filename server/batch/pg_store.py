@@ -201,7 +201,7 @@ class PgBatchStore(StoreBase):
                         f"{max_tenant_items}; wait for batches to finish or cancel some")
             bid = "batch_" + uuid.uuid4().hex
             cur.execute(*insert_batch("%s", bid, tenant, len(items), time.time(), deadline,
-                                      idempotency_key, digest, work or BatchWork()))
+                                      idempotency_key, digest, work))
             with cur.copy("COPY items (batch_id, idx, request, prompt_ids, state) FROM STDIN") as cp:
                 for i, (req, ids) in enumerate(items):
                     cp.write_row((bid, i, without_prompt(req), json.dumps(ids), "pending"))

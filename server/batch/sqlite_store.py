@@ -188,7 +188,7 @@ class SqliteBatchStore(StoreBase):
                         f"{max_tenant_items}; wait for batches to finish or cancel some")
             bid = "batch_" + uuid.uuid4().hex
             self._db.execute(*insert_batch("?", bid, tenant, len(items), time.time(), deadline,
-                                          idempotency_key, digest, work or BatchWork()))
+                                          idempotency_key, digest, work))
             self._db.executemany(
                 "INSERT INTO items (batch_id, idx, request, prompt_ids, state) VALUES (?, ?, ?, ?, 'pending')",
                 [(bid, i, _without_prompt(req), json.dumps(ids)) for i, (req, ids) in enumerate(items)])
