@@ -8,6 +8,7 @@ import json
 import pytest
 
 from conserve_jax.bench import deadlines as bench
+from conserve_jax.bench import deadlines_report as rep
 
 TINY = ["--model", "random:small", "--duration", "6", "--rate", "1", "--warm-s", "2",
         "--windows", "0.5,1,2", "--job-items", "2,2,3", "--max-model-len", "256",
@@ -41,30 +42,30 @@ def test_realized_rate_is_the_work_done_between_two_timeline_rows():
     tl = [{"t": float(t), "offline_prefill_tokens": 100 * t, "offline_tokens": 10 * t}
           for t in range(0, 11)]
     cost = WorkCost(prefill_s=0.01, decode_s=0.1)  # 2 units a second
-    assert bench._realized_rate(tl, cost, 2.2, 8.9) == pytest.approx(2.0)
-    assert bench._realized_rate(tl, cost, 3.0, 3.2) is None  # under a second apart
-    assert bench._realized_rate(tl, cost, 1.0, None) is None and bench._realized_rate([], cost, 0, 5) is None
+    assert rep.realized_rate(tl, cost, 2.2, 8.9) == pytest.approx(2.0)
+    assert rep.realized_rate(tl, cost, 3.0, 3.2) is None  # under a second apart
+    assert rep.realized_rate(tl, cost, 1.0, None) is None and rep.realized_rate([], cost, 0, 5) is None
     # estimated 30 s at a rate of 0.3; the job's life had 0.45 and it took 22 s: the
     # estimate at that rate, 20 s, is 9 % short
     job = {"estimate_at_submit_s": 30.0, "finished_after_s": 22.0, "estimate_error": 8 / 22,
            "estimator_at_submit": {"harvest_rate": 0.3}, "harvest_rate_realized": 0.45}
-    assert bench._at_realized_rate(job) == pytest.approx(-2 / 22)
-    assert bench._at_realized_rate({**job, "estimate_error": None}) is None  # expired
+    assert rep.at_realized_rate(job) == pytest.approx(-2 / 22)
+    assert rep.at_realized_rate({**job, "estimate_error": None}) is None  # expired
 
 
 def test_overtaken_by_is_later_and_due_sooner_or_any_later_without_deadline_order():
     submitted = {"tight": 0.0, "medium": 0.1, "loose": 0.2}  # together, in this order
     due = {"tight": 84.0, "medium": 144.1, "loose": 288.2}
     for name in submitted:  # deadline order: a later job due later goes after it
-        assert bench._overtaken_by(name, submitted, due, True) == []
+        assert rep.overtaken_by(name, submitted, due, True) == []
     # today's order: every later job's items run beside its own
-    assert bench._overtaken_by("tight", submitted, due, False) == ["medium", "loose"]
-    assert bench._overtaken_by("medium", submitted, due, False) == ["loose"]
-    assert bench._overtaken_by("loose", submitted, due, False) == []
+    assert rep.overtaken_by("tight", submitted, due, False) == ["medium", "loose"]
+    assert rep.overtaken_by("medium", submitted, due, False) == ["loose"]
+    assert rep.overtaken_by("loose", submitted, due, False) == []
     staggered = {"loose": 0.0, "medium": 8.0, "tight": 16.0}
     due = {"loose": 288.0, "medium": 152.0, "tight": 100.0}
-    assert bench._overtaken_by("loose", staggered, due, True) == ["medium", "tight"]
-    assert bench._overtaken_by("tight", staggered, due, True) == []
+    assert rep.overtaken_by("loose", staggered, due, True) == ["medium", "tight"]
+    assert rep.overtaken_by("tight", staggered, due, True) == []
 
 
 @pytest.mark.timeout(400)
@@ -78,7 +79,7 @@ def test_bench_deadlines_tiny(tmp_path):
     for name in ("today", "isolate", "borrow"):
         v = V[name]
         assert v["online_requests"] == 8  # 1 a second over the 2 s warm-up and 6 s after
-        assert set(v["jobs"]) == set(bench.JOBS)
+        assert set(v["jobs"]) == set(rep.JOBS)
         for job, j in v["jobs"].items():
             assert j["state"] in ("completed", "expired"), (name, job, j)
             assert j["one_record_per_item"], (name, job)

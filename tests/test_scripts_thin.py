@@ -67,7 +67,7 @@ def test_script_prints_its_help_from_anywhere(script, tmp_path):
 def test_bench_modules_import_light():
     """Importing the helpers loads no JAX and no torch; the benchmarks load no torch."""
     light = ["script_io", "peers", "coserve_workload", "coserve_report", "coserve_pareto",
-             "coserve_accounting", "ecoserve_workload"]
+             "coserve_accounting", "ecoserve_workload", "deadlines_report", "load_forecast"]
     heavy = ["coserve", "ecoserve", "engine_speed", "step_profile", "latency_model_accuracy"]
     code = (
         "import importlib, json, sys\n"

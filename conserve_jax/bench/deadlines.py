@@ -37,7 +37,8 @@ tokens/s over the online window, borrowed seconds, the tracker's harvest rate at
 and what the estimator worked from (harvest and prompt rates, median, lead and served-first
 paces, offline duty, pace samples, latency correction) at each job's submission and every second
 after the first (`estimator_timeline`: per job its estimate, at risk, urgent, hopeless,
-items done). Targets: the issue's. Sizes and windows are guesses for
+items done). Targets: the issue's (`deadlines_report`, which also computes the per-job rates,
+errors at them and overtaking, and prints the table). Sizes and windows are guesses for
 this machine: read the estimates at submit and adjust --job-items / --windows so that one
 job is infeasible without borrowing.
 
@@ -57,7 +58,8 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from conserve_jax.bench import coserve, coserve_report as report, coserve_workload as wl
-from conserve_jax.bench import script_io
+from conserve_jax.bench import deadlines_report as rep, script_io
+from conserve_jax.bench.deadlines_report import JOBS
 from conserve_jax.client import Client
 from conserve_jax.engine.engine import Engine
 from conserve_jax.engine_api import SLO
@@ -69,7 +71,6 @@ from conserve_server.app import ServerApp
 from conserve_server.config import DeadlineOptions, ServerConfig
 
 VARIANTS = ("online-only", "today", "isolate", "borrow")
-JOBS = ("tight", "medium", "loose")
 SETTLE_S = 5.0  # the settled estimate is read this long after the last submission
 
 
@@ -161,25 +162,6 @@ def _job_requests(work: wl.Workload, a) -> dict:
     return out
 
 
-def _online_stats(reqs: list, at_risk_spans: list, ref: Optional[dict]) -> dict:
-    """p50/p99 over all online requests and over those no at-risk period overlapped."""
-    def overlaps(r):
-        return any(s < r["end"] and e > r["start"] for s, e in at_risk_spans)
-    calm = [r for r in reqs if not overlaps(r)]
-    out = {"online_requests": len(reqs), "online_requests_no_job_at_risk": len(calm)}
-    for label, rs in (("", reqs), ("_no_job_at_risk", calm)):
-        for m in ("ttft", "tpot"):
-            out[f"online_{m}_p99_s{label}"] = report.pct([r[f"{m}_s"] for r in rs], 99)
-    out["slo_attainment"] = sum(r["slo_met"] for r in reqs) / max(1, len(reqs))
-    if ref is not None:
-        for m in ("ttft", "tpot"):
-            for label in ("", "_no_job_at_risk"):
-                v, base = out[f"online_{m}_p99_s{label}"], ref.get(f"online_{m}_p99_s")
-                out[f"online_{m}_p99_vs_online_only{label}"] = (
-                    v / base if v is not None and base else None)
-    return out
-
-
 def run_variant(a, variant: str, loaded, work: wl.Workload, shared, ref) -> dict:
     borrow = variant == "borrow"
     cfg = coserve.engine_config(a, "conserve", deadline_policy="borrow" if borrow else "isolate")
@@ -216,7 +198,7 @@ def run_variant(a, variant: str, loaded, work: wl.Workload, shared, ref) -> dict
         r["end"] = c.finish_t if c.finish_t is not None else t_end
     processed = ((st_win.offline_tokens_total - base.offline_tokens_total)
                  + (st_win.offline_prefill_tokens_total - base.offline_prefill_tokens_total))
-    out = {"variant": variant, **_online_stats(reqs, spans, ref),
+    out = {"variant": variant, **rep.online_stats(reqs, spans, ref),
            "offline_processed_tokens_per_s": processed / win_s if variant != "online-only" else None,
            "borrowed_s": eng.stats().deadline_borrowed_s, "jobs": jobs,
            "at_risk_seconds": sum(e - s for s, e in spans), "harvest_rate_at_submit": rate,
@@ -278,42 +260,6 @@ def _look(tracker, ids: dict, t_first: float, infos: list) -> dict:
                      "urgent": bid in urgent, "done": info.done,
                      "own_pace_s": tracker.pace.own(bid, None)}
     return row
-
-
-def _realized_rate(timeline: list, cost, t_from: float, t_to: Optional[float]) -> Optional[float]:
-    """Offline work units a second the engine did between `t_from` and `t_to` (seconds
-    after the first submission), from the timeline's rows nearest them: the harvest rate
-    a job's life actually had, beside the one measured before it (an estimate at submit
-    can only assume that one lasts)."""
-    if t_to is None or not timeline:
-        return None
-    a = min(timeline, key=lambda r: abs(r["t"] - t_from))
-    b = min(timeline, key=lambda r: abs(r["t"] - t_to))
-    if b["t"] - a["t"] < 1.0:
-        return None
-    return cost.of(b["offline_prefill_tokens"] - a["offline_prefill_tokens"],
-                   b["offline_tokens"] - a["offline_tokens"]) / (b["t"] - a["t"])
-
-
-def _at_realized_rate(job: dict) -> Optional[float]:
-    """The error the estimate at submit would have had had the estimator known the harvest
-    rate the job's life turned out to have: the whole estimate scaled by the ratio of the
-    two rates (an approximation: its tail, which does not scale with the rate, scales too).
-    It separates the model's error from the forecast's (the online load to come)."""
-    est, act = job["estimate_at_submit_s"], job["finished_after_s"]
-    r0, r1 = job["estimator_at_submit"]["harvest_rate"], job["harvest_rate_realized"]
-    if job["estimate_error"] is None or not (r0 and r1 and est and act):
-        return None
-    return (est * r0 / r1 - act) / act
-
-
-def _overtaken_by(name: str, submitted: dict, due: dict, deadline_order: bool) -> list:
-    """The jobs submitted after `name` whose work went before or beside its own: those due
-    before it (the engine serves deadlines in order), or with `deadline_order` off (today's
-    order) every later one, as their items run in the engine beside its own. Their work is
-    in its actual finish and could not be in its estimate at submit."""
-    return [o for o in submitted if submitted[o] > submitted[name]
-            and (not deadline_order or due[o] < due[name])]
 
 
 def _run_jobs(a, app: ServerApp, work: wl.Workload, t0: float, deadline_order: bool = True):
@@ -401,79 +347,19 @@ def _run_jobs(a, app: ServerApp, work: wl.Workload, t0: float, deadline_order: b
             and fin > sub_t else None,
             "one_record_per_item": sorted(records) == list(range(b.total)),
             "estimator_at_submit": inputs[name],
-            "overtaken_by": _overtaken_by(
+            "overtaken_by": rep.overtaken_by(
                 name, {o: submitted[o][0] for o in ids},
                 {o: submitted[o][0] + windows[o] * a.duration for o in ids}, deadline_order),
             # offline work units a second between its submission and its end (expiry
             # included), beside estimator_at_submit's harvest_rate
-            "harvest_rate_realized": _realized_rate(
+            "harvest_rate_realized": rep.realized_rate(
                 timeline, app.deadlines.cost, sub_t - t_first,
                 (fin if fin is not None else time.time()) - t_first),
         }
-        jobs[name]["estimate_error_at_realized_rate"] = _at_realized_rate(jobs[name])
+        jobs[name]["estimate_error_at_realized_rate"] = rep.at_realized_rate(jobs[name])
     client.close()
     channel.close()
     return jobs, spans, rate_at_submit, timeline
-
-
-def targets(V: dict) -> dict:
-    """The issue's targets, from the variants' results (None where a variant is missing)."""
-    def misses(v):
-        return None if v not in V else {j: V[v]["jobs"][j]["missed"] for j in JOBS}
-    out = {}
-    iso, today = misses("isolate"), misses("today")
-    if iso and today:
-        feasible = [j for j in JOBS if V["isolate"]["jobs"][j]["predicted_feasible"]]
-        out["isolate_zero_misses_on_feasible_windows"] = {
-            "feasible_jobs": feasible, "isolate_misses": [j for j in feasible if iso[j]],
-            "today_misses": [j for j in feasible if today[j]],
-            "met": not any(iso[j] for j in feasible) and any(today[j] for j in feasible)}
-    if "borrow" in V:
-        r = V["borrow"].get("online_ttft_p99_vs_online_only_no_job_at_risk")
-        out["borrow_meets_tight"] = {"met": not V["borrow"]["jobs"]["tight"]["missed"]}
-        out["online_p99_within_1.2x_when_no_job_at_risk"] = {"ttft_ratio": r, "met": r is not None
-                                                            and r <= 1.2}
-    done = [j for v in V.values() for j in v["jobs"].values() if j["estimate_error"] is not None]
-    errs = [j["estimate_error"] for j in done]
-    alone = [j["estimate_error"] for j in done if not j.get("overtaken_by")]
-    out["estimate_within_25pct"] = {
-        "errors": errs, "met": bool(errs) and all(abs(e) <= 0.25 for e in errs),
-        # the jobs no later job went before (an estimate at submit cannot see those)
-        "errors_not_overtaken": alone,
-        "met_not_overtaken": bool(alone) and all(abs(e) <= 0.25 for e in alone)}
-    recs = [j["one_record_per_item"] for v in V.values() for j in v["jobs"].values()]
-    out["one_record_per_item"] = {"met": bool(recs) and all(recs)}
-    return out
-
-
-def print_table(V: dict) -> None:
-    def f(x, spec=".2f"):
-        return "–" if x is None else format(x, spec)
-    print("| variant | misses (tight/medium/loose) | estimate error at submit | settled | "
-          "harvest rate at submit > over the job | error at that rate | online p99 TTFT (s) | "
-          "TPOT (s) | TTFT vs online-only (no job at risk) | offline processed tok/s | "
-          "borrowed s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, v in V.items():
-        jobs = v.get("jobs") or {}
-        miss = "/".join("miss" if jobs[j]["missed"] else "ok" for j in JOBS) if jobs else "–"
-        errs = ", ".join(f(jobs[j]["estimate_error"], "+.0%")
-                         + ("*" if jobs[j].get("overtaken_by") else "") for j in JOBS
-                         ) if jobs else "–"
-        settled = (", ".join(f(jobs[j].get("estimate_error_settled"), "+.0%") for j in JOBS)
-                   if jobs else "–")
-        rates = ", ".join(f"{f(jobs[j]['estimator_at_submit']['harvest_rate'])}>"
-                          f"{f(jobs[j].get('harvest_rate_realized'))}" for j in JOBS
-                          ) if jobs else "–"
-        at_rate = (", ".join(f(jobs[j].get("estimate_error_at_realized_rate"), "+.0%")
-                             for j in JOBS) if jobs else "–")
-        print(f"| {name} | {miss} | {errs} | {settled} | {rates} | {at_rate} | "
-              f"{f(v['online_ttft_p99_s'], '.3f')} | "
-              f"{f(v['online_tpot_p99_s'], '.3f')} | "
-              f"{f(v.get('online_ttft_p99_vs_online_only_no_job_at_risk'))} | "
-              f"{f(v['offline_processed_tokens_per_s'], '.1f')} | {f(v['borrowed_s'], '.1f')} |")
-    print("(* a job submitted later went before it (due sooner) or, under today's order, beside "
-          "it: not in its estimate at submit)")
 
 
 def main(argv=None) -> dict:
@@ -507,11 +393,11 @@ def main(argv=None) -> dict:
            "windows": dict(zip(JOBS, a.windows)), "job_items": dict(zip(JOBS, a.job_items)),
            "submit_order": a.submit_order, "stagger_s": a.stagger_s,
            "slo": {"ttft_s": a.ttft, "tpot_s": a.tpot}, "workload": work.describe(),
-           "machine": {"cpus": os.cpu_count()}, "variants": V, "targets": targets(V),
+           "machine": {"cpus": os.cpu_count()}, "variants": V, "targets": rep.targets(V),
            "total_s": time.perf_counter() - t_start}
     if a.json:
         script_io.write_json(a.json, res, announce=False)
-    print_table(V)
+    rep.print_table(V)
     print(f"total {res['total_s']:.0f}s; JSON: {a.json}")
     return res
 
